@@ -1,0 +1,259 @@
+//! The checkpoint: the engine's whole metadata state in one file (`meta/checkpoint`), written
+//! at journal rotation. Map nodes shared between a volume and its snapshots are written once
+//! and shared again on load, so snapshots cost no more memory after a restart than before.
+//! Layout in docs/FORMAT.md.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use roaring::RoaringTreemap;
+
+use super::error::{EngineError, Result};
+use super::journal::{check_header, Put, Reader, Short, CHECKPOINT_MAGIC, FORMAT_VERSION};
+use super::map::{ClusterMap, Node};
+
+pub struct VolumeImage {
+    pub id: u64,
+    pub name: String,
+    pub size: u64,
+    pub cluster_size: u32,
+    pub created: u64,
+    pub origin: Option<u64>,
+    pub head: ClusterMap,
+    pub dirty: RoaringTreemap,
+    pub parent: Option<u64>,
+    pub allocated: u64,
+}
+
+pub struct SnapshotImage {
+    pub id: u64,
+    pub volume: u64,
+    pub seq: u64,
+    pub name: String,
+    pub description: String,
+    pub created: u64,
+    pub allocated: u64,
+    pub map: ClusterMap,
+    pub parent: Option<u64>,
+    pub changed: RoaringTreemap,
+}
+
+pub struct State {
+    pub generation: u64,
+    pub next_seq: u64,
+    pub volumes: Vec<VolumeImage>,
+    pub snapshots: Vec<SnapshotImage>,
+}
+
+const NO_NODE: u64 = u64::MAX;
+const LEAF: u8 = 0;
+const INNER: u8 = 1;
+
+/// Assigns ids to distinct nodes in post-order and encodes each once.
+struct NodeWriter {
+    ids: HashMap<*const Node, u64>,
+    out: Vec<u8>,
+    count: u64,
+}
+
+impl NodeWriter {
+    fn write(&mut self, node: &Arc<Node>) -> u64 {
+        if let Some(&id) = self.ids.get(&Arc::as_ptr(node)) {
+            return id;
+        }
+        let mut body = Vec::new();
+        match &**node {
+            Node::Leaf(entries) => {
+                body.put_u8(LEAF);
+                let n = entries.iter().filter(|&&e| e != 0).count();
+                body.put_u16(n as u16);
+                for (i, &e) in entries.iter().enumerate().filter(|(_, &e)| e != 0) {
+                    body.put_u16(i as u16);
+                    body.put_u64(e);
+                }
+            }
+            Node::Inner(children) => {
+                let kids: Vec<(usize, u64)> =
+                    children.iter().enumerate().filter_map(|(i, c)| c.as_ref().map(|c| (i, self.write(c)))).collect();
+                body.put_u8(INNER);
+                body.put_u16(kids.len() as u16);
+                for (i, id) in kids {
+                    body.put_u16(i as u16);
+                    body.put_u64(id);
+                }
+            }
+        }
+        self.out.extend_from_slice(&body);
+        let id = self.count;
+        self.count += 1;
+        self.ids.insert(Arc::as_ptr(node), id);
+        id
+    }
+
+    fn map(&mut self, map: &ClusterMap) -> (u64, u32) {
+        (map.root().map_or(NO_NODE, |r| self.write(r)), map.height())
+    }
+}
+
+fn put_bitmap(out: &mut Vec<u8>, b: &RoaringTreemap) {
+    let mut bytes = Vec::with_capacity(b.serialized_size());
+    // Writing into a Vec cannot fail.
+    let _ = b.serialize_into(&mut bytes);
+    out.put_u64(bytes.len() as u64);
+    out.extend_from_slice(&bytes);
+}
+
+pub fn encode(state: &State) -> Vec<u8> {
+    let mut nodes = NodeWriter { ids: HashMap::new(), out: Vec::new(), count: 0 };
+    let vol_roots: Vec<_> = state.volumes.iter().map(|v| nodes.map(&v.head)).collect();
+    let snap_roots: Vec<_> = state.snapshots.iter().map(|s| nodes.map(&s.map)).collect();
+
+    let mut out = Vec::with_capacity(nodes.out.len() + 4096);
+    out.extend_from_slice(CHECKPOINT_MAGIC);
+    out.put_u32(FORMAT_VERSION);
+    out.put_u64(state.generation);
+    out.put_u64(state.next_seq);
+    out.put_u64(nodes.count);
+    out.extend_from_slice(&nodes.out);
+    out.put_u32(state.volumes.len() as u32);
+    for (v, (root, height)) in state.volumes.iter().zip(vol_roots) {
+        out.put_u64(v.id);
+        out.put_str(&v.name);
+        out.put_u64(v.size);
+        out.put_u32(v.cluster_size);
+        out.put_u64(v.created);
+        out.put_opt(v.origin);
+        out.put_u64(root);
+        out.put_u32(height);
+        put_bitmap(&mut out, &v.dirty);
+        out.put_opt(v.parent);
+        out.put_u64(v.allocated);
+    }
+    out.put_u32(state.snapshots.len() as u32);
+    for (s, (root, height)) in state.snapshots.iter().zip(snap_roots) {
+        out.put_u64(s.id);
+        out.put_u64(s.volume);
+        out.put_u64(s.seq);
+        out.put_str(&s.name);
+        out.put_str(&s.description);
+        out.put_u64(s.created);
+        out.put_u64(s.allocated);
+        out.put_u64(root);
+        out.put_u32(height);
+        out.put_opt(s.parent);
+        put_bitmap(&mut out, &s.changed);
+    }
+    let crc = crc32c::crc32c(&out);
+    out.put_u32(crc);
+    out
+}
+
+pub fn decode(bytes: &[u8], path: &Path) -> Result<State> {
+    let corrupt = |what: &str| {
+        EngineError::Corrupt(format!(
+            "checkpoint {} is corrupt ({what}); restore the daemon directory from a backup",
+            path.display()
+        ))
+    };
+    if bytes.len() < 4 {
+        return Err(corrupt("truncated"));
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    if crc32c::crc32c(body).to_le_bytes() != crc {
+        return Err(corrupt("checksum mismatch"));
+    }
+    let generation = Reader::new(&body[12..]).u64().map_err(|_| corrupt("truncated header"))?;
+    check_header(body, CHECKPOINT_MAGIC, generation, path)?;
+    let mut r = Reader::new(&body[20..]);
+    decode_body(&mut r, generation).map_err(|e| corrupt(e))
+}
+
+fn decode_body(r: &mut Reader, generation: u64) -> Result<State, &'static str> {
+    let short = |_: Short| "truncated";
+    let next_seq = r.u64().map_err(short)?;
+    let count = r.u64().map_err(short)?;
+    // (node, level) by id; children always precede parents.
+    let mut nodes: Vec<(Arc<Node>, u32)> = Vec::new();
+    for _ in 0..count {
+        let kind = r.u8().map_err(short)?;
+        let n = r.u16().map_err(short)? as usize;
+        let node = match kind {
+            LEAF => {
+                let mut entries = Box::new([0u64; 512]);
+                for _ in 0..n {
+                    let i = r.u16().map_err(short)? as usize;
+                    *entries.get_mut(i).ok_or("leaf index out of range")? = r.u64().map_err(short)?;
+                }
+                (Arc::new(Node::Leaf(entries)), 1)
+            }
+            INNER => {
+                let mut children: Box<[Option<Arc<Node>>; 512]> = Box::new(std::array::from_fn(|_| None));
+                let mut level = None;
+                for _ in 0..n {
+                    let i = r.u16().map_err(short)? as usize;
+                    let id = r.u64().map_err(short)?;
+                    let (child, child_level) = nodes.get(id as usize).ok_or("node reference out of range")?;
+                    if *level.get_or_insert(child_level + 1) != child_level + 1 {
+                        return Err("inconsistent tree levels");
+                    }
+                    *children.get_mut(i).ok_or("child index out of range")? = Some(child.clone());
+                }
+                (Arc::new(Node::Inner(children)), level.ok_or("empty inner node")?)
+            }
+            _ => return Err("unknown node kind"),
+        };
+        nodes.push(node);
+    }
+    let map = |r: &mut Reader| -> Result<ClusterMap, &'static str> {
+        let root = r.u64().map_err(short)?;
+        let height = r.u32().map_err(short)?;
+        if root == NO_NODE {
+            return Ok(ClusterMap::from_parts(None, height));
+        }
+        let (node, level) = nodes.get(root as usize).ok_or("root out of range")?;
+        if *level != height {
+            return Err("map height mismatch");
+        }
+        Ok(ClusterMap::from_parts(Some(node.clone()), height))
+    };
+    let bitmap = |r: &mut Reader| -> Result<RoaringTreemap, &'static str> {
+        let n = r.u64().map_err(short)?;
+        let bytes = r.bytes(usize::try_from(n).map_err(|_| "bitmap too large")?).map_err(short)?;
+        RoaringTreemap::deserialize_from(bytes).map_err(|_| "bad bitmap")
+    };
+    let mut volumes = Vec::new();
+    for _ in 0..r.u32().map_err(short)? {
+        volumes.push(VolumeImage {
+            id: r.u64().map_err(short)?,
+            name: r.str().map_err(short)?,
+            size: r.u64().map_err(short)?,
+            cluster_size: r.u32().map_err(short)?,
+            created: r.u64().map_err(short)?,
+            origin: r.opt().map_err(short)?,
+            head: map(r)?,
+            dirty: bitmap(r)?,
+            parent: r.opt().map_err(short)?,
+            allocated: r.u64().map_err(short)?,
+        });
+    }
+    let mut snapshots = Vec::new();
+    for _ in 0..r.u32().map_err(short)? {
+        snapshots.push(SnapshotImage {
+            id: r.u64().map_err(short)?,
+            volume: r.u64().map_err(short)?,
+            seq: r.u64().map_err(short)?,
+            name: r.str().map_err(short)?,
+            description: r.str().map_err(short)?,
+            created: r.u64().map_err(short)?,
+            allocated: r.u64().map_err(short)?,
+            map: map(r)?,
+            parent: r.opt().map_err(short)?,
+            changed: bitmap(r)?,
+        });
+    }
+    if r.remaining() != 0 {
+        return Err("trailing bytes");
+    }
+    Ok(State { generation, next_seq, volumes, snapshots })
+}

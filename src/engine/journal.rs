@@ -1,0 +1,419 @@
+//! Crash-safe metadata: a checkpoint of the whole engine state plus a journal of the changes
+//! made since, both documented in docs/FORMAT.md.
+//!
+//! Each change to metadata (a map entry, a snapshot, a rollback, ...) is a [`Record`]. Records
+//! are buffered and appended to `meta/journal-<gen>` at commit (FLUSH, FUA, control
+//! operations), after the slot files were synced, so a committed record never points at data
+//! that is not durable. Recovery loads `meta/checkpoint` and replays the journal of the same
+//! generation, stopping at the first torn or corrupt frame (the uncommitted tail). When the
+//! journal grows large, a new checkpoint is written beside it and atomically renamed into place,
+//! then a fresh journal of the next generation starts.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::error::{EngineError, Result};
+
+pub const JOURNAL_MAGIC: &[u8; 8] = b"SNAPBLKJ";
+pub const CHECKPOINT_MAGIC: &[u8; 8] = b"SNAPBLKC";
+pub const FORMAT_VERSION: u32 = 1;
+const JOURNAL_HEADER_LEN: u64 = 8 + 4 + 8;
+/// A frame larger than this is corrupt (no record is anywhere near it).
+const MAX_FRAME: u32 = 1 << 20;
+
+/// One metadata change. Replaying records in order on top of a checkpoint rebuilds the state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// Cluster `cluster` of volume `volume` now has map entry `entry`; the cluster is dirty.
+    MapSet { volume: u64, cluster: u64, entry: u64 },
+    VolumeCreate { volume: u64, name: String, size: u64, cluster_size: u32, created: u64, origin: Option<u64> },
+    VolumeDelete { volume: u64 },
+    SnapshotCreate { volume: u64, snapshot: u64, seq: u64, name: String, description: String, created: u64 },
+    SnapshotDelete { snapshot: u64 },
+    Rollback { volume: u64, snapshot: u64 },
+}
+
+const T_MAP_SET: u8 = 1;
+const T_VOLUME_CREATE: u8 = 2;
+const T_VOLUME_DELETE: u8 = 3;
+const T_SNAPSHOT_CREATE: u8 = 4;
+const T_SNAPSHOT_DELETE: u8 = 5;
+const T_ROLLBACK: u8 = 6;
+
+/// Little-endian encoding helpers shared by the journal and the checkpoint.
+pub trait Put {
+    fn put_u8(&mut self, v: u8);
+    fn put_u16(&mut self, v: u16);
+    fn put_u32(&mut self, v: u32);
+    fn put_u64(&mut self, v: u64);
+    fn put_str(&mut self, s: &str);
+    fn put_opt(&mut self, v: Option<u64>);
+}
+
+impl Put for Vec<u8> {
+    fn put_u8(&mut self, v: u8) {
+        self.push(v);
+    }
+    fn put_u16(&mut self, v: u16) {
+        self.extend_from_slice(&v.to_le_bytes());
+    }
+    fn put_u32(&mut self, v: u32) {
+        self.extend_from_slice(&v.to_le_bytes());
+    }
+    fn put_u64(&mut self, v: u64) {
+        self.extend_from_slice(&v.to_le_bytes());
+    }
+    fn put_str(&mut self, s: &str) {
+        self.put_u32(s.len() as u32);
+        self.extend_from_slice(s.as_bytes());
+    }
+    fn put_opt(&mut self, v: Option<u64>) {
+        match v {
+            Some(v) => {
+                self.put_u8(1);
+                self.put_u64(v);
+            }
+            None => self.put_u8(0),
+        }
+    }
+}
+
+/// Bounds-checked little-endian decoder; every read fails cleanly on short input.
+pub struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+#[derive(Debug)]
+pub struct Short;
+
+impl<'a> Reader<'a> {
+    pub fn new(buf: &'a [u8]) -> Reader<'a> {
+        Reader { buf, pos: 0 }
+    }
+    pub fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], Short> {
+        let end = self.pos.checked_add(n).ok_or(Short)?;
+        let s = self.buf.get(self.pos..end).ok_or(Short)?;
+        self.pos = end;
+        Ok(s)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], Short> {
+        self.bytes(N)?.try_into().map_err(|_| Short)
+    }
+    pub fn u8(&mut self) -> Result<u8, Short> {
+        Ok(self.array::<1>()?[0])
+    }
+    pub fn u16(&mut self) -> Result<u16, Short> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+    pub fn u32(&mut self) -> Result<u32, Short> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    pub fn u64(&mut self) -> Result<u64, Short> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    pub fn str(&mut self) -> Result<String, Short> {
+        let n = self.u32()? as usize;
+        String::from_utf8(self.bytes(n)?.to_vec()).map_err(|_| Short)
+    }
+    pub fn opt(&mut self) -> Result<Option<u64>, Short> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(self.u64()?)),
+            _ => Err(Short),
+        }
+    }
+}
+
+impl Record {
+    /// Appends the framed record: `len u32 | crc32c(payload) u32 | payload`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let frame = out.len();
+        out.extend_from_slice(&[0; 8]);
+        match self {
+            Record::MapSet { volume, cluster, entry } => {
+                out.put_u8(T_MAP_SET);
+                out.put_u64(*volume);
+                out.put_u64(*cluster);
+                out.put_u64(*entry);
+            }
+            Record::VolumeCreate { volume, name, size, cluster_size, created, origin } => {
+                out.put_u8(T_VOLUME_CREATE);
+                out.put_u64(*volume);
+                out.put_str(name);
+                out.put_u64(*size);
+                out.put_u32(*cluster_size);
+                out.put_u64(*created);
+                out.put_opt(*origin);
+            }
+            Record::VolumeDelete { volume } => {
+                out.put_u8(T_VOLUME_DELETE);
+                out.put_u64(*volume);
+            }
+            Record::SnapshotCreate { volume, snapshot, seq, name, description, created } => {
+                out.put_u8(T_SNAPSHOT_CREATE);
+                out.put_u64(*volume);
+                out.put_u64(*snapshot);
+                out.put_u64(*seq);
+                out.put_str(name);
+                out.put_str(description);
+                out.put_u64(*created);
+            }
+            Record::SnapshotDelete { snapshot } => {
+                out.put_u8(T_SNAPSHOT_DELETE);
+                out.put_u64(*snapshot);
+            }
+            Record::Rollback { volume, snapshot } => {
+                out.put_u8(T_ROLLBACK);
+                out.put_u64(*volume);
+                out.put_u64(*snapshot);
+            }
+        }
+        let payload_len = (out.len() - frame - 8) as u32;
+        let crc = crc32c::crc32c(&out[frame + 8..]);
+        out[frame..frame + 4].copy_from_slice(&payload_len.to_le_bytes());
+        out[frame + 4..frame + 8].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    fn decode(payload: &[u8]) -> Result<Record, Short> {
+        let mut r = Reader::new(payload);
+        let rec = match r.u8()? {
+            T_MAP_SET => Record::MapSet { volume: r.u64()?, cluster: r.u64()?, entry: r.u64()? },
+            T_VOLUME_CREATE => Record::VolumeCreate {
+                volume: r.u64()?,
+                name: r.str()?,
+                size: r.u64()?,
+                cluster_size: r.u32()?,
+                created: r.u64()?,
+                origin: r.opt()?,
+            },
+            T_VOLUME_DELETE => Record::VolumeDelete { volume: r.u64()? },
+            T_SNAPSHOT_CREATE => Record::SnapshotCreate {
+                volume: r.u64()?,
+                snapshot: r.u64()?,
+                seq: r.u64()?,
+                name: r.str()?,
+                description: r.str()?,
+                created: r.u64()?,
+            },
+            T_SNAPSHOT_DELETE => Record::SnapshotDelete { snapshot: r.u64()? },
+            T_ROLLBACK => Record::Rollback { volume: r.u64()?, snapshot: r.u64()? },
+            _ => return Err(Short),
+        };
+        if r.remaining() != 0 {
+            return Err(Short);
+        }
+        Ok(rec)
+    }
+}
+
+/// Decodes frames from `buf` until the first torn or corrupt one. Returns the records and the
+/// length of the valid prefix (where the next append must go).
+pub fn decode_frames(buf: &[u8]) -> (Vec<Record>, usize) {
+    let mut records = Vec::new();
+    let mut pos = 0;
+    while let Some(header) = buf.get(pos..pos + 8) {
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        if len > MAX_FRAME {
+            break;
+        }
+        let Some(payload) = buf.get(pos + 8..pos + 8 + len as usize) else { break };
+        if crc32c::crc32c(payload) != crc {
+            break;
+        }
+        match Record::decode(payload) {
+            Ok(rec) => records.push(rec),
+            Err(Short) => break,
+        }
+        pos += 8 + len as usize;
+    }
+    (records, pos)
+}
+
+/// The open journal file of the current generation.
+pub struct Journal {
+    dir: PathBuf,
+    file: File,
+    pub generation: u64,
+    /// Bytes in the file (header included).
+    pub len: u64,
+}
+
+pub fn journal_path(dir: &Path, generation: u64) -> PathBuf {
+    dir.join(format!("journal-{generation:016x}"))
+}
+
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(EngineError::io(format!("syncing directory {}", dir.display())))
+}
+
+impl Journal {
+    /// Opens (or creates) the journal of `generation` and returns its valid records. A torn
+    /// tail is cut off so new frames follow valid ones.
+    pub fn open(dir: &Path, generation: u64) -> Result<(Journal, Vec<Record>)> {
+        let path = journal_path(dir, generation);
+        let ctx = || format!("opening journal {}", path.display());
+        let existing = match fs::read(&path) {
+            Ok(bytes) => Some(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(EngineError::io(ctx())(e)),
+        };
+        let (records, len) = match existing {
+            Some(bytes) if bytes.len() as u64 >= JOURNAL_HEADER_LEN => {
+                check_header(&bytes, JOURNAL_MAGIC, generation, &path)?;
+                let (records, valid) = decode_frames(&bytes[JOURNAL_HEADER_LEN as usize..]);
+                (records, JOURNAL_HEADER_LEN + valid as u64)
+            }
+            // Missing or shorter than its header (crash while creating it): start it anew.
+            _ => {
+                let mut header = Vec::new();
+                header.extend_from_slice(JOURNAL_MAGIC);
+                header.put_u32(FORMAT_VERSION);
+                header.put_u64(generation);
+                let mut f = File::create(&path).map_err(EngineError::io(ctx()))?;
+                f.write_all(&header).and_then(|_| f.sync_all()).map_err(EngineError::io(ctx()))?;
+                sync_dir(dir)?;
+                (Vec::new(), JOURNAL_HEADER_LEN)
+            }
+        };
+        let file = OpenOptions::new().write(true).open(&path).map_err(EngineError::io(ctx()))?;
+        file.set_len(len).map_err(EngineError::io(ctx()))?;
+        Ok((Journal { dir: dir.to_path_buf(), file, generation, len }, records))
+    }
+
+    /// Appends encoded frames and makes them durable.
+    pub fn append(&mut self, frames: &[u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        if frames.is_empty() {
+            return Ok(());
+        }
+        self.file
+            .write_all_at(frames, self.len)
+            .and_then(|_| self.file.sync_data())
+            .map_err(EngineError::io("appending to the journal"))?;
+        self.len += frames.len() as u64;
+        Ok(())
+    }
+
+    /// Installs `checkpoint` (the encoded state after every record of this generation) as
+    /// generation + 1 and switches to a fresh journal. Crash-safe at every step: until the
+    /// rename, recovery uses the old checkpoint + this journal; after it, the new checkpoint.
+    pub fn rotate(&mut self, checkpoint: &[u8]) -> Result<()> {
+        let next = self.generation + 1;
+        let tmp = self.dir.join("checkpoint.tmp");
+        let dst = self.dir.join("checkpoint");
+        let ctx = || format!("writing checkpoint {}", tmp.display());
+        let mut f = File::create(&tmp).map_err(EngineError::io(ctx()))?;
+        f.write_all(checkpoint).and_then(|_| f.sync_all()).map_err(EngineError::io(ctx()))?;
+        fs::rename(&tmp, &dst).map_err(EngineError::io("installing the new checkpoint"))?;
+        sync_dir(&self.dir)?;
+        let (journal, _) = Journal::open(&self.dir, next)?;
+        let old = journal_path(&self.dir, self.generation);
+        *self = journal;
+        // Best effort: a leftover old journal is ignored and removed at the next start.
+        let _ = fs::remove_file(old);
+        Ok(())
+    }
+}
+
+/// Checks `MAGIC | version u32 | generation u64` at the start of a metadata file.
+pub fn check_header(bytes: &[u8], magic: &[u8; 8], generation: u64, path: &Path) -> Result<()> {
+    let mut r = Reader::new(bytes);
+    let bad = || EngineError::Corrupt(format!("{} is not a snapblk metadata file of this format; restore the daemon directory from a backup", path.display()));
+    if r.bytes(8).map_err(|_| bad())? != magic {
+        return Err(bad());
+    }
+    let version = r.u32().map_err(|_| bad())?;
+    if version != FORMAT_VERSION {
+        return Err(EngineError::Corrupt(format!(
+            "{} has format version {version}, this snapblk reads version {FORMAT_VERSION}; use a matching snapblk release",
+            path.display()
+        )));
+    }
+    if r.u64().map_err(|_| bad())? != generation {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+/// Removes journals of generations other than `keep` (left behind by a crash during rotate).
+pub fn remove_stale_journals(dir: &Path, keep: u64) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(hex) = name.to_str().and_then(|n| n.strip_prefix("journal-")) else { continue };
+        if u64::from_str_radix(hex, 16).is_ok_and(|g| g != keep) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<Record> {
+        vec![
+            Record::VolumeCreate { volume: 1, name: "disk0".into(), size: 1 << 30, cluster_size: 65536, created: 5, origin: None },
+            Record::MapSet { volume: 1, cluster: 3, entry: 9 },
+            Record::SnapshotCreate { volume: 1, snapshot: 2, seq: 1, name: "s1".into(), description: "d".into(), created: 6 },
+            Record::Rollback { volume: 1, snapshot: 2 },
+            Record::SnapshotDelete { snapshot: 2 },
+            Record::VolumeDelete { volume: 1 },
+        ]
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let mut buf = Vec::new();
+        for r in sample() {
+            r.encode(&mut buf);
+        }
+        let (decoded, valid) = decode_frames(&buf);
+        assert_eq!(decoded, sample());
+        assert_eq!(valid, buf.len());
+    }
+
+    #[test]
+    fn torn_or_corrupt_tail_is_cut_at_the_last_good_frame() {
+        let mut buf = Vec::new();
+        for r in sample() {
+            r.encode(&mut buf);
+        }
+        let mut first = Vec::new();
+        sample()[0].encode(&mut first);
+        for cut in first.len()..buf.len() {
+            let (decoded, valid) = decode_frames(&buf[..cut]);
+            assert!(valid <= cut && !decoded.is_empty());
+            assert_eq!(decoded[..], sample()[..decoded.len()]);
+        }
+        let mut flipped = buf.clone();
+        flipped[first.len() + 10] ^= 1;
+        assert_eq!(decode_frames(&flipped).0, sample()[..1]);
+    }
+
+    #[test]
+    fn random_bytes_never_panic_the_decoder() {
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        for _ in 0..2000 {
+            let len = (x % 300) as usize;
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let _ = decode_frames(&bytes);
+            let _ = Record::decode(&bytes);
+        }
+    }
+}

@@ -1,0 +1,1016 @@
+//! The volume engine: volumes, redirect-on-write snapshots, dirty bitmaps, local durability.
+//!
+//! [`Engine`] is the control handle (create, snapshot, rollback, clone, delete); the data path
+//! runs on per-connection handles ([`VolumeHandle`], [`SnapshotHandle`], in `volume.rs`) that
+//! touch only their own volume's lock. See docs/ARCHITECTURE.md for the flow of each
+//! operation and docs/FORMAT.md for the files.
+//!
+//! Lock order (never taken the other way round): registry → committer → volume state →
+//! volume pending records. The data path takes only the last two.
+
+mod checkpoint;
+pub mod error;
+pub mod journal;
+pub mod map;
+pub mod slots;
+pub mod types;
+mod volume;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+use roaring::RoaringTreemap;
+
+pub use error::{EngineError, ErrorKind, Result};
+pub use types::{SnapshotInfo, VolumeInfo};
+pub use volume::{Extent, SnapshotHandle, VolumeHandle, ZeroMode};
+
+use checkpoint::{SnapshotImage, State, VolumeImage};
+use journal::{Journal, Record};
+use map::ClusterMap;
+use slots::SlotFile;
+
+pub const MIN_CLUSTER_SIZE: u32 = 4096;
+pub const MAX_CLUSTER_SIZE: u32 = 1 << 20;
+pub const DEFAULT_CLUSTER_SIZE: u32 = 64 << 10;
+pub const MAX_VOLUME_SIZE: u64 = 64 << 40;
+/// Rotate the journal into a new checkpoint once it is this large.
+const CHECKPOINT_AFTER: u64 = 64 << 20;
+/// How long `rollback --force` waits for disconnected clients to go away.
+const FORCE_DISCONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Revocation of open handles: a generation bumped on revoke. The data path checks it with
+/// one atomic load; the NBD server awaits it to close the connection.
+pub(crate) struct Revoker {
+    generation: Arc<AtomicU64>,
+    wake: tokio::sync::watch::Sender<u64>,
+}
+
+#[derive(Clone)]
+pub(crate) struct Ticket {
+    generation: Arc<AtomicU64>,
+    issued: u64,
+    wake: tokio::sync::watch::Receiver<u64>,
+}
+
+impl Revoker {
+    fn new() -> Revoker {
+        Revoker { generation: Arc::new(AtomicU64::new(0)), wake: tokio::sync::watch::Sender::new(0) }
+    }
+    fn ticket(&self) -> Ticket {
+        Ticket {
+            generation: self.generation.clone(),
+            issued: self.generation.load(Ordering::Acquire),
+            wake: self.wake.subscribe(),
+        }
+    }
+    fn revoke(&self) {
+        let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        self.wake.send_replace(g);
+    }
+}
+
+impl Ticket {
+    pub(crate) fn is_revoked(&self) -> bool {
+        self.generation.load(Ordering::Acquire) != self.issued
+    }
+    pub(crate) async fn revoked(&self) {
+        let mut rx = self.wake.clone();
+        let issued = self.issued;
+        // The watch carries the same generation; an Err means the engine is gone: revoked too.
+        let _ = rx.wait_for(|g| *g != issued).await;
+    }
+}
+
+pub(crate) struct Volume {
+    pub(crate) id: u64,
+    pub(crate) name: String,
+    pub(crate) size: u64,
+    pub(crate) cluster_size: u32,
+    pub(crate) created: u64,
+    pub(crate) origin: Option<u64>,
+    pub(crate) slots: Arc<SlotFile>,
+    pub(crate) state: RwLock<VolumeState>,
+    /// Encoded journal records of data-path map changes, drained at commit. Pushed under the
+    /// state write lock, so they are in the order the changes were made.
+    pub(crate) pending: Mutex<Vec<u8>>,
+    pub(crate) writers: AtomicU64,
+    pub(crate) revoker: Revoker,
+}
+
+pub(crate) struct VolumeState {
+    pub(crate) head: ClusterMap,
+    /// Clusters written, trimmed or zeroed since the last snapshot.
+    pub(crate) dirty: RoaringTreemap,
+    /// Clusters whose slot only the head references: written in place. Everything else is
+    /// redirected to a fresh slot on its first write. Recomputed exactly at startup.
+    pub(crate) owned: RoaringTreemap,
+    /// The snapshot the dirty bitmap is relative to.
+    pub(crate) parent: Option<u64>,
+    /// Non-zero entries in `head`.
+    pub(crate) allocated: u64,
+}
+
+impl VolumeState {
+    /// Applies a map change; the cluster becomes dirty. Returns the previous entry.
+    pub(crate) fn set_entry(&mut self, cluster: u64, entry: u64) -> u64 {
+        let old = self.head.set(cluster, entry);
+        self.dirty.insert(cluster);
+        match (old != 0, entry != 0) {
+            (false, true) => self.allocated += 1,
+            (true, false) => self.allocated -= 1,
+            _ => {}
+        }
+        old
+    }
+}
+
+pub(crate) struct Snapshot {
+    pub(crate) id: u64,
+    pub(crate) volume: u64,
+    pub(crate) seq: u64,
+    pub(crate) name: String,
+    pub(crate) description: String,
+    pub(crate) created: u64,
+    pub(crate) size: u64,
+    pub(crate) cluster_size: u32,
+    pub(crate) allocated: u64,
+    pub(crate) map: ClusterMap,
+    /// Parent and changed set: rewritten when the parent is deleted (its changes fold in).
+    pub(crate) lineage: Mutex<Lineage>,
+    pub(crate) revoker: Revoker,
+}
+
+pub(crate) struct Lineage {
+    pub(crate) parent: Option<u64>,
+    pub(crate) changed: RoaringTreemap,
+}
+
+#[derive(Default)]
+struct Registry {
+    volumes: HashMap<u64, Arc<Volume>>,
+    snapshots: HashMap<u64, Arc<Snapshot>>,
+    slot_files: HashMap<u32, Arc<SlotFile>>,
+    next_seq: u64,
+}
+
+/// The journal plus records of control operations staged for the next commit.
+struct Committer {
+    journal: Journal,
+    staged: Vec<u8>,
+}
+
+pub struct Engine {
+    dir: PathBuf,
+    data_dir: PathBuf,
+    registry: RwLock<Registry>,
+    committer: Mutex<Committer>,
+    /// Set when a commit failed: in-memory state may be ahead of disk, so no more writes.
+    failed: AtomicBool,
+    shutting_down: AtomicBool,
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+pub fn volume_id(id: u64) -> String {
+    format!("v-{id:016x}")
+}
+
+pub fn snapshot_id(id: u64) -> String {
+    format!("s-{id:016x}")
+}
+
+fn parse_id(r: &str, prefix: &str) -> Option<u64> {
+    let hex = r.strip_prefix(prefix)?;
+    (hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok()).flatten()
+}
+
+fn validate_name(what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        && !name.starts_with(['.', '-'])
+        && parse_id(name, "v-").is_none()
+        && parse_id(name, "s-").is_none();
+    if ok {
+        Ok(())
+    } else {
+        Err(EngineError::Invalid(format!(
+            "invalid {what} name '{name}': use 1-64 letters, digits, '.', '_' or '-', not starting with '.' or '-' and not shaped like an id"
+        )))
+    }
+}
+
+fn slot_file_path(data_dir: &Path, cluster_size: u32) -> PathBuf {
+    data_dir.join(format!("slots-{cluster_size}.dat"))
+}
+
+impl Registry {
+    fn slot_file(&mut self, data_dir: &Path, cluster_size: u32) -> Result<Arc<SlotFile>> {
+        if let Some(f) = self.slot_files.get(&cluster_size) {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(SlotFile::open(&slot_file_path(data_dir, cluster_size), cluster_size)?);
+        self.slot_files.insert(cluster_size, f.clone());
+        Ok(f)
+    }
+
+    fn find_volume(&self, r: &str) -> Result<&Arc<Volume>> {
+        let found = match parse_id(r, "v-") {
+            Some(id) => self.volumes.get(&id),
+            None => self.volumes.values().find(|v| v.name == r),
+        };
+        found.ok_or_else(|| {
+            EngineError::NotFound(format!("no volume named '{r}'; list volumes with: snapblk volume list"))
+        })
+    }
+
+    fn find_snapshot(&self, r: &str) -> Result<&Arc<Snapshot>> {
+        if let Some(id) = parse_id(r, "s-") {
+            return self.snapshots.get(&id).ok_or_else(|| {
+                EngineError::NotFound(format!("no snapshot with id {r}; list them with: snapblk snapshot list"))
+            });
+        }
+        let Some((vol, snap)) = r.split_once('@') else {
+            return Err(EngineError::Invalid(format!(
+                "'{r}' is not a snapshot reference: use VOLUME@SNAPSHOT or a snapshot id (s-...)"
+            )));
+        };
+        let volume = self.find_volume(vol)?;
+        self.snapshots.values().find(|s| s.volume == volume.id && s.name == snap).ok_or_else(|| {
+            EngineError::NotFound(format!(
+                "volume '{}' has no snapshot named '{snap}'; list them with: snapblk snapshot list {}",
+                volume.name, volume.name
+            ))
+        })
+    }
+
+    /// Snapshots of a volume, oldest first.
+    fn snapshots_of(&self, volume: u64) -> Vec<Arc<Snapshot>> {
+        let mut v: Vec<_> = self.snapshots.values().filter(|s| s.volume == volume).cloned().collect();
+        v.sort_by_key(|s| s.seq);
+        v
+    }
+
+    fn new_id(&self) -> u64 {
+        loop {
+            let id: u64 = rand::random();
+            if id != 0 && !self.volumes.contains_key(&id) && !self.snapshots.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Applies a record (live or during replay). Returns the map this dropped, if any, so live
+    /// callers can release its slots. Live callers pass `staged`: the volume's earlier
+    /// data-path records are moved there under the same state lock that applies `rec`, so in
+    /// the journal they precede it exactly as they did in memory.
+    fn apply(&mut self, rec: &Record, data_dir: &Path, mut staged: Option<&mut Vec<u8>>) -> Result<Option<(ClusterMap, u32)>> {
+        let mut drain = |v: &Volume| {
+            if let Some(out) = staged.as_deref_mut() {
+                let mut p = v.pending.lock();
+                out.extend_from_slice(&p);
+                p.clear();
+            }
+        };
+        let missing = |what: &str, id: u64| {
+            EngineError::Corrupt(format!(
+                "journal refers to unknown {what} {id:016x}; the metadata is damaged, restore the daemon directory from a backup"
+            ))
+        };
+        match rec {
+            Record::MapSet { volume, cluster, entry } => {
+                let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
+                v.state.write().set_entry(*cluster, *entry);
+                Ok(None)
+            }
+            Record::VolumeCreate { volume, name, size, cluster_size, created, origin } => {
+                let slots = self.slot_file(data_dir, *cluster_size)?;
+                let clusters = size.div_ceil(*cluster_size as u64);
+                let (head, allocated) = match origin {
+                    Some(s) => {
+                        let snap = self.snapshots.get(s).ok_or_else(|| missing("snapshot", *s))?;
+                        (snap.map.clone(), snap.allocated)
+                    }
+                    None => (ClusterMap::new(clusters), 0),
+                };
+                let vol = Volume {
+                    id: *volume,
+                    name: name.clone(),
+                    size: *size,
+                    cluster_size: *cluster_size,
+                    created: *created,
+                    origin: *origin,
+                    slots,
+                    state: RwLock::new(VolumeState {
+                        head,
+                        dirty: RoaringTreemap::new(),
+                        owned: RoaringTreemap::new(),
+                        parent: None,
+                        allocated,
+                    }),
+                    pending: Mutex::new(Vec::new()),
+                    writers: AtomicU64::new(0),
+                    revoker: Revoker::new(),
+                };
+                self.volumes.insert(*volume, Arc::new(vol));
+                Ok(None)
+            }
+            Record::VolumeDelete { volume } => {
+                let v = self.volumes.remove(volume).ok_or_else(|| missing("volume", *volume))?;
+                v.revoker.revoke();
+                let st = v.state.write();
+                drain(&v);
+                let head = st.head.clone();
+                Ok(Some((head, v.cluster_size)))
+            }
+            Record::SnapshotCreate { volume, snapshot, seq, name, description, created } => {
+                let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
+                let mut st = v.state.write();
+                drain(v);
+                let snap = Snapshot {
+                    id: *snapshot,
+                    volume: *volume,
+                    seq: *seq,
+                    name: name.clone(),
+                    description: description.clone(),
+                    created: *created,
+                    size: v.size,
+                    cluster_size: v.cluster_size,
+                    allocated: st.allocated,
+                    map: st.head.clone(),
+                    lineage: Mutex::new(Lineage { parent: st.parent, changed: std::mem::take(&mut st.dirty) }),
+                    revoker: Revoker::new(),
+                };
+                st.owned.clear();
+                st.parent = Some(*snapshot);
+                drop(st);
+                self.next_seq = self.next_seq.max(seq + 1);
+                self.snapshots.insert(*snapshot, Arc::new(snap));
+                Ok(None)
+            }
+            Record::SnapshotDelete { snapshot } => {
+                let s = self.snapshots.remove(snapshot).ok_or_else(|| missing("snapshot", *snapshot))?;
+                s.revoker.revoke();
+                let (parent, changed) = {
+                    let l = s.lineage.lock();
+                    (l.parent, l.changed.clone())
+                };
+                // Whatever was relative to the deleted snapshot is now relative to its parent.
+                for other in self.snapshots.values() {
+                    let mut l = other.lineage.lock();
+                    if l.parent == Some(*snapshot) {
+                        l.parent = parent;
+                        l.changed |= &changed;
+                    }
+                }
+                for v in self.volumes.values() {
+                    let mut st = v.state.write();
+                    if st.parent == Some(*snapshot) {
+                        st.parent = parent;
+                        st.dirty |= &changed;
+                    }
+                }
+                Ok(Some((s.map.clone(), s.cluster_size)))
+            }
+            Record::Rollback { volume, snapshot } => {
+                let s = self.snapshots.get(snapshot).ok_or_else(|| missing("snapshot", *snapshot))?;
+                let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
+                let mut st = v.state.write();
+                drain(v);
+                let old = std::mem::replace(&mut st.head, s.map.clone());
+                st.dirty.clear();
+                st.owned.clear();
+                st.parent = Some(*snapshot);
+                st.allocated = s.allocated;
+                Ok(Some((old, v.cluster_size)))
+            }
+        }
+    }
+
+    /// Slots referenced by any snapshot map of this cluster size (shared nodes visited once).
+    fn snapshot_slots(&self, cluster_size: u32) -> RoaringTreemap {
+        let mut live = RoaringTreemap::new();
+        let mut seen = std::collections::HashSet::new();
+        for s in self.snapshots.values().filter(|s| s.cluster_size == cluster_size) {
+            s.map.for_each_distinct_leaf(&mut seen, |_, e| {
+                live.insert(e - 1);
+            });
+        }
+        live
+    }
+
+    /// Heads of all volumes of this cluster size (O(1) clones taken under each read lock).
+    fn heads(&self, cluster_size: u32) -> Vec<(Arc<Volume>, ClusterMap)> {
+        self.volumes
+            .values()
+            .filter(|v| v.cluster_size == cluster_size)
+            .map(|v| (v.clone(), v.state.read().head.clone()))
+            .collect()
+    }
+
+    /// After a map was dropped (snapshot delete, rollback, volume delete): release the slots
+    /// nothing references any more, and let a head that is now the only holder of a slot write
+    /// it in place again. Only maps can hold slots, and only control operations (serialized by
+    /// the registry lock, held here) copy maps, so no new reference can appear meanwhile.
+    fn release_dropped(&self, dropped: &ClusterMap, cluster_size: u32) {
+        let Some(slots) = self.slot_files.get(&cluster_size) else { return };
+        let in_snapshots = self.snapshot_slots(cluster_size);
+        let heads = self.heads(cluster_size);
+        let mut regained: Vec<(usize, u64, u64)> = Vec::new();
+        dropped.for_each_nonzero(|cluster, entry| {
+            if in_snapshots.contains(entry - 1) {
+                return;
+            }
+            let mut holders = heads.iter().enumerate().filter(|(_, (_, h))| h.get(cluster) == entry);
+            match (holders.next(), holders.next()) {
+                (None, _) => slots.release(entry - 1),
+                (Some((i, _)), None) => regained.push((i, cluster, entry)),
+                _ => {}
+            }
+        });
+        for (i, cluster, entry) in regained {
+            let mut st = heads[i].0.state.write();
+            if st.head.get(cluster) == entry {
+                st.owned.insert(cluster);
+            }
+        }
+    }
+
+    /// Startup: exact ownership for every head and the free list of every slot file.
+    fn recompute_ownership_and_free_slots(&self) -> Result<()> {
+        for (&cluster_size, slots) in &self.slot_files {
+            let mut live = self.snapshot_slots(cluster_size);
+            let heads = self.heads(cluster_size);
+            let (mut in_heads, mut shared) = (RoaringTreemap::new(), RoaringTreemap::new());
+            for (_, head) in &heads {
+                head.for_each_nonzero(|_, e| {
+                    if !in_heads.insert(e - 1) {
+                        shared.insert(e - 1);
+                    }
+                });
+            }
+            for (vol, head) in &heads {
+                let mut st = vol.state.write();
+                st.owned.clear();
+                head.for_each_nonzero(|c, e| {
+                    if !live.contains(e - 1) && !shared.contains(e - 1) {
+                        st.owned.insert(c);
+                    }
+                });
+            }
+            live |= in_heads;
+            let free = slots.reset_free(&live)?;
+            tracing::debug!(cluster_size, live = live.len(), free, "slot file swept");
+        }
+        Ok(())
+    }
+
+    /// The state as a checkpoint image; `guards` are the read locks of `volumes`, in order.
+    fn image(&self, generation: u64, volumes: &[Arc<Volume>], guards: &[parking_lot::RwLockReadGuard<'_, VolumeState>]) -> State {
+        let volumes = volumes
+            .iter()
+            .zip(guards)
+            .map(|(v, st)| {
+                VolumeImage {
+                    id: v.id,
+                    name: v.name.clone(),
+                    size: v.size,
+                    cluster_size: v.cluster_size,
+                    created: v.created,
+                    origin: v.origin,
+                    head: st.head.clone(),
+                    dirty: st.dirty.clone(),
+                    parent: st.parent,
+                    allocated: st.allocated,
+                }
+            })
+            .collect();
+        let snapshots = self
+            .snapshots
+            .values()
+            .map(|s| {
+                let l = s.lineage.lock();
+                SnapshotImage {
+                    id: s.id,
+                    volume: s.volume,
+                    seq: s.seq,
+                    name: s.name.clone(),
+                    description: s.description.clone(),
+                    created: s.created,
+                    allocated: s.allocated,
+                    map: s.map.clone(),
+                    parent: l.parent,
+                    changed: l.changed.clone(),
+                }
+            })
+            .collect();
+        State { generation, next_seq: self.next_seq, volumes, snapshots }
+    }
+
+    fn from_image(state: State, data_dir: &Path) -> Result<Registry> {
+        let mut reg = Registry { next_seq: state.next_seq, ..Default::default() };
+        // Snapshots first: a cloned volume is created from its origin's map in replay, but
+        // from a checkpoint it has its own head, so order only matters for lookups.
+        for s in state.snapshots {
+            reg.snapshots.insert(
+                s.id,
+                Arc::new(Snapshot {
+                    id: s.id,
+                    volume: s.volume,
+                    seq: s.seq,
+                    name: s.name,
+                    description: s.description,
+                    created: s.created,
+                    size: 0,
+                    cluster_size: 0,
+                    allocated: s.allocated,
+                    map: s.map,
+                    lineage: Mutex::new(Lineage { parent: s.parent, changed: s.changed }),
+                    revoker: Revoker::new(),
+                }),
+            );
+        }
+        for v in state.volumes {
+            let slots = reg.slot_file(data_dir, v.cluster_size)?;
+            reg.volumes.insert(
+                v.id,
+                Arc::new(Volume {
+                    id: v.id,
+                    name: v.name,
+                    size: v.size,
+                    cluster_size: v.cluster_size,
+                    created: v.created,
+                    origin: v.origin,
+                    slots,
+                    state: RwLock::new(VolumeState {
+                        head: v.head,
+                        dirty: v.dirty,
+                        owned: RoaringTreemap::new(),
+                        parent: v.parent,
+                        allocated: v.allocated,
+                    }),
+                    pending: Mutex::new(Vec::new()),
+                    writers: AtomicU64::new(0),
+                    revoker: Revoker::new(),
+                }),
+            );
+        }
+        // Snapshot size and cluster size come from their volume.
+        let snapshots = std::mem::take(&mut reg.snapshots);
+        for (id, s) in snapshots {
+            let v = reg.volumes.get(&s.volume).ok_or_else(|| {
+                EngineError::Corrupt(format!(
+                    "checkpoint has snapshot {} of a missing volume; restore the daemon directory from a backup",
+                    snapshot_id(id)
+                ))
+            })?;
+            let mut s = Arc::into_inner(s).ok_or_else(|| EngineError::Corrupt("snapshot shared while loading".into()))?;
+            s.size = v.size;
+            s.cluster_size = v.cluster_size;
+            reg.snapshots.insert(id, Arc::new(s));
+        }
+        Ok(reg)
+    }
+}
+
+impl Engine {
+    /// Opens (or initializes) the engine in `dir`: loads the checkpoint, replays the journal,
+    /// sweeps unreferenced slots, and compacts the journal into a fresh checkpoint.
+    pub fn open(dir: &Path) -> Result<Arc<Engine>> {
+        let meta = dir.join("meta");
+        let data_dir = dir.join("data");
+        for d in [&meta, &data_dir] {
+            fs::create_dir_all(d).map_err(EngineError::io(format!("creating {}", d.display())))?;
+        }
+        let ckpt_path = meta.join("checkpoint");
+        let state = match fs::read(&ckpt_path) {
+            Ok(bytes) => checkpoint::decode(&bytes, &ckpt_path)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                State { generation: 0, next_seq: 1, volumes: vec![], snapshots: vec![] }
+            }
+            Err(e) => return Err(EngineError::io(format!("reading {}", ckpt_path.display()))(e)),
+        };
+        let generation = state.generation;
+        journal::remove_stale_journals(&meta, generation);
+        let (journal, records) = Journal::open(&meta, generation)?;
+        let mut reg = Registry::from_image(state, &data_dir)?;
+        // Slot files of cluster sizes no volume uses any more are swept (emptied) too.
+        if let Ok(entries) = fs::read_dir(&data_dir) {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let size = name.to_str().and_then(|n| n.strip_prefix("slots-")?.strip_suffix(".dat")?.parse().ok());
+                if let Some(cs) = size {
+                    reg.slot_file(&data_dir, cs)?;
+                }
+            }
+        }
+        let replayed = records.len();
+        for rec in &records {
+            reg.apply(rec, &data_dir, None)?;
+        }
+        reg.recompute_ownership_and_free_slots()?;
+        tracing::info!(
+            volumes = reg.volumes.len(),
+            snapshots = reg.snapshots.len(),
+            replayed,
+            generation,
+            "engine opened"
+        );
+        let engine = Engine {
+            dir: dir.to_path_buf(),
+            data_dir,
+            registry: RwLock::new(reg),
+            committer: Mutex::new(Committer { journal, staged: Vec::new() }),
+            failed: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+        };
+        if replayed > 0 {
+            engine.checkpoint()?;
+        }
+        Ok(Arc::new(engine))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(EngineError::Io {
+                context: "snapblk stopped accepting changes after a metadata write failed; check the disk and restart the daemon".into(),
+                source: std::io::Error::other("earlier commit failed"),
+            });
+        }
+        if self.shutting_down.load(Ordering::Acquire) {
+            return Err(EngineError::Gone("the daemon is shutting down".into()));
+        }
+        Ok(())
+    }
+
+    /// Makes every acknowledged write and every map change durable: slot data first, then the
+    /// journal records that point at it. FLUSH and FUA end here; it covers all volumes (one
+    /// cache for all connections, which is what makes multi-conn safe).
+    pub fn commit(&self) -> Result<()> {
+        self.check_writable()?;
+        let (volumes, slot_files) = {
+            let reg = self.registry.read();
+            (reg.volumes.values().cloned().collect::<Vec<_>>(), reg.slot_files.values().cloned().collect::<Vec<_>>())
+        };
+        let rotate = {
+            let mut c = self.committer.lock();
+            self.commit_locked(&mut c, &volumes, &slot_files)?;
+            c.journal.len > CHECKPOINT_AFTER
+        };
+        if rotate {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    fn commit_locked(&self, c: &mut Committer, volumes: &[Arc<Volume>], slot_files: &[Arc<SlotFile>]) -> Result<()> {
+        // Frees first: a slot released after this point has its record drained later, so it
+        // must wait for the next commit.
+        let frees: Vec<Vec<u64>> = slot_files.iter().map(|f| f.take_pending()).collect();
+        for v in volumes {
+            let mut p = v.pending.lock();
+            c.staged.extend_from_slice(&p);
+            p.clear();
+        }
+        let result = (|| {
+            for f in slot_files {
+                f.sync()?;
+            }
+            c.journal.append(&c.staged)
+        })();
+        if let Err(e) = result {
+            for (f, slots) in slot_files.iter().zip(frees) {
+                f.restore_pending(slots);
+            }
+            self.failed.store(true, Ordering::Release);
+            tracing::error!(error = %e, "commit failed; refusing further changes");
+            return Err(e);
+        }
+        c.staged.clear();
+        for (f, slots) in slot_files.iter().zip(frees) {
+            f.free_committed(slots)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a new checkpoint of the whole state and starts a fresh journal.
+    fn checkpoint(&self) -> Result<()> {
+        let reg = self.registry.read();
+        let mut c = self.committer.lock();
+        let volumes: Vec<_> = reg.volumes.values().cloned().collect();
+        let slot_files: Vec<_> = reg.slot_files.values().cloned().collect();
+        // Hold every volume's state lock while draining its records and imaging it, so the
+        // image is exactly "all records so far" (records appended later go to the new journal).
+        let guards: Vec<_> = volumes.iter().map(|v| v.state.read()).collect();
+        self.commit_locked(&mut c, &volumes, &slot_files)?;
+        let image = reg.image(c.journal.generation + 1, &volumes, &guards);
+        drop(guards);
+        drop(reg);
+        let bytes = checkpoint::encode(&image);
+        c.journal.rotate(&bytes).inspect_err(|_| self.failed.store(true, Ordering::Release))?;
+        tracing::debug!(generation = c.journal.generation, bytes = bytes.len(), "checkpoint written");
+        Ok(())
+    }
+
+    /// Runs a control operation: applies `rec` under the registry lock, then commits it
+    /// together with the earlier data-path records of the volume it concerns.
+    fn run(&self, reg: &mut Registry, rec: Record) -> Result<()> {
+        self.check_writable()?;
+        let mut c = self.committer.lock();
+        let dropped = reg.apply(&rec, &self.data_dir, Some(&mut c.staged))?;
+        rec.encode(&mut c.staged);
+        let slot_files: Vec<_> = reg.slot_files.values().cloned().collect();
+        // Other volumes keep their records for the next commit; order between volumes is free.
+        self.commit_locked(&mut c, &[], &slot_files)?;
+        drop(c);
+        if let Some((map, cluster_size)) = dropped {
+            reg.release_dropped(&map, cluster_size);
+        }
+        Ok(())
+    }
+
+    pub fn create_volume(&self, name: &str, size: u64, cluster_size: Option<u32>) -> Result<VolumeInfo> {
+        validate_name("volume", name)?;
+        let cluster_size = cluster_size.unwrap_or(DEFAULT_CLUSTER_SIZE);
+        if !cluster_size.is_power_of_two() || !(MIN_CLUSTER_SIZE..=MAX_CLUSTER_SIZE).contains(&cluster_size) {
+            return Err(EngineError::Invalid(format!(
+                "invalid cluster size {cluster_size}: use a power of two from 4K to 1M (default 64K)"
+            )));
+        }
+        if size == 0 || size % 4096 != 0 || size > MAX_VOLUME_SIZE {
+            return Err(EngineError::Invalid(format!(
+                "invalid volume size {size}: use a non-zero multiple of 4 KiB up to 64 TiB"
+            )));
+        }
+        let mut reg = self.registry.write();
+        if reg.volumes.values().any(|v| v.name == name) {
+            return Err(EngineError::AlreadyExists(format!("a volume named '{name}' already exists")));
+        }
+        let id = reg.new_id();
+        let rec = Record::VolumeCreate { volume: id, name: name.into(), size, cluster_size, created: now(), origin: None };
+        self.run(&mut reg, rec)?;
+        tracing::info!(name, size, cluster_size, id = %volume_id(id), "volume created");
+        Ok(volume_info(&reg, &reg.volumes[&id]))
+    }
+
+    pub fn list_volumes(&self) -> Vec<VolumeInfo> {
+        let reg = self.registry.read();
+        let mut v: Vec<_> = reg.volumes.values().map(|v| volume_info(&reg, v)).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    pub fn volume(&self, r: &str) -> Result<VolumeInfo> {
+        let reg = self.registry.read();
+        Ok(volume_info(&reg, reg.find_volume(r)?))
+    }
+
+    pub fn delete_volume(&self, r: &str) -> Result<()> {
+        let mut reg = self.registry.write();
+        let v = reg.find_volume(r)?.clone();
+        let snaps = reg.snapshots_of(v.id);
+        if !snaps.is_empty() {
+            let names: Vec<_> = snaps.iter().map(|s| format!("{}@{}", v.name, s.name)).collect();
+            return Err(EngineError::Busy(format!(
+                "volume '{}' still has snapshots ({}); delete them first with: snapblk snapshot delete VOLUME@SNAPSHOT",
+                v.name,
+                names.join(", ")
+            )));
+        }
+        let writers = v.writers.load(Ordering::Acquire);
+        if writers > 0 {
+            return Err(EngineError::Busy(format!(
+                "volume '{}' has {writers} client(s) connected; disconnect them first",
+                v.name
+            )));
+        }
+        self.run(&mut reg, Record::VolumeDelete { volume: v.id })?;
+        tracing::info!(name = %v.name, "volume deleted");
+        Ok(())
+    }
+
+    pub fn create_snapshot(&self, volume: &str, name: &str, description: &str) -> Result<SnapshotInfo> {
+        validate_name("snapshot", name)?;
+        if description.len() > 4096 {
+            return Err(EngineError::Invalid("snapshot description is longer than 4096 bytes".into()));
+        }
+        let mut reg = self.registry.write();
+        let v = reg.find_volume(volume)?.clone();
+        if reg.snapshots.values().any(|s| s.volume == v.id && s.name == name) {
+            return Err(EngineError::AlreadyExists(format!("volume '{}' already has a snapshot named '{name}'", v.name)));
+        }
+        let id = reg.new_id();
+        let rec = Record::SnapshotCreate {
+            volume: v.id,
+            snapshot: id,
+            seq: reg.next_seq,
+            name: name.into(),
+            description: description.into(),
+            created: now(),
+        };
+        self.run(&mut reg, rec)?;
+        tracing::info!(volume = %v.name, name, id = %snapshot_id(id), "snapshot created");
+        Ok(snapshot_info(&reg, &reg.snapshots[&id]))
+    }
+
+    pub fn list_snapshots(&self, volume: Option<&str>) -> Result<Vec<SnapshotInfo>> {
+        let reg = self.registry.read();
+        let mut snaps: Vec<_> = match volume {
+            Some(r) => reg.snapshots_of(reg.find_volume(r)?.id),
+            None => reg.snapshots.values().cloned().collect(),
+        };
+        snaps.sort_by_key(|s| s.seq);
+        Ok(snaps.iter().map(|s| snapshot_info(&reg, s)).collect())
+    }
+
+    pub fn snapshot(&self, r: &str) -> Result<SnapshotInfo> {
+        let reg = self.registry.read();
+        Ok(snapshot_info(&reg, reg.find_snapshot(r)?))
+    }
+
+    pub fn delete_snapshot(&self, r: &str) -> Result<()> {
+        let mut reg = self.registry.write();
+        let s = reg.find_snapshot(r)?.clone();
+        let v = reg.volumes.get(&s.volume).cloned();
+        self.run(&mut reg, Record::SnapshotDelete { snapshot: s.id })?;
+        // Barrier: reads of the snapshot that started before the revoke hold the volume's read
+        // lock; once we get the write lock they are done, and its slots may be reused.
+        if let Some(v) = v {
+            drop(v.state.write());
+        }
+        tracing::info!(name = %s.name, id = %snapshot_id(s.id), "snapshot deleted");
+        Ok(())
+    }
+
+    pub fn clone_snapshot(&self, snap: &str, new_volume: &str) -> Result<VolumeInfo> {
+        validate_name("volume", new_volume)?;
+        let mut reg = self.registry.write();
+        let s = reg.find_snapshot(snap)?.clone();
+        if reg.volumes.values().any(|v| v.name == new_volume) {
+            return Err(EngineError::AlreadyExists(format!("a volume named '{new_volume}' already exists")));
+        }
+        let id = reg.new_id();
+        let rec = Record::VolumeCreate {
+            volume: id,
+            name: new_volume.into(),
+            size: s.size,
+            cluster_size: s.cluster_size,
+            created: now(),
+            origin: Some(s.id),
+        };
+        self.run(&mut reg, rec)?;
+        tracing::info!(from = %snapshot_id(s.id), name = new_volume, "volume cloned");
+        Ok(volume_info(&reg, &reg.volumes[&id]))
+    }
+
+    /// Points the volume at a copy-on-write view of one of its snapshots (O(1)). Refused while
+    /// writable clients are connected, unless `force`, which disconnects them first.
+    pub async fn rollback(&self, snap: &str, force: bool) -> Result<VolumeInfo> {
+        let (v, s) = {
+            let reg = self.registry.read();
+            let s = reg.find_snapshot(snap)?.clone();
+            let v = reg.volumes.get(&s.volume).cloned().ok_or_else(|| {
+                EngineError::NotFound(format!("the volume of snapshot '{snap}' no longer exists"))
+            })?;
+            (v, s)
+        };
+        let writers = v.writers.load(Ordering::Acquire);
+        if writers > 0 {
+            if !force {
+                return Err(EngineError::Busy(format!(
+                    "volume '{}' has {writers} writable client(s) connected; disconnect them or pass --force",
+                    v.name
+                )));
+            }
+            v.revoker.revoke();
+            let deadline = tokio::time::Instant::now() + FORCE_DISCONNECT_TIMEOUT;
+            while v.writers.load(Ordering::Acquire) > 0 {
+                if tokio::time::Instant::now() > deadline {
+                    return Err(EngineError::Busy(format!(
+                        "clients of volume '{}' did not disconnect within {}s; try again",
+                        v.name,
+                        FORCE_DISCONNECT_TIMEOUT.as_secs()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        let mut reg = self.registry.write();
+        if !reg.snapshots.contains_key(&s.id) || !reg.volumes.contains_key(&v.id) {
+            return Err(EngineError::NotFound(format!("snapshot '{snap}' was deleted meanwhile")));
+        }
+        self.run(&mut reg, Record::Rollback { volume: v.id, snapshot: s.id })?;
+        tracing::info!(volume = %v.name, snapshot = %s.name, "volume rolled back");
+        Ok(volume_info(&reg, &v))
+    }
+
+    /// Opens a volume for reading and writing (one per NBD connection).
+    pub fn open_volume(self: &Arc<Self>, r: &str) -> Result<VolumeHandle> {
+        self.check_writable()?;
+        let v = self.registry.read().find_volume(r)?.clone();
+        Ok(VolumeHandle::new(self.clone(), v))
+    }
+
+    /// Opens a snapshot read-only (`VOLUME@SNAP` or an id).
+    pub fn open_snapshot(self: &Arc<Self>, r: &str) -> Result<SnapshotHandle> {
+        let reg = self.registry.read();
+        let s = reg.find_snapshot(r)?.clone();
+        let v = reg.volumes.get(&s.volume).cloned().ok_or_else(|| EngineError::NotFound(format!("no volume for snapshot '{r}'")))?;
+        let bases = reg.snapshots_of(s.volume).into_iter().filter(|b| b.seq < s.seq).collect();
+        Ok(SnapshotHandle::new(v, s, bases))
+    }
+
+    /// Names of every export: `VOLUME` and `VOLUME@SNAPSHOT`, with descriptions.
+    pub fn export_names(&self) -> Vec<(String, String)> {
+        let reg = self.registry.read();
+        let mut out = Vec::new();
+        let mut vols: Vec<_> = reg.volumes.values().collect();
+        vols.sort_by(|a, b| a.name.cmp(&b.name));
+        for v in vols {
+            out.push((v.name.clone(), format!("volume {} ({})", v.name, volume_id(v.id))));
+            for s in reg.snapshots_of(v.id) {
+                let desc = if s.description.is_empty() { format!("snapshot {}", snapshot_id(s.id)) } else { s.description.clone() };
+                out.push((format!("{}@{}", v.name, s.name), desc));
+            }
+        }
+        out
+    }
+
+    /// Flushes, writes a final checkpoint and revokes every open handle (connections close).
+    pub fn shutdown(&self) {
+        if self.shutting_down.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        {
+            let reg = self.registry.read();
+            for v in reg.volumes.values() {
+                v.revoker.revoke();
+            }
+            for s in reg.snapshots.values() {
+                s.revoker.revoke();
+            }
+        }
+        if !self.failed.load(Ordering::Acquire) {
+            if let Err(e) = self.checkpoint() {
+                tracing::error!(error = %e, "final checkpoint failed; the journal will be replayed at the next start");
+            }
+        }
+    }
+}
+
+fn volume_info(reg: &Registry, v: &Volume) -> VolumeInfo {
+    let st = v.state.read();
+    let origin = v.origin.map(|o| match reg.snapshots.get(&o) {
+        Some(s) => {
+            let vol = reg.volumes.get(&s.volume).map_or("?", |v| v.name.as_str());
+            format!("{vol}@{}", s.name)
+        }
+        None => format!("{} (deleted)", snapshot_id(o)),
+    });
+    VolumeInfo {
+        id: volume_id(v.id),
+        name: v.name.clone(),
+        size: v.size,
+        cluster_size: v.cluster_size,
+        created: v.created,
+        allocated_bytes: st.allocated * v.cluster_size as u64,
+        dirty_clusters: st.dirty.len(),
+        snapshots: reg.snapshots.values().filter(|s| s.volume == v.id).count() as u64,
+        origin,
+        writers: v.writers.load(Ordering::Acquire),
+    }
+}
+
+fn snapshot_info(reg: &Registry, s: &Snapshot) -> SnapshotInfo {
+    let l = s.lineage.lock();
+    let volume = reg.volumes.get(&s.volume).map_or_else(String::new, |v| v.name.clone());
+    let mut clones: Vec<_> = reg.volumes.values().filter(|v| v.origin == Some(s.id)).map(|v| v.name.clone()).collect();
+    clones.sort();
+    SnapshotInfo {
+        id: snapshot_id(s.id),
+        name: s.name.clone(),
+        volume,
+        volume_id: volume_id(s.volume),
+        description: s.description.clone(),
+        created: s.created,
+        size: s.size,
+        cluster_size: s.cluster_size,
+        changed_clusters: l.changed.len(),
+        parent: l.parent.map(snapshot_id),
+        clones,
+    }
+}

@@ -1,0 +1,207 @@
+//! Slot files: where cluster data lives. One sparse file per cluster size
+//! (`DIR/data/slots-<size>.dat`); slot `n` is the byte range `n * size .. (n + 1) * size`.
+//! Volumes of one cluster size share a file, which is what lets clones and snapshots of
+//! different volumes reference the same slots.
+//!
+//! Freed slots are not reusable at once: a slot dropped from a map is first *pending*, and only
+//! after the journal commit that makes the drop durable is its range punched out and reused.
+//! Otherwise a crash could leave a committed map pointing at a slot that meanwhile holds
+//! another cluster's data.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::Mutex;
+use roaring::RoaringTreemap;
+
+use super::error::{EngineError, Result};
+
+pub struct SlotFile {
+    file: File,
+    cluster_size: u32,
+    shift: u32,
+    alloc: Mutex<Allocator>,
+    /// Set after a write, cleared by `sync`: FLUSH skips the fdatasync of idle files.
+    unsynced: AtomicBool,
+}
+
+#[derive(Default)]
+struct Allocator {
+    /// First never-allocated slot (the file's end, in slots).
+    next: u64,
+    /// Reusable now (their range is a hole, so they read as zeros).
+    free: Vec<u64>,
+    /// Dropped from maps, reusable after the next journal commit.
+    pending: Vec<u64>,
+}
+
+impl SlotFile {
+    pub fn open(path: &Path, cluster_size: u32) -> Result<SlotFile> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(EngineError::io(format!("opening slot file {}", path.display())))?;
+        let len = file
+            .metadata()
+            .map_err(EngineError::io(format!("reading size of {}", path.display())))?
+            .len();
+        let next = len.div_ceil(cluster_size as u64);
+        Ok(SlotFile {
+            file,
+            cluster_size,
+            shift: cluster_size.trailing_zeros(),
+            alloc: Mutex::new(Allocator { next, ..Default::default() }),
+            unsynced: AtomicBool::new(false),
+        })
+    }
+
+    pub fn cluster_size(&self) -> u32 {
+        self.cluster_size
+    }
+
+    /// Startup sweep: every slot below the end of the file that no map references becomes
+    /// free, and its range is punched (it may hold data of writes that were never committed).
+    pub fn reset_free(&self, live: &RoaringTreemap) -> Result<u64> {
+        let mut a = self.alloc.lock();
+        a.free.clear();
+        a.pending.clear();
+        // Trim the end of the file down to the last live slot, so `next` stays tight.
+        let next = live.max().map_or(0, |m| m + 1);
+        if next < a.next {
+            self.file
+                .set_len(next << self.shift)
+                .map_err(EngineError::io("truncating a slot file"))?;
+            a.next = next;
+        }
+        let mut run_start = None;
+        for slot in 0..a.next {
+            if live.contains(slot) {
+                if let Some(start) = run_start.take() {
+                    self.punch(start, slot - start)?;
+                }
+            } else {
+                a.free.push(slot);
+                run_start.get_or_insert(slot);
+            }
+        }
+        if let Some(start) = run_start {
+            self.punch(start, a.next - start)?;
+        }
+        // Pop from the end = lowest slot first, so fresh volumes get sequential slots.
+        a.free.reverse();
+        Ok(a.free.len() as u64)
+    }
+
+    /// A slot that reads as zeros, for the caller's exclusive use.
+    pub fn allocate(&self) -> u64 {
+        let mut a = self.alloc.lock();
+        match a.free.pop() {
+            Some(slot) => slot,
+            None => {
+                a.next += 1;
+                a.next - 1
+            }
+        }
+    }
+
+    /// Drops a slot that no map references any more; reusable after the next commit.
+    pub fn release(&self, slot: u64) {
+        self.alloc.lock().pending.push(slot);
+    }
+
+    /// Takes the pending frees; call before draining journal records (see `Engine::commit`).
+    pub fn take_pending(&self) -> Vec<u64> {
+        std::mem::take(&mut self.alloc.lock().pending)
+    }
+
+    /// Gives back pending frees taken before a commit that failed.
+    pub fn restore_pending(&self, mut slots: Vec<u64>) {
+        self.alloc.lock().pending.append(&mut slots);
+    }
+
+    /// After a successful commit: punch the slots and make them allocatable.
+    pub fn free_committed(&self, slots: Vec<u64>) -> Result<()> {
+        for &slot in &slots {
+            self.punch(slot, 1)?;
+        }
+        self.alloc.lock().free.extend(slots);
+        Ok(())
+    }
+
+    pub fn stats(&self) -> (u64, u64) {
+        let a = self.alloc.lock();
+        (a.next, (a.free.len() + a.pending.len()) as u64)
+    }
+
+    fn offset(&self, slot: u64, within: u64) -> u64 {
+        (slot << self.shift) + within
+    }
+
+    /// Reads `buf.len()` bytes at `within` inside `slot` (possibly spanning following slots).
+    /// Bytes past the end of the file read as zeros.
+    pub fn read(&self, slot: u64, within: u64, buf: &mut [u8]) -> Result<()> {
+        let mut done = 0;
+        let start = self.offset(slot, within);
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], start + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(EngineError::io(format!("reading slot {slot}"))(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `within` inside `slot` (possibly spanning following slots).
+    pub fn write(&self, slot: u64, within: u64, data: &[u8]) -> Result<()> {
+        self.file
+            .write_all_at(data, self.offset(slot, within))
+            .map_err(EngineError::io(format!("writing slot {slot}")))?;
+        self.unsynced.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Makes every completed write durable.
+    pub fn sync(&self) -> Result<()> {
+        if self.unsynced.swap(false, Ordering::AcqRel) {
+            if let Err(e) = self.file.sync_data() {
+                self.unsynced.store(true, Ordering::Release);
+                return Err(EngineError::io("syncing a slot file")(e));
+            }
+        }
+        Ok(())
+    }
+
+    fn punch(&self, slot: u64, count: u64) -> Result<()> {
+        let (off, len) = (self.offset(slot, 0), count << self.shift);
+        // SAFETY: fallocate on an fd we own, with plain integer arguments; no memory is passed.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            // Without hole punching a freed slot can't be trusted to read as zeros: zero it.
+            if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                let zeros = vec![0u8; len as usize];
+                return self.write(slot, 0, &zeros);
+            }
+            return Err(EngineError::io(format!("punching slots {slot}..+{count}"))(e));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,48 @@
+//! Public value types of the engine: what the control API serializes.
+
+use serde::{Deserialize, Serialize};
+
+/// A volume as the API and CLI show it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VolumeInfo {
+    /// Unique id, `v-` followed by 16 hex digits.
+    pub id: String,
+    pub name: String,
+    /// Size in bytes (multiple of 4 KiB).
+    pub size: u64,
+    /// Cluster size in bytes (power of two, 4 KiB..1 MiB).
+    pub cluster_size: u32,
+    /// Creation time, seconds since the Unix epoch.
+    pub created: u64,
+    /// Bytes of clusters the volume's current content maps to stored data (not zeros).
+    pub allocated_bytes: u64,
+    /// Clusters written, trimmed or zeroed since the last snapshot (the live dirty bitmap).
+    pub dirty_clusters: u64,
+    /// Number of snapshots of this volume.
+    pub snapshots: u64,
+    /// `VOLUME@SNAPSHOT` this volume was cloned from, if any.
+    pub origin: Option<String>,
+    /// Number of writable clients (NBD connections) currently attached.
+    pub writers: u64,
+}
+
+/// A snapshot as the API and CLI show it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// Unique id, `s-` followed by 16 hex digits.
+    pub id: String,
+    pub name: String,
+    pub volume: String,
+    pub volume_id: String,
+    pub description: String,
+    /// Creation time, seconds since the Unix epoch.
+    pub created: u64,
+    pub size: u64,
+    pub cluster_size: u32,
+    /// Clusters changed relative to the parent snapshot (the sealed dirty bitmap).
+    pub changed_clusters: u64,
+    /// Id of the snapshot this one's changed set is relative to (none for the first one).
+    pub parent: Option<String>,
+    /// Names of volumes cloned from this snapshot.
+    pub clones: Vec<String>,
+}

@@ -1,0 +1,408 @@
+//! The data path: per-connection handles on one volume (read-write) or one snapshot
+//! (read-only). A request takes only its volume's state lock: shared for reads and for writes
+//! to clusters the head owns (written in place), exclusive for the first write to a cluster
+//! after a snapshot (redirect to a fresh slot) and for trims. The lock is held for the whole
+//! request, so a snapshot never sees half of one, and while it is held no slot the request
+//! reads can be freed and reused.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+
+use super::error::{EngineError, Result};
+use super::journal::Record;
+use super::map::{ClusterMap, ZERO};
+use super::slots::SlotFile;
+use super::{Engine, Snapshot, Ticket, Volume, VolumeState, MAX_CLUSTER_SIZE};
+
+/// `base:allocation` flags (NBD_STATE_HOLE, NBD_STATE_ZERO) and the dirty-bitmap flag.
+pub const STATE_HOLE: u32 = 1;
+pub const STATE_ZERO: u32 = 2;
+pub const STATE_DIRTY: u32 = 1;
+/// One block-status answer covers at most this many clusters (the client asks for the rest).
+const STATUS_MAX_CLUSTERS: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u64,
+    pub flags: u32,
+}
+
+/// How to zero a range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroMode {
+    /// Drop whole clusters from the map (they read as zeros and use no space).
+    Unmap,
+    /// Keep the range allocated, writing zeros (NBD's NO_HOLE).
+    Allocate,
+}
+
+fn zeros() -> &'static [u8] {
+    static ZEROS: OnceLock<Box<[u8]>> = OnceLock::new();
+    ZEROS.get_or_init(|| vec![0u8; MAX_CLUSTER_SIZE as usize].into_boxed_slice())
+}
+
+/// Splits `[offset, offset + len)` into per-cluster pieces:
+/// `(cluster, offset within the cluster, position in the request, length)`.
+fn pieces(offset: u64, len: u64, shift: u32) -> impl Iterator<Item = (u64, u64, u64, u64)> {
+    let cluster_size = 1u64 << shift;
+    let mut pos = 0;
+    std::iter::from_fn(move || {
+        if pos >= len {
+            return None;
+        }
+        let abs = offset + pos;
+        let within = abs & (cluster_size - 1);
+        let n = (cluster_size - within).min(len - pos);
+        let piece = (abs >> shift, within, pos, n);
+        pos += n;
+        Some(piece)
+    })
+}
+
+fn shift_of(slots: &SlotFile) -> u32 {
+    slots.cluster_size().trailing_zeros()
+}
+
+/// Pieces that are contiguous both in the request and in the slot file are merged into one
+/// `pread`/`pwrite` (sequential writes to a fresh volume get sequential slots).
+struct Run {
+    slot: u64,
+    within: u64,
+    pos: usize,
+    len: usize,
+}
+
+impl Run {
+    fn extend(run: &mut Option<Run>, shift: u32, slot: u64, within: u64, pos: usize, n: usize) -> Option<Run> {
+        if let Some(r) = run {
+            let end = (r.slot << shift) + r.within + r.len as u64;
+            if end == (slot << shift) + within && r.pos + r.len == pos {
+                r.len += n;
+                return None;
+            }
+        }
+        run.replace(Run { slot, within, pos, len: n })
+    }
+}
+
+/// Reads through `map`; returns true when the whole range is unallocated (a hole).
+fn read_map(slots: &SlotFile, map: &ClusterMap, offset: u64, buf: &mut [u8]) -> Result<bool> {
+    let shift = shift_of(slots);
+    let mut hole = true;
+    let mut run = None;
+    for (cluster, within, pos, n) in pieces(offset, buf.len() as u64, shift) {
+        let (pos, n) = (pos as usize, n as usize);
+        let entry = map.get(cluster);
+        if entry == ZERO {
+            buf[pos..pos + n].fill(0);
+            continue;
+        }
+        hole = false;
+        if let Some(r) = Run::extend(&mut run, shift, entry - 1, within, pos, n) {
+            slots.read(r.slot, r.within, &mut buf[r.pos..r.pos + r.len])?;
+        }
+    }
+    if let Some(r) = run {
+        slots.read(r.slot, r.within, &mut buf[r.pos..r.pos + r.len])?;
+    }
+    Ok(hole)
+}
+
+/// Extents over `[offset, offset + len)` with `flags(cluster)`, merged, covering at most
+/// `STATUS_MAX_CLUSTERS` clusters.
+fn status(offset: u64, len: u64, shift: u32, mut flags: impl FnMut(u64) -> u32) -> Vec<Extent> {
+    let mut out: Vec<Extent> = Vec::new();
+    for (i, (cluster, _, _, n)) in pieces(offset, len, shift).enumerate() {
+        if i as u64 >= STATUS_MAX_CLUSTERS {
+            break;
+        }
+        let f = flags(cluster);
+        match out.last_mut() {
+            Some(last) if last.flags == f => last.length += n,
+            _ => out.push(Extent { length: n, flags: f }),
+        }
+    }
+    out
+}
+
+fn allocation_flags(entry: u64) -> u32 {
+    if entry == ZERO {
+        STATE_HOLE | STATE_ZERO
+    } else {
+        0
+    }
+}
+
+fn check_range(size: u64, offset: u64, len: u64, write: bool) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ if write => Err(EngineError::NoSpace(format!(
+            "request at offset {offset} length {len} ends past the end of the volume ({size} bytes)"
+        ))),
+        _ => Err(EngineError::Invalid(format!(
+            "request at offset {offset} length {len} ends past the end of the volume ({size} bytes)"
+        ))),
+    }
+}
+
+/// A read-write handle on a volume. Counts as a writable client while it exists.
+pub struct VolumeHandle {
+    engine: Arc<Engine>,
+    vol: Arc<Volume>,
+    ticket: Ticket,
+}
+
+impl Drop for VolumeHandle {
+    fn drop(&mut self) {
+        self.vol.writers.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl VolumeHandle {
+    pub(crate) fn new(engine: Arc<Engine>, vol: Arc<Volume>) -> VolumeHandle {
+        vol.writers.fetch_add(1, Ordering::AcqRel);
+        let ticket = vol.revoker.ticket();
+        VolumeHandle { engine, vol, ticket }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.vol.name
+    }
+
+    pub fn size(&self) -> u64 {
+        self.vol.size
+    }
+
+    pub fn cluster_size(&self) -> u32 {
+        self.vol.cluster_size
+    }
+
+    /// Resolves when this handle is revoked (volume deleted, forced rollback, shutdown).
+    pub async fn revoked(&self) {
+        self.ticket.revoked().await
+    }
+
+    /// Checked under the state lock: a revoke followed by taking the write lock is a barrier.
+    fn live(&self) -> Result<()> {
+        if self.ticket.is_revoked() {
+            return Err(EngineError::Gone(format!("volume '{}' was disconnected (rolled back, deleted or shut down)", self.vol.name)));
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset`; returns true when the range is a hole.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        check_range(self.vol.size, offset, buf.len() as u64, false)?;
+        let st = self.vol.state.read();
+        self.live()?;
+        read_map(&self.vol.slots, &st.head, offset, buf)
+    }
+
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        check_range(self.vol.size, offset, data.len() as u64, true)?;
+        self.engine.check_writable()?;
+        let in_place = {
+            let st = self.vol.state.read();
+            self.live()?;
+            self.write_owned(&st, offset, data)?
+        };
+        if !in_place {
+            let mut st = self.vol.state.write();
+            self.live()?;
+            self.write_locked(&mut st, offset, data)?;
+        }
+        if fua {
+            self.engine.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Fast path: when the head owns every cluster of the range, write in place under the
+    /// shared lock. Returns false (having written nothing) otherwise.
+    fn write_owned(&self, st: &VolumeState, offset: u64, data: &[u8]) -> Result<bool> {
+        let shift = shift_of(&self.vol.slots);
+        if !pieces(offset, data.len() as u64, shift).all(|(c, ..)| st.owned.contains(c)) {
+            return Ok(false);
+        }
+        let slots = &self.vol.slots;
+        let mut run = None;
+        for (cluster, within, pos, n) in pieces(offset, data.len() as u64, shift) {
+            let slot = st.head.get(cluster) - 1; // owned clusters always have a slot
+            if let Some(r) = Run::extend(&mut run, shift, slot, within, pos as usize, n as usize) {
+                slots.write(r.slot, r.within, &data[r.pos..r.pos + r.len])?;
+            }
+        }
+        if let Some(r) = run {
+            slots.write(r.slot, r.within, &data[r.pos..r.pos + r.len])?;
+        }
+        Ok(true)
+    }
+
+    /// Bytes of `cluster` inside the volume (the last cluster may be short).
+    fn cluster_len(&self, cluster: u64) -> u64 {
+        let cs = self.vol.cluster_size as u64;
+        cs.min(self.vol.size - cluster * cs)
+    }
+
+    /// Slow path under the exclusive lock: clusters not owned by the head get a fresh slot
+    /// (redirect-on-write); a partial write first copies the rest of the old cluster.
+    fn write_locked(&self, st: &mut VolumeState, offset: u64, data: &[u8]) -> Result<()> {
+        let slots = &self.vol.slots;
+        for (cluster, within, pos, n) in pieces(offset, data.len() as u64, shift_of(slots)) {
+            let piece = &data[pos as usize..(pos + n) as usize];
+            let entry = st.head.get(cluster);
+            if entry != ZERO && st.owned.contains(cluster) {
+                slots.write(entry - 1, within, piece)?;
+                continue;
+            }
+            let slot = slots.allocate();
+            let len = self.cluster_len(cluster);
+            let written = if entry != ZERO && n < len {
+                let mut merged = vec![0u8; len as usize];
+                slots.read(entry - 1, 0, &mut merged).and_then(|()| {
+                    merged[within as usize..(within + n) as usize].copy_from_slice(piece);
+                    slots.write(slot, 0, &merged)
+                })
+            } else {
+                // A fresh slot reads as zeros, so the rest of a new cluster needs no writing.
+                slots.write(slot, within, piece)
+            };
+            if let Err(e) = written {
+                slots.release(slot);
+                return Err(e);
+            }
+            self.set_entry(st, cluster, slot + 1);
+            st.owned.insert(cluster);
+        }
+        Ok(())
+    }
+
+    /// Records a map change for the journal (pushed under the exclusive state lock, so in
+    /// order), then applies it.
+    fn set_entry(&self, st: &mut VolumeState, cluster: u64, entry: u64) -> u64 {
+        Record::MapSet { volume: self.vol.id, cluster, entry }.encode(&mut self.vol.pending.lock());
+        st.set_entry(cluster, entry)
+    }
+
+    /// TRIM and WRITE_ZEROES. Whole clusters are unmapped (`Unmap`) or overwritten with zeros
+    /// (`Allocate`); partial clusters always get zeros written. Already-zero clusters are left
+    /// alone (and stay clean in the dirty bitmap: their content did not change).
+    pub fn zero(&self, offset: u64, len: u64, mode: ZeroMode, fua: bool) -> Result<()> {
+        check_range(self.vol.size, offset, len, true)?;
+        self.engine.check_writable()?;
+        {
+            let mut st = self.vol.state.write();
+            self.live()?;
+            let slots = &self.vol.slots;
+            for (cluster, _, pos, n) in pieces(offset, len, shift_of(slots)) {
+                let entry = st.head.get(cluster);
+                if mode == ZeroMode::Unmap && entry == ZERO {
+                    continue;
+                }
+                if mode == ZeroMode::Unmap && n == self.cluster_len(cluster) {
+                    let owned = st.owned.remove(cluster);
+                    self.set_entry(&mut st, cluster, ZERO);
+                    // After the record: a commit that frees the slot has drained the record.
+                    if owned {
+                        slots.release(entry - 1);
+                    }
+                } else {
+                    self.write_locked(&mut st, offset + pos, &zeros()[..n as usize])?;
+                }
+            }
+        }
+        if fua {
+            self.engine.commit()?;
+        }
+        Ok(())
+    }
+
+    /// FLUSH: every acknowledged write (of every volume) becomes durable.
+    pub fn flush(&self) -> Result<()> {
+        self.live()?;
+        self.engine.commit()
+    }
+
+    /// `base:allocation` extents from `offset` (a prefix of the range may be returned).
+    pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(self.vol.size, offset, len, false)?;
+        let st = self.vol.state.read();
+        Ok(status(offset, len, shift_of(&self.vol.slots), |c| allocation_flags(st.head.get(c))))
+    }
+
+    /// The live dirty bitmap: clusters written, trimmed or zeroed since the last snapshot.
+    pub fn dirty(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(self.vol.size, offset, len, false)?;
+        let st = self.vol.state.read();
+        Ok(status(offset, len, shift_of(&self.vol.slots), |c| if st.dirty.contains(c) { STATE_DIRTY } else { 0 }))
+    }
+}
+
+/// A read-only handle on a snapshot.
+pub struct SnapshotHandle {
+    vol: Arc<Volume>,
+    snap: Arc<Snapshot>,
+    /// Older snapshots of the same volume, oldest first: one dirty bitmap each.
+    bases: Vec<Arc<Snapshot>>,
+    ticket: Ticket,
+}
+
+impl SnapshotHandle {
+    pub(crate) fn new(vol: Arc<Volume>, snap: Arc<Snapshot>, bases: Vec<Arc<Snapshot>>) -> SnapshotHandle {
+        let ticket = snap.revoker.ticket();
+        SnapshotHandle { vol, snap, bases, ticket }
+    }
+
+    pub fn name(&self) -> String {
+        format!("{}@{}", self.vol.name, self.snap.name)
+    }
+
+    pub fn description(&self) -> &str {
+        &self.snap.description
+    }
+
+    pub fn size(&self) -> u64 {
+        self.snap.size
+    }
+
+    pub fn cluster_size(&self) -> u32 {
+        self.snap.cluster_size
+    }
+
+    /// Names of the older snapshots this one can be compared with (`qemu:dirty-bitmap:NAME`).
+    pub fn base_names(&self) -> impl Iterator<Item = &str> {
+        self.bases.iter().map(|b| b.name.as_str())
+    }
+
+    pub async fn revoked(&self) {
+        self.ticket.revoked().await
+    }
+
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        check_range(self.snap.size, offset, buf.len() as u64, false)?;
+        // The volume's lock makes snapshot deletion wait for reads in flight (see module doc).
+        let _st = self.vol.state.read();
+        if self.ticket.is_revoked() {
+            return Err(EngineError::Gone(format!("snapshot '{}' was deleted", self.name())));
+        }
+        read_map(&self.vol.slots, &self.snap.map, offset, buf)
+    }
+
+    pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(self.snap.size, offset, len, false)?;
+        Ok(status(offset, len, shift_of(&self.vol.slots), |c| allocation_flags(self.snap.map.get(c))))
+    }
+
+    /// Clusters that differ between base snapshot `base` (index into `base_names`) and this one.
+    pub fn changed_since(&self, base: usize, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(self.snap.size, offset, len, false)?;
+        let base = self.bases.get(base).ok_or_else(|| EngineError::Invalid("no such base snapshot".into()))?;
+        Ok(status(offset, len, shift_of(&self.vol.slots), |c| {
+            if base.map.get(c) != self.snap.map.get(c) {
+                STATE_DIRTY
+            } else {
+                0
+            }
+        }))
+    }
+}

@@ -1,0 +1,6 @@
+//! Front-end glue: adapts engine handles to the protocol crates. The protocol crates know
+//! nothing of the engine; this is the only place the two meet.
+
+mod nbd;
+
+pub use nbd::{NbdCatalog, NbdExport};

@@ -1,0 +1,181 @@
+//! `snapblk_nbd::ExportCatalog` over the engine: export `VOLUME` is the writable volume,
+//! `VOLUME@SNAPSHOT` a read-only snapshot.
+//!
+//! Engine calls are synchronous and run on the connection's task: they are page-cache
+//! `pread`/`pwrite`s of at most one request, cheaper than a hop to a blocking pool. FLUSH and
+//! FUA do `fdatasync`, which can take milliseconds; they block one runtime worker meanwhile.
+
+use std::sync::Arc;
+
+use snapblk_nbd::{Export, ExportCatalog, ExportError, ExportInfo, Extent, ReadKind, ZeroFlags};
+
+use crate::engine::{self, Engine, EngineError, ErrorKind, SnapshotHandle, VolumeHandle, ZeroMode};
+
+/// Largest request we accept (NBD_INFO_BLOCK_SIZE maximum).
+const MAX_REQUEST: u32 = 32 << 20;
+const BASE_ALLOCATION: &str = "base:allocation";
+const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+
+pub struct NbdCatalog {
+    engine: Arc<Engine>,
+}
+
+impl NbdCatalog {
+    pub fn new(engine: Arc<Engine>) -> NbdCatalog {
+        NbdCatalog { engine }
+    }
+}
+
+/// The one place engine errors become NBD errors.
+fn nbd_error(e: EngineError) -> ExportError {
+    match e.kind() {
+        ErrorKind::Invalid | ErrorKind::NotFound => ExportError::Invalid,
+        ErrorKind::NoSpace => ExportError::NoSpace,
+        ErrorKind::ReadOnly => ExportError::ReadOnly,
+        ErrorKind::Gone => ExportError::Gone,
+        ErrorKind::AlreadyExists | ErrorKind::Busy | ErrorKind::Io | ErrorKind::Corrupt => {
+            tracing::warn!(error = %e, "I/O request failed");
+            ExportError::Io
+        }
+    }
+}
+
+fn extents(v: Vec<engine::Extent>) -> Vec<Extent> {
+    // Requests are at most u32 long, so every extent fits.
+    v.into_iter().map(|e| Extent { length: e.length as u32, flags: e.flags }).collect()
+}
+
+enum Handle {
+    Volume(VolumeHandle),
+    Snapshot(SnapshotHandle),
+}
+
+pub struct NbdExport {
+    handle: Handle,
+    info: ExportInfo,
+}
+
+impl ExportCatalog for NbdCatalog {
+    type Export = NbdExport;
+
+    fn list(&self) -> Vec<(String, String)> {
+        self.engine.export_names()
+    }
+
+    fn open(&self, name: &str) -> Result<NbdExport, String> {
+        let name = if name.is_empty() {
+            // The default export: the only volume, when there is exactly one.
+            let volumes = self.engine.list_volumes();
+            match volumes.as_slice() {
+                [only] => only.name.clone(),
+                _ => return Err("no default export: name a volume (or VOLUME@SNAPSHOT); list them with nbdinfo --list".into()),
+            }
+        } else {
+            name.to_string()
+        };
+        let block = |cluster_size: u32| (1, 4096.min(cluster_size), MAX_REQUEST);
+        if name.contains('@') {
+            let h = self.engine.open_snapshot(&name).map_err(|e| e.to_string())?;
+            let mut meta_contexts = vec![BASE_ALLOCATION.to_string()];
+            meta_contexts.extend(h.base_names().map(|b| format!("{DIRTY_BITMAP_PREFIX}{b}")));
+            let (min_block, preferred_block, max_block) = block(h.cluster_size());
+            let info = ExportInfo {
+                name: h.name(),
+                description: h.description().to_string(),
+                size: h.size(),
+                read_only: true,
+                min_block,
+                preferred_block,
+                max_block,
+                meta_contexts,
+            };
+            Ok(NbdExport { handle: Handle::Snapshot(h), info })
+        } else {
+            let h = self.engine.open_volume(&name).map_err(|e| e.to_string())?;
+            let (min_block, preferred_block, max_block) = block(h.cluster_size());
+            let info = ExportInfo {
+                name: h.name().to_string(),
+                description: format!("snapblk volume {}", h.name()),
+                size: h.size(),
+                read_only: false,
+                min_block,
+                preferred_block,
+                max_block,
+                meta_contexts: vec![BASE_ALLOCATION.to_string(), format!("{DIRTY_BITMAP_PREFIX}dirty")],
+            };
+            Ok(NbdExport { handle: Handle::Volume(h), info })
+        }
+    }
+}
+
+impl NbdExport {
+    fn volume(&self) -> Result<&VolumeHandle, ExportError> {
+        match &self.handle {
+            Handle::Volume(v) => Ok(v),
+            Handle::Snapshot(_) => Err(ExportError::ReadOnly),
+        }
+    }
+}
+
+impl Export for NbdExport {
+    fn info(&self) -> &ExportInfo {
+        &self.info
+    }
+
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<ReadKind, ExportError> {
+        let hole = match &self.handle {
+            Handle::Volume(v) => v.read(offset, buf),
+            Handle::Snapshot(s) => s.read(offset, buf),
+        }
+        .map_err(nbd_error)?;
+        Ok(if hole { ReadKind::Hole } else { ReadKind::Data })
+    }
+
+    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ExportError> {
+        self.volume()?.write(offset, data, fua).map_err(nbd_error)
+    }
+
+    async fn flush(&self) -> Result<(), ExportError> {
+        match &self.handle {
+            Handle::Volume(v) => v.flush().map_err(nbd_error),
+            Handle::Snapshot(_) => Ok(()), // nothing to make durable
+        }
+    }
+
+    async fn trim(&self, offset: u64, length: u64, fua: bool) -> Result<(), ExportError> {
+        self.volume()?.zero(offset, length, ZeroMode::Unmap, fua).map_err(nbd_error)
+    }
+
+    async fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> Result<(), ExportError> {
+        let v = self.volume()?;
+        let mode = if flags.no_hole { ZeroMode::Allocate } else { ZeroMode::Unmap };
+        // Unmapping is a metadata change (fast); writing zeros is not.
+        if flags.fast && mode == ZeroMode::Allocate {
+            return Err(ExportError::NotFast);
+        }
+        v.zero(offset, length, mode, flags.fua).map_err(nbd_error)
+    }
+
+    async fn cache(&self, _offset: u64, _length: u64) -> Result<(), ExportError> {
+        Ok(()) // all data is local
+    }
+
+    async fn block_status(&self, context: usize, offset: u64, length: u32) -> Result<Vec<Extent>, ExportError> {
+        let len = length as u64;
+        let result = match (&self.handle, context) {
+            (Handle::Volume(v), 0) => v.allocation(offset, len),
+            (Handle::Volume(v), 1) => v.dirty(offset, len),
+            (Handle::Snapshot(s), 0) => s.allocation(offset, len),
+            (Handle::Snapshot(s), n) => s.changed_since(n - 1, offset, len),
+            _ => return Err(ExportError::Invalid),
+        };
+        result.map(extents).map_err(nbd_error)
+    }
+
+    async fn revoked(&self) {
+        match &self.handle {
+            Handle::Volume(v) => v.revoked().await,
+            Handle::Snapshot(s) => s.revoked().await,
+        }
+    }
+}
