@@ -913,6 +913,13 @@ impl Engine {
         if !reg.snapshots.contains_key(&s.id) || !reg.volumes.contains_key(&v.id) {
             return Err(EngineError::NotFound(format!("snapshot '{snap}' was deleted meanwhile")));
         }
+        // Handles are opened under the registry read lock, so this count is now stable.
+        if v.writers.load(Ordering::Acquire) > 0 {
+            return Err(EngineError::Busy(format!(
+                "a client connected to volume '{}' while it was being rolled back; try again",
+                v.name
+            )));
+        }
         self.run(&mut reg, Record::Rollback { volume: v.id, snapshot: s.id })?;
         tracing::info!(volume = %v.name, snapshot = %s.name, "volume rolled back");
         Ok(volume_info(&reg, &v))
@@ -921,7 +928,9 @@ impl Engine {
     /// Opens a volume for reading and writing (one per NBD connection).
     pub fn open_volume(self: &Arc<Self>, r: &str) -> Result<VolumeHandle> {
         self.check_writable()?;
-        let v = self.registry.read().find_volume(r)?.clone();
+        // Counted as a writer before the registry lock is released (see `rollback`).
+        let reg = self.registry.read();
+        let v = reg.find_volume(r)?.clone();
         Ok(VolumeHandle::new(self.clone(), v))
     }
 

@@ -365,3 +365,26 @@ fn snapshot_is_exact_while_writers_run() {
         }
     }
 }
+
+#[test]
+fn in_place_write_after_regaining_ownership_still_marks_the_cluster_dirty() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = Engine::open(dir.path()).unwrap();
+    engine.create_volume("v", 1 << 20, Some(65536)).unwrap();
+    engine.open_volume("v").unwrap().write(0, &[1u8; 65536], false).unwrap();
+    engine.create_snapshot("v", "s", "").unwrap();
+    engine.clone_snapshot("v@s", "c").unwrap();
+    // The origin moves away from the shared slot, so after deleting the snapshot the clone is
+    // its only holder and owns it again.
+    engine.open_volume("v").unwrap().write(0, &[2u8; 65536], false).unwrap();
+    engine.delete_snapshot("v@s").unwrap();
+    engine.open_volume("c").unwrap().write(4096, &[3u8; 4096], false).unwrap();
+    let dirty = |e: &Arc<Engine>| e.open_volume("c").unwrap().dirty(0, 65536).unwrap();
+    assert_eq!(dirty(&engine), vec![volume::Extent { length: 65536, flags: volume::STATE_DIRTY }]);
+    engine.commit().unwrap();
+    drop(std::mem::replace(&mut engine, Engine::open(dir.path()).unwrap()));
+    assert_eq!(dirty(&engine), vec![volume::Extent { length: 65536, flags: volume::STATE_DIRTY }]);
+    let mut buf = vec![0u8; 8192];
+    engine.open_volume("c").unwrap().read(0, &mut buf).unwrap();
+    assert!(buf[..4096].iter().all(|&b| b == 1) && buf[4096..].iter().all(|&b| b == 3));
+}

@@ -217,11 +217,11 @@ impl VolumeHandle {
         Ok(())
     }
 
-    /// Fast path: when the head owns every cluster of the range, write in place under the
-    /// shared lock. Returns false (having written nothing) otherwise.
+    /// Fast path: when the head owns every cluster of the range and they are already dirty,
+    /// write in place under the shared lock. Returns false (having written nothing) otherwise.
     fn write_owned(&self, st: &VolumeState, offset: u64, data: &[u8]) -> Result<bool> {
         let shift = shift_of(&self.vol.slots);
-        if !pieces(offset, data.len() as u64, shift).all(|(c, ..)| st.owned.contains(c)) {
+        if !pieces(offset, data.len() as u64, shift).all(|(c, ..)| st.owned.contains(c) && st.dirty.contains(c)) {
             return Ok(false);
         }
         let slots = &self.vol.slots;
@@ -253,6 +253,11 @@ impl VolumeHandle {
             let entry = st.head.get(cluster);
             if entry != ZERO && st.owned.contains(cluster) {
                 slots.write(entry - 1, within, piece)?;
+                // Owned but clean (ownership regained after a snapshot delete): the entry stays,
+                // the record makes the dirty bit durable.
+                if !st.dirty.contains(cluster) {
+                    self.set_entry(st, cluster, entry);
+                }
                 continue;
             }
             let slot = slots.allocate();
