@@ -110,6 +110,39 @@ impl ClusterMap {
         }
     }
 
+    /// Calls `f(cluster, entry)` for every non-zero entry with `start <= cluster < end`, in
+    /// order, skipping empty subtrees without visiting them.
+    pub fn for_each_nonzero_in(&self, start: u64, end: u64, mut f: impl FnMut(u64, u64)) {
+        fn walk(node: &Node, level: u32, base: u64, start: u64, end: u64, f: &mut dyn FnMut(u64, u64)) {
+            match node {
+                Node::Leaf(entries) => {
+                    let lo = start.saturating_sub(base).min(FANOUT as u64) as usize;
+                    let hi = end.saturating_sub(base).min(FANOUT as u64) as usize;
+                    for (i, &e) in entries.iter().enumerate().take(hi).skip(lo) {
+                        if e != ZERO {
+                            f(base + i as u64, e);
+                        }
+                    }
+                }
+                Node::Inner(children) => {
+                    let span = span(level);
+                    for (i, child) in children.iter().enumerate() {
+                        let child_base = base + i as u64 * span;
+                        if child_base >= end {
+                            break;
+                        }
+                        if let Some(c) = child.as_ref().filter(|_| child_base + span > start) {
+                            walk(c, level - 1, child_base, start, end, f);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(root) = &self.root {
+            walk(root, self.height, 0, start, end, &mut f);
+        }
+    }
+
     /// Calls `f(cluster)` for every cluster whose entry differs between `self` and `other`
     /// (maps of the same size). Subtrees shared by both are skipped without being read, so
     /// comparing a snapshot with its successor costs only what changed between them.
@@ -242,6 +275,21 @@ mod tests {
         let mut seen = vec![];
         m.for_each_nonzero(|c, e| seen.push((c, e)));
         assert_eq!(seen, vec![(3, 13), (511, 521), (99_999, 100_009)]);
+    }
+
+    #[test]
+    fn range_walk_visits_exactly_the_nonzero_entries_in_range() {
+        let mut m = ClusterMap::new(1 << 30);
+        let set = [0u64, 1, 511, 512, 262_143, 262_144, 1 << 29, (1 << 30) - 1];
+        for &c in &set {
+            m.set(c, c + 1);
+        }
+        for (start, end) in [(0, 1 << 30), (1, 512), (511, 262_144), (262_144, 1 << 29), (5, 6), ((1 << 29) + 1, 1 << 30)] {
+            let mut seen = vec![];
+            m.for_each_nonzero_in(start, end, |c, e| seen.push((c, e)));
+            let want: Vec<_> = set.iter().filter(|&&c| c >= start && c < end).map(|&c| (c, c + 1)).collect();
+            assert_eq!(seen, want, "range {start}..{end}");
+        }
     }
 
     #[test]

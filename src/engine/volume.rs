@@ -299,20 +299,39 @@ impl VolumeHandle {
             let mut st = self.vol.state.write();
             self.live()?;
             let slots = &self.vol.slots;
-            for (cluster, _, pos, n) in pieces(offset, len, shift_of(slots)) {
-                let entry = st.head.get(cluster);
-                if mode == ZeroMode::Unmap && entry == ZERO {
-                    continue;
+            let shift = shift_of(slots);
+            let end = offset + len;
+            // Whole clusters [first, last): the volume's short last cluster counts as whole.
+            let first = offset.div_ceil(1 << shift);
+            let last = if end == self.vol.size { end.div_ceil(1 << shift) } else { end >> shift };
+            let whole = if mode == ZeroMode::Unmap && first < last { (first, last) } else { (0, 0) };
+            // Everything else gets zeros written: partial clusters at either end (unless they
+            // are unmapped already), or the whole range with `Allocate`.
+            let edges = if whole.0 < whole.1 {
+                [(offset, (first << shift) - offset), (last << shift, end.saturating_sub(last << shift))]
+            } else {
+                [(offset, len), (end, 0)]
+            };
+            for (start, n) in edges {
+                for (cluster, _, pos, n) in pieces(start, n, shift) {
+                    if mode == ZeroMode::Unmap && st.head.get(cluster) == ZERO {
+                        continue;
+                    }
+                    self.write_locked(&mut st, start + pos, &zeros()[..n as usize])?;
                 }
-                if mode == ZeroMode::Unmap && n == self.cluster_len(cluster) {
+            }
+            // Whole clusters are unmapped; walking only the mapped ones keeps a discard of a
+            // huge, mostly empty range cheap.
+            if whole.0 < whole.1 {
+                let mut mapped = Vec::new();
+                st.head.for_each_nonzero_in(whole.0, whole.1, |c, e| mapped.push((c, e)));
+                for (cluster, entry) in mapped {
                     let owned = st.owned.remove(cluster);
                     self.set_entry(&mut st, cluster, ZERO);
                     // After the record: a commit that frees the slot has drained the record.
                     if owned {
                         slots.release(entry - 1);
                     }
-                } else {
-                    self.write_locked(&mut st, offset + pos, &zeros()[..n as usize])?;
                 }
             }
         }
