@@ -71,6 +71,18 @@ pub struct ZeroFlags {
     pub fast: bool,
 }
 
+/// The kind of a transmission request, for [`Export::run_on_own_task`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    Read,
+    Write { fua: bool },
+    Flush,
+    Trim,
+    WriteZeroes,
+    Cache,
+    BlockStatus,
+}
+
 /// One open export (one per connection; cheap to clone/share between the connection's tasks).
 /// All offsets and lengths are already checked against `info().size` by the server.
 pub trait Export: Send + Sync + 'static {
@@ -86,6 +98,13 @@ pub trait Export: Send + Sync + 'static {
     /// a prefix of the range (the server trims to `length` and to one extent for REQ_ONE); may
     /// cover less than `length`.
     fn block_status(&self, context: usize, offset: u64, length: u32) -> impl Future<Output = Result<Vec<Extent>, ExportError>> + Send;
+    /// Whether the server should run this request on a task of its own, so the connection
+    /// goes on reading (and answering) later requests while it waits: replies then come out
+    /// of order. Requests that complete at once are cheaper inline. By default FLUSH and FUA
+    /// writes (which wait for the disk) get their own task.
+    fn run_on_own_task(&self, kind: RequestKind) -> bool {
+        matches!(kind, RequestKind::Flush | RequestKind::Write { fua: true })
+    }
     /// Resolves when the export is revoked: the server then stops reading requests, finishes
     /// the ones in flight and closes the connection.
     fn revoked(&self) -> impl Future<Output = ()> + Send;

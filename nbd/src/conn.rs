@@ -1,0 +1,584 @@
+//! One NBD connection: the fixed-newstyle handshake, then the transmission phase.
+//!
+//! Shape: the connection task reads requests and runs each one inline (most complete at
+//! once: a page-cache read or write), or on a task of its own when the export says it may
+//! wait (FLUSH, FUA), so later requests are not held up and replies come out of order. A
+//! writer task owns the socket's write half and batches replies; reply buffers flow back to
+//! the reader for reuse, so a steady stream of requests allocates nothing.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::export::{Export, ExportCatalog, ExportError, ReadKind, RequestKind, ZeroFlags};
+use crate::wire::*;
+
+/// Per-connection limits.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Requests running on their own tasks at once, per connection.
+    pub max_in_flight: usize,
+    /// Largest READ/WRITE payload accepted (advertised as the maximum block size by exports).
+    pub max_payload: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> ServerConfig {
+        ServerConfig { max_in_flight: 64, max_payload: 32 << 20 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NbdError {
+    #[error("connection I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("client sent bad magic {0:#x}; closing the connection")]
+    BadMagic(u64),
+    #[error("client sent unknown handshake flags {0:#x}")]
+    BadClientFlags(u32),
+    #[error("client asked for unknown export '{0}' with NBD_OPT_EXPORT_NAME")]
+    UnknownExport(String),
+    #[error("client sent an oversized request ({0} bytes of payload); closing the connection")]
+    Oversized(u64),
+}
+
+/// Options longer than this are refused (they are names and short lists).
+const MAX_OPTION_LEN: u32 = 64 << 10;
+/// Oversized WRITE payloads up to this are read and discarded (keeping the stream in sync);
+/// beyond it the connection is closed.
+const MAX_DRAIN: u64 = 64 << 20;
+const WRITE_BUFFER: usize = 256 << 10;
+
+/// Maps an export error to its NBD error number: the one place this happens.
+pub fn errno(e: ExportError) -> u32 {
+    match e {
+        ExportError::Io => EIO,
+        ExportError::ReadOnly => EPERM,
+        ExportError::Invalid => EINVAL,
+        ExportError::NoSpace => ENOSPC,
+        ExportError::NotSupported | ExportError::NotFast => ENOTSUP,
+        ExportError::NoMemory => ENOMEM,
+        ExportError::Gone => ESHUTDOWN,
+    }
+}
+
+/// The state the handshake hands to the transmission phase.
+struct Session<E> {
+    export: E,
+    structured: bool,
+    /// Selected meta contexts: indexes into `ExportInfo::meta_contexts`, in id order.
+    contexts: Vec<u32>,
+}
+
+/// Serves one client connection until it disconnects, aborts, or its export is revoked.
+pub async fn serve_connection<S, C>(stream: S, catalog: Arc<C>, config: &ServerConfig) -> Result<(), NbdError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    C: ExportCatalog,
+{
+    let (rd, wr) = tokio::io::split(stream);
+    let mut rd = BufReader::with_capacity(WRITE_BUFFER, rd);
+    let mut wr = BufWriter::with_capacity(WRITE_BUFFER, wr);
+    let Some(session) = handshake(&mut rd, &mut wr, &*catalog).await? else {
+        return Ok(());
+    };
+    transmission(rd, wr, session, config).await
+}
+
+/// Option data shared by every option reply.
+struct OptionReplies {
+    out: Vec<u8>,
+}
+
+impl OptionReplies {
+    fn reply(&mut self, option: u32, reply: u32, data: &[u8]) {
+        option_reply(&mut self.out, option, reply, data);
+    }
+    fn error(&mut self, option: u32, reply: u32, message: &str) {
+        self.reply(option, reply, message.as_bytes());
+    }
+    async fn send<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> std::io::Result<()> {
+        wr.write_all(&self.out).await?;
+        wr.flush().await?;
+        self.out.clear();
+        Ok(())
+    }
+}
+
+async fn handshake<R, W, C>(rd: &mut R, wr: &mut W, catalog: &C) -> Result<Option<Session<C::Export>>, NbdError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    C: ExportCatalog,
+{
+    let mut greeting = Vec::with_capacity(18);
+    greeting.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    greeting.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    wr.write_all(&greeting).await?;
+    wr.flush().await?;
+    let client_flags = rd.read_u32().await?;
+    if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+        return Err(NbdError::BadClientFlags(client_flags));
+    }
+    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+
+    let mut replies = OptionReplies { out: Vec::new() };
+    let mut structured = false;
+    // Meta contexts selected by SET_META_CONTEXT, and the export name they were chosen for.
+    let mut selected: Option<(String, Vec<u32>)> = None;
+    loop {
+        let magic = rd.read_u64().await?;
+        if magic != IHAVEOPT {
+            return Err(NbdError::BadMagic(magic));
+        }
+        let option = rd.read_u32().await?;
+        let len = rd.read_u32().await?;
+        if len > MAX_OPTION_LEN {
+            if option == OPT_EXPORT_NAME {
+                return Err(NbdError::Oversized(len as u64));
+            }
+            tokio::io::copy(&mut (&mut *rd).take(len as u64), &mut tokio::io::sink()).await?;
+            replies.error(option, REP_ERR_TOO_BIG, "option data too long");
+            replies.send(wr).await?;
+            continue;
+        }
+        let mut data = vec![0u8; len as usize];
+        rd.read_exact(&mut data).await?;
+        tracing::debug!(option, len, "NBD option");
+        match option {
+            OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data).into_owned();
+                let export = match catalog.open(&name) {
+                    Ok(e) => e,
+                    // No way to report an error to EXPORT_NAME: the spec says close.
+                    Err(_) => return Err(NbdError::UnknownExport(name)),
+                };
+                let info = export.info();
+                let mut out = Vec::with_capacity(10 + 124);
+                out.extend_from_slice(&info.size.to_be_bytes());
+                out.extend_from_slice(&transmission_flags(info.read_only, structured).to_be_bytes());
+                if !no_zeroes {
+                    out.extend_from_slice(&[0u8; 124]);
+                }
+                wr.write_all(&out).await?;
+                wr.flush().await?;
+                let contexts = contexts_for(&selected, &name);
+                return Ok(Some(Session { export, structured, contexts }));
+            }
+            OPT_INFO | OPT_GO => {
+                let req = match InfoRequest::decode(&data) {
+                    Ok(r) => r,
+                    Err(_) => {
+                        replies.error(option, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO request");
+                        replies.send(wr).await?;
+                        continue;
+                    }
+                };
+                let export = match catalog.open(req.name) {
+                    Ok(e) => e,
+                    Err(msg) => {
+                        replies.error(option, REP_ERR_UNKNOWN, &msg);
+                        replies.send(wr).await?;
+                        continue;
+                    }
+                };
+                let info = export.info();
+                let mut d = Vec::new();
+                d.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+                d.extend_from_slice(&info.size.to_be_bytes());
+                d.extend_from_slice(&transmission_flags(info.read_only, structured).to_be_bytes());
+                replies.reply(option, REP_INFO, &d);
+                if req.requests.contains(&INFO_NAME) {
+                    let mut d = INFO_NAME.to_be_bytes().to_vec();
+                    d.extend_from_slice(info.name.as_bytes());
+                    replies.reply(option, REP_INFO, &d);
+                }
+                if req.requests.contains(&INFO_DESCRIPTION) {
+                    let mut d = INFO_DESCRIPTION.to_be_bytes().to_vec();
+                    d.extend_from_slice(&info.description.as_bytes()[..info.description.len().min(MAX_STRING)]);
+                    replies.reply(option, REP_INFO, &d);
+                }
+                let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                for v in [info.min_block, info.preferred_block, info.max_block] {
+                    d.extend_from_slice(&v.to_be_bytes());
+                }
+                replies.reply(option, REP_INFO, &d);
+                replies.reply(option, REP_ACK, &[]);
+                replies.send(wr).await?;
+                if option == OPT_GO {
+                    let contexts = contexts_for(&selected, req.name);
+                    return Ok(Some(Session { export, structured, contexts }));
+                }
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    replies.error(option, REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
+                } else {
+                    for (name, description) in catalog.list() {
+                        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+                        d.extend_from_slice(name.as_bytes());
+                        d.extend_from_slice(description.as_bytes());
+                        replies.reply(option, REP_SERVER, &d);
+                    }
+                    replies.reply(option, REP_ACK, &[]);
+                }
+                replies.send(wr).await?;
+            }
+            OPT_ABORT => {
+                replies.reply(option, REP_ACK, &[]);
+                // The client may already have closed; that is fine.
+                let _ = replies.send(wr).await;
+                return Ok(None);
+            }
+            OPT_STRUCTURED_REPLY => {
+                if data.is_empty() {
+                    structured = true;
+                    replies.reply(option, REP_ACK, &[]);
+                } else {
+                    replies.error(option, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data");
+                }
+                replies.send(wr).await?;
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let listing = option == OPT_LIST_META_CONTEXT;
+                match MetaContextRequest::decode(&data) {
+                    Err(_) => replies.error(option, REP_ERR_INVALID, "malformed meta context request"),
+                    Ok(_) if !structured => {
+                        replies.error(option, REP_ERR_INVALID, "negotiate NBD_OPT_STRUCTURED_REPLY first")
+                    }
+                    Ok(req) => match catalog.open(req.name) {
+                        Err(msg) => replies.error(option, REP_ERR_UNKNOWN, &msg),
+                        Ok(export) => {
+                            let names = &export.info().meta_contexts;
+                            let mut chosen = Vec::new();
+                            for (id, name) in names.iter().enumerate() {
+                                let hit = (listing && req.queries.is_empty())
+                                    || req.queries.iter().any(|q| context_matches(q, name, listing));
+                                if hit {
+                                    let mut d = (id as u32).to_be_bytes().to_vec();
+                                    d.extend_from_slice(name.as_bytes());
+                                    replies.reply(option, REP_META_CONTEXT, &d);
+                                    chosen.push(id as u32);
+                                }
+                            }
+                            if !listing {
+                                selected = Some((req.name.to_string(), chosen));
+                            }
+                            replies.reply(option, REP_ACK, &[]);
+                        }
+                    },
+                }
+                replies.send(wr).await?;
+            }
+            _ => {
+                replies.error(option, REP_ERR_UNSUP, "option not supported");
+                replies.send(wr).await?;
+            }
+        }
+    }
+}
+
+/// Contexts chosen by SET_META_CONTEXT apply only to the export they were chosen for.
+fn contexts_for(selected: &Option<(String, Vec<u32>)>, name: &str) -> Vec<u32> {
+    match selected {
+        Some((n, ids)) if n == name => ids.clone(),
+        _ => Vec::new(),
+    }
+}
+
+fn transmission_flags(read_only: bool, structured: bool) -> u16 {
+    let mut f = TF_HAS_FLAGS
+        | TF_SEND_FLUSH
+        | TF_SEND_FUA
+        | TF_SEND_TRIM
+        | TF_SEND_WRITE_ZEROES
+        | TF_SEND_FAST_ZERO
+        | TF_SEND_CACHE
+        | TF_CAN_MULTI_CONN;
+    if read_only {
+        f |= TF_READ_ONLY;
+    }
+    if structured {
+        f |= TF_SEND_DF;
+    }
+    f
+}
+
+/// A request ready to run: the header, and for WRITE its payload (in `buf`).
+struct Job {
+    req: Request,
+    buf: Vec<u8>,
+}
+
+struct Shared<E> {
+    export: E,
+    structured: bool,
+    contexts: Vec<u32>,
+}
+
+async fn transmission<R, W, E>(mut rd: R, wr: W, session: Session<E>, config: &ServerConfig) -> Result<(), NbdError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+    E: Export,
+{
+    let shared = Arc::new(Shared { export: session.export, structured: session.structured, contexts: session.contexts });
+    let (reply_tx, reply_rx) = mpsc::channel::<Vec<u8>>(config.max_in_flight.max(1) * 2);
+    let (recycle_tx, mut recycle_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let writer = tokio::spawn(write_replies(wr, reply_rx, recycle_tx));
+    let tasks = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
+    let size = shared.export.info().size;
+    let result = async {
+        let revoked = shared.export.revoked();
+        tokio::pin!(revoked);
+        loop {
+            let mut header = [0u8; REQUEST_LEN];
+            tokio::select! {
+                biased;
+                _ = &mut revoked => {
+                    tracing::info!("export revoked; closing the NBD connection");
+                    return Ok(());
+                }
+                r = rd.read_exact(&mut header) => match r {
+                    Ok(_) => {}
+                    // A client that just hangs up (without NBD_CMD_DISC) is not an error.
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                },
+            }
+            let req = Request::decode(&header).map_err(|e| NbdError::BadMagic(e.0 as u64))?;
+            let mut buf = recycle_rx.try_recv().unwrap_or_default();
+            buf.clear();
+            if req.command == CMD_DISC {
+                return Ok(());
+            }
+            if req.command == CMD_WRITE {
+                // The payload follows whatever we think of the request; read it first.
+                let len = req.length as u64;
+                if len > config.max_payload as u64 {
+                    if len > MAX_DRAIN {
+                        return Err(NbdError::Oversized(len));
+                    }
+                    tokio::io::copy(&mut (&mut rd).take(len), &mut tokio::io::sink()).await?;
+                    reply_tx.send(error_reply(buf, shared.structured, req.cookie, EINVAL, "request too large")).await.ok();
+                    continue;
+                }
+                buf.resize(len as usize, 0);
+                rd.read_exact(&mut buf).await?;
+            }
+            if let Err((errno, message)) = validate(&req, size, shared.export.info().read_only, &shared, config) {
+                reply_tx.send(error_reply(buf, shared.structured, req.cookie, errno, message)).await.ok();
+                continue;
+            }
+            let job = Job { req, buf };
+            if shared.export.run_on_own_task(kind(&req)) {
+                let permit = tasks.clone().acquire_owned().await.map_err(|_| std::io::Error::other("closed"))?;
+                let (shared, tx) = (shared.clone(), reply_tx.clone());
+                tokio::spawn(async move {
+                    let reply = execute(&shared, job).await;
+                    let _ = tx.send(reply).await;
+                    drop(permit);
+                });
+            } else {
+                let reply = execute(&shared, job).await;
+                if reply_tx.send(reply).await.is_err() {
+                    return Ok(()); // writer gone: the client hung up
+                }
+            }
+        }
+    }
+    .await;
+    // Let requests on their own tasks finish, then let the writer drain and close.
+    let _ = tasks.acquire_many(config.max_in_flight.max(1) as u32).await;
+    drop(reply_tx);
+    let _ = writer.await;
+    result
+}
+
+fn kind(req: &Request) -> RequestKind {
+    match req.command {
+        CMD_READ => RequestKind::Read,
+        CMD_WRITE => RequestKind::Write { fua: req.flags & CMD_FLAG_FUA != 0 },
+        CMD_FLUSH => RequestKind::Flush,
+        CMD_TRIM => RequestKind::Trim,
+        CMD_WRITE_ZEROES => RequestKind::WriteZeroes,
+        CMD_CACHE => RequestKind::Cache,
+        _ => RequestKind::BlockStatus,
+    }
+}
+
+/// Checks a request before it reaches the export. Writes past the end are ENOSPC, other
+/// requests past the end EINVAL (as the spec recommends).
+fn validate<E: Export>(
+    req: &Request,
+    size: u64,
+    read_only: bool,
+    shared: &Shared<E>,
+    config: &ServerConfig,
+) -> Result<(), (u32, &'static str)> {
+    if req.flags & !CMD_FLAGS_KNOWN != 0 {
+        return Err((EINVAL, "unknown command flags"));
+    }
+    let writes = matches!(req.command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    match req.command {
+        CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_CACHE | CMD_BLOCK_STATUS => {}
+        CMD_FLUSH => return Ok(()),
+        _ => return Err((EINVAL, "unknown command")),
+    }
+    if writes && read_only {
+        return Err((EPERM, "export is read-only"));
+    }
+    if req.length == 0 {
+        return Err((EINVAL, "zero-length request"));
+    }
+    if req.command == CMD_READ && req.length > config.max_payload {
+        return Err((EINVAL, "request too large"));
+    }
+    if req.flags & CMD_FLAG_DF != 0 && !shared.structured {
+        return Err((EINVAL, "DF needs structured replies"));
+    }
+    if req.command == CMD_BLOCK_STATUS && (!shared.structured || shared.contexts.is_empty()) {
+        return Err((EINVAL, "no meta context was negotiated"));
+    }
+    match req.offset.checked_add(req.length as u64) {
+        Some(end) if end <= size => Ok(()),
+        _ if writes => Err((ENOSPC, "request ends past the end of the export")),
+        _ => Err((EINVAL, "request ends past the end of the export")),
+    }
+}
+
+/// An error reply in `buf` (reused).
+fn error_reply(mut buf: Vec<u8>, structured: bool, cookie: u64, errno: u32, message: &str) -> Vec<u8> {
+    buf.clear();
+    if structured {
+        error_chunk(&mut buf, cookie, errno, message);
+    } else {
+        simple_reply(&mut buf, errno, cookie);
+    }
+    buf
+}
+
+fn done_reply(mut buf: Vec<u8>, structured: bool, cookie: u64) -> Vec<u8> {
+    buf.clear();
+    if structured {
+        chunk_header(&mut buf, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0);
+    } else {
+        simple_reply(&mut buf, 0, cookie);
+    }
+    buf
+}
+
+/// Runs a validated request and encodes its reply into the job's buffer.
+async fn execute<E: Export>(shared: &Shared<E>, job: Job) -> Vec<u8> {
+    let Job { req, mut buf } = job;
+    let export = &shared.export;
+    let (offset, length, cookie, structured) = (req.offset, req.length as u64, req.cookie, shared.structured);
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    let result = match req.command {
+        CMD_READ => {
+            // The reply header goes first, the data is read straight in after it.
+            buf.clear();
+            if structured {
+                chunk_header(&mut buf, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, 8 + length as u32);
+                buf.extend_from_slice(&offset.to_be_bytes());
+            } else {
+                simple_reply(&mut buf, 0, cookie);
+            }
+            let header = buf.len();
+            buf.resize(header + length as usize, 0);
+            match export.read(offset, &mut buf[header..]).await {
+                Ok(ReadKind::Hole) if structured => {
+                    buf.clear();
+                    chunk_header(&mut buf, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, cookie, 12);
+                    buf.extend_from_slice(&offset.to_be_bytes());
+                    buf.extend_from_slice(&(length as u32).to_be_bytes());
+                    return buf;
+                }
+                Ok(_) => return buf,
+                Err(e) => Err(e),
+            }
+        }
+        CMD_WRITE => export.write(offset, &buf, fua).await,
+        CMD_FLUSH => export.flush().await,
+        CMD_TRIM => export.trim(offset, length, fua).await,
+        CMD_WRITE_ZEROES => {
+            let flags = ZeroFlags {
+                fua,
+                no_hole: req.flags & CMD_FLAG_NO_HOLE != 0,
+                fast: req.flags & CMD_FLAG_FAST_ZERO != 0,
+            };
+            export.write_zeroes(offset, length, flags).await
+        }
+        CMD_CACHE => export.cache(offset, length).await,
+        CMD_BLOCK_STATUS => {
+            let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
+            return block_status(shared, buf, cookie, offset, req.length, req_one).await;
+        }
+        _ => Err(ExportError::Invalid),
+    };
+    match result {
+        Ok(()) => done_reply(buf, structured, cookie),
+        Err(e) => error_reply(buf, structured, cookie, errno(e), &e.to_string()),
+    }
+}
+
+/// One BLOCK_STATUS chunk per selected context, clipped to the request; DONE on the last.
+async fn block_status<E: Export>(shared: &Shared<E>, mut buf: Vec<u8>, cookie: u64, offset: u64, length: u32, req_one: bool) -> Vec<u8> {
+    buf.clear();
+    let n = shared.contexts.len();
+    for (i, &id) in shared.contexts.iter().enumerate() {
+        let extents = match shared.export.block_status(id as usize, offset, length).await {
+            Ok(e) => e,
+            Err(e) => return error_reply(buf, true, cookie, errno(e), &e.to_string()),
+        };
+        let mut clipped: Vec<(u32, u32)> = Vec::new();
+        let mut left = length;
+        for e in extents.into_iter().filter(|e| e.length > 0) {
+            if left == 0 {
+                break;
+            }
+            let len = e.length.min(left);
+            left -= len;
+            match clipped.last_mut() {
+                Some(last) if last.1 == e.flags => last.0 += len,
+                _ => clipped.push((len, e.flags)),
+            }
+        }
+        if req_one {
+            clipped.truncate(1);
+        }
+        if clipped.is_empty() {
+            return error_reply(buf, true, cookie, EIO, "export returned no extents");
+        }
+        let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
+        chunk_header(&mut buf, flags, REPLY_TYPE_BLOCK_STATUS, cookie, 4 + 8 * clipped.len() as u32);
+        buf.extend_from_slice(&id.to_be_bytes());
+        for (len, f) in clipped {
+            buf.extend_from_slice(&len.to_be_bytes());
+            buf.extend_from_slice(&f.to_be_bytes());
+        }
+    }
+    buf
+}
+
+/// Writes replies as they come, flushing when no more are queued; hands buffers back.
+async fn write_replies<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Vec<u8>>, recycle: mpsc::UnboundedSender<Vec<u8>>) {
+    let result: std::io::Result<()> = async {
+        while let Some(reply) = rx.recv().await {
+            wr.write_all(&reply).await?;
+            let _ = recycle.send(reply);
+            while let Ok(reply) = rx.try_recv() {
+                wr.write_all(&reply).await?;
+                let _ = recycle.send(reply);
+            }
+            wr.flush().await?;
+        }
+        wr.shutdown().await
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "NBD reply writer stopped");
+    }
+}

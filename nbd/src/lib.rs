@@ -1,0 +1,11 @@
+//! NBD (Network Block Device) protocol: wire types ([`wire`], no I/O), and a server for the
+//! fixed-newstyle handshake and the transmission phase ([`serve_connection`]), generic over
+//! any `AsyncRead + AsyncWrite` stream and over an [`ExportCatalog`]. It knows nothing about
+//! storage: exports are whatever implements [`Export`].
+
+mod conn;
+mod export;
+pub mod wire;
+
+pub use conn::{errno, serve_connection, NbdError, ServerConfig};
+pub use export::{Export, ExportCatalog, ExportError, ExportInfo, Extent, ReadKind, RequestKind, ZeroFlags};

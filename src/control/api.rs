@@ -1,0 +1,224 @@
+//! The HTTP/JSON control API, served on `DIR/control.sock`. Handlers are thin: they call the
+//! engine and map its errors to HTTP status in one place ([`status_of`]).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Engine, EngineError, ErrorKind, SnapshotInfo, VolumeInfo};
+
+/// What `GET /v1/status` reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub dir: PathBuf,
+    pub pid: u32,
+    pub nbd_socket: PathBuf,
+    pub nbd_tcp: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CreateVolume {
+    pub name: String,
+    pub size: u64,
+    pub cluster_size: Option<u32>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CreateSnapshot {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CloneSnapshot {
+    pub name: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Rollback {
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SnapshotQuery {
+    pub volume: Option<String>,
+}
+
+/// The error body: `{"error": "<sentence>", "kind": "not_found"}`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    pub kind: String,
+}
+
+pub struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+/// The one mapping from engine error kinds to HTTP status codes.
+pub fn status_of(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::AlreadyExists | ErrorKind::Busy => StatusCode::CONFLICT,
+        ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+        ErrorKind::ReadOnly => StatusCode::FORBIDDEN,
+        ErrorKind::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
+        ErrorKind::Gone => StatusCode::GONE,
+        ErrorKind::Io | ErrorKind::Corrupt => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> ApiError {
+        let kind = serde_json::to_value(e.kind()).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        ApiError { status: status_of(e.kind()), body: ErrorBody { error: e.to_string(), kind } }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> ApiError {
+        ApiError::invalid(format!("bad request body: {}", r.body_text()))
+    }
+}
+
+impl ApiError {
+    fn invalid(error: String) -> ApiError {
+        ApiError { status: StatusCode::BAD_REQUEST, body: ErrorBody { error, kind: "invalid".into() } }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+struct Ctx {
+    engine: Arc<Engine>,
+    status: Status,
+}
+
+/// Runs a (short, possibly fsyncing) engine call off the async workers, so NBD connections
+/// sharing the runtime are not held up by it.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, EngineError> + Send + 'static) -> ApiResult<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => Err(ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            body: ErrorBody { error: format!("internal error: {e}"), kind: "io".into() },
+        }),
+    }
+}
+
+pub fn router(engine: Arc<Engine>, status: Status) -> Router {
+    let ctx = Arc::new(Ctx { engine, status });
+    Router::new()
+        .route("/v1/status", get(|State(c): State<Arc<Ctx>>| async move { Json(c.status.clone()) }))
+        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route("/v1/volumes/{r}", get(show_volume).delete(delete_volume))
+        .route("/v1/volumes/{r}/snapshots", post(create_snapshot))
+        .route("/v1/snapshots", get(list_snapshots))
+        .route("/v1/snapshots/{r}", get(show_snapshot).delete(delete_snapshot))
+        .route("/v1/snapshots/{r}/clone", post(clone_snapshot))
+        .route("/v1/snapshots/{r}/rollback", post(rollback))
+        .fallback(|| async {
+            ApiError { status: StatusCode::NOT_FOUND, body: ErrorBody { error: "no such API route".into(), kind: "not_found".into() } }
+        })
+        .with_state(ctx)
+}
+
+async fn list_volumes(State(c): State<Arc<Ctx>>) -> Json<Vec<VolumeInfo>> {
+    Json(c.engine.list_volumes())
+}
+
+async fn create_volume(State(c): State<Arc<Ctx>>, body: Result<Json<CreateVolume>, JsonRejection>) -> ApiResult<(StatusCode, Json<VolumeInfo>)> {
+    let Json(b) = body?;
+    let e = c.engine.clone();
+    let v = blocking(move || e.create_volume(&b.name, b.size, b.cluster_size)).await?;
+    Ok((StatusCode::CREATED, Json(v)))
+}
+
+async fn show_volume(State(c): State<Arc<Ctx>>, Path(r): Path<String>) -> ApiResult<Json<VolumeInfo>> {
+    Ok(Json(c.engine.volume(&r)?))
+}
+
+async fn delete_volume(State(c): State<Arc<Ctx>>, Path(r): Path<String>) -> ApiResult<StatusCode> {
+    let e = c.engine.clone();
+    blocking(move || e.delete_volume(&r)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn create_snapshot(
+    State(c): State<Arc<Ctx>>,
+    Path(r): Path<String>,
+    body: Result<Json<CreateSnapshot>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<SnapshotInfo>)> {
+    let Json(b) = body?;
+    let e = c.engine.clone();
+    let s = blocking(move || e.create_snapshot(&r, &b.name, &b.description)).await?;
+    Ok((StatusCode::CREATED, Json(s)))
+}
+
+async fn list_snapshots(State(c): State<Arc<Ctx>>, Query(q): Query<SnapshotQuery>) -> ApiResult<Json<Vec<SnapshotInfo>>> {
+    Ok(Json(c.engine.list_snapshots(q.volume.as_deref())?))
+}
+
+async fn show_snapshot(State(c): State<Arc<Ctx>>, Path(r): Path<String>) -> ApiResult<Json<SnapshotInfo>> {
+    Ok(Json(c.engine.snapshot(&r)?))
+}
+
+async fn delete_snapshot(State(c): State<Arc<Ctx>>, Path(r): Path<String>) -> ApiResult<StatusCode> {
+    let e = c.engine.clone();
+    blocking(move || e.delete_snapshot(&r)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn clone_snapshot(
+    State(c): State<Arc<Ctx>>,
+    Path(r): Path<String>,
+    body: Result<Json<CloneSnapshot>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<VolumeInfo>)> {
+    let Json(b) = body?;
+    let e = c.engine.clone();
+    let v = blocking(move || e.clone_snapshot(&r, &b.name)).await?;
+    Ok((StatusCode::CREATED, Json(v)))
+}
+
+async fn rollback(State(c): State<Arc<Ctx>>, Path(r): Path<String>, body: Result<Json<Rollback>, JsonRejection>) -> ApiResult<Json<VolumeInfo>> {
+    let Json(b) = body?;
+    Ok(Json(c.engine.rollback(&r, b.force).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_kind_maps_to_a_client_or_server_status() {
+        assert_eq!(status_of(ErrorKind::NotFound), StatusCode::NOT_FOUND);
+        assert_eq!(status_of(ErrorKind::Busy), StatusCode::CONFLICT);
+        assert_eq!(status_of(ErrorKind::Invalid), StatusCode::BAD_REQUEST);
+        assert!(status_of(ErrorKind::Corrupt).is_server_error());
+    }
+
+    #[test]
+    fn engine_errors_keep_their_sentence_and_kind() {
+        let e: ApiError = EngineError::NotFound("no volume named 'x'".into()).into();
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
+        assert_eq!(e.body.kind, "not_found");
+        assert_eq!(e.body.error, "no volume named 'x'");
+    }
+}

@@ -1,0 +1,73 @@
+//! Human sizes: parsing `10G` or `64K` (binary units), and printing `10.0 GiB`.
+
+/// Parses a size: plain bytes, or an integer with a binary suffix K, M, G, T (also `k`, `KiB`,
+/// `KB`; all mean powers of 1024). Zero, garbage and overflow are errors with a message.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, suffix) = t.split_at(split);
+    let bad = || format!("invalid size '{s}': use a whole number of bytes or a suffix K, M, G or T (e.g. 10G)");
+    if digits.is_empty() {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| format!("size '{s}' is too large"))?;
+    let shift = match suffix.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(bad()),
+    };
+    let v = n.checked_mul(1u64 << shift).ok_or_else(|| format!("size '{s}' is too large"))?;
+    if v == 0 {
+        return Err(format!("invalid size '{s}': must be greater than zero"));
+    }
+    Ok(v)
+}
+
+/// `10737418240` → `10.0 GiB`.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size("1TiB"), Ok(1 << 40));
+        assert_eq!(parse_size("2MB"), Ok(2 << 20));
+    }
+
+    #[test]
+    fn bad_sizes_are_rejected_with_a_message() {
+        for bad in ["", "G", "12Q", "-5", "1.5G", "0", "0K"] {
+            assert!(parse_size(bad).is_err(), "{bad} accepted");
+        }
+        assert!(parse_size("99999999999999T").unwrap_err().contains("too large"));
+    }
+
+    #[test]
+    fn human_sizes_are_readable() {
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(10 << 30), "10.0 GiB");
+        assert_eq!(human(1536), "1.5 KiB");
+    }
+}

@@ -1,0 +1,186 @@
+//! `snapblk serve`: owns the directory, opens the engine, serves NBD (unix socket and TCP)
+//! and the control API, and shuts down cleanly on SIGTERM/SIGINT.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use nix::fcntl::{Flock, FlockArg};
+use snapblk_nbd::{serve_connection, ServerConfig};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::control::api::{router, Status};
+use crate::control::cli::ServeArgs;
+use crate::control::size::parse_size;
+use crate::engine::{Engine, ErrorKind};
+use crate::frontend::NbdCatalog;
+
+/// Exclusive ownership of a daemon directory: a `flock` on `DIR/snapblk.lock`, which holds
+/// the owner's pid. Released when the process exits, however it exits.
+fn lock_dir(dir: &Path) -> anyhow::Result<Flock<File>> {
+    let path = dir.join("snapblk.lock");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        Err((mut file, _)) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            bail!(
+                "another snapblk daemon already owns {} (pid {}); stop it first or use another --dir",
+                dir.display(),
+                pid.trim()
+            );
+        }
+    };
+    lock.set_len(0)?;
+    lock.rewind()?;
+    write!(lock, "{}", std::process::id())?;
+    Ok(lock)
+}
+
+fn parse_default_volume(spec: &str) -> anyhow::Result<(String, u64)> {
+    let Some((name, size)) = spec.split_once(':') else {
+        bail!("--default-volume takes NAME:SIZE, e.g. disk0:10G (got '{spec}')");
+    };
+    let size = parse_size(size).map_err(anyhow::Error::msg)?;
+    Ok((name.to_string(), size))
+}
+
+/// Binds a unix socket, replacing a stale socket file (safe: we hold the directory lock).
+fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot remove stale socket {}", path.display())),
+    }
+    UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
+}
+
+pub fn serve(dir: &Path, args: &ServeArgs) -> anyhow::Result<()> {
+    let default_volume = args.default_volume.as_deref().map(parse_default_volume).transpose()?;
+    let tcp: Option<std::net::SocketAddr> = match args.nbd_listen.as_str() {
+        "none" => None,
+        a => Some(a.parse().with_context(|| format!("--nbd-listen takes HOST:PORT or 'none' (got '{a}')"))?),
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    let _lock = lock_dir(&dir)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(run(dir, tcp, default_volume))
+}
+
+async fn run(dir: PathBuf, tcp: Option<std::net::SocketAddr>, default_volume: Option<(String, u64)>) -> anyhow::Result<()> {
+    let engine = Engine::open(&dir).with_context(|| format!("cannot open the engine in {}", dir.display()))?;
+    if let Some((name, size)) = default_volume {
+        match engine.volume(&name) {
+            Ok(v) if v.size != size => {
+                tracing::warn!(name, existing = v.size, requested = size, "default volume exists with another size; keeping it")
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                engine.create_volume(&name, size, None)?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let catalog = Arc::new(NbdCatalog::new(engine.clone()));
+    let config = Arc::new(ServerConfig::default());
+    let nbd_path = dir.join("nbd.sock");
+    let control_path = dir.join("control.sock");
+    let nbd_unix = bind_unix(&nbd_path)?;
+    let nbd_tcp = match tcp {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?),
+        None => None,
+    };
+    let control = bind_unix(&control_path)?;
+    let status = Status {
+        version: env!("CARGO_PKG_VERSION").into(),
+        dir: dir.clone(),
+        pid: std::process::id(),
+        nbd_socket: nbd_path.clone(),
+        nbd_tcp: tcp.map(|a| a.to_string()),
+    };
+
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let (catalog, config) = (catalog.clone(), config.clone());
+        tasks.spawn(async move {
+            loop {
+                match nbd_unix.accept().await {
+                    Ok((s, _)) => spawn_connection(s, catalog.clone(), config.clone(), "unix".into()),
+                    Err(e) => accept_failed(e).await,
+                }
+            }
+        });
+    }
+    if let Some(listener) = nbd_tcp {
+        let (catalog, config) = (catalog.clone(), config.clone());
+        tasks.spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((s, peer)) => {
+                        let _ = s.set_nodelay(true);
+                        spawn_connection(s, catalog.clone(), config.clone(), peer.to_string())
+                    }
+                    Err(e) => accept_failed(e).await,
+                }
+            }
+        });
+    }
+    let app = router(engine.clone(), status);
+    tasks.spawn(async move {
+        if let Err(e) = axum::serve(control, app).await {
+            tracing::error!(error = %e, "control API stopped");
+        }
+    });
+
+    let tcp_note = tcp.map_or(String::new(), |a| format!(", {a}"));
+    eprintln!(
+        "snapblk: serving {} (nbd: {}{tcp_note}; control: {})",
+        dir.display(),
+        nbd_path.display(),
+        control_path.display()
+    );
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down");
+    tasks.abort_all();
+    let e = engine.clone();
+    tokio::task::spawn_blocking(move || e.shutdown()).await?;
+    for p in [&nbd_path, &control_path] {
+        let _ = std::fs::remove_file(p);
+    }
+    eprintln!("snapblk: stopped");
+    Ok(())
+}
+
+fn spawn_connection<S>(stream: S, catalog: Arc<NbdCatalog>, config: Arc<ServerConfig>, peer: String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        tracing::debug!(peer, "NBD connection");
+        if let Err(e) = serve_connection(stream, catalog, &config).await {
+            tracing::info!(peer, error = %e, "NBD connection ended with an error");
+        }
+    });
+}
+
+/// Accept errors (e.g. out of file descriptors) are logged and retried after a pause.
+async fn accept_failed(e: std::io::Error) {
+    tracing::warn!(error = %e, "accept failed");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+}
