@@ -205,6 +205,7 @@ fn fio_random_writes_verify_with_crc32c_through_the_nbd_engine() {
                 "--verify=crc32c",
                 "--do_verify=1",
                 "--verify_fatal=1",
+                "--verify_state_save=0",
                 "--output-format=json",
             ],
         );
