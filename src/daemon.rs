@@ -78,12 +78,21 @@ pub fn serve(dir: &Path, args: &ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(run(dir, tcp, default_volume))
 }
 
-async fn run(dir: PathBuf, tcp: Option<std::net::SocketAddr>, default_volume: Option<(String, u64)>) -> anyhow::Result<()> {
+async fn run(
+    dir: PathBuf,
+    tcp: Option<std::net::SocketAddr>,
+    default_volume: Option<(String, u64)>,
+) -> anyhow::Result<()> {
     let engine = Engine::open(&dir).with_context(|| format!("cannot open the engine in {}", dir.display()))?;
     if let Some((name, size)) = default_volume {
         match engine.volume(&name) {
             Ok(v) if v.size != size => {
-                tracing::warn!(name, existing = v.size, requested = size, "default volume exists with another size; keeping it")
+                tracing::warn!(
+                    name,
+                    existing = v.size,
+                    requested = size,
+                    "default volume exists with another size; keeping it"
+                )
             }
             Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::NotFound => {

@@ -30,7 +30,15 @@ fn flushed_writes_and_snapshots_survive_repeated_kill_9() {
     for iter in 0..ITERATIONS {
         let iter_seed = seed.wrapping_mul(31).wrapping_add(iter);
         let mut writer = Command::new(PYTHON)
-            .args([&py("crash.py"), "write", &d.uri("vol"), log.to_str().unwrap(), &iter_seed.to_string(), &next_index.to_string(), BIN])
+            .args([
+                &py("crash.py"),
+                "write",
+                &d.uri("vol"),
+                log.to_str().unwrap(),
+                &iter_seed.to_string(),
+                &next_index.to_string(),
+                BIN,
+            ])
             .arg(&dir)
             .arg("vol")
             .stdin(Stdio::null())
@@ -47,7 +55,11 @@ fn flushed_writes_and_snapshots_survive_repeated_kill_9() {
         // Snapshots made in this and the previous iteration are checked each time; all of
         // them at the end.
         let log_text = std::fs::read_to_string(&log).unwrap();
-        let snaps: Vec<String> = log_text.lines().filter_map(|l| l.strip_prefix("S ")).map(|l| l.split(' ').next().unwrap().to_string()).collect();
+        let snaps: Vec<String> = log_text
+            .lines()
+            .filter_map(|l| l.strip_prefix("S "))
+            .map(|l| l.split(' ').next().unwrap().to_string())
+            .collect();
         let fresh: Vec<String> = snaps.iter().filter(|s| !all_snapshots.contains(s)).cloned().collect();
         let check: Vec<String> = if iter + 1 == ITERATIONS { snaps.clone() } else { fresh.clone() };
         all_snapshots.extend(fresh);

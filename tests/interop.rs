@@ -78,7 +78,10 @@ fn snapshot_export_equals_a_reference_image_and_never_changes() {
     qemu_io(reference, &writes);
     d.cli_ok(&["snapshot", "create", "vol", "--name", "s1"]);
     let compare = |d: &Daemon, export: &str| {
-        run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", reference, &d.uri(export)]), Duration::from_secs(120))
+        run(
+            Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", reference, &d.uri(export)]),
+            Duration::from_secs(120),
+        )
     };
     assert!(compare(&d, "vol@s1").status.success(), "snapshot differs from the reference");
     qemu_io(&d.uri("vol"), &["write -P 0x44 0 8M", "discard 20M 1M"]);
@@ -87,7 +90,13 @@ fn snapshot_export_equals_a_reference_image_and_never_changes() {
     d.kill9();
     let d = Daemon::start(&d.dir.clone());
     let out = compare(&d, "vol@s1");
-    assert!(out.status.success(), "snapshot changed across kill -9: {} {}\n{}", text(&out.stdout), text(&out.stderr), d.log());
+    assert!(
+        out.status.success(),
+        "snapshot changed across kill -9: {} {}\n{}",
+        text(&out.stdout),
+        text(&out.stderr),
+        d.log()
+    );
 }
 
 #[test]
@@ -123,7 +132,10 @@ fn base_allocation_map_shows_holes_data_and_unmapped_ranges() {
     let (_t, d) = daemon_with_volume("16M");
     let uri = d.uri("vol");
     assert_eq!(map(&uri, None), vec![(0, 16 * MIB, 3)], "a new volume is one hole");
-    qemu_io(&uri, &["write -P 1 0 128k", "write -P 2 1M 64k", "write -P 3 4M 64k", "discard 0 64k", "write -z -u 1M 64k"]);
+    qemu_io(
+        &uri,
+        &["write -P 1 0 128k", "write -P 2 1M 64k", "write -P 3 4M 64k", "discard 0 64k", "write -z -u 1M 64k"],
+    );
     let m = map(&uri, None);
     assert_eq!(ranges_with(&m, 0), vec![(64 << 10, 64 << 10), (4 * MIB, 64 << 10)], "data ranges: {m:?}");
     assert_eq!(m.iter().map(|e| e.1).sum::<u64>(), 16 * MIB);
@@ -286,7 +298,10 @@ fn cli_errors_are_one_clear_sentence_with_a_nonzero_exit() {
     let id = d.cli_json(&["volume", "show", "vol"])["id"].as_str().unwrap().to_string();
     assert_eq!(d.cli_json(&["volume", "show", &id])["name"], "vol");
     // A second daemon on the same directory is refused.
-    let out = run(Command::new(BIN).args(["serve", "--dir"]).arg(&d.dir).args(["--nbd-listen", "none"]), Duration::from_secs(30));
+    let out = run(
+        Command::new(BIN).args(["serve", "--dir"]).arg(&d.dir).args(["--nbd-listen", "none"]),
+        Duration::from_secs(30),
+    );
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("another snapblk daemon already owns"), "{}", text(&out.stderr));
     // No daemon at all: exit code 2 and what to do.

@@ -324,7 +324,8 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
     E: Export,
 {
-    let shared = Arc::new(Shared { export: session.export, structured: session.structured, contexts: session.contexts });
+    let shared =
+        Arc::new(Shared { export: session.export, structured: session.structured, contexts: session.contexts });
     let (reply_tx, reply_rx) = mpsc::channel::<Vec<u8>>(config.max_in_flight.max(1) * 2);
     let (recycle_tx, mut recycle_rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let writer = tokio::spawn(write_replies(wr, reply_rx, recycle_tx));
@@ -362,7 +363,10 @@ where
                         return Err(NbdError::Oversized(len));
                     }
                     tokio::io::copy(&mut (&mut rd).take(len), &mut tokio::io::sink()).await?;
-                    reply_tx.send(error_reply(buf, shared.structured, req.cookie, EINVAL, "request too large")).await.ok();
+                    reply_tx
+                        .send(error_reply(buf, shared.structured, req.cookie, EINVAL, "request too large"))
+                        .await
+                        .ok();
                     continue;
                 }
                 buf.resize(len as usize, 0);
@@ -525,7 +529,14 @@ async fn execute<E: Export>(shared: &Shared<E>, job: Job) -> Vec<u8> {
 }
 
 /// One BLOCK_STATUS chunk per selected context, clipped to the request; DONE on the last.
-async fn block_status<E: Export>(shared: &Shared<E>, mut buf: Vec<u8>, cookie: u64, offset: u64, length: u32, req_one: bool) -> Vec<u8> {
+async fn block_status<E: Export>(
+    shared: &Shared<E>,
+    mut buf: Vec<u8>,
+    cookie: u64,
+    offset: u64,
+    length: u32,
+    req_one: bool,
+) -> Vec<u8> {
     buf.clear();
     let n = shared.contexts.len();
     for (i, &id) in shared.contexts.iter().enumerate() {
@@ -564,7 +575,11 @@ async fn block_status<E: Export>(shared: &Shared<E>, mut buf: Vec<u8>, cookie: u
 }
 
 /// Writes replies as they come, flushing when no more are queued; hands buffers back.
-async fn write_replies<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Vec<u8>>, recycle: mpsc::UnboundedSender<Vec<u8>>) {
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    recycle: mpsc::UnboundedSender<Vec<u8>>,
+) {
     let result: std::io::Result<()> = async {
         while let Some(reply) = rx.recv().await {
             wr.write_all(&reply).await?;

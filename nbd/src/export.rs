@@ -91,13 +91,23 @@ pub trait Export: Send + Sync + 'static {
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> impl Future<Output = Result<(), ExportError>> + Send;
     fn flush(&self) -> impl Future<Output = Result<(), ExportError>> + Send;
     fn trim(&self, offset: u64, length: u64, fua: bool) -> impl Future<Output = Result<(), ExportError>> + Send;
-    fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> impl Future<Output = Result<(), ExportError>> + Send;
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u64,
+        flags: ZeroFlags,
+    ) -> impl Future<Output = Result<(), ExportError>> + Send;
     /// NBD_CMD_CACHE: prefetch; exports that are always local may simply return Ok.
     fn cache(&self, offset: u64, length: u64) -> impl Future<Output = Result<(), ExportError>> + Send;
     /// BLOCK_STATUS for `info().meta_contexts[context]`. Must return at least one extent covering
     /// a prefix of the range (the server trims to `length` and to one extent for REQ_ONE); may
     /// cover less than `length`.
-    fn block_status(&self, context: usize, offset: u64, length: u32) -> impl Future<Output = Result<Vec<Extent>, ExportError>> + Send;
+    fn block_status(
+        &self,
+        context: usize,
+        offset: u64,
+        length: u32,
+    ) -> impl Future<Output = Result<Vec<Extent>, ExportError>> + Send;
     /// Whether the server should run this request on a task of its own, so the connection
     /// goes on reading (and answering) later requests while it waits: replies then come out
     /// of order. Requests that complete at once are cheaper inline. By default FLUSH and FUA

@@ -7,5 +7,8 @@ mod conn;
 mod export;
 pub mod wire;
 
+#[cfg(test)]
+mod tests;
+
 pub use conn::{errno, serve_connection, NbdError, ServerConfig};
 pub use export::{Export, ExportCatalog, ExportError, ExportInfo, Extent, ReadKind, RequestKind, ZeroFlags};

@@ -135,7 +135,10 @@ pub fn router(engine: Arc<Engine>, status: Status) -> Router {
         .route("/v1/snapshots/{r}/clone", post(clone_snapshot))
         .route("/v1/snapshots/{r}/rollback", post(rollback))
         .fallback(|| async {
-            ApiError { status: StatusCode::NOT_FOUND, body: ErrorBody { error: "no such API route".into(), kind: "not_found".into() } }
+            ApiError {
+                status: StatusCode::NOT_FOUND,
+                body: ErrorBody { error: "no such API route".into(), kind: "not_found".into() },
+            }
         })
         .with_state(ctx)
 }
@@ -144,7 +147,10 @@ async fn list_volumes(State(c): State<Arc<Ctx>>) -> Json<Vec<VolumeInfo>> {
     Json(c.engine.list_volumes())
 }
 
-async fn create_volume(State(c): State<Arc<Ctx>>, body: Result<Json<CreateVolume>, JsonRejection>) -> ApiResult<(StatusCode, Json<VolumeInfo>)> {
+async fn create_volume(
+    State(c): State<Arc<Ctx>>,
+    body: Result<Json<CreateVolume>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<VolumeInfo>)> {
     let Json(b) = body?;
     let e = c.engine.clone();
     let v = blocking(move || e.create_volume(&b.name, b.size, b.cluster_size)).await?;
@@ -172,7 +178,10 @@ async fn create_snapshot(
     Ok((StatusCode::CREATED, Json(s)))
 }
 
-async fn list_snapshots(State(c): State<Arc<Ctx>>, Query(q): Query<SnapshotQuery>) -> ApiResult<Json<Vec<SnapshotInfo>>> {
+async fn list_snapshots(
+    State(c): State<Arc<Ctx>>,
+    Query(q): Query<SnapshotQuery>,
+) -> ApiResult<Json<Vec<SnapshotInfo>>> {
     Ok(Json(c.engine.list_snapshots(q.volume.as_deref())?))
 }
 
@@ -197,7 +206,11 @@ async fn clone_snapshot(
     Ok((StatusCode::CREATED, Json(v)))
 }
 
-async fn rollback(State(c): State<Arc<Ctx>>, Path(r): Path<String>, body: Result<Json<Rollback>, JsonRejection>) -> ApiResult<Json<VolumeInfo>> {
+async fn rollback(
+    State(c): State<Arc<Ctx>>,
+    Path(r): Path<String>,
+    body: Result<Json<Rollback>, JsonRejection>,
+) -> ApiResult<Json<VolumeInfo>> {
     let Json(b) = body?;
     Ok(Json(c.engine.rollback(&r, b.force).await?))
 }

@@ -245,7 +245,12 @@ async fn get<T: DeserializeOwned>(c: &Client, path: &str) -> Result<T, ClientErr
     send(c, Method::GET, path, None::<&()>).await
 }
 
-async fn send<T: DeserializeOwned>(c: &Client, method: Method, path: &str, body: Option<&impl Serialize>) -> Result<T, ClientError> {
+async fn send<T: DeserializeOwned>(
+    c: &Client,
+    method: Method,
+    path: &str,
+    body: Option<&impl Serialize>,
+) -> Result<T, ClientError> {
     c.call(method, path, body).await?.ok_or_else(|| ClientError::Transport("the daemon sent no answer".into()))
 }
 
@@ -267,7 +272,10 @@ pub async fn run(dir: &std::path::Path, json: bool, command: Command) -> Result<
         Command::Volume(v) => match v {
             VolumeCommand::Create { name, size, cluster_size } => {
                 let cluster_size = match cluster_size {
-                    Some(cs) => Some(u32::try_from(size_arg(&cs)?).map_err(|_| ClientError::Api(format!("cluster size {cs} is too large; use at most 1M")))?),
+                    Some(cs) => Some(
+                        u32::try_from(size_arg(&cs)?)
+                            .map_err(|_| ClientError::Api(format!("cluster size {cs} is too large; use at most 1M")))?,
+                    ),
                     None => None,
                 };
                 let body = CreateVolume { name, size: size_arg(&size)?, cluster_size };

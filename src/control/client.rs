@@ -55,10 +55,17 @@ impl Client {
     }
 
     /// Sends a request; decodes the JSON answer (`None` for 204 No Content).
-    pub async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<&impl Serialize>) -> Result<Option<T>, ClientError> {
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<Option<T>, ClientError> {
         let transport = |e: &dyn std::fmt::Display| ClientError::Transport(e.to_string());
-        let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(|_| ClientError::NoDaemon(self.dir.clone()))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| transport(&e))?;
+        let stream =
+            tokio::net::UnixStream::connect(&self.socket).await.map_err(|_| ClientError::NoDaemon(self.dir.clone()))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| transport(&e))?;
         tokio::spawn(conn);
         let bytes = match body {
             Some(b) => serde_json::to_vec(b).map_err(|e| transport(&e))?,

@@ -166,7 +166,7 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<State> {
     let generation = Reader::new(&body[12..]).u64().map_err(|_| corrupt("truncated header"))?;
     check_header(body, CHECKPOINT_MAGIC, generation, path)?;
     let mut r = Reader::new(&body[20..]);
-    decode_body(&mut r, generation).map_err(|e| corrupt(e))
+    decode_body(&mut r, generation).map_err(corrupt)
 }
 
 fn decode_body(r: &mut Reader, generation: u64) -> Result<State, &'static str> {

@@ -26,12 +26,37 @@ const MAX_FRAME: u32 = 1 << 20;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
     /// Cluster `cluster` of volume `volume` now has map entry `entry`; the cluster is dirty.
-    MapSet { volume: u64, cluster: u64, entry: u64 },
-    VolumeCreate { volume: u64, name: String, size: u64, cluster_size: u32, created: u64, origin: Option<u64> },
-    VolumeDelete { volume: u64 },
-    SnapshotCreate { volume: u64, snapshot: u64, seq: u64, name: String, description: String, created: u64 },
-    SnapshotDelete { snapshot: u64 },
-    Rollback { volume: u64, snapshot: u64 },
+    MapSet {
+        volume: u64,
+        cluster: u64,
+        entry: u64,
+    },
+    VolumeCreate {
+        volume: u64,
+        name: String,
+        size: u64,
+        cluster_size: u32,
+        created: u64,
+        origin: Option<u64>,
+    },
+    VolumeDelete {
+        volume: u64,
+    },
+    SnapshotCreate {
+        volume: u64,
+        snapshot: u64,
+        seq: u64,
+        name: String,
+        description: String,
+        created: u64,
+    },
+    SnapshotDelete {
+        snapshot: u64,
+    },
+    Rollback {
+        volume: u64,
+        snapshot: u64,
+    },
 }
 
 const T_MAP_SET: u8 = 1;
@@ -249,9 +274,7 @@ pub fn journal_path(dir: &Path, generation: u64) -> PathBuf {
 }
 
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(EngineError::io(format!("syncing directory {}", dir.display())))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(EngineError::io(format!("syncing directory {}", dir.display())))
 }
 
 impl Journal {
@@ -326,7 +349,12 @@ impl Journal {
 /// Checks `MAGIC | version u32 | generation u64` at the start of a metadata file.
 pub fn check_header(bytes: &[u8], magic: &[u8; 8], generation: u64, path: &Path) -> Result<()> {
     let mut r = Reader::new(bytes);
-    let bad = || EngineError::Corrupt(format!("{} is not a snapblk metadata file of this format; restore the daemon directory from a backup", path.display()));
+    let bad = || {
+        EngineError::Corrupt(format!(
+            "{} is not a snapblk metadata file of this format; restore the daemon directory from a backup",
+            path.display()
+        ))
+    };
     if r.bytes(8).map_err(|_| bad())? != magic {
         return Err(bad());
     }
@@ -361,9 +389,23 @@ mod tests {
 
     fn sample() -> Vec<Record> {
         vec![
-            Record::VolumeCreate { volume: 1, name: "disk0".into(), size: 1 << 30, cluster_size: 65536, created: 5, origin: None },
+            Record::VolumeCreate {
+                volume: 1,
+                name: "disk0".into(),
+                size: 1 << 30,
+                cluster_size: 65536,
+                created: 5,
+                origin: None,
+            },
             Record::MapSet { volume: 1, cluster: 3, entry: 9 },
-            Record::SnapshotCreate { volume: 1, snapshot: 2, seq: 1, name: "s1".into(), description: "d".into(), created: 6 },
+            Record::SnapshotCreate {
+                volume: 1,
+                snapshot: 2,
+                seq: 1,
+                name: "s1".into(),
+                description: "d".into(),
+                created: 6,
+            },
             Record::Rollback { volume: 1, snapshot: 2 },
             Record::SnapshotDelete { snapshot: 2 },
             Record::VolumeDelete { volume: 1 },

@@ -95,8 +95,7 @@ impl ClusterMap {
                 }
                 Node::Inner(children) => {
                     let child_level = level - 1;
-                    node = children[index_at(cluster, level)]
-                        .get_or_insert_with(|| Arc::new(Node::empty(child_level)));
+                    node = children[index_at(cluster, level)].get_or_insert_with(|| Arc::new(Node::empty(child_level)));
                     level = child_level;
                 }
             }
@@ -284,7 +283,9 @@ mod tests {
         for &c in &set {
             m.set(c, c + 1);
         }
-        for (start, end) in [(0, 1 << 30), (1, 512), (511, 262_144), (262_144, 1 << 29), (5, 6), ((1 << 29) + 1, 1 << 30)] {
+        for (start, end) in
+            [(0, 1 << 30), (1, 512), (511, 262_144), (262_144, 1 << 29), (5, 6), ((1 << 29) + 1, 1 << 30)]
+        {
             let mut seen = vec![];
             m.for_each_nonzero_in(start, end, |c, e| seen.push((c, e)));
             let want: Vec<_> = set.iter().filter(|&&c| c >= start && c < end).map(|&c| (c, c + 1)).collect();

@@ -13,10 +13,10 @@ pub mod error;
 pub mod journal;
 pub mod map;
 pub mod slots;
-pub mod types;
-mod volume;
 #[cfg(test)]
 mod tests;
+pub mod types;
+mod volume;
 
 use std::collections::HashMap;
 use std::fs;
@@ -274,7 +274,12 @@ impl Registry {
     /// callers can release its slots. Live callers pass `staged`: the volume's earlier
     /// data-path records are moved there under the same state lock that applies `rec`, so in
     /// the journal they precede it exactly as they did in memory.
-    fn apply(&mut self, rec: &Record, data_dir: &Path, mut staged: Option<&mut Vec<u8>>) -> Result<Option<(ClusterMap, u32)>> {
+    fn apply(
+        &mut self,
+        rec: &Record,
+        data_dir: &Path,
+        mut staged: Option<&mut Vec<u8>>,
+    ) -> Result<Option<(ClusterMap, u32)>> {
         let mut drain = |v: &Volume| {
             if let Some(out) = staged.as_deref_mut() {
                 let mut p = v.pending.lock();
@@ -476,23 +481,26 @@ impl Registry {
     }
 
     /// The state as a checkpoint image; `guards` are the read locks of `volumes`, in order.
-    fn image(&self, generation: u64, volumes: &[Arc<Volume>], guards: &[parking_lot::RwLockReadGuard<'_, VolumeState>]) -> State {
+    fn image(
+        &self,
+        generation: u64,
+        volumes: &[Arc<Volume>],
+        guards: &[parking_lot::RwLockReadGuard<'_, VolumeState>],
+    ) -> State {
         let volumes = volumes
             .iter()
             .zip(guards)
-            .map(|(v, st)| {
-                VolumeImage {
-                    id: v.id,
-                    name: v.name.clone(),
-                    size: v.size,
-                    cluster_size: v.cluster_size,
-                    created: v.created,
-                    origin: v.origin,
-                    head: st.head.clone(),
-                    dirty: st.dirty.clone(),
-                    parent: st.parent,
-                    allocated: st.allocated,
-                }
+            .map(|(v, st)| VolumeImage {
+                id: v.id,
+                name: v.name.clone(),
+                size: v.size,
+                cluster_size: v.cluster_size,
+                created: v.created,
+                origin: v.origin,
+                head: st.head.clone(),
+                dirty: st.dirty.clone(),
+                parent: st.parent,
+                allocated: st.allocated,
             })
             .collect();
         let snapshots = self
@@ -574,7 +582,8 @@ impl Registry {
                     snapshot_id(id)
                 ))
             })?;
-            let mut s = Arc::into_inner(s).ok_or_else(|| EngineError::Corrupt("snapshot shared while loading".into()))?;
+            let mut s =
+                Arc::into_inner(s).ok_or_else(|| EngineError::Corrupt("snapshot shared while loading".into()))?;
             s.size = v.size;
             s.cluster_size = v.cluster_size;
             reg.snapshots.insert(id, Arc::new(s));
@@ -761,7 +770,8 @@ impl Engine {
             return Err(EngineError::AlreadyExists(format!("a volume named '{name}' already exists")));
         }
         let id = reg.new_id();
-        let rec = Record::VolumeCreate { volume: id, name: name.into(), size, cluster_size, created: now(), origin: None };
+        let rec =
+            Record::VolumeCreate { volume: id, name: name.into(), size, cluster_size, created: now(), origin: None };
         self.run(&mut reg, rec)?;
         tracing::info!(name, size, cluster_size, id = %volume_id(id), "volume created");
         Ok(volume_info(&reg, &reg.volumes[&id]))
@@ -811,7 +821,10 @@ impl Engine {
         let mut reg = self.registry.write();
         let v = reg.find_volume(volume)?.clone();
         if reg.snapshots.values().any(|s| s.volume == v.id && s.name == name) {
-            return Err(EngineError::AlreadyExists(format!("volume '{}' already has a snapshot named '{name}'", v.name)));
+            return Err(EngineError::AlreadyExists(format!(
+                "volume '{}' already has a snapshot named '{name}'",
+                v.name
+            )));
         }
         let id = reg.new_id();
         let rec = Record::SnapshotCreate {
@@ -883,9 +896,10 @@ impl Engine {
         let (v, s) = {
             let reg = self.registry.read();
             let s = reg.find_snapshot(snap)?.clone();
-            let v = reg.volumes.get(&s.volume).cloned().ok_or_else(|| {
-                EngineError::NotFound(format!("the volume of snapshot '{snap}' no longer exists"))
-            })?;
+            let v =
+                reg.volumes.get(&s.volume).cloned().ok_or_else(|| {
+                    EngineError::NotFound(format!("the volume of snapshot '{snap}' no longer exists"))
+                })?;
             (v, s)
         };
         let writers = v.writers.load(Ordering::Acquire);
@@ -938,7 +952,11 @@ impl Engine {
     pub fn open_snapshot(self: &Arc<Self>, r: &str) -> Result<SnapshotHandle> {
         let reg = self.registry.read();
         let s = reg.find_snapshot(r)?.clone();
-        let v = reg.volumes.get(&s.volume).cloned().ok_or_else(|| EngineError::NotFound(format!("no volume for snapshot '{r}'")))?;
+        let v = reg
+            .volumes
+            .get(&s.volume)
+            .cloned()
+            .ok_or_else(|| EngineError::NotFound(format!("no volume for snapshot '{r}'")))?;
         let bases = reg.snapshots_of(s.volume).into_iter().filter(|b| b.seq < s.seq).collect();
         Ok(SnapshotHandle::new(v, s, bases))
     }
@@ -952,7 +970,11 @@ impl Engine {
         for v in vols {
             out.push((v.name.clone(), format!("volume {} ({})", v.name, volume_id(v.id))));
             for s in reg.snapshots_of(v.id) {
-                let desc = if s.description.is_empty() { format!("snapshot {}", snapshot_id(s.id)) } else { s.description.clone() };
+                let desc = if s.description.is_empty() {
+                    format!("snapshot {}", snapshot_id(s.id))
+                } else {
+                    s.description.clone()
+                };
                 out.push((format!("{}@{}", v.name, s.name), desc));
             }
         }

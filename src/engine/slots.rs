@@ -47,10 +47,7 @@ impl SlotFile {
             .truncate(false)
             .open(path)
             .map_err(EngineError::io(format!("opening slot file {}", path.display())))?;
-        let len = file
-            .metadata()
-            .map_err(EngineError::io(format!("reading size of {}", path.display())))?
-            .len();
+        let len = file.metadata().map_err(EngineError::io(format!("reading size of {}", path.display())))?.len();
         let next = len.div_ceil(cluster_size as u64);
         Ok(SlotFile {
             file,
@@ -74,9 +71,7 @@ impl SlotFile {
         // Trim the end of the file down to the last live slot, so `next` stays tight.
         let next = live.max().map_or(0, |m| m + 1);
         if next < a.next {
-            self.file
-                .set_len(next << self.shift)
-                .map_err(EngineError::io("truncating a slot file"))?;
+            self.file.set_len(next << self.shift).map_err(EngineError::io("truncating a slot file"))?;
             a.next = next;
         }
         let mut run_start = None;

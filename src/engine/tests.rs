@@ -56,7 +56,10 @@ fn rt() -> tokio::runtime::Runtime {
 
 fn check(engine: &Arc<Engine>, model: &Model) {
     let infos = engine.list_volumes();
-    assert_eq!(infos.iter().map(|v| v.name.clone()).collect::<Vec<_>>(), model.vols.keys().cloned().collect::<Vec<_>>());
+    assert_eq!(
+        infos.iter().map(|v| v.name.clone()).collect::<Vec<_>>(),
+        model.vols.keys().cloned().collect::<Vec<_>>()
+    );
     for (name, mv) in &model.vols {
         let h = engine.open_volume(name).expect("open volume");
         let mut buf = vec![0u8; mv.data.len()];
@@ -113,7 +116,10 @@ fn check(engine: &Arc<Engine>, model: &Model) {
                 if e.flags == 0 {
                     for c in (off / cs)..(off + e.length as usize).div_ceil(cs) {
                         let r = c * cs..((c + 1) * cs).min(ms.data.len());
-                        assert!(mb.data[r.clone()] == ms.data[r], "{key} vs {base}: cluster {c} differs but is not flagged");
+                        assert!(
+                            mb.data[r.clone()] == ms.data[r],
+                            "{key} vs {base}: cluster {c} differs but is not flagged"
+                        );
                     }
                 }
                 off += e.length as usize;
@@ -232,7 +238,13 @@ fn step(engine: &mut Arc<Engine>, dir: &Path, model: &mut Model, op: (u8, u64, u
             let cs = if cs == 0 { engine.snapshot(&key).unwrap().cluster_size as u64 } else { cs };
             model.vols.insert(
                 name,
-                ModelVol { cluster_size: cs, data: s.data.clone(), allocated: s.allocated.clone(), dirty: BTreeSet::new(), parent: None },
+                ModelVol {
+                    cluster_size: cs,
+                    data: s.data.clone(),
+                    allocated: s.allocated.clone(),
+                    dirty: BTreeSet::new(),
+                    parent: None,
+                },
             );
         }
         10 => {
@@ -267,7 +279,13 @@ fn run_case(ops: Vec<(u8, u64, u64, u64)>) {
         engine.create_volume(name, size, Some(cs as u32)).unwrap();
         model.vols.insert(
             name.into(),
-            ModelVol { cluster_size: cs, data: vec![0; size as usize], allocated: BTreeSet::new(), dirty: BTreeSet::new(), parent: None },
+            ModelVol {
+                cluster_size: cs,
+                data: vec![0; size as usize],
+                allocated: BTreeSet::new(),
+                dirty: BTreeSet::new(),
+                parent: None,
+            },
         );
     }
     for op in ops {

@@ -185,7 +185,10 @@ impl VolumeHandle {
     /// Checked under the state lock: a revoke followed by taking the write lock is a barrier.
     fn live(&self) -> Result<()> {
         if self.ticket.is_revoked() {
-            return Err(EngineError::Gone(format!("volume '{}' was disconnected (rolled back, deleted or shut down)", self.vol.name)));
+            return Err(EngineError::Gone(format!(
+                "volume '{}' was disconnected (rolled back, deleted or shut down)",
+                self.vol.name
+            )));
         }
         Ok(())
     }

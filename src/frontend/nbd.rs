@@ -68,7 +68,11 @@ impl ExportCatalog for NbdCatalog {
             let volumes = self.engine.list_volumes();
             match volumes.as_slice() {
                 [only] => only.name.clone(),
-                _ => return Err("no default export: name a volume (or VOLUME@SNAPSHOT); list them with nbdinfo --list".into()),
+                _ => {
+                    return Err(
+                        "no default export: name a volume (or VOLUME@SNAPSHOT); list them with nbdinfo --list".into()
+                    )
+                }
             }
         } else {
             name.to_string()

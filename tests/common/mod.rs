@@ -11,7 +11,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_snapblk");
 /// Whether an external tool is installed. With `SNAPBLK_REQUIRE_TOOLS=1` (set by
 /// scripts/test) a missing tool fails the test; otherwise the test says it skips.
 pub fn require(tool: &str, test: &str) -> bool {
-    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success());
+    let found =
+        Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success());
     if !found {
         if std::env::var("SNAPBLK_REQUIRE_TOOLS").as_deref() == Ok("1") {
             panic!("{test}: required tool '{tool}' is not installed (run scripts/test to install it)");
@@ -47,7 +48,12 @@ pub fn text(b: &[u8]) -> String {
 /// Runs a program and asserts success; returns stdout.
 pub fn ok(program: &str, args: &[&str]) -> String {
     let out = run(Command::new(program).args(args), Duration::from_secs(120));
-    assert!(out.status.success(), "{program} {args:?} failed\nstdout: {}\nstderr: {}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed\nstdout: {}\nstderr: {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
     text(&out.stdout)
 }
 
