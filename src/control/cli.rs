@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::api::{CloneSnapshot, CreateSnapshot, CreateVolume, Rollback, Status};
 use super::client::{Client, ClientError};
-use super::size::{human, parse_size};
+use super::size::{human, parse_size, utc};
 use crate::engine::{SnapshotInfo, VolumeInfo};
 
 #[derive(Parser, Debug)]
@@ -115,9 +115,10 @@ enum Shown {
 
 fn volume_lines(v: &VolumeInfo) -> String {
     let mut s = format!(
-        "name:         {}\nid:           {}\nsize:         {} ({} bytes)\ncluster size: {}\nallocated:    {}\ndirty:        {} clusters\nsnapshots:    {}\nwriters:      {}\n",
+        "name:         {}\nid:           {}\ncreated:      {}\nsize:         {} ({} bytes)\ncluster size: {}\nallocated:    {}\ndirty:        {} clusters\nsnapshots:    {}\nwriters:      {}\n",
         v.name,
         v.id,
+        utc(v.created),
         human(v.size),
         v.size,
         human(v.cluster_size as u64),
@@ -141,7 +142,7 @@ fn snapshot_lines(s: &SnapshotInfo) -> String {
         s.volume,
         s.volume_id,
         s.description,
-        s.created,
+        utc(s.created),
         human(s.size),
         s.changed_clusters,
         s.parent.as_deref().unwrap_or("the beginning"),
@@ -205,7 +206,7 @@ impl Shown {
                             s.volume.clone(),
                             s.name.clone(),
                             s.id.clone(),
-                            s.created.to_string(),
+                            utc(s.created),
                             s.changed_clusters.to_string(),
                             s.description.clone(),
                         ]

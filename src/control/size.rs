@@ -1,4 +1,4 @@
-//! Human sizes: parsing `10G` or `64K` (binary units), and printing `10.0 GiB`.
+//! Human-facing formats: sizes (`10G` in, `10.0 GiB` out) and UTC times.
 
 /// Parses a size: plain bytes, or an integer with a binary suffix K, M, G, T (also `k`, `KiB`,
 /// `KB`; all mean powers of 1024). Zero, garbage and overflow are errors with a message.
@@ -42,6 +42,22 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
+/// Seconds since the Unix epoch as `YYYY-MM-DD HH:MM:SS UTC` (proleptic Gregorian calendar).
+pub fn utc(secs: u64) -> String {
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from a day count, with years starting in March so leap days come last.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,6 +78,13 @@ mod tests {
             assert!(parse_size(bad).is_err(), "{bad} accepted");
         }
         assert!(parse_size("99999999999999T").unwrap_err().contains("too large"));
+    }
+
+    #[test]
+    fn utc_times_match_known_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc(1_795_575_036), "2026-11-25 02:50:36 UTC");
     }
 
     #[test]
