@@ -110,6 +110,11 @@ async fn run(
         Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?),
         None => None,
     };
+    // The bound address (a requested port 0 becomes the actual port).
+    let tcp = match &nbd_tcp {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
     let control = bind_unix(&control_path)?;
     let status = Status {
         version: env!("CARGO_PKG_VERSION").into(),

@@ -330,3 +330,18 @@ fn sigterm_flushes_and_a_restart_serves_the_same_data_and_default_volume() {
     qemu_io(&d.uri("disk0"), &["read -P 0x77 0 2M"]);
     qemu_io(&d.uri("disk0@s"), &["read -P 0x77 0 2M"]);
 }
+
+#[test]
+fn volumes_are_served_over_tcp_on_loopback_too() {
+    if !require("qemu-io", "tcp") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d =
+        Daemon::start_with(&tmp.path().join("d"), &["--nbd-listen", "127.0.0.1:0", "--default-volume", "disk0:16M"]);
+    let addr = d.cli_json(&["status"])["nbd_tcp"].as_str().expect("a TCP address").to_string();
+    assert!(addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"), "{addr}");
+    let uri = format!("nbd://{addr}/disk0");
+    qemu_io(&uri, &["write -P 0x5a 0 1M"]);
+    qemu_io(&d.uri("disk0"), &["read -P 0x5a 0 1M"]);
+}

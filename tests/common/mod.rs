@@ -2,74 +2,162 @@
 //! and runs real clients against it, each with a timeout so a hang fails instead of blocking.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_snapblk");
 
-/// Whether an external tool is installed. With `SNAPBLK_REQUIRE_TOOLS=1` (set by
-/// scripts/test) a missing tool fails the test; otherwise the test says it skips.
-pub fn require(tool: &str, test: &str) -> bool {
-    let found =
-        Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success());
+/// Debian's Python, which has the libnbd binding (python3-libnbd); a pyenv `python3` earlier
+/// on PATH would not see it.
+pub const PYTHON: &str = "/usr/bin/python3";
+
+/// How long one external command may take before the test fails.
+pub const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long the daemon may take to print its ready line.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The name of the running test (libtest names each test's thread after the test).
+pub fn test_name() -> String {
+    std::thread::current().name().unwrap_or("unknown test").to_string()
+}
+
+fn tools_required() -> bool {
+    std::env::var("SNAPBLK_REQUIRE_TOOLS").as_deref() == Ok("1")
+}
+
+/// Whether an external tool is installed. With `SNAPBLK_REQUIRE_TOOLS=1` (scripts/test sets
+/// it) a missing tool fails the test; otherwise the test prints that it skips and returns.
+pub fn require_tool(tool: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|p| is_executable(&p.join(tool))));
+    skip_unless(found, tool)
+}
+
+/// Whether python3-libnbd is usable from [`PYTHON`] (same skip/fail rule as [`require_tool`]).
+pub fn require_libnbd() -> bool {
+    let found = Command::new(PYTHON)
+        .args(["-c", "import nbd; nbd.NBD()"])
+        .stdin(Stdio::null())
+        .output()
+        .is_ok_and(|o| o.status.success());
+    skip_unless(found, "python3-libnbd")
+}
+
+fn skip_unless(found: bool, tool: &str) -> bool {
     if !found {
-        if std::env::var("SNAPBLK_REQUIRE_TOOLS").as_deref() == Ok("1") {
-            panic!("{test}: required tool '{tool}' is not installed (run scripts/test to install it)");
+        let test = test_name();
+        if tools_required() {
+            panic!("{test}: {tool} is not installed and SNAPBLK_REQUIRE_TOOLS=1 (run scripts/test to install it)");
         }
         eprintln!("SKIP: {test}: {tool} not installed");
     }
     found
 }
 
-/// Runs a command to completion within `timeout`; kills it and panics on timeout.
-pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
-    let desc = format!("{cmd:?}");
-    let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
-    let mut child = child.unwrap_or_else(|e| panic!("cannot run {desc}: {e}"));
-    let deadline = Instant::now() + timeout;
-    loop {
-        if child.try_wait().expect("wait").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!("timed out after {timeout:?}: {desc}\nstdout: {}\nstderr: {}", text(&out.stdout), text(&out.stderr));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// Runs a program and asserts success; returns stdout.
+/// Runs a command to completion within `timeout`; kills it and panics on timeout. Output is
+/// drained by threads while waiting, so a chatty tool cannot block on a full pipe.
+pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
+    let desc = format!("{cmd:?}");
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+    let mut child = child.unwrap_or_else(|e| panic!("cannot run {desc}: {e}"));
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let (o, e) = (out.join().unwrap(), err.join().unwrap());
+            panic!("timed out after {timeout:?}: {desc}\nstdout: {}\nstderr: {}", text(&o), text(&e));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // A grandchild that inherited the pipes could keep them open; the tools used here do not.
+    Output { status, stdout: out.join().unwrap(), stderr: err.join().unwrap() }
+}
+
+/// Runs a command with a timeout and asserts it succeeded; returns stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let desc = format!("{cmd:?}");
+    let out = run(cmd, TOOL_TIMEOUT);
+    assert!(out.status.success(), "{desc} failed ({})\nstdout: {}\nstderr: {}", out.status, text(&out.stdout), text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// Runs a program with a timeout and asserts success; returns stdout.
 pub fn ok(program: &str, args: &[&str]) -> String {
-    let out = run(Command::new(program).args(args), Duration::from_secs(120));
+    run_ok(Command::new(program).args(args))
+}
+
+/// Runs a helper script from tests/py with [`PYTHON`], asserting success; returns stdout.
+/// Its output is part of the failure message.
+pub fn python_ok(script: &str, args: &[&str], timeout: Duration) -> String {
+    let out = run(Command::new(PYTHON).arg(py(script)).args(args), timeout);
     assert!(
         out.status.success(),
-        "{program} {args:?} failed\nstdout: {}\nstderr: {}",
+        "{script} {args:?} failed ({})\nstdout:\n{}\nstderr:\n{}",
+        out.status,
         text(&out.stdout),
         text(&out.stderr)
     );
     text(&out.stdout)
 }
 
-/// qemu-io exits 0 even when a pattern check fails, so its output is checked too.
+/// qemu-io with each `cmds` entry as a `-c` command. qemu-io can exit 0 when a pattern check
+/// fails, so its output is checked too.
 pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
     // Snapshot exports are read-only; qemu refuses to open them read-write.
-    let mut args = if uri.contains('@') { vec!["-r", "-f", "raw"] } else { vec!["-f", "raw"] };
+    let mut args = if uri.contains('@') || uri.contains("%40") { vec!["-r", "-f", "raw"] } else { vec!["-f", "raw"] };
     for c in cmds {
         args.extend(["-c", c]);
     }
     args.push(uri);
     let out = ok("qemu-io", &args);
-    assert!(!out.contains("fail") && !out.contains("error"), "qemu-io {cmds:?}: {out}");
+    let lower = out.to_lowercase();
+    assert!(!lower.contains("fail") && !lower.contains("error"), "qemu-io {uri} {cmds:?}:\n{out}");
     out
 }
 
+/// Path of a helper script in tests/py.
+pub fn py(script: &str) -> String {
+    format!("{}/tests/py/{script}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A child process killed (SIGKILL, by its own pid) when dropped, e.g. when a test panics.
+pub struct Guard(pub Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// A `snapblk serve` process on a directory of its own, serving NBD on `DIR/nbd.sock` only.
 pub struct Daemon {
     pub dir: PathBuf,
     child: Option<Child>,
@@ -81,41 +169,56 @@ impl Daemon {
         Daemon::start_with(dir, &[])
     }
 
+    /// Starts with extra `serve` arguments; `--nbd-listen none` unless `extra` sets it.
     pub fn start_with(dir: &Path, extra: &[&str]) -> Daemon {
+        Daemon::try_start(dir, extra).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts the daemon and waits until it is ready; Err (with its log) if it exits first or
+    /// is not ready within 20 s (then it is killed).
+    pub fn try_start(dir: &Path, extra: &[&str]) -> Result<Daemon, String> {
         std::fs::create_dir_all(dir).unwrap();
-        let log = dir.with_extension("log");
+        // stderr goes to a log file in DIR, appended across restarts of the same directory.
+        let log = dir.join("snapblk-test.log");
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
-        // Only what this process writes counts: the log is shared across restarts.
         let log_start = log_file.metadata().unwrap().len() as usize;
-        let child = Command::new(BIN)
-            .args(["serve", "--dir"])
-            .arg(dir)
-            .args(["--nbd-listen", "none"])
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--dir"]).arg(dir);
+        if !extra.contains(&"--nbd-listen") {
+            cmd.args(["--nbd-listen", "none"]);
+        }
+        let child = cmd
             .args(extra)
             .env("RUST_LOG", "info")
+            .env_remove("SNAPBLK_DIR")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
             .expect("spawn snapblk");
         let mut d = Daemon { dir: dir.to_path_buf(), child: Some(child), log };
-        d.wait_ready(log_start);
-        d
+        d.wait_ready(log_start)?;
+        Ok(d)
     }
 
-    /// The daemon prints its ready line after binding every socket.
-    fn wait_ready(&mut self, log_start: usize) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+    /// Ready = the ready line appeared in this run's part of the log and both sockets exist.
+    fn wait_ready(&mut self, log_start: usize) -> Result<(), String> {
+        let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            if log.get(log_start..).is_some_and(|new| new.contains("snapblk: serving")) {
-                return;
+            let log = self.log();
+            let printed = log.get(log_start..).is_some_and(|new| new.contains("snapblk: serving"));
+            if printed && self.dir.join("control.sock").exists() && self.dir.join("nbd.sock").exists() {
+                return Ok(());
             }
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                panic!("snapblk exited ({status}) before it was ready:\n{log}");
+                self.child = None;
+                return Err(format!("snapblk serve exited ({status}) before it was ready:\n{log}"));
             }
-            assert!(Instant::now() < deadline, "snapblk not ready after 30 s:\n{log}");
-            std::thread::sleep(Duration::from_millis(20));
+            if Instant::now() > deadline {
+                self.kill9();
+                return Err(format!("snapblk serve not ready after {READY_TIMEOUT:?}:\n{log}"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -127,15 +230,15 @@ impl Daemon {
         self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 
-    /// SIGKILL, as a power cut would (for the process).
+    /// SIGKILL (by the recorded child pid), as a crash would; waits for the process to go.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
+            let _ = c.kill();
             c.wait().unwrap();
         }
     }
 
-    /// SIGTERM and wait; returns whether it exited with status 0.
+    /// SIGTERM (by the recorded pid) and wait up to 30 s; returns whether it exited with 0.
     pub fn terminate(&mut self) -> bool {
         let mut c = self.child.take().expect("running");
         ok("kill", &["-TERM", &c.id().to_string()]);
@@ -146,9 +249,10 @@ impl Daemon {
             }
             if Instant::now() > deadline {
                 let _ = c.kill();
-                panic!("snapblk did not stop within 30 s of SIGTERM");
+                let _ = c.wait();
+                panic!("snapblk did not stop within 30 s of SIGTERM:\n{}", self.log());
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -160,61 +264,64 @@ impl Daemon {
         self.dir.join("nbd.sock").display().to_string()
     }
 
-    pub fn uri(&self, export: &str) -> String {
+    /// The URI of an export on the unix socket (`VOLUME` or `VOLUME@SNAPSHOT`).
+    pub fn nbd_uri(&self, export: &str) -> String {
         format!("nbd+unix:///{export}?socket={}", self.socket())
     }
 
+    /// Runs the CLI with `--dir DIR` (60 s timeout).
     pub fn cli(&self, args: &[&str]) -> Output {
-        run(Command::new(BIN).arg("--dir").arg(&self.dir).args(args), Duration::from_secs(60))
+        run(Command::new(BIN).arg("--dir").arg(&self.dir).args(args).env_remove("SNAPBLK_DIR"), Duration::from_secs(60))
     }
 
     /// Runs a CLI command, asserting success; returns stdout.
     pub fn cli_ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);
-        assert!(out.status.success(), "snapblk {args:?} failed: {}", text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "snapblk {args:?} failed ({}): {}{}",
+            out.status,
+            text(&out.stderr),
+            text(&out.stdout)
+        );
         text(&out.stdout)
     }
 
+    /// Runs a CLI command with `--json`, asserting success; returns the parsed output.
     pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
         let mut a = vec!["--json"];
         a.extend_from_slice(args);
-        serde_json::from_str(&self.cli_ok(&a)).expect("JSON output")
+        let out = self.cli_ok(&a);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("snapblk {a:?}: output is not JSON ({e}):\n{out}"))
     }
 
     /// Runs a CLI command that must fail; returns (exit code, stderr).
     pub fn cli_err(&self, args: &[&str]) -> (i32, String) {
         let out = self.cli(args);
-        assert!(!out.status.success(), "snapblk {args:?} succeeded but should fail");
+        assert!(!out.status.success(), "snapblk {args:?} succeeded but should fail: {}", text(&out.stdout));
         (out.status.code().unwrap_or(-1), text(&out.stderr))
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        let was_running = self.child.is_some();
+        self.kill9();
+        if std::thread::panicking() && was_running {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "--- last lines of the snapblk log ({}) ---\n{}",
+                self.log.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
         }
     }
 }
 
-/// Debian's Python, which has the libnbd binding (python3-libnbd); a pyenv `python3` earlier
-/// on PATH would not see it.
-pub const PYTHON: &str = "/usr/bin/python3";
-
-/// Whether python3-libnbd is usable (same skip/fail rule as [`require`]).
-pub fn require_libnbd(test: &str) -> bool {
-    let found = Command::new(PYTHON).args(["-c", "import nbd; nbd.NBD"]).output().is_ok_and(|o| o.status.success());
-    if !found {
-        if std::env::var("SNAPBLK_REQUIRE_TOOLS").as_deref() == Ok("1") {
-            panic!("{test}: python3-libnbd is not installed (run scripts/test to install it)");
-        }
-        eprintln!("SKIP: {test}: python3-libnbd not installed");
-    }
-    found
-}
-
-/// Path of a helper script in tests/py.
-pub fn py(script: &str) -> String {
-    format!("{}/tests/py/{script}", env!("CARGO_MANIFEST_DIR"))
+/// Asserts the one-sentence error style of the CLI: a non-empty message on one line.
+pub fn assert_one_sentence(stderr: &str) {
+    let msg = stderr.trim();
+    assert!(!msg.is_empty(), "the error message is empty");
+    assert_eq!(msg.lines().count(), 1, "the error should be one line:\n{msg}");
 }
