@@ -1020,6 +1020,7 @@ fn volume_info(reg: &Registry, v: &Volume) -> VolumeInfo {
         created: v.created,
         allocated_bytes: st.allocated * v.cluster_size as u64,
         dirty_clusters: st.dirty.len(),
+        dirty_bitmap_bytes: st.dirty.serialized_size() as u64,
         snapshots: reg.snapshots.values().filter(|s| s.volume == v.id).count() as u64,
         origin,
         writers: v.writers.load(Ordering::Acquire),

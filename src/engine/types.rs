@@ -18,6 +18,8 @@ pub struct VolumeInfo {
     pub allocated_bytes: u64,
     /// Clusters written, trimmed or zeroed since the last snapshot (the live dirty bitmap).
     pub dirty_clusters: u64,
+    /// Size of the live dirty bitmap, serialized (what it costs to keep and persist).
+    pub dirty_bitmap_bytes: u64,
     /// Number of snapshots of this volume.
     pub snapshots: u64,
     /// `VOLUME@SNAPSHOT` this volume was cloned from, if any.
