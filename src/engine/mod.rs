@@ -43,6 +43,8 @@ pub const DEFAULT_CLUSTER_SIZE: u32 = 64 << 10;
 pub const MAX_VOLUME_SIZE: u64 = 64 << 40;
 /// Rotate the journal into a new checkpoint once it is this large.
 const CHECKPOINT_AFTER: u64 = 64 << 20;
+/// How often dirty slot data is pushed towards the disk in the background.
+const WRITEBACK_INTERVAL: Duration = Duration::from_millis(50);
 /// How long `rollback --force` waits for disconnected clients to go away.
 const FORCE_DISCONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -646,7 +648,30 @@ impl Engine {
         if replayed > 0 {
             engine.checkpoint()?;
         }
-        Ok(Arc::new(engine))
+        let engine = Arc::new(engine);
+        Engine::spawn_writeback(Arc::downgrade(&engine));
+        Ok(engine)
+    }
+
+    /// Every `WRITEBACK_INTERVAL`, starts write-back of the slot files written since, so dirty
+    /// data does not pile up between flushes (which would make a FLUSH or a snapshot wait for
+    /// all of it). Ends when the engine is dropped or shut down.
+    fn spawn_writeback(engine: std::sync::Weak<Engine>) {
+        let spawned = std::thread::Builder::new().name("snapblk-writeback".into()).spawn(move || loop {
+            std::thread::sleep(WRITEBACK_INTERVAL);
+            let Some(e) = engine.upgrade() else { return };
+            if e.shutting_down.load(Ordering::Acquire) {
+                return;
+            }
+            let files: Vec<_> = e.registry.read().slot_files.values().cloned().collect();
+            drop(e);
+            for f in files {
+                f.start_writeback();
+            }
+        });
+        if let Err(err) = spawned {
+            tracing::warn!(error = %err, "cannot start the write-back thread; flushes may take longer");
+        }
     }
 
     pub fn dir(&self) -> &Path {

@@ -26,6 +26,8 @@ pub struct SlotFile {
     alloc: Mutex<Allocator>,
     /// Set after a write, cleared by `sync`: FLUSH skips the fdatasync of idle files.
     unsynced: AtomicBool,
+    /// Set after a write, cleared by `start_writeback`.
+    unwritten: AtomicBool,
 }
 
 #[derive(Default)]
@@ -55,6 +57,7 @@ impl SlotFile {
             shift: cluster_size.trailing_zeros(),
             alloc: Mutex::new(Allocator { next, ..Default::default() }),
             unsynced: AtomicBool::new(false),
+            unwritten: AtomicBool::new(false),
         })
     }
 
@@ -163,7 +166,21 @@ impl SlotFile {
             .write_all_at(data, self.offset(slot, within))
             .map_err(EngineError::io(format!("writing slot {slot}")))?;
         self.unsynced.store(true, Ordering::Release);
+        self.unwritten.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// Starts (does not wait for) write-back of the file's dirty pages, so that the next
+    /// `sync` — a FLUSH or a snapshot — finds little left to write. Durability still comes
+    /// only from `sync`.
+    pub fn start_writeback(&self) {
+        if self.unwritten.swap(false, Ordering::AcqRel) {
+            // SAFETY: sync_file_range on an fd we own, with integer arguments only.
+            let rc = unsafe { libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+            if rc != 0 {
+                tracing::debug!(error = %std::io::Error::last_os_error(), "background write-back failed");
+            }
+        }
     }
 
     /// Makes every completed write durable.
