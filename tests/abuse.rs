@@ -10,7 +10,7 @@ use common::*;
 
 #[test]
 fn bad_requests_get_the_right_errors_and_other_clients_keep_being_served() {
-    if !require_libnbd("abuse") {
+    if !require_libnbd() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

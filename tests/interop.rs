@@ -45,11 +45,11 @@ fn ranges_with(map: &[(u64, u64, u64)], flags: u64) -> Vec<(u64, u64)> {
 
 #[test]
 fn qemu_io_patterns_round_trip_including_unaligned_and_cross_cluster_writes() {
-    if !require("qemu-io", "qemu_io_patterns") {
+    if !require_tool("qemu-io") {
         return;
     }
     let (_t, d) = daemon_with_volume("64M");
-    let uri = d.uri("vol");
+    let uri = d.nbd_uri("vol");
     qemu_io(&uri, &["write -P 0xab 0 1M", "write -P 0xcd 70000 5000", "write -P 0xef 131071 65538", "flush"]);
     qemu_io(
         &uri,
@@ -66,7 +66,7 @@ fn qemu_io_patterns_round_trip_including_unaligned_and_cross_cluster_writes() {
 
 #[test]
 fn snapshot_export_equals_a_reference_image_and_never_changes() {
-    if !require("qemu-img", "snapshot_export_equals_reference") {
+    if !require_tool("qemu-img") {
         return;
     }
     let (t, mut d) = daemon_with_volume("32M");
@@ -74,17 +74,17 @@ fn snapshot_export_equals_a_reference_image_and_never_changes() {
     let reference = reference.to_str().unwrap();
     ok("qemu-img", &["create", "-q", "-f", "raw", reference, "32M"]);
     let writes = ["write -P 0x11 0 3M", "write -P 0x22 5000 70000", "write -P 0x33 20M 1M", "write -z 1M 64k"];
-    qemu_io(&d.uri("vol"), &writes);
+    qemu_io(&d.nbd_uri("vol"), &writes);
     qemu_io(reference, &writes);
     d.cli_ok(&["snapshot", "create", "vol", "--name", "s1"]);
     let compare = |d: &Daemon, export: &str| {
         run(
-            Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", reference, &d.uri(export)]),
+            Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", reference, &d.nbd_uri(export)]),
             Duration::from_secs(120),
         )
     };
     assert!(compare(&d, "vol@s1").status.success(), "snapshot differs from the reference");
-    qemu_io(&d.uri("vol"), &["write -P 0x44 0 8M", "discard 20M 1M"]);
+    qemu_io(&d.nbd_uri("vol"), &["write -P 0x44 0 8M", "discard 20M 1M"]);
     assert!(compare(&d, "vol@s1").status.success(), "snapshot changed after writes to the volume");
     assert_eq!(compare(&d, "vol").status.code(), Some(1), "the volume should now differ");
     d.kill9();
@@ -101,13 +101,13 @@ fn snapshot_export_equals_a_reference_image_and_never_changes() {
 
 #[test]
 fn nbdinfo_reports_size_read_only_multi_conn_and_block_sizes() {
-    if !require("nbdinfo", "nbdinfo_reports") {
+    if !require_tool("nbdinfo") {
         return;
     }
     let (_t, d) = daemon_with_volume("1G");
     d.cli_ok(&["snapshot", "create", "vol", "--name", "s1", "--description", "first one"]);
     for (export, read_only) in [("vol", false), ("vol@s1", true)] {
-        let v: serde_json::Value = serde_json::from_str(&ok("nbdinfo", &["--json", &d.uri(export)])).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&ok("nbdinfo", &["--json", &d.nbd_uri(export)])).unwrap();
         let e = &v["exports"][0];
         assert_eq!(e["export-size"], 1u64 << 30);
         assert_eq!(e["is_read_only"], read_only);
@@ -119,18 +119,32 @@ fn nbdinfo_reports_size_read_only_multi_conn_and_block_sizes() {
         assert_eq!(e["block_size_maximum"], 32 << 20);
         assert_eq!(v["structured"], true);
     }
-    let list = ok("nbdinfo", &["--list", &format!("nbd+unix:///?socket={}", d.socket())]);
-    assert!(list.contains("export=\"vol\"") || list.contains("vol\n") || list.contains("vol"), "{list}");
-    assert!(list.contains("vol@s1") && list.contains("first one"), "{list}");
+    // The '@' may also be percent-encoded in URIs.
+    let v: serde_json::Value = serde_json::from_str(&ok("nbdinfo", &["--json", &d.nbd_uri("vol%40s1")])).unwrap();
+    assert_eq!(v["exports"][0]["export-name"], "vol@s1");
+    assert_eq!(v["exports"][0]["is_read_only"], true);
+    // --list shows every volume and snapshot, with the snapshot's description.
+    qemu_io(&d.nbd_uri("vol"), &["write -P 7 0 4k"]);
+    d.cli_ok(&["snapshot", "create", "vol", "--name", "s2"]);
+    d.cli_ok(&["volume", "create", "other", "--size", "8M"]);
+    let list = ok("nbdinfo", &["--list", "--json", &format!("nbd+unix:///?socket={}", d.socket())]);
+    let v: serde_json::Value = serde_json::from_str(&list).expect("nbdinfo --list JSON");
+    let mut names: Vec<&str> =
+        v["exports"].as_array().unwrap().iter().map(|e| e["export-name"].as_str().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["other", "vol", "vol@s1", "vol@s2"], "{list}");
+    let s1 = v["exports"].as_array().unwrap().iter().find(|e| e["export-name"] == "vol@s1").unwrap();
+    assert_eq!(s1["description"], "first one", "{list}");
+    assert_eq!(s1["is_read_only"], true, "{list}");
 }
 
 #[test]
 fn base_allocation_map_shows_holes_data_and_unmapped_ranges() {
-    if !require("nbdinfo", "base_allocation_map") {
+    if !require_tool("nbdinfo") {
         return;
     }
     let (_t, d) = daemon_with_volume("16M");
-    let uri = d.uri("vol");
+    let uri = d.nbd_uri("vol");
     assert_eq!(map(&uri, None), vec![(0, 16 * MIB, 3)], "a new volume is one hole");
     qemu_io(
         &uri,
@@ -139,15 +153,38 @@ fn base_allocation_map_shows_holes_data_and_unmapped_ranges() {
     let m = map(&uri, None);
     assert_eq!(ranges_with(&m, 0), vec![(64 << 10, 64 << 10), (4 * MIB, 64 << 10)], "data ranges: {m:?}");
     assert_eq!(m.iter().map(|e| e.1).sum::<u64>(), 16 * MIB);
+    // Everything else, including the trimmed cluster and the zeroed (may-unmap) one, is a
+    // hole that reads as zeros.
+    for &(off, len, ty) in &m {
+        assert!(ty == 0 || ty == 3, "unexpected type {ty} at {off}+{len}: {m:?}");
+    }
+    assert!(ranges_with(&m, 3).iter().any(|r| r.0 == 0), "the trimmed cluster is a hole: {m:?}");
+    qemu_io(&uri, &["read -P 0 0 64k", "read -P 0 1M 64k", "read -P 1 64k 64k"]);
+    // Zeroing without may-unmap (NBD_CMD_FLAG_NO_HOLE) keeps the cluster allocated.
+    qemu_io(&uri, &["write -z 8M 64k"]);
+    let m = map(&uri, None);
+    assert_eq!(
+        ranges_with(&m, 0),
+        vec![(64 << 10, 64 << 10), (4 * MIB, 64 << 10), (8 * MIB, 64 << 10)],
+        "data ranges after write-zeroes with NO_HOLE: {m:?}"
+    );
+    qemu_io(&uri, &["read -P 0 8M 64k"]);
+    // A snapshot export has its own (frozen) map.
+    d.cli_ok(&["snapshot", "create", "vol", "--name", "s1"]);
+    qemu_io(&uri, &["discard 4M 64k", "write -P 4 12M 4k"]);
+    let snap = map(&d.nbd_uri("vol@s1"), None);
+    assert_eq!(ranges_with(&snap, 0), vec![(64 << 10, 64 << 10), (4 * MIB, 64 << 10), (8 * MIB, 64 << 10)], "{snap:?}");
+    let now = map(&uri, None);
+    assert_eq!(ranges_with(&now, 0), vec![(64 << 10, 64 << 10), (8 * MIB, 64 << 10), (12 * MIB, 64 << 10)], "{now:?}");
 }
 
 #[test]
 fn dirty_bitmap_shows_exactly_the_clusters_changed_since_the_last_snapshot() {
-    if !require("nbdinfo", "dirty_bitmap") {
+    if !require_tool("nbdinfo") {
         return;
     }
     let (_t, d) = daemon_with_volume("16M");
-    let uri = d.uri("vol");
+    let uri = d.nbd_uri("vol");
     let dirty = |uri: &str| ranges_with(&map(uri, Some("qemu:dirty-bitmap:dirty")), 1);
     assert_eq!(dirty(&uri), vec![]);
     qemu_io(&uri, &["write -P 1 0 4k", "write -P 1 327680 70000"]);
@@ -158,33 +195,59 @@ fn dirty_bitmap_shows_exactly_the_clusters_changed_since_the_last_snapshot() {
     qemu_io(&uri, &["write -P 2 3M 1", "discard 327680 65536"]);
     assert_eq!(dirty(&uri), vec![(5 << 16, 1 << 16), (3 * MIB, 1 << 16)]);
     assert_eq!(d.cli_json(&["volume", "show", "vol"])["dirty_clusters"], 2);
+    // Write-zeroes of a cluster that holds data is a change too; flushed, the bitmap survives
+    // a kill -9.
+    qemu_io(&uri, &["write -z -u 0 64k", "flush"]);
+    let mut d = d;
+    d.kill9();
+    let d = Daemon::start(&d.dir.clone());
+    let uri = d.nbd_uri("vol");
+    assert_eq!(dirty(&uri), vec![(0, 1 << 16), (5 << 16, 1 << 16), (3 * MIB, 1 << 16)], "after kill -9");
+    assert_eq!(d.cli_json(&["volume", "show", "vol"])["dirty_clusters"], 3);
 }
 
 #[test]
 fn snapshot_bitmaps_show_the_clusters_changed_between_two_snapshots() {
-    if !require("nbdinfo", "snapshot_bitmaps") {
+    if !require_tool("nbdinfo") {
         return;
     }
     let (_t, d) = daemon_with_volume("16M");
-    let uri = d.uri("vol");
+    let uri = d.nbd_uri("vol");
     qemu_io(&uri, &["write -P 1 0 64k"]);
     d.cli_ok(&["snapshot", "create", "vol", "--name", "s1"]);
     qemu_io(&uri, &["write -P 2 2M 64k", "write -P 2 7M 64k"]);
     d.cli_ok(&["snapshot", "create", "vol", "--name", "s2"]);
     qemu_io(&uri, &["write -P 3 9M 4k"]);
     d.cli_ok(&["snapshot", "create", "vol", "--name", "s3"]);
-    let s3 = d.uri("vol@s3");
+    let s3 = d.nbd_uri("vol@s3");
     let changed = |base: &str| ranges_with(&map(&s3, Some(&format!("qemu:dirty-bitmap:{base}"))), 1);
     assert_eq!(changed("s1"), vec![(2 * MIB, 64 << 10), (7 * MIB, 64 << 10), (9 * MIB, 64 << 10)]);
     assert_eq!(changed("s2"), vec![(9 * MIB, 64 << 10)]);
     // The first snapshot has no older one to compare with.
-    let contexts = ok("nbdinfo", &["--json", &d.uri("vol@s1")]);
+    let contexts = ok("nbdinfo", &["--json", &d.nbd_uri("vol@s1")]);
     assert!(!contexts.contains("qemu:dirty-bitmap:"), "{contexts}");
+    // The newest snapshot offers exactly one bitmap per older snapshot, and no "dirty".
+    let info: serde_json::Value = serde_json::from_str(&ok("nbdinfo", &["--json", &s3])).unwrap();
+    let mut ctx: Vec<&str> =
+        info["exports"][0]["contexts"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    ctx.sort();
+    assert_eq!(ctx, ["base:allocation", "qemu:dirty-bitmap:s1", "qemu:dirty-bitmap:s2"]);
+    // The changed-cluster counts agree with the bitmaps.
+    assert_eq!(d.cli_json(&["snapshot", "show", "vol@s2"])["changed_clusters"], 2);
+    assert_eq!(d.cli_json(&["snapshot", "show", "vol@s3"])["changed_clusters"], 1);
+    // Snapshot bitmaps survive a restart unchanged.
+    let mut d = d;
+    d.terminate();
+    let d = Daemon::start(&d.dir.clone());
+    let s3 = d.nbd_uri("vol@s3");
+    let changed = |base: &str| ranges_with(&map(&s3, Some(&format!("qemu:dirty-bitmap:{base}"))), 1);
+    assert_eq!(changed("s1"), vec![(2 * MIB, 64 << 10), (7 * MIB, 64 << 10), (9 * MIB, 64 << 10)]);
+    assert_eq!(changed("s2"), vec![(9 * MIB, 64 << 10)]);
 }
 
 #[test]
 fn nbdcopy_with_four_connections_round_trips_a_random_image() {
-    if !require("nbdcopy", "nbdcopy_round_trip") {
+    if !require_tool("nbdcopy") {
         return;
     }
     let (t, d) = daemon_with_volume("32M");
@@ -192,14 +255,21 @@ fn nbdcopy_with_four_connections_round_trips_a_random_image() {
     let back = t.path().join("back.raw");
     let data: Vec<u8> = (0..32 * MIB as usize).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     std::fs::write(&src, &data).unwrap();
-    ok("nbdcopy", &["--connections=4", "--flush", src.to_str().unwrap(), &d.uri("vol")]);
-    ok("nbdcopy", &["--connections=4", &d.uri("vol"), back.to_str().unwrap()]);
-    assert!(std::fs::read(&back).unwrap() == data, "nbdcopy round trip differs");
+    ok("nbdcopy", &["--connections=4", "--flush", src.to_str().unwrap(), &d.nbd_uri("vol")]);
+    ok("nbdcopy", &["--connections=4", &d.nbd_uri("vol"), back.to_str().unwrap()]);
+    ok("cmp", &[src.to_str().unwrap(), back.to_str().unwrap()]);
+    // A snapshot copied out over four connections while the volume is overwritten.
+    d.cli_ok(&["snapshot", "create", "vol", "--name", "s"]);
+    qemu_io(&d.nbd_uri("vol"), &["write -P 0xee 0 32M"]);
+    let snap = t.path().join("snap.raw");
+    ok("nbdcopy", &["--connections=4", &d.nbd_uri("vol@s"), snap.to_str().unwrap()]);
+    ok("cmp", &[src.to_str().unwrap(), snap.to_str().unwrap()]);
+    qemu_io(&d.nbd_uri("vol"), &["read -P 0xee 0 32M"]);
 }
 
 #[test]
 fn fio_random_writes_verify_with_crc32c_through_the_nbd_engine() {
-    if !require("fio", "fio_verify") {
+    if !require_tool("fio") {
         return;
     }
     let (_t, d) = daemon_with_volume("128M");
@@ -209,7 +279,7 @@ fn fio_random_writes_verify_with_crc32c_through_the_nbd_engine() {
             &[
                 "--name=verify",
                 "--ioengine=nbd",
-                &format!("--uri={}", d.uri("vol")),
+                &format!("--uri={}", d.nbd_uri("vol")),
                 &format!("--rw={rw}"),
                 &format!("--bs={bs}"),
                 "--iodepth=16",
@@ -225,57 +295,120 @@ fn fio_random_writes_verify_with_crc32c_through_the_nbd_engine() {
         let v: serde_json::Value = serde_json::from_str(json).unwrap();
         assert_eq!(v["jobs"][0]["error"], 0, "fio {rw} reported an error: {out}");
     }
+    // Four jobs = four connections at once, each verifying its own 16 MiB region.
+    let out = ok(
+        "fio",
+        &[
+            "--name=multi",
+            "--ioengine=nbd",
+            &format!("--uri={}", d.nbd_uri("vol")),
+            "--rw=randrw",
+            "--rwmixread=30",
+            "--bs=4k",
+            "--iodepth=8",
+            "--numjobs=4",
+            "--size=16M",
+            "--offset_increment=16M",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+            "--output-format=json",
+        ],
+    );
+    let json = &out[out.find('{').expect("fio JSON")..];
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    let jobs = v["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 4, "{out}");
+    for j in jobs {
+        assert_eq!(j["error"], 0, "fio multi-connection job reported an error: {out}");
+        assert!(j["write"]["io_bytes"].as_u64().unwrap() > 0, "a job wrote nothing: {out}");
+    }
 }
 
 #[test]
 fn clone_and_origin_never_see_each_others_writes() {
-    if !require("qemu-io", "clone_isolation") {
+    if !require_tool("qemu-io") {
         return;
     }
     let (_t, d) = daemon_with_volume("8M");
-    qemu_io(&d.uri("vol"), &["write -P 0xa1 0 256k"]);
+    qemu_io(&d.nbd_uri("vol"), &["write -P 0xa1 0 256k"]);
     d.cli_ok(&["snapshot", "create", "vol", "--name", "base"]);
     let clone = d.cli_json(&["volume", "clone", "vol@base", "copy"]);
     assert_eq!(clone["origin"], "vol@base");
-    qemu_io(&d.uri("copy"), &["write -P 0xb2 0 4k"]);
-    qemu_io(&d.uri("vol"), &["write -P 0xc3 65536 4k"]);
-    qemu_io(&d.uri("copy"), &["read -P 0xb2 0 4k", "read -P 0xa1 4k 252k"]);
-    qemu_io(&d.uri("vol"), &["read -P 0xa1 0 64k", "read -P 0xc3 64k 4k", "read -P 0xa1 69632 188k"]);
-    qemu_io(&d.uri("vol@base"), &["read -P 0xa1 0 256k"]);
+    qemu_io(&d.nbd_uri("copy"), &["write -P 0xb2 0 4k"]);
+    qemu_io(&d.nbd_uri("vol"), &["write -P 0xc3 65536 4k"]);
+    qemu_io(&d.nbd_uri("copy"), &["read -P 0xb2 0 4k", "read -P 0xa1 4k 252k"]);
+    qemu_io(&d.nbd_uri("vol"), &["read -P 0xa1 0 64k", "read -P 0xc3 64k 4k", "read -P 0xa1 69632 188k"]);
+    qemu_io(&d.nbd_uri("vol@base"), &["read -P 0xa1 0 256k"]);
     let (code, err) = d.cli_err(&["volume", "delete", "vol"]);
     assert_eq!(code, 1);
     assert!(err.contains("vol@base"), "the refusal names the snapshot: {err}");
+    // Deleting the origin volume's data does not touch the clone: drop the clone first, then
+    // the snapshot, and the volume can go; the clone kept its data until it was deleted.
+    let clones = d.cli_json(&["snapshot", "show", "vol@base"])["clones"].to_string();
+    assert!(clones.contains("copy"), "the snapshot lists its clone: {clones}");
+    d.cli_ok(&["volume", "delete", "copy"]);
+    d.cli_ok(&["snapshot", "delete", "vol@base"]);
+    d.cli_ok(&["volume", "delete", "vol"]);
+    let (_, err) = d.cli_err(&["volume", "show", "vol"]);
+    assert!(err.contains("'vol'"), "{err}");
 }
 
 #[test]
 fn rollback_is_refused_while_a_writer_is_connected_and_forced_rollback_disconnects_it() {
-    if !require_libnbd("rollback_writer") {
+    if !require_libnbd() {
         return;
     }
     let (_t, d) = daemon_with_volume("8M");
-    qemu_io(&d.uri("vol"), &["write -P 0x55 0 1M"]);
+    qemu_io(&d.nbd_uri("vol"), &["write -P 0x55 0 1M"]);
     d.cli_ok(&["snapshot", "create", "vol", "--name", "good"]);
-    qemu_io(&d.uri("vol"), &["write -P 0x66 0 1M"]);
-    // A client that stays connected until the server closes the connection.
-    let mut holder = Command::new(PYTHON)
-        .args([&py("hold.py"), &d.uri("vol")])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()), &mut line).unwrap();
-    assert_eq!(line.trim(), "connected");
+    qemu_io(&d.nbd_uri("vol"), &["write -P 0x66 0 1M"]);
+    // Clients that stay connected until the server closes the connection (or 60 s pass).
+    let hold = |export: &str| {
+        let mut child = Command::new(PYTHON)
+            .args([&py("hold.py"), &d.nbd_uri(export), "60"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        let stdout = child.stdout.take().unwrap();
+        let guard = Guard(child);
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+        assert_eq!(line.trim(), "connected", "hold.py on {export} did not connect");
+        guard
+    };
+    let mut writer = hold("vol");
+    // A reader of the snapshot itself does not block a rollback.
+    let mut reader = hold("vol@good");
     assert_eq!(d.cli_json(&["volume", "show", "vol"])["writers"], 1);
     let (code, err) = d.cli_err(&["snapshot", "rollback", "vol@good"]);
     assert_eq!(code, 1);
     assert!(err.contains("--force"), "{err}");
+    assert_one_sentence(&err);
+    assert!(writer.0.try_wait().unwrap().is_none(), "a refused rollback must not disconnect the writer");
+    // Refused means nothing changed.
+    qemu_io(&d.nbd_uri("vol"), &["read -P 0x66 0 1M"]);
     d.cli_ok(&["snapshot", "rollback", "vol@good", "--force"]);
-    let status = holder.wait().unwrap();
-    assert!(status.success(), "the held connection should have been closed by the server");
-    qemu_io(&d.uri("vol"), &["read -P 0x55 0 1M"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = writer.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "forced rollback left the writer connected");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "the writer's connection should have been closed by the server ({status})");
+    assert!(reader.0.try_wait().unwrap().is_none(), "the snapshot reader was disconnected by the rollback");
+    qemu_io(&d.nbd_uri("vol"), &["read -P 0x55 0 1M", "read -P 0 1M 7M"]);
     assert_eq!(d.cli_json(&["volume", "show", "vol"])["dirty_clusters"], 0);
+    assert_eq!(d.cli_json(&["volume", "show", "vol"])["writers"], 0);
+    // No writer now: a plain rollback works.
+    qemu_io(&d.nbd_uri("vol"), &["write -P 0x77 0 64k"]);
+    d.cli_ok(&["snapshot", "rollback", "vol@good"]);
+    qemu_io(&d.nbd_uri("vol"), &["read -P 0x55 0 1M"]);
 }
 
 #[test]
@@ -284,8 +417,21 @@ fn cli_errors_are_one_clear_sentence_with_a_nonzero_exit() {
     let (code, err) = d.cli_err(&["volume", "show", "nope"]);
     assert_eq!(code, 1);
     assert!(err.contains("no volume named 'nope'"), "{err}");
+    assert_one_sentence(&err);
+    let (_, err) = d.cli_err(&["snapshot", "create", "nope", "--name", "s"]);
+    assert!(err.contains("'nope'"), "{err}");
+    // A volume with snapshots cannot be deleted; the refusal names them.
+    d.cli_ok(&["snapshot", "create", "vol", "--name", "keep1"]);
+    d.cli_ok(&["snapshot", "create", "vol", "--name", "keep2"]);
+    let (_, err) = d.cli_err(&["volume", "delete", "vol"]);
+    assert!(err.contains("vol@keep1") && err.contains("vol@keep2"), "{err}");
+    assert_one_sentence(&err);
+    let snaps = &d.cli_json(&["volume", "show", "vol"])["snapshots"];
+    // A count, or a list of them.
+    assert_eq!(snaps.as_u64().or_else(|| snaps.as_array().map(|a| a.len() as u64)), Some(2), "{snaps}");
     let (_, err) = d.cli_err(&["volume", "create", "x", "--size", "12Q"]);
     assert!(err.contains("invalid size '12Q'"), "{err}");
+    assert_one_sentence(&err);
     let (_, err) = d.cli_err(&["volume", "create", "x", "--size", "1G", "--cluster-size", "3K"]);
     assert!(err.contains("cluster size"), "{err}");
     let (_, err) = d.cli_err(&["volume", "create", "vol", "--size", "1G"]);
@@ -313,27 +459,27 @@ fn cli_errors_are_one_clear_sentence_with_a_nonzero_exit() {
 
 #[test]
 fn sigterm_flushes_and_a_restart_serves_the_same_data_and_default_volume() {
-    if !require("qemu-io", "sigterm_restart") {
+    if !require_tool("qemu-io") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("d");
     let mut d = Daemon::start_with(&dir, &["--default-volume", "disk0:64M"]);
     assert_eq!(d.cli_json(&["volume", "show", "disk0"])["size"], 64 * MIB);
-    qemu_io(&d.uri("disk0"), &["write -P 0x77 0 2M"]);
+    qemu_io(&d.nbd_uri("disk0"), &["write -P 0x77 0 2M"]);
     d.cli_ok(&["snapshot", "create", "disk0", "--name", "s"]);
     assert!(d.terminate(), "SIGTERM should exit 0");
     assert!(!dir.join("control.sock").exists() && !dir.join("nbd.sock").exists());
     // The default volume is kept as is when it exists (even if asked with another size).
     let d = Daemon::start_with(&dir, &["--default-volume", "disk0:128M"]);
     assert_eq!(d.cli_json(&["volume", "show", "disk0"])["size"], 64 * MIB);
-    qemu_io(&d.uri("disk0"), &["read -P 0x77 0 2M"]);
-    qemu_io(&d.uri("disk0@s"), &["read -P 0x77 0 2M"]);
+    qemu_io(&d.nbd_uri("disk0"), &["read -P 0x77 0 2M"]);
+    qemu_io(&d.nbd_uri("disk0@s"), &["read -P 0x77 0 2M"]);
 }
 
 #[test]
 fn volumes_are_served_over_tcp_on_loopback_too() {
-    if !require("qemu-io", "tcp") {
+    if !require_tool("qemu-io") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -343,5 +489,89 @@ fn volumes_are_served_over_tcp_on_loopback_too() {
     assert!(addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"), "{addr}");
     let uri = format!("nbd://{addr}/disk0");
     qemu_io(&uri, &["write -P 0x5a 0 1M"]);
-    qemu_io(&d.uri("disk0"), &["read -P 0x5a 0 1M"]);
+    qemu_io(&d.nbd_uri("disk0"), &["read -P 0x5a 0 1M"]);
+}
+
+#[test]
+fn json_output_has_the_documented_fields_and_global_flags_go_anywhere() {
+    let (_t, d) = daemon_with_volume("10G");
+    let keys = |v: &serde_json::Value| {
+        let mut k: Vec<String> = v.as_object().expect("an object").keys().cloned().collect();
+        k.sort();
+        k
+    };
+    // --json before the subcommand, after it, and the directory from SNAPBLK_DIR.
+    let before = d.cli_json(&["volume", "show", "vol"]);
+    let after: serde_json::Value = serde_json::from_str(&d.cli_ok(&["volume", "show", "vol", "--json"])).unwrap();
+    assert_eq!(before, after);
+    let env = run_ok(Command::new(BIN).env("SNAPBLK_DIR", &d.dir).args(["volume", "show", "vol", "--json"]));
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&env).unwrap(), before);
+    let dir_after = run_ok(Command::new(BIN).args(["volume", "show", "vol", "--json", "--dir"]).arg(&d.dir));
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&dir_after).unwrap(), before);
+    for k in [
+        "id",
+        "name",
+        "size",
+        "cluster_size",
+        "created",
+        "allocated_bytes",
+        "dirty_clusters",
+        "snapshots",
+        "origin",
+        "writers",
+    ] {
+        assert!(keys(&before).contains(&k.to_string()), "VolumeInfo lacks {k}: {before}");
+    }
+    assert_eq!(before["name"], "vol");
+    assert_eq!(before["size"], 10u64 << 30);
+    assert_eq!(before["cluster_size"], 64 << 10);
+    assert_eq!(before["allocated_bytes"], 0);
+    assert_eq!(before["writers"], 0);
+    assert!(before["origin"].is_null(), "{before}");
+    assert!(before["id"].as_str().unwrap().starts_with("v-"), "{before}");
+
+    let small = d.cli_json(&["volume", "create", "small", "--size", "1M", "--cluster-size", "4K"]);
+    assert_eq!(small["cluster_size"], 4096);
+    assert_eq!(small["size"], 1 << 20);
+    let s = d.cli_json(&["snapshot", "create", "vol", "--name", "s1", "--description", "the first"]);
+    for k in [
+        "id",
+        "name",
+        "volume",
+        "volume_id",
+        "description",
+        "created",
+        "size",
+        "cluster_size",
+        "changed_clusters",
+        "parent",
+        "clones",
+    ] {
+        assert!(keys(&s).contains(&k.to_string()), "SnapshotInfo lacks {k}: {s}");
+    }
+    assert_eq!(s["name"], "s1");
+    assert_eq!(s["volume"], "vol");
+    assert_eq!(s["volume_id"], before["id"]);
+    assert_eq!(s["description"], "the first");
+    assert!(s["id"].as_str().unwrap().starts_with("s-"), "{s}");
+    assert!(s["parent"].is_null(), "the first snapshot has no parent: {s}");
+    let s2 = d.cli_json(&["snapshot", "create", "vol", "--name", "s2"]);
+    assert!(s2["parent"].to_string().contains("s1") || s2["parent"] == s["id"], "parent of s2: {s2}");
+    // Lists, and show by id.
+    let vols = d.cli_json(&["volume", "list"]);
+    let mut names: Vec<&str> = vols.as_array().expect("a list").iter().map(|v| v["name"].as_str().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["small", "vol"]);
+    assert_eq!(d.cli_json(&["snapshot", "list", "vol"]).as_array().expect("a list").len(), 2);
+    assert_eq!(d.cli_json(&["snapshot", "list"]).as_array().expect("a list").len(), 2);
+    assert_eq!(d.cli_json(&["snapshot", "show", s["id"].as_str().unwrap()])["name"], "s1");
+    assert_eq!(d.cli_json(&["volume", "show", "vol"])["snapshots"], 2);
+    // Deletes, then they are gone.
+    d.cli_ok(&["snapshot", "delete", "vol@s1"]);
+    d.cli_ok(&["volume", "delete", "small"]);
+    assert_eq!(d.cli_json(&["snapshot", "list", "vol"]).as_array().unwrap().len(), 1);
+    let (_, err) = d.cli_err(&["snapshot", "show", "vol@s1"]);
+    assert!(err.contains("s1"), "{err}");
+    let status = d.cli_json(&["status"]);
+    assert_eq!(status["pid"], d.pid());
 }

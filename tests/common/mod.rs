@@ -102,7 +102,13 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
 pub fn run_ok(cmd: &mut Command) -> String {
     let desc = format!("{cmd:?}");
     let out = run(cmd, TOOL_TIMEOUT);
-    assert!(out.status.success(), "{desc} failed ({})\nstdout: {}\nstderr: {}", out.status, text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{desc} failed ({})\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
     text(&out.stdout)
 }
 

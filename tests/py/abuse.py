@@ -68,7 +68,25 @@ ro = loose(f"nbd+unix:///{SNAP}?socket={SOCK}")
 expect_errno("write to a read-only snapshot", errno.EPERM, lambda: ro.pwrite(b"z" * 4096, 0))
 expect_errno("trim of a read-only snapshot", errno.EPERM, lambda: ro.trim(4096, 0))
 expect_errno("zero of a read-only snapshot", errno.EPERM, lambda: ro.zero(4096, 0))
+expect_errno("read past the end of a snapshot", errno.EINVAL, lambda: ro.pread(4096, size))
 ro.shutdown()
+
+# Block status past the end (base:allocation negotiated).
+bs = nbd.NBD()
+bs.set_strict_mode(0)
+bs.add_meta_context("base:allocation")
+bs.connect_uri(URI)
+expect_errno("block status past the end", errno.EINVAL,
+             lambda: bs.block_status(4096, size, lambda *a: 0))
+bs.shutdown()
+
+# An export that does not exist: the handshake fails, nothing else is disturbed.
+try:
+    nbd.NBD().connect_uri(f"nbd+unix:///no-such-volume?socket={SOCK}")
+    sys.exit("connecting to a missing export succeeded")
+except nbd.Error as e:
+    print(f"ok: unknown export refused ({e})")
+check_good_client()
 
 
 def raw():
@@ -186,10 +204,59 @@ s.close()
 check_good_client()
 print("ok: truncated requests")
 
+# Many reads in flight, then hang up without reading a single reply.
+s = raw()
+s.sendall(struct.pack(">I", 3))
+option(s, OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
+while option_reply(s)[1] != REP_ACK:
+    pass
+for c in range(64):
+    request(s, 0, (c * 1048576) % (size - 1048576), 1048576, 100 + c)
+s.close()
+check_good_client()
+print("ok: hang-up with 64 MiB of replies pending")
+
+# A write header announcing 1 GiB of payload, and no payload: an error reply or a close,
+# never a hang of the server or a huge allocation.
+s = raw()
+s.sendall(struct.pack(">I", 3))
+option(s, OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
+while option_reply(s)[1] != REP_ACK:
+    pass
+request(s, 1, 0, 1 << 30, 8)
+try:
+    head = s.recv(16)
+    if head:
+        magic, error, cookie = struct.unpack(">IIQ", head)
+        assert magic == SIMPLE_REPLY and error != 0 and cookie == 8, f"oversized write answered {head.hex()}"
+except (ConnectionResetError, socket.timeout):
+    pass
+s.close()
+check_good_client()
+print("ok: oversized write header")
+
+# A read of 1 GiB (over the maximum block size) on a raw connection: EINVAL or EOVERFLOW,
+# and the connection stays in sync.
+s = raw()
+s.sendall(struct.pack(">I", 3))
+option(s, OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
+while option_reply(s)[1] != REP_ACK:
+    pass
+request(s, 0, 0, 1 << 30, 9)
+error, cookie = simple_reply(s)
+assert cookie == 9 and error in (errno.EINVAL, errno.EOVERFLOW), f"1 GiB read answered error {error}"
+request(s, 0, 4096, 512, 10)
+assert simple_reply(s) == (0, 10), "connection out of sync after an oversized read"
+recv_exact(s, 512)
+request(s, 2, 0, 0, 11)  # NBD_CMD_DISC: the server closes
+assert closed_by_server(s), "server kept the connection after NBD_CMD_DISC"
+check_good_client()
+print("ok: oversized read, then disconnect")
+
 # Garbage instead of a handshake, and a huge option length.
 s = raw()
-s.sendall(os.urandom(64))
-closed_by_server(s)
+s.sendall(b"\xff" * 64)  # client flags with unknown bits set
+assert closed_by_server(s), "server kept a connection after garbage client flags"
 s = raw()
 s.sendall(struct.pack(">I", 3))
 option(s, 5, b"")  # STARTTLS: not supported
