@@ -113,7 +113,8 @@ fn nbdinfo_reports_size_read_only_multi_conn_and_block_sizes() {
         assert_eq!(e["is_read_only"], read_only);
         assert_eq!(e["can_multi_conn"], true);
         assert_eq!(e["can_flush"], true);
-        assert_eq!(e["can_trim"], true);
+        assert_eq!(e["can_trim"], !read_only, "write-side features only on writable exports");
+        assert_eq!(e["can_fua"], !read_only);
         assert_eq!(e["block_size_minimum"], 1);
         assert_eq!(e["block_size_preferred"], 4096);
         assert_eq!(e["block_size_maximum"], 32 << 20);
@@ -197,13 +198,16 @@ fn dirty_bitmap_shows_exactly_the_clusters_changed_since_the_last_snapshot() {
     assert_eq!(d.cli_json(&["volume", "show", "vol"])["dirty_clusters"], 2);
     // Write-zeroes of a cluster that holds data is a change too; flushed, the bitmap survives
     // a kill -9.
-    qemu_io(&uri, &["write -z -u 0 64k", "flush"]);
+    // Trimming or zeroing a cluster that was never written marks it too: "written, trimmed or
+    // zeroed" is the bitmap's contract.
+    qemu_io(&uri, &["write -z -u 0 64k", "discard 10M 64k", "flush"]);
     let mut d = d;
     d.kill9();
     let d = Daemon::start(&d.dir.clone());
     let uri = d.nbd_uri("vol");
-    assert_eq!(dirty(&uri), vec![(0, 1 << 16), (5 << 16, 1 << 16), (3 * MIB, 1 << 16)], "after kill -9");
-    assert_eq!(d.cli_json(&["volume", "show", "vol"])["dirty_clusters"], 3);
+    let want = vec![(0, 1 << 16), (5 << 16, 1 << 16), (3 * MIB, 1 << 16), (10 * MIB, 1 << 16)];
+    assert_eq!(dirty(&uri), want, "after kill -9");
+    assert_eq!(d.cli_json(&["volume", "show", "vol"])["dirty_clusters"], 4);
 }
 
 #[test]

@@ -289,16 +289,12 @@ fn contexts_for(selected: &Option<(String, Vec<u32>)>, name: &str) -> Vec<u32> {
 }
 
 fn transmission_flags(read_only: bool, structured: bool) -> u16 {
-    let mut f = TF_HAS_FLAGS
-        | TF_SEND_FLUSH
-        | TF_SEND_FUA
-        | TF_SEND_TRIM
-        | TF_SEND_WRITE_ZEROES
-        | TF_SEND_FAST_ZERO
-        | TF_SEND_CACHE
-        | TF_CAN_MULTI_CONN;
+    let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_CACHE | TF_CAN_MULTI_CONN;
+    // Write-side features mean nothing on a read-only export (writes get EPERM anyway).
     if read_only {
         f |= TF_READ_ONLY;
+    } else {
+        f |= TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO;
     }
     if structured {
         f |= TF_SEND_DF;

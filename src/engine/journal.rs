@@ -57,6 +57,12 @@ pub enum Record {
         volume: u64,
         snapshot: u64,
     },
+    /// Clusters `start..end` of the volume are dirty (trimmed or zeroed, mapped or not).
+    DirtyRange {
+        volume: u64,
+        start: u64,
+        end: u64,
+    },
 }
 
 const T_MAP_SET: u8 = 1;
@@ -65,6 +71,7 @@ const T_VOLUME_DELETE: u8 = 3;
 const T_SNAPSHOT_CREATE: u8 = 4;
 const T_SNAPSHOT_DELETE: u8 = 5;
 const T_ROLLBACK: u8 = 6;
+const T_DIRTY_RANGE: u8 = 7;
 
 /// Little-endian encoding helpers shared by the journal and the checkpoint.
 pub trait Put {
@@ -197,6 +204,12 @@ impl Record {
                 out.put_u64(*volume);
                 out.put_u64(*snapshot);
             }
+            Record::DirtyRange { volume, start, end } => {
+                out.put_u8(T_DIRTY_RANGE);
+                out.put_u64(*volume);
+                out.put_u64(*start);
+                out.put_u64(*end);
+            }
         }
         let payload_len = (out.len() - frame - 8) as u32;
         let crc = crc32c::crc32c(&out[frame + 8..]);
@@ -227,6 +240,7 @@ impl Record {
             },
             T_SNAPSHOT_DELETE => Record::SnapshotDelete { snapshot: r.u64()? },
             T_ROLLBACK => Record::Rollback { volume: r.u64()?, snapshot: r.u64()? },
+            T_DIRTY_RANGE => Record::DirtyRange { volume: r.u64()?, start: r.u64()?, end: r.u64()? },
             _ => return Err(Short),
         };
         if r.remaining() != 0 {
@@ -407,6 +421,7 @@ mod tests {
                 created: 6,
             },
             Record::Rollback { volume: 1, snapshot: 2 },
+            Record::DirtyRange { volume: 1, start: 7, end: 9 },
             Record::SnapshotDelete { snapshot: 2 },
             Record::VolumeDelete { volume: 1 },
         ]

@@ -300,6 +300,11 @@ impl Registry {
                 v.state.write().set_entry(*cluster, *entry);
                 Ok(None)
             }
+            Record::DirtyRange { volume, start, end } => {
+                let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
+                v.state.write().dirty.insert_range(*start..*end);
+                Ok(None)
+            }
             Record::VolumeCreate { volume, name, size, cluster_size, created, origin } => {
                 let slots = self.slot_file(data_dir, *cluster_size)?;
                 let clusters = size.div_ceil(*cluster_size as u64);

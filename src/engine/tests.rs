@@ -170,13 +170,12 @@ fn step(engine: &mut Arc<Engine>, dir: &Path, model: &mut Model, op: (u8, u64, u
                         mv.allocated.insert(cl);
                         mv.dirty.insert(cl);
                     }
-                    ZeroMode::Unmap if mv.allocated.contains(&cl) => {
+                    ZeroMode::Unmap => {
                         if full {
                             mv.allocated.remove(&cl);
                         }
                         mv.dirty.insert(cl);
                     }
-                    ZeroMode::Unmap => {}
                 }
             }
         }

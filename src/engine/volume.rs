@@ -293,8 +293,8 @@ impl VolumeHandle {
     }
 
     /// TRIM and WRITE_ZEROES. Whole clusters are unmapped (`Unmap`) or overwritten with zeros
-    /// (`Allocate`); partial clusters always get zeros written. Already-zero clusters are left
-    /// alone (and stay clean in the dirty bitmap: their content did not change).
+    /// (`Allocate`); partial clusters get zeros written unless already unmapped. Every cluster
+    /// the request touches becomes dirty (one range record, however large the range).
     pub fn zero(&self, offset: u64, len: u64, mode: ZeroMode, fua: bool) -> Result<()> {
         check_range(self.vol.size, offset, len, true)?;
         self.engine.check_writable()?;
@@ -308,6 +308,10 @@ impl VolumeHandle {
             let first = offset.div_ceil(1 << shift);
             let last = if end == self.vol.size { end.div_ceil(1 << shift) } else { end >> shift };
             let whole = if mode == ZeroMode::Unmap && first < last { (first, last) } else { (0, 0) };
+            let touched = (offset >> shift, (end - 1) >> shift);
+            Record::DirtyRange { volume: self.vol.id, start: touched.0, end: touched.1 + 1 }
+                .encode(&mut self.vol.pending.lock());
+            st.dirty.insert_range(touched.0..=touched.1);
             // Everything else gets zeros written: partial clusters at either end (unless they
             // are unmapped already), or the whole range with `Allocate`.
             let edges = if whole.0 < whole.1 {
