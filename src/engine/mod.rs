@@ -45,6 +45,8 @@ pub const MAX_VOLUME_SIZE: u64 = 64 << 40;
 const CHECKPOINT_AFTER: u64 = 64 << 20;
 /// How often dirty slot data is pushed towards the disk in the background.
 const WRITEBACK_INTERVAL: Duration = Duration::from_millis(50);
+/// Uncommitted journal records held in memory before the background thread commits them.
+const PENDING_COMMIT_BYTES: usize = 4 << 20;
 /// How long `rollback --force` waits for disconnected clients to go away.
 const FORCE_DISCONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -660,7 +662,8 @@ impl Engine {
 
     /// Every `WRITEBACK_INTERVAL`, starts write-back of the slot files written since, so dirty
     /// data does not pile up between flushes (which would make a FLUSH or a snapshot wait for
-    /// all of it). Ends when the engine is dropped or shut down.
+    /// all of it), and commits when uncommitted records pass `PENDING_COMMIT_BYTES`. Ends when
+    /// the engine is dropped or shut down.
     fn spawn_writeback(engine: std::sync::Weak<Engine>) {
         let spawned = std::thread::Builder::new().name("snapblk-writeback".into()).spawn(move || loop {
             std::thread::sleep(WRITEBACK_INTERVAL);
@@ -668,7 +671,18 @@ impl Engine {
             if e.shutting_down.load(Ordering::Acquire) {
                 return;
             }
-            let files: Vec<_> = e.registry.read().slot_files.values().cloned().collect();
+            let (files, pending) = {
+                let reg = e.registry.read();
+                let pending: usize = reg.volumes.values().map(|v| v.pending.lock().len()).sum();
+                (reg.slot_files.values().cloned().collect::<Vec<_>>(), pending)
+            };
+            // Map changes not yet committed are held in memory; past a bound, commit them
+            // (committing early is always safe, and it keeps replay after a crash short).
+            if pending > PENDING_COMMIT_BYTES {
+                if let Err(err) = e.commit() {
+                    tracing::warn!(error = %err, "background commit failed");
+                }
+            }
             drop(e);
             for f in files {
                 f.start_writeback();
