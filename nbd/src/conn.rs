@@ -365,8 +365,11 @@ where
                         .ok();
                     continue;
                 }
-                buf.resize(len as usize, 0);
-                rd.read_exact(&mut buf).await?;
+                // Read into spare capacity: no zero-filling pass over the payload first.
+                buf.reserve(len as usize);
+                if (&mut rd).take(len).read_to_end(&mut buf).await? != len as usize {
+                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+                }
             }
             if let Err((errno, message)) = validate(&req, size, shared.export.info().read_only, &shared, config) {
                 reply_tx.send(error_reply(buf, shared.structured, req.cookie, errno, message)).await.ok();
