@@ -1,0 +1,282 @@
+//! Uploading one snapshot.
+//!
+//! A producer thread walks the clusters to send in order, page by page: only the changed set
+//! since the last uploaded ancestor (the union of the sealed dirty bitmaps in between), or
+//! every allocated cluster for a first upload. Each cluster is read from the local slots,
+//! hashed (keyed), and — unless the blob index already knows that id — compressed, sealed and
+//! appended to the current pack. Touched pages are rebuilt from the base's page plus the
+//! changes; untouched pages are referenced as they are. Full packs go to `concurrency` PUT
+//! tasks; each pack enters the index only once its PUT succeeded. The manifest is written last,
+//! after every pack it references is durable.
+//!
+//! Resuming after a crash is the same upload run again: packs already stored are in the index,
+//! so their blobs deduplicate and are not sent twice.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use roaring::RoaringTreemap;
+use tokio::task::JoinSet;
+
+use super::crypto::BlobId;
+use super::error::{Result, StoreError};
+use super::format::{
+    pack_key, BlobKind, BlobRef, Manifest, PackBuilder, PackEntry, PackId, Page, PageRefJson, RefJson, FORMAT_VERSION,
+    PAGE_CLUSTERS,
+};
+use super::region::Region;
+use crate::engine::{Engine, SnapshotInfo};
+
+/// Live progress of one upload (shown by `snapshot show` and `--wait`).
+pub struct Progress {
+    pub started: Instant,
+    /// Logical bytes to scan, and scanned so far.
+    pub total: AtomicU64,
+    pub done: AtomicU64,
+    /// Bytes PUT so far (sealed packs).
+    pub sent: AtomicU64,
+    pub cancelled: AtomicBool,
+}
+
+impl Progress {
+    pub fn new() -> Arc<Progress> {
+        Arc::new(Progress {
+            started: Instant::now(),
+            total: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            cancelled: AtomicBool::new(false),
+        })
+    }
+
+    pub fn check(&self, snapshot: &str) -> Result<()> {
+        if self.cancelled.load(Ordering::Acquire) {
+            return Err(StoreError::NotFound(format!("snapshot {snapshot} was deleted during its upload")));
+        }
+        Ok(())
+    }
+}
+
+/// What the upload is incremental to.
+pub struct Base {
+    pub snapshot_id: String,
+    pub manifest: Arc<Manifest>,
+    /// Clusters changed since that snapshot.
+    pub changed: RoaringTreemap,
+}
+
+type FinishedPack = (PackId, Vec<u8>, Vec<PackEntry>);
+
+pub struct Uploaded {
+    pub manifest: Manifest,
+    pub added_bytes: u64,
+}
+
+/// Uploads `snap` to `region` and returns the manifest to publish (not yet written).
+pub async fn upload(
+    engine: Arc<Engine>,
+    region: Arc<Region>,
+    snap: SnapshotInfo,
+    base: Option<Base>,
+    pack_size: u64,
+    concurrency: usize,
+    progress: Arc<Progress>,
+) -> Result<Uploaded> {
+    let base_id = base.as_ref().map(|b| b.snapshot_id.clone());
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<FinishedPack>(1);
+    let rt = tokio::runtime::Handle::current();
+    let producer = {
+        let (region, progress, snap) = (region.clone(), progress.clone(), snap.clone());
+        let base_pages: BTreeMap<u64, RefJson> = base
+            .as_ref()
+            .map(|b| b.manifest.pages.iter().map(|p| (p.index, p.blob.clone())).collect())
+            .unwrap_or_default();
+        let base_manifest = base.as_ref().map(|b| b.manifest.clone());
+        let changed = base.map(|b| b.changed);
+        tokio::task::spawn_blocking(move || {
+            produce(
+                &rt,
+                &engine,
+                &region,
+                &snap,
+                base_manifest.as_deref(),
+                base_pages,
+                changed,
+                pack_size,
+                &progress,
+                tx,
+            )
+        })
+    };
+
+    // Consumer: PUT packs, `concurrency` at a time; a pack enters the index once stored.
+    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let mut puts: JoinSet<Result<u64>> = JoinSet::new();
+    let mut failure: Option<StoreError> = None;
+    let mut added = 0u64;
+    while let Some((pack, bytes, entries)) = rx.recv().await {
+        let Ok(permit) = sem.clone().acquire_owned().await else { break };
+        let (region, sent) = (region.clone(), progress.clone());
+        puts.spawn(async move {
+            let len = bytes.len() as u64;
+            region.objects.put(&pack_key(&pack), Bytes::from(bytes)).await?;
+            let blobs: Vec<_> = entries.iter().map(|(id, off, len, _)| (*id, *off, *len)).collect();
+            region.index.add_pack(pack, &blobs)?;
+            sent.sent.fetch_add(len, Ordering::Relaxed);
+            drop(permit);
+            Ok(len)
+        });
+        while let Some(done) = puts.try_join_next() {
+            match flatten(done) {
+                Ok(n) => added += n,
+                Err(e) => failure = failure.or(Some(e)),
+            }
+        }
+        if failure.is_some() {
+            // Stops the producer (its next send fails).
+            progress.cancelled.store(true, Ordering::Release);
+            break;
+        }
+    }
+    drop(rx);
+    while let Some(done) = puts.join_next().await {
+        match flatten(done) {
+            Ok(n) => added += n,
+            Err(e) => failure = failure.or(Some(e)),
+        }
+    }
+    let produced = producer.await.map_err(|e| StoreError::Unavailable(format!("upload task failed: {e}")))?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let (pages, allocated_clusters) = produced?;
+    let manifest = Manifest {
+        format: FORMAT_VERSION,
+        snapshot_id: snap.id.clone(),
+        snapshot_name: snap.name.clone(),
+        volume_id: snap.volume_id.clone(),
+        volume_name: snap.volume.clone(),
+        description: snap.description.clone(),
+        created: snap.created,
+        uploaded: crate::store::now(),
+        size: snap.size,
+        cluster_size: snap.cluster_size,
+        base: base_id,
+        allocated_clusters,
+        added_bytes: added,
+        pages: pages.into_iter().map(|(index, blob)| PageRefJson { index, blob }).collect(),
+    };
+    Ok(Uploaded { manifest, added_bytes: added })
+}
+
+fn flatten(r: std::result::Result<Result<u64>, tokio::task::JoinError>) -> Result<u64> {
+    r.map_err(|e| StoreError::Unavailable(format!("upload task failed: {e}")))?
+}
+
+/// The producer (a blocking thread): returns the manifest's pages and the count of data
+/// clusters.
+#[allow(clippy::too_many_arguments)]
+fn produce(
+    rt: &tokio::runtime::Handle,
+    engine: &Arc<Engine>,
+    region: &Region,
+    snap: &SnapshotInfo,
+    base: Option<&Manifest>,
+    mut pages: BTreeMap<u64, RefJson>,
+    changed: Option<RoaringTreemap>,
+    pack_size: u64,
+    progress: &Progress,
+    tx: tokio::sync::mpsc::Sender<FinishedPack>,
+) -> Result<(BTreeMap<u64, RefJson>, u64)> {
+    let handle = engine.open_snapshot(&snap.id)?;
+    let cs = snap.cluster_size as u64;
+    let clusters_total = snap.size.div_ceil(cs);
+    let mut todo = match changed {
+        Some(c) => c,
+        None => handle.allocated_clusters(),
+    };
+    todo.remove_range(clusters_total..);
+    progress.total.store(todo.len() * cs, Ordering::Relaxed);
+    let keys = &region.keys;
+    let capacity = pack_size as usize + (2 << 20);
+    let mut pack = PackBuilder::new(capacity);
+    let mut pending: HashMap<BlobId, BlobRef> = HashMap::new();
+    let mut buf = vec![0u8; cs as usize];
+    let send = |pack: &mut PackBuilder, force: bool| -> Result<()> {
+        if pack.is_empty() || (!force && (pack.bytes.len() as u64) < pack_size) {
+            return Ok(());
+        }
+        let full = std::mem::replace(pack, PackBuilder::new(capacity));
+        tx.blocking_send(full.finish(keys))
+            .map_err(|_| StoreError::Unavailable("the upload stopped (a PUT failed)".into()))
+    };
+    // (index within page, blob) of the page being rebuilt.
+    let mut current: Option<(u64, BTreeMap<u32, BlobRef>)> = None;
+    let finish_page = |current: Option<(u64, BTreeMap<u32, BlobRef>)>,
+                       pack: &mut PackBuilder,
+                       pending: &mut HashMap<BlobId, BlobRef>,
+                       pages: &mut BTreeMap<u64, RefJson>|
+     -> Result<()> {
+        let Some((index, entries)) = current else { return Ok(()) };
+        if entries.is_empty() {
+            pages.remove(&index);
+            return Ok(());
+        }
+        let plain = Page { entries: entries.into_iter().collect() }.encode(index);
+        let id = keys.blob_id(&plain);
+        let r = match region.index.get(&id).or_else(|| pending.get(&id).copied()) {
+            Some(r) => r,
+            None => {
+                let r = pack.add(keys, id, &plain, BlobKind::Page);
+                pending.insert(id, r);
+                r
+            }
+        };
+        pages.insert(index, RefJson::from(&r));
+        Ok(())
+    };
+    for c in todo.iter() {
+        let page_index = c / PAGE_CLUSTERS;
+        if current.as_ref().is_none_or(|(i, _)| *i != page_index) {
+            progress.check(&snap.id)?;
+            finish_page(current.take(), &mut pack, &mut pending, &mut pages)?;
+            send(&mut pack, false)?;
+            let mut entries = BTreeMap::new();
+            if let (Some(m), Some(r)) = (base, pages.get(&page_index)) {
+                let r = r.to_ref(&format!("snapshots/{}", m.snapshot_id))?;
+                let page = rt.block_on(region.read_page(m, page_index, &r))?;
+                entries.extend(page.entries);
+            }
+            current = Some((page_index, entries));
+        }
+        let Some((_, entries)) = current.as_mut() else { continue };
+        let len = cs.min(snap.size - c * cs) as usize;
+        let data = &mut buf[..len];
+        let hole = handle.read(c * cs, data)?;
+        let slot = (c % PAGE_CLUSTERS) as u32;
+        if hole || data.iter().all(|&b| b == 0) {
+            entries.remove(&slot);
+        } else {
+            let id = keys.blob_id(data);
+            let r = match region.index.get(&id).or_else(|| pending.get(&id).copied()) {
+                Some(r) => r,
+                None => {
+                    let r = pack.add(keys, id, data, BlobKind::Data);
+                    pending.insert(id, r);
+                    r
+                }
+            };
+            entries.insert(slot, r);
+        }
+        progress.done.fetch_add(len as u64, Ordering::Relaxed);
+        send(&mut pack, false)?;
+    }
+    finish_page(current.take(), &mut pack, &mut pending, &mut pages)?;
+    send(&mut pack, true)?;
+    drop(handle);
+    // Clusters mapped to data locally (some may hold zeros and have no blob).
+    Ok((pages, snap.allocated_bytes / cs))
+}
