@@ -356,20 +356,24 @@ async fn clone_snapshot(
     State(c): State<Arc<Ctx>>,
     Path(r): Path<String>,
     body: Result<Json<CloneSnapshot>, JsonRejection>,
-) -> ApiResult<(StatusCode, Json<VolumeInfo>)> {
+) -> ApiResult<(StatusCode, Json<VolumeView>)> {
     let Json(b) = body?;
+    // A clone keeps its origin volume's home region.
+    let region = c.store.volume_region(&c.engine.snapshot(&r)?.volume_id);
     let e = c.engine.clone();
     let v = blocking(move || e.clone_snapshot(&r, &b.name)).await?;
-    Ok((StatusCode::CREATED, Json(v)))
+    c.store.set_volume_region(&v.id, &region)?;
+    Ok((StatusCode::CREATED, Json(volume_view(&c, v))))
 }
 
 async fn rollback(
     State(c): State<Arc<Ctx>>,
     Path(r): Path<String>,
     body: Result<Json<Rollback>, JsonRejection>,
-) -> ApiResult<Json<VolumeInfo>> {
+) -> ApiResult<Json<VolumeView>> {
     let Json(b) = body?;
-    Ok(Json(c.engine.rollback(&r, b.force).await?))
+    let v = c.engine.rollback(&r, b.force).await?;
+    Ok(Json(volume_view(&c, v)))
 }
 
 #[cfg(test)]

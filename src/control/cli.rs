@@ -463,7 +463,10 @@ async fn wait_job<T: DeserializeOwned>(
     loop {
         match job.state.as_str() {
             "running" => {
-                show_progress(json, label, job.done, job.total, job.rate);
+                // With --json, stdout carries only the result.
+                if !json {
+                    show_progress(json, label, job.done, job.total, job.rate);
+                }
                 tokio::time::sleep(POLL).await;
                 job = get(c, &Client::path(&["jobs", &job.id.to_string()])).await?;
             }

@@ -133,6 +133,7 @@ pub struct StoreService {
     publish: tokio::sync::Mutex<()>,
     jobs: Mutex<HashMap<u64, Arc<Job>>>,
     next_job: AtomicU64,
+    self_ref: std::sync::Weak<StoreService>,
 }
 
 impl StoreService {
@@ -149,7 +150,7 @@ impl StoreService {
         state.volumes.retain(|id, _| vols.contains(id));
         let (queue, queue_rx) = tokio::sync::mpsc::unbounded_channel();
         let regions = config.regions.keys().map(|k| (k.clone(), tokio::sync::OnceCell::new())).collect();
-        let svc = StoreService {
+        let svc = Arc::new_cyclic(|self_ref| StoreService {
             dir: dir.to_path_buf(),
             engine,
             limiter: RateLimiter::new(config.bandwidth_limit),
@@ -163,9 +164,10 @@ impl StoreService {
             publish: tokio::sync::Mutex::new(()),
             jobs: Mutex::new(HashMap::new()),
             next_job: AtomicU64::new(1),
-        };
+            self_ref: self_ref.clone(),
+        });
         svc.save()?;
-        Ok(Arc::new(svc))
+        Ok(svc)
     }
 
     /// Starts the background work: the upload worker (resuming unfinished uploads), the
@@ -395,7 +397,16 @@ impl StoreService {
         let base_id = base.as_ref().map(|b| b.snapshot_id.clone());
         tracing::info!(snapshot = %id, region = %region_name, base = ?base_id, "upload started");
         let started = Instant::now();
-        let up = upload::upload(
+        let on_stored: upload::OnStored = {
+            let svc = self.self_ref.clone();
+            let id = id.to_string();
+            Arc::new(move |len| {
+                if let Some(svc) = svc.upgrade() {
+                    svc.add_bytes(&id, len);
+                }
+            })
+        };
+        let mut manifest = upload::upload(
             self.engine.clone(),
             region.clone(),
             snap,
@@ -403,12 +414,16 @@ impl StoreService {
             self.config.pack_size,
             self.config.upload_concurrency,
             progress.clone(),
+            on_stored,
         )
         .await?;
         let _publishing = self.publish.lock().await;
         progress.check(id)?;
-        let manifest_bytes = region.put_manifest(up.manifest).await?;
-        let added = up.added_bytes + manifest_bytes;
+        // Bytes added over every attempt (an upload resumed after a crash counts its first part).
+        manifest.added_bytes = self.state.lock().snapshots.get(id).map_or(0, |r| r.added_bytes);
+        let manifest_bytes = region.put_manifest(manifest).await?;
+        self.add_bytes(id, manifest_bytes);
+        let added = self.state.lock().snapshots.get(id).map_or(0, |r| r.added_bytes);
         let secs = started.elapsed().as_secs_f64();
         tracing::info!(
             snapshot = %id,
@@ -421,14 +436,23 @@ impl StoreService {
         Ok((added, base_id))
     }
 
+    /// Counts (persistently) bytes a snapshot's upload stored.
+    fn add_bytes(&self, id: &str, len: u64) {
+        if let Some(rec) = self.state.lock().snapshots.get_mut(id) {
+            rec.added_bytes += len;
+        }
+        if let Err(e) = self.save() {
+            tracing::warn!(error = %e, "cannot record upload progress");
+        }
+    }
+
     fn finish_upload(&self, id: &str, progress: &Progress, result: Result<(u64, Option<String>)>) {
         {
             let mut st = self.state.lock();
             let Some(rec) = st.snapshots.get_mut(id) else { return };
             match result {
-                Ok((added, base)) => {
+                Ok((_, base)) => {
                     rec.state = UploadState::Available;
-                    rec.added_bytes = added;
                     rec.uploaded_at = Some(now());
                     rec.base = base;
                     rec.reason = None;

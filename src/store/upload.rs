@@ -70,12 +70,11 @@ pub struct Base {
 
 type FinishedPack = (PackId, Vec<u8>, Vec<PackEntry>);
 
-pub struct Uploaded {
-    pub manifest: Manifest,
-    pub added_bytes: u64,
-}
+/// Called with the size of each pack once it is stored (to persist the bytes added).
+pub type OnStored = Arc<dyn Fn(u64) + Send + Sync>;
 
 /// Uploads `snap` to `region` and returns the manifest to publish (not yet written).
+#[allow(clippy::too_many_arguments)]
 pub async fn upload(
     engine: Arc<Engine>,
     region: Arc<Region>,
@@ -84,7 +83,8 @@ pub async fn upload(
     pack_size: u64,
     concurrency: usize,
     progress: Arc<Progress>,
-) -> Result<Uploaded> {
+    on_stored: OnStored,
+) -> Result<Manifest> {
     let base_id = base.as_ref().map(|b| b.snapshot_id.clone());
     let (tx, mut rx) = tokio::sync::mpsc::channel::<FinishedPack>(1);
     let rt = tokio::runtime::Handle::current();
@@ -119,13 +119,14 @@ pub async fn upload(
     let mut added = 0u64;
     while let Some((pack, bytes, entries)) = rx.recv().await {
         let Ok(permit) = sem.clone().acquire_owned().await else { break };
-        let (region, sent) = (region.clone(), progress.clone());
+        let (region, sent, on_stored) = (region.clone(), progress.clone(), on_stored.clone());
         puts.spawn(async move {
             let len = bytes.len() as u64;
             region.objects.put(&pack_key(&pack), Bytes::from(bytes)).await?;
             let blobs: Vec<_> = entries.iter().map(|(id, off, len, _)| (*id, *off, *len)).collect();
             region.index.add_pack(pack, &blobs)?;
             sent.sent.fetch_add(len, Ordering::Relaxed);
+            on_stored(len);
             drop(permit);
             Ok(len)
         });
@@ -153,7 +154,7 @@ pub async fn upload(
         return Err(e);
     }
     let (pages, allocated_clusters) = produced?;
-    let manifest = Manifest {
+    Ok(Manifest {
         format: FORMAT_VERSION,
         snapshot_id: snap.id.clone(),
         snapshot_name: snap.name.clone(),
@@ -166,10 +167,10 @@ pub async fn upload(
         cluster_size: snap.cluster_size,
         base: base_id,
         allocated_clusters,
+        // The caller sets the total over every attempt (it persists it per pack).
         added_bytes: added,
         pages: pages.into_iter().map(|(index, blob)| PageRefJson { index, blob }).collect(),
-    };
-    Ok(Uploaded { manifest, added_bytes: added })
+    })
 }
 
 fn flatten(r: std::result::Result<Result<u64>, tokio::task::JoinError>) -> Result<u64> {
