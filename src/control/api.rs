@@ -278,7 +278,7 @@ async fn delete_snapshot(State(c): State<Arc<Ctx>>, Path(r): Path<String>) -> Ap
 
 async fn retry_upload(State(c): State<Arc<Ctx>>, Path(r): Path<String>) -> ApiResult<Json<SnapshotView>> {
     let s = c.engine.snapshot(&r)?;
-    c.store.retry_upload(&s)?;
+    c.store.upload(&s)?;
     Ok(Json(snapshot_view(&c, s)))
 }
 

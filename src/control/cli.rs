@@ -138,8 +138,13 @@ pub enum SnapshotCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Queue a failed upload again
-    Upload { snapshot: String },
+    /// Upload a snapshot now (automatic upload off), or retry a failed upload
+    Upload {
+        snapshot: String,
+        /// Wait until the upload ends, showing progress
+        #[arg(long)]
+        wait: bool,
+    },
     /// Re-read everything the snapshot needs from the store and check it
     Verify {
         snapshot: String,
@@ -571,9 +576,9 @@ pub async fn run(dir: &std::path::Path, json: bool, command: Command) -> Result<
                 let body = Rollback { force };
                 Shown::Volume(send(&c, Method::POST, &p(&["snapshots", &snapshot, "rollback"]), Some(&body)).await?)
             }
-            SnapshotCommand::Upload { snapshot } => {
+            SnapshotCommand::Upload { snapshot, wait } => {
                 let view = send(&c, Method::POST, &p(&["snapshots", &snapshot, "upload"]), None::<&()>).await?;
-                Shown::Snapshot(view)
+                Shown::Snapshot(if wait { wait_upload(&c, json, view).await? } else { view })
             }
             SnapshotCommand::Verify { snapshot, region } => {
                 let mut path = p(&["snapshots", &snapshot, "verify"]);

@@ -18,6 +18,7 @@ const DEFAULT_CONFIG: &str = r#"# snapblk daemon configuration (created by `snap
 # Paths are relative to the daemon directory.
 
 [upload]
+enabled = true                   # upload every snapshot when it is taken (false: only `snapblk snapshot upload`)
 concurrency = 4                  # parallel PUTs per upload
 bandwidth_limit = "0"            # bytes per second over all uploads, e.g. "100M"; "0" = unlimited
 pack_size = "32M"                # target size of one pack object
@@ -58,6 +59,7 @@ struct RawConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawUpload {
+    enabled: Option<bool>,
     concurrency: Option<usize>,
     bandwidth_limit: Option<String>,
     pack_size: Option<String>,
@@ -157,6 +159,8 @@ impl std::fmt::Debug for RegionConfig {
 
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Upload each snapshot when it is created.
+    pub upload_enabled: bool,
     pub upload_concurrency: usize,
     /// Bytes per second over all uploads; 0 = unlimited.
     pub bandwidth_limit: u64,
@@ -249,6 +253,7 @@ impl Config {
             regions.insert(name.clone(), region(&name, r, dir)?);
         }
         Ok(Config {
+            upload_enabled: raw.upload.enabled.unwrap_or(true),
             upload_concurrency,
             bandwidth_limit,
             pack_size,

@@ -195,19 +195,32 @@ impl RepoKeys {
     }
 
     /// Compresses (lz4, kept only when smaller) and seals a blob, appending it to `out`.
-    /// Returns the sealed length.
+    /// Returns the sealed length. Compression and encryption work in `out` itself: no
+    /// intermediate buffers.
     pub fn seal_blob(&self, id: &BlobId, plain: &[u8], out: &mut Vec<u8>) -> usize {
-        let compressed = lz4_flex::block::compress_prepend_size(plain);
-        let mut body = Vec::with_capacity(1 + plain.len().min(compressed.len()));
-        if compressed.len() < plain.len() {
-            body.push(CODEC_LZ4);
-            body.extend_from_slice(&compressed);
-        } else {
-            body.push(CODEC_RAW);
-            body.extend_from_slice(plain);
-        }
         let start = out.len();
-        seal_into(&self.data, &id.0, &body, out);
+        let nonce = random_nonce();
+        out.extend_from_slice(&nonce);
+        let body = out.len();
+        // codec | plaintext length u32 | lz4 block: the layout of `compress_prepend_size`.
+        let max = lz4_flex::block::get_maximum_output_size(plain.len());
+        out.resize(body + 5 + max, 0);
+        out[body] = CODEC_LZ4;
+        out[body + 1..body + 5].copy_from_slice(&(plain.len() as u32).to_le_bytes());
+        match lz4_flex::block::compress_into(plain, &mut out[body + 5..]) {
+            Ok(n) if 4 + n < plain.len() => out.truncate(body + 5 + n),
+            _ => {
+                out.truncate(body);
+                out.push(CODEC_RAW);
+                out.extend_from_slice(plain);
+            }
+        }
+        // Encryption cannot fail for buffers far below XChaCha's 256 GiB message limit.
+        let tag = self
+            .data
+            .encrypt_in_place_detached(XNonce::from_slice(&nonce), &id.0, &mut out[body..])
+            .unwrap_or_else(|_| unreachable!("message within the AEAD limit"));
+        out.extend_from_slice(&tag);
         out.len() - start
     }
 

@@ -10,6 +10,7 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod format;
+mod gc;
 pub mod index;
 pub mod objects;
 mod ops;
@@ -29,7 +30,8 @@ use serde::{Deserialize, Serialize};
 
 pub use config::Config;
 pub use error::{Result, StoreError};
-pub use ops::{ExportFormat, GcReport, RegionInfo, RegionSnapshot, VerifyReport};
+pub use gc::GcReport;
+pub use ops::{ExportFormat, RegionInfo, RegionSnapshot, VerifyReport};
 pub use state::UploadState;
 
 use crate::engine::{Engine, ErrorKind, SnapshotInfo};
@@ -124,6 +126,7 @@ pub struct StoreService {
     regions: HashMap<String, tokio::sync::OnceCell<Arc<Region>>>,
     state: Mutex<RemoteState>,
     state_file: StateFile,
+    saving: Mutex<()>,
     queue: tokio::sync::mpsc::UnboundedSender<String>,
     queue_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
     /// Progress of queued and running uploads.
@@ -158,6 +161,7 @@ impl StoreService {
             regions,
             state: Mutex::new(state),
             state_file,
+            saving: Mutex::new(()),
             queue,
             queue_rx: Mutex::new(Some(queue_rx)),
             uploads: Mutex::new(HashMap::new()),
@@ -220,7 +224,10 @@ impl StoreService {
         }
     }
 
+    /// Writes the state file. Serialized, and the state is copied under the same lock, so a
+    /// older copy never overwrites a newer one.
     fn save(&self) -> Result<()> {
+        let _saving = self.saving.lock();
         let st = self.state.lock().clone();
         self.state_file.save(&st)
     }
@@ -278,9 +285,17 @@ impl StoreService {
         self.save()
     }
 
-    /// Queues the upload of a snapshot just created (its status is `uploading` from now on,
-    /// persistently, so a restart resumes it).
+    /// Queues the upload of a snapshot just created, unless automatic upload is off.
     pub fn snapshot_created(&self, snap: &SnapshotInfo) -> Result<()> {
+        if self.config.upload_enabled {
+            self.start_upload(snap)?;
+        }
+        Ok(())
+    }
+
+    /// Queues an upload (its status is `uploading` from now on, persistently, so a restart
+    /// resumes it).
+    fn start_upload(&self, snap: &SnapshotInfo) -> Result<()> {
         let region = self.volume_region(&snap.volume_id);
         self.state.lock().snapshots.insert(
             snap.id.clone(),
@@ -298,12 +313,14 @@ impl StoreService {
         Ok(())
     }
 
-    /// Queues a failed upload again (`snapblk snapshot upload`).
-    pub fn retry_upload(&self, snap: &SnapshotInfo) -> Result<()> {
+    /// `snapblk snapshot upload`: uploads a snapshot never uploaded (automatic upload off, or
+    /// taken before), or queues a failed upload again. Nothing to do when uploaded or running.
+    pub fn upload(&self, snap: &SnapshotInfo) -> Result<()> {
         let region = {
             let mut st = self.state.lock();
             let Some(rec) = st.snapshots.get_mut(&snap.id) else {
-                return Err(StoreError::NotFound(format!("snapshot {} has no upload record", snap.id)));
+                drop(st);
+                return self.start_upload(snap);
             };
             match rec.state {
                 UploadState::Available => return Ok(()),

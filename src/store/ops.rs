@@ -1,17 +1,16 @@
 //! Operations that read a region back: verify, export, GC, and what a region holds.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
 use super::config::Backend;
 use super::error::{Result, StoreError};
-use super::format::{manifest_key, pack_id_of_key, pack_key, BlobRef, Manifest, PackId};
+use super::format::{manifest_key, pack_key, BlobRef, Manifest};
 use super::objects::MetricsView;
 use super::region::Region;
 use super::{Job, StoreService};
@@ -44,21 +43,6 @@ pub struct ExportReport {
     pub format: ExportFormat,
     pub size: u64,
     pub blobs: u64,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct GcReport {
-    pub region: String,
-    pub manifests: u64,
-    pub packs: u64,
-    pub packs_deleted: u64,
-    pub bytes_deleted: u64,
-    /// Unreferenced packs kept because they are younger than the grace period.
-    pub packs_young: u64,
-    pub live_bytes: u64,
-    pub stored_bytes: u64,
-    /// Packs less than half live (candidates for repacking).
-    pub sparse_packs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -141,6 +125,8 @@ impl StoreService {
             Ok(s) => s.id,
             Err(_) => r.to_string(),
         };
+        // GC (which may move blobs) waits until this is done.
+        let _reading = region.gc_lock.read().await;
         // Really re-read the manifest, not the cached copy.
         region.forget_manifest(&id);
         let mut report = VerifyReport { snapshot: id.clone(), region: region.name.clone(), ..Default::default() };
@@ -189,7 +175,10 @@ impl StoreService {
         format: ExportFormat,
         job: &Job,
     ) -> Result<ExportReport> {
-        let (region, m) = self.locate(r, region).await?;
+        let (region, _) = self.locate(r, region).await?;
+        // GC (which may move blobs) waits until this is done; re-read the manifest under it.
+        let _reading = region.gc_lock.read().await;
+        let (region, m) = self.locate(r, Some(&region.name)).await?;
         let raw_path = match format {
             ExportFormat::Raw => output.to_path_buf(),
             ExportFormat::Qcow2 => output.with_extension("snapblk-export.raw"),
@@ -228,71 +217,6 @@ impl StoreService {
                 Err(e)
             }
         }
-    }
-
-    /// Mark and sweep: packs no manifest references (and older than the grace period) are
-    /// deleted. Runs with the region's GC lock held exclusively, so no upload is in flight.
-    pub async fn gc(&self, region_name: &str, grace: Option<Duration>) -> Result<GcReport> {
-        let grace = grace.unwrap_or(self.config.gc_grace);
-        let region = self.region(region_name).await?;
-        let _exclusive = region.gc_lock.write().await;
-        let mut report = GcReport { region: region_name.into(), ..Default::default() };
-        let mut live: HashMap<PackId, u64> = HashMap::new();
-        let mut seen: HashSet<(PackId, u64)> = HashSet::new();
-        let mut mark = |b: &BlobRef| {
-            if seen.insert((b.pack, b.offset)) {
-                *live.entry(b.pack).or_default() += b.len as u64;
-            }
-        };
-        for id in region.snapshot_ids().await? {
-            region.forget_manifest(&id);
-            let m = match region.manifest(&id).await {
-                Ok(m) => m,
-                Err(StoreError::Missing(_)) => continue, // deleted since the LIST
-                Err(e) => {
-                    return Err(StoreError::Invalid(format!(
-                        "GC stopped without deleting anything: manifest of {id} is unreadable ({e}); verify it with: snapblk snapshot verify {id} --region {region_name}"
-                    )))
-                }
-            };
-            report.manifests += 1;
-            let object = manifest_key(&id);
-            for p in &m.pages {
-                let r = p.blob.to_ref(&object)?;
-                mark(&r);
-                let page = region
-                    .read_page(&m, p.index, &r)
-                    .await
-                    .map_err(|e| StoreError::Invalid(format!("GC stopped without deleting anything: {e}")))?;
-                for (_, b) in &page.entries {
-                    mark(b);
-                }
-            }
-        }
-        let now = SystemTime::now();
-        for obj in region.objects.list("packs").await? {
-            let Some(pack) = pack_id_of_key(&obj.key) else { continue };
-            report.packs += 1;
-            report.stored_bytes += obj.size;
-            match live.get(&pack) {
-                Some(&l) => {
-                    report.live_bytes += l;
-                    if l * 2 < obj.size {
-                        report.sparse_packs += 1;
-                    }
-                }
-                None if now.duration_since(obj.modified).unwrap_or_default() < grace => report.packs_young += 1,
-                None => {
-                    region.objects.delete(&obj.key).await?;
-                    region.index.delete_pack(pack)?;
-                    report.packs_deleted += 1;
-                    report.bytes_deleted += obj.size;
-                    report.stored_bytes -= obj.size;
-                }
-            }
-        }
-        tracing::info!(region = region_name, deleted = report.packs_deleted, bytes = report.bytes_deleted, "GC done");
-        Ok(report)
     }
 
     pub async fn region_info(&self, name: &str) -> Result<RegionInfo> {

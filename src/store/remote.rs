@@ -1,12 +1,12 @@
 //! Read-only access to a snapshot whose data lives only in the store (released after upload):
 //! what the NBD export `VOLUME@SNAPSHOT` serves then. Each read fetches the clusters it covers
-//! (verified like every read from the store); map pages are cached once fetched.
+//! (verified like every read from the store); map pages are cached once fetched. When GC has
+//! moved blobs meanwhile (a cached location is gone), the manifest is read again, once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use tokio::sync::OnceCell;
 
 use super::error::{Result, StoreError};
 use super::format::{manifest_key, Manifest, Page, PAGE_CLUSTERS};
@@ -16,17 +16,28 @@ use super::StoreService;
 pub struct RemoteSnapshot {
     svc: Arc<StoreService>,
     snapshot_id: String,
-    opened: OnceCell<(Arc<Region>, Arc<Manifest>)>,
+    opened: Mutex<Option<(Arc<Region>, Arc<Manifest>)>>,
     pages: Mutex<HashMap<u64, Arc<Page>>>,
 }
 
 impl RemoteSnapshot {
     pub fn new(svc: Arc<StoreService>, snapshot_id: String) -> RemoteSnapshot {
-        RemoteSnapshot { svc, snapshot_id, opened: OnceCell::new(), pages: Mutex::new(HashMap::new()) }
+        RemoteSnapshot { svc, snapshot_id, opened: Mutex::new(None), pages: Mutex::new(HashMap::new()) }
     }
 
-    async fn opened(&self) -> Result<&(Arc<Region>, Arc<Manifest>)> {
-        self.opened.get_or_try_init(|| self.svc.locate(&self.snapshot_id, None)).await
+    async fn opened(&self) -> Result<(Arc<Region>, Arc<Manifest>)> {
+        if let Some(o) = self.opened.lock().clone() {
+            return Ok(o);
+        }
+        let o = self.svc.locate(&self.snapshot_id, None).await?;
+        *self.opened.lock() = Some(o.clone());
+        Ok(o)
+    }
+
+    /// Drops the cached manifest and pages (after GC moved blobs).
+    fn refresh(&self) {
+        *self.opened.lock() = None;
+        self.pages.lock().clear();
     }
 
     async fn page(&self, index: u64) -> Result<Option<Arc<Page>>> {
@@ -36,13 +47,23 @@ impl RemoteSnapshot {
         let (region, m) = self.opened().await?;
         let Some(pref) = m.pages.iter().find(|p| p.index == index) else { return Ok(None) };
         let r = pref.blob.to_ref(&manifest_key(&m.snapshot_id))?;
-        let page = Arc::new(region.read_page(m, index, &r).await?);
+        let page = Arc::new(region.read_page(&m, index, &r).await?);
         self.pages.lock().insert(index, page.clone());
         Ok(Some(page))
     }
 
     /// Fills `buf` from `offset`; returns true when the whole range is a hole.
     pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        match self.read_once(offset, buf).await {
+            Err(StoreError::Missing(_)) => {
+                self.refresh();
+                self.read_once(offset, buf).await
+            }
+            r => r,
+        }
+    }
+
+    async fn read_once(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
         let (region, m) = self.opened().await?;
         let cs = m.cluster_size as u64;
         let end = offset
