@@ -40,9 +40,14 @@ pub struct GcReport {
     pub manifests_rewritten: u64,
 }
 
+/// A map page of a manifest: its index, where it is stored, and its content.
+type MarkedPage = (u64, BlobRef, Page);
+/// A pack's blobs, as the index records them: id, offset, sealed length.
+type IndexedBlobs = Vec<(super::crypto::BlobId, u64, u32)>;
+
 /// What mark found: every manifest with its pages, and the live blobs of each pack.
 struct Marked {
-    manifests: Vec<(Arc<Manifest>, Vec<(u64, BlobRef, Page)>)>,
+    manifests: Vec<(Arc<Manifest>, Vec<MarkedPage>)>,
     live: HashMap<PackId, HashMap<u64, BlobRef>>,
 }
 
@@ -134,7 +139,7 @@ impl StoreService {
         let capacity = self.config.pack_size as usize + (2 << 20);
         let mut moved: HashMap<(PackId, u64), BlobRef> = HashMap::new();
         let mut pack = PackBuilder::new(capacity);
-        let mut stored: Vec<(PackId, Vec<(super::crypto::BlobId, u64, u32)>)> = Vec::new();
+        let mut stored: Vec<(PackId, IndexedBlobs)> = Vec::new();
         let store_pack = |pack: PackBuilder| async {
             let (id, bytes, entries) = pack.finish(keys);
             let len = bytes.len() as u64;
