@@ -570,3 +570,38 @@ fn gc_repacks_mostly_dead_packs_and_every_snapshot_still_restores() {
         compare(&s2, &remote);
     }
 }
+
+#[test]
+fn instant_access_retention_keeps_uploaded_snapshots_local_and_release_frees_their_data() {
+    if !tools() {
+        return;
+    }
+    for region in regions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (keep_dir, drop_dir) = (tmp.path().join("keep"), tmp.path().join("drop"));
+        configure(&keep_dir, &region, "instant_access_retention = \"1h\"", "");
+        configure(&drop_dir, &region, "", "");
+        for (dir, kept) in [(&keep_dir, true), (&drop_dir, false)] {
+            let d = Daemon::start(dir);
+            d.cli_ok(&["volume", "create", "vol", "--size", "64M", "--region", region.name]);
+            fill(&d, "vol", 0, 16 * MIB, 13);
+            snapshot(&d, "vol", "s1");
+            // Overwrite everything: only the snapshot still needs the first 16 MiB.
+            fill(&d, "vol", 0, 16 * MIB, 14);
+            wait_available(&d, "vol@s1");
+            if kept {
+                std::thread::sleep(Duration::from_millis(1500)); // two sweeps of the retention check
+                assert_eq!(d.cli_json(&["snapshot", "show", "vol@s1"])["local"], true, "retention 1h keeps it local");
+            } else {
+                wait_released(&d, "vol@s1");
+                // Freed slots are punched at the next commit (here: a flush).
+                common::qemu_io(&d.nbd_uri("vol"), &["flush"]);
+                // Its 16 MiB of slots were freed (punched): the slot file holds about the
+                // volume's own 16 MiB.
+                let used = ok("du", &["-sk", &dir.join("data").display().to_string()]);
+                let kib: u64 = used.split_whitespace().next().unwrap().parse().unwrap();
+                assert!(kib < 24 * 1024, "{}: released data still uses {kib} KiB locally", region.name);
+            }
+        }
+    }
+}

@@ -1125,7 +1125,7 @@ impl Engine {
 fn check_local(s: &Snapshot, r: &str) -> Result<()> {
     if s.released {
         return Err(EngineError::NotLocal(format!(
-            "the data of snapshot '{r}' is no longer local (released after its upload); read it from the store with: snapblk snapshot export {r} --output FILE"
+            "the data of snapshot '{r}' was released after its upload, and restoring from the store is not built yet; copy it out with: snapblk snapshot export {r} --output FILE (keep snapshots local longer with upload.instant_access_retention in snapblk.toml)"
         )));
     }
     Ok(())
