@@ -605,3 +605,35 @@ fn instant_access_retention_keeps_uploaded_snapshots_local_and_release_frees_the
         }
     }
 }
+
+#[test]
+fn background_gc_reclaims_a_deleted_snapshot_by_itself() {
+    if !tools() {
+        return;
+    }
+    for region in regions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        configure(&dir, &region, "", "");
+        let text = std::fs::read_to_string(dir.join("snapblk.toml"))
+            .unwrap()
+            .replace("interval = \"0s\"", "interval = \"1s\"");
+        std::fs::write(dir.join("snapblk.toml"), text).unwrap();
+        let d = Daemon::start(&dir);
+        d.cli_ok(&["volume", "create", "vol", "--size", "64M", "--region", region.name]);
+        fill(&d, "vol", 0, 4 * MIB, 15);
+        snapshot(&d, "vol", "s1");
+        wait_available(&d, "vol@s1");
+        assert!(region_show(&d, region.name)["packs"].as_u64().unwrap() > 0);
+        d.cli_ok(&["snapshot", "delete", "vol@s1"]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while region_show(&d, region.name)["packs"] != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "background GC did not reclaim the packs: {}",
+                region_show(&d, region.name)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
