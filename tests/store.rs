@@ -157,7 +157,15 @@ fn incremental_upload_sends_only_the_changed_clusters() {
 
         let n = 40;
         scatter(&d, "vol", n, 2);
-        snapshot(&d, "vol", "s2");
+        // `--wait --json`: JSON progress lines, then the snapshot once its upload ended.
+        let out = d.cli_ok(&["--json", "snapshot", "create", "vol", "--name", "s2", "--wait"]);
+        let (progress, last) = out.split_at(out.find("\n{\n").map_or(0, |i| i + 1));
+        assert!(
+            progress.lines().all(|l| serde_json::from_str::<Value>(l).is_ok_and(|v| v["progress"].is_string())),
+            "{out}"
+        );
+        let last: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {out}"));
+        assert_eq!(last["upload"]["state"], "available", "{out}");
         let s2 = wait_available(&d, "vol@s2");
         let after = region_show(&d, region.name);
         let added = s2["upload"]["added_bytes"].as_u64().unwrap();
@@ -479,8 +487,12 @@ fn a_wrong_key_file_is_a_clear_error_and_a_second_daemon_can_read_the_region() {
         b.cli_ok(&["snapshot", "export", &id, "--region", region.name, "--output", &out.display().to_string()]);
         compare(&nbd, &out);
 
-        // C has its own (new) key: a clear error, never garbage.
+        // C has another key (from `key generate`): a clear error, never garbage.
         shared(&c_dir);
+        let generated = ok(common::BIN, &["key", "generate"]);
+        assert!(generated.contains("snapblk-key-v1 ") && generated != key, "{generated}");
+        std::fs::create_dir_all(c_dir.join("keys")).unwrap();
+        std::fs::write(c_dir.join("keys").join(format!("{}.key", region.name)), generated).unwrap();
         let c = Daemon::start(&c_dir);
         let (code, err) = c.cli_err(&["snapshot", "list", "--region", region.name]);
         assert_eq!(code, 1);
