@@ -173,6 +173,88 @@ pub async fn upload(
     })
 }
 
+/// New data blobs waiting to be sealed: compression and encryption are the expensive part of
+/// an upload, and clusters are independent, so they are sealed on all cores at once, a batch
+/// at a time, before entering the pack in order.
+#[derive(Default)]
+struct Batch {
+    blobs: Vec<(BlobId, Vec<u8>)>,
+    bytes: usize,
+    /// Where each blob goes: (slot within the page, index into `blobs`).
+    slots: Vec<(u32, usize)>,
+    index: HashMap<BlobId, usize>,
+}
+
+/// A batch is sealed once it holds this many bytes (or at the end of a page).
+const BATCH_BYTES: usize = 4 << 20;
+
+impl Batch {
+    fn push(&mut self, slot: u32, id: BlobId, data: &[u8]) {
+        let i = *self.index.entry(id).or_insert_with(|| {
+            self.blobs.push((id, data.to_vec()));
+            self.bytes += data.len();
+            self.blobs.len() - 1
+        });
+        self.slots.push((slot, i));
+    }
+
+    /// Seals the batch in parallel, appends it to `pack` in order, and fills in the page
+    /// entries that wait for it.
+    fn flush(
+        &mut self,
+        keys: &super::crypto::RepoKeys,
+        pack: &mut PackBuilder,
+        pending: &mut HashMap<BlobId, BlobRef>,
+        entries: &mut BTreeMap<u32, BlobRef>,
+    ) -> Result<()> {
+        if self.blobs.is_empty() {
+            return Ok(());
+        }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(self.blobs.len());
+        let per_thread = self.blobs.len().div_ceil(threads);
+        let sealed: Vec<Vec<u8>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = self
+                .blobs
+                .chunks(per_thread)
+                .map(|chunk| {
+                    scope.spawn(move || {
+                        chunk
+                            .iter()
+                            .map(|(id, data)| {
+                                let mut out = Vec::with_capacity(data.len() + 64);
+                                keys.seal_blob(id, data, &mut out);
+                                out
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join()).collect::<std::result::Result<Vec<_>, _>>()
+        })
+        .map_err(|_| StoreError::Unavailable("a sealing thread failed".into()))?
+        .into_iter()
+        .flatten()
+        .collect();
+        let refs: Vec<BlobRef> = self
+            .blobs
+            .iter()
+            .zip(&sealed)
+            .map(|((id, _), s)| {
+                let r = pack.add_sealed(*id, s, BlobKind::Data);
+                pending.insert(*id, r);
+                r
+            })
+            .collect();
+        for (slot, i) in self.slots.drain(..) {
+            entries.insert(slot, refs[i]);
+        }
+        self.blobs.clear();
+        self.index.clear();
+        self.bytes = 0;
+        Ok(())
+    }
+}
+
 fn flatten(r: std::result::Result<Result<u64>, tokio::task::JoinError>) -> Result<u64> {
     r.map_err(|e| StoreError::Unavailable(format!("upload task failed: {e}")))?
 }
@@ -239,10 +321,14 @@ fn produce(
         pages.insert(index, RefJson::from(&r));
         Ok(())
     };
+    let mut batch = Batch::default();
     for c in todo.iter() {
         let page_index = c / PAGE_CLUSTERS;
         if current.as_ref().is_none_or(|(i, _)| *i != page_index) {
             progress.check(&snap.id)?;
+            if let Some((_, entries)) = current.as_mut() {
+                batch.flush(keys, &mut pack, &mut pending, entries)?;
+            }
             finish_page(current.take(), &mut pack, &mut pending, &mut pages)?;
             send(&mut pack, false)?;
             let mut entries = BTreeMap::new();
@@ -262,18 +348,21 @@ fn produce(
             entries.remove(&slot);
         } else {
             let id = keys.blob_id(data);
-            let r = match region.index.get(&id).or_else(|| pending.get(&id).copied()) {
-                Some(r) => r,
-                None => {
-                    let r = pack.add(keys, id, data, BlobKind::Data);
-                    pending.insert(id, r);
-                    r
+            match region.index.get(&id).or_else(|| pending.get(&id).copied()) {
+                Some(r) => {
+                    entries.insert(slot, r);
                 }
-            };
-            entries.insert(slot, r);
+                None => batch.push(slot, id, data),
+            }
         }
         progress.done.fetch_add(len as u64, Ordering::Relaxed);
-        send(&mut pack, false)?;
+        if batch.bytes >= BATCH_BYTES {
+            batch.flush(keys, &mut pack, &mut pending, entries)?;
+            send(&mut pack, false)?;
+        }
+    }
+    if let Some((_, entries)) = current.as_mut() {
+        batch.flush(keys, &mut pack, &mut pending, entries)?;
     }
     finish_page(current.take(), &mut pack, &mut pending, &mut pages)?;
     send(&mut pack, true)?;
