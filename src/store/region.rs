@@ -50,8 +50,10 @@ impl Region {
         let wrapped = match objects.get(REPO_KEY_OBJECT).await {
             Ok(b) => b,
             Err(StoreError::Missing(_)) => {
-                // A new repository. Without conditional PUT two daemons could race here; read
-                // back what won so both use the same key.
+                // A new repository. The key is read back rather than used directly, so two
+                // daemons initializing at once converge on the last PUT — unless one reads back
+                // before the other writes: without conditional PUT (Garage ignores If-None-Match)
+                // that window cannot be closed here; start the first daemon of a region alone.
                 let master = crypto::new_master();
                 objects.put(REPO_KEY_OBJECT, Bytes::from(crypto::wrap_master(&kek, &master))).await?;
                 tracing::info!(region = %cfg.name, "initialized a new repository");
