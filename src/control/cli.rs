@@ -450,7 +450,12 @@ fn show_progress(json: bool, label: &str, done: u64, total: u64, rate: u64) {
         println!("{}", serde_json::json!({ "progress": label, "done": done, "total": total, "rate": rate }));
         return;
     }
-    let pct = (done.min(total) * 100).checked_div(total).unwrap_or(0) as usize;
+    if total == 0 {
+        eprint!("\r{label}: starting   ");
+        let _ = std::io::stderr().flush();
+        return;
+    }
+    let pct = (done.min(total) * 100 / total) as usize;
     let bar: String = (0..30).map(|i| if i * 100 < pct * 30 { '#' } else { '.' }).collect();
     eprint!("\r{label} [{bar}] {pct:3}% {} of {} ({}/s)   ", human(done), human(total), human(rate));
     let _ = std::io::stderr().flush();

@@ -380,7 +380,7 @@ impl StoreService {
         }
     }
 
-    async fn upload_one(&self, id: &str, progress: Arc<Progress>) -> Result<(u64, Option<String>)> {
+    async fn upload_one(&self, id: &str, progress: Arc<Progress>) -> Result<Option<String>> {
         let snap = self.engine.snapshot(id)?;
         let region_name =
             self.state.lock().snapshots.get(id).map(|r| r.region.clone()).unwrap_or_else(|| "local".into());
@@ -450,7 +450,7 @@ impl StoreService {
             secs,
             "upload done"
         );
-        Ok((added, base_id))
+        Ok(base_id)
     }
 
     /// Counts (persistently) bytes a snapshot's upload stored.
@@ -463,12 +463,12 @@ impl StoreService {
         }
     }
 
-    fn finish_upload(&self, id: &str, progress: &Progress, result: Result<(u64, Option<String>)>) {
+    fn finish_upload(&self, id: &str, progress: &Progress, result: Result<Option<String>>) {
         {
             let mut st = self.state.lock();
             let Some(rec) = st.snapshots.get_mut(id) else { return };
             match result {
-                Ok((_, base)) => {
+                Ok(base) => {
                     rec.state = UploadState::Available;
                     rec.uploaded_at = Some(now());
                     rec.base = base;

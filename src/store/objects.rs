@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path as ObjPath;
-use object_store::{ObjectStore, PutPayload};
+use object_store::{GetOptions, ObjectStore, PutPayload};
 use parking_lot::Mutex;
 use rand::Rng;
 use serde::Serialize;
@@ -266,38 +266,26 @@ impl Objects {
     }
 
     pub async fn get(&self, key: &str) -> Result<Bytes> {
-        let path = ObjPath::from(key);
-        let body = self
-            .retry("GET", key, || {
-                let path = path.clone();
-                async move {
-                    let truncate = self.inject(true).await?;
-                    let r = self.inner.get(&path).await?;
-                    let size = r.meta.size;
-                    let mut body = r.bytes().await?;
-                    if truncate {
-                        body.truncate(body.len() / 2);
-                    }
-                    if body.len() as u64 != size {
-                        return Err(Attempt::Transient(format!("short body: {} of {size} bytes", body.len())));
-                    }
-                    Ok(body)
-                }
-            })
-            .await?;
-        self.count_get(body.len());
-        Ok(body)
+        self.fetch(key, None).await
     }
 
     pub async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+        self.fetch(key, Some(range)).await
+    }
+
+    /// A GET of the whole object or of `range`; a body shorter than asked (or than the object
+    /// size the store reported) is retried, never returned.
+    async fn fetch(&self, key: &str, range: Option<Range<u64>>) -> Result<Bytes> {
         let path = ObjPath::from(key);
-        let want = range.end - range.start;
         let body = self
             .retry("GET", key, || {
                 let (path, range) = (path.clone(), range.clone());
                 async move {
                     let truncate = self.inject(true).await?;
-                    let mut body = self.inner.get_range(&path, range).await?;
+                    let options = GetOptions { range: range.clone().map(Into::into), ..Default::default() };
+                    let r = self.inner.get_opts(&path, options).await?;
+                    let want = range.map_or(r.meta.size, |r| r.end - r.start);
+                    let mut body = r.bytes().await?;
                     if truncate {
                         body.truncate(body.len() / 2);
                     }
