@@ -12,6 +12,7 @@ use snapblk_nbd::{serve_connection, ServerConfig};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::attach::Attachments;
 use crate::control::api::{router, Status};
 use crate::control::cli::ServeArgs;
 use crate::control::size::parse_size;
@@ -103,6 +104,13 @@ async fn run(
     }
     let catalog = Arc::new(NbdCatalog::new(engine.clone()));
     let config = Arc::new(ServerConfig::default());
+    // Devices a previous daemon attached to the kernel: taken back before serving (ublk user
+    // recovery, kernel NBD reconfigure), so their I/O resumes.
+    let attachments = Arc::new(Attachments::new(engine.clone(), tokio::runtime::Handle::current(), config.clone()));
+    {
+        let a = attachments.clone();
+        tokio::task::spawn_blocking(move || a.restore()).await?;
+    }
     let nbd_path = dir.join("nbd.sock");
     let control_path = dir.join("control.sock");
     let nbd_unix = bind_unix(&nbd_path)?;
@@ -150,7 +158,7 @@ async fn run(
             }
         });
     }
-    let app = router(engine.clone(), status);
+    let app = router(engine.clone(), attachments.clone(), status);
     tasks.spawn(async move {
         if let Err(e) = axum::serve(control, app).await {
             tracing::error!(error = %e, "control API stopped");

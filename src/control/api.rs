@@ -12,6 +12,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
+use crate::attach::{AttachRequest, Attachment, Attachments};
 use crate::engine::{Engine, EngineError, ErrorKind, SnapshotInfo, VolumeInfo};
 
 /// What `GET /v1/status` reports.
@@ -47,6 +48,16 @@ pub struct CloneSnapshot {
 pub struct Rollback {
     #[serde(default)]
     pub force: bool,
+}
+
+/// A volume as the API shows it: the engine's view plus its kernel attachment, if any.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VolumeView {
+    #[serde(flatten)]
+    pub volume: VolumeInfo,
+    /// The kernel device the volume is attached to (`volume attach`), if any.
+    #[serde(default)]
+    pub attachment: Option<Attachment>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -108,7 +119,15 @@ type ApiResult<T> = Result<T, ApiError>;
 
 struct Ctx {
     engine: Arc<Engine>,
+    attachments: Arc<Attachments>,
     status: Status,
+}
+
+impl Ctx {
+    fn view(&self, volume: VolumeInfo) -> VolumeView {
+        let attachment = self.attachments.of_volume(&volume.id);
+        VolumeView { volume, attachment }
+    }
 }
 
 /// Runs a (short, possibly fsyncing) engine call off the async workers, so NBD connections
@@ -123,13 +142,16 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, EngineError> 
     }
 }
 
-pub fn router(engine: Arc<Engine>, status: Status) -> Router {
-    let ctx = Arc::new(Ctx { engine, status });
+pub fn router(engine: Arc<Engine>, attachments: Arc<Attachments>, status: Status) -> Router {
+    let ctx = Arc::new(Ctx { engine, attachments, status });
     Router::new()
         .route("/v1/status", get(|State(c): State<Arc<Ctx>>| async move { Json(c.status.clone()) }))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route("/v1/volumes/{r}", get(show_volume).delete(delete_volume))
         .route("/v1/volumes/{r}/snapshots", post(create_snapshot))
+        .route("/v1/volumes/{r}/attach", post(attach))
+        .route("/v1/volumes/{r}/detach", post(detach))
+        .route("/v1/attachments", get(|State(c): State<Arc<Ctx>>| async move { Json(c.attachments.list()) }))
         .route("/v1/snapshots", get(list_snapshots))
         .route("/v1/snapshots/{r}", get(show_snapshot).delete(delete_snapshot))
         .route("/v1/snapshots/{r}/clone", post(clone_snapshot))
@@ -143,8 +165,8 @@ pub fn router(engine: Arc<Engine>, status: Status) -> Router {
         .with_state(ctx)
 }
 
-async fn list_volumes(State(c): State<Arc<Ctx>>) -> Json<Vec<VolumeInfo>> {
-    Json(c.engine.list_volumes())
+async fn list_volumes(State(c): State<Arc<Ctx>>) -> Json<Vec<VolumeView>> {
+    Json(c.engine.list_volumes().into_iter().map(|v| c.view(v)).collect())
 }
 
 async fn create_volume(
@@ -157,14 +179,31 @@ async fn create_volume(
     Ok((StatusCode::CREATED, Json(v)))
 }
 
-async fn show_volume(State(c): State<Arc<Ctx>>, Path(r): Path<String>) -> ApiResult<Json<VolumeInfo>> {
-    Ok(Json(c.engine.volume(&r)?))
+async fn show_volume(State(c): State<Arc<Ctx>>, Path(r): Path<String>) -> ApiResult<Json<VolumeView>> {
+    Ok(Json(c.view(c.engine.volume(&r)?)))
 }
 
 async fn delete_volume(State(c): State<Arc<Ctx>>, Path(r): Path<String>) -> ApiResult<StatusCode> {
+    c.attachments.before_delete(&c.engine.volume(&r)?.id)?;
     let e = c.engine.clone();
     blocking(move || e.delete_volume(&r)).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn attach(
+    State(c): State<Arc<Ctx>>,
+    Path(r): Path<String>,
+    body: Result<Json<AttachRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Attachment>)> {
+    let Json(b) = body?;
+    let a = c.attachments.clone();
+    let attached = blocking(move || a.attach(&r, &b)).await?;
+    Ok((StatusCode::CREATED, Json(attached)))
+}
+
+async fn detach(State(c): State<Arc<Ctx>>, Path(r): Path<String>) -> ApiResult<Json<Attachment>> {
+    let a = c.attachments.clone();
+    Ok(Json(blocking(move || a.detach(&r)).await?))
 }
 
 async fn create_snapshot(
@@ -210,9 +249,18 @@ async fn rollback(
     State(c): State<Arc<Ctx>>,
     Path(r): Path<String>,
     body: Result<Json<Rollback>, JsonRejection>,
-) -> ApiResult<Json<VolumeInfo>> {
+) -> ApiResult<Json<VolumeView>> {
     let Json(b) = body?;
-    Ok(Json(c.engine.rollback(&r, b.force).await?))
+    // A volume attached to the kernel: refused, or with --force detached first, so the
+    // kernel's page cache of the old content goes away with the device.
+    let volume_id = c.engine.snapshot(&r)?.volume_id;
+    let a = c.attachments.clone();
+    let force = b.force;
+    if let Some(gone) = blocking(move || a.before_rollback(&volume_id, force)).await? {
+        tracing::warn!(volume = gone.volume, device = %gone.device.display(), "detached for a forced rollback");
+    }
+    let v = c.engine.rollback(&r, b.force).await?;
+    Ok(Json(c.view(v)))
 }
 
 #[cfg(test)]
