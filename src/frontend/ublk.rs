@@ -22,7 +22,10 @@ impl UblkTarget {
 /// shutting down) holds the request for the next daemon instead of failing it.
 fn ublk_error(e: EngineError) -> TargetError {
     match e.kind() {
-        ErrorKind::Invalid | ErrorKind::NotFound => TargetError::Invalid,
+        ErrorKind::Invalid | ErrorKind::NotFound => {
+            tracing::warn!(error = %e, "ublk request refused");
+            TargetError::Invalid
+        }
         ErrorKind::NoSpace => TargetError::NoSpace,
         ErrorKind::ReadOnly => TargetError::ReadOnly,
         ErrorKind::Gone => TargetError::Gone,

@@ -89,20 +89,30 @@ pub(crate) fn execute<T: BlockTarget>(
     nr_sectors: u32,
     buf: &mut [u8],
 ) -> Option<i32> {
-    let Some(offset) = start_sector.checked_mul(512) else {
-        return Some(-libc::EINVAL);
-    };
+    // FLUSH carries no position (the kernel sends sector -1): the offset is checked only for
+    // operations that use it.
+    let offset = || start_sector.checked_mul(512).ok_or(TargetError::Invalid);
     let len = u64::from(nr_sectors) * 512;
     let data_len = |len: u64| -> Result<usize, TargetError> {
-        usize::try_from(len).ok().filter(|&n| n <= buf.len()).ok_or(TargetError::Invalid)
+        usize::try_from(len).ok().filter(|&n| n <= buf.len()).ok_or_else(|| {
+            tracing::warn!(len, buffer = buf.len(), "ublk request larger than its buffer");
+            TargetError::Invalid
+        })
     };
     let result = match decode(op_flags) {
-        Op::Read => data_len(len).and_then(|n| target.read(offset, &mut buf[..n]).map(|()| n as i32)),
-        Op::Write { fua } => data_len(len).and_then(|n| target.write(offset, &buf[..n], fua).map(|()| n as i32)),
+        Op::Read => {
+            data_len(len).and_then(|n| target.read(offset()?, &mut buf[..n]).map(|()| n as i32))
+        }
+        Op::Write { fua } => {
+            data_len(len).and_then(|n| target.write(offset()?, &buf[..n], fua).map(|()| n as i32))
+        }
         Op::Flush => target.flush().map(|()| 0),
-        Op::Discard => target.discard(offset, len).map(|()| 0),
-        Op::WriteZeroes { unmap, fua } => target.write_zeroes(offset, len, unmap, fua).map(|()| 0),
-        Op::Unsupported(_) => Err(TargetError::NotSupported),
+        Op::Discard => offset().and_then(|o| target.discard(o, len)).map(|()| 0),
+        Op::WriteZeroes { unmap, fua } => offset().and_then(|o| target.write_zeroes(o, len, unmap, fua)).map(|()| 0),
+        Op::Unsupported(op) => {
+            tracing::warn!(op, "unsupported ublk operation");
+            Err(TargetError::NotSupported)
+        }
     };
     match result {
         Ok(n) => Some(n),
@@ -180,7 +190,8 @@ mod tests {
         assert_eq!(execute(&t, 0, 8, 8, &mut buf), Some(4096));
         assert!(buf[..4096].iter().all(|&b| b == 0xab) && buf[4096] == 0);
         assert_eq!(execute(&t, 1 | F_FUA, 16, 16, &mut buf), Some(8192));
-        assert_eq!(execute(&t, 2, 0, 0, &mut buf), Some(0));
+        // the kernel sends FLUSH with sector -1
+        assert_eq!(execute(&t, 2, u64::MAX, 0, &mut buf), Some(0));
         assert_eq!(execute(&t, 3, 2048, 1 << 20, &mut buf), Some(0));
         assert_eq!(execute(&t, 5 | F_NOUNMAP, 8, 8, &mut buf), Some(0));
         assert_eq!(

@@ -361,7 +361,9 @@ fn serve_queue<T: BlockTarget>(qid: u16, dev: &UblkDev, target: T) {
             return;
         };
         let buf = buf.as_mut_slice();
-        if let Some(res) = execute(&target, op_flags, start, sectors, buf) {
+        let result = execute(&target, op_flags, start, sectors, buf);
+        tracing::trace!(qid, tag, op_flags, start, sectors, ?result, "ublk request");
+        if let Some(res) = result {
             if let Err(e) = q.complete_io_cmd_unified(tag, BufDesc::Slice(buf), Ok(UblkIORes::Result(res))) {
                 tracing::warn!(qid, tag, error = %e, "cannot complete ublk request");
             }
