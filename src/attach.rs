@@ -156,9 +156,10 @@ impl Attachments {
         let a = match kind {
             AttachKind::Ublk => {
                 let index = match &req.device {
-                    Some(d) => Some(parse_device(d, "ublkb").ok_or_else(|| {
-                        invalid(format!("'{d}' is not a ublk device; give /dev/ublkbN or N"))
-                    })?),
+                    Some(d) => Some(
+                        parse_device(d, "ublkb")
+                            .ok_or_else(|| invalid(format!("'{d}' is not a ublk device; give /dev/ublkbN or N")))?,
+                    ),
                     None => None,
                 };
                 let queues = req.queues.unwrap_or_else(|| default_queues(ublk::MAX_QUEUES));
@@ -285,7 +286,8 @@ impl Attachments {
         let mut tasks = Vec::new();
         let _guard = self.runtime.enter();
         for (sock, export) in ours.into_iter().zip(exports) {
-            let stream = tokio::net::UnixStream::from_std(sock).map_err(EngineError::io("registering an NBD socket"))?;
+            let stream =
+                tokio::net::UnixStream::from_std(sock).map_err(EngineError::io("registering an NBD socket"))?;
             let config = self.nbd_config.clone();
             let volume = name.to_string();
             tasks.push(self.runtime.spawn(async move {
@@ -404,7 +406,8 @@ impl Attachments {
                 match ublk::device_state(a.index) {
                     None => self.start_ublk(&info.name, &info.id, &config, None),
                     Some(DeviceState::Dead) => {
-                        ublk::delete(a.index).map_err(|e| kernel_error(format!("cannot delete {}", a.device.display()), e))?;
+                        ublk::delete(a.index)
+                            .map_err(|e| kernel_error(format!("cannot delete {}", a.device.display()), e))?;
                         self.start_ublk(&info.name, &info.id, &config, None)
                     }
                     Some(_) => self.start_ublk(&info.name, &info.id, &config, Some(a.index)),

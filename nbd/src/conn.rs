@@ -347,8 +347,7 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
     E: Export,
 {
-    let shared =
-        Arc::new(Shared {
+    let shared = Arc::new(Shared {
         export: session.export,
         structured: session.structured,
         hold_gone: session.hold_gone,

@@ -7,7 +7,7 @@
 //!   the server goes away), returning the device index (`/dev/nbdN`);
 //! - [`reconfigure`]: NBD_CMD_RECONFIGURE hands fresh sockets to a device whose server died
 //!   (a restarted daemon), before the dead-connection timeout expires;
-//! - [`disconnect`]: NBD_CMD_DISCONNECT.
+//! - [`disconnect`] sends NBD_CMD_DISCONNECT.
 //!
 //! Messages are built and parsed by pure functions (unit-tested); the socket calls are the
 //! only `unsafe` code here.
@@ -186,10 +186,18 @@ fn disconnect_request(family: u16, seq: u32, index: u32) -> Vec<u8> {
 #[derive(Debug, PartialEq, Eq)]
 enum Answer {
     /// NLMSG_ERROR: 0 is an acknowledgement, otherwise a negative errno.
-    Status { seq: u32, error: i32 },
+    Status {
+        seq: u32,
+        error: i32,
+    },
     /// A genetlink message: its top-level attributes (type, payload).
-    Attrs { seq: u32, attrs: Vec<(u16, Vec<u8>)> },
-    Done { seq: u32 },
+    Attrs {
+        seq: u32,
+        attrs: Vec<(u16, Vec<u8>)>,
+    },
+    Done {
+        seq: u32,
+    },
 }
 
 fn read_u16(b: &[u8], at: usize) -> Option<u16> {

@@ -100,12 +100,8 @@ pub(crate) fn execute<T: BlockTarget>(
         })
     };
     let result = match decode(op_flags) {
-        Op::Read => {
-            data_len(len).and_then(|n| target.read(offset()?, &mut buf[..n]).map(|()| n as i32))
-        }
-        Op::Write { fua } => {
-            data_len(len).and_then(|n| target.write(offset()?, &buf[..n], fua).map(|()| n as i32))
-        }
+        Op::Read => data_len(len).and_then(|n| target.read(offset()?, &mut buf[..n]).map(|()| n as i32)),
+        Op::Write { fua } => data_len(len).and_then(|n| target.write(offset()?, &buf[..n], fua).map(|()| n as i32)),
         Op::Flush => target.flush().map(|()| 0),
         Op::Discard => offset().and_then(|o| target.discard(o, len)).map(|()| 0),
         Op::WriteZeroes { unmap, fua } => offset().and_then(|o| target.write_zeroes(o, len, unmap, fua)).map(|()| 0),

@@ -254,10 +254,13 @@ pub fn recover<T: BlockTarget>(dev_id: u32, config: &UblkConfig, targets: Vec<T>
     }
     match ctrl.start_user_recover() {
         Ok(r) if r >= 0 => {}
-        Ok(r) => return Err(kernel(format!("START_USER_RECOVERY on device {dev_id}"))(libublk::UblkError::OtherError(r))),
+        Ok(r) => {
+            return Err(kernel(format!("START_USER_RECOVERY on device {dev_id}"))(libublk::UblkError::OtherError(r)))
+        }
         Err(e) => return Err(kernel(format!("START_USER_RECOVERY on device {dev_id}"))(e)),
     }
-    let config = UblkConfig { dev_id: Some(dev_id), queues: info.nr_hw_queues, depth: info.queue_depth, ..config.clone() };
+    let config =
+        UblkConfig { dev_id: Some(dev_id), queues: info.nr_hw_queues, depth: info.queue_depth, ..config.clone() };
     run(config, targets, true)
 }
 
