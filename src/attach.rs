@@ -15,6 +15,7 @@
 use std::collections::BTreeMap;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -74,7 +75,11 @@ pub struct AttachRequest {
 
 enum Running {
     Ublk(UblkDevice),
-    Nbd(Vec<tokio::task::JoinHandle<()>>),
+    Nbd {
+        tasks: Vec<tokio::task::JoinHandle<()>>,
+        /// Set before a detach: connections that end are not replaced.
+        detaching: Arc<AtomicBool>,
+    },
 }
 
 struct Attached {
@@ -283,19 +288,21 @@ impl Attachments {
         // The kernel holds its own references to its ends now.
         drop(fds);
         drop(theirs);
+        let detaching = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
         let _guard = self.runtime.enter();
         for (sock, export) in ours.into_iter().zip(exports) {
             let stream =
                 tokio::net::UnixStream::from_std(sock).map_err(EngineError::io("registering an NBD socket"))?;
-            let config = self.nbd_config.clone();
-            let volume = name.to_string();
-            tasks.push(self.runtime.spawn(async move {
-                match serve_transmission(stream, export, &config).await {
-                    Ok(()) => tracing::debug!(volume, "kernel NBD connection closed"),
-                    Err(e) => tracing::warn!(volume, error = %e, "kernel NBD connection ended with an error"),
-                }
-            }));
+            let conn = NbdConnection {
+                engine: self.engine.clone(),
+                config: self.nbd_config.clone(),
+                volume: name.to_string(),
+                volume_id: id.to_string(),
+                index,
+                detaching: detaching.clone(),
+            };
+            tasks.push(self.runtime.spawn(conn.serve(stream, export)));
         }
         let info = Attachment {
             volume: name.to_string(),
@@ -308,7 +315,7 @@ impl Attachments {
             logical_block_size: lbs,
         };
         tracing::info!(volume = name, device = %info.device.display(), reconfigured = reconfigure, "kernel NBD attached");
-        Ok(Attached { info, running: Running::Nbd(tasks) })
+        Ok(Attached { info, running: Running::Nbd { tasks, detaching } })
     }
 
     /// Detaches a volume: removes `/dev/ublkbN` or disconnects `/dev/nbdN` (blocking). I/O
@@ -421,12 +428,77 @@ impl Attachments {
     }
 }
 
+/// One kernel NBD connection of an attachment. When it ends while the volume is still
+/// attached and the daemon is not stopping, the kernel dropped it (it shuts a socket down when a
+/// request times out): it is replaced with a new socket (NBD_CMD_RECONFIGURE), so the device
+/// does not fail once the dead-connection timeout runs out.
+struct NbdConnection {
+    engine: Arc<Engine>,
+    config: Arc<ServerConfig>,
+    volume: String,
+    volume_id: String,
+    index: u32,
+    detaching: Arc<AtomicBool>,
+}
+
+impl NbdConnection {
+    async fn serve(self, mut stream: tokio::net::UnixStream, mut export: NbdExport) {
+        loop {
+            match serve_transmission(stream, export, &self.config).await {
+                Ok(()) => tracing::debug!(volume = self.volume, "kernel NBD connection closed"),
+                Err(e) => tracing::warn!(volume = self.volume, error = %e, "kernel NBD connection ended with an error"),
+            }
+            if self.detaching.load(Ordering::Acquire) {
+                return;
+            }
+            // Fails when the daemon is stopping (the engine refuses new handles).
+            let Ok(handle) = self.engine.open_volume(&self.volume_id) else {
+                return;
+            };
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if self.detaching.load(Ordering::Acquire) {
+                return;
+            }
+            match self.reconnect().await {
+                Ok(s) => {
+                    tracing::warn!(
+                        volume = self.volume,
+                        device = self.index,
+                        "the kernel dropped an NBD connection; handed it a new one"
+                    );
+                    stream = s;
+                    export = NbdExport::for_volume(handle);
+                }
+                Err(e) => {
+                    tracing::error!(volume = self.volume, device = self.index, error = %e, "cannot replace a dropped kernel NBD connection");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn reconnect(&self) -> Result<tokio::net::UnixStream> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+            .map_err(EngineError::io("creating a socket pair for the kernel NBD driver"))?;
+        ours.set_nonblocking(true).map_err(EngineError::io("setting up an NBD socket"))?;
+        let index = self.index;
+        let done = tokio::task::spawn_blocking(move || {
+            nbd_kernel::reconfigure(index, NBD_DEAD_CONN_TIMEOUT, &[theirs.as_fd()])
+        })
+        .await
+        .map_err(|e| kernel_error("reconfiguring the NBD device".into(), e))?;
+        done.map_err(|e| kernel_error(format!("cannot reconfigure /dev/nbd{index}"), e))?;
+        tokio::net::UnixStream::from_std(ours).map_err(EngineError::io("registering an NBD socket"))
+    }
+}
+
 fn stop(running: Running, info: &Attachment) -> Result<()> {
     match running {
         Running::Ublk(device) => {
             device.remove().map_err(|e| kernel_error(format!("cannot remove {}", info.device.display()), e))
         }
-        Running::Nbd(tasks) => {
+        Running::Nbd { tasks, detaching } => {
+            detaching.store(true, Ordering::Release);
             let result = nbd_kernel::disconnect(info.index)
                 .map_err(|e| kernel_error(format!("cannot disconnect {}", info.device.display()), e));
             // The kernel sends NBD_CMD_DISC on each socket; the connections end and drop their
