@@ -92,7 +92,10 @@ pub struct Attachments {
     runtime: tokio::runtime::Handle,
     state_path: PathBuf,
     nbd_config: Arc<ServerConfig>,
-    /// By volume id. Held for the whole of an attach or detach (control path only).
+    /// Serializes attach, detach and restore (which can take seconds: the kernel sets devices
+    /// up) without holding `attached`, which `list` and `of_volume` read at any time.
+    operations: Mutex<()>,
+    /// By volume id. Held only briefly.
     attached: Mutex<BTreeMap<String, Attached>>,
 }
 
@@ -122,7 +125,14 @@ fn default_queues(max: u16) -> u16 {
 impl Attachments {
     pub fn new(engine: Arc<Engine>, runtime: tokio::runtime::Handle, nbd_config: Arc<ServerConfig>) -> Attachments {
         let state_path = engine.dir().join(STATE_FILE);
-        Attachments { engine, runtime, state_path, nbd_config, attached: Mutex::new(BTreeMap::new()) }
+        Attachments {
+            engine,
+            runtime,
+            state_path,
+            nbd_config,
+            operations: Mutex::new(()),
+            attached: Mutex::new(BTreeMap::new()),
+        }
     }
 
     pub fn list(&self) -> Vec<Attachment> {
@@ -134,8 +144,9 @@ impl Attachments {
         self.attached.lock().get(volume_id).map(|a| a.info.clone())
     }
 
-    fn persist(&self, attached: &BTreeMap<String, Attached>) {
-        let list: Vec<&Attachment> = attached.values().map(|a| &a.info).collect();
+    /// Saves the attachments (called with `operations` held, so saves do not interleave).
+    fn persist(&self) {
+        let list = self.list();
         if let Err(e) = write_atomically(&self.state_path, &list) {
             tracing::error!(error = %e, path = %self.state_path.display(), "cannot save the attachments");
         }
@@ -145,12 +156,12 @@ impl Attachments {
     pub fn attach(&self, volume: &str, req: &AttachRequest) -> Result<Attachment> {
         let kind = req.kind.ok_or_else(|| invalid("say how to attach: --ublk or --nbd".into()))?;
         let info = self.engine.volume(volume)?;
-        let mut attached = self.attached.lock();
-        if let Some(a) = attached.get(&info.id) {
+        let _op = self.operations.lock();
+        if let Some(a) = self.of_volume(&info.id) {
             return Err(EngineError::Busy(format!(
                 "volume '{}' is already attached to {}; detach it first (snapblk volume detach {})",
                 info.name,
-                a.info.device.display(),
+                a.device.display(),
                 info.name
             )));
         }
@@ -208,10 +219,10 @@ impl Attachments {
                 self.start_nbd(&info.name, &info.id, index, queues, lbs, false)?
             }
         };
-        attached.insert(a.info.volume_id.clone(), a);
-        self.persist(&attached);
-        let a = attached.get(&info.id).map(|a| a.info.clone());
-        a.ok_or_else(|| EngineError::NotFound("attachment vanished".into()))
+        let shown = a.info.clone();
+        self.attached.lock().insert(a.info.volume_id.clone(), a);
+        self.persist();
+        Ok(shown)
     }
 
     fn handles<T>(&self, volume_id: &str, n: u16, wrap: impl Fn(crate::engine::VolumeHandle) -> T) -> Result<Vec<T>> {
@@ -322,12 +333,13 @@ impl Attachments {
     /// still in flight on the device fails; unmount first.
     pub fn detach(&self, volume: &str) -> Result<Attachment> {
         let info = self.engine.volume(volume)?;
-        let mut attached = self.attached.lock();
-        let Some(a) = attached.remove(&info.id) else {
+        let _op = self.operations.lock();
+        let removed = self.attached.lock().remove(&info.id);
+        let Some(a) = removed else {
             return Err(EngineError::NotFound(format!("volume '{}' is not attached", info.name)));
         };
         let result = stop(a.running, &a.info);
-        self.persist(&attached);
+        self.persist();
         result.map(|()| a.info)
     }
 
@@ -347,7 +359,12 @@ impl Attachments {
                 a.volume
             )));
         }
-        self.detach(volume_id).map(Some)
+        match self.detach(volume_id) {
+            Ok(a) => Ok(Some(a)),
+            // detached meanwhile by someone else: nothing left to do
+            Err(e) if e.kind() == crate::engine::ErrorKind::NotFound && self.of_volume(volume_id).is_none() => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Refuses to delete an attached volume.
@@ -380,11 +397,11 @@ impl Attachments {
                 return;
             }
         };
-        let mut attached = self.attached.lock();
+        let _op = self.operations.lock();
         for a in saved {
             match self.restore_one(&a) {
                 Ok(r) => {
-                    attached.insert(r.info.volume_id.clone(), r);
+                    self.attached.lock().insert(r.info.volume_id.clone(), r);
                 }
                 Err(e) => tracing::error!(
                     volume = a.volume,
@@ -394,7 +411,7 @@ impl Attachments {
                 ),
             }
         }
-        self.persist(&attached);
+        self.persist();
     }
 
     fn restore_one(&self, a: &Attachment) -> Result<Attached> {
