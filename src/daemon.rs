@@ -185,6 +185,15 @@ async fn run(
     for p in [&nbd_path, &control_path] {
         let _ = std::fs::remove_file(p);
     }
+    let attached = attachments.list();
+    if !attached.is_empty() {
+        let devices: Vec<String> = attached.iter().map(|a| a.device.display().to_string()).collect();
+        eprintln!(
+            "snapblk: {} stay attached and wait for the next daemon on {} (detach volumes to remove them)",
+            devices.join(", "),
+            dir.display()
+        );
+    }
     eprintln!("snapblk: stopped");
     Ok(())
 }
