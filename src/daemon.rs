@@ -18,6 +18,7 @@ use crate::control::cli::ServeArgs;
 use crate::control::size::parse_size;
 use crate::engine::{Engine, ErrorKind};
 use crate::frontend::NbdCatalog;
+use crate::store::StoreService;
 
 /// Exclusive ownership of a daemon directory: a `flock` on `DIR/snapblk.lock`, which holds
 /// the owner's pid. Released when the process exits, however it exits.
@@ -102,7 +103,10 @@ async fn run(
             Err(e) => return Err(e.into()),
         }
     }
-    let catalog = Arc::new(NbdCatalog::new(engine.clone()));
+    let store = StoreService::open(&dir, engine.clone())
+        .with_context(|| format!("cannot open the snapshot store configuration in {}", dir.display()))?;
+    store.start();
+    let catalog = Arc::new(NbdCatalog::new(engine.clone(), store.clone()));
     let config = Arc::new(ServerConfig::default());
     // Devices a previous daemon attached to the kernel: taken back before serving (ublk user
     // recovery, kernel NBD reconfigure), so their I/O resumes.
@@ -158,7 +162,7 @@ async fn run(
             }
         });
     }
-    let app = router(engine.clone(), attachments.clone(), status);
+    let app = router(engine.clone(), store.clone(), attachments.clone(), status);
     tasks.spawn(async move {
         if let Err(e) = axum::serve(control, app).await {
             tracing::error!(error = %e, "control API stopped");

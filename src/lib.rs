@@ -1,8 +1,9 @@
 //! snapblk: a userspace block-device server with instant redirect-on-write snapshots.
 //!
 //! A request flows front end (`snapblk-nbd`, `snapblk-ublk` via [`frontend`]) → volume handle
-//! ([`engine::VolumeHandle`]) → engine (maps, slots, journal). [`control`] is the HTTP/JSON
-//! API and CLI; [`attach`] keeps the volumes attached to the kernel (ublk, kernel NBD);
+//! ([`engine::VolumeHandle`]) → engine (maps, slots, journal). Snapshots go on to the object
+//! store ([`store`]: upload, verify, export, GC). [`attach`] keeps the volumes attached to the
+//! kernel (ublk, kernel NBD). [`control`] is the HTTP/JSON API and CLI;
 //! [`daemon`] ties them together.
 
 pub mod attach;
@@ -10,3 +11,4 @@ pub mod control;
 pub mod daemon;
 pub mod engine;
 pub mod frontend;
+pub mod store;

@@ -1,7 +1,7 @@
 //! The `snapblk` binary: `serve` runs the daemon; every other command is an API client.
 
 use clap::Parser;
-use snapblk::control::cli::{exit_code, run, Cli, Command};
+use snapblk::control::cli::{exit_code, run, Cli, Command, KeyCommand};
 use tracing_subscriber::EnvFilter;
 
 fn main() {
@@ -11,9 +11,14 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let Some(dir) = cli.dir.clone() else {
-        eprintln!("error: no daemon dir: pass --dir DIR or set SNAPBLK_DIR");
-        std::process::exit(1);
+    let dir = match cli.dir.clone() {
+        Some(d) => d,
+        // `key generate` talks to no daemon.
+        None if matches!(cli.command, Command::Key(KeyCommand::Generate)) => Default::default(),
+        None => {
+            eprintln!("error: no daemon dir: pass --dir DIR or set SNAPBLK_DIR");
+            std::process::exit(1);
+        }
     };
     if let Command::Serve(args) = &cli.command {
         if let Err(e) = snapblk::daemon::serve(&dir, args) {

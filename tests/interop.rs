@@ -12,6 +12,7 @@ const MIB: u64 = 1 << 20;
 
 fn daemon_with_volume(size: &str) -> (tempfile::TempDir, Daemon) {
     let tmp = tempfile::tempdir().unwrap();
+    keep_snapshots_local(&tmp.path().join("d"));
     let d = Daemon::start(&tmp.path().join("d"));
     d.cli_ok(&["volume", "create", "vol", "--size", size]);
     (tmp, d)

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::attach::{AttachRequest, Attachment, Attachments};
 use crate::engine::{Engine, EngineError, ErrorKind, SnapshotInfo, VolumeInfo};
+use crate::store::{ExportFormat, JobView, RegionInfo, RegionSnapshot, RemoteStatus, StoreError, StoreService};
 
 /// What `GET /v1/status` reports.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -30,6 +31,56 @@ pub struct CreateVolume {
     pub name: String,
     pub size: u64,
     pub cluster_size: Option<u32>,
+    /// Home region of the volume's snapshots (default `local`).
+    #[serde(default)]
+    pub region: Option<String>,
+}
+
+/// A volume plus its home region and its kernel attachment, if any.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeView {
+    #[serde(flatten)]
+    pub info: VolumeInfo,
+    pub region: String,
+    /// The kernel device the volume is attached to (`volume attach`), if any.
+    #[serde(default)]
+    pub attachment: Option<Attachment>,
+}
+
+/// A snapshot plus its store-side status (none for snapshots taken before the store existed).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotView {
+    #[serde(flatten)]
+    pub info: SnapshotInfo,
+    pub upload: Option<RemoteStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ExportRequest {
+    pub output: PathBuf,
+    pub format: ExportFormat,
+    #[serde(default)]
+    pub region: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct RegionQuery {
+    pub region: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct GcRequest {
+    /// Override the configured grace period (e.g. "0s").
+    #[serde(default)]
+    pub grace: Option<String>,
+}
+
+/// The key file of a region (`snapblk key export`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct KeyFile {
+    pub region: String,
+    pub path: PathBuf,
+    pub content: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -48,16 +99,6 @@ pub struct CloneSnapshot {
 pub struct Rollback {
     #[serde(default)]
     pub force: bool,
-}
-
-/// A volume as the API shows it: the engine's view plus its kernel attachment, if any.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct VolumeView {
-    #[serde(flatten)]
-    pub volume: VolumeInfo,
-    /// The kernel device the volume is attached to (`volume attach`), if any.
-    #[serde(default)]
-    pub attachment: Option<Attachment>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,17 +122,25 @@ pub struct ApiError {
 pub fn status_of(kind: ErrorKind) -> StatusCode {
     match kind {
         ErrorKind::NotFound => StatusCode::NOT_FOUND,
-        ErrorKind::AlreadyExists | ErrorKind::Busy => StatusCode::CONFLICT,
+        ErrorKind::AlreadyExists | ErrorKind::Busy | ErrorKind::NotLocal => StatusCode::CONFLICT,
         ErrorKind::Invalid => StatusCode::BAD_REQUEST,
         ErrorKind::ReadOnly => StatusCode::FORBIDDEN,
         ErrorKind::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
         ErrorKind::Gone => StatusCode::GONE,
         ErrorKind::Io | ErrorKind::Corrupt => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> ApiError {
+        let kind = serde_json::to_value(e.kind()).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        ApiError { status: status_of(e.kind()), body: ErrorBody { error: e.to_string(), kind } }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
         let kind = serde_json::to_value(e.kind()).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
         ApiError { status: status_of(e.kind()), body: ErrorBody { error: e.to_string(), kind } }
     }
@@ -119,15 +168,9 @@ type ApiResult<T> = Result<T, ApiError>;
 
 struct Ctx {
     engine: Arc<Engine>,
+    store: Arc<StoreService>,
     attachments: Arc<Attachments>,
     status: Status,
-}
-
-impl Ctx {
-    fn view(&self, volume: VolumeInfo) -> VolumeView {
-        let attachment = self.attachments.of_volume(&volume.id);
-        VolumeView { volume, attachment }
-    }
 }
 
 /// Runs a (short, possibly fsyncing) engine call off the async workers, so NBD connections
@@ -142,8 +185,8 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, EngineError> 
     }
 }
 
-pub fn router(engine: Arc<Engine>, attachments: Arc<Attachments>, status: Status) -> Router {
-    let ctx = Arc::new(Ctx { engine, attachments, status });
+pub fn router(engine: Arc<Engine>, store: Arc<StoreService>, attachments: Arc<Attachments>, status: Status) -> Router {
+    let ctx = Arc::new(Ctx { engine, store, attachments, status });
     Router::new()
         .route("/v1/status", get(|State(c): State<Arc<Ctx>>| async move { Json(c.status.clone()) }))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
@@ -156,6 +199,15 @@ pub fn router(engine: Arc<Engine>, attachments: Arc<Attachments>, status: Status
         .route("/v1/snapshots/{r}", get(show_snapshot).delete(delete_snapshot))
         .route("/v1/snapshots/{r}/clone", post(clone_snapshot))
         .route("/v1/snapshots/{r}/rollback", post(rollback))
+        .route("/v1/snapshots/{r}/upload", post(retry_upload))
+        .route("/v1/snapshots/{r}/verify", post(verify_snapshot))
+        .route("/v1/snapshots/{r}/export", post(export_snapshot))
+        .route("/v1/regions", get(list_regions))
+        .route("/v1/regions/{r}", get(show_region))
+        .route("/v1/regions/{r}/snapshots", get(region_snapshots))
+        .route("/v1/regions/{r}/gc", post(gc_region))
+        .route("/v1/regions/{r}/key", get(region_key))
+        .route("/v1/jobs/{id}", get(show_job))
         .fallback(|| async {
             ApiError {
                 status: StatusCode::NOT_FOUND,
@@ -165,28 +217,41 @@ pub fn router(engine: Arc<Engine>, attachments: Arc<Attachments>, status: Status
         .with_state(ctx)
 }
 
+fn volume_view(c: &Ctx, info: VolumeInfo) -> VolumeView {
+    VolumeView { region: c.store.volume_region(&info.id), attachment: c.attachments.of_volume(&info.id), info }
+}
+
+fn snapshot_view(c: &Ctx, info: SnapshotInfo) -> SnapshotView {
+    SnapshotView { upload: c.store.status(&info.id), info }
+}
+
 async fn list_volumes(State(c): State<Arc<Ctx>>) -> Json<Vec<VolumeView>> {
-    Json(c.engine.list_volumes().into_iter().map(|v| c.view(v)).collect())
+    Json(c.engine.list_volumes().into_iter().map(|v| volume_view(&c, v)).collect())
 }
 
 async fn create_volume(
     State(c): State<Arc<Ctx>>,
     body: Result<Json<CreateVolume>, JsonRejection>,
-) -> ApiResult<(StatusCode, Json<VolumeInfo>)> {
+) -> ApiResult<(StatusCode, Json<VolumeView>)> {
     let Json(b) = body?;
+    let region = b.region.unwrap_or_else(|| "local".into());
+    c.store.check_region(&region)?;
     let e = c.engine.clone();
     let v = blocking(move || e.create_volume(&b.name, b.size, b.cluster_size)).await?;
-    Ok((StatusCode::CREATED, Json(v)))
+    c.store.set_volume_region(&v.id, &region)?;
+    Ok((StatusCode::CREATED, Json(volume_view(&c, v))))
 }
 
 async fn show_volume(State(c): State<Arc<Ctx>>, Path(r): Path<String>) -> ApiResult<Json<VolumeView>> {
-    Ok(Json(c.view(c.engine.volume(&r)?)))
+    Ok(Json(volume_view(&c, c.engine.volume(&r)?)))
 }
 
 async fn delete_volume(State(c): State<Arc<Ctx>>, Path(r): Path<String>) -> ApiResult<StatusCode> {
-    c.attachments.before_delete(&c.engine.volume(&r)?.id)?;
+    let id = c.engine.volume(&r)?.id;
+    c.attachments.before_delete(&id)?;
     let e = c.engine.clone();
     blocking(move || e.delete_volume(&r)).await?;
+    c.store.volume_deleted(&id)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -210,39 +275,120 @@ async fn create_snapshot(
     State(c): State<Arc<Ctx>>,
     Path(r): Path<String>,
     body: Result<Json<CreateSnapshot>, JsonRejection>,
-) -> ApiResult<(StatusCode, Json<SnapshotInfo>)> {
+) -> ApiResult<(StatusCode, Json<SnapshotView>)> {
     let Json(b) = body?;
     let e = c.engine.clone();
     let s = blocking(move || e.create_snapshot(&r, &b.name, &b.description)).await?;
-    Ok((StatusCode::CREATED, Json(s)))
+    // The snapshot exists (and is usable) now; its upload starts in the background.
+    c.store.snapshot_created(&s)?;
+    Ok((StatusCode::CREATED, Json(snapshot_view(&c, s))))
 }
 
 async fn list_snapshots(
     State(c): State<Arc<Ctx>>,
     Query(q): Query<SnapshotQuery>,
-) -> ApiResult<Json<Vec<SnapshotInfo>>> {
-    Ok(Json(c.engine.list_snapshots(q.volume.as_deref())?))
+) -> ApiResult<Json<Vec<SnapshotView>>> {
+    let snaps = c.engine.list_snapshots(q.volume.as_deref())?;
+    Ok(Json(snaps.into_iter().map(|s| snapshot_view(&c, s)).collect()))
 }
 
-async fn show_snapshot(State(c): State<Arc<Ctx>>, Path(r): Path<String>) -> ApiResult<Json<SnapshotInfo>> {
-    Ok(Json(c.engine.snapshot(&r)?))
+async fn show_snapshot(State(c): State<Arc<Ctx>>, Path(r): Path<String>) -> ApiResult<Json<SnapshotView>> {
+    Ok(Json(snapshot_view(&c, c.engine.snapshot(&r)?)))
 }
 
 async fn delete_snapshot(State(c): State<Arc<Ctx>>, Path(r): Path<String>) -> ApiResult<StatusCode> {
-    let e = c.engine.clone();
-    blocking(move || e.delete_snapshot(&r)).await?;
+    c.store.delete_snapshot(&r).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn retry_upload(State(c): State<Arc<Ctx>>, Path(r): Path<String>) -> ApiResult<Json<SnapshotView>> {
+    let s = c.engine.snapshot(&r)?;
+    c.store.upload(&s)?;
+    Ok(Json(snapshot_view(&c, s)))
+}
+
+async fn verify_snapshot(
+    State(c): State<Arc<Ctx>>,
+    Path(r): Path<String>,
+    Query(q): Query<RegionQuery>,
+) -> ApiResult<(StatusCode, Json<JobView>)> {
+    let job = c.store.spawn_job("verify", &r.clone(), move |svc, job| async move {
+        svc.verify(&r, q.region.as_deref(), &job).await
+    });
+    Ok((StatusCode::ACCEPTED, Json(job)))
+}
+
+async fn export_snapshot(
+    State(c): State<Arc<Ctx>>,
+    Path(r): Path<String>,
+    body: Result<Json<ExportRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<JobView>)> {
+    let Json(b) = body?;
+    if !b.output.is_absolute() {
+        return Err(ApiError::invalid(format!("export output '{}' must be an absolute path", b.output.display())));
+    }
+    let job = c.store.spawn_job("export", &r.clone(), move |svc, job| async move {
+        svc.export(&r, b.region.as_deref(), &b.output, b.format, &job).await
+    });
+    Ok((StatusCode::ACCEPTED, Json(job)))
+}
+
+async fn list_regions(State(c): State<Arc<Ctx>>) -> Json<Vec<String>> {
+    Json(c.store.region_names())
+}
+
+async fn show_region(State(c): State<Arc<Ctx>>, Path(r): Path<String>) -> ApiResult<Json<RegionInfo>> {
+    Ok(Json(c.store.region_info(&r).await?))
+}
+
+async fn region_snapshots(State(c): State<Arc<Ctx>>, Path(r): Path<String>) -> ApiResult<Json<Vec<RegionSnapshot>>> {
+    Ok(Json(c.store.region_snapshots(&r).await?))
+}
+
+async fn gc_region(
+    State(c): State<Arc<Ctx>>,
+    Path(r): Path<String>,
+    body: Result<Json<GcRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<JobView>)> {
+    let Json(b) = body?;
+    c.store.check_region(&r)?;
+    let grace = b.grace.as_deref().map(crate::store::config::parse_duration).transpose().map_err(ApiError::invalid)?;
+    let job = c.store.spawn_job("gc", &r.clone(), move |svc, _job| async move { svc.gc(&r, grace).await });
+    Ok((StatusCode::ACCEPTED, Json(job)))
+}
+
+async fn region_key(State(c): State<Arc<Ctx>>, Path(r): Path<String>) -> ApiResult<Json<KeyFile>> {
+    c.store.check_region(&r)?;
+    // Opening the region creates the key file if it does not exist yet.
+    c.store.region(&r).await?;
+    let path = c.store.config.regions[&r].key_file.clone();
+    let content = std::fs::read_to_string(&path)
+        .map_err(|e| ApiError::from(StoreError::io(format!("reading {}", path.display()))(e)))?;
+    Ok(Json(KeyFile { region: r, path, content }))
+}
+
+async fn show_job(State(c): State<Arc<Ctx>>, Path(id): Path<u64>) -> ApiResult<Json<JobView>> {
+    c.store.job(id).map(Json).ok_or_else(|| ApiError {
+        status: StatusCode::NOT_FOUND,
+        body: ErrorBody {
+            error: format!("no job {id} (jobs are kept until the daemon restarts)"),
+            kind: "not_found".into(),
+        },
+    })
 }
 
 async fn clone_snapshot(
     State(c): State<Arc<Ctx>>,
     Path(r): Path<String>,
     body: Result<Json<CloneSnapshot>, JsonRejection>,
-) -> ApiResult<(StatusCode, Json<VolumeInfo>)> {
+) -> ApiResult<(StatusCode, Json<VolumeView>)> {
     let Json(b) = body?;
+    // A clone keeps its origin volume's home region.
+    let region = c.store.volume_region(&c.engine.snapshot(&r)?.volume_id);
     let e = c.engine.clone();
     let v = blocking(move || e.clone_snapshot(&r, &b.name)).await?;
-    Ok((StatusCode::CREATED, Json(v)))
+    c.store.set_volume_region(&v.id, &region)?;
+    Ok((StatusCode::CREATED, Json(volume_view(&c, v))))
 }
 
 async fn rollback(
@@ -260,7 +406,7 @@ async fn rollback(
         tracing::warn!(volume = gone.volume, device = %gone.device.display(), "detached for a forced rollback");
     }
     let v = c.engine.rollback(&r, b.force).await?;
-    Ok(Json(c.view(v)))
+    Ok(Json(volume_view(&c, v)))
 }
 
 #[cfg(test)]

@@ -7,11 +7,14 @@ use hyper::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::api::{CloneSnapshot, CreateSnapshot, CreateVolume, Rollback, Status, VolumeView};
+use super::api::{
+    CloneSnapshot, CreateSnapshot, CreateVolume, ExportRequest, GcRequest, KeyFile, Rollback, SnapshotView, Status,
+    VolumeView,
+};
 use super::client::{Client, ClientError};
 use super::size::{human, parse_size, utc};
 use crate::attach::{AttachKind, AttachRequest, Attachment};
-use crate::engine::SnapshotInfo;
+use crate::store::{ExportFormat, GcReport, JobView, RegionInfo, RegionSnapshot, UploadState, VerifyReport};
 
 #[derive(Parser, Debug)]
 #[command(name = "snapblk", version, about = "Block-device server with instant snapshots")]
@@ -38,6 +41,37 @@ pub enum Command {
     Snapshot(SnapshotCommand),
     /// Show the daemon's status
     Status,
+    /// Object-store regions (from DIR/snapblk.toml)
+    #[command(subcommand)]
+    Region(RegionCommand),
+    /// Reclaim store space no snapshot references
+    Gc {
+        /// Only this region (default: every region)
+        #[arg(long)]
+        region: Option<String>,
+        /// Keep unreferenced packs younger than this (default: gc.grace from the config)
+        #[arg(long)]
+        grace: Option<String>,
+    },
+    /// Key files (the key-encryption keys of regions)
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RegionCommand {
+    /// List configured regions
+    List,
+    /// Show a region: what it stores and the traffic since the daemon started
+    Show { region: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// Print the content of a new key file (to share one key between daemons)
+    Generate,
+    /// Print a region's key file, to back it up
+    Export { region: String },
 }
 
 #[derive(Args, Debug)]
@@ -61,6 +95,9 @@ pub enum VolumeCommand {
         /// Cluster size, a power of two from 4K to 1M
         #[arg(long)]
         cluster_size: Option<String>,
+        /// Home region for the volume's snapshots (default: local)
+        #[arg(long)]
+        region: Option<String>,
     },
     /// List volumes
     List,
@@ -103,9 +140,16 @@ pub enum SnapshotCommand {
         name: String,
         #[arg(long, default_value = "")]
         description: String,
+        /// Wait until the upload ends, showing progress
+        #[arg(long)]
+        wait: bool,
     },
-    /// List snapshots, of one volume or all
-    List { volume: Option<String> },
+    /// List snapshots, of one volume or all (or those stored in a region, by any node)
+    List {
+        volume: Option<String>,
+        #[arg(long, conflicts_with = "volume")]
+        region: Option<String>,
+    },
     /// Show a snapshot (VOLUME@SNAPSHOT or id)
     Show { snapshot: String },
     /// Delete a snapshot
@@ -117,6 +161,36 @@ pub enum SnapshotCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Upload a snapshot now (automatic upload off), or retry a failed upload
+    Upload {
+        snapshot: String,
+        /// Wait until the upload ends, showing progress
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Re-read everything the snapshot needs from the store and check it
+    Verify {
+        snapshot: String,
+        /// For a snapshot id stored in a region but not known locally
+        #[arg(long)]
+        region: Option<String>,
+    },
+    /// Write the snapshot's content to a file, reading only from the store
+    Export {
+        snapshot: String,
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, value_enum, default_value = "raw")]
+        format: FormatArg,
+        #[arg(long)]
+        region: Option<String>,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum FormatArg {
+    Raw,
+    Qcow2,
 }
 
 /// Exit codes: 1 for a refused or failed command, 2 when no daemon answers.
@@ -131,16 +205,21 @@ enum Shown {
     Volume(VolumeView),
     Volumes(Vec<VolumeView>),
     Attachment(Attachment),
-    Snapshot(SnapshotInfo),
-    Snapshots(Vec<SnapshotInfo>),
+    Snapshot(SnapshotView),
+    Snapshots(Vec<SnapshotView>),
+    RegionSnapshots(Vec<RegionSnapshot>),
+    Regions(Vec<String>),
+    Region(RegionInfo),
+    Verify(VerifyReport),
+    Gc(Vec<GcReport>),
     Status(Status),
     Nothing(String),
 }
 
 fn volume_lines(view: &VolumeView) -> String {
-    let v = &view.volume;
+    let v = &view.info;
     let mut s = format!(
-        "name:         {}\nid:           {}\ncreated:      {}\nsize:         {} ({} bytes)\ncluster size: {}\nallocated:    {}\ndirty:        {} clusters\nsnapshots:    {}\nwriters:      {}\n",
+        "name:         {}\nid:           {}\ncreated:      {}\nsize:         {} ({} bytes)\ncluster size: {}\nallocated:    {}\ndirty:        {} clusters\nsnapshots:    {}\nwriters:      {}\nregion:       {}\n",
         v.name,
         v.id,
         utc(v.created),
@@ -150,7 +229,8 @@ fn volume_lines(view: &VolumeView) -> String {
         human(v.allocated_bytes),
         v.dirty_clusters,
         v.snapshots,
-        v.writers
+        v.writers,
+        view.region
     );
     if let Some(o) = &v.origin {
         s.push_str(&format!("origin:       {o}\n"));
@@ -179,9 +259,29 @@ fn attachment_summary(a: &Attachment) -> String {
     }
 }
 
-fn snapshot_lines(s: &SnapshotInfo) -> String {
+/// One word (and detail) for a snapshot's store status.
+fn upload_summary(v: &SnapshotView) -> String {
+    match &v.upload {
+        None => "-".into(),
+        Some(u) => match u.state {
+            UploadState::Uploading if u.bytes_total > 0 => format!(
+                "uploading {}% ({} of {}, {}/s)",
+                u.bytes_done * 100 / u.bytes_total,
+                human(u.bytes_done),
+                human(u.bytes_total),
+                human(u.rate)
+            ),
+            UploadState::Uploading => "uploading".into(),
+            UploadState::Available => format!("available in {} (+{})", u.region, human(u.added_bytes)),
+            UploadState::Failed => format!("failed: {}", u.reason.as_deref().unwrap_or("unknown")),
+        },
+    }
+}
+
+fn snapshot_lines(v: &SnapshotView) -> String {
+    let s = &v.info;
     format!(
-        "name:        {}@{}\nid:          {}\nvolume:      {} ({})\ndescription: {}\ncreated:     {}\nsize:        {}\nchanged:     {} clusters since {}\nclones:      {}\n",
+        "name:        {}@{}\nid:          {}\nvolume:      {} ({})\ndescription: {}\ncreated:     {}\nsize:        {} ({} bytes)\nallocated:   {}\nchanged:     {} clusters since {}\nclones:      {}\nlocal data:  {}\nstore:       {}\n",
         s.volume,
         s.name,
         s.id,
@@ -190,9 +290,13 @@ fn snapshot_lines(s: &SnapshotInfo) -> String {
         s.description,
         utc(s.created),
         human(s.size),
+        s.size,
+        human(s.allocated_bytes),
         s.changed_clusters,
         s.parent.as_deref().unwrap_or("the beginning"),
-        if s.clones.is_empty() { "-".to_string() } else { s.clones.join(", ") }
+        if s.clones.is_empty() { "-".to_string() } else { s.clones.join(", ") },
+        if s.local { "yes" } else { "no (released after upload)" },
+        upload_summary(v)
     )
 }
 
@@ -225,15 +329,20 @@ impl Shown {
             (Shown::Attachment(v), true) => value(v),
             (Shown::Snapshot(v), true) => value(v),
             (Shown::Snapshots(v), true) => value(v),
+            (Shown::RegionSnapshots(v), true) => value(v),
+            (Shown::Regions(v), true) => value(v),
+            (Shown::Region(v), true) => value(v),
+            (Shown::Verify(v), true) => value(v),
+            (Shown::Gc(v), true) => value(v),
             (Shown::Status(v), true) => value(v),
             (Shown::Nothing(_), true) => String::new(),
             (Shown::Volume(v), false) => volume_lines(v),
             (Shown::Attachment(a), false) => format!("{}\n", a.device.display()),
             (Shown::Volumes(vs), false) => table(
-                &["NAME", "ID", "SIZE", "CLUSTER", "ALLOCATED", "DIRTY", "SNAPSHOTS", "ATTACHED"],
+                &["NAME", "ID", "SIZE", "CLUSTER", "ALLOCATED", "DIRTY", "SNAPSHOTS", "REGION", "ATTACHED"],
                 vs.iter()
                     .map(|view| {
-                        let v = &view.volume;
+                        let v = &view.info;
                         vec![
                             v.name.clone(),
                             v.id.clone(),
@@ -242,6 +351,7 @@ impl Shown {
                             human(v.allocated_bytes),
                             v.dirty_clusters.to_string(),
                             v.snapshots.to_string(),
+                            view.region.clone(),
                             view.attachment.as_ref().map_or("-".to_string(), |a| a.device.display().to_string()),
                         ]
                     })
@@ -249,7 +359,24 @@ impl Shown {
             ),
             (Shown::Snapshot(s), false) => snapshot_lines(s),
             (Shown::Snapshots(ss), false) => table(
-                &["VOLUME", "NAME", "ID", "CREATED", "CHANGED", "DESCRIPTION"],
+                &["VOLUME", "NAME", "ID", "CREATED", "SIZE", "CHANGED", "STORE"],
+                ss.iter()
+                    .map(|v| {
+                        let s = &v.info;
+                        vec![
+                            s.volume.clone(),
+                            s.name.clone(),
+                            s.id.clone(),
+                            utc(s.created),
+                            human(s.size),
+                            s.changed_clusters.to_string(),
+                            upload_summary(v),
+                        ]
+                    })
+                    .collect(),
+            ),
+            (Shown::RegionSnapshots(ss), false) => table(
+                &["VOLUME", "NAME", "ID", "CREATED", "UPLOADED", "SIZE", "ADDED"],
                 ss.iter()
                     .map(|s| {
                         vec![
@@ -257,12 +384,63 @@ impl Shown {
                             s.name.clone(),
                             s.id.clone(),
                             utc(s.created),
-                            s.changed_clusters.to_string(),
-                            s.description.clone(),
+                            utc(s.uploaded),
+                            human(s.size),
+                            human(s.added_bytes),
                         ]
                     })
                     .collect(),
             ),
+            (Shown::Regions(rs), false) => rs.iter().map(|r| format!("{r}\n")).collect(),
+            (Shown::Region(r), false) => format!(
+                "name:       {}\nkind:       {}\nlocation:   {}\nsnapshots:  {}\npacks:      {}\nstored:     {} ({} bytes)\ntraffic:    {} PUT ({}), {} GET ({}), {} retries, {} failures since start\n",
+                r.name,
+                r.kind,
+                r.location,
+                r.snapshots,
+                r.packs,
+                human(r.stored_bytes),
+                r.stored_bytes,
+                r.metrics.put_ops,
+                human(r.metrics.put_bytes),
+                r.metrics.get_ops,
+                human(r.metrics.get_bytes),
+                r.metrics.retries,
+                r.metrics.failures
+            ),
+            (Shown::Verify(v), false) => {
+                let mut t = format!(
+                    "snapshot {} in region {}: {} pages, {} blobs, {} checked\n",
+                    v.snapshot,
+                    v.region,
+                    v.pages,
+                    v.blobs,
+                    human(v.bytes)
+                );
+                for p in &v.problems {
+                    t.push_str(&format!("PROBLEM: {p}\n"));
+                }
+                if v.problems.is_empty() {
+                    t.push_str("ok: every object is present and verifies\n");
+                }
+                t
+            }
+            (Shown::Gc(rs), false) => rs
+                .iter()
+                .map(|r| {
+                    format!(
+                        "region {}: {} snapshots, {} packs; deleted {} packs ({}); {} stored, {} live; {} unreferenced packs kept (younger than the grace period)\n",
+                        r.region,
+                        r.manifests,
+                        r.packs,
+                        r.packs_deleted,
+                        human(r.bytes_deleted),
+                        human(r.stored_bytes),
+                        human(r.live_bytes),
+                        r.packs_young
+                    )
+                })
+                .collect(),
             (Shown::Status(s), false) => format!(
                 "version:    {}\ndir:        {}\npid:        {}\nnbd socket: {}\nnbd tcp:    {}\n",
                 s.version,
@@ -313,6 +491,84 @@ fn size_arg(s: &str) -> Result<u64, ClientError> {
     parse_size(s).map_err(ClientError::Api)
 }
 
+/// One progress line on stderr (`\r`-rewritten), or a JSON line on stdout with `--json`.
+fn show_progress(json: bool, label: &str, done: u64, total: u64, rate: u64) {
+    use std::io::Write;
+    if json {
+        println!("{}", serde_json::json!({ "progress": label, "done": done, "total": total, "rate": rate }));
+        return;
+    }
+    let pct = (done.min(total) * 100).checked_div(total).unwrap_or(0) as usize;
+    let bar: String = (0..30).map(|i| if i * 100 < pct * 30 { '#' } else { '.' }).collect();
+    eprint!("\r{label} [{bar}] {pct:3}% {} of {} ({}/s)   ", human(done), human(total), human(rate));
+    let _ = std::io::stderr().flush();
+}
+
+const POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Polls a job until it ends, showing progress; returns its result.
+async fn wait_job<T: DeserializeOwned>(
+    c: &Client,
+    json: bool,
+    mut job: JobView,
+    label: &str,
+) -> Result<T, ClientError> {
+    loop {
+        match job.state.as_str() {
+            "running" => {
+                // With --json, stdout carries only the result.
+                if !json {
+                    show_progress(json, label, job.done, job.total, job.rate);
+                }
+                tokio::time::sleep(POLL).await;
+                job = get(c, &Client::path(&["jobs", &job.id.to_string()])).await?;
+            }
+            state => {
+                if !json {
+                    if state == "done" {
+                        show_progress(json, label, job.total, job.total, job.rate);
+                    }
+                    eprintln!();
+                }
+                return match (job.result, job.error) {
+                    (Some(v), _) => serde_json::from_value(v).map_err(|e| ClientError::Transport(e.to_string())),
+                    (None, e) => Err(ClientError::Api(e.unwrap_or_else(|| format!("{label} failed")))),
+                };
+            }
+        }
+    }
+}
+
+/// Waits for a snapshot's upload to end, showing progress; fails if the upload failed.
+async fn wait_upload(c: &Client, json: bool, mut view: SnapshotView) -> Result<SnapshotView, ClientError> {
+    let name = format!("{}@{}", view.info.volume, view.info.name);
+    loop {
+        let Some(u) = &view.upload else { return Ok(view) };
+        match u.state {
+            UploadState::Uploading => {
+                show_progress(json, &format!("uploading {name}"), u.bytes_done, u.bytes_total, u.rate);
+                tokio::time::sleep(POLL).await;
+                view = get(c, &Client::path(&["snapshots", &view.info.id])).await?;
+            }
+            UploadState::Available => {
+                if !json {
+                    eprintln!();
+                }
+                return Ok(view);
+            }
+            UploadState::Failed => {
+                if !json {
+                    eprintln!();
+                }
+                return Err(ClientError::Api(format!(
+                    "the upload of {name} failed: {}; retry with: snapblk snapshot upload {name}",
+                    u.reason.as_deref().unwrap_or("unknown reason")
+                )));
+            }
+        }
+    }
+}
+
 /// Runs a client command against the daemon in `dir` and prints its result.
 pub async fn run(dir: &std::path::Path, json: bool, command: Command) -> Result<(), ClientError> {
     let c = Client::new(dir);
@@ -321,7 +577,7 @@ pub async fn run(dir: &std::path::Path, json: bool, command: Command) -> Result<
         Command::Serve(_) => return Err(ClientError::Api("serve is not a client command".into())),
         Command::Status => Shown::Status(get(&c, &p(&["status"])).await?),
         Command::Volume(v) => match v {
-            VolumeCommand::Create { name, size, cluster_size } => {
+            VolumeCommand::Create { name, size, cluster_size, region } => {
                 let cluster_size = match cluster_size {
                     Some(cs) => Some(
                         u32::try_from(size_arg(&cs)?)
@@ -329,7 +585,7 @@ pub async fn run(dir: &std::path::Path, json: bool, command: Command) -> Result<
                     ),
                     None => None,
                 };
-                let body = CreateVolume { name, size: size_arg(&size)?, cluster_size };
+                let body = CreateVolume { name, size: size_arg(&size)?, cluster_size, region };
                 Shown::Volume(send(&c, Method::POST, &p(&["volumes"]), Some(&body)).await?)
             }
             VolumeCommand::List => Shown::Volumes(get(&c, &p(&["volumes"])).await?),
@@ -365,11 +621,15 @@ pub async fn run(dir: &std::path::Path, json: bool, command: Command) -> Result<
             }
         },
         Command::Snapshot(s) => match s {
-            SnapshotCommand::Create { volume, name, description } => {
+            SnapshotCommand::Create { volume, name, description, wait } => {
                 let body = CreateSnapshot { name, description };
-                Shown::Snapshot(send(&c, Method::POST, &p(&["volumes", &volume, "snapshots"]), Some(&body)).await?)
+                let view = send(&c, Method::POST, &p(&["volumes", &volume, "snapshots"]), Some(&body)).await?;
+                Shown::Snapshot(if wait { wait_upload(&c, json, view).await? } else { view })
             }
-            SnapshotCommand::List { volume } => {
+            SnapshotCommand::List { volume: _, region: Some(r) } => {
+                Shown::RegionSnapshots(get(&c, &p(&["regions", &r, "snapshots"])).await?)
+            }
+            SnapshotCommand::List { volume, region: None } => {
                 let mut path = p(&["snapshots"]);
                 if let Some(v) = volume {
                     path = format!("{path}?volume={}", p(&[&v]).trim_start_matches("/v1/"));
@@ -385,7 +645,67 @@ pub async fn run(dir: &std::path::Path, json: bool, command: Command) -> Result<
                 let body = Rollback { force };
                 Shown::Volume(send(&c, Method::POST, &p(&["snapshots", &snapshot, "rollback"]), Some(&body)).await?)
             }
+            SnapshotCommand::Upload { snapshot, wait } => {
+                let view = send(&c, Method::POST, &p(&["snapshots", &snapshot, "upload"]), None::<&()>).await?;
+                Shown::Snapshot(if wait { wait_upload(&c, json, view).await? } else { view })
+            }
+            SnapshotCommand::Verify { snapshot, region } => {
+                let mut path = p(&["snapshots", &snapshot, "verify"]);
+                if let Some(r) = region {
+                    path = format!("{path}?region={}", p(&[&r]).trim_start_matches("/v1/"));
+                }
+                let job = send(&c, Method::POST, &path, None::<&()>).await?;
+                let report: VerifyReport = wait_job(&c, json, job, &format!("verifying {snapshot}")).await?;
+                let failed = !report.problems.is_empty();
+                let n = report.problems.len();
+                Shown::Verify(report).print(json);
+                if failed {
+                    return Err(ClientError::Api(format!(
+                        "snapshot {snapshot} has {n} problem(s) in the store (listed above); its data cannot be fully restored"
+                    )));
+                }
+                return Ok(());
+            }
+            SnapshotCommand::Export { snapshot, output, format, region } => {
+                let output = std::path::absolute(&output)
+                    .map_err(|e| ClientError::Api(format!("bad output path {}: {e}", output.display())))?;
+                let format = match format {
+                    FormatArg::Raw => ExportFormat::Raw,
+                    FormatArg::Qcow2 => ExportFormat::Qcow2,
+                };
+                let body = ExportRequest { output: output.clone(), format, region };
+                let job = send(&c, Method::POST, &p(&["snapshots", &snapshot, "export"]), Some(&body)).await?;
+                let _: serde_json::Value = wait_job(&c, json, job, &format!("exporting {snapshot}")).await?;
+                Shown::Nothing(format!("exported {snapshot} to {}", output.display()))
+            }
         },
+        Command::Region(RegionCommand::List) => Shown::Regions(get(&c, &p(&["regions"])).await?),
+        Command::Region(RegionCommand::Show { region }) => Shown::Region(get(&c, &p(&["regions", &region])).await?),
+        Command::Gc { region, grace } => {
+            let regions = match region {
+                Some(r) => vec![r],
+                None => get(&c, &p(&["regions"])).await?,
+            };
+            let mut reports = Vec::new();
+            for r in regions {
+                let body = GcRequest { grace: grace.clone() };
+                let job = send(&c, Method::POST, &p(&["regions", &r, "gc"]), Some(&body)).await?;
+                reports.push(wait_job(&c, json, job, &format!("gc {r}")).await?);
+            }
+            Shown::Gc(reports)
+        }
+        Command::Key(KeyCommand::Generate) => {
+            print!("{}", crate::store::crypto::new_key_file_text());
+            return Ok(());
+        }
+        Command::Key(KeyCommand::Export { region }) => {
+            let k: KeyFile = get(&c, &p(&["regions", &region, "key"])).await?;
+            if !json {
+                eprintln!("key file {} of region {}: keep this copy somewhere safe", k.path.display(), k.region);
+            }
+            print!("{}", k.content);
+            return Ok(());
+        }
     };
     shown.print(json);
     Ok(())

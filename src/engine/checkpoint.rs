@@ -37,6 +37,8 @@ pub struct SnapshotImage {
     pub map: ClusterMap,
     pub parent: Option<u64>,
     pub changed: RoaringTreemap,
+    /// The data lives only in the object store (the map is empty).
+    pub released: bool,
 }
 
 pub struct State {
@@ -143,6 +145,7 @@ pub fn encode(state: &State) -> Vec<u8> {
         out.put_u32(height);
         out.put_opt(s.parent);
         put_bitmap(&mut out, &s.changed);
+        out.put_u8(u8::from(s.released)); // flags (version 2)
     }
     let crc = crc32c::crc32c(&out);
     out.put_u32(crc);
@@ -164,12 +167,12 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<State> {
         return Err(corrupt("checksum mismatch"));
     }
     let generation = Reader::new(&body[12..]).u64().map_err(|_| corrupt("truncated header"))?;
-    check_header(body, CHECKPOINT_MAGIC, generation, path)?;
+    let version = check_header(body, CHECKPOINT_MAGIC, generation, path)?;
     let mut r = Reader::new(&body[20..]);
-    decode_body(&mut r, generation).map_err(corrupt)
+    decode_body(&mut r, generation, version).map_err(corrupt)
 }
 
-fn decode_body(r: &mut Reader, generation: u64) -> Result<State, &'static str> {
+fn decode_body(r: &mut Reader, generation: u64, version: u32) -> Result<State, &'static str> {
     let short = |_: Short| "truncated";
     let next_seq = r.u64().map_err(short)?;
     let count = r.u64().map_err(short)?;
@@ -250,6 +253,7 @@ fn decode_body(r: &mut Reader, generation: u64) -> Result<State, &'static str> {
             map: map(r)?,
             parent: r.opt().map_err(short)?,
             changed: bitmap(r)?,
+            released: version >= 2 && r.u8().map_err(short)? & 1 != 0,
         });
     }
     if r.remaining() != 0 {

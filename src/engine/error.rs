@@ -2,9 +2,9 @@
 //! object, and what to do; the control API maps [`ErrorKind`] to HTTP status and the NBD glue
 //! maps it to NBD error codes, each in one place.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     NotFound,
@@ -16,6 +16,10 @@ pub enum ErrorKind {
     Io,
     Corrupt,
     Gone,
+    /// The object store kept failing (after retries); try again later.
+    Unavailable,
+    /// The snapshot's data is only in the object store.
+    NotLocal,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +46,8 @@ pub enum EngineError {
     Corrupt(String),
     #[error("{0}")]
     Gone(String),
+    #[error("{0}")]
+    NotLocal(String),
 }
 
 impl EngineError {
@@ -56,6 +62,7 @@ impl EngineError {
             EngineError::Io { .. } => ErrorKind::Io,
             EngineError::Corrupt(_) => ErrorKind::Corrupt,
             EngineError::Gone(_) => ErrorKind::Gone,
+            EngineError::NotLocal(_) => ErrorKind::NotLocal,
         }
     }
 

@@ -17,7 +17,9 @@ use super::error::{EngineError, Result};
 
 pub const JOURNAL_MAGIC: &[u8; 8] = b"SNAPBLKJ";
 pub const CHECKPOINT_MAGIC: &[u8; 8] = b"SNAPBLKC";
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 added `SnapshotRelease` records and the snapshot flags byte in checkpoints;
+/// version 1 files are still read.
+pub const FORMAT_VERSION: u32 = 2;
 const JOURNAL_HEADER_LEN: u64 = 8 + 4 + 8;
 /// A frame larger than this is corrupt (no record is anywhere near it).
 const MAX_FRAME: u32 = 1 << 20;
@@ -63,6 +65,10 @@ pub enum Record {
         start: u64,
         end: u64,
     },
+    /// The snapshot's data now lives only in the object store: its local map is dropped.
+    SnapshotRelease {
+        snapshot: u64,
+    },
 }
 
 const T_MAP_SET: u8 = 1;
@@ -72,6 +78,7 @@ const T_SNAPSHOT_CREATE: u8 = 4;
 const T_SNAPSHOT_DELETE: u8 = 5;
 const T_ROLLBACK: u8 = 6;
 const T_DIRTY_RANGE: u8 = 7;
+const T_SNAPSHOT_RELEASE: u8 = 8;
 
 /// Little-endian encoding helpers shared by the journal and the checkpoint.
 pub trait Put {
@@ -210,6 +217,10 @@ impl Record {
                 out.put_u64(*start);
                 out.put_u64(*end);
             }
+            Record::SnapshotRelease { snapshot } => {
+                out.put_u8(T_SNAPSHOT_RELEASE);
+                out.put_u64(*snapshot);
+            }
         }
         let payload_len = (out.len() - frame - 8) as u32;
         let crc = crc32c::crc32c(&out[frame + 8..]);
@@ -241,6 +252,7 @@ impl Record {
             T_SNAPSHOT_DELETE => Record::SnapshotDelete { snapshot: r.u64()? },
             T_ROLLBACK => Record::Rollback { volume: r.u64()?, snapshot: r.u64()? },
             T_DIRTY_RANGE => Record::DirtyRange { volume: r.u64()?, start: r.u64()?, end: r.u64()? },
+            T_SNAPSHOT_RELEASE => Record::SnapshotRelease { snapshot: r.u64()? },
             _ => return Err(Short),
         };
         if r.remaining() != 0 {
@@ -360,8 +372,9 @@ impl Journal {
     }
 }
 
-/// Checks `MAGIC | version u32 | generation u64` at the start of a metadata file.
-pub fn check_header(bytes: &[u8], magic: &[u8; 8], generation: u64, path: &Path) -> Result<()> {
+/// Checks `MAGIC | version u32 | generation u64` at the start of a metadata file; returns the
+/// version (1..=FORMAT_VERSION).
+pub fn check_header(bytes: &[u8], magic: &[u8; 8], generation: u64, path: &Path) -> Result<u32> {
     let mut r = Reader::new(bytes);
     let bad = || {
         EngineError::Corrupt(format!(
@@ -373,16 +386,16 @@ pub fn check_header(bytes: &[u8], magic: &[u8; 8], generation: u64, path: &Path)
         return Err(bad());
     }
     let version = r.u32().map_err(|_| bad())?;
-    if version != FORMAT_VERSION {
+    if !(1..=FORMAT_VERSION).contains(&version) {
         return Err(EngineError::Corrupt(format!(
-            "{} has format version {version}, this snapblk reads version {FORMAT_VERSION}; use a matching snapblk release",
+            "{} has format version {version}, this snapblk reads versions 1 to {FORMAT_VERSION}; use a matching snapblk release",
             path.display()
         )));
     }
     if r.u64().map_err(|_| bad())? != generation {
         return Err(bad());
     }
-    Ok(())
+    Ok(version)
 }
 
 /// Removes journals of generations other than `keep` (left behind by a crash during rotate).
@@ -422,6 +435,7 @@ mod tests {
             },
             Record::Rollback { volume: 1, snapshot: 2 },
             Record::DirtyRange { volume: 1, start: 7, end: 9 },
+            Record::SnapshotRelease { snapshot: 2 },
             Record::SnapshotDelete { snapshot: 2 },
             Record::VolumeDelete { volume: 1 },
         ]

@@ -30,7 +30,7 @@ use roaring::RoaringTreemap;
 
 pub use error::{EngineError, ErrorKind, Result};
 pub use types::{SnapshotInfo, VolumeInfo};
-pub use volume::{Extent, SnapshotHandle, VolumeHandle, ZeroMode};
+pub use volume::{Extent, SnapshotHandle, VolumeHandle, ZeroMode, STATE_HOLE, STATE_ZERO};
 
 use checkpoint::{SnapshotImage, State, VolumeImage};
 use journal::{Journal, Record};
@@ -150,6 +150,8 @@ pub(crate) struct Snapshot {
     /// Parent and changed set: rewritten when the parent is deleted (its changes fold in).
     pub(crate) lineage: Mutex<Lineage>,
     pub(crate) revoker: Revoker,
+    /// The data was released after upload: `map` is empty and reads must go to the store.
+    pub(crate) released: bool,
 }
 
 pub(crate) struct Lineage {
@@ -364,6 +366,7 @@ impl Registry {
                     map: st.head.clone(),
                     lineage: Mutex::new(Lineage { parent: st.parent, changed: std::mem::take(&mut st.dirty) }),
                     revoker: Revoker::new(),
+                    released: false,
                 };
                 st.owned.clear();
                 st.parent = Some(*snapshot);
@@ -395,6 +398,31 @@ impl Registry {
                     }
                 }
                 Ok(Some((s.map.clone(), s.cluster_size)))
+            }
+            Record::SnapshotRelease { snapshot } => {
+                let s = self.snapshots.get(snapshot).ok_or_else(|| missing("snapshot", *snapshot))?;
+                s.revoker.revoke();
+                let lineage = {
+                    let l = s.lineage.lock();
+                    Lineage { parent: l.parent, changed: l.changed.clone() }
+                };
+                let released = Snapshot {
+                    id: s.id,
+                    volume: s.volume,
+                    seq: s.seq,
+                    name: s.name.clone(),
+                    description: s.description.clone(),
+                    created: s.created,
+                    size: s.size,
+                    cluster_size: s.cluster_size,
+                    allocated: s.allocated,
+                    map: ClusterMap::new(s.size.div_ceil(s.cluster_size.max(1) as u64)),
+                    lineage: Mutex::new(lineage),
+                    revoker: Revoker::new(),
+                    released: true,
+                };
+                let old = self.snapshots.insert(*snapshot, Arc::new(released));
+                Ok(old.map(|o| (o.map.clone(), o.cluster_size)))
             }
             Record::Rollback { volume, snapshot } => {
                 let s = self.snapshots.get(snapshot).ok_or_else(|| missing("snapshot", *snapshot))?;
@@ -528,6 +556,7 @@ impl Registry {
                     map: s.map.clone(),
                     parent: l.parent,
                     changed: l.changed.clone(),
+                    released: s.released,
                 }
             })
             .collect();
@@ -554,6 +583,7 @@ impl Registry {
                     map: s.map,
                     lineage: Mutex::new(Lineage { parent: s.parent, changed: s.changed }),
                     revoker: Revoker::new(),
+                    released: s.released,
                 }),
             );
         }
@@ -917,6 +947,7 @@ impl Engine {
         validate_name("volume", new_volume)?;
         let mut reg = self.registry.write();
         let s = reg.find_snapshot(snap)?.clone();
+        check_local(&s, snap)?;
         if reg.volumes.values().any(|v| v.name == new_volume) {
             return Err(EngineError::AlreadyExists(format!("a volume named '{new_volume}' already exists")));
         }
@@ -944,6 +975,7 @@ impl Engine {
                 reg.volumes.get(&s.volume).cloned().ok_or_else(|| {
                     EngineError::NotFound(format!("the volume of snapshot '{snap}' no longer exists"))
                 })?;
+            check_local(&s, snap)?;
             (v, s)
         };
         let writers = v.writers.load(Ordering::Acquire);
@@ -996,13 +1028,56 @@ impl Engine {
     pub fn open_snapshot(self: &Arc<Self>, r: &str) -> Result<SnapshotHandle> {
         let reg = self.registry.read();
         let s = reg.find_snapshot(r)?.clone();
+        check_local(&s, r)?;
         let v = reg
             .volumes
             .get(&s.volume)
             .cloned()
             .ok_or_else(|| EngineError::NotFound(format!("no volume for snapshot '{r}'")))?;
-        let bases = reg.snapshots_of(s.volume).into_iter().filter(|b| b.seq < s.seq).collect();
+        // A released base has no local map to compare with.
+        let bases = reg.snapshots_of(s.volume).into_iter().filter(|b| b.seq < s.seq && !b.released).collect();
         Ok(SnapshotHandle::new(v, s, bases))
+    }
+
+    /// Whether the snapshot's data is local (false once released after upload).
+    pub fn snapshot_is_local(&self, r: &str) -> Result<bool> {
+        Ok(!self.registry.read().find_snapshot(r)?.released)
+    }
+
+    /// The snapshot's changed sets back to the first snapshot of its lineage, newest first:
+    /// `(snapshot id, clusters changed relative to the next entry)`. The union of a prefix is
+    /// what changed since the snapshot after that prefix.
+    pub fn snapshot_lineage(&self, r: &str) -> Result<Vec<(u64, RoaringTreemap)>> {
+        let reg = self.registry.read();
+        let mut out = Vec::new();
+        let mut cur = Some(reg.find_snapshot(r)?.clone());
+        while let Some(s) = cur {
+            let l = s.lineage.lock();
+            out.push((s.id, l.changed.clone()));
+            cur = l.parent.and_then(|p| reg.snapshots.get(&p).cloned());
+        }
+        Ok(out)
+    }
+
+    /// Drops the local copy of a snapshot's data (its map; slots nothing else references are
+    /// freed). For snapshots whose upload is complete. Returns false, doing nothing, while the
+    /// snapshot is in use (an open export or upload holds it, or a newer snapshot's export
+    /// lists it as a base): the caller tries again later.
+    pub fn release_snapshot(&self, r: &str) -> Result<bool> {
+        let mut reg = self.registry.write();
+        let s = reg.find_snapshot(r)?.clone();
+        // The registry's reference plus ours; any other is a handle (opened under this lock).
+        if s.released || Arc::strong_count(&s) > 2 {
+            return Ok(false);
+        }
+        let (id, v) = (s.id, reg.volumes.get(&s.volume).cloned());
+        drop(s);
+        self.run(&mut reg, Record::SnapshotRelease { snapshot: id })?;
+        if let Some(v) = v {
+            drop(v.state.write()); // barrier, as in delete_snapshot
+        }
+        tracing::info!(snapshot = r, "snapshot data released (now only in the object store)");
+        Ok(true)
     }
 
     /// Names of every export: `VOLUME` and `VOLUME@SNAPSHOT`, with descriptions.
@@ -1047,6 +1122,15 @@ impl Engine {
     }
 }
 
+fn check_local(s: &Snapshot, r: &str) -> Result<()> {
+    if s.released {
+        return Err(EngineError::NotLocal(format!(
+            "the data of snapshot '{r}' was released after its upload, and restoring from the store is not built yet; copy it out with: snapblk snapshot export {r} --output FILE (keep snapshots local longer with upload.instant_access_retention in snapblk.toml)"
+        )));
+    }
+    Ok(())
+}
+
 fn volume_info(reg: &Registry, v: &Volume) -> VolumeInfo {
     let st = v.state.read();
     let origin = v.origin.map(|o| match reg.snapshots.get(&o) {
@@ -1088,5 +1172,7 @@ fn snapshot_info(reg: &Registry, s: &Snapshot) -> SnapshotInfo {
         changed_clusters: l.changed.len(),
         parent: l.parent.map(snapshot_id),
         clones,
+        allocated_bytes: s.allocated * s.cluster_size as u64,
+        local: !s.released,
     }
 }

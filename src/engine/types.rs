@@ -47,4 +47,8 @@ pub struct SnapshotInfo {
     pub parent: Option<String>,
     /// Names of volumes cloned from this snapshot.
     pub clones: Vec<String>,
+    /// Bytes of clusters holding data (not zeros) in this snapshot.
+    pub allocated_bytes: u64,
+    /// Whether the data is on this node (false once released after upload).
+    pub local: bool,
 }

@@ -249,18 +249,19 @@ impl VolumeHandle {
 
     /// Slow path under the exclusive lock: clusters not owned by the head get a fresh slot
     /// (redirect-on-write); a partial write first copies the rest of the old cluster.
+    ///
+    /// A cluster the head owns but that is clean (ownership regained when a snapshot was
+    /// deleted or released, or recomputed at startup) is redirected too, and its old slot
+    /// freed: writing it in place would change data the durable dirty bitmap says is
+    /// unchanged, and after a crash an incremental upload would miss it.
     fn write_locked(&self, st: &mut VolumeState, offset: u64, data: &[u8]) -> Result<()> {
         let slots = &self.vol.slots;
         for (cluster, within, pos, n) in pieces(offset, data.len() as u64, shift_of(slots)) {
             let piece = &data[pos as usize..(pos + n) as usize];
             let entry = st.head.get(cluster);
-            if entry != ZERO && st.owned.contains(cluster) {
+            let owned = entry != ZERO && st.owned.contains(cluster);
+            if owned && st.dirty.contains(cluster) {
                 slots.write(entry - 1, within, piece)?;
-                // Owned but clean (ownership regained after a snapshot delete): the entry stays,
-                // the record makes the dirty bit durable.
-                if !st.dirty.contains(cluster) {
-                    self.set_entry(st, cluster, entry);
-                }
                 continue;
             }
             let slot = slots.allocate();
@@ -281,6 +282,10 @@ impl VolumeHandle {
             }
             self.set_entry(st, cluster, slot + 1);
             st.owned.insert(cluster);
+            // After the record: a commit that frees the old slot has drained the record.
+            if owned {
+                slots.release(entry - 1);
+            }
         }
         Ok(())
     }
@@ -311,7 +316,6 @@ impl VolumeHandle {
             let touched = (offset >> shift, (end - 1) >> shift);
             Record::DirtyRange { volume: self.vol.id, start: touched.0, end: touched.1 + 1 }
                 .encode(&mut self.vol.pending.lock());
-            st.dirty.insert_range(touched.0..=touched.1);
             // Everything else gets zeros written: partial clusters at either end (unless they
             // are unmapped already), or the whole range with `Allocate`.
             let edges = if whole.0 < whole.1 {
@@ -341,6 +345,8 @@ impl VolumeHandle {
                     }
                 }
             }
+            // Only now: the edges above must see clean clusters as clean (see `write_locked`).
+            st.dirty.insert_range(touched.0..=touched.1);
         }
         if fua {
             self.engine.commit()?;
@@ -422,6 +428,15 @@ impl SnapshotHandle {
     pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         check_range(self.snap.size, offset, len, false)?;
         Ok(status(offset, len, shift_of(&self.vol.slots), |c| allocation_flags(self.snap.map.get(c))))
+    }
+
+    /// Every cluster of the snapshot that maps to stored data.
+    pub fn allocated_clusters(&self) -> roaring::RoaringTreemap {
+        let mut set = roaring::RoaringTreemap::new();
+        self.snap.map.for_each_nonzero(|c, _| {
+            set.insert(c);
+        });
+        set
     }
 
     /// Clusters that differ between base snapshot `base` (index into `base_names`) and this one.

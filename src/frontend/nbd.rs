@@ -10,6 +10,8 @@ use std::sync::Arc;
 use snapblk_nbd::{Export, ExportCatalog, ExportError, ExportInfo, Extent, ReadKind, ZeroFlags};
 
 use crate::engine::{self, Engine, EngineError, ErrorKind, SnapshotHandle, VolumeHandle, ZeroMode};
+use crate::store::remote::RemoteSnapshot;
+use crate::store::{StoreError, StoreService};
 
 /// Largest request we accept (NBD_INFO_BLOCK_SIZE maximum).
 const MAX_REQUEST: u32 = 32 << 20;
@@ -18,26 +20,33 @@ const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 
 pub struct NbdCatalog {
     engine: Arc<Engine>,
+    store: Arc<StoreService>,
 }
 
 impl NbdCatalog {
-    pub fn new(engine: Arc<Engine>) -> NbdCatalog {
-        NbdCatalog { engine }
+    pub fn new(engine: Arc<Engine>, store: Arc<StoreService>) -> NbdCatalog {
+        NbdCatalog { engine, store }
     }
 }
 
 /// The one place engine errors become NBD errors.
 fn nbd_error(e: EngineError) -> ExportError {
     match e.kind() {
-        ErrorKind::Invalid | ErrorKind::NotFound => ExportError::Invalid,
+        ErrorKind::Invalid | ErrorKind::NotFound | ErrorKind::NotLocal => ExportError::Invalid,
         ErrorKind::NoSpace => ExportError::NoSpace,
         ErrorKind::ReadOnly => ExportError::ReadOnly,
         ErrorKind::Gone => ExportError::Gone,
-        ErrorKind::AlreadyExists | ErrorKind::Busy | ErrorKind::Io | ErrorKind::Corrupt => {
+        ErrorKind::AlreadyExists | ErrorKind::Busy | ErrorKind::Io | ErrorKind::Corrupt | ErrorKind::Unavailable => {
             tracing::warn!(error = %e, "I/O request failed");
             ExportError::Io
         }
     }
+}
+
+/// Store errors on a released snapshot's reads: all are I/O errors to the client (never zeros).
+fn store_error(e: StoreError) -> ExportError {
+    tracing::warn!(error = %e, "read from the object store failed");
+    ExportError::Io
 }
 
 fn extents(v: Vec<engine::Extent>) -> Vec<Extent> {
@@ -48,6 +57,8 @@ fn extents(v: Vec<engine::Extent>) -> Vec<Extent> {
 enum Handle {
     Volume(VolumeHandle),
     Snapshot(SnapshotHandle),
+    /// A snapshot whose data was released after upload: reads go to the store.
+    Remote(RemoteSnapshot),
 }
 
 pub struct NbdExport {
@@ -78,6 +89,23 @@ impl ExportCatalog for NbdCatalog {
             name.to_string()
         };
         let block = |cluster_size: u32| (1, 4096.min(cluster_size), MAX_REQUEST);
+        if name.contains('@') && !self.engine.snapshot_is_local(&name).map_err(|e| e.to_string())? {
+            let s = self.engine.snapshot(&name).map_err(|e| e.to_string())?;
+            self.store.uploaded_region(&s).map_err(|e| e.to_string())?;
+            let (min_block, preferred_block, max_block) = block(s.cluster_size);
+            let info = ExportInfo {
+                name: format!("{}@{}", s.volume, s.name),
+                description: s.description.clone(),
+                size: s.size,
+                read_only: true,
+                min_block,
+                preferred_block,
+                max_block,
+                meta_contexts: vec![BASE_ALLOCATION.to_string()],
+            };
+            let remote = RemoteSnapshot::new(self.store.clone(), s.id);
+            return Ok(NbdExport { handle: Handle::Remote(remote), info });
+        }
         if name.contains('@') {
             let h = self.engine.open_snapshot(&name).map_err(|e| e.to_string())?;
             let mut meta_contexts = vec![BASE_ALLOCATION.to_string()];
@@ -131,7 +159,7 @@ impl NbdExport {
     fn volume(&self) -> Result<&VolumeHandle, ExportError> {
         match &self.handle {
             Handle::Volume(v) => Ok(v),
-            Handle::Snapshot(_) => Err(ExportError::ReadOnly),
+            Handle::Snapshot(_) | Handle::Remote(_) => Err(ExportError::ReadOnly),
         }
     }
 }
@@ -143,10 +171,10 @@ impl Export for NbdExport {
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<ReadKind, ExportError> {
         let hole = match &self.handle {
-            Handle::Volume(v) => v.read(offset, buf),
-            Handle::Snapshot(s) => s.read(offset, buf),
-        }
-        .map_err(nbd_error)?;
+            Handle::Volume(v) => v.read(offset, buf).map_err(nbd_error)?,
+            Handle::Snapshot(s) => s.read(offset, buf).map_err(nbd_error)?,
+            Handle::Remote(r) => r.read(offset, buf).await.map_err(store_error)?,
+        };
         Ok(if hole { ReadKind::Hole } else { ReadKind::Data })
     }
 
@@ -157,7 +185,7 @@ impl Export for NbdExport {
     async fn flush(&self) -> Result<(), ExportError> {
         match &self.handle {
             Handle::Volume(v) => v.flush().map_err(nbd_error),
-            Handle::Snapshot(_) => Ok(()), // nothing to make durable
+            Handle::Snapshot(_) | Handle::Remote(_) => Ok(()), // nothing to make durable
         }
     }
 
@@ -181,6 +209,14 @@ impl Export for NbdExport {
 
     async fn block_status(&self, context: usize, offset: u64, length: u32) -> Result<Vec<Extent>, ExportError> {
         let len = length as u64;
+        if let Handle::Remote(r) = &self.handle {
+            if context != 0 {
+                return Err(ExportError::Invalid);
+            }
+            let runs = r.allocation(offset, len).await.map_err(store_error)?;
+            let flags = |hole: bool| if hole { engine::STATE_HOLE | engine::STATE_ZERO } else { 0 };
+            return Ok(runs.into_iter().map(|(l, hole)| Extent { length: l as u32, flags: flags(hole) }).collect());
+        }
         let result = match (&self.handle, context) {
             (Handle::Volume(v), 0) => v.allocation(offset, len),
             (Handle::Volume(v), 1) => v.dirty(offset, len),
@@ -195,6 +231,8 @@ impl Export for NbdExport {
         match &self.handle {
             Handle::Volume(v) => v.revoked().await,
             Handle::Snapshot(s) => s.revoked().await,
+            // Nothing local to revoke: if the snapshot is deleted, reads fail (never zeros).
+            Handle::Remote(_) => std::future::pending().await,
         }
     }
 }

@@ -22,14 +22,14 @@ impl UblkTarget {
 /// shutting down) holds the request for the next daemon instead of failing it.
 fn ublk_error(e: EngineError) -> TargetError {
     match e.kind() {
-        ErrorKind::Invalid | ErrorKind::NotFound => {
+        ErrorKind::Invalid | ErrorKind::NotFound | ErrorKind::NotLocal => {
             tracing::warn!(error = %e, "ublk request refused");
             TargetError::Invalid
         }
         ErrorKind::NoSpace => TargetError::NoSpace,
         ErrorKind::ReadOnly => TargetError::ReadOnly,
         ErrorKind::Gone => TargetError::Gone,
-        ErrorKind::AlreadyExists | ErrorKind::Busy | ErrorKind::Io | ErrorKind::Corrupt => {
+        ErrorKind::AlreadyExists | ErrorKind::Busy | ErrorKind::Io | ErrorKind::Corrupt | ErrorKind::Unavailable => {
             tracing::warn!(error = %e, "ublk request failed");
             TargetError::Io
         }

@@ -163,6 +163,14 @@ impl Drop for Guard {
     }
 }
 
+/// Writes a `snapblk.toml` that keeps uploaded snapshots local for an hour: for tests about
+/// local snapshot behaviour (rollback, clone, dirty bitmaps between snapshots), which the
+/// default (release right after upload) would otherwise race. The store suite covers release.
+pub fn keep_snapshots_local(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("snapblk.toml"), "[upload]\ninstant_access_retention = \"1h\"\n").unwrap();
+}
+
 /// A `snapblk serve` process on a directory of its own, serving NBD on `DIR/nbd.sock` only.
 pub struct Daemon {
     pub dir: PathBuf,

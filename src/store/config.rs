@@ -1,0 +1,403 @@
+//! `DIR/snapblk.toml`: regions (named object stores) and upload / GC settings.
+//!
+//! Created with defaults (one region, `local`, on the filesystem) by `serve` when missing.
+//! Credentials are read here and never logged: [`RegionConfig`]'s `Debug` leaves them out.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::error::{Result, StoreError};
+use crate::control::size::parse_size;
+
+pub const CONFIG_FILE: &str = "snapblk.toml";
+
+const DEFAULT_CONFIG: &str = r#"# snapblk daemon configuration (created by `snapblk serve`; edit and restart to change).
+# Paths are relative to the daemon directory.
+
+[upload]
+enabled = true                   # upload every snapshot when it is taken (false: only `snapblk snapshot upload`)
+concurrency = 4                  # parallel PUTs per upload
+bandwidth_limit = "0"            # bytes per second over all uploads, e.g. "100M"; "0" = unlimited
+pack_size = "32M"                # target size of one pack object
+instant_access_retention = "0s"  # keep snapshot data locally this long after upload (e.g. "24h")
+
+[gc]
+interval = "1h"                  # background GC period per region; "0s" = only `snapblk gc`
+grace = "1h"                     # never delete unreferenced packs younger than this
+
+[regions.local]
+kind = "fs"
+path = "store"
+# key_file = "keys/local.key"    # generated when missing: back it up (`snapblk key export`)
+
+# An S3-compatible region (AWS S3, Alibaba OSS, MinIO, Garage, Ceph RGW):
+# [regions.garage]
+# kind = "s3"
+# endpoint = "http://127.0.0.1:3900"
+# bucket = "snapblk"
+# prefix = "prod/"
+# region = "garage"
+# access_key_id = "GK..."                       # or AWS_ACCESS_KEY_ID
+# secret_access_key_file = "keys/garage.secret" # or AWS_SECRET_ACCESS_KEY
+# key_file = "keys/garage.key"
+"#;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    upload: RawUpload,
+    #[serde(default)]
+    gc: RawGc,
+    #[serde(default)]
+    regions: BTreeMap<String, RawRegion>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpload {
+    enabled: Option<bool>,
+    concurrency: Option<usize>,
+    bandwidth_limit: Option<String>,
+    pack_size: Option<String>,
+    instant_access_retention: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGc {
+    interval: Option<String>,
+    grace: Option<String>,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegion {
+    kind: String,
+    path: Option<String>,
+    endpoint: Option<String>,
+    bucket: Option<String>,
+    #[serde(default)]
+    prefix: String,
+    region: Option<String>,
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+    secret_access_key_file: Option<String>,
+    key_file: Option<String>,
+    request_timeout: Option<String>,
+    retries: Option<u32>,
+    #[serde(default)]
+    faults: Faults,
+}
+
+impl std::fmt::Debug for RawRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawRegion").field("kind", &self.kind).finish_non_exhaustive()
+    }
+}
+
+/// Fault injection, for tests of the retry and verification paths: a fraction of requests fail,
+/// hang past the request timeout, or (GETs) return truncated bodies; every GET can be delayed.
+/// Off unless configured (`[regions.NAME.faults]`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Faults {
+    #[serde(default)]
+    pub error_rate: f64,
+    #[serde(default)]
+    pub timeout_rate: f64,
+    #[serde(default)]
+    pub truncate_rate: f64,
+    #[serde(default)]
+    pub get_latency_ms: u64,
+}
+
+impl Faults {
+    pub fn any(&self) -> bool {
+        self.error_rate > 0.0 || self.timeout_rate > 0.0 || self.truncate_rate > 0.0 || self.get_latency_ms > 0
+    }
+}
+
+#[derive(Clone)]
+pub enum Backend {
+    Fs {
+        path: PathBuf,
+    },
+    S3 {
+        endpoint: Option<String>,
+        bucket: String,
+        prefix: String,
+        region: String,
+        access_key_id: String,
+        secret_access_key: String,
+    },
+}
+
+#[derive(Clone)]
+pub struct RegionConfig {
+    pub name: String,
+    pub backend: Backend,
+    pub key_file: PathBuf,
+    /// Whether `key_file` was named in the config (else it is generated on first use).
+    pub key_file_configured: bool,
+    pub request_timeout: Duration,
+    pub retries: u32,
+    pub faults: Faults,
+}
+
+impl std::fmt::Debug for RegionConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegionConfig")
+            .field("name", &self.name)
+            .field("key_file", &self.key_file)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Upload each snapshot when it is created.
+    pub upload_enabled: bool,
+    pub upload_concurrency: usize,
+    /// Bytes per second over all uploads; 0 = unlimited.
+    pub bandwidth_limit: u64,
+    pub pack_size: u64,
+    pub instant_access_retention: Duration,
+    /// 0 = no background GC.
+    pub gc_interval: Duration,
+    pub gc_grace: Duration,
+    pub regions: BTreeMap<String, RegionConfig>,
+}
+
+/// `"24h"`, `"30m"`, `"10s"`, `"500ms"`, `"0"`.
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let bad = || format!("invalid duration '{s}': use a whole number with ms, s, m, h or d (e.g. 24h)");
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let ms = match unit.trim() {
+        "ms" => 1,
+        "" | "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(ms).map(Duration::from_millis).ok_or_else(bad)
+}
+
+fn bytes_or_zero(s: &str) -> std::result::Result<u64, String> {
+    if s.trim() == "0" {
+        Ok(0)
+    } else {
+        parse_size(s)
+    }
+}
+
+impl Config {
+    /// Loads `DIR/snapblk.toml`, writing the default one first when there is none.
+    pub fn load_or_create(dir: &Path) -> Result<Config> {
+        let path = dir.join(CONFIG_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::write(&path, DEFAULT_CONFIG).map_err(StoreError::io(format!("writing {}", path.display())))?;
+                DEFAULT_CONFIG.to_string()
+            }
+            Err(e) => return Err(StoreError::io(format!("reading {}", path.display()))(e)),
+        };
+        Config::parse(&text, dir).map_err(|m| StoreError::Config(format!("{}: {m}", path.display())))
+    }
+
+    pub fn parse(text: &str, dir: &Path) -> std::result::Result<Config, String> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        let dur = |v: &Option<String>, key: &str, default: &str| -> std::result::Result<Duration, String> {
+            parse_duration(v.as_deref().unwrap_or(default)).map_err(|e| format!("{key}: {e}"))
+        };
+        let upload_concurrency = raw.upload.concurrency.unwrap_or(4);
+        if !(1..=256).contains(&upload_concurrency) {
+            return Err("upload.concurrency must be between 1 and 256".into());
+        }
+        let bandwidth_limit = bytes_or_zero(raw.upload.bandwidth_limit.as_deref().unwrap_or("0"))
+            .map_err(|e| format!("upload.bandwidth_limit: {e}"))?;
+        let pack_size = parse_size(raw.upload.pack_size.as_deref().unwrap_or("32M"))
+            .map_err(|e| format!("upload.pack_size: {e}"))?;
+        if !((1 << 20)..=(1 << 30)).contains(&pack_size) {
+            return Err("upload.pack_size must be between 1M and 1G".into());
+        }
+        let mut regions = BTreeMap::new();
+        let mut raw_regions = raw.regions;
+        raw_regions.entry("local".into()).or_insert_with(|| RawRegion {
+            kind: "fs".into(),
+            path: Some("store".into()),
+            endpoint: None,
+            bucket: None,
+            prefix: String::new(),
+            region: None,
+            access_key_id: None,
+            secret_access_key: None,
+            secret_access_key_file: None,
+            key_file: None,
+            request_timeout: None,
+            retries: None,
+            faults: Faults::default(),
+        });
+        for (name, r) in raw_regions {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c)) {
+                return Err(format!("region name '{name}': use letters, digits, '-' and '_'"));
+            }
+            regions.insert(name.clone(), region(&name, r, dir)?);
+        }
+        Ok(Config {
+            upload_enabled: raw.upload.enabled.unwrap_or(true),
+            upload_concurrency,
+            bandwidth_limit,
+            pack_size,
+            instant_access_retention: dur(
+                &raw.upload.instant_access_retention,
+                "upload.instant_access_retention",
+                "0s",
+            )?,
+            gc_interval: dur(&raw.gc.interval, "gc.interval", "1h")?,
+            gc_grace: dur(&raw.gc.grace, "gc.grace", "1h")?,
+            regions,
+        })
+    }
+}
+
+fn region(name: &str, r: RawRegion, dir: &Path) -> std::result::Result<RegionConfig, String> {
+    let ctx = |m: String| format!("region '{name}': {m}");
+    let rel = |p: &str| -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            dir.join(p)
+        }
+    };
+    let backend = match r.kind.as_str() {
+        "fs" => Backend::Fs { path: rel(r.path.as_deref().unwrap_or("store")) },
+        "s3" => {
+            let bucket = r.bucket.clone().ok_or_else(|| ctx("an s3 region needs `bucket`".into()))?;
+            let access_key_id = r
+                .access_key_id
+                .clone()
+                .or_else(|| std::env::var("AWS_ACCESS_KEY_ID").ok())
+                .ok_or_else(|| ctx("no access key: set `access_key_id` or AWS_ACCESS_KEY_ID".into()))?;
+            let secret_access_key = match (&r.secret_access_key, &r.secret_access_key_file) {
+                (Some(s), _) => s.clone(),
+                (None, Some(f)) => std::fs::read_to_string(rel(f))
+                    .map_err(|e| ctx(format!("cannot read secret_access_key_file {f}: {e}")))?
+                    .trim()
+                    .to_string(),
+                (None, None) => std::env::var("AWS_SECRET_ACCESS_KEY")
+                    .map_err(|_| ctx("no secret key: set `secret_access_key_file` or AWS_SECRET_ACCESS_KEY".into()))?,
+            };
+            let mut prefix = r.prefix.trim_matches('/').to_string();
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            Backend::S3 {
+                endpoint: r.endpoint.clone(),
+                bucket,
+                prefix,
+                region: r.region.clone().unwrap_or_else(|| "us-east-1".into()),
+                access_key_id,
+                secret_access_key,
+            }
+        }
+        other => return Err(ctx(format!("unknown kind '{other}': use \"fs\" or \"s3\""))),
+    };
+    for (rate, what) in [
+        (r.faults.error_rate, "error_rate"),
+        (r.faults.timeout_rate, "timeout_rate"),
+        (r.faults.truncate_rate, "truncate_rate"),
+    ] {
+        if !(0.0..=1.0).contains(&rate) {
+            return Err(ctx(format!("faults.{what} must be between 0 and 1")));
+        }
+    }
+    let request_timeout = parse_duration(r.request_timeout.as_deref().unwrap_or("60s")).map_err(ctx)?;
+    if request_timeout.is_zero() {
+        return Err(ctx("request_timeout must be greater than zero".into()));
+    }
+    Ok(RegionConfig {
+        name: name.to_string(),
+        backend,
+        key_file: rel(r.key_file.as_deref().unwrap_or(&format!("keys/{name}.key"))),
+        key_file_configured: r.key_file.is_some(),
+        request_timeout,
+        retries: r.retries.unwrap_or(8),
+        faults: r.faults,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_parses_and_has_the_local_region() {
+        let c = Config::parse(DEFAULT_CONFIG, Path::new("/d")).unwrap();
+        assert_eq!(c.upload_concurrency, 4);
+        assert_eq!(c.pack_size, 32 << 20);
+        assert_eq!(c.instant_access_retention, Duration::ZERO);
+        let local = &c.regions["local"];
+        assert!(matches!(&local.backend, Backend::Fs { path } if path == Path::new("/d/store")));
+        assert_eq!(local.key_file, Path::new("/d/keys/local.key"));
+    }
+
+    #[test]
+    fn s3_region_from_the_documented_form() {
+        let text = r#"
+            [regions.garage]
+            kind = "s3"
+            endpoint = "http://127.0.0.1:3900"
+            bucket = "snapblk"
+            prefix = "prod/"
+            region = "garage"
+            access_key_id = "GKabc"
+            secret_access_key = "s3cr3t"
+            key_file = "keys/garage.key"
+        "#;
+        let c = Config::parse(text, Path::new("/d")).unwrap();
+        let g = &c.regions["garage"];
+        match &g.backend {
+            Backend::S3 { bucket, prefix, region, secret_access_key, .. } => {
+                assert_eq!((bucket.as_str(), prefix.as_str(), region.as_str()), ("snapblk", "prod/", "garage"));
+                assert_eq!(secret_access_key, "s3cr3t");
+            }
+            Backend::Fs { .. } => panic!("expected s3"),
+        }
+        assert!(!format!("{g:?}").contains("s3cr3t"), "credentials must never be printed");
+        assert!(c.regions.contains_key("local"), "local is always there");
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_key_named() {
+        let cases = [
+            ("[upload]\nconcurrency = 0", "upload.concurrency"),
+            ("[upload]\ninstant_access_retention = \"soon\"", "instant_access_retention"),
+            ("[regions.x]\nkind = \"ftp\"", "unknown kind"),
+            ("[regions.x]\nkind = \"s3\"", "bucket"),
+            ("[bogus]\na = 1", "unknown field"),
+        ];
+        for (text, needle) in cases {
+            let err = Config::parse(text, Path::new("/d")).unwrap_err();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+    }
+}

@@ -1,0 +1,320 @@
+//! Keys and sealing. A region's objects are encrypted with a repository key kept in the store,
+//! wrapped (XChaCha20-Poly1305) by a key-encryption key from a local key file; losing the key
+//! file loses the data, so it is generated 0600 with a warning to back it up.
+//!
+//! Blob ids are a keyed BLAKE3 hash of the plaintext (a key derived from the repository key):
+//! equal clusters get equal ids inside one repository, and the ids say nothing about the
+//! plaintext to anyone without the key. Each blob is sealed with a random 24-byte nonce and its
+//! own id as associated data, so a blob moved to another id's place fails to open.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
+use rand::RngCore;
+
+use super::error::{Result, StoreError};
+
+pub const NONCE_LEN: usize = 24;
+pub const TAG_LEN: usize = 16;
+/// What sealing adds to a plaintext.
+pub const SEAL_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
+const KEY_FILE_TAG: &str = "snapblk-key-v1";
+pub const REPO_KEY_MAGIC: &[u8; 8] = b"SNAPBLKK";
+const REPO_KEY_VERSION: u32 = 1;
+const REPO_KEY_AAD: &[u8] = b"snapblk repository key v1";
+
+/// A 32-byte blob id: keyed BLAKE3 of the plaintext.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlobId(pub [u8; 32]);
+
+impl std::fmt::Debug for BlobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", hex(&self.0[..8]))
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    if s.len() != 2 * N || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+/// The text of a new key file (what `snapblk key generate` prints).
+pub fn new_key_file_text() -> String {
+    let mut k = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut k);
+    format!(
+        "# snapblk key-encryption key. Anyone with this file can read the region's snapshots;\n# without it they are lost. Keep a copy somewhere safe.\n{KEY_FILE_TAG} {}\n",
+        hex(&k)
+    )
+}
+
+fn parse_key_file(text: &str, path: &Path) -> Result<[u8; 32]> {
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        if let Some(k) = line.strip_prefix(KEY_FILE_TAG).map(str::trim).and_then(unhex::<32>) {
+            return Ok(k);
+        }
+    }
+    Err(StoreError::Config(format!(
+        "{} is not a snapblk key file (expected a line '{KEY_FILE_TAG} <64 hex digits>'; make one with: snapblk key generate)",
+        path.display()
+    )))
+}
+
+/// Loads the key-encryption key, generating the file (0600) when it does not exist.
+/// Returns whether it was generated, so the caller can warn that it must be backed up.
+pub fn load_or_create_kek(path: &Path) -> Result<([u8; 32], bool)> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            if let Ok(meta) = std::fs::metadata(path) {
+                if meta.permissions().mode() & 0o077 != 0 {
+                    tracing::warn!(file = %path.display(), "key file is readable by other users; chmod 600 it");
+                }
+            }
+            Ok((parse_key_file(&text, path)?, false))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(StoreError::io(format!("creating {}", parent.display())))?;
+            }
+            let text = new_key_file_text();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(StoreError::io(format!("creating key file {}", path.display())))?;
+            f.write_all(text.as_bytes())
+                .and_then(|()| f.sync_all())
+                .map_err(StoreError::io(format!("writing key file {}", path.display())))?;
+            Ok((parse_key_file(&text, path)?, true))
+        }
+        Err(e) => Err(StoreError::io(format!("reading key file {}", path.display()))(e)),
+    }
+}
+
+fn cipher(key: &[u8; 32]) -> XChaCha20Poly1305 {
+    XChaCha20Poly1305::new(Key::from_slice(key))
+}
+
+fn random_nonce() -> [u8; NONCE_LEN] {
+    let mut n = [0u8; NONCE_LEN];
+    rand::thread_rng().fill_bytes(&mut n);
+    n
+}
+
+/// Appends `nonce | ciphertext | tag` of `plain` to `out`.
+fn seal_into(c: &XChaCha20Poly1305, aad: &[u8], plain: &[u8], out: &mut Vec<u8>) {
+    let nonce = random_nonce();
+    out.extend_from_slice(&nonce);
+    let start = out.len();
+    out.extend_from_slice(plain);
+    // Encryption cannot fail for buffers far below XChaCha's 256 GiB message limit.
+    let tag = c
+        .encrypt_in_place_detached(XNonce::from_slice(&nonce), aad, &mut out[start..])
+        .unwrap_or_else(|_| unreachable!("message within the AEAD limit"));
+    out.extend_from_slice(&tag);
+}
+
+/// Opens `nonce | ciphertext | tag`; `None` when the tag does not verify.
+fn open(c: &XChaCha20Poly1305, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+    if sealed.len() < SEAL_OVERHEAD {
+        return None;
+    }
+    let (nonce, rest) = sealed.split_at(NONCE_LEN);
+    let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
+    let mut buf = ct.to_vec();
+    c.decrypt_in_place_detached(XNonce::from_slice(nonce), aad, &mut buf, tag.into()).ok()?;
+    Some(buf)
+}
+
+/// The repository key object (`keys/repository`): the master key wrapped by the KEK.
+pub fn wrap_master(kek: &[u8; 32], master: &[u8; 32]) -> Vec<u8> {
+    let mut out = REPO_KEY_MAGIC.to_vec();
+    out.extend_from_slice(&REPO_KEY_VERSION.to_le_bytes());
+    seal_into(&cipher(kek), REPO_KEY_AAD, master, &mut out);
+    out
+}
+
+pub fn unwrap_master(kek: &[u8; 32], bytes: &[u8], region: &str, key_file: &Path) -> Result<[u8; 32]> {
+    let object = "keys/repository";
+    let body = bytes
+        .strip_prefix(REPO_KEY_MAGIC.as_slice())
+        .ok_or_else(|| StoreError::corrupt(object, "not a snapblk repository key"))?;
+    let (version, sealed) = body.split_at_checked(4).ok_or_else(|| StoreError::corrupt(object, "truncated"))?;
+    if version != REPO_KEY_VERSION.to_le_bytes() {
+        return Err(StoreError::corrupt(object, "unsupported repository key version; upgrade snapblk"));
+    }
+    let master = open(&cipher(kek), REPO_KEY_AAD, sealed).ok_or_else(|| {
+        StoreError::WrongKey(format!(
+            "the key file {} does not open region '{region}' (its repository was created with another key); configure the right key_file",
+            key_file.display()
+        ))
+    })?;
+    master.try_into().map_err(|_| StoreError::corrupt(object, "wrong key length"))
+}
+
+pub fn new_master() -> [u8; 32] {
+    let mut k = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut k);
+    k
+}
+
+/// The keys derived from a repository's master key.
+pub struct RepoKeys {
+    data: XChaCha20Poly1305,
+    id_key: [u8; 32],
+}
+
+/// How a blob's plaintext is stored inside the seal.
+const CODEC_RAW: u8 = 0;
+const CODEC_LZ4: u8 = 1;
+
+impl RepoKeys {
+    pub fn new(master: &[u8; 32]) -> RepoKeys {
+        RepoKeys {
+            data: cipher(&blake3::derive_key("snapblk 2026 repository data key v1", master)),
+            id_key: blake3::derive_key("snapblk 2026 blob id key v1", master),
+        }
+    }
+
+    pub fn blob_id(&self, plain: &[u8]) -> BlobId {
+        BlobId(*blake3::keyed_hash(&self.id_key, plain).as_bytes())
+    }
+
+    /// Compresses (lz4, kept only when smaller) and seals a blob, appending it to `out`.
+    /// Returns the sealed length. Compression and encryption work in `out` itself: no
+    /// intermediate buffers.
+    pub fn seal_blob(&self, id: &BlobId, plain: &[u8], out: &mut Vec<u8>) -> usize {
+        let start = out.len();
+        let nonce = random_nonce();
+        out.extend_from_slice(&nonce);
+        let body = out.len();
+        // codec | plaintext length u32 | lz4 block: the layout of `compress_prepend_size`.
+        let max = lz4_flex::block::get_maximum_output_size(plain.len());
+        out.resize(body + 5 + max, 0);
+        out[body] = CODEC_LZ4;
+        out[body + 1..body + 5].copy_from_slice(&(plain.len() as u32).to_le_bytes());
+        match lz4_flex::block::compress_into(plain, &mut out[body + 5..]) {
+            Ok(n) if 4 + n < plain.len() => out.truncate(body + 5 + n),
+            _ => {
+                out.truncate(body);
+                out.push(CODEC_RAW);
+                out.extend_from_slice(plain);
+            }
+        }
+        // Encryption cannot fail for buffers far below XChaCha's 256 GiB message limit.
+        let tag = self
+            .data
+            .encrypt_in_place_detached(XNonce::from_slice(&nonce), &id.0, &mut out[body..])
+            .unwrap_or_else(|_| unreachable!("message within the AEAD limit"));
+        out.extend_from_slice(&tag);
+        out.len() - start
+    }
+
+    /// Opens a sealed blob and checks that its plaintext hashes to `id`. `object` names where
+    /// it came from, for the error.
+    pub fn open_blob(&self, id: &BlobId, sealed: &[u8], object: &str) -> Result<Vec<u8>> {
+        let body = open(&self.data, &id.0, sealed)
+            .ok_or_else(|| StoreError::corrupt(object, format!("blob {} fails its authentication tag", hex(&id.0))))?;
+        let plain = match body.split_first() {
+            Some((&CODEC_RAW, p)) => p.to_vec(),
+            Some((&CODEC_LZ4, p)) => lz4_flex::block::decompress_size_prepended(p)
+                .map_err(|e| StoreError::corrupt(object, format!("blob {} does not decompress: {e}", hex(&id.0))))?,
+            _ => return Err(StoreError::corrupt(object, format!("blob {} has an unknown codec", hex(&id.0)))),
+        };
+        if self.blob_id(&plain) != *id {
+            return Err(StoreError::corrupt(object, format!("blob {} does not hash to its id", hex(&id.0))));
+        }
+        Ok(plain)
+    }
+
+    /// Seals small metadata (manifests) bound to `aad`.
+    pub fn seal_meta(&self, aad: &[u8], plain: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(plain.len() + SEAL_OVERHEAD);
+        seal_into(&self.data, aad, plain, &mut out);
+        out
+    }
+
+    pub fn open_meta(&self, aad: &[u8], sealed: &[u8], object: &str) -> Result<Vec<u8>> {
+        open(&self.data, aad, sealed).ok_or_else(|| StoreError::corrupt(object, "fails its authentication tag"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blob_roundtrip_compressible_and_random() {
+        let keys = RepoKeys::new(&[7; 32]);
+        let mut random = vec![0u8; 65536];
+        rand::thread_rng().fill_bytes(&mut random);
+        for plain in [vec![0xab; 65536], random] {
+            let id = keys.blob_id(&plain);
+            let mut out = Vec::new();
+            let n = keys.seal_blob(&id, &plain, &mut out);
+            assert_eq!(n, out.len());
+            assert!(n <= plain.len() + 1 + SEAL_OVERHEAD);
+            assert_eq!(keys.open_blob(&id, &out, "p").unwrap(), plain);
+        }
+    }
+
+    #[test]
+    fn a_flipped_byte_or_a_swapped_id_is_detected() {
+        let keys = RepoKeys::new(&[7; 32]);
+        let (a, b) = (vec![1u8; 4096], vec![2u8; 4096]);
+        let (ia, ib) = (keys.blob_id(&a), keys.blob_id(&b));
+        let mut sealed = Vec::new();
+        keys.seal_blob(&ia, &a, &mut sealed);
+        assert!(keys.open_blob(&ib, &sealed, "p").is_err(), "blob under another id");
+        for i in [0, NONCE_LEN, sealed.len() - 1] {
+            let mut bad = sealed.clone();
+            bad[i] ^= 1;
+            let err = keys.open_blob(&ia, &bad, "packs/x").unwrap_err().to_string();
+            assert!(err.contains("packs/x"), "{err}");
+        }
+    }
+
+    #[test]
+    fn ids_depend_on_the_repository_key() {
+        let (k1, k2) = (RepoKeys::new(&[1; 32]), RepoKeys::new(&[2; 32]));
+        assert_ne!(k1.blob_id(b"same"), k2.blob_id(b"same"));
+        assert_eq!(k1.blob_id(b"same"), k1.blob_id(b"same"));
+    }
+
+    #[test]
+    fn wrong_kek_is_a_clear_error() {
+        let master = new_master();
+        let wrapped = wrap_master(&[1; 32], &master);
+        assert_eq!(unwrap_master(&[1; 32], &wrapped, "r", Path::new("k")).unwrap(), master);
+        let err = unwrap_master(&[2; 32], &wrapped, "r", Path::new("k")).unwrap_err();
+        assert!(matches!(err, StoreError::WrongKey(_)), "{err}");
+    }
+
+    #[test]
+    fn key_files_roundtrip_and_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys/r.key");
+        let (k1, created) = load_or_create_kek(&path).unwrap();
+        assert!(created);
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let (k2, created) = load_or_create_kek(&path).unwrap();
+        assert!(!created);
+        assert_eq!(k1, k2);
+        std::fs::write(&path, "garbage").unwrap();
+        assert!(load_or_create_kek(&path).is_err());
+    }
+}

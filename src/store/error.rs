@@ -1,0 +1,60 @@
+//! The store's one error type. Like the engine's, every message says what failed, on which
+//! object, and what to do; [`StoreError::kind`] gives the class the API maps to HTTP status.
+
+use crate::engine::{EngineError, ErrorKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("configuration error: {0}")]
+    Config(String),
+    /// An object's bytes fail verification (AEAD tag, keyed hash, framing).
+    #[error("object {object} is corrupt: {reason}")]
+    Corrupt { object: String, reason: String },
+    /// An object a manifest references does not exist.
+    #[error("object {0} is missing from the store")]
+    Missing(String),
+    #[error("{0}")]
+    WrongKey(String),
+    /// The store kept failing after retries.
+    #[error("the object store failed: {0}")]
+    Unavailable(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+impl StoreError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            StoreError::NotFound(_) => ErrorKind::NotFound,
+            StoreError::Invalid(_) | StoreError::Config(_) => ErrorKind::Invalid,
+            StoreError::Busy(_) => ErrorKind::Busy,
+            StoreError::Corrupt { .. } | StoreError::Missing(_) | StoreError::WrongKey(_) => ErrorKind::Corrupt,
+            StoreError::Unavailable(_) => ErrorKind::Unavailable,
+            StoreError::Io { .. } => ErrorKind::Io,
+            StoreError::Engine(e) => e.kind(),
+        }
+    }
+
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
+        let context = context.into();
+        move |source| StoreError::Io { context, source }
+    }
+
+    pub fn corrupt(object: impl Into<String>, reason: impl Into<String>) -> StoreError {
+        StoreError::Corrupt { object: object.into(), reason: reason.into() }
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;

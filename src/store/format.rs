@@ -1,0 +1,385 @@
+//! The in-store format, version 1 (docs/FORMAT.md, "Object store"). Pure encoding and
+//! decoding; no I/O.
+//!
+//! - `keys/repository`: the repository master key, wrapped by the key-encryption key.
+//! - `packs/<pack id>`: `MAGIC | version | pack id`, sealed blobs back to back, then a sealed
+//!   index of the blobs (id, offset, length, kind) and its length. Immutable once written.
+//! - A blob is one cluster's data, or one map page; a page maps up to [`PAGE_CLUSTERS`]
+//!   clusters to blob references (pack, offset, length, id).
+//! - `snapshots/<snapshot id>`: the sealed manifest (JSON): metadata plus the page references.
+//!   Written last, after every object it references is durable.
+
+use serde::{Deserialize, Serialize};
+
+use super::crypto::{hex, unhex, BlobId, RepoKeys};
+use super::error::{Result, StoreError};
+use crate::engine::journal::{Put, Reader};
+
+pub const FORMAT_VERSION: u32 = 1;
+pub const PACK_MAGIC: &[u8; 8] = b"SNAPBLKP";
+const PACK_TRAILER_MAGIC: &[u8; 8] = b"SNAPBLKT";
+pub const MANIFEST_MAGIC: &[u8; 8] = b"SNAPBLKM";
+const PAGE_MAGIC: &[u8; 4] = b"SBPG";
+/// Clusters per map page (256 MiB of volume at the default 64 KiB clusters).
+pub const PAGE_CLUSTERS: u64 = 4096;
+pub const PACK_HEADER_LEN: u64 = 8 + 4 + 16;
+const PACK_TRAILER_LEN: u64 = 4 + 8;
+const BLOB_REF_LEN: usize = 16 + 8 + 4 + 32;
+
+pub type PackId = [u8; 16];
+
+pub fn pack_key(pack: &PackId) -> String {
+    format!("packs/{}", hex(pack))
+}
+
+pub fn pack_id_of_key(key: &str) -> Option<PackId> {
+    unhex::<16>(key.strip_prefix("packs/")?)
+}
+
+pub fn manifest_key(snapshot_id: &str) -> String {
+    format!("snapshots/{snapshot_id}")
+}
+
+pub const REPO_KEY_OBJECT: &str = "keys/repository";
+
+/// Where a blob is: which pack, at which offset, how long (sealed), and its id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BlobRef {
+    pub pack: PackId,
+    pub offset: u64,
+    pub len: u32,
+    pub id: BlobId,
+}
+
+impl BlobRef {
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.pack);
+        out.put_u64(self.offset);
+        out.put_u32(self.len);
+        out.extend_from_slice(&self.id.0);
+    }
+
+    fn get(r: &mut Reader) -> Option<BlobRef> {
+        let pack = r.bytes(16).ok()?.try_into().ok()?;
+        let offset = r.u64().ok()?;
+        let len = r.u32().ok()?;
+        let id = BlobId(r.bytes(32).ok()?.try_into().ok()?);
+        Some(BlobRef { pack, offset, len, id })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[repr(u8)]
+pub enum BlobKind {
+    Data = 0,
+    Page = 1,
+}
+
+/// A blob's entry in a pack index: id, offset, sealed length, kind.
+pub type PackEntry = (BlobId, u64, u32, BlobKind);
+
+/// One pack being assembled in memory.
+pub struct PackBuilder {
+    pub id: PackId,
+    pub bytes: Vec<u8>,
+    pub entries: Vec<PackEntry>,
+}
+
+impl PackBuilder {
+    pub fn new(capacity: usize) -> PackBuilder {
+        let id: PackId = rand::random();
+        let mut bytes = Vec::with_capacity(capacity);
+        bytes.extend_from_slice(PACK_MAGIC);
+        bytes.put_u32(FORMAT_VERSION);
+        bytes.extend_from_slice(&id);
+        PackBuilder { id, bytes, entries: Vec::new() }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Seals `plain` into the pack; returns its reference.
+    pub fn add(&mut self, keys: &RepoKeys, id: BlobId, plain: &[u8], kind: BlobKind) -> BlobRef {
+        let offset = self.bytes.len() as u64;
+        let len = keys.seal_blob(&id, plain, &mut self.bytes) as u32;
+        self.entries.push((id, offset, len, kind));
+        BlobRef { pack: self.id, offset, len, id }
+    }
+
+    /// Copies an already sealed blob (repacking).
+    pub fn add_sealed(&mut self, id: BlobId, sealed: &[u8], kind: BlobKind) -> BlobRef {
+        let offset = self.bytes.len() as u64;
+        self.bytes.extend_from_slice(sealed);
+        let len = sealed.len() as u32;
+        self.entries.push((id, offset, len, kind));
+        BlobRef { pack: self.id, offset, len, id }
+    }
+
+    /// Appends the sealed index and the trailer; the pack is then ready to PUT.
+    pub fn finish(mut self, keys: &RepoKeys) -> (PackId, Vec<u8>, Vec<PackEntry>) {
+        let mut index = Vec::with_capacity(4 + self.entries.len() * 45);
+        index.put_u32(self.entries.len() as u32);
+        for (id, offset, len, kind) in &self.entries {
+            index.extend_from_slice(&id.0);
+            index.put_u64(*offset);
+            index.put_u32(*len);
+            index.put_u8(*kind as u8);
+        }
+        let sealed = keys.seal_meta(&index_aad(&self.id), &index);
+        self.bytes.extend_from_slice(&sealed);
+        self.bytes.put_u32(sealed.len() as u32);
+        self.bytes.extend_from_slice(PACK_TRAILER_MAGIC);
+        (self.id, self.bytes, self.entries)
+    }
+}
+
+fn index_aad(pack: &PackId) -> Vec<u8> {
+    let mut a = b"snapblk pack index ".to_vec();
+    a.extend_from_slice(pack);
+    a
+}
+
+/// The trailer's last bytes: how long the sealed index before them is.
+pub fn pack_trailer_len() -> u64 {
+    PACK_TRAILER_LEN
+}
+
+/// Parses the 12-byte trailer; returns the sealed index length.
+pub fn parse_pack_trailer(trailer: &[u8], key: &str) -> Result<u32> {
+    let bad = || StoreError::corrupt(key, "bad pack trailer");
+    if trailer.len() != PACK_TRAILER_LEN as usize || &trailer[4..] != PACK_TRAILER_MAGIC {
+        return Err(bad());
+    }
+    Ok(u32::from_le_bytes(trailer[..4].try_into().map_err(|_| bad())?))
+}
+
+/// Opens a pack's sealed index.
+pub fn open_pack_index(keys: &RepoKeys, pack: &PackId, sealed: &[u8], key: &str) -> Result<Vec<PackEntry>> {
+    let plain = keys.open_meta(&index_aad(pack), sealed, key)?;
+    let bad = || StoreError::corrupt(key, "bad pack index");
+    let mut r = Reader::new(&plain);
+    let n = r.u32().map_err(|_| bad())?;
+    let mut out = Vec::with_capacity((n as usize).min(1 << 20));
+    for _ in 0..n {
+        let id = BlobId(r.bytes(32).map_err(|_| bad())?.try_into().map_err(|_| bad())?);
+        let offset = r.u64().map_err(|_| bad())?;
+        let len = r.u32().map_err(|_| bad())?;
+        let kind = match r.u8().map_err(|_| bad())? {
+            0 => BlobKind::Data,
+            1 => BlobKind::Page,
+            _ => return Err(bad()),
+        };
+        out.push((id, offset, len, kind));
+    }
+    Ok(out)
+}
+
+/// One map page: `(index within the page, blob)` for every cluster holding data, sorted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Page {
+    pub entries: Vec<(u32, BlobRef)>,
+}
+
+impl Page {
+    pub fn encode(&self, page_index: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(20 + self.entries.len() * (4 + BLOB_REF_LEN));
+        out.extend_from_slice(PAGE_MAGIC);
+        out.put_u32(FORMAT_VERSION);
+        out.put_u64(page_index);
+        out.put_u32(self.entries.len() as u32);
+        for (i, r) in &self.entries {
+            out.put_u32(*i);
+            r.put(&mut out);
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8], page_index: u64, object: &str) -> Result<Page> {
+        let bad = |why: &str| StoreError::corrupt(object, format!("map page {page_index}: {why}"));
+        let mut r = Reader::new(bytes);
+        if r.bytes(4).ok() != Some(PAGE_MAGIC.as_slice()) || r.u32().ok() != Some(FORMAT_VERSION) {
+            return Err(bad("not a version 1 page"));
+        }
+        if r.u64().ok() != Some(page_index) {
+            return Err(bad("page index mismatch"));
+        }
+        let n = r.u32().map_err(|_| bad("truncated"))? as u64;
+        if n > PAGE_CLUSTERS {
+            return Err(bad("too many entries"));
+        }
+        let mut entries = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let i = r.u32().map_err(|_| bad("truncated"))?;
+            let b = BlobRef::get(&mut r).ok_or_else(|| bad("truncated"))?;
+            if u64::from(i) >= PAGE_CLUSTERS || entries.last().is_some_and(|(p, _)| *p >= i) {
+                return Err(bad("entries out of order"));
+            }
+            entries.push((i, b));
+        }
+        if r.remaining() != 0 {
+            return Err(bad("trailing bytes"));
+        }
+        Ok(Page { entries })
+    }
+}
+
+/// A blob reference in a manifest (hex for JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefJson {
+    pub pack: String,
+    pub offset: u64,
+    pub len: u32,
+    pub id: String,
+}
+
+impl From<&BlobRef> for RefJson {
+    fn from(r: &BlobRef) -> RefJson {
+        RefJson { pack: hex(&r.pack), offset: r.offset, len: r.len, id: hex(&r.id.0) }
+    }
+}
+
+impl RefJson {
+    pub fn to_ref(&self, object: &str) -> Result<BlobRef> {
+        let bad = || StoreError::corrupt(object, "bad blob reference");
+        Ok(BlobRef {
+            pack: unhex::<16>(&self.pack).ok_or_else(bad)?,
+            offset: self.offset,
+            len: self.len,
+            id: BlobId(unhex::<32>(&self.id).ok_or_else(bad)?),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRefJson {
+    pub index: u64,
+    #[serde(flatten)]
+    pub blob: RefJson,
+}
+
+/// A snapshot as stored: everything needed to read it back, and nothing else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub snapshot_id: String,
+    pub snapshot_name: String,
+    pub volume_id: String,
+    pub volume_name: String,
+    pub description: String,
+    pub created: u64,
+    pub uploaded: u64,
+    pub size: u64,
+    pub cluster_size: u32,
+    /// The uploaded snapshot this upload was incremental to (informational: every manifest
+    /// is complete on its own).
+    pub base: Option<String>,
+    pub allocated_clusters: u64,
+    /// Bytes this snapshot's upload added to the store (new packs, sealed).
+    pub added_bytes: u64,
+    /// Pages holding at least one data cluster, by index.
+    pub pages: Vec<PageRefJson>,
+}
+
+fn manifest_aad(snapshot_id: &str) -> Vec<u8> {
+    format!("snapblk manifest {snapshot_id}").into_bytes()
+}
+
+impl Manifest {
+    pub fn seal(&self, keys: &RepoKeys) -> Vec<u8> {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        let mut out = MANIFEST_MAGIC.to_vec();
+        out.put_u32(FORMAT_VERSION);
+        out.extend_from_slice(&keys.seal_meta(&manifest_aad(&self.snapshot_id), &json));
+        out
+    }
+
+    pub fn open(keys: &RepoKeys, bytes: &[u8], snapshot_id: &str) -> Result<Manifest> {
+        let object = manifest_key(snapshot_id);
+        let body = bytes
+            .strip_prefix(MANIFEST_MAGIC.as_slice())
+            .ok_or_else(|| StoreError::corrupt(&object, "not a snapblk manifest"))?;
+        let (version, sealed) = body.split_at_checked(4).ok_or_else(|| StoreError::corrupt(&object, "truncated"))?;
+        if version != FORMAT_VERSION.to_le_bytes() {
+            return Err(StoreError::corrupt(&object, "unsupported manifest version; upgrade snapblk"));
+        }
+        let json = keys.open_meta(&manifest_aad(snapshot_id), sealed, &object)?;
+        let m: Manifest =
+            serde_json::from_slice(&json).map_err(|e| StoreError::corrupt(&object, format!("bad manifest: {e}")))?;
+        if m.snapshot_id != snapshot_id || m.format != FORMAT_VERSION {
+            return Err(StoreError::corrupt(&object, "manifest does not describe this snapshot"));
+        }
+        if !m.cluster_size.is_power_of_two() || m.cluster_size < 4096 || m.size == 0 {
+            return Err(StoreError::corrupt(&object, "manifest has an invalid geometry"));
+        }
+        Ok(m)
+    }
+
+    pub fn clusters(&self) -> u64 {
+        self.size.div_ceil(self.cluster_size as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> RepoKeys {
+        RepoKeys::new(&[9; 32])
+    }
+
+    #[test]
+    fn pack_roundtrip_through_trailer_and_index() {
+        let k = keys();
+        let mut p = PackBuilder::new(1 << 20);
+        let a = vec![1u8; 65536];
+        let id = k.blob_id(&a);
+        let r = p.add(&k, id, &a, BlobKind::Data);
+        let (pid, bytes, entries) = p.finish(&k);
+        assert_eq!(r.pack, pid);
+        let blob = &bytes[r.offset as usize..r.offset as usize + r.len as usize];
+        assert_eq!(k.open_blob(&id, blob, "p").unwrap(), a);
+        let t = &bytes[bytes.len() - PACK_TRAILER_LEN as usize..];
+        let n = parse_pack_trailer(t, "p").unwrap() as usize;
+        let sealed = &bytes[bytes.len() - PACK_TRAILER_LEN as usize - n..bytes.len() - PACK_TRAILER_LEN as usize];
+        assert_eq!(open_pack_index(&k, &pid, sealed, "p").unwrap(), entries);
+    }
+
+    #[test]
+    fn page_roundtrip_and_rejects_garbage() {
+        let r = BlobRef { pack: [3; 16], offset: 28, len: 100, id: BlobId([4; 32]) };
+        let page = Page { entries: vec![(0, r), (4095, r)] };
+        let bytes = page.encode(7);
+        assert_eq!(Page::decode(&bytes, 7, "o").unwrap(), page);
+        assert!(Page::decode(&bytes, 8, "o").is_err());
+        for cut in [0, 10, bytes.len() - 1] {
+            assert!(Page::decode(&bytes[..cut], 7, "o").is_err());
+        }
+        let unsorted = Page { entries: vec![(5, r), (5, r)] }.encode(7);
+        assert!(Page::decode(&unsorted, 7, "o").is_err());
+    }
+
+    #[test]
+    fn manifest_roundtrip_is_bound_to_its_snapshot() {
+        let k = keys();
+        let m = Manifest {
+            format: FORMAT_VERSION,
+            snapshot_id: "s-0000000000000001".into(),
+            snapshot_name: "a".into(),
+            volume_id: "v-0000000000000002".into(),
+            volume_name: "vol".into(),
+            description: String::new(),
+            created: 1,
+            uploaded: 2,
+            size: 1 << 30,
+            cluster_size: 65536,
+            base: None,
+            allocated_clusters: 0,
+            added_bytes: 0,
+            pages: vec![],
+        };
+        let sealed = m.seal(&k);
+        assert_eq!(Manifest::open(&k, &sealed, "s-0000000000000001").unwrap(), m);
+        assert!(Manifest::open(&k, &sealed, "s-0000000000000003").is_err(), "a manifest copied to another name");
+    }
+}

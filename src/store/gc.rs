@@ -1,0 +1,237 @@
+//! Garbage collection of a region: mark, sweep, repack.
+//!
+//! Runs with the region's GC lock held exclusively, so no upload is in flight and nothing an
+//! upload will reference can go. Mark re-reads every manifest and map page; any unreadable one
+//! stops GC before it deletes anything. Sweep deletes packs nothing references (older than the
+//! grace period). Repack copies the live blobs of packs less than half live (sealed, as they
+//! are) into new packs, rewrites the map pages and manifests that point at them, and only then
+//! deletes the old packs: a crash at any point leaves every manifest readable.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::error::{Result, StoreError};
+use super::format::{
+    manifest_key, pack_id_of_key, pack_key, BlobKind, BlobRef, Manifest, PackBuilder, PackId, Page, PageRefJson,
+    RefJson,
+};
+use super::region::Region;
+use super::StoreService;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GcReport {
+    pub region: String,
+    pub manifests: u64,
+    pub packs: u64,
+    pub packs_deleted: u64,
+    pub bytes_deleted: u64,
+    /// Unreferenced packs kept because they are younger than the grace period.
+    pub packs_young: u64,
+    pub live_bytes: u64,
+    pub stored_bytes: u64,
+    /// Packs less than half live that were rewritten, the live bytes copied, and the
+    /// manifests updated to point at the copies.
+    pub packs_repacked: u64,
+    pub bytes_repacked: u64,
+    pub manifests_rewritten: u64,
+}
+
+/// A map page of a manifest: its index, where it is stored, and its content.
+type MarkedPage = (u64, BlobRef, Page);
+/// A pack's blobs, as the index records them: id, offset, sealed length.
+type IndexedBlobs = Vec<(super::crypto::BlobId, u64, u32)>;
+
+/// What mark found: every manifest with its pages, and the live blobs of each pack.
+struct Marked {
+    manifests: Vec<(Arc<Manifest>, Vec<MarkedPage>)>,
+    live: HashMap<PackId, HashMap<u64, BlobRef>>,
+}
+
+async fn mark(region: &Region, report: &mut GcReport) -> Result<Marked> {
+    let stop = |e: String| StoreError::Invalid(format!("GC stopped without deleting anything: {e}"));
+    let mut marked = Marked { manifests: Vec::new(), live: HashMap::new() };
+    for id in region.snapshot_ids().await? {
+        region.forget_manifest(&id);
+        let m = match region.manifest(&id).await {
+            Ok(m) => m,
+            Err(StoreError::Missing(_)) => continue, // deleted since the LIST
+            Err(e) => {
+                return Err(stop(format!(
+                    "manifest of {id} is unreadable ({e}); verify it with: snapblk snapshot verify {id} --region {}",
+                    region.name
+                )))
+            }
+        };
+        report.manifests += 1;
+        let object = manifest_key(&id);
+        let mut pages = Vec::with_capacity(m.pages.len());
+        for p in &m.pages {
+            let r = p.blob.to_ref(&object)?;
+            let page = region.read_page(&m, p.index, &r).await.map_err(|e| stop(e.to_string()))?;
+            for b in std::iter::once(&r).chain(page.entries.iter().map(|(_, b)| b)) {
+                marked.live.entry(b.pack).or_default().insert(b.offset, *b);
+            }
+            pages.push((p.index, r, page));
+        }
+        marked.manifests.push((m, pages));
+    }
+    Ok(marked)
+}
+
+impl StoreService {
+    /// Mark, sweep and repack one region (see the module doc).
+    pub async fn gc(&self, region_name: &str, grace: Option<Duration>) -> Result<GcReport> {
+        let grace = grace.unwrap_or(self.config.gc_grace);
+        let region = self.region(region_name).await?;
+        let _exclusive = region.gc_lock.write().await;
+        let mut report = GcReport { region: region_name.into(), ..Default::default() };
+        let marked = mark(&region, &mut report).await?;
+        let now = SystemTime::now();
+        let mut sparse = Vec::new();
+        for obj in region.objects.list("packs").await? {
+            let Some(pack) = pack_id_of_key(&obj.key) else { continue };
+            let old_enough = now.duration_since(obj.modified).unwrap_or_default() >= grace;
+            report.packs += 1;
+            report.stored_bytes += obj.size;
+            match marked.live.get(&pack) {
+                Some(blobs) => {
+                    let live: u64 = blobs.values().map(|b| b.len as u64).sum();
+                    report.live_bytes += live;
+                    if live * 2 < obj.size && old_enough {
+                        sparse.push((pack, obj.size));
+                    }
+                }
+                None if !old_enough => report.packs_young += 1,
+                None => {
+                    region.objects.delete(&obj.key).await?;
+                    region.index.delete_pack(pack)?;
+                    report.packs_deleted += 1;
+                    report.bytes_deleted += obj.size;
+                    report.stored_bytes -= obj.size;
+                }
+            }
+        }
+        if !sparse.is_empty() {
+            self.repack(&region, &marked, &sparse, &mut report).await?;
+        }
+        tracing::info!(
+            region = region_name,
+            deleted = report.packs_deleted,
+            repacked = report.packs_repacked,
+            bytes = report.bytes_deleted,
+            "GC done"
+        );
+        Ok(report)
+    }
+
+    async fn repack(
+        &self,
+        region: &Region,
+        marked: &Marked,
+        sparse: &[(PackId, u64)],
+        report: &mut GcReport,
+    ) -> Result<()> {
+        let keys = &region.keys;
+        let capacity = self.config.pack_size as usize + (2 << 20);
+        let mut moved: HashMap<(PackId, u64), BlobRef> = HashMap::new();
+        let mut pack = PackBuilder::new(capacity);
+        let mut stored: Vec<(PackId, IndexedBlobs)> = Vec::new();
+        let store_pack = |pack: PackBuilder| async {
+            let (id, bytes, entries) = pack.finish(keys);
+            let len = bytes.len() as u64;
+            region.objects.put(&pack_key(&id), Bytes::from(bytes)).await?;
+            let blobs: Vec<_> = entries.iter().map(|(i, o, l, _)| (*i, *o, *l)).collect();
+            region.index.add_pack(id, &blobs)?;
+            Ok::<_, StoreError>((id, blobs, len))
+        };
+        // 1. Copy the live blobs, sealed as they are (map pages are rebuilt below instead).
+        let pages: HashSet<(PackId, u64)> =
+            marked.manifests.iter().flat_map(|(_, ps)| ps.iter().map(|(_, r, _)| (r.pack, r.offset))).collect();
+        for (old, _) in sparse {
+            let key = pack_key(old);
+            let bytes = region.objects.get(&key).await?;
+            let mut blobs: Vec<&BlobRef> = marked.live[old].values().collect();
+            blobs.sort_by_key(|b| b.offset);
+            for b in blobs {
+                if pages.contains(&(b.pack, b.offset)) {
+                    continue;
+                }
+                let sealed = bytes
+                    .get(b.offset as usize..b.offset as usize + b.len as usize)
+                    .ok_or_else(|| StoreError::corrupt(&key, "a referenced blob lies past the end of the pack"))?;
+                // Never copy a blob that does not verify (it would hide the damage).
+                keys.open_blob(&b.id, sealed, &key)?;
+                let r = pack.add_sealed(b.id, sealed, BlobKind::Data);
+                moved.insert((b.pack, b.offset), r);
+                report.bytes_repacked += b.len as u64;
+            }
+            if pack.bytes.len() as u64 >= self.config.pack_size {
+                let full = std::mem::replace(&mut pack, PackBuilder::new(capacity));
+                let (id, blobs, _) = store_pack(full).await?;
+                stored.push((id, blobs));
+            }
+        }
+        // 2. Rebuild the pages that live in, or point into, a sparse pack.
+        let sparse_set: HashSet<PackId> = sparse.iter().map(|(p, _)| *p).collect();
+        let mut new_pages: HashMap<(PackId, u64), BlobRef> = HashMap::new();
+        let mut rewritten = Vec::new();
+        for (m, pages) in &marked.manifests {
+            let mut changed = false;
+            let mut refs = Vec::with_capacity(pages.len());
+            for (index, r, page) in pages {
+                let touched =
+                    sparse_set.contains(&r.pack) || page.entries.iter().any(|(_, b)| sparse_set.contains(&b.pack));
+                if !touched {
+                    refs.push(PageRefJson { index: *index, blob: RefJson::from(r) });
+                    continue;
+                }
+                changed = true;
+                let nr = match new_pages.get(&(r.pack, r.offset)) {
+                    Some(nr) => *nr,
+                    None => {
+                        let entries = page
+                            .entries
+                            .iter()
+                            .map(|(i, b)| (*i, moved.get(&(b.pack, b.offset)).copied().unwrap_or(*b)))
+                            .collect();
+                        let plain = Page { entries }.encode(*index);
+                        let nr = pack.add(keys, keys.blob_id(&plain), &plain, BlobKind::Page);
+                        new_pages.insert((r.pack, r.offset), nr);
+                        nr
+                    }
+                };
+                refs.push(PageRefJson { index: *index, blob: RefJson::from(&nr) });
+            }
+            if changed {
+                rewritten.push(Manifest { pages: refs, ..(**m).clone() });
+            }
+        }
+        if !pack.is_empty() {
+            let (id, blobs, _) = store_pack(pack).await?;
+            stored.push((id, blobs));
+        }
+        // 3. Manifests (overwritten in place: same snapshot, same content, new locations),
+        //    then the old packs.
+        for m in rewritten {
+            region.put_manifest(m).await?;
+            report.manifests_rewritten += 1;
+        }
+        for (old, size) in sparse {
+            region.objects.delete(&pack_key(old)).await?;
+            region.index.delete_pack(*old)?;
+            report.packs_repacked += 1;
+            report.bytes_deleted += size;
+            report.stored_bytes -= size;
+        }
+        // The copies take over in the index from the blobs the old packs held.
+        for (id, blobs) in stored {
+            region.index.add_pack(id, &blobs)?;
+            report.stored_bytes += blobs.iter().map(|b| b.2 as u64).sum::<u64>();
+        }
+        Ok(())
+    }
+}

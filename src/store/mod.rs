@@ -1,0 +1,605 @@
+//! The remote snapshot store: regions (object stores named in `snapblk.toml`), background
+//! upload of snapshots, reading them back (verify, export, read-only NBD after release),
+//! deletion and GC. Format: docs/FORMAT.md ("Object store"); flow: docs/ARCHITECTURE.md.
+//!
+//! [`StoreService`] is the control handle the daemon and API use. Uploads run one snapshot at
+//! a time in creation order (so each later snapshot finds its predecessor uploaded and sends
+//! only its changed set), each with parallel PUTs.
+
+pub mod config;
+pub mod crypto;
+pub mod error;
+pub mod format;
+mod gc;
+pub mod index;
+pub mod objects;
+mod ops;
+pub mod region;
+pub mod remote;
+pub mod state;
+pub mod upload;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+pub use config::Config;
+pub use error::{Result, StoreError};
+pub use gc::GcReport;
+pub use ops::{ExportFormat, RegionInfo, RegionSnapshot, VerifyReport};
+pub use state::UploadState;
+
+use crate::engine::{Engine, ErrorKind, SnapshotInfo};
+use objects::RateLimiter;
+use region::Region;
+use state::{RemoteState, SnapshotRecord, StateFile};
+use upload::{Base, Progress};
+
+pub fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// How often local copies due for release are looked at.
+const RETENTION_SWEEP: Duration = Duration::from_secs(1);
+
+/// A snapshot's store-side status, as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RemoteStatus {
+    pub region: String,
+    pub state: UploadState,
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Logical bytes scanned / to scan (while uploading).
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Sealed bytes PUT so far (while uploading).
+    pub bytes_sent: u64,
+    /// Scan rate, bytes per second (while uploading).
+    pub rate: u64,
+    /// Bytes this snapshot added to the store.
+    pub added_bytes: u64,
+    pub uploaded_at: Option<u64>,
+    /// The uploaded snapshot this one was sent incrementally against.
+    pub base: Option<String>,
+}
+
+/// A long-running operation (verify, export, GC) the CLI polls for progress.
+pub struct Job {
+    pub id: u64,
+    pub kind: String,
+    pub target: String,
+    pub done: AtomicU64,
+    pub total: AtomicU64,
+    started: Instant,
+    outcome: Mutex<Option<std::result::Result<serde_json::Value, (ErrorKind, String)>>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobView {
+    pub id: u64,
+    pub kind: String,
+    pub target: String,
+    /// `running`, `done` or `failed`.
+    pub state: String,
+    pub done: u64,
+    pub total: u64,
+    pub rate: u64,
+    pub result: Option<serde_json::Value>,
+    pub error: Option<String>,
+    pub error_kind: Option<ErrorKind>,
+}
+
+impl Job {
+    pub fn view(&self) -> JobView {
+        let done = self.done.load(Ordering::Relaxed);
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        let (state, result, error, error_kind) = match &*self.outcome.lock() {
+            None => ("running", None, None, None),
+            Some(Ok(v)) => ("done", Some(v.clone()), None, None),
+            Some(Err((k, m))) => ("failed", None, Some(m.clone()), Some(*k)),
+        };
+        JobView {
+            id: self.id,
+            kind: self.kind.clone(),
+            target: self.target.clone(),
+            state: state.into(),
+            done,
+            total: self.total.load(Ordering::Relaxed),
+            rate: (done as f64 / secs) as u64,
+            result,
+            error,
+            error_kind,
+        }
+    }
+}
+
+pub struct StoreService {
+    dir: PathBuf,
+    engine: Arc<Engine>,
+    pub config: Config,
+    limiter: Option<Arc<RateLimiter>>,
+    regions: HashMap<String, tokio::sync::OnceCell<Arc<Region>>>,
+    state: Mutex<RemoteState>,
+    state_file: StateFile,
+    saving: Mutex<()>,
+    queue: tokio::sync::mpsc::UnboundedSender<String>,
+    queue_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
+    /// Progress of queued and running uploads.
+    uploads: Mutex<HashMap<String, Arc<Progress>>>,
+    /// Held while a manifest is published or deleted, so a deleted snapshot's upload can
+    /// never publish after the delete.
+    publish: tokio::sync::Mutex<()>,
+    jobs: Mutex<HashMap<u64, Arc<Job>>>,
+    next_job: AtomicU64,
+    self_ref: std::sync::Weak<StoreService>,
+}
+
+impl StoreService {
+    /// Loads the configuration (writing the default one if missing) and the remote state.
+    /// Regions are opened on first use, so a store that is down does not stop the daemon.
+    pub fn open(dir: &Path, engine: Arc<Engine>) -> Result<Arc<StoreService>> {
+        let config = Config::load_or_create(dir)?;
+        let state_file = StateFile::new(dir);
+        let mut state = state_file.load()?;
+        // Records of snapshots and volumes that no longer exist locally are dropped.
+        let snaps: std::collections::HashSet<String> = engine.list_snapshots(None)?.into_iter().map(|s| s.id).collect();
+        let vols: std::collections::HashSet<String> = engine.list_volumes().into_iter().map(|v| v.id).collect();
+        state.snapshots.retain(|id, _| snaps.contains(id));
+        state.volumes.retain(|id, _| vols.contains(id));
+        let (queue, queue_rx) = tokio::sync::mpsc::unbounded_channel();
+        let regions = config.regions.keys().map(|k| (k.clone(), tokio::sync::OnceCell::new())).collect();
+        let svc = Arc::new_cyclic(|self_ref| StoreService {
+            dir: dir.to_path_buf(),
+            engine,
+            limiter: RateLimiter::new(config.bandwidth_limit),
+            config,
+            regions,
+            state: Mutex::new(state),
+            state_file,
+            saving: Mutex::new(()),
+            queue,
+            queue_rx: Mutex::new(Some(queue_rx)),
+            uploads: Mutex::new(HashMap::new()),
+            publish: tokio::sync::Mutex::new(()),
+            jobs: Mutex::new(HashMap::new()),
+            next_job: AtomicU64::new(1),
+            self_ref: self_ref.clone(),
+        });
+        svc.save()?;
+        Ok(svc)
+    }
+
+    /// Starts the background work: the upload worker (resuming unfinished uploads), the
+    /// retention sweeper and periodic GC.
+    pub fn start(self: &Arc<Self>) {
+        let pending: Vec<String> = {
+            let st = self.state.lock();
+            let mut v: Vec<_> = st
+                .snapshots
+                .iter()
+                .filter(|(_, r)| r.state == UploadState::Uploading)
+                .map(|(id, _)| id.clone())
+                .collect();
+            // Creation order, so incrementals find their bases.
+            let order: HashMap<String, u64> =
+                self.engine.list_snapshots(None).unwrap_or_default().into_iter().map(|s| (s.id, s.created)).collect();
+            v.sort_by_key(|id| (order.get(id).copied().unwrap_or(0), id.clone()));
+            v
+        };
+        for id in pending {
+            tracing::info!(snapshot = %id, "resuming upload");
+            self.enqueue(id);
+        }
+        if let Some(rx) = self.queue_rx.lock().take() {
+            tokio::spawn(Arc::clone(self).upload_worker(rx));
+        }
+        let svc = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(RETENTION_SWEEP).await;
+                let Some(s) = svc.upgrade() else { return };
+                s.release_due();
+            }
+        });
+        if !self.config.gc_interval.is_zero() {
+            let svc = Arc::downgrade(self);
+            let every = self.config.gc_interval;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(s) = svc.upgrade() else { return };
+                    for name in s.opened_regions() {
+                        match s.gc(&name, None).await {
+                            Ok(r) => tracing::info!(region = %name, deleted = r.packs_deleted, "background GC done"),
+                            Err(e) => tracing::warn!(region = %name, error = %e, "background GC failed"),
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    /// Writes the state file. Serialized, and the state is copied under the same lock, so a
+    /// older copy never overwrites a newer one.
+    fn save(&self) -> Result<()> {
+        let _saving = self.saving.lock();
+        let st = self.state.lock().clone();
+        self.state_file.save(&st)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    pub fn check_region(&self, name: &str) -> Result<()> {
+        if self.config.regions.contains_key(name) {
+            return Ok(());
+        }
+        let names: Vec<_> = self.config.regions.keys().cloned().collect();
+        Err(StoreError::NotFound(format!(
+            "no region named '{name}' (configured: {}); add it to {}",
+            names.join(", "),
+            self.dir.join(config::CONFIG_FILE).display()
+        )))
+    }
+
+    pub fn region_names(&self) -> Vec<String> {
+        self.config.regions.keys().cloned().collect()
+    }
+
+    fn opened_regions(&self) -> Vec<String> {
+        self.regions.iter().filter(|(_, c)| c.initialized()).map(|(n, _)| n.clone()).collect()
+    }
+
+    /// The opened region (opening it on first use; a failure is retried on the next call).
+    pub async fn region(&self, name: &str) -> Result<Arc<Region>> {
+        self.check_region(name)?;
+        let cell = &self.regions[name];
+        let cfg = &self.config.regions[name];
+        cell.get_or_try_init(|| async { Region::open(cfg, &self.dir, self.limiter.clone()).await.map(Arc::new) })
+            .await
+            .cloned()
+    }
+
+    pub fn volume_region(&self, volume_id: &str) -> String {
+        self.state.lock().volumes.get(volume_id).cloned().unwrap_or_else(|| "local".into())
+    }
+
+    pub fn set_volume_region(&self, volume_id: &str, region: &str) -> Result<()> {
+        self.check_region(region)?;
+        self.state.lock().volumes.insert(volume_id.to_string(), region.to_string());
+        self.save()
+    }
+
+    pub fn volume_deleted(&self, volume_id: &str) -> Result<()> {
+        self.state.lock().volumes.remove(volume_id);
+        self.save()
+    }
+
+    /// Queues the upload of a snapshot just created, unless automatic upload is off.
+    pub fn snapshot_created(&self, snap: &SnapshotInfo) -> Result<()> {
+        if self.config.upload_enabled {
+            self.start_upload(snap)?;
+        }
+        Ok(())
+    }
+
+    /// Queues an upload (its status is `uploading` from now on, persistently, so a restart
+    /// resumes it).
+    fn start_upload(&self, snap: &SnapshotInfo) -> Result<()> {
+        let region = self.volume_region(&snap.volume_id);
+        self.state.lock().snapshots.insert(
+            snap.id.clone(),
+            SnapshotRecord {
+                region,
+                state: UploadState::Uploading,
+                reason: None,
+                uploaded_at: None,
+                added_bytes: 0,
+                base: None,
+            },
+        );
+        self.save()?;
+        self.enqueue(snap.id.clone());
+        Ok(())
+    }
+
+    /// `snapblk snapshot upload`: uploads a snapshot never uploaded (automatic upload off, or
+    /// taken before), or queues a failed upload again. Nothing to do when uploaded or running.
+    pub fn upload(&self, snap: &SnapshotInfo) -> Result<()> {
+        let region = {
+            let mut st = self.state.lock();
+            let Some(rec) = st.snapshots.get_mut(&snap.id) else {
+                drop(st);
+                return self.start_upload(snap);
+            };
+            match rec.state {
+                UploadState::Available => return Ok(()),
+                UploadState::Uploading => return Ok(()),
+                UploadState::Failed => {
+                    rec.state = UploadState::Uploading;
+                    rec.reason = None;
+                }
+            }
+            rec.region.clone()
+        };
+        tracing::info!(snapshot = %snap.id, region, "upload queued again");
+        self.save()?;
+        self.enqueue(snap.id.clone());
+        Ok(())
+    }
+
+    fn enqueue(&self, id: String) {
+        self.uploads.lock().insert(id.clone(), Progress::new());
+        let _ = self.queue.send(id);
+    }
+
+    pub fn status(&self, snapshot_id: &str) -> Option<RemoteStatus> {
+        let rec = self.state.lock().snapshots.get(snapshot_id).cloned()?;
+        let progress = self.uploads.lock().get(snapshot_id).cloned();
+        let (done, total, sent, rate) = match (&progress, rec.state) {
+            (Some(p), UploadState::Uploading) => {
+                let done = p.done.load(Ordering::Relaxed);
+                let secs = p.started.elapsed().as_secs_f64().max(0.001);
+                (done, p.total.load(Ordering::Relaxed), p.sent.load(Ordering::Relaxed), (done as f64 / secs) as u64)
+            }
+            _ => (0, 0, 0, 0),
+        };
+        Some(RemoteStatus {
+            region: rec.region,
+            state: rec.state,
+            reason: rec.reason,
+            bytes_done: done,
+            bytes_total: total,
+            bytes_sent: sent,
+            rate,
+            added_bytes: rec.added_bytes,
+            uploaded_at: rec.uploaded_at,
+            base: rec.base,
+        })
+    }
+
+    async fn upload_worker(self: Arc<Self>, mut rx: tokio::sync::mpsc::UnboundedReceiver<String>) {
+        while let Some(id) = rx.recv().await {
+            let Some(progress) = self.uploads.lock().get(&id).cloned() else { continue };
+            let still_wanted = self.state.lock().snapshots.get(&id).is_some_and(|r| r.state == UploadState::Uploading);
+            if still_wanted && !progress.cancelled.load(Ordering::Acquire) {
+                let result = self.upload_one(&id, progress.clone()).await;
+                self.finish_upload(&id, &progress, result);
+            }
+            self.uploads.lock().remove(&id);
+        }
+    }
+
+    async fn upload_one(&self, id: &str, progress: Arc<Progress>) -> Result<(u64, Option<String>)> {
+        let snap = self.engine.snapshot(id)?;
+        let region_name =
+            self.state.lock().snapshots.get(id).map(|r| r.region.clone()).unwrap_or_else(|| "local".into());
+        let region = self.region(&region_name).await?;
+        let _uploading = region.gc_lock.read().await;
+        // The base: the newest ancestor uploaded to this region whose manifest is readable.
+        let lineage = self.engine.snapshot_lineage(id)?;
+        let mut changed = roaring::RoaringTreemap::new();
+        let mut base = None;
+        for (i, (sid, ch)) in lineage.iter().enumerate() {
+            let sid = crate::engine::snapshot_id(*sid);
+            if i > 0 {
+                let uploaded = self
+                    .state
+                    .lock()
+                    .snapshots
+                    .get(&sid)
+                    .is_some_and(|r| r.state == UploadState::Available && r.region == region_name);
+                if uploaded {
+                    match region.manifest(&sid).await {
+                        Ok(m) => {
+                            base = Some(Base { snapshot_id: sid, manifest: m, changed: std::mem::take(&mut changed) });
+                            break;
+                        }
+                        Err(e) => tracing::warn!(snapshot = %sid, error = %e, "cannot use as upload base"),
+                    }
+                }
+            }
+            changed |= ch;
+        }
+        let base_id = base.as_ref().map(|b| b.snapshot_id.clone());
+        tracing::info!(snapshot = %id, region = %region_name, base = ?base_id, "upload started");
+        let started = Instant::now();
+        let on_stored: upload::OnStored = {
+            let svc = self.self_ref.clone();
+            let id = id.to_string();
+            Arc::new(move |len| {
+                if let Some(svc) = svc.upgrade() {
+                    svc.add_bytes(&id, len);
+                }
+            })
+        };
+        let mut manifest = upload::upload(
+            self.engine.clone(),
+            region.clone(),
+            snap,
+            base,
+            self.config.pack_size,
+            self.config.upload_concurrency,
+            progress.clone(),
+            on_stored,
+        )
+        .await?;
+        let _publishing = self.publish.lock().await;
+        progress.check(id)?;
+        // Bytes added over every attempt (an upload resumed after a crash counts its first part).
+        manifest.added_bytes = self.state.lock().snapshots.get(id).map_or(0, |r| r.added_bytes);
+        let manifest_bytes = region.put_manifest(manifest).await?;
+        self.add_bytes(id, manifest_bytes);
+        let added = self.state.lock().snapshots.get(id).map_or(0, |r| r.added_bytes);
+        let secs = started.elapsed().as_secs_f64();
+        tracing::info!(
+            snapshot = %id,
+            region = %region_name,
+            added_bytes = added,
+            scanned = progress.done.load(Ordering::Relaxed),
+            secs,
+            "upload done"
+        );
+        Ok((added, base_id))
+    }
+
+    /// Counts (persistently) bytes a snapshot's upload stored.
+    fn add_bytes(&self, id: &str, len: u64) {
+        if let Some(rec) = self.state.lock().snapshots.get_mut(id) {
+            rec.added_bytes += len;
+        }
+        if let Err(e) = self.save() {
+            tracing::warn!(error = %e, "cannot record upload progress");
+        }
+    }
+
+    fn finish_upload(&self, id: &str, progress: &Progress, result: Result<(u64, Option<String>)>) {
+        {
+            let mut st = self.state.lock();
+            let Some(rec) = st.snapshots.get_mut(id) else { return };
+            match result {
+                Ok((_, base)) => {
+                    rec.state = UploadState::Available;
+                    rec.uploaded_at = Some(now());
+                    rec.base = base;
+                    rec.reason = None;
+                }
+                Err(_) if progress.cancelled.load(Ordering::Acquire) => return,
+                Err(e) => {
+                    tracing::warn!(snapshot = %id, error = %e, "upload failed; retry with: snapblk snapshot upload");
+                    rec.state = UploadState::Failed;
+                    rec.reason = Some(e.to_string());
+                }
+            }
+        }
+        if let Err(e) = self.save() {
+            tracing::error!(error = %e, "cannot record the upload status");
+        }
+        self.release_due();
+    }
+
+    /// Releases the local data of uploaded snapshots past the retention period.
+    fn release_due(&self) {
+        let retention = self.config.instant_access_retention.as_secs();
+        let due: Vec<String> = self
+            .state
+            .lock()
+            .snapshots
+            .iter()
+            .filter(|(_, r)| r.state == UploadState::Available && r.uploaded_at.is_some_and(|t| t + retention <= now()))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            if !matches!(self.engine.snapshot_is_local(&id), Ok(true)) {
+                continue;
+            }
+            if let Err(e) = self.engine.release_snapshot(&id) {
+                tracing::warn!(snapshot = %id, error = %e, "cannot release local snapshot data");
+            }
+        }
+    }
+
+    /// Deletes a snapshot: its manifest in the store first (so a snapshot that only lives
+    /// there is never left behind), then the local snapshot.
+    pub async fn delete_snapshot(&self, r: &str) -> Result<()> {
+        let snap = self.engine.snapshot(r)?;
+        if let Some(p) = self.uploads.lock().get(&snap.id) {
+            p.cancelled.store(true, Ordering::Release);
+        }
+        let rec = self.state.lock().snapshots.get(&snap.id).cloned();
+        if let Some(rec) = rec {
+            let _publishing = self.publish.lock().await;
+            let region = self.region(&rec.region).await.map_err(|e| {
+                StoreError::Unavailable(format!(
+                    "cannot delete snapshot {r} from region '{}' ({e}); nothing was deleted, try again when the store is reachable",
+                    rec.region
+                ))
+            })?;
+            region.objects.delete(&format::manifest_key(&snap.id)).await?;
+            region.forget_manifest(&snap.id);
+        }
+        let engine = self.engine.clone();
+        let r2 = r.to_string();
+        tokio::task::spawn_blocking(move || engine.delete_snapshot(&r2))
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+        self.state.lock().snapshots.remove(&snap.id);
+        self.save()
+    }
+
+    fn new_job(&self, kind: &str, target: &str) -> Arc<Job> {
+        let id = self.next_job.fetch_add(1, Ordering::Relaxed);
+        let job = Arc::new(Job {
+            id,
+            kind: kind.into(),
+            target: target.into(),
+            done: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            started: Instant::now(),
+            outcome: Mutex::new(None),
+        });
+        let mut jobs = self.jobs.lock();
+        // Keep the last 100 jobs.
+        if jobs.len() >= 100 {
+            if let Some(oldest) = jobs.keys().min().copied() {
+                jobs.remove(&oldest);
+            }
+        }
+        jobs.insert(id, job.clone());
+        job
+    }
+
+    pub fn job(&self, id: u64) -> Option<JobView> {
+        self.jobs.lock().get(&id).map(|j| j.view())
+    }
+
+    /// Runs `work` as a job in the background; returns its first view at once.
+    pub fn spawn_job<F, Fut, T>(self: &Arc<Self>, kind: &str, target: &str, work: F) -> JobView
+    where
+        F: FnOnce(Arc<StoreService>, Arc<Job>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T>> + Send + 'static,
+        T: Serialize,
+    {
+        let job = self.new_job(kind, target);
+        let svc = self.clone();
+        let j = job.clone();
+        tokio::spawn(async move {
+            let outcome = work(svc, j.clone())
+                .await
+                .map(|v| serde_json::to_value(v).unwrap_or_default())
+                .map_err(|e| (e.kind(), e.to_string()));
+            *j.outcome.lock() = Some(outcome);
+        });
+        job.view()
+    }
+
+    /// The region holding a local snapshot's uploaded copy, or an error saying why there is none.
+    pub fn uploaded_region(&self, snap: &SnapshotInfo) -> Result<String> {
+        match self.state.lock().snapshots.get(&snap.id) {
+            Some(r) if r.state == UploadState::Available => Ok(r.region.clone()),
+            Some(r) if r.state == UploadState::Uploading => Err(StoreError::Busy(format!(
+                "snapshot {}@{} is still uploading; wait with: snapblk snapshot show {}@{} (or snapshot create --wait)",
+                snap.volume, snap.name, snap.volume, snap.name
+            ))),
+            Some(r) => Err(StoreError::Invalid(format!(
+                "the upload of snapshot {}@{} failed ({}); retry with: snapblk snapshot upload {}@{}",
+                snap.volume,
+                snap.name,
+                r.reason.as_deref().unwrap_or("unknown reason"),
+                snap.volume,
+                snap.name
+            ))),
+            None => Err(StoreError::NotFound(format!("snapshot {}@{} was never uploaded", snap.volume, snap.name))),
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! One region's object store, wrapped in the layers every request goes through:
+//! fault injection (tests) → per-request timeout → retry with backoff → metrics, plus an
+//! optional bandwidth limit on PUTs. Everything above this module sees five operations
+//! (put, get, get_range, delete, list) that either succeed or fail after retries.
+//!
+//! A truncated body is never returned: GETs check the length they received against the length
+//! asked for (or the object size the store reported) and retry on a mismatch.
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, PutPayload};
+use parking_lot::Mutex;
+use rand::Rng;
+use serde::Serialize;
+
+use super::config::{Backend, Faults, RegionConfig};
+use super::error::{Result, StoreError};
+
+/// Counters of what really went over the wire (successful attempts only), per region.
+#[derive(Default)]
+pub struct Metrics {
+    pub put_ops: AtomicU64,
+    pub put_bytes: AtomicU64,
+    pub get_ops: AtomicU64,
+    pub get_bytes: AtomicU64,
+    pub delete_ops: AtomicU64,
+    pub list_ops: AtomicU64,
+    /// Attempts that failed and were retried.
+    pub retries: AtomicU64,
+    /// Operations that failed after all retries.
+    pub failures: AtomicU64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct MetricsView {
+    pub put_ops: u64,
+    pub put_bytes: u64,
+    pub get_ops: u64,
+    pub get_bytes: u64,
+    pub delete_ops: u64,
+    pub list_ops: u64,
+    pub retries: u64,
+    pub failures: u64,
+}
+
+impl Metrics {
+    pub fn view(&self) -> MetricsView {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        MetricsView {
+            put_ops: l(&self.put_ops),
+            put_bytes: l(&self.put_bytes),
+            get_ops: l(&self.get_ops),
+            get_bytes: l(&self.get_bytes),
+            delete_ops: l(&self.delete_ops),
+            list_ops: l(&self.list_ops),
+            retries: l(&self.retries),
+            failures: l(&self.failures),
+        }
+    }
+}
+
+/// A shared bandwidth limit: each caller reserves its bytes on a virtual timeline and sleeps
+/// until its turn, so concurrent uploads together stay under `bytes_per_sec`.
+pub struct RateLimiter {
+    bytes_per_sec: u64,
+    next_free: Mutex<tokio::time::Instant>,
+}
+
+impl RateLimiter {
+    pub fn new(bytes_per_sec: u64) -> Option<Arc<RateLimiter>> {
+        (bytes_per_sec > 0)
+            .then(|| Arc::new(RateLimiter { bytes_per_sec, next_free: Mutex::new(tokio::time::Instant::now()) }))
+    }
+
+    pub async fn acquire(&self, bytes: u64) {
+        let cost = Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec as f64);
+        let start = {
+            let mut next = self.next_free.lock();
+            let now = tokio::time::Instant::now();
+            let start = (*next).max(now);
+            *next = start + cost;
+            start
+        };
+        tokio::time::sleep_until(start).await;
+    }
+}
+
+/// One listed object.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub key: String,
+    pub size: u64,
+    pub modified: SystemTime,
+}
+
+/// Why one attempt failed.
+enum Attempt {
+    /// Worth retrying: network trouble, 5xx, timeout, short body, injected fault.
+    Transient(String),
+    NotFound,
+    /// Not worth retrying (e.g. access denied, bad request).
+    Fatal(String),
+}
+
+impl From<object_store::Error> for Attempt {
+    fn from(e: object_store::Error) -> Attempt {
+        match e {
+            object_store::Error::NotFound { .. } => Attempt::NotFound,
+            object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. }
+            | object_store::Error::InvalidPath { .. }
+            | object_store::Error::NotSupported { .. }
+            | object_store::Error::NotImplemented => Attempt::Fatal(e.to_string()),
+            other => Attempt::Transient(other.to_string()),
+        }
+    }
+}
+
+pub struct Objects {
+    region: String,
+    inner: Arc<dyn ObjectStore>,
+    /// For the filesystem backend: its root, to fsync what was put.
+    fs_root: Option<PathBuf>,
+    timeout: Duration,
+    retries: u32,
+    faults: Faults,
+    limiter: Option<Arc<RateLimiter>>,
+    pub metrics: Metrics,
+}
+
+impl Objects {
+    pub fn open(cfg: &RegionConfig, limiter: Option<Arc<RateLimiter>>) -> Result<Objects> {
+        let config_err = |e: object_store::Error| StoreError::Config(format!("region '{}': {e}", cfg.name));
+        let (inner, fs_root): (Arc<dyn ObjectStore>, _) = match &cfg.backend {
+            Backend::Fs { path } => {
+                std::fs::create_dir_all(path).map_err(StoreError::io(format!("creating {}", path.display())))?;
+                let fs = object_store::local::LocalFileSystem::new_with_prefix(path).map_err(config_err)?;
+                (Arc::new(fs), Some(path.clone()))
+            }
+            Backend::S3 { endpoint, bucket, prefix, region, access_key_id, secret_access_key } => {
+                let mut b = object_store::aws::AmazonS3Builder::new()
+                    .with_bucket_name(bucket)
+                    .with_region(region)
+                    .with_access_key_id(access_key_id)
+                    .with_secret_access_key(secret_access_key)
+                    // Our own retry layer (below) governs; the client's would multiply it.
+                    .with_retry(object_store::RetryConfig { max_retries: 0, ..Default::default() });
+                if let Some(ep) = endpoint {
+                    b = b.with_endpoint(ep).with_allow_http(ep.starts_with("http://"));
+                }
+                let s3 = b.build().map_err(config_err)?;
+                let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
+                    Arc::new(s3)
+                } else {
+                    Arc::new(object_store::prefix::PrefixStore::new(s3, prefix.trim_end_matches('/')))
+                };
+                (store, None)
+            }
+        };
+        Ok(Objects {
+            region: cfg.name.clone(),
+            inner,
+            fs_root,
+            timeout: cfg.request_timeout,
+            retries: cfg.retries,
+            faults: cfg.faults.clone(),
+            limiter,
+            metrics: Metrics::default(),
+        })
+    }
+
+    /// Injected faults for one attempt; `Err` to fail it. May sleep (latency, or a hang that
+    /// the request timeout cuts short).
+    async fn inject(&self, is_get: bool) -> std::result::Result<bool, Attempt> {
+        if !self.faults.any() {
+            return Ok(false);
+        }
+        if is_get && self.faults.get_latency_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(self.faults.get_latency_ms)).await;
+        }
+        let (e, t, tr): (f64, f64, f64) = {
+            let mut rng = rand::thread_rng();
+            (rng.gen(), rng.gen(), rng.gen())
+        };
+        if e < self.faults.error_rate {
+            return Err(Attempt::Transient("injected error".into()));
+        }
+        if t < self.faults.timeout_rate {
+            tokio::time::sleep(self.timeout + Duration::from_millis(100)).await;
+        }
+        Ok(is_get && tr < self.faults.truncate_rate)
+    }
+
+    /// Runs `op` with the timeout, retrying transient failures with exponential backoff.
+    async fn retry<T, F, Fut>(&self, what: &str, key: &str, mut op: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, Attempt>>,
+    {
+        let mut backoff = Duration::from_millis(50);
+        let mut attempt = 0;
+        loop {
+            let outcome = match tokio::time::timeout(self.timeout, op()).await {
+                Ok(r) => r,
+                Err(_) => Err(Attempt::Transient(format!("no answer within {:?}", self.timeout))),
+            };
+            let message = match outcome {
+                Ok(v) => return Ok(v),
+                Err(Attempt::NotFound) => return Err(StoreError::Missing(key.to_string())),
+                Err(Attempt::Fatal(m)) => {
+                    self.metrics.failures.fetch_add(1, Ordering::Relaxed);
+                    return Err(StoreError::Unavailable(format!("{what} {key} in region '{}': {m}", self.region)));
+                }
+                Err(Attempt::Transient(m)) => m,
+            };
+            attempt += 1;
+            if attempt > self.retries {
+                self.metrics.failures.fetch_add(1, Ordering::Relaxed);
+                return Err(StoreError::Unavailable(format!(
+                    "{what} {key} in region '{}' failed {attempt} times, last: {message}",
+                    self.region
+                )));
+            }
+            self.metrics.retries.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(region = %self.region, what, key, attempt, error = %message, "retrying");
+            let jitter = rand::thread_rng().gen_range(0..=backoff.as_millis() as u64 / 2);
+            tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    pub async fn put(&self, key: &str, data: Bytes) -> Result<()> {
+        if let Some(l) = &self.limiter {
+            l.acquire(data.len() as u64).await;
+        }
+        let path = ObjPath::from(key);
+        let len = data.len() as u64;
+        self.retry("PUT", key, || {
+            let (path, payload) = (path.clone(), PutPayload::from(data.clone()));
+            async move {
+                self.inject(false).await?;
+                self.inner.put(&path, payload).await?;
+                Ok(())
+            }
+        })
+        .await?;
+        if let Some(root) = &self.fs_root {
+            // LocalFileSystem renames into place but does not fsync: make the object durable
+            // before anything that references it is written.
+            let file = root.join(key);
+            tokio::task::spawn_blocking(move || sync_path(&file))
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?
+                .map_err(StoreError::io(format!("syncing object {key}")))?;
+        }
+        self.metrics.put_ops.fetch_add(1, Ordering::Relaxed);
+        self.metrics.put_bytes.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Bytes> {
+        let path = ObjPath::from(key);
+        let body = self
+            .retry("GET", key, || {
+                let path = path.clone();
+                async move {
+                    let truncate = self.inject(true).await?;
+                    let r = self.inner.get(&path).await?;
+                    let size = r.meta.size;
+                    let mut body = r.bytes().await?;
+                    if truncate {
+                        body.truncate(body.len() / 2);
+                    }
+                    if body.len() as u64 != size {
+                        return Err(Attempt::Transient(format!("short body: {} of {size} bytes", body.len())));
+                    }
+                    Ok(body)
+                }
+            })
+            .await?;
+        self.count_get(body.len());
+        Ok(body)
+    }
+
+    pub async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+        let path = ObjPath::from(key);
+        let want = range.end - range.start;
+        let body = self
+            .retry("GET", key, || {
+                let (path, range) = (path.clone(), range.clone());
+                async move {
+                    let truncate = self.inject(true).await?;
+                    let mut body = self.inner.get_range(&path, range).await?;
+                    if truncate {
+                        body.truncate(body.len() / 2);
+                    }
+                    if body.len() as u64 != want {
+                        return Err(Attempt::Transient(format!("short body: {} of {want} bytes", body.len())));
+                    }
+                    Ok(body)
+                }
+            })
+            .await?;
+        self.count_get(body.len());
+        Ok(body)
+    }
+
+    fn count_get(&self, n: usize) {
+        self.metrics.get_ops.fetch_add(1, Ordering::Relaxed);
+        self.metrics.get_bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Deletes an object; one that is already gone is fine.
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        let path = ObjPath::from(key);
+        let r = self
+            .retry("DELETE", key, || {
+                let path = path.clone();
+                async move {
+                    self.inject(false).await?;
+                    self.inner.delete(&path).await?;
+                    Ok(())
+                }
+            })
+            .await;
+        match r {
+            Ok(()) | Err(StoreError::Missing(_)) => {
+                self.metrics.delete_ops.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every object under `prefix` (used to find snapshots and garbage, never for correctness).
+    pub async fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
+        let path = ObjPath::from(prefix);
+        let out = self
+            .retry("LIST", prefix, || {
+                let path = path.clone();
+                async move {
+                    self.inject(false).await?;
+                    let metas: Vec<_> = self.inner.list(Some(&path)).try_collect().await?;
+                    Ok(metas
+                        .into_iter()
+                        .map(|m| Listed {
+                            key: m.location.to_string(),
+                            size: m.size,
+                            modified: SystemTime::from(m.last_modified),
+                        })
+                        .collect::<Vec<_>>())
+                }
+            })
+            .await;
+        self.metrics.list_ops.fetch_add(1, Ordering::Relaxed);
+        match out {
+            Err(StoreError::Missing(_)) => Ok(Vec::new()),
+            other => other,
+        }
+    }
+}
+
+fn sync_path(file: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::open(file)?.sync_all()?;
+    if let Some(dir) = file.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,319 @@
+//! Operations that read a region back: verify, export, GC, and what a region holds.
+
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::config::Backend;
+use super::error::{Result, StoreError};
+use super::format::{manifest_key, pack_key, BlobRef, Manifest};
+use super::objects::MetricsView;
+use super::region::Region;
+use super::{Job, StoreService};
+
+/// GETs in flight for verify and export.
+const READ_CONCURRENCY: usize = 16;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct VerifyReport {
+    pub snapshot: String,
+    pub region: String,
+    pub pages: u64,
+    pub blobs: u64,
+    pub bytes: u64,
+    /// Every missing or corrupt object, with what is wrong with it. Empty: all good.
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportFormat {
+    Raw,
+    Qcow2,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExportReport {
+    pub snapshot: String,
+    pub output: PathBuf,
+    pub format: ExportFormat,
+    pub size: u64,
+    pub blobs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegionInfo {
+    pub name: String,
+    pub kind: String,
+    /// Path, or endpoint/bucket/prefix (never credentials).
+    pub location: String,
+    pub snapshots: u64,
+    pub packs: u64,
+    pub stored_bytes: u64,
+    pub indexed_blobs: u64,
+    /// Requests and bytes since the daemon started.
+    pub metrics: MetricsView,
+}
+
+/// A snapshot stored in a region (from its manifest), possibly made by another node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegionSnapshot {
+    pub id: String,
+    pub name: String,
+    pub volume: String,
+    pub volume_id: String,
+    pub description: String,
+    pub created: u64,
+    pub uploaded: u64,
+    pub size: u64,
+    pub cluster_size: u32,
+    pub added_bytes: u64,
+}
+
+/// Every data blob of a manifest, with the clusters it fills (equal clusters share a blob).
+async fn data_blobs(region: &Region, m: &Manifest, problems: &mut Vec<String>) -> Result<HashMap<BlobRef, Vec<u64>>> {
+    let object = manifest_key(&m.snapshot_id);
+    let mut blobs: HashMap<BlobRef, Vec<u64>> = HashMap::new();
+    let mut pages = Vec::new();
+    for p in &m.pages {
+        pages.push((p.index, p.blob.to_ref(&object)?));
+    }
+    let results = futures::future::join_all(pages.iter().map(|(i, r)| region.read_page(m, *i, r))).await;
+    for ((index, _), page) in pages.iter().zip(results) {
+        match page {
+            Ok(page) => {
+                for (slot, b) in page.entries {
+                    blobs.entry(b).or_default().push(index * super::format::PAGE_CLUSTERS + slot as u64);
+                }
+            }
+            Err(e) => problems.push(format!("map page {index}: {e}")),
+        }
+    }
+    Ok(blobs)
+}
+
+impl StoreService {
+    /// The region and manifest of a snapshot: a local snapshot's uploaded copy, or (with
+    /// `region`) any snapshot id stored there.
+    pub async fn locate(&self, r: &str, region: Option<&str>) -> Result<(Arc<Region>, Arc<Manifest>)> {
+        let (region_name, id) = match self.engine.snapshot(r) {
+            Ok(snap) => (self.uploaded_region(&snap)?, snap.id),
+            Err(e) => match region {
+                Some(reg) if r.starts_with("s-") => (reg.to_string(), r.to_string()),
+                _ => return Err(e.into()),
+            },
+        };
+        let region = self.region(&region_name).await?;
+        let m = region.manifest(&id).await?;
+        Ok((region, m))
+    }
+
+    /// Re-reads every object the snapshot needs, checking tags and hashes.
+    pub async fn verify(&self, r: &str, region: Option<&str>, job: &Job) -> Result<VerifyReport> {
+        let (region, _) = match self.locate(r, region).await {
+            Ok(x) => x,
+            Err(e @ (StoreError::Corrupt { .. } | StoreError::Missing(_))) => {
+                return Ok(VerifyReport { snapshot: r.into(), problems: vec![e.to_string()], ..Default::default() })
+            }
+            Err(e) => return Err(e),
+        };
+        let id = match self.engine.snapshot(r) {
+            Ok(s) => s.id,
+            Err(_) => r.to_string(),
+        };
+        // GC (which may move blobs) waits until this is done.
+        let _reading = region.gc_lock.read().await;
+        // Really re-read the manifest, not the cached copy.
+        region.forget_manifest(&id);
+        let mut report = VerifyReport { snapshot: id.clone(), region: region.name.clone(), ..Default::default() };
+        let m = match region.manifest(&id).await {
+            Ok(m) => m,
+            Err(e @ (StoreError::Corrupt { .. } | StoreError::Missing(_))) => {
+                report.problems.push(e.to_string());
+                return Ok(report);
+            }
+            Err(e) => return Err(e),
+        };
+        report.pages = m.pages.len() as u64;
+        let blobs = data_blobs(&region, &m, &mut report.problems).await?;
+        job.total.store(blobs.len() as u64, Ordering::Relaxed);
+        let mut bad_objects: HashMap<String, u64> = HashMap::new();
+        let mut other = Vec::new();
+        region
+            .fetch_blobs(blobs.into_keys().map(|b| (b, ())).collect(), READ_CONCURRENCY, |(), b, res| {
+                job.done.fetch_add(1, Ordering::Relaxed);
+                report.blobs += 1;
+                match res {
+                    Ok(plain) => report.bytes += plain.len() as u64,
+                    Err(StoreError::Missing(k)) => *bad_objects.entry(format!("{k}: missing")).or_default() += 1,
+                    Err(StoreError::Corrupt { object, reason }) => {
+                        let _ = b;
+                        other.push(format!("{object}: {reason}"));
+                    }
+                    Err(e) => other.push(format!("{}: {e}", pack_key(&b.pack))),
+                }
+            })
+            .await;
+        let mut missing: Vec<_> = bad_objects.into_iter().map(|(k, n)| format!("{k} ({n} blobs)")).collect();
+        missing.sort();
+        report.problems.extend(missing);
+        report.problems.extend(other);
+        Ok(report)
+    }
+
+    /// Writes the snapshot's content to `output`, reading only from the store. On any error
+    /// the partial output is removed and the error names the object.
+    pub async fn export(
+        &self,
+        r: &str,
+        region: Option<&str>,
+        output: &Path,
+        format: ExportFormat,
+        job: &Job,
+    ) -> Result<ExportReport> {
+        let (region, _) = self.locate(r, region).await?;
+        // GC (which may move blobs) waits until this is done; re-read the manifest under it.
+        let _reading = region.gc_lock.read().await;
+        let (region, m) = self.locate(r, Some(&region.name)).await?;
+        let raw_path = match format {
+            ExportFormat::Raw => output.to_path_buf(),
+            ExportFormat::Qcow2 => output.with_extension("snapblk-export.raw"),
+        };
+        let result = export_raw(&region, &m, &raw_path, job).await;
+        let result = match (result, format) {
+            (Ok(n), ExportFormat::Qcow2) => {
+                let status = tokio::process::Command::new("qemu-img")
+                    .args(["convert", "-f", "raw", "-O", "qcow2"])
+                    .arg(&raw_path)
+                    .arg(output)
+                    .status()
+                    .await;
+                let _ = std::fs::remove_file(&raw_path);
+                match status {
+                    Ok(s) if s.success() => Ok(n),
+                    Ok(s) => Err(StoreError::Invalid(format!("qemu-img convert to qcow2 failed ({s})"))),
+                    Err(e) => Err(StoreError::Invalid(format!(
+                        "cannot run qemu-img for the qcow2 conversion ({e}); install qemu-utils or export --format raw"
+                    ))),
+                }
+            }
+            (r, _) => r,
+        };
+        match result {
+            Ok(blobs) => Ok(ExportReport {
+                snapshot: m.snapshot_id.clone(),
+                output: output.to_path_buf(),
+                format,
+                size: m.size,
+                blobs,
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&raw_path);
+                let _ = std::fs::remove_file(output);
+                Err(e)
+            }
+        }
+    }
+
+    pub async fn region_info(&self, name: &str) -> Result<RegionInfo> {
+        let region = self.region(name).await?;
+        let cfg = &self.config.regions[name];
+        let (kind, location) = match &cfg.backend {
+            Backend::Fs { path } => ("fs", path.display().to_string()),
+            Backend::S3 { endpoint, bucket, prefix, .. } => {
+                ("s3", format!("{} bucket {bucket} prefix '{prefix}'", endpoint.as_deref().unwrap_or("AWS")))
+            }
+        };
+        let packs = region.objects.list("packs").await?;
+        let snapshots = region.snapshot_ids().await?.len() as u64;
+        Ok(RegionInfo {
+            name: name.into(),
+            kind: kind.into(),
+            location,
+            snapshots,
+            packs: packs.len() as u64,
+            stored_bytes: packs.iter().map(|p| p.size).sum(),
+            indexed_blobs: region.index.blob_count() as u64,
+            metrics: region.objects.metrics.view(),
+        })
+    }
+
+    /// Every snapshot stored in the region, whichever node uploaded it.
+    pub async fn region_snapshots(&self, name: &str) -> Result<Vec<RegionSnapshot>> {
+        let region = self.region(name).await?;
+        let mut out = Vec::new();
+        for id in region.snapshot_ids().await? {
+            match region.manifest(&id).await {
+                Ok(m) => out.push(RegionSnapshot {
+                    id: m.snapshot_id.clone(),
+                    name: m.snapshot_name.clone(),
+                    volume: m.volume_name.clone(),
+                    volume_id: m.volume_id.clone(),
+                    description: m.description.clone(),
+                    created: m.created,
+                    uploaded: m.uploaded,
+                    size: m.size,
+                    cluster_size: m.cluster_size,
+                    added_bytes: m.added_bytes,
+                }),
+                Err(StoreError::Missing(_)) => {}
+                Err(e) => tracing::warn!(snapshot = %id, error = %e, "unreadable manifest"),
+            }
+        }
+        out.sort_by_key(|s| (s.volume.clone(), s.created, s.name.clone()));
+        Ok(out)
+    }
+}
+
+async fn export_raw(region: &Region, m: &Manifest, path: &Path, job: &Job) -> Result<u64> {
+    let io = |what: &str| StoreError::io(format!("{what} {}", path.display()));
+    let file = std::fs::File::create(path).map_err(io("creating"))?;
+    file.set_len(m.size).map_err(io("sizing"))?;
+    let mut problems = Vec::new();
+    let blobs = data_blobs(region, m, &mut problems).await?;
+    if let Some(p) = problems.into_iter().next() {
+        return Err(StoreError::Invalid(format!("export of {} failed: {p}", m.snapshot_id)));
+    }
+    job.total.store(m.size, Ordering::Relaxed);
+    let cs = m.cluster_size as u64;
+    let count = blobs.len() as u64;
+    let mut failure: Option<StoreError> = None;
+    region
+        .fetch_blobs(blobs.into_iter().collect(), READ_CONCURRENCY, |clusters, _, res| {
+            if failure.is_some() {
+                return;
+            }
+            match res {
+                Ok(plain) => {
+                    for c in clusters {
+                        let off = c * cs;
+                        let want = cs.min(m.size.saturating_sub(off)) as usize;
+                        if plain.len() != want {
+                            failure = Some(StoreError::corrupt(
+                                manifest_key(&m.snapshot_id),
+                                format!("cluster {c} has {} bytes, expected {want}", plain.len()),
+                            ));
+                            return;
+                        }
+                        if let Err(e) = file.write_all_at(&plain, off) {
+                            failure = Some(io("writing")(e));
+                            return;
+                        }
+                        job.done.fetch_add(want as u64, Ordering::Relaxed);
+                    }
+                }
+                Err(e) => failure = Some(e),
+            }
+        })
+        .await;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    file.sync_all().map_err(io("syncing"))?;
+    job.done.store(m.size, Ordering::Relaxed);
+    Ok(count)
+}

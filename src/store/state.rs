@@ -1,0 +1,81 @@
+//! What this node knows about the store side of its volumes and snapshots: each volume's home
+//! region and each snapshot's upload status. Small and rarely changed, so it is one JSON file
+//! (`meta/remote.json`) rewritten atomically (temporary file, fsync, rename, fsync the directory).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{Result, StoreError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UploadState {
+    Uploading,
+    Available,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub region: String,
+    pub state: UploadState,
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// When the manifest was written (seconds since the epoch).
+    #[serde(default)]
+    pub uploaded_at: Option<u64>,
+    /// Bytes this snapshot's upload added to the store.
+    #[serde(default)]
+    pub added_bytes: u64,
+    #[serde(default)]
+    pub base: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteState {
+    /// Volume id → home region.
+    #[serde(default)]
+    pub volumes: BTreeMap<String, String>,
+    /// Snapshot id → upload record.
+    #[serde(default)]
+    pub snapshots: BTreeMap<String, SnapshotRecord>,
+}
+
+pub struct StateFile {
+    path: PathBuf,
+}
+
+impl StateFile {
+    pub fn new(dir: &Path) -> StateFile {
+        StateFile { path: dir.join("meta").join("remote.json") }
+    }
+
+    pub fn load(&self) -> Result<RemoteState> {
+        match std::fs::read(&self.path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                StoreError::Config(format!(
+                    "{} is damaged ({e}); restore it from a backup or remove it (snapshots then show no upload status and upload again)",
+                    self.path.display()
+                ))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(RemoteState::default()),
+            Err(e) => Err(StoreError::io(format!("reading {}", self.path.display()))(e)),
+        }
+    }
+
+    pub fn save(&self, state: &RemoteState) -> Result<()> {
+        let io = |what: &str| StoreError::io(format!("{what} {}", self.path.display()));
+        let tmp = self.path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec_pretty(state).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let mut f = std::fs::File::create(&tmp).map_err(io("creating"))?;
+        f.write_all(&bytes).and_then(|()| f.sync_all()).map_err(io("writing"))?;
+        std::fs::rename(&tmp, &self.path).map_err(io("replacing"))?;
+        if let Some(d) = self.path.parent() {
+            std::fs::File::open(d).and_then(|d| d.sync_all()).map_err(io("syncing the directory of"))?;
+        }
+        Ok(())
+    }
+}

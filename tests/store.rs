@@ -1,0 +1,651 @@
+//! The remote store suite: every test runs against the local filesystem region and, when
+//! scripts/test has started one (`SNAPBLK_GARAGE_REGION` names its region block), against a
+//! real Garage S3 server on loopback. With `SNAPBLK_REQUIRE_GARAGE=1` a missing Garage fails.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{ok, python_ok, require_libnbd, require_tool, Daemon};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+const CLUSTER: u64 = 64 << 10;
+
+/// A region under test: its name in snapblk.toml and its block (without a prefix).
+struct TestRegion {
+    name: &'static str,
+    block: String,
+}
+
+fn regions() -> Vec<TestRegion> {
+    let mut v = vec![TestRegion { name: "local", block: "[regions.local]\nkind = \"fs\"\npath = \"store\"\n".into() }];
+    match std::env::var("SNAPBLK_GARAGE_REGION") {
+        Ok(path) => {
+            let block = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+            v.push(TestRegion { name: "garage", block });
+        }
+        Err(_) if std::env::var("SNAPBLK_REQUIRE_GARAGE").as_deref() == Ok("1") => {
+            panic!("SNAPBLK_REQUIRE_GARAGE=1 but SNAPBLK_GARAGE_REGION is not set (run scripts/test)")
+        }
+        Err(_) => {
+            eprintln!("SKIP: {}: no Garage (SNAPBLK_GARAGE_REGION unset): local region only", common::test_name())
+        }
+    }
+    v
+}
+
+/// Writes `DIR/snapblk.toml` for `region`: small packs (many objects), no background GC, a
+/// fresh prefix in the shared bucket, and `extra` lines (upload settings, faults).
+fn configure(dir: &Path, region: &TestRegion, upload: &str, region_extra: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let prefix = format!("t-{:016x}/", rand_u64());
+    let prefix_line = if region.name == "local" { String::new() } else { format!("prefix = \"{prefix}\"\n") };
+    let text = format!(
+        "[upload]\nconcurrency = 4\npack_size = \"1M\"\n{upload}\n[gc]\ninterval = \"0s\"\ngrace = \"0s\"\n\n{}\n{prefix_line}request_timeout = \"5s\"\n{region_extra}\n",
+        region.block.trim_end()
+    );
+    std::fs::write(dir.join("snapblk.toml"), text).unwrap();
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    h.finish()
+}
+
+fn tools() -> bool {
+    require_libnbd() && require_tool("qemu-img") && require_tool("nbdcopy")
+}
+
+fn fill(d: &Daemon, export: &str, offset: u64, len: u64, seed: u64) {
+    python_ok(
+        "data.py",
+        &["fill", &d.nbd_uri(export), &offset.to_string(), &len.to_string(), &seed.to_string()],
+        Duration::from_secs(120),
+    );
+}
+
+fn scatter(d: &Daemon, export: &str, n: u64, seed: u64) {
+    python_ok(
+        "data.py",
+        &["scatter", &d.nbd_uri(export), &CLUSTER.to_string(), &n.to_string(), &seed.to_string()],
+        Duration::from_secs(120),
+    );
+}
+
+/// Copies an NBD export to a file.
+fn nbd_to_file(d: &Daemon, export: &str, path: &Path) {
+    ok("nbdcopy", &[&d.nbd_uri(export), &path.display().to_string()]);
+}
+
+fn compare(a: &Path, b: &Path) {
+    ok("qemu-img", &["compare", "-q", "-f", "raw", "-F", "raw", &a.display().to_string(), &b.display().to_string()]);
+}
+
+fn snapshot(d: &Daemon, volume: &str, name: &str) -> Value {
+    d.cli_json(&["snapshot", "create", volume, "--name", name])
+}
+
+/// Waits until the snapshot's upload is no longer running; returns its final view.
+fn wait_upload(d: &Daemon, snap: &str, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let v = d.cli_json(&["snapshot", "show", snap]);
+        let state = v["upload"]["state"].as_str().unwrap_or("").to_string();
+        if state != "uploading" {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "upload of {snap} still running after {timeout:?}: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_available(d: &Daemon, snap: &str) -> Value {
+    let v = wait_upload(d, snap, Duration::from_secs(180));
+    assert_eq!(v["upload"]["state"], "available", "upload of {snap}: {v}\n{}", d.log());
+    v
+}
+
+/// Waits until the snapshot's local data is released (done right after its upload).
+fn wait_released(d: &Daemon, snap: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = d.cli_json(&["snapshot", "show", snap]);
+        if v["local"] == false {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{snap} still local 10 s after its upload: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn region_show(d: &Daemon, region: &str) -> Value {
+    d.cli_json(&["region", "show", region])
+}
+
+fn verify_ok(d: &Daemon, snap: &str) {
+    let out = d.cli_ok(&["snapshot", "verify", snap]);
+    assert!(out.contains("ok: every object"), "verify {snap}:\n{out}");
+}
+
+fn export(d: &Daemon, snap: &str, out: &Path) {
+    d.cli_ok(&["snapshot", "export", snap, "--output", &out.display().to_string()]);
+}
+
+#[test]
+fn incremental_upload_sends_only_the_changed_clusters() {
+    if !tools() {
+        return;
+    }
+    for region in regions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        configure(&dir, &region, "", "");
+        let d = Daemon::start(&dir);
+        d.cli_ok(&["volume", "create", "vol", "--size", "1G", "--region", region.name]);
+        fill(&d, "vol", 0, 64 * MIB, 1);
+        snapshot(&d, "vol", "s1");
+        let s1 = wait_available(&d, "vol@s1");
+        let full = s1["upload"]["added_bytes"].as_u64().unwrap();
+        // Random data does not compress: the first upload sends all 64 MiB (plus a little).
+        assert!((64 * MIB..66 * MIB).contains(&full), "{}: first upload added {full} bytes", region.name);
+        let before = region_show(&d, region.name);
+
+        let n = 40;
+        scatter(&d, "vol", n, 2);
+        // `--wait --json`: JSON progress lines, then the snapshot once its upload ended.
+        let out = d.cli_ok(&["--json", "snapshot", "create", "vol", "--name", "s2", "--wait"]);
+        let (progress, last) = out.split_at(out.find("\n{\n").map_or(0, |i| i + 1));
+        assert!(
+            progress.lines().all(|l| serde_json::from_str::<Value>(l).is_ok_and(|v| v["progress"].is_string())),
+            "{out}"
+        );
+        let last: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {out}"));
+        assert_eq!(last["upload"]["state"], "available", "{out}");
+        let s2 = wait_available(&d, "vol@s2");
+        let after = region_show(&d, region.name);
+        let added = s2["upload"]["added_bytes"].as_u64().unwrap();
+        let put = after["metrics"]["put_bytes"].as_u64().unwrap() - before["metrics"]["put_bytes"].as_u64().unwrap();
+        let stored = after["stored_bytes"].as_u64().unwrap() - before["stored_bytes"].as_u64().unwrap();
+        let data = n * CLUSTER;
+        eprintln!(
+            "{}: {n} changed clusters = {data} bytes; upload added {added}, PUT {put}, store grew {stored}",
+            region.name
+        );
+        // About N clusters (each sealed: +41 bytes), plus the rewritten map pages (<= 4 pages
+        // of at most 4096 * 64 bytes) and the manifest: nowhere near the 1 GiB volume.
+        for (what, v) in [("added", added), ("PUT", put), ("store growth", stored)] {
+            assert!(v >= data, "{}: {what} {v} < {data}", region.name);
+            assert!(v < data + 1200 * 1024, "{}: {what} {v} is far more than {n} clusters", region.name);
+        }
+        assert_eq!(s2["upload"]["base"], s1["id"], "s2 is incremental to s1");
+        verify_ok(&d, "vol@s2");
+    }
+}
+
+#[test]
+fn exports_from_the_store_equal_the_instant_access_exports_over_a_chain_of_five() {
+    if !tools() {
+        return;
+    }
+    for region in regions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        configure(&dir, &region, "", "");
+        let d = Daemon::start(&dir);
+        d.cli_ok(&["volume", "create", "vol", "--size", "256M", "--region", region.name]);
+        let mut local = Vec::new();
+        for i in 0..5u64 {
+            fill(&d, "vol", i * 7 * MIB, 8 * MIB, 10 + i);
+            scatter(&d, "vol", 8, 20 + i);
+            if i == 3 {
+                // A trim in the chain: the next snapshots must read zeros there.
+                common::qemu_io(&d.nbd_uri("vol"), &["discard 0 4M"]);
+            }
+            let name = format!("s{i}");
+            snapshot(&d, "vol", &name);
+            // Instant access: read the snapshot over NBD right away (from local data).
+            let path = tmp.path().join(format!("{name}.nbd"));
+            nbd_to_file(&d, &format!("vol@{name}"), &path);
+            local.push((name, path));
+        }
+        for (name, nbd) in &local {
+            let snap = format!("vol@{name}");
+            wait_available(&d, &snap);
+            verify_ok(&d, &snap);
+            let out = tmp.path().join(format!("{name}.export"));
+            export(&d, &snap, &out);
+            compare(nbd, &out);
+            // Released after upload, the NBD export now reads from the store: still equal.
+            wait_released(&d, &snap);
+            let again = tmp.path().join(format!("{name}.remote"));
+            nbd_to_file(&d, &snap, &again);
+            compare(nbd, &again);
+        }
+        // qcow2 export through qemu-img.
+        let q = tmp.path().join("s4.qcow2");
+        d.cli_ok(&["snapshot", "export", "vol@s4", "--output", &q.display().to_string(), "--format", "qcow2"]);
+        let info = ok("qemu-img", &["info", "--output=json", &q.display().to_string()]);
+        assert!(info.contains("\"qcow2\""), "{info}");
+        ok(
+            "qemu-img",
+            &["compare", "-q", "-f", "raw", "-F", "qcow2", &local[4].1.display().to_string(), &q.display().to_string()],
+        );
+    }
+}
+
+#[test]
+fn uploads_complete_and_verify_through_injected_errors_timeouts_and_truncated_reads() {
+    if !tools() {
+        return;
+    }
+    for region in regions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        let faults = format!(
+            "request_timeout = \"1s\"\n[regions.{}.faults]\nerror_rate = 0.1\ntimeout_rate = 0.1\ntruncate_rate = 0.1\n",
+            region.name
+        );
+        configure(&dir, &region, "", "");
+        // The region block ends with request_timeout = "5s"; faults need a short one.
+        let text = std::fs::read_to_string(dir.join("snapblk.toml")).unwrap().replace("request_timeout = \"5s\"\n", "");
+        std::fs::write(dir.join("snapblk.toml"), format!("{text}{faults}")).unwrap();
+        let d = Daemon::start(&dir);
+        d.cli_ok(&["volume", "create", "vol", "--size", "1G", "--region", region.name]);
+        fill(&d, "vol", 0, 16 * MIB, 3);
+        let nbd = tmp.path().join("s1.nbd");
+        snapshot(&d, "vol", "s1");
+        nbd_to_file(&d, "vol@s1", &nbd);
+        wait_available(&d, "vol@s1");
+        scatter(&d, "vol", 20, 4);
+        snapshot(&d, "vol", "s2");
+        wait_available(&d, "vol@s2");
+        verify_ok(&d, "vol@s1");
+        verify_ok(&d, "vol@s2");
+        let out = tmp.path().join("s1.export");
+        export(&d, "vol@s1", &out);
+        compare(&nbd, &out);
+        let m = region_show(&d, region.name);
+        let retries = m["metrics"]["retries"].as_u64().unwrap();
+        eprintln!(
+            "{}: {} retries over {} PUT and {} GET",
+            region.name, retries, m["metrics"]["put_ops"], m["metrics"]["get_ops"]
+        );
+        assert!(retries > 0, "faults at 10% must have caused retries: {m}");
+    }
+}
+
+#[test]
+fn an_upload_killed_mid_way_resumes_without_resending_stored_packs() {
+    if !tools() {
+        return;
+    }
+    for region in regions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        // 48 MiB at 8 MiB/s: about 6 s, killed once a third of it is stored.
+        configure(&dir, &region, "bandwidth_limit = \"8M\"", "");
+        let mut d = Daemon::start(&dir);
+        d.cli_ok(&["volume", "create", "vol", "--size", "1G", "--region", region.name]);
+        fill(&d, "vol", 0, 48 * MIB, 5);
+        let nbd = tmp.path().join("s1.nbd");
+        snapshot(&d, "vol", "s1");
+        nbd_to_file(&d, "vol@s1", &nbd);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let sent_before = loop {
+            let v = d.cli_json(&["snapshot", "show", "vol@s1"]);
+            let sent = v["upload"]["bytes_sent"].as_u64().unwrap_or(0);
+            if sent >= 16 * MIB {
+                break sent;
+            }
+            assert_eq!(v["upload"]["state"], "uploading", "finished before the kill: {v}");
+            assert!(Instant::now() < deadline, "upload made no progress: {v}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        d.kill9();
+        let d = Daemon::start(&dir);
+        assert!(d.log().contains("resuming upload"), "no resume in the log");
+        let v = wait_available(&d, "vol@s1");
+        let resent = region_show(&d, region.name)["metrics"]["put_bytes"].as_u64().unwrap();
+        let total = v["upload"]["added_bytes"].as_u64().unwrap();
+        eprintln!("{}: {sent_before} bytes stored before kill -9; {resent} PUT after the restart", region.name);
+        // The restart sends what was missing, plus at most the packs in flight at the kill
+        // (concurrency 4 x 1 MiB packs, one being built) and the map page and manifest.
+        assert!(
+            resent <= total - sent_before.min(total) + 6 * MIB,
+            "the resumed upload re-sent stored packs: {resent} bytes after the restart, {sent_before} stored before, {total} in all"
+        );
+        verify_ok(&d, "vol@s1");
+        let out = tmp.path().join("s1.export");
+        export(&d, "vol@s1", &out);
+        compare(&nbd, &out);
+    }
+}
+
+/// The region's objects, through snapblk's own object layer (same config as the daemon).
+fn objects(dir: &Path, region: &str) -> (tokio::runtime::Runtime, snapblk::store::objects::Objects) {
+    let text = std::fs::read_to_string(dir.join("snapblk.toml")).unwrap();
+    let cfg = snapblk::store::Config::parse(&text, dir).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let o = snapblk::store::objects::Objects::open(&cfg.regions[region], None).unwrap();
+    (rt, o)
+}
+
+#[test]
+fn a_flipped_byte_fails_verify_naming_the_object_and_export_fails_loudly() {
+    if !tools() {
+        return;
+    }
+    for region in regions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        configure(&dir, &region, "", "");
+        let d = Daemon::start(&dir);
+        d.cli_ok(&["volume", "create", "vol", "--size", "64M", "--region", region.name]);
+        fill(&d, "vol", 0, 4 * MIB, 6);
+        snapshot(&d, "vol", "s1");
+        wait_available(&d, "vol@s1");
+        wait_released(&d, "vol@s1");
+        verify_ok(&d, "vol@s1");
+        let (rt, o) = objects(&dir, region.name);
+        let packs = rt.block_on(o.list("packs")).unwrap();
+        // The largest pack holds data blobs; flip one byte in the middle of it.
+        let victim = packs.iter().max_by_key(|p| p.size).unwrap().key.clone();
+        let mut bytes = rt.block_on(o.get(&victim)).unwrap().to_vec();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x40;
+        rt.block_on(o.put(&victim, bytes.into())).unwrap();
+
+        let (code, err) = d.cli_err(&["snapshot", "verify", "vol@s1"]);
+        let out = String::from_utf8_lossy(&d.cli(&["snapshot", "verify", "vol@s1"]).stdout).into_owned();
+        assert_eq!(code, 1);
+        assert!(out.contains(&victim), "verify must name {victim}:\n{out}\n{err}");
+        assert!(err.contains("problem"), "{err}");
+        let target = tmp.path().join("s1.export");
+        let (code, err) = d.cli_err(&["snapshot", "export", "vol@s1", "--output", &target.display().to_string()]);
+        assert_eq!(code, 1);
+        assert!(err.contains(&victim) && err.contains("corrupt"), "export must fail naming {victim}: {err}");
+        assert!(!target.exists(), "a failed export must not leave a file behind");
+        // Reading the released snapshot over NBD gives an I/O error, not wrong bytes.
+        let out = common::run(
+            std::process::Command::new("nbdcopy")
+                .args([&d.nbd_uri("vol@s1"), &tmp.path().join("x").display().to_string()]),
+            Duration::from_secs(60),
+        );
+        assert!(!out.status.success(), "reading a corrupt snapshot over NBD must fail");
+        // A missing pack is named too.
+        rt.block_on(o.delete(&victim)).unwrap();
+        d.cli_err(&["snapshot", "verify", "vol@s1"]);
+        let out = String::from_utf8_lossy(&d.cli(&["snapshot", "verify", "vol@s1"]).stdout).into_owned();
+        assert!(out.contains(&victim) && out.contains("missing"), "{out}");
+    }
+}
+
+#[test]
+fn gc_keeps_every_live_snapshot_whole_and_removes_deleted_data() {
+    if !tools() {
+        return;
+    }
+    for region in regions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        configure(&dir, &region, "", "");
+        let d = Daemon::start(&dir);
+        d.cli_ok(&["volume", "create", "vol", "--size", "128M", "--region", region.name]);
+        let mut rng = rand_u64();
+        eprintln!("{}: gc test seed {rng}", region.name);
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut live: HashMap<String, PathBuf> = HashMap::new();
+        for step in 0..10 {
+            let r = next();
+            if live.is_empty() || r % 3 != 0 {
+                fill(&d, "vol", (r % 120) * MIB, 2 * MIB, r);
+                scatter(&d, "vol", 4, r + 1);
+                let name = format!("s{step}");
+                snapshot(&d, "vol", &name);
+                let path = tmp.path().join(format!("{name}.nbd"));
+                nbd_to_file(&d, &format!("vol@{name}"), &path);
+                wait_available(&d, &format!("vol@{name}"));
+                live.insert(name, path);
+            } else {
+                let mut names: Vec<_> = live.keys().cloned().collect();
+                names.sort();
+                let victim = names[(r as usize / 3) % names.len()].clone();
+                d.cli_ok(&["snapshot", "delete", &format!("vol@{victim}")]);
+                live.remove(&victim);
+            }
+            if step % 3 == 2 {
+                let report = d.cli_json(&["gc", "--region", region.name]);
+                let r = &report[0];
+                assert_eq!(r["packs_young"], 0, "{r}");
+                assert_eq!(r["manifests"].as_u64().unwrap(), live.len() as u64, "{r}");
+                for (name, path) in &live {
+                    let snap = format!("vol@{name}");
+                    verify_ok(&d, &snap);
+                    let out = tmp.path().join(format!("{name}.export"));
+                    export(&d, &snap, &out);
+                    compare(path, &out);
+                    std::fs::remove_file(&out).unwrap();
+                }
+            }
+        }
+        // Delete everything: after GC nothing is left but the repository key.
+        for name in live.keys() {
+            d.cli_ok(&["snapshot", "delete", &format!("vol@{name}")]);
+        }
+        let report = d.cli_json(&["gc", "--region", region.name]);
+        assert!(report[0]["packs_deleted"].as_u64().unwrap() > 0, "{report}");
+        let info = region_show(&d, region.name);
+        assert_eq!(info["packs"], 0, "deleted-only data must be gone: {info}");
+        assert_eq!(info["snapshots"], 0, "{info}");
+    }
+}
+
+#[test]
+fn a_wrong_key_file_is_a_clear_error_and_a_second_daemon_can_read_the_region() {
+    if !tools() {
+        return;
+    }
+    for region in regions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a_dir, b_dir, c_dir) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("c"));
+        configure(&a_dir, &region, "", "");
+        let a = Daemon::start(&a_dir);
+        a.cli_ok(&["volume", "create", "vol", "--size", "64M", "--region", region.name]);
+        fill(&a, "vol", MIB, 3 * MIB, 7);
+        let snap = snapshot(&a, "vol", "s1");
+        let id = snap["id"].as_str().unwrap().to_string();
+        let nbd = tmp.path().join("s1.nbd");
+        nbd_to_file(&a, "vol@s1", &nbd);
+        wait_available(&a, "vol@s1");
+        let key = a.cli_ok(&["key", "export", region.name]);
+
+        // B shares the region and the key file: it lists and exports A's snapshot.
+        let shared = |dir: &Path| {
+            let text = std::fs::read_to_string(a_dir.join("snapblk.toml")).unwrap();
+            std::fs::create_dir_all(dir).unwrap();
+            let store = a_dir.join("store").display().to_string();
+            std::fs::write(dir.join("snapblk.toml"), text.replace("path = \"store\"", &format!("path = \"{store}\"")))
+                .unwrap();
+        };
+        shared(&b_dir);
+        std::fs::create_dir_all(b_dir.join("keys")).unwrap();
+        std::fs::write(b_dir.join("keys").join(format!("{}.key", region.name)), &key).unwrap();
+        let b = Daemon::start(&b_dir);
+        let listed = b.cli_json(&["snapshot", "list", "--region", region.name]);
+        assert!(listed.as_array().unwrap().iter().any(|s| s["id"] == id.as_str()), "{listed}");
+        let out = tmp.path().join("b.export");
+        b.cli_ok(&["snapshot", "export", &id, "--region", region.name, "--output", &out.display().to_string()]);
+        compare(&nbd, &out);
+
+        // C has another key (from `key generate`): a clear error, never garbage.
+        shared(&c_dir);
+        let generated = ok(common::BIN, &["key", "generate"]);
+        assert!(generated.contains("snapblk-key-v1 ") && generated != key, "{generated}");
+        std::fs::create_dir_all(c_dir.join("keys")).unwrap();
+        std::fs::write(c_dir.join("keys").join(format!("{}.key", region.name)), generated).unwrap();
+        let c = Daemon::start(&c_dir);
+        let (code, err) = c.cli_err(&["snapshot", "list", "--region", region.name]);
+        assert_eq!(code, 1);
+        assert!(err.contains("does not open region") && err.contains("key_file"), "{err}");
+    }
+}
+
+#[test]
+fn a_snapshot_is_usable_at_once_while_its_upload_runs() {
+    if !tools() {
+        return;
+    }
+    for region in regions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        // Slow uploads (2 MiB/s for 16 MiB): everything below happens while uploading.
+        configure(&dir, &region, "bandwidth_limit = \"2M\"", "");
+        let d = Daemon::start(&dir);
+        d.cli_ok(&["volume", "create", "vol", "--size", "64M", "--region", region.name]);
+        fill(&d, "vol", 0, 16 * MIB, 8);
+        let before = tmp.path().join("before");
+        nbd_to_file(&d, "vol", &before);
+        snapshot(&d, "vol", "s1");
+        let v = d.cli_json(&["snapshot", "show", "vol@s1"]);
+        assert_eq!(v["upload"]["state"], "uploading", "{v}");
+        // NBD read-only export, clone and rollback, all before the upload ends.
+        let snap = tmp.path().join("snap");
+        nbd_to_file(&d, "vol@s1", &snap);
+        compare(&before, &snap);
+        d.cli_ok(&["volume", "clone", "vol@s1", "copy"]);
+        let copy = tmp.path().join("copy");
+        nbd_to_file(&d, "copy", &copy);
+        compare(&before, &copy);
+        fill(&d, "vol", 0, MIB, 9);
+        d.cli_ok(&["snapshot", "rollback", "vol@s1"]);
+        let rolled = tmp.path().join("rolled");
+        nbd_to_file(&d, "vol", &rolled);
+        compare(&before, &rolled);
+        let v = d.cli_json(&["snapshot", "show", "vol@s1"]);
+        assert_eq!(v["upload"]["state"], "uploading", "the checks above must run during the upload: {v}");
+        assert!(v["upload"]["bytes_total"].as_u64().unwrap() > 0, "{v}");
+        wait_available(&d, "vol@s1");
+        verify_ok(&d, "vol@s1");
+    }
+}
+
+#[test]
+fn gc_repacks_mostly_dead_packs_and_every_snapshot_still_restores() {
+    if !tools() {
+        return;
+    }
+    for region in regions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        configure(&dir, &region, "", "");
+        let d = Daemon::start(&dir);
+        // 8 MiB = 128 clusters in eight 1 MiB packs; then three quarters of the clusters are
+        // rewritten and the first snapshot deleted: each old pack is about a quarter live.
+        d.cli_ok(&["volume", "create", "vol", "--size", "8M", "--region", region.name]);
+        fill(&d, "vol", 0, 8 * MIB, 11);
+        snapshot(&d, "vol", "s1");
+        wait_available(&d, "vol@s1");
+        scatter(&d, "vol", 96, 12);
+        snapshot(&d, "vol", "s2");
+        let s2 = tmp.path().join("s2.nbd");
+        nbd_to_file(&d, "vol@s2", &s2);
+        wait_available(&d, "vol@s2");
+        wait_released(&d, "vol@s2");
+        let before = region_show(&d, region.name)["stored_bytes"].as_u64().unwrap();
+        d.cli_ok(&["snapshot", "delete", "vol@s1"]);
+        let report = &d.cli_json(&["gc", "--region", region.name])[0];
+        eprintln!("{}: {report}", region.name);
+        assert!(report["packs_repacked"].as_u64().unwrap() > 0, "{report}");
+        assert_eq!(report["manifests_rewritten"], 1, "{report}");
+        let after = region_show(&d, region.name)["stored_bytes"].as_u64().unwrap();
+        assert!(after < before * 2 / 3, "repacking must shrink the store: {before} -> {after}");
+        // The next GC collects the map pages the repack replaced; then nothing is left to do.
+        d.cli_json(&["gc", "--region", region.name]);
+        let again = &d.cli_json(&["gc", "--region", region.name])[0];
+        assert_eq!((&again["packs_deleted"], &again["packs_repacked"]), (&Value::from(0), &Value::from(0)), "{again}");
+        verify_ok(&d, "vol@s2");
+        let out = tmp.path().join("s2.export");
+        export(&d, "vol@s2", &out);
+        compare(&s2, &out);
+        let remote = tmp.path().join("s2.remote");
+        nbd_to_file(&d, "vol@s2", &remote);
+        compare(&s2, &remote);
+    }
+}
+
+#[test]
+fn instant_access_retention_keeps_uploaded_snapshots_local_and_release_frees_their_data() {
+    if !tools() {
+        return;
+    }
+    for region in regions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (keep_dir, drop_dir) = (tmp.path().join("keep"), tmp.path().join("drop"));
+        configure(&keep_dir, &region, "instant_access_retention = \"1h\"", "");
+        configure(&drop_dir, &region, "", "");
+        for (dir, kept) in [(&keep_dir, true), (&drop_dir, false)] {
+            let d = Daemon::start(dir);
+            d.cli_ok(&["volume", "create", "vol", "--size", "64M", "--region", region.name]);
+            fill(&d, "vol", 0, 16 * MIB, 13);
+            snapshot(&d, "vol", "s1");
+            // Overwrite everything: only the snapshot still needs the first 16 MiB.
+            fill(&d, "vol", 0, 16 * MIB, 14);
+            wait_available(&d, "vol@s1");
+            if kept {
+                std::thread::sleep(Duration::from_millis(1500)); // two sweeps of the retention check
+                assert_eq!(d.cli_json(&["snapshot", "show", "vol@s1"])["local"], true, "retention 1h keeps it local");
+            } else {
+                wait_released(&d, "vol@s1");
+                // Freed slots are punched at the next commit (here: a flush).
+                common::qemu_io(&d.nbd_uri("vol"), &["flush"]);
+                // Its 16 MiB of slots were freed (punched): the slot file holds about the
+                // volume's own 16 MiB.
+                let used = ok("du", &["-sk", &dir.join("data").display().to_string()]);
+                let kib: u64 = used.split_whitespace().next().unwrap().parse().unwrap();
+                assert!(kib < 24 * 1024, "{}: released data still uses {kib} KiB locally", region.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn background_gc_reclaims_a_deleted_snapshot_by_itself() {
+    if !tools() {
+        return;
+    }
+    for region in regions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        configure(&dir, &region, "", "");
+        let text = std::fs::read_to_string(dir.join("snapblk.toml"))
+            .unwrap()
+            .replace("interval = \"0s\"", "interval = \"1s\"");
+        std::fs::write(dir.join("snapblk.toml"), text).unwrap();
+        let d = Daemon::start(&dir);
+        d.cli_ok(&["volume", "create", "vol", "--size", "64M", "--region", region.name]);
+        fill(&d, "vol", 0, 4 * MIB, 15);
+        snapshot(&d, "vol", "s1");
+        wait_available(&d, "vol@s1");
+        assert!(region_show(&d, region.name)["packs"].as_u64().unwrap() > 0);
+        d.cli_ok(&["snapshot", "delete", "vol@s1"]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while region_show(&d, region.name)["packs"] != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "background GC did not reclaim the packs: {}",
+                region_show(&d, region.name)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
