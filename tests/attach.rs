@@ -74,3 +74,34 @@ fn attach_arguments_are_checked_before_anything_is_attached() {
     let list = d.cli_json(&["volume", "list"]);
     assert!(list[0]["attachment"].is_null(), "{list}");
 }
+
+#[test]
+fn a_daemon_restarted_where_its_attached_devices_cannot_come_back_starts_and_says_why() {
+    if host_has("/dev/ublk-control") || host_has("/sys/module/nbd") {
+        eprintln!("SKIP: this host has ublk or nbd; the VM test covers restarts");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let mut d = Daemon::start(&dir);
+    let id = d.cli_json(&["volume", "create", "vol", "--size", "64M"])["id"].as_str().unwrap().to_string();
+    assert!(d.terminate());
+    // What a daemon on a kernel with ublk and nbd would have left behind.
+    let saved = serde_json::json!([
+        {"volume": "vol", "volume_id": id, "kind": "ublk", "device": "/dev/ublkb0", "index": 0,
+         "queues": 2, "depth": 64, "logical_block_size": 4096},
+        {"volume": "gone", "volume_id": "v-00000000000000ff", "kind": "nbd", "device": "/dev/nbd0",
+         "index": 0, "queues": 1, "depth": 0, "logical_block_size": 4096}
+    ]);
+    std::fs::write(dir.join("attachments.json"), saved.to_string()).unwrap();
+    let d = Daemon::start(&dir);
+    let v = d.cli_json(&["volume", "show", "vol"]);
+    assert!(v["attachment"].is_null(), "{v}");
+    assert_eq!(v["writers"], 0, "{v}");
+    let log = d.log();
+    assert!(log.contains("cannot take back an attached device") && log.contains("ublk_drv"), "{log}");
+    let left: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("attachments.json")).unwrap()).unwrap();
+    assert_eq!(left, serde_json::json!([]), "dropped attachments are forgotten");
+    d.cli_ok(&["volume", "delete", "vol"]);
+}
