@@ -12,6 +12,7 @@ use snapblk_nbd::{serve_connection, ServerConfig};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::attach::Attachments;
 use crate::control::api::{router, Status};
 use crate::control::cli::ServeArgs;
 use crate::control::size::parse_size;
@@ -107,6 +108,13 @@ async fn run(
     store.start();
     let catalog = Arc::new(NbdCatalog::new(engine.clone(), store.clone()));
     let config = Arc::new(ServerConfig::default());
+    // Devices a previous daemon attached to the kernel: taken back before serving (ublk user
+    // recovery, kernel NBD reconfigure), so their I/O resumes.
+    let attachments = Arc::new(Attachments::new(engine.clone(), tokio::runtime::Handle::current(), config.clone()));
+    {
+        let a = attachments.clone();
+        tokio::task::spawn_blocking(move || a.restore()).await?;
+    }
     let nbd_path = dir.join("nbd.sock");
     let control_path = dir.join("control.sock");
     let nbd_unix = bind_unix(&nbd_path)?;
@@ -154,7 +162,7 @@ async fn run(
             }
         });
     }
-    let app = router(engine.clone(), store.clone(), status);
+    let app = router(engine.clone(), store.clone(), attachments.clone(), status);
     tasks.spawn(async move {
         if let Err(e) = axum::serve(control, app).await {
             tracing::error!(error = %e, "control API stopped");
@@ -180,6 +188,15 @@ async fn run(
     tokio::task::spawn_blocking(move || e.shutdown()).await?;
     for p in [&nbd_path, &control_path] {
         let _ = std::fs::remove_file(p);
+    }
+    let attached = attachments.list();
+    if !attached.is_empty() {
+        let devices: Vec<String> = attached.iter().map(|a| a.device.display().to_string()).collect();
+        eprintln!(
+            "snapblk: {} stay attached and wait for the next daemon on {} (detach volumes to remove them)",
+            devices.join(", "),
+            dir.display()
+        );
     }
     eprintln!("snapblk: stopped");
     Ok(())

@@ -1,10 +1,12 @@
 //! snapblk: a userspace block-device server with instant redirect-on-write snapshots.
 //!
-//! A request flows front end (`snapblk-nbd` via [`frontend`]) → volume handle
+//! A request flows front end (`snapblk-nbd`, `snapblk-ublk` via [`frontend`]) → volume handle
 //! ([`engine::VolumeHandle`]) → engine (maps, slots, journal). Snapshots go on to the object
-//! store ([`store`]: upload, verify, export, GC). [`control`] is the HTTP/JSON API and CLI;
+//! store ([`store`]: upload, verify, export, GC). [`attach`] keeps the volumes attached to the
+//! kernel (ublk, kernel NBD). [`control`] is the HTTP/JSON API and CLI;
 //! [`daemon`] ties them together.
 
+pub mod attach;
 pub mod control;
 pub mod daemon;
 pub mod engine;

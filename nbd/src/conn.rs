@@ -67,6 +67,9 @@ pub fn errno(e: ExportError) -> u32 {
 struct Session<E> {
     export: E,
     structured: bool,
+    /// No reply for requests that fail because the export was revoked (see
+    /// [`serve_transmission`]).
+    hold_gone: bool,
     /// Selected meta contexts: indexes into `ExportInfo::meta_contexts`, in id order.
     contexts: Vec<u32>,
 }
@@ -84,6 +87,29 @@ where
         return Ok(());
     };
     transmission(rd, wr, session, config).await
+}
+
+/// Serves the transmission phase only, on a stream whose client skipped the handshake: a
+/// socket handed to the kernel NBD driver (which never negotiates; it speaks simple replies
+/// and the flags given by [`kernel_transmission_flags`]). A request that fails because the
+/// export was revoked (the daemon is shutting down) gets no reply: the kernel retries it on
+/// the socket a restarted daemon hands over, instead of failing it to the filesystem.
+pub async fn serve_transmission<S, E>(stream: S, export: E, config: &ServerConfig) -> Result<(), NbdError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    E: Export,
+{
+    let (rd, wr) = tokio::io::split(stream);
+    let rd = BufReader::with_capacity(WRITE_BUFFER, rd);
+    let wr = BufWriter::with_capacity(WRITE_BUFFER, wr);
+    let session = Session { export, structured: false, hold_gone: true, contexts: Vec::new() };
+    transmission(rd, wr, session, config).await
+}
+
+/// The transmission flags to configure the kernel NBD driver with for an export served by
+/// [`serve_transmission`].
+pub fn kernel_transmission_flags(read_only: bool) -> u16 {
+    transmission_flags(read_only, false)
 }
 
 /// Option data shared by every option reply.
@@ -165,7 +191,7 @@ where
                 wr.write_all(&out).await?;
                 wr.flush().await?;
                 let contexts = contexts_for(&selected, &name);
-                return Ok(Some(Session { export, structured, contexts }));
+                return Ok(Some(Session { export, structured, hold_gone: false, contexts }));
             }
             OPT_INFO | OPT_GO => {
                 let req = match InfoRequest::decode(&data) {
@@ -209,7 +235,7 @@ where
                 replies.send(wr).await?;
                 if option == OPT_GO {
                     let contexts = contexts_for(&selected, req.name);
-                    return Ok(Some(Session { export, structured, contexts }));
+                    return Ok(Some(Session { export, structured, hold_gone: false, contexts }));
                 }
             }
             OPT_LIST => {
@@ -311,6 +337,7 @@ struct Job {
 struct Shared<E> {
     export: E,
     structured: bool,
+    hold_gone: bool,
     contexts: Vec<u32>,
 }
 
@@ -320,8 +347,12 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
     E: Export,
 {
-    let shared =
-        Arc::new(Shared { export: session.export, structured: session.structured, contexts: session.contexts });
+    let shared = Arc::new(Shared {
+        export: session.export,
+        structured: session.structured,
+        hold_gone: session.hold_gone,
+        contexts: session.contexts,
+    });
     let (reply_tx, reply_rx) = mpsc::channel::<Vec<u8>>(config.max_in_flight.max(1) * 2);
     let (recycle_tx, mut recycle_rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let writer = tokio::spawn(write_replies(wr, reply_rx, recycle_tx));
@@ -523,6 +554,10 @@ async fn execute<E: Export>(shared: &Shared<E>, job: Job) -> Vec<u8> {
     };
     match result {
         Ok(()) => done_reply(buf, structured, cookie),
+        Err(ExportError::Gone) if shared.hold_gone => {
+            buf.clear(); // no reply: the connection is about to close
+            buf
+        }
         Err(e) => error_reply(buf, structured, cookie, errno(e), &e.to_string()),
     }
 }

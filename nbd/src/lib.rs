@@ -10,5 +10,5 @@ pub mod wire;
 #[cfg(test)]
 mod tests;
 
-pub use conn::{errno, serve_connection, NbdError, ServerConfig};
+pub use conn::{errno, kernel_transmission_flags, serve_connection, serve_transmission, NbdError, ServerConfig};
 pub use export::{Export, ExportCatalog, ExportError, ExportInfo, Extent, ReadKind, RequestKind, ZeroFlags};

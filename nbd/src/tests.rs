@@ -514,3 +514,90 @@ async fn revoking_the_export_closes_the_connection() {
     assert!(c.closed().await);
     assert!(c.server.await.unwrap().is_ok());
 }
+
+/// An export whose writes fail with `Gone` (as a revoked volume handle's do).
+struct GoneOnWrite(MemExport);
+
+impl Export for GoneOnWrite {
+    fn info(&self) -> &ExportInfo {
+        self.0.info()
+    }
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<ReadKind, ExportError> {
+        self.0.read(offset, buf).await
+    }
+    async fn write(&self, _offset: u64, _data: &[u8], _fua: bool) -> Result<(), ExportError> {
+        Err(ExportError::Gone)
+    }
+    async fn flush(&self) -> Result<(), ExportError> {
+        self.0.flush().await
+    }
+    async fn trim(&self, offset: u64, length: u64, fua: bool) -> Result<(), ExportError> {
+        self.0.trim(offset, length, fua).await
+    }
+    async fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> Result<(), ExportError> {
+        self.0.write_zeroes(offset, length, flags).await
+    }
+    async fn cache(&self, offset: u64, length: u64) -> Result<(), ExportError> {
+        self.0.cache(offset, length).await
+    }
+    async fn block_status(&self, context: usize, offset: u64, length: u32) -> Result<Vec<Extent>, ExportError> {
+        self.0.block_status(context, offset, length).await
+    }
+    async fn revoked(&self) {
+        std::future::pending().await
+    }
+}
+
+/// A client that skipped the handshake, as the kernel NBD driver does on a socket handed to it.
+fn kernel_client<E: Export>(export: E) -> Client {
+    let (a, b) = tokio::io::duplex(4 << 20);
+    let config = ServerConfig { max_in_flight: 8, max_payload: 1 << 20 };
+    let server = tokio::spawn(async move { serve_transmission(b, export, &config).await });
+    Client { s: a, server }
+}
+
+#[tokio::test]
+async fn transmission_only_connections_get_simple_replies_to_every_command() {
+    let cat = catalog();
+    let mem = cat.0["rw"].clone();
+    let mut c = kernel_client(MemExport(mem.clone()));
+    let data = vec![0x7eu8; 8192];
+    c.request(CMD_WRITE, CMD_FLAG_FUA, 1, 4096, 8192, &data).await;
+    assert_eq!(c.simple().await, (0, 1));
+    c.request(CMD_READ, 0, 2, 4096, 8192, &[]).await;
+    assert_eq!(c.simple().await, (0, 2));
+    assert_eq!(c.bytes(8192).await, data);
+    c.request(CMD_FLUSH, 0, 3, 0, 0, &[]).await;
+    assert_eq!(c.simple().await, (0, 3));
+    c.request(CMD_TRIM, 0, 4, 4096, 4096, &[]).await;
+    assert_eq!(c.simple().await, (0, 4));
+    c.request(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 5, 8192, 4096, &[]).await;
+    assert_eq!(c.simple().await, (0, 5));
+    assert!(mem.data.lock().unwrap()[4096..12288].iter().all(|&b| b == 0));
+    // Past the end: an error, and the connection stays usable.
+    c.request(CMD_READ, 0, 6, SIZE, 4096, &[]).await;
+    assert_eq!(c.simple().await, (EINVAL, 6));
+    c.request(CMD_DISC, 0, 7, 0, 0, &[]).await;
+    assert!(c.server.await.unwrap().is_ok());
+}
+
+#[tokio::test]
+async fn transmission_only_connections_hold_requests_of_a_revoked_export() {
+    let cat = catalog();
+    let mut c = kernel_client(GoneOnWrite(MemExport(cat.0["rw"].clone())));
+    c.request(CMD_WRITE, 0, 1, 0, 4096, &[1u8; 4096]).await;
+    // No error reply for the write (the kernel retries it on the next daemon's socket) ...
+    c.request(CMD_READ, 0, 2, 0, 4096, &[]).await;
+    assert_eq!(c.simple().await, (0, 2), "the first reply is the read's, not an error for the write");
+    c.bytes(4096).await;
+}
+
+#[test]
+fn kernel_flags_advertise_flush_fua_trim_zeroes_and_multi_conn_but_no_structured_replies() {
+    let f = kernel_transmission_flags(false);
+    for flag in [TF_HAS_FLAGS, TF_SEND_FLUSH, TF_SEND_FUA, TF_SEND_TRIM, TF_SEND_WRITE_ZEROES, TF_CAN_MULTI_CONN] {
+        assert_ne!(f & flag, 0, "flag {flag:#x}");
+    }
+    assert_eq!(f & (TF_READ_ONLY | TF_SEND_DF), 0);
+    assert_ne!(kernel_transmission_flags(true) & TF_READ_ONLY, 0);
+}

@@ -12,6 +12,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
+use crate::attach::{AttachRequest, Attachment, Attachments};
 use crate::engine::{Engine, EngineError, ErrorKind, SnapshotInfo, VolumeInfo};
 use crate::store::{ExportFormat, JobView, RegionInfo, RegionSnapshot, RemoteStatus, StoreError, StoreService};
 
@@ -35,12 +36,15 @@ pub struct CreateVolume {
     pub region: Option<String>,
 }
 
-/// A volume plus its home region.
+/// A volume plus its home region and its kernel attachment, if any.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VolumeView {
     #[serde(flatten)]
     pub info: VolumeInfo,
     pub region: String,
+    /// The kernel device the volume is attached to (`volume attach`), if any.
+    #[serde(default)]
+    pub attachment: Option<Attachment>,
 }
 
 /// A snapshot plus its store-side status (none for snapshots taken before the store existed).
@@ -165,6 +169,7 @@ type ApiResult<T> = Result<T, ApiError>;
 struct Ctx {
     engine: Arc<Engine>,
     store: Arc<StoreService>,
+    attachments: Arc<Attachments>,
     status: Status,
 }
 
@@ -180,13 +185,16 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, EngineError> 
     }
 }
 
-pub fn router(engine: Arc<Engine>, store: Arc<StoreService>, status: Status) -> Router {
-    let ctx = Arc::new(Ctx { engine, store, status });
+pub fn router(engine: Arc<Engine>, store: Arc<StoreService>, attachments: Arc<Attachments>, status: Status) -> Router {
+    let ctx = Arc::new(Ctx { engine, store, attachments, status });
     Router::new()
         .route("/v1/status", get(|State(c): State<Arc<Ctx>>| async move { Json(c.status.clone()) }))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route("/v1/volumes/{r}", get(show_volume).delete(delete_volume))
         .route("/v1/volumes/{r}/snapshots", post(create_snapshot))
+        .route("/v1/volumes/{r}/attach", post(attach))
+        .route("/v1/volumes/{r}/detach", post(detach))
+        .route("/v1/attachments", get(|State(c): State<Arc<Ctx>>| async move { Json(c.attachments.list()) }))
         .route("/v1/snapshots", get(list_snapshots))
         .route("/v1/snapshots/{r}", get(show_snapshot).delete(delete_snapshot))
         .route("/v1/snapshots/{r}/clone", post(clone_snapshot))
@@ -210,7 +218,7 @@ pub fn router(engine: Arc<Engine>, store: Arc<StoreService>, status: Status) -> 
 }
 
 fn volume_view(c: &Ctx, info: VolumeInfo) -> VolumeView {
-    VolumeView { region: c.store.volume_region(&info.id), info }
+    VolumeView { region: c.store.volume_region(&info.id), attachment: c.attachments.of_volume(&info.id), info }
 }
 
 fn snapshot_view(c: &Ctx, info: SnapshotInfo) -> SnapshotView {
@@ -240,10 +248,27 @@ async fn show_volume(State(c): State<Arc<Ctx>>, Path(r): Path<String>) -> ApiRes
 
 async fn delete_volume(State(c): State<Arc<Ctx>>, Path(r): Path<String>) -> ApiResult<StatusCode> {
     let id = c.engine.volume(&r)?.id;
+    c.attachments.before_delete(&id)?;
     let e = c.engine.clone();
     blocking(move || e.delete_volume(&r)).await?;
     c.store.volume_deleted(&id)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn attach(
+    State(c): State<Arc<Ctx>>,
+    Path(r): Path<String>,
+    body: Result<Json<AttachRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Attachment>)> {
+    let Json(b) = body?;
+    let a = c.attachments.clone();
+    let attached = blocking(move || a.attach(&r, &b)).await?;
+    Ok((StatusCode::CREATED, Json(attached)))
+}
+
+async fn detach(State(c): State<Arc<Ctx>>, Path(r): Path<String>) -> ApiResult<Json<Attachment>> {
+    let a = c.attachments.clone();
+    Ok(Json(blocking(move || a.detach(&r)).await?))
 }
 
 async fn create_snapshot(
@@ -372,6 +397,14 @@ async fn rollback(
     body: Result<Json<Rollback>, JsonRejection>,
 ) -> ApiResult<Json<VolumeView>> {
     let Json(b) = body?;
+    // A volume attached to the kernel: refused, or with --force detached first, so the
+    // kernel's page cache of the old content goes away with the device.
+    let volume_id = c.engine.snapshot(&r)?.volume_id;
+    let a = c.attachments.clone();
+    let force = b.force;
+    if let Some(gone) = blocking(move || a.before_rollback(&volume_id, force)).await? {
+        tracing::warn!(volume = gone.volume, device = %gone.device.display(), "detached for a forced rollback");
+    }
     let v = c.engine.rollback(&r, b.force).await?;
     Ok(Json(volume_view(&c, v)))
 }

@@ -13,6 +13,7 @@ use super::api::{
 };
 use super::client::{Client, ClientError};
 use super::size::{human, parse_size, utc};
+use crate::attach::{AttachKind, AttachRequest, Attachment};
 use crate::store::{ExportFormat, GcReport, JobView, RegionInfo, RegionSnapshot, UploadState, VerifyReport};
 
 #[derive(Parser, Debug)]
@@ -106,6 +107,28 @@ pub enum VolumeCommand {
     Delete { volume: String },
     /// Create a volume from a snapshot, sharing unchanged data
     Clone { snapshot: String, new_name: String },
+    /// Attach a volume to the kernel as a block device (/dev/ublkbN or /dev/nbdN)
+    #[command(group = clap::ArgGroup::new("how").required(true).args(["ublk", "nbd"]))]
+    Attach {
+        volume: String,
+        /// Through ublk (/dev/ublkbN; needs the ublk_drv module)
+        #[arg(long)]
+        ublk: bool,
+        /// Through the kernel NBD driver (needs the nbd module), optionally on this device
+        #[arg(long, value_name = "/dev/nbdN", num_args = 0..=1, default_missing_value = "")]
+        nbd: Option<String>,
+        /// Hardware queues (ublk) or connections (NBD); default: one per CPU
+        #[arg(long)]
+        queues: Option<u16>,
+        /// Requests in flight per queue (ublk only; default 64)
+        #[arg(long)]
+        depth: Option<u16>,
+        /// Logical block size: 512, 1024, 2048 or 4096 (default 4096)
+        #[arg(long)]
+        logical_block_size: Option<String>,
+    },
+    /// Detach a volume from the kernel (unmount it first: I/O still in flight fails)
+    Detach { volume: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -181,6 +204,7 @@ pub fn exit_code(e: &ClientError) -> i32 {
 enum Shown {
     Volume(VolumeView),
     Volumes(Vec<VolumeView>),
+    Attachment(Attachment),
     Snapshot(SnapshotView),
     Snapshots(Vec<SnapshotView>),
     RegionSnapshots(Vec<RegionSnapshot>),
@@ -211,7 +235,28 @@ fn volume_lines(view: &VolumeView) -> String {
     if let Some(o) = &v.origin {
         s.push_str(&format!("origin:       {o}\n"));
     }
+    if let Some(a) = &view.attachment {
+        s.push_str(&format!("attached:     {}\n", attachment_summary(a)));
+    }
     s
+}
+
+fn attachment_summary(a: &Attachment) -> String {
+    match a.kind {
+        AttachKind::Ublk => format!(
+            "{} (ublk, {} queues of depth {}, {} blocks)",
+            a.device.display(),
+            a.queues,
+            a.depth,
+            human(a.logical_block_size as u64)
+        ),
+        AttachKind::Nbd => format!(
+            "{} (kernel NBD, {} connections, {} blocks)",
+            a.device.display(),
+            a.queues,
+            human(a.logical_block_size as u64)
+        ),
+    }
 }
 
 /// One word (and detail) for a snapshot's store status.
@@ -281,6 +326,7 @@ impl Shown {
         let text = match (&self, json) {
             (Shown::Volume(v), true) => value(v),
             (Shown::Volumes(v), true) => value(v),
+            (Shown::Attachment(v), true) => value(v),
             (Shown::Snapshot(v), true) => value(v),
             (Shown::Snapshots(v), true) => value(v),
             (Shown::RegionSnapshots(v), true) => value(v),
@@ -291,8 +337,9 @@ impl Shown {
             (Shown::Status(v), true) => value(v),
             (Shown::Nothing(_), true) => String::new(),
             (Shown::Volume(v), false) => volume_lines(v),
+            (Shown::Attachment(a), false) => format!("{}\n", a.device.display()),
             (Shown::Volumes(vs), false) => table(
-                &["NAME", "ID", "SIZE", "CLUSTER", "ALLOCATED", "DIRTY", "SNAPSHOTS", "REGION"],
+                &["NAME", "ID", "SIZE", "CLUSTER", "ALLOCATED", "DIRTY", "SNAPSHOTS", "REGION", "ATTACHED"],
                 vs.iter()
                     .map(|view| {
                         let v = &view.info;
@@ -305,6 +352,7 @@ impl Shown {
                             v.dirty_clusters.to_string(),
                             v.snapshots.to_string(),
                             view.region.clone(),
+                            view.attachment.as_ref().map_or("-".to_string(), |a| a.device.display().to_string()),
                         ]
                     })
                     .collect(),
@@ -554,6 +602,27 @@ pub async fn run(dir: &std::path::Path, json: bool, command: Command) -> Result<
             VolumeCommand::Clone { snapshot, new_name } => {
                 let body = CloneSnapshot { name: new_name };
                 Shown::Volume(send(&c, Method::POST, &p(&["snapshots", &snapshot, "clone"]), Some(&body)).await?)
+            }
+            VolumeCommand::Attach { volume, ublk, nbd, queues, depth, logical_block_size } => {
+                let logical_block_size = match logical_block_size {
+                    Some(s) => Some(u32::try_from(size_arg(&s)?).map_err(|_| {
+                        ClientError::Api(format!("logical block size {s} is too large; use 512 to 4096"))
+                    })?),
+                    None => None,
+                };
+                let (kind, device) = match (ublk, nbd) {
+                    (true, _) => (AttachKind::Ublk, None),
+                    (false, Some(dev)) => (AttachKind::Nbd, Some(dev).filter(|d| !d.is_empty())),
+                    (false, None) => {
+                        return Err(ClientError::Api("say how to attach: --ublk or --nbd [/dev/nbdN]".into()))
+                    }
+                };
+                let body = AttachRequest { kind: Some(kind), device, queues, depth, logical_block_size };
+                Shown::Attachment(send(&c, Method::POST, &p(&["volumes", &volume, "attach"]), Some(&body)).await?)
+            }
+            VolumeCommand::Detach { volume } => {
+                let a: Attachment = send(&c, Method::POST, &p(&["volumes", &volume, "detach"]), None::<&()>).await?;
+                Shown::Nothing(format!("detached volume {volume} from {}", a.device.display()))
             }
         },
         Command::Snapshot(s) => match s {

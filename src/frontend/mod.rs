@@ -2,5 +2,7 @@
 //! nothing of the engine; this is the only place the two meet.
 
 mod nbd;
+mod ublk;
 
 pub use nbd::{NbdCatalog, NbdExport};
+pub use ublk::UblkTarget;

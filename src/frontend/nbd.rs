@@ -141,6 +141,21 @@ impl ExportCatalog for NbdCatalog {
 }
 
 impl NbdExport {
+    /// A read-write export of `handle`, for a socket handed to the kernel NBD driver.
+    pub fn for_volume(handle: VolumeHandle) -> NbdExport {
+        let info = ExportInfo {
+            name: handle.name().to_string(),
+            description: format!("snapblk volume {}", handle.name()),
+            size: handle.size(),
+            read_only: false,
+            min_block: 1,
+            preferred_block: 4096.min(handle.cluster_size()),
+            max_block: MAX_REQUEST,
+            meta_contexts: Vec::new(),
+        };
+        NbdExport { handle: Handle::Volume(handle), info }
+    }
+
     fn volume(&self) -> Result<&VolumeHandle, ExportError> {
         match &self.handle {
             Handle::Volume(v) => Ok(v),
