@@ -649,3 +649,30 @@ fn background_gc_reclaims_a_deleted_snapshot_by_itself() {
         }
     }
 }
+
+#[test]
+fn a_snapshot_of_a_region_removed_from_the_config_can_still_be_deleted() {
+    if !tools() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    std::fs::create_dir_all(&dir).unwrap();
+    let with_other = "[regions.other]\nkind = \"fs\"\npath = \"other-store\"\n";
+    std::fs::write(dir.join("snapblk.toml"), with_other).unwrap();
+    let mut d = Daemon::start(&dir);
+    d.cli_ok(&["volume", "create", "vol", "--size", "16M", "--region", "other"]);
+    fill(&d, "vol", 0, MIB, 16);
+    snapshot(&d, "vol", "s1");
+    wait_available(&d, "vol@s1");
+    assert!(d.terminate());
+    std::fs::write(dir.join("snapblk.toml"), "").unwrap();
+    let d = Daemon::start(&dir);
+    // New snapshots of the volume fail to upload, saying why; deleting old ones works.
+    snapshot(&d, "vol", "s2");
+    let v = wait_upload(&d, "vol@s2", Duration::from_secs(30));
+    assert_eq!(v["upload"]["state"], "failed", "{v}");
+    assert!(v["upload"]["reason"].as_str().unwrap().contains("no region named 'other'"), "{v}");
+    d.cli_ok(&["snapshot", "delete", "vol@s1"]);
+    d.cli_ok(&["snapshot", "delete", "vol@s2"]);
+}

@@ -517,6 +517,14 @@ impl StoreService {
             p.cancelled.store(true, Ordering::Release);
         }
         let rec = self.state.lock().snapshots.get(&snap.id).cloned();
+        // A region removed from the configuration can no longer be reached: delete locally.
+        let rec = rec.filter(|rec| {
+            let configured = self.check_region(&rec.region).is_ok();
+            if !configured {
+                tracing::warn!(snapshot = %snap.id, region = %rec.region, "region no longer configured; deleting the snapshot locally only");
+            }
+            configured
+        });
         if let Some(rec) = rec {
             let _publishing = self.publish.lock().await;
             let region = self.region(&rec.region).await.map_err(|e| {
