@@ -22,7 +22,6 @@ pub const MANIFEST_MAGIC: &[u8; 8] = b"SNAPBLKM";
 const PAGE_MAGIC: &[u8; 4] = b"SBPG";
 /// Clusters per map page (256 MiB of volume at the default 64 KiB clusters).
 pub const PAGE_CLUSTERS: u64 = 4096;
-pub const PACK_HEADER_LEN: u64 = 8 + 4 + 16;
 const PACK_TRAILER_LEN: u64 = 4 + 8;
 const BLOB_REF_LEN: usize = 16 + 8 + 4 + 32;
 
@@ -138,11 +137,6 @@ fn index_aad(pack: &PackId) -> Vec<u8> {
     let mut a = b"snapblk pack index ".to_vec();
     a.extend_from_slice(pack);
     a
-}
-
-/// The trailer's last bytes: how long the sealed index before them is.
-pub fn pack_trailer_len() -> u64 {
-    PACK_TRAILER_LEN
 }
 
 /// Parses the 12-byte trailer; returns the sealed index length.
@@ -313,10 +307,6 @@ impl Manifest {
             return Err(StoreError::corrupt(&object, "manifest has an invalid geometry"));
         }
         Ok(m)
-    }
-
-    pub fn clusters(&self) -> u64 {
-        self.size.div_ceil(self.cluster_size as u64)
     }
 }
 

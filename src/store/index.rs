@@ -64,6 +64,7 @@ impl BlobIndex {
         self.inner.lock().blobs.get(id).copied()
     }
 
+    #[cfg(test)]
     pub fn packs(&self) -> Vec<PackId> {
         self.inner.lock().packs.keys().copied().collect()
     }

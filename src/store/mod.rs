@@ -232,14 +232,6 @@ impl StoreService {
         self.state_file.save(&st)
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    pub fn engine(&self) -> &Arc<Engine> {
-        &self.engine
-    }
-
     pub fn check_region(&self, name: &str) -> Result<()> {
         if self.config.regions.contains_key(name) {
             return Ok(());

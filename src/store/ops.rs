@@ -114,17 +114,14 @@ impl StoreService {
 
     /// Re-reads every object the snapshot needs, checking tags and hashes.
     pub async fn verify(&self, r: &str, region: Option<&str>, job: &Job) -> Result<VerifyReport> {
-        let (region, _) = match self.locate(r, region).await {
+        let (region, located) = match self.locate(r, region).await {
             Ok(x) => x,
             Err(e @ (StoreError::Corrupt { .. } | StoreError::Missing(_))) => {
                 return Ok(VerifyReport { snapshot: r.into(), problems: vec![e.to_string()], ..Default::default() })
             }
             Err(e) => return Err(e),
         };
-        let id = match self.engine.snapshot(r) {
-            Ok(s) => s.id,
-            Err(_) => r.to_string(),
-        };
+        let id = located.snapshot_id.clone();
         // GC (which may move blobs) waits until this is done.
         let _reading = region.gc_lock.read().await;
         // Really re-read the manifest, not the cached copy.
@@ -150,10 +147,7 @@ impl StoreService {
                 match res {
                     Ok(plain) => report.bytes += plain.len() as u64,
                     Err(StoreError::Missing(k)) => *bad_objects.entry(format!("{k}: missing")).or_default() += 1,
-                    Err(StoreError::Corrupt { object, reason }) => {
-                        let _ = b;
-                        other.push(format!("{object}: {reason}"));
-                    }
+                    Err(StoreError::Corrupt { object, reason }) => other.push(format!("{object}: {reason}")),
                     Err(e) => other.push(format!("{}: {e}", pack_key(&b.pack))),
                 }
             })

@@ -122,22 +122,6 @@ impl Region {
         Page::decode(&plain, index, &format!("{} (page {index})", manifest_key(&manifest.snapshot_id)))
     }
 
-    /// Every page of a manifest, in order, fetched `concurrency` at a time.
-    pub async fn read_pages(&self, m: &Manifest, concurrency: usize) -> Result<Vec<(u64, Page)>> {
-        let object = manifest_key(&m.snapshot_id);
-        let refs: Vec<(u64, BlobRef)> =
-            m.pages.iter().map(|p| Ok((p.index, p.blob.to_ref(&object)?))).collect::<Result<_>>()?;
-        let mut pages: Vec<(u64, Page)> = futures::stream::iter(refs)
-            .map(|(i, r)| async move { Ok::<_, StoreError>((i, self.read_page(m, i, &r).await?)) })
-            .buffer_unordered(concurrency)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<Result<_>>()?;
-        pages.sort_by_key(|(i, _)| *i);
-        Ok(pages)
-    }
-
     /// Fetches many blobs with coalesced ranged GETs, `concurrency` at a time, and hands each
     /// verified plaintext (or the error for it) to `sink` with its tag. Blobs are grouped by
     /// pack and offset; runs of nearby blobs become one GET.
