@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::attach::{AttachRequest, Attachment, Attachments};
 use crate::engine::{Engine, EngineError, ErrorKind, SnapshotInfo, VolumeInfo};
-use crate::store::{ExportFormat, JobView, RegionInfo, RegionSnapshot, RemoteStatus, StoreError, StoreService};
+use crate::store::{
+    ExportFormat, HydrationView, JobView, RegionInfo, RegionSnapshot, RemoteStatus, StoreError, StoreService,
+};
 
 /// What `GET /v1/status` reports.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,11 +31,17 @@ pub struct Status {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CreateVolume {
     pub name: String,
-    pub size: u64,
+    /// Required unless `from_snapshot` is given (the size is then the snapshot's).
+    #[serde(default)]
+    pub size: Option<u64>,
     pub cluster_size: Option<u32>,
-    /// Home region of the volume's snapshots (default `local`).
+    /// Home region of the volume's snapshots (default `local`); with `from_snapshot`, the
+    /// region to find the snapshot in.
     #[serde(default)]
     pub region: Option<String>,
+    /// `VOLUME@SNAPSHOT` or a snapshot id (of this node, or in a region).
+    #[serde(default)]
+    pub from_snapshot: Option<String>,
 }
 
 /// A volume plus its home region and its kernel attachment, if any.
@@ -45,6 +53,9 @@ pub struct VolumeView {
     /// The kernel device the volume is attached to (`volume attach`), if any.
     #[serde(default)]
     pub attachment: Option<Attachment>,
+    /// Set while some of its data is still loading from the object store.
+    #[serde(default)]
+    pub hydration: Option<HydrationView>,
 }
 
 /// A snapshot plus its store-side status (none for snapshots taken before the store existed).
@@ -194,6 +205,7 @@ pub fn router(engine: Arc<Engine>, store: Arc<StoreService>, attachments: Arc<At
         .route("/v1/volumes/{r}/snapshots", post(create_snapshot))
         .route("/v1/volumes/{r}/attach", post(attach))
         .route("/v1/volumes/{r}/detach", post(detach))
+        .route("/v1/volumes/{r}/hydrate", post(hydrate_volume))
         .route("/v1/attachments", get(|State(c): State<Arc<Ctx>>| async move { Json(c.attachments.list()) }))
         .route("/v1/snapshots", get(list_snapshots))
         .route("/v1/snapshots/{r}", get(show_snapshot).delete(delete_snapshot))
@@ -218,7 +230,12 @@ pub fn router(engine: Arc<Engine>, store: Arc<StoreService>, attachments: Arc<At
 }
 
 fn volume_view(c: &Ctx, info: VolumeInfo) -> VolumeView {
-    VolumeView { region: c.store.volume_region(&info.id), attachment: c.attachments.of_volume(&info.id), info }
+    VolumeView {
+        region: c.store.volume_region(&info.id),
+        attachment: c.attachments.of_volume(&info.id),
+        hydration: c.store.hydration.view_of(&info),
+        info,
+    }
 }
 
 fn snapshot_view(c: &Ctx, info: SnapshotInfo) -> SnapshotView {
@@ -234,12 +251,28 @@ async fn create_volume(
     body: Result<Json<CreateVolume>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<VolumeView>)> {
     let Json(b) = body?;
+    if let Some(from) = &b.from_snapshot {
+        if b.size.is_some() || b.cluster_size.is_some() {
+            return Err(ApiError::invalid(
+                "a volume created from a snapshot has the snapshot's size and cluster size: leave them out".into(),
+            ));
+        }
+        let v = c.store.create_from_snapshot(&b.name, from, b.region.as_deref()).await?;
+        return Ok((StatusCode::CREATED, Json(volume_view(&c, v))));
+    }
+    let Some(size) = b.size else {
+        return Err(ApiError::invalid("a new volume needs a size (or --from-snapshot)".into()));
+    };
     let region = b.region.unwrap_or_else(|| "local".into());
     c.store.check_region(&region)?;
     let e = c.engine.clone();
-    let v = blocking(move || e.create_volume(&b.name, b.size, b.cluster_size)).await?;
+    let v = blocking(move || e.create_volume(&b.name, size, b.cluster_size)).await?;
     c.store.set_volume_region(&v.id, &region)?;
     Ok((StatusCode::CREATED, Json(volume_view(&c, v))))
+}
+
+async fn hydrate_volume(State(c): State<Arc<Ctx>>, Path(r): Path<String>) -> ApiResult<Json<VolumeView>> {
+    Ok(Json(volume_view(&c, c.store.hydrate(&r)?)))
 }
 
 async fn show_volume(State(c): State<Arc<Ctx>>, Path(r): Path<String>) -> ApiResult<Json<VolumeView>> {
@@ -383,11 +416,8 @@ async fn clone_snapshot(
     body: Result<Json<CloneSnapshot>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<VolumeView>)> {
     let Json(b) = body?;
-    // A clone keeps its origin volume's home region.
-    let region = c.store.volume_region(&c.engine.snapshot(&r)?.volume_id);
-    let e = c.engine.clone();
-    let v = blocking(move || e.clone_snapshot(&r, &b.name)).await?;
-    c.store.set_volume_region(&v.id, &region)?;
+    c.engine.snapshot(&r)?;
+    let v = c.store.create_from_snapshot(&b.name, &r, None).await?;
     Ok((StatusCode::CREATED, Json(volume_view(&c, v))))
 }
 
@@ -405,7 +435,7 @@ async fn rollback(
     if let Some(gone) = blocking(move || a.before_rollback(&volume_id, force)).await? {
         tracing::warn!(volume = gone.volume, device = %gone.device.display(), "detached for a forced rollback");
     }
-    let v = c.engine.rollback(&r, b.force).await?;
+    let v = c.store.rollback(&r, b.force).await?;
     Ok(Json(volume_view(&c, v)))
 }
 

@@ -86,18 +86,31 @@ pub struct ServeArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum VolumeCommand {
-    /// Create a volume
+    /// Create a volume: empty (--size), or with a snapshot's content (--from-snapshot), usable
+    /// at once while its data loads from the store
+    #[command(group = clap::ArgGroup::new("what").required(true).args(["size", "from_snapshot"]))]
     Create {
         name: String,
         /// Size, e.g. 10G
         #[arg(long)]
-        size: String,
+        size: Option<String>,
         /// Cluster size, a power of two from 4K to 1M
-        #[arg(long)]
+        #[arg(long, conflicts_with = "from_snapshot")]
         cluster_size: Option<String>,
-        /// Home region for the volume's snapshots (default: local)
+        /// VOLUME@SNAPSHOT, or a snapshot id (s-...) of this node or stored in a region
+        #[arg(long, value_name = "REF")]
+        from_snapshot: Option<String>,
+        /// Home region for the volume's snapshots (default: local); with --from-snapshot, the
+        /// region holding the snapshot (default: look in every region)
         #[arg(long)]
         region: Option<String>,
+    },
+    /// Load all of a volume's data from the store now (volumes created from a snapshot there)
+    Hydrate {
+        volume: String,
+        /// Wait until everything is loaded, showing progress
+        #[arg(long)]
+        wait: bool,
     },
     /// List volumes
     List,
@@ -237,6 +250,21 @@ fn volume_lines(view: &VolumeView) -> String {
     }
     if let Some(a) = &view.attachment {
         s.push_str(&format!("attached:     {}\n", attachment_summary(a)));
+    }
+    if let Some(h) = &view.hydration {
+        let eta = h.eta_secs.map_or(String::new(), |e| format!(", about {e}s left"));
+        s.push_str(&format!(
+            "loading:      {} of {} from {} in region {} ({}, {}/s{eta})\n",
+            human(h.bytes_loaded),
+            human(h.bytes_total),
+            h.source,
+            h.region,
+            h.state,
+            human(h.rate)
+        ));
+        if let Some(e) = &h.last_error {
+            s.push_str(&format!("store error:  {e}\n"));
+        }
     }
     s
 }
@@ -574,6 +602,23 @@ async fn wait_upload(c: &Client, json: bool, mut view: SnapshotView) -> Result<S
     }
 }
 
+/// Waits until a volume has loaded all its data from the store, showing progress.
+async fn wait_hydration(c: &Client, json: bool, mut view: VolumeView) -> Result<VolumeView, ClientError> {
+    let label = format!("loading {}", view.info.name);
+    let mut shown = false;
+    while let Some(h) = &view.hydration {
+        show_progress(json, &label, h.bytes_loaded, h.bytes_total, h.rate);
+        shown = true;
+        tokio::time::sleep(POLL).await;
+        view = get(c, &Client::path(&["volumes", &view.info.id])).await?;
+    }
+    if shown && !json {
+        show_progress(json, &label, view.info.size, view.info.size, 0);
+        eprintln!();
+    }
+    Ok(view)
+}
+
 /// Runs a client command against the daemon in `dir` and prints its result.
 pub async fn run(dir: &std::path::Path, json: bool, command: Command) -> Result<(), ClientError> {
     let c = Client::new(dir);
@@ -582,7 +627,7 @@ pub async fn run(dir: &std::path::Path, json: bool, command: Command) -> Result<
         Command::Serve(_) => return Err(ClientError::Api("serve is not a client command".into())),
         Command::Status => Shown::Status(get(&c, &p(&["status"])).await?),
         Command::Volume(v) => match v {
-            VolumeCommand::Create { name, size, cluster_size, region } => {
+            VolumeCommand::Create { name, size, cluster_size, from_snapshot, region } => {
                 let cluster_size = match cluster_size {
                     Some(cs) => Some(
                         u32::try_from(size_arg(&cs)?)
@@ -590,8 +635,13 @@ pub async fn run(dir: &std::path::Path, json: bool, command: Command) -> Result<
                     ),
                     None => None,
                 };
-                let body = CreateVolume { name, size: size_arg(&size)?, cluster_size, region };
+                let size = size.as_deref().map(size_arg).transpose()?;
+                let body = CreateVolume { name, size, cluster_size, region, from_snapshot };
                 Shown::Volume(send(&c, Method::POST, &p(&["volumes"]), Some(&body)).await?)
+            }
+            VolumeCommand::Hydrate { volume, wait } => {
+                let view = send(&c, Method::POST, &p(&["volumes", &volume, "hydrate"]), None::<&()>).await?;
+                Shown::Volume(if wait { wait_hydration(&c, json, view).await? } else { view })
             }
             VolumeCommand::List => Shown::Volumes(get(&c, &p(&["volumes"])).await?),
             VolumeCommand::Show { volume } => Shown::Volume(get(&c, &p(&["volumes", &volume])).await?),

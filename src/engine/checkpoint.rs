@@ -12,6 +12,7 @@ use roaring::RoaringTreemap;
 use super::error::{EngineError, Result};
 use super::journal::{check_header, Put, Reader, Short, CHECKPOINT_MAGIC, FORMAT_VERSION};
 use super::map::{ClusterMap, Node};
+use super::remote::{Remote, RemoteSource};
 
 pub struct VolumeImage {
     pub id: u64,
@@ -24,6 +25,8 @@ pub struct VolumeImage {
     pub dirty: RoaringTreemap,
     pub parent: Option<u64>,
     pub allocated: u64,
+    pub remote: Option<Remote>,
+    pub anchor: Option<RemoteSource>,
 }
 
 pub struct SnapshotImage {
@@ -39,6 +42,8 @@ pub struct SnapshotImage {
     pub changed: RoaringTreemap,
     /// The data lives only in the object store (the map is empty).
     pub released: bool,
+    pub remote: Option<Remote>,
+    pub anchor: Option<RemoteSource>,
 }
 
 pub struct State {
@@ -98,6 +103,25 @@ impl NodeWriter {
     }
 }
 
+fn put_source(out: &mut Vec<u8>, s: Option<&RemoteSource>) {
+    match s {
+        Some(s) => {
+            out.put_u8(1);
+            out.put_str(&s.region);
+            out.put_u64(s.snapshot);
+        }
+        None => out.put_u8(0),
+    }
+}
+
+/// A map's remote part (version 3): its source, then the loaded set.
+fn put_remote(out: &mut Vec<u8>, r: &Option<Remote>) {
+    put_source(out, r.as_ref().map(|r| &r.source));
+    if let Some(r) = r {
+        put_bitmap(out, &r.loaded);
+    }
+}
+
 fn put_bitmap(out: &mut Vec<u8>, b: &RoaringTreemap) {
     let mut bytes = Vec::with_capacity(b.serialized_size());
     // Writing into a Vec cannot fail.
@@ -131,6 +155,8 @@ pub fn encode(state: &State) -> Vec<u8> {
         put_bitmap(&mut out, &v.dirty);
         out.put_opt(v.parent);
         out.put_u64(v.allocated);
+        put_remote(&mut out, &v.remote);
+        put_source(&mut out, v.anchor.as_ref());
     }
     out.put_u32(state.snapshots.len() as u32);
     for (s, (root, height)) in state.snapshots.iter().zip(snap_roots) {
@@ -146,6 +172,8 @@ pub fn encode(state: &State) -> Vec<u8> {
         out.put_opt(s.parent);
         put_bitmap(&mut out, &s.changed);
         out.put_u8(u8::from(s.released)); // flags (version 2)
+        put_remote(&mut out, &s.remote);
+        put_source(&mut out, s.anchor.as_ref());
     }
     let crc = crc32c::crc32c(&out);
     out.put_u32(crc);
@@ -225,6 +253,22 @@ fn decode_body(r: &mut Reader, generation: u64, version: u32) -> Result<State, &
         let bytes = r.bytes(usize::try_from(n).map_err(|_| "bitmap too large")?).map_err(short)?;
         RoaringTreemap::deserialize_from(bytes).map_err(|_| "bad bitmap")
     };
+    let source = |r: &mut Reader| -> Result<Option<RemoteSource>, &'static str> {
+        if version < 3 {
+            return Ok(None);
+        }
+        Ok(match r.u8().map_err(short)? {
+            0 => None,
+            1 => Some(RemoteSource { region: r.str().map_err(short)?, snapshot: r.u64().map_err(short)? }),
+            _ => return Err("bad remote source"),
+        })
+    };
+    let remote = |r: &mut Reader| -> Result<Option<Remote>, &'static str> {
+        Ok(match source(r)? {
+            Some(source) => Some(Remote { source, loaded: Arc::new(bitmap(r)?) }),
+            None => None,
+        })
+    };
     let mut volumes = Vec::new();
     for _ in 0..r.u32().map_err(short)? {
         volumes.push(VolumeImage {
@@ -238,6 +282,8 @@ fn decode_body(r: &mut Reader, generation: u64, version: u32) -> Result<State, &
             dirty: bitmap(r)?,
             parent: r.opt().map_err(short)?,
             allocated: r.u64().map_err(short)?,
+            remote: remote(r)?,
+            anchor: source(r)?,
         });
     }
     let mut snapshots = Vec::new();
@@ -254,6 +300,8 @@ fn decode_body(r: &mut Reader, generation: u64, version: u32) -> Result<State, &
             parent: r.opt().map_err(short)?,
             changed: bitmap(r)?,
             released: version >= 2 && r.u8().map_err(short)? & 1 != 0,
+            remote: remote(r)?,
+            anchor: source(r)?,
         });
     }
     if r.remaining() != 0 {

@@ -48,6 +48,8 @@ pub enum EngineError {
     Gone(String),
     #[error("{0}")]
     NotLocal(String),
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl EngineError {
@@ -63,6 +65,7 @@ impl EngineError {
             EngineError::Corrupt(_) => ErrorKind::Corrupt,
             EngineError::Gone(_) => ErrorKind::Gone,
             EngineError::NotLocal(_) => ErrorKind::NotLocal,
+            EngineError::Unavailable(_) => ErrorKind::Unavailable,
         }
     }
 

@@ -18,8 +18,9 @@ use super::error::{EngineError, Result};
 pub const JOURNAL_MAGIC: &[u8; 8] = b"SNAPBLKJ";
 pub const CHECKPOINT_MAGIC: &[u8; 8] = b"SNAPBLKC";
 /// Version 2 added `SnapshotRelease` records and the snapshot flags byte in checkpoints;
-/// version 1 files are still read.
-pub const FORMAT_VERSION: u32 = 2;
+/// version 3 added hydration (`RemoteHead`, `Hydrate`, `LoadedRange` records and each map's
+/// remote part in checkpoints). Older files are still read.
+pub const FORMAT_VERSION: u32 = 3;
 const JOURNAL_HEADER_LEN: u64 = 8 + 4 + 8;
 /// A frame larger than this is corrupt (no record is anywhere near it).
 const MAX_FRAME: u32 = 1 << 20;
@@ -69,6 +70,27 @@ pub enum Record {
     SnapshotRelease {
         snapshot: u64,
     },
+    /// The volume's head becomes a view of a snapshot in the object store: no local data, every
+    /// cluster pending. `parent` is the local (released) snapshot it rolls back to, if any.
+    RemoteHead {
+        volume: u64,
+        parent: Option<u64>,
+        region: String,
+        snapshot: u64,
+    },
+    /// A pending cluster was loaded from the store into a slot (`entry`); not a change, so the
+    /// cluster does not become dirty.
+    Hydrate {
+        volume: u64,
+        cluster: u64,
+        entry: u64,
+    },
+    /// Pending clusters `start..end` are loaded without data: holes in the source, or trimmed.
+    LoadedRange {
+        volume: u64,
+        start: u64,
+        end: u64,
+    },
 }
 
 const T_MAP_SET: u8 = 1;
@@ -79,6 +101,9 @@ const T_SNAPSHOT_DELETE: u8 = 5;
 const T_ROLLBACK: u8 = 6;
 const T_DIRTY_RANGE: u8 = 7;
 const T_SNAPSHOT_RELEASE: u8 = 8;
+const T_REMOTE_HEAD: u8 = 9;
+const T_HYDRATE: u8 = 10;
+const T_LOADED_RANGE: u8 = 11;
 
 /// Little-endian encoding helpers shared by the journal and the checkpoint.
 pub trait Put {
@@ -221,6 +246,25 @@ impl Record {
                 out.put_u8(T_SNAPSHOT_RELEASE);
                 out.put_u64(*snapshot);
             }
+            Record::RemoteHead { volume, parent, region, snapshot } => {
+                out.put_u8(T_REMOTE_HEAD);
+                out.put_u64(*volume);
+                out.put_opt(*parent);
+                out.put_str(region);
+                out.put_u64(*snapshot);
+            }
+            Record::Hydrate { volume, cluster, entry } => {
+                out.put_u8(T_HYDRATE);
+                out.put_u64(*volume);
+                out.put_u64(*cluster);
+                out.put_u64(*entry);
+            }
+            Record::LoadedRange { volume, start, end } => {
+                out.put_u8(T_LOADED_RANGE);
+                out.put_u64(*volume);
+                out.put_u64(*start);
+                out.put_u64(*end);
+            }
         }
         let payload_len = (out.len() - frame - 8) as u32;
         let crc = crc32c::crc32c(&out[frame + 8..]);
@@ -253,6 +297,11 @@ impl Record {
             T_ROLLBACK => Record::Rollback { volume: r.u64()?, snapshot: r.u64()? },
             T_DIRTY_RANGE => Record::DirtyRange { volume: r.u64()?, start: r.u64()?, end: r.u64()? },
             T_SNAPSHOT_RELEASE => Record::SnapshotRelease { snapshot: r.u64()? },
+            T_REMOTE_HEAD => {
+                Record::RemoteHead { volume: r.u64()?, parent: r.opt()?, region: r.str()?, snapshot: r.u64()? }
+            }
+            T_HYDRATE => Record::Hydrate { volume: r.u64()?, cluster: r.u64()?, entry: r.u64()? },
+            T_LOADED_RANGE => Record::LoadedRange { volume: r.u64()?, start: r.u64()?, end: r.u64()? },
             _ => return Err(Short),
         };
         if r.remaining() != 0 {
@@ -436,6 +485,10 @@ mod tests {
             Record::Rollback { volume: 1, snapshot: 2 },
             Record::DirtyRange { volume: 1, start: 7, end: 9 },
             Record::SnapshotRelease { snapshot: 2 },
+            Record::RemoteHead { volume: 1, parent: Some(2), region: "garage".into(), snapshot: 2 },
+            Record::RemoteHead { volume: 1, parent: None, region: "local".into(), snapshot: 5 },
+            Record::Hydrate { volume: 1, cluster: 4, entry: 11 },
+            Record::LoadedRange { volume: 1, start: 0, end: 1 << 40 },
             Record::SnapshotDelete { snapshot: 2 },
             Record::VolumeDelete { volume: 1 },
         ]

@@ -12,6 +12,7 @@ mod checkpoint;
 pub mod error;
 pub mod journal;
 pub mod map;
+pub mod remote;
 pub mod slots;
 #[cfg(test)]
 mod tests;
@@ -22,19 +23,21 @@ use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Mutex, RwLock};
 use roaring::RoaringTreemap;
 
 pub use error::{EngineError, ErrorKind, Result};
-pub use types::{SnapshotInfo, VolumeInfo};
+pub use remote::{ClusterSource, Priority, RemoteSource};
+pub use types::{HydrationInfo, SnapshotInfo, VolumeInfo};
 pub use volume::{Extent, SnapshotHandle, VolumeHandle, ZeroMode, STATE_HOLE, STATE_ZERO};
 
 use checkpoint::{SnapshotImage, State, VolumeImage};
 use journal::{Journal, Record};
 use map::ClusterMap;
+use remote::Remote;
 use slots::SlotFile;
 
 pub const MIN_CLUSTER_SIZE: u32 = 4096;
@@ -47,6 +50,8 @@ const CHECKPOINT_AFTER: u64 = 64 << 20;
 const WRITEBACK_INTERVAL: Duration = Duration::from_millis(50);
 /// Uncommitted journal records held in memory before the background thread commits them.
 const PENDING_COMMIT_BYTES: usize = 4 << 20;
+/// Clusters one request (or read-ahead) fetches from the store at a time.
+const LOAD_CONCURRENCY: usize = 64;
 /// How long `rollback --force` waits for disconnected clients to go away.
 const FORCE_DISCONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -120,19 +125,56 @@ pub(crate) struct VolumeState {
     pub(crate) parent: Option<u64>,
     /// Non-zero entries in `head`.
     pub(crate) allocated: u64,
+    /// Clusters in the volume.
+    pub(crate) clusters: u64,
+    /// The head's clusters still in the object store (see `remote.rs`); `None` when all local.
+    pub(crate) remote: Option<Remote>,
+    /// The remote snapshot the root of this lineage is relative to (set when the volume was
+    /// created from, or rolled back to, a snapshot in the store): an upload base.
+    pub(crate) anchor: Option<RemoteSource>,
 }
 
 impl VolumeState {
-    /// Applies a map change; the cluster becomes dirty. Returns the previous entry.
+    /// Applies a map change; the cluster becomes dirty (and is no longer pending). Returns
+    /// the previous entry.
     pub(crate) fn set_entry(&mut self, cluster: u64, entry: u64) -> u64 {
-        let old = self.head.set(cluster, entry);
+        let old = self.set_clean(cluster, entry);
         self.dirty.insert(cluster);
+        old
+    }
+
+    /// Applies a map change that does not change the content (a hydrated cluster).
+    pub(crate) fn set_clean(&mut self, cluster: u64, entry: u64) -> u64 {
+        let old = self.head.set(cluster, entry);
         match (old != 0, entry != 0) {
             (false, true) => self.allocated += 1,
             (true, false) => self.allocated -= 1,
             _ => {}
         }
+        self.mark_loaded(cluster..cluster + 1);
         old
+    }
+
+    /// Clusters of `range` are no longer pending; the remote part goes once nothing is.
+    pub(crate) fn mark_loaded(&mut self, range: std::ops::Range<u64>) {
+        let Some(r) = self.remote.as_mut() else { return };
+        let end = range.end.min(self.clusters);
+        if range.start >= end {
+            return;
+        }
+        let loaded = Arc::make_mut(&mut r.loaded);
+        if end - range.start == 1 {
+            loaded.insert(range.start);
+        } else {
+            loaded.insert_range(range.start..end);
+        }
+        if loaded.len() >= self.clusters {
+            self.remote = None;
+        }
+    }
+
+    pub(crate) fn is_pending(&self, cluster: u64) -> bool {
+        remote::pending(&self.remote, cluster)
     }
 }
 
@@ -152,11 +194,15 @@ pub(crate) struct Snapshot {
     pub(crate) revoker: Revoker,
     /// The data was released after upload: `map` is empty and reads must go to the store.
     pub(crate) released: bool,
+    /// Clusters still in the store when the snapshot was taken of a hydrating volume.
+    pub(crate) remote: Option<Remote>,
 }
 
 pub(crate) struct Lineage {
     pub(crate) parent: Option<u64>,
     pub(crate) changed: RoaringTreemap,
+    /// The remote snapshot the root of this lineage is relative to (see `VolumeState`).
+    pub(crate) anchor: Option<RemoteSource>,
 }
 
 #[derive(Default)]
@@ -181,6 +227,21 @@ pub struct Engine {
     /// Set when a commit failed: in-memory state may be ahead of disk, so no more writes.
     failed: AtomicBool,
     shutting_down: AtomicBool,
+    /// Fetches clusters of volumes still loading from the object store (set by the daemon).
+    cluster_source: OnceLock<Arc<dyn ClusterSource>>,
+}
+
+/// What the first snapshot of a lineage is relative to, for incremental uploads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Anchor {
+    /// A snapshot in the store the volume was created from or rolled back to.
+    Remote(RemoteSource),
+    /// The local snapshot the volume was cloned from.
+    Origin(u64),
+}
+
+pub(crate) fn no_store() -> EngineError {
+    EngineError::Unavailable("the object store service is not running (the daemon is starting or stopping)".into())
 }
 
 fn now() -> u64 {
@@ -193,6 +254,16 @@ pub fn volume_id(id: u64) -> String {
 
 pub fn snapshot_id(id: u64) -> String {
     format!("s-{id:016x}")
+}
+
+/// The number in a `v-…` volume id.
+pub fn parse_volume_id(r: &str) -> Option<u64> {
+    parse_id(r, "v-")
+}
+
+/// The number in an `s-…` snapshot id.
+pub fn parse_snapshot_id(r: &str) -> Option<u64> {
+    parse_id(r, "s-")
 }
 
 fn parse_id(r: &str, prefix: &str) -> Option<u64> {
@@ -312,12 +383,12 @@ impl Registry {
             Record::VolumeCreate { volume, name, size, cluster_size, created, origin } => {
                 let slots = self.slot_file(data_dir, *cluster_size)?;
                 let clusters = size.div_ceil(*cluster_size as u64);
-                let (head, allocated) = match origin {
+                let (head, allocated, remote) = match origin {
                     Some(s) => {
                         let snap = self.snapshots.get(s).ok_or_else(|| missing("snapshot", *s))?;
-                        (snap.map.clone(), snap.allocated)
+                        (snap.map.clone(), snap.allocated, snap.remote.clone())
                     }
-                    None => (ClusterMap::new(clusters), 0),
+                    None => (ClusterMap::new(clusters), 0, None),
                 };
                 let vol = Volume {
                     id: *volume,
@@ -333,6 +404,9 @@ impl Registry {
                         owned: RoaringTreemap::new(),
                         parent: None,
                         allocated,
+                        clusters,
+                        remote,
+                        anchor: None,
                     }),
                     pending: Mutex::new(Vec::new()),
                     writers: AtomicU64::new(0),
@@ -364,9 +438,14 @@ impl Registry {
                     cluster_size: v.cluster_size,
                     allocated: st.allocated,
                     map: st.head.clone(),
-                    lineage: Mutex::new(Lineage { parent: st.parent, changed: std::mem::take(&mut st.dirty) }),
+                    lineage: Mutex::new(Lineage {
+                        parent: st.parent,
+                        changed: std::mem::take(&mut st.dirty),
+                        anchor: st.anchor.clone(),
+                    }),
                     revoker: Revoker::new(),
                     released: false,
+                    remote: st.remote.clone(),
                 };
                 st.owned.clear();
                 st.parent = Some(*snapshot);
@@ -404,7 +483,7 @@ impl Registry {
                 s.revoker.revoke();
                 let lineage = {
                     let l = s.lineage.lock();
-                    Lineage { parent: l.parent, changed: l.changed.clone() }
+                    Lineage { parent: l.parent, changed: l.changed.clone(), anchor: l.anchor.clone() }
                 };
                 let released = Snapshot {
                     id: s.id,
@@ -420,6 +499,7 @@ impl Registry {
                     lineage: Mutex::new(lineage),
                     revoker: Revoker::new(),
                     released: true,
+                    remote: None,
                 };
                 let old = self.snapshots.insert(*snapshot, Arc::new(released));
                 Ok(old.map(|o| (o.map.clone(), o.cluster_size)))
@@ -434,7 +514,44 @@ impl Registry {
                 st.owned.clear();
                 st.parent = Some(*snapshot);
                 st.allocated = s.allocated;
+                st.remote = s.remote.clone();
+                st.anchor = s.lineage.lock().anchor.clone();
                 Ok(Some((old, v.cluster_size)))
+            }
+            Record::RemoteHead { volume, parent, region, snapshot } => {
+                let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
+                let source = RemoteSource { region: region.clone(), snapshot: *snapshot };
+                // Rolling back to a released snapshot keeps its lineage's anchor; a volume
+                // created from a remote snapshot is anchored at it.
+                let anchor = match parent {
+                    Some(p) => self.snapshots.get(p).ok_or_else(|| missing("snapshot", *p))?.lineage.lock().anchor.clone(),
+                    None => Some(source.clone()),
+                };
+                let mut st = v.state.write();
+                drain(v);
+                let fresh = ClusterMap::new(st.clusters);
+                let old = std::mem::replace(&mut st.head, fresh);
+                st.dirty.clear();
+                st.owned.clear();
+                st.parent = *parent;
+                st.allocated = 0;
+                st.remote = Some(Remote::new(source));
+                st.anchor = anchor;
+                Ok(Some((old, v.cluster_size)))
+            }
+            Record::Hydrate { volume, cluster, entry } => {
+                let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
+                let mut st = v.state.write();
+                st.set_clean(*cluster, *entry);
+                if *entry != 0 {
+                    st.owned.insert(*cluster);
+                }
+                Ok(None)
+            }
+            Record::LoadedRange { volume, start, end } => {
+                let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
+                v.state.write().mark_loaded(*start..*end);
+                Ok(None)
             }
         }
     }
@@ -538,6 +655,8 @@ impl Registry {
                 dirty: st.dirty.clone(),
                 parent: st.parent,
                 allocated: st.allocated,
+                remote: st.remote.clone(),
+                anchor: st.anchor.clone(),
             })
             .collect();
         let snapshots = self
@@ -557,6 +676,8 @@ impl Registry {
                     parent: l.parent,
                     changed: l.changed.clone(),
                     released: s.released,
+                    remote: s.remote.clone(),
+                    anchor: l.anchor.clone(),
                 }
             })
             .collect();
@@ -581,9 +702,10 @@ impl Registry {
                     cluster_size: 0,
                     allocated: s.allocated,
                     map: s.map,
-                    lineage: Mutex::new(Lineage { parent: s.parent, changed: s.changed }),
+                    lineage: Mutex::new(Lineage { parent: s.parent, changed: s.changed, anchor: s.anchor }),
                     revoker: Revoker::new(),
                     released: s.released,
+                    remote: s.remote,
                 }),
             );
         }
@@ -605,6 +727,9 @@ impl Registry {
                         owned: RoaringTreemap::new(),
                         parent: v.parent,
                         allocated: v.allocated,
+                        clusters: v.size.div_ceil(v.cluster_size as u64),
+                        remote: v.remote,
+                        anchor: v.anchor,
                     }),
                     pending: Mutex::new(Vec::new()),
                     writers: AtomicU64::new(0),
@@ -681,6 +806,7 @@ impl Engine {
             committer: Mutex::new(Committer { journal, staged: Vec::new() }),
             failed: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
+            cluster_source: OnceLock::new(),
         };
         if replayed > 0 {
             engine.checkpoint()?;
@@ -812,15 +938,23 @@ impl Engine {
     /// Runs a control operation: applies `rec` under the registry lock, then commits it
     /// together with the earlier data-path records of the volume it concerns.
     fn run(&self, reg: &mut Registry, rec: Record) -> Result<()> {
+        self.run_all(reg, &[rec])
+    }
+
+    /// `run` for records that must be committed together (one durable step).
+    fn run_all(&self, reg: &mut Registry, recs: &[Record]) -> Result<()> {
         self.check_writable()?;
         let mut c = self.committer.lock();
-        let dropped = reg.apply(&rec, &self.data_dir, Some(&mut c.staged))?;
-        rec.encode(&mut c.staged);
+        let mut dropped = Vec::new();
+        for rec in recs {
+            dropped.extend(reg.apply(rec, &self.data_dir, Some(&mut c.staged))?);
+            rec.encode(&mut c.staged);
+        }
         let slot_files: Vec<_> = reg.slot_files.values().cloned().collect();
         // Other volumes keep their records for the next commit; order between volumes is free.
         self.commit_locked(&mut c, &[], &slot_files)?;
         drop(c);
-        if let Some((map, cluster_size)) = dropped {
+        for (map, cluster_size) in dropped {
             reg.release_dropped(&map, cluster_size);
         }
         Ok(())
@@ -932,6 +1066,23 @@ impl Engine {
     pub fn delete_snapshot(&self, r: &str) -> Result<()> {
         let mut reg = self.registry.write();
         let s = reg.find_snapshot(r)?.clone();
+        let loading: Vec<String> = reg
+            .volumes
+            .values()
+            .filter(|v| v.state.read().remote.as_ref().is_some_and(|rm| rm.source.snapshot == s.id))
+            .map(|v| v.name.clone())
+            .collect();
+        if !loading.is_empty() {
+            return Err(EngineError::Busy(format!(
+                "volume(s) {} still load data from snapshot '{r}'; wait for them (snapblk volume hydrate NAME --wait) or delete them first",
+                loading.join(", ")
+            )));
+        }
+        if reg.snapshots.values().any(|o| o.remote.as_ref().is_some_and(|rm| rm.source.snapshot == s.id)) {
+            return Err(EngineError::Busy(format!(
+                "other snapshots were taken while their volume was still loading from snapshot '{r}' and read data from it; delete them first"
+            )));
+        }
         let v = reg.volumes.get(&s.volume).cloned();
         self.run(&mut reg, Record::SnapshotDelete { snapshot: s.id })?;
         // Barrier: reads of the snapshot that started before the revoke hold the volume's read
@@ -943,40 +1094,82 @@ impl Engine {
         Ok(())
     }
 
-    pub fn clone_snapshot(&self, snap: &str, new_volume: &str) -> Result<VolumeInfo> {
+    /// A new volume with the snapshot's content, sharing its data (copy on write). A released
+    /// snapshot needs `released_region` (where it was uploaded): the clone then loads its data
+    /// from there.
+    pub fn clone_snapshot(&self, snap: &str, new_volume: &str, released_region: Option<&str>) -> Result<VolumeInfo> {
         validate_name("volume", new_volume)?;
         let mut reg = self.registry.write();
         let s = reg.find_snapshot(snap)?.clone();
-        check_local(&s, snap)?;
+        let remote = remote_of_released(&s, snap, released_region)?;
         if reg.volumes.values().any(|v| v.name == new_volume) {
             return Err(EngineError::AlreadyExists(format!("a volume named '{new_volume}' already exists")));
         }
         let id = reg.new_id();
-        let rec = Record::VolumeCreate {
+        let mut recs = vec![Record::VolumeCreate {
             volume: id,
             name: new_volume.into(),
             size: s.size,
             cluster_size: s.cluster_size,
             created: now(),
             origin: Some(s.id),
-        };
-        self.run(&mut reg, rec)?;
+        }];
+        if let Some(source) = remote {
+            recs.push(Record::RemoteHead { volume: id, parent: None, region: source.region, snapshot: source.snapshot });
+        }
+        self.run_all(&mut reg, &recs)?;
         tracing::info!(from = %snapshot_id(s.id), name = new_volume, "volume cloned");
+        Ok(volume_info(&reg, &reg.volumes[&id]))
+    }
+
+    /// A new volume with the content of a snapshot in the object store (uploaded by any node):
+    /// usable at once, its data loaded on demand and in the background.
+    pub fn create_volume_from_remote(
+        &self,
+        name: &str,
+        size: u64,
+        cluster_size: u32,
+        source: &RemoteSource,
+    ) -> Result<VolumeInfo> {
+        validate_name("volume", name)?;
+        if !cluster_size.is_power_of_two()
+            || !(MIN_CLUSTER_SIZE..=MAX_CLUSTER_SIZE).contains(&cluster_size)
+            || size == 0
+            || size % 4096 != 0
+            || size > MAX_VOLUME_SIZE
+        {
+            return Err(EngineError::Invalid(format!(
+                "snapshot {source} has a geometry this snapblk cannot serve ({size} bytes, {cluster_size}-byte clusters)"
+            )));
+        }
+        let mut reg = self.registry.write();
+        if reg.volumes.values().any(|v| v.name == name) {
+            return Err(EngineError::AlreadyExists(format!("a volume named '{name}' already exists")));
+        }
+        let id = reg.new_id();
+        let recs = [
+            Record::VolumeCreate { volume: id, name: name.into(), size, cluster_size, created: now(), origin: None },
+            Record::RemoteHead { volume: id, parent: None, region: source.region.clone(), snapshot: source.snapshot },
+        ];
+        self.run_all(&mut reg, &recs)?;
+        tracing::info!(name, from = %source, id = %volume_id(id), "volume created from a snapshot in the store");
         Ok(volume_info(&reg, &reg.volumes[&id]))
     }
 
     /// Points the volume at a copy-on-write view of one of its snapshots (O(1)). Refused while
     /// writable clients are connected, unless `force`, which disconnects them first.
-    pub async fn rollback(&self, snap: &str, force: bool) -> Result<VolumeInfo> {
-        let (v, s) = {
+    /// A released snapshot needs `released_region` (where it was uploaded): the volume then
+    /// loads its data from there, usable at once.
+    pub async fn rollback(&self, snap: &str, force: bool, released_region: Option<&str>) -> Result<VolumeInfo> {
+        let (v, s, remote) = {
             let reg = self.registry.read();
             let s = reg.find_snapshot(snap)?.clone();
             let v =
                 reg.volumes.get(&s.volume).cloned().ok_or_else(|| {
                     EngineError::NotFound(format!("the volume of snapshot '{snap}' no longer exists"))
                 })?;
-            check_local(&s, snap)?;
-            (v, s)
+            let remote = remote_of_released(&s, snap, released_region)?;
+            (v, s, remote)
         };
         let writers = v.writers.load(Ordering::Acquire);
         if writers > 0 {
@@ -1010,7 +1203,11 @@ impl Engine {
                 v.name
             )));
         }
-        self.run(&mut reg, Record::Rollback { volume: v.id, snapshot: s.id })?;
+        let rec = match remote {
+            Some(src) => Record::RemoteHead { volume: v.id, parent: Some(s.id), region: src.region, snapshot: s.id },
+            None => Record::Rollback { volume: v.id, snapshot: s.id },
+        };
+        self.run(&mut reg, rec)?;
         tracing::info!(volume = %v.name, snapshot = %s.name, "volume rolled back");
         Ok(volume_info(&reg, &v))
     }
@@ -1036,7 +1233,7 @@ impl Engine {
             .ok_or_else(|| EngineError::NotFound(format!("no volume for snapshot '{r}'")))?;
         // A released base has no local map to compare with.
         let bases = reg.snapshots_of(s.volume).into_iter().filter(|b| b.seq < s.seq && !b.released).collect();
-        Ok(SnapshotHandle::new(v, s, bases))
+        Ok(SnapshotHandle::new(self.clone(), v, s, bases))
     }
 
     /// Whether the snapshot's data is local (false once released after upload).
@@ -1100,6 +1297,174 @@ impl Engine {
         out
     }
 
+    /// Installs the store side of hydration (once, at daemon start).
+    pub fn set_cluster_source(&self, src: Arc<dyn ClusterSource>) {
+        let _ = self.cluster_source.set(src);
+    }
+
+    pub(crate) fn cluster_source(&self) -> Option<&Arc<dyn ClusterSource>> {
+        self.cluster_source.get()
+    }
+
+    /// Runs `f` to completion from synchronous code (a ublk queue thread, or a runtime worker
+    /// of a multi-thread runtime, which hands its other tasks to another worker meanwhile).
+    pub(crate) fn block_on<T>(&self, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        let rt = self.cluster_source().ok_or_else(no_store)?.runtime();
+        match tokio::runtime::Handle::try_current() {
+            Err(_) => rt.block_on(f),
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| rt.block_on(f))
+            }
+            Ok(_) => Err(EngineError::Unavailable("cannot wait for the object store on this thread".into())),
+        }
+    }
+
+    /// Volumes with clusters still in the store: `(volume id, name, source)`.
+    pub fn hydrating_volumes(&self) -> Vec<(u64, String, RemoteSource)> {
+        let reg = self.registry.read();
+        reg.volumes
+            .values()
+            .filter_map(|v| v.state.read().remote.as_ref().map(|r| (v.id, v.name.clone(), r.source.clone())))
+            .collect()
+    }
+
+    fn loading_volume(&self, volume: u64, source: &RemoteSource) -> Option<Arc<Volume>> {
+        let v = self.registry.read().volumes.get(&volume).cloned()?;
+        let loading = v.state.read().remote.as_ref().is_some_and(|r| r.source == *source);
+        loading.then_some(v)
+    }
+
+    /// The clusters of `range` still pending on a volume loading from `source`; `None` when
+    /// the volume is gone or no longer loads from it (deleted, rolled back, or done).
+    pub fn pending_clusters(&self, volume: u64, source: &RemoteSource, range: std::ops::Range<u64>) -> Option<RoaringTreemap> {
+        let v = self.loading_volume(volume, source)?;
+        let st = v.state.read();
+        let r = st.remote.as_ref()?;
+        let mut set = RoaringTreemap::new();
+        let end = range.end.min(st.clusters);
+        if range.start < end {
+            set.insert_range(range.start..end);
+            set -= &*r.loaded;
+        }
+        Some(set)
+    }
+
+    /// Loads clusters of `source` (fetched by the caller) into a volume; `None` data is a hole.
+    /// Clusters no longer pending (written meanwhile, loaded by another request) are skipped.
+    /// Returns how many were installed.
+    pub fn install_clusters(&self, volume: u64, source: &RemoteSource, items: &[(u64, Option<&[u8]>)]) -> Result<usize> {
+        match self.loading_volume(volume, source) {
+            Some(v) => self.install(&v, source, items),
+            None => Ok(0),
+        }
+    }
+
+    /// Marks holes of the source (clusters it has no data for) as loaded.
+    pub fn install_holes(&self, volume: u64, source: &RemoteSource, ranges: &[std::ops::Range<u64>]) -> Result<()> {
+        self.check_writable()?;
+        let Some(v) = self.loading_volume(volume, source) else { return Ok(()) };
+        let mut st = v.state.write();
+        if st.remote.as_ref().is_none_or(|r| r.source != *source) {
+            return Ok(());
+        }
+        let mut p = v.pending.lock();
+        for r in ranges {
+            Record::LoadedRange { volume, start: r.start, end: r.end }.encode(&mut p);
+            st.mark_loaded(r.clone());
+        }
+        Ok(())
+    }
+
+    fn install(&self, vol: &Volume, source: &RemoteSource, items: &[(u64, Option<&[u8]>)]) -> Result<usize> {
+        self.check_writable()?;
+        let cs = vol.cluster_size as u64;
+        let still_pending: Vec<&(u64, Option<&[u8]>)> = {
+            let st = vol.state.read();
+            let same = st.remote.as_ref().is_some_and(|r| r.source == *source);
+            items.iter().filter(|(c, _)| same && st.is_pending(*c)).collect()
+        };
+        // Data goes to fresh slots before the lock is taken; only the map update is under it.
+        let mut staged = Vec::with_capacity(still_pending.len());
+        for &&(c, data) in &still_pending {
+            let Some(data) = data else {
+                staged.push((c, 0));
+                continue;
+            };
+            let want = cs.min(vol.size - c * cs);
+            if data.len() as u64 != want {
+                for &(_, e) in &staged {
+                    if e != 0 {
+                        vol.slots.release(e - 1);
+                    }
+                }
+                return Err(EngineError::Corrupt(format!(
+                    "cluster {c} of {source} has {} bytes, expected {want}",
+                    data.len()
+                )));
+            }
+            let slot = vol.slots.allocate();
+            if let Err(e) = vol.slots.write(slot, 0, data) {
+                vol.slots.release(slot);
+                return Err(e);
+            }
+            staged.push((c, slot + 1));
+        }
+        let mut installed = 0;
+        let mut st = vol.state.write();
+        let same = st.remote.as_ref().is_some_and(|r| r.source == *source);
+        let mut p = vol.pending.lock();
+        for (c, entry) in staged {
+            if same && st.is_pending(c) {
+                Record::Hydrate { volume: vol.id, cluster: c, entry }.encode(&mut p);
+                st.set_clean(c, entry);
+                if entry != 0 {
+                    st.owned.insert(c);
+                }
+                installed += 1;
+            } else if entry != 0 {
+                vol.slots.release(entry - 1);
+            }
+        }
+        Ok(installed)
+    }
+
+    /// Fetches clusters of `source` (all at once, sharing fetches with other requests) and
+    /// installs each as it arrives.
+    pub(crate) async fn load_clusters(
+        &self,
+        vol: &Volume,
+        source: &RemoteSource,
+        clusters: Vec<u64>,
+        priority: Priority,
+    ) -> Result<()> {
+        use futures::stream::StreamExt;
+        if clusters.is_empty() {
+            return Ok(());
+        }
+        let src = self.cluster_source().ok_or_else(no_store)?;
+        let mut fetches = futures::stream::iter(clusters)
+            .map(|c| {
+                let f = src.fetch(source, c, priority);
+                async move { (c, f.await) }
+            })
+            .buffer_unordered(LOAD_CONCURRENCY);
+        while let Some((c, data)) = fetches.next().await {
+            let data = data?;
+            self.install(vol, source, &[(c, data.as_deref())])?;
+        }
+        Ok(())
+    }
+
+    /// What the first snapshot in `r`'s lineage is relative to, if anything (see [`Anchor`]).
+    pub fn lineage_anchor(&self, r: &str) -> Result<Option<Anchor>> {
+        let reg = self.registry.read();
+        let s = reg.find_snapshot(r)?;
+        if let Some(a) = s.lineage.lock().anchor.clone() {
+            return Ok(Some(Anchor::Remote(a)));
+        }
+        Ok(reg.volumes.get(&s.volume).and_then(|v| v.origin).map(Anchor::Origin))
+    }
+
     /// Flushes, writes a final checkpoint and revokes every open handle (connections close).
     pub fn shutdown(&self) {
         if self.shutting_down.swap(true, Ordering::AcqRel) {
@@ -1125,10 +1490,21 @@ impl Engine {
 fn check_local(s: &Snapshot, r: &str) -> Result<()> {
     if s.released {
         return Err(EngineError::NotLocal(format!(
-            "the data of snapshot '{r}' was released after its upload, and restoring from the store is not built yet; copy it out with: snapblk snapshot export {r} --output FILE (keep snapshots local longer with upload.instant_access_retention in snapblk.toml)"
+            "the data of snapshot '{r}' was released after its upload; read it over NBD as VOLUME@SNAPSHOT, or restore it with: snapblk volume create NAME --from-snapshot {r}"
         )));
     }
     Ok(())
+}
+
+/// For a released snapshot, where its data is loaded from (its upload region must be known).
+fn remote_of_released(s: &Snapshot, r: &str, region: Option<&str>) -> Result<Option<RemoteSource>> {
+    match (s.released, region) {
+        (false, _) => Ok(None),
+        (true, Some(region)) => Ok(Some(RemoteSource { region: region.to_string(), snapshot: s.id })),
+        (true, None) => Err(EngineError::NotLocal(format!(
+            "the data of snapshot '{r}' is only in the object store, and its region is unknown"
+        ))),
+    }
 }
 
 fn volume_info(reg: &Registry, v: &Volume) -> VolumeInfo {
@@ -1152,6 +1528,12 @@ fn volume_info(reg: &Registry, v: &Volume) -> VolumeInfo {
         snapshots: reg.snapshots.values().filter(|s| s.volume == v.id).count() as u64,
         origin,
         writers: v.writers.load(Ordering::Acquire),
+        hydration: st.remote.as_ref().map(|r| HydrationInfo {
+            source: snapshot_id(r.source.snapshot),
+            region: r.source.region.clone(),
+            clusters_total: st.clusters,
+            clusters_loaded: r.loaded.len(),
+        }),
     }
 }
 

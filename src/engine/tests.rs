@@ -216,7 +216,7 @@ fn step(engine: &mut Arc<Engine>, dir: &Path, model: &mut Model, op: (u8, u64, u
         }
         8 => {
             let Some(key) = pick_snap(a) else { return };
-            rt().block_on(engine.rollback(&key, false)).unwrap();
+            rt().block_on(engine.rollback(&key, false, None)).unwrap();
             let s = &model.snaps[&key];
             let mv = model.vols.get_mut(&s.volume).unwrap();
             mv.data = s.data.clone();
@@ -231,7 +231,7 @@ fn step(engine: &mut Arc<Engine>, dir: &Path, model: &mut Model, op: (u8, u64, u
             }
             model.next_name += 1;
             let name = format!("clone{}", model.next_name);
-            engine.clone_snapshot(&key, &name).unwrap();
+            engine.clone_snapshot(&key, &name, None).unwrap();
             let s = &model.snaps[&key];
             let cs = model.vols.get(&s.volume).map_or(0, |v| v.cluster_size);
             let cs = if cs == 0 { engine.snapshot(&key).unwrap().cluster_size as u64 } else { cs };
@@ -390,7 +390,7 @@ fn in_place_write_after_regaining_ownership_still_marks_the_cluster_dirty() {
     engine.create_volume("v", 1 << 20, Some(65536)).unwrap();
     engine.open_volume("v").unwrap().write(0, &[1u8; 65536], false).unwrap();
     engine.create_snapshot("v", "s", "").unwrap();
-    engine.clone_snapshot("v@s", "c").unwrap();
+    engine.clone_snapshot("v@s", "c", None).unwrap();
     // The origin moves away from the shared slot, so after deleting the snapshot the clone is
     // its only holder and owns it again.
     engine.open_volume("v").unwrap().write(0, &[2u8; 65536], false).unwrap();

@@ -26,6 +26,21 @@ pub struct VolumeInfo {
     pub origin: Option<String>,
     /// Number of writable clients (NBD connections) currently attached.
     pub writers: u64,
+    /// Set while some of the volume's data is still only in the object store (the API shows
+    /// the store's fuller view instead).
+    #[serde(skip)]
+    pub hydration: Option<HydrationInfo>,
+}
+
+/// How far a volume created from (or rolled back to) a snapshot in the store has loaded.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HydrationInfo {
+    /// The snapshot the data comes from (`s-…`) and its region.
+    pub source: String,
+    pub region: String,
+    pub clusters_total: u64,
+    /// Clusters local now: loaded from the store, found to be holes, or overwritten.
+    pub clusters_loaded: u64,
 }
 
 /// A snapshot as the API and CLI show it.

@@ -4,15 +4,25 @@
 //! after a snapshot (redirect to a fresh slot) and for trims. The lock is held for the whole
 //! request, so a snapshot never sees half of one, and while it is held no slot the request
 //! reads can be freed and reused.
+//!
+//! On a volume still loading from the object store (see `remote.rs`), a request that needs a
+//! pending cluster — any read of it, a partial write or zero — first waits for it to be loaded
+//! (at foreground priority; concurrent requests share one fetch), then runs as above. A
+//! whole-cluster write needs no fetch. The `_async` methods await the load; the plain ones
+//! block their thread meanwhile (ublk queue threads).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use super::error::{EngineError, Result};
 use super::journal::Record;
 use super::map::{ClusterMap, ZERO};
+use super::remote::{self, Priority, Remote};
 use super::slots::SlotFile;
 use super::{Engine, Snapshot, Ticket, Volume, VolumeState, MAX_CLUSTER_SIZE};
+
+/// Attempts at a request whose clusters keep becoming pending again (a rollback in between).
+const LOAD_ATTEMPTS: usize = 4;
 
 /// `base:allocation` flags (NBD_STATE_HOLE, NBD_STATE_ZERO) and the dirty-bitmap flag.
 pub const STATE_HOLE: u32 = 1;
@@ -145,11 +155,40 @@ fn check_range(size: u64, offset: u64, len: u64, write: bool) -> Result<()> {
     }
 }
 
+/// Pending clusters of `remote` in `[offset, offset + len)`: every one (`edges_only` false),
+/// or only those the range covers partly (what a write must load first).
+fn pending_in(remote: &Option<Remote>, offset: u64, len: u64, shift: u32, size: u64, edges_only: bool) -> Vec<u64> {
+    let Some(r) = remote else { return Vec::new() };
+    if len == 0 {
+        return Vec::new();
+    }
+    let cs = 1u64 << shift;
+    let partial = |c: u64| {
+        let start = c * cs;
+        let end = (start + cs).min(size);
+        offset > start || offset + len < end
+    };
+    if edges_only {
+        // Only the first and the last cluster can be covered partly (a trim can be huge).
+        let (first, last) = (offset >> shift, (offset + len - 1) >> shift);
+        let mut v: Vec<u64> = [first, last].into_iter().filter(|&c| partial(c) && r.is_pending(c)).collect();
+        v.dedup();
+        return v;
+    }
+    pieces(offset, len, shift).map(|(c, ..)| c).filter(|&c| r.is_pending(c)).collect()
+}
+
+fn not_loaded(what: &str) -> EngineError {
+    EngineError::Unavailable(format!("{what}: its data kept changing while it was loaded from the store; try again"))
+}
+
 /// A read-write handle on a volume. Counts as a writable client while it exists.
 pub struct VolumeHandle {
     engine: Arc<Engine>,
     vol: Arc<Volume>,
     ticket: Ticket,
+    /// Where the next sequential read would start (read-ahead on hydrating volumes).
+    next_read: AtomicU64,
 }
 
 impl Drop for VolumeHandle {
@@ -162,7 +201,7 @@ impl VolumeHandle {
     pub(crate) fn new(engine: Arc<Engine>, vol: Arc<Volume>) -> VolumeHandle {
         vol.writers.fetch_add(1, Ordering::AcqRel);
         let ticket = vol.revoker.ticket();
-        VolumeHandle { engine, vol, ticket }
+        VolumeHandle { engine, vol, ticket, next_read: AtomicU64::new(u64::MAX) }
     }
 
     pub fn name(&self) -> &str {
@@ -193,15 +232,103 @@ impl VolumeHandle {
         Ok(())
     }
 
-    /// Reads `buf.len()` bytes at `offset`; returns true when the range is a hole.
+    /// Reads `buf.len()` bytes at `offset`; returns true when the range is a hole. Blocks
+    /// while clusters still in the store are loaded.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        if let Some(hole) = self.try_read(offset, buf)? {
+            return Ok(hole);
+        }
+        self.engine.block_on(self.read_async(offset, buf))
+    }
+
+    /// `read`, awaiting the load of pending clusters instead of blocking.
+    pub async fn read_async(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        let len = buf.len() as u64;
+        for _ in 0..LOAD_ATTEMPTS {
+            if let Some(hole) = self.try_read(offset, buf)? {
+                self.readahead(offset, len);
+                return Ok(hole);
+            }
+            self.load(offset, len, false, Priority::Foreground).await?;
+        }
+        Err(not_loaded(&format!("reading volume '{}'", self.vol.name)))
+    }
+
+    /// Reads, or returns `None` (having read nothing) when the range has pending clusters.
+    fn try_read(&self, offset: u64, buf: &mut [u8]) -> Result<Option<bool>> {
         check_range(self.vol.size, offset, buf.len() as u64, false)?;
         let st = self.vol.state.read();
         self.live()?;
-        read_map(&self.vol.slots, &st.head, offset, buf)
+        if st.remote.is_some() && !self.pending(&st, offset, buf.len() as u64, false).is_empty() {
+            return Ok(None);
+        }
+        read_map(&self.vol.slots, &st.head, offset, buf).map(Some)
     }
 
+    fn pending(&self, st: &VolumeState, offset: u64, len: u64, edges_only: bool) -> Vec<u64> {
+        pending_in(&st.remote, offset, len, shift_of(&self.vol.slots), self.vol.size, edges_only)
+    }
+
+    /// Loads the pending clusters of a range from the store (for a write: only those it
+    /// covers partly). Nothing to do on a volume that is all local.
+    pub async fn load(&self, offset: u64, len: u64, write: bool, priority: Priority) -> Result<()> {
+        check_range(self.vol.size, offset, len, false)?;
+        let (source, clusters) = {
+            let st = self.vol.state.read();
+            let Some(r) = &st.remote else { return Ok(()) };
+            (r.source.clone(), self.pending(&st, offset, len, write))
+        };
+        self.engine.load_clusters(&self.vol, &source, clusters, priority).await
+    }
+
+    /// After a sequential read of a hydrating volume, prefetches what follows it.
+    fn readahead(&self, offset: u64, len: u64) {
+        let end = offset + len;
+        let sequential = self.next_read.swap(end, Ordering::Relaxed) == offset;
+        if !sequential || end >= self.vol.size {
+            return;
+        }
+        let Some(src) = self.engine.cluster_source() else { return };
+        let ahead = src.readahead_bytes().min(self.vol.size - end);
+        let (source, clusters) = {
+            let st = self.vol.state.read();
+            let Some(r) = &st.remote else { return };
+            (r.source.clone(), self.pending(&st, end, ahead, false))
+        };
+        if clusters.is_empty() {
+            return;
+        }
+        let (engine, vol) = (self.engine.clone(), self.vol.clone());
+        src.runtime().spawn(async move {
+            if let Err(e) = engine.load_clusters(&vol, &source, clusters, Priority::ReadAhead).await {
+                tracing::debug!(volume = %vol.name, error = %e, "read-ahead failed");
+            }
+        });
+    }
+
+    /// Writes `data` at `offset`. Blocks while partly covered clusters still in the store are
+    /// loaded.
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        if self.try_write(offset, data, fua)? {
+            return Ok(());
+        }
+        self.engine.block_on(self.write_async(offset, data, fua))
+    }
+
+    /// `write`, awaiting the load of partly covered pending clusters instead of blocking.
+    pub async fn write_async(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        for _ in 0..LOAD_ATTEMPTS {
+            if self.try_write(offset, data, fua)? {
+                return Ok(());
+            }
+            self.load(offset, data.len() as u64, true, Priority::Foreground).await?;
+        }
+        Err(not_loaded(&format!("writing volume '{}'", self.vol.name)))
+    }
+
+    /// Writes, or returns false (having written nothing) when a partly covered cluster is
+    /// pending.
+    fn try_write(&self, offset: u64, data: &[u8], fua: bool) -> Result<bool> {
         check_range(self.vol.size, offset, data.len() as u64, true)?;
         self.engine.check_writable()?;
         let in_place = {
@@ -212,12 +339,15 @@ impl VolumeHandle {
         if !in_place {
             let mut st = self.vol.state.write();
             self.live()?;
+            if st.remote.is_some() && !self.pending(&st, offset, data.len() as u64, true).is_empty() {
+                return Ok(false);
+            }
             self.write_locked(&mut st, offset, data)?;
         }
         if fua {
             self.engine.commit()?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Fast path: when the head owns every cluster of the range and they are already dirty,
@@ -301,11 +431,34 @@ impl VolumeHandle {
     /// (`Allocate`); partial clusters get zeros written unless already unmapped. Every cluster
     /// the request touches becomes dirty (one range record, however large the range).
     pub fn zero(&self, offset: u64, len: u64, mode: ZeroMode, fua: bool) -> Result<()> {
+        if self.try_zero(offset, len, mode, fua)? {
+            return Ok(());
+        }
+        self.engine.block_on(self.zero_async(offset, len, mode, fua))
+    }
+
+    /// `zero`, awaiting the load of partly covered pending clusters instead of blocking.
+    pub async fn zero_async(&self, offset: u64, len: u64, mode: ZeroMode, fua: bool) -> Result<()> {
+        for _ in 0..LOAD_ATTEMPTS {
+            if self.try_zero(offset, len, mode, fua)? {
+                return Ok(());
+            }
+            self.load(offset, len, true, Priority::Foreground).await?;
+        }
+        Err(not_loaded(&format!("zeroing part of volume '{}'", self.vol.name)))
+    }
+
+    /// Zeroes, or returns false (having changed nothing) when a partly covered cluster is
+    /// pending.
+    fn try_zero(&self, offset: u64, len: u64, mode: ZeroMode, fua: bool) -> Result<bool> {
         check_range(self.vol.size, offset, len, true)?;
         self.engine.check_writable()?;
         {
             let mut st = self.vol.state.write();
             self.live()?;
+            if st.remote.is_some() && !self.pending(&st, offset, len, true).is_empty() {
+                return Ok(false);
+            }
             let slots = &self.vol.slots;
             let shift = shift_of(slots);
             let end = offset + len;
@@ -334,6 +487,12 @@ impl VolumeHandle {
             // Whole clusters are unmapped; walking only the mapped ones keeps a discard of a
             // huge, mostly empty range cheap.
             if whole.0 < whole.1 {
+                // Whole clusters still in the store need no loading: they are zeros now.
+                if st.remote.is_some() {
+                    Record::LoadedRange { volume: self.vol.id, start: whole.0, end: whole.1 }
+                        .encode(&mut self.vol.pending.lock());
+                    st.mark_loaded(whole.0..whole.1);
+                }
                 let mut mapped = Vec::new();
                 st.head.for_each_nonzero_in(whole.0, whole.1, |c, e| mapped.push((c, e)));
                 for (cluster, entry) in mapped {
@@ -351,7 +510,7 @@ impl VolumeHandle {
         if fua {
             self.engine.commit()?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// FLUSH: every acknowledged write (of every volume) becomes durable.
@@ -361,10 +520,17 @@ impl VolumeHandle {
     }
 
     /// `base:allocation` extents from `offset` (a prefix of the range may be returned).
+    /// Clusters still in the store count as data: they may hold some.
     pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         check_range(self.vol.size, offset, len, false)?;
         let st = self.vol.state.read();
-        Ok(status(offset, len, shift_of(&self.vol.slots), |c| allocation_flags(st.head.get(c))))
+        Ok(status(offset, len, shift_of(&self.vol.slots), |c| {
+            if st.is_pending(c) {
+                0
+            } else {
+                allocation_flags(st.head.get(c))
+            }
+        }))
     }
 
     /// The live dirty bitmap: clusters written, trimmed or zeroed since the last snapshot.
@@ -377,6 +543,7 @@ impl VolumeHandle {
 
 /// A read-only handle on a snapshot.
 pub struct SnapshotHandle {
+    engine: Arc<Engine>,
     vol: Arc<Volume>,
     snap: Arc<Snapshot>,
     /// Older snapshots of the same volume, oldest first: one dirty bitmap each.
@@ -385,9 +552,14 @@ pub struct SnapshotHandle {
 }
 
 impl SnapshotHandle {
-    pub(crate) fn new(vol: Arc<Volume>, snap: Arc<Snapshot>, bases: Vec<Arc<Snapshot>>) -> SnapshotHandle {
+    pub(crate) fn new(
+        engine: Arc<Engine>,
+        vol: Arc<Volume>,
+        snap: Arc<Snapshot>,
+        bases: Vec<Arc<Snapshot>>,
+    ) -> SnapshotHandle {
         let ticket = snap.revoker.ticket();
-        SnapshotHandle { vol, snap, bases, ticket }
+        SnapshotHandle { engine, vol, snap, bases, ticket }
     }
 
     pub fn name(&self) -> String {
@@ -415,8 +587,20 @@ impl SnapshotHandle {
         self.ticket.revoked().await
     }
 
+    /// Reads local data; fails (never zeros) on clusters still in the store — see
+    /// `read_async`, which fetches them.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
         check_range(self.snap.size, offset, buf.len() as u64, false)?;
+        if !self.pending(offset, buf.len() as u64).is_empty() {
+            return Err(EngineError::Unavailable(format!(
+                "snapshot '{}' has data that is not loaded from the object store yet",
+                self.name()
+            )));
+        }
+        self.read_local(offset, buf)
+    }
+
+    fn read_local(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
         // The volume's lock makes snapshot deletion wait for reads in flight (see module doc).
         let _st = self.vol.state.read();
         if self.ticket.is_revoked() {
@@ -425,14 +609,62 @@ impl SnapshotHandle {
         read_map(&self.vol.slots, &self.snap.map, offset, buf)
     }
 
-    pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        check_range(self.snap.size, offset, len, false)?;
-        Ok(status(offset, len, shift_of(&self.vol.slots), |c| allocation_flags(self.snap.map.get(c))))
+    fn pending(&self, offset: u64, len: u64) -> Vec<u64> {
+        pending_in(&self.snap.remote, offset, len, shift_of(&self.vol.slots), self.snap.size, false)
     }
 
-    /// Every cluster of the snapshot that maps to stored data.
+    /// Reads; clusters the snapshot took while still in the store are fetched from it (a
+    /// snapshot never changes, so they are not stored locally).
+    pub async fn read_async(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        check_range(self.snap.size, offset, buf.len() as u64, false)?;
+        let pending = self.pending(offset, buf.len() as u64);
+        let Some(remote) = self.snap.remote.as_ref().filter(|_| !pending.is_empty()) else {
+            return self.read_local(offset, buf);
+        };
+        let src = self.engine.cluster_source().ok_or_else(super::no_store)?;
+        let shift = shift_of(&self.vol.slots);
+        let fetched = futures::future::try_join_all(
+            pending.iter().map(|&c| src.fetch(&remote.source, c, Priority::Foreground)),
+        )
+        .await?;
+        let mut hole = true;
+        let mut fetched = pending.iter().zip(fetched).peekable();
+        for (cluster, within, pos, n) in pieces(offset, buf.len() as u64, shift) {
+            let out = &mut buf[pos as usize..(pos + n) as usize];
+            match fetched.next_if(|(c, _)| **c == cluster) {
+                Some((_, Some(data))) => {
+                    let src = data.get(within as usize..(within + n) as usize).ok_or_else(|| {
+                        EngineError::Corrupt(format!("cluster {cluster} from {} is short", remote.source))
+                    })?;
+                    out.copy_from_slice(src);
+                    hole = false;
+                }
+                Some((_, None)) => out.fill(0),
+                None => hole &= self.read_local(offset + pos, out)?,
+            }
+        }
+        Ok(hole)
+    }
+
+    /// Clusters still in the store count as data: they may hold some.
+    pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(self.snap.size, offset, len, false)?;
+        Ok(status(offset, len, shift_of(&self.vol.slots), |c| {
+            if remote::pending(&self.snap.remote, c) {
+                0
+            } else {
+                allocation_flags(self.snap.map.get(c))
+            }
+        }))
+    }
+
+    /// Every cluster of the snapshot that maps to stored data, or may (still in the store).
     pub fn allocated_clusters(&self) -> roaring::RoaringTreemap {
         let mut set = roaring::RoaringTreemap::new();
+        if let Some(r) = &self.snap.remote {
+            set.insert_range(0..self.snap.size.div_ceil(self.snap.cluster_size as u64));
+            set -= &*r.loaded;
+        }
         self.snap.map.for_each_nonzero(|c, _| {
             set.insert(c);
         });

@@ -1,15 +1,16 @@
 //! `snapblk_nbd::ExportCatalog` over the engine: export `VOLUME` is the writable volume,
 //! `VOLUME@SNAPSHOT` a read-only snapshot.
 //!
-//! Engine calls are synchronous and run on the connection's task: they are page-cache
-//! `pread`/`pwrite`s of at most one request, cheaper than a hop to a blocking pool. FLUSH and
-//! FUA do `fdatasync`, which can take milliseconds; they block one runtime worker meanwhile.
+//! Engine calls run on the connection's task: page-cache `pread`/`pwrite`s of at most one
+//! request, cheaper than a hop to a blocking pool. FLUSH and FUA do `fdatasync`, which can take
+//! milliseconds; they block one runtime worker meanwhile. On a volume still loading from the
+//! object store, a request awaits the clusters it needs (the `_async` calls).
 
 use std::sync::Arc;
 
 use snapblk_nbd::{Export, ExportCatalog, ExportError, ExportInfo, Extent, ReadKind, ZeroFlags};
 
-use crate::engine::{self, Engine, EngineError, ErrorKind, SnapshotHandle, VolumeHandle, ZeroMode};
+use crate::engine::{self, Engine, EngineError, ErrorKind, Priority, SnapshotHandle, VolumeHandle, ZeroMode};
 use crate::store::remote::RemoteSnapshot;
 use crate::store::{StoreError, StoreService};
 
@@ -171,15 +172,15 @@ impl Export for NbdExport {
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<ReadKind, ExportError> {
         let hole = match &self.handle {
-            Handle::Volume(v) => v.read(offset, buf).map_err(nbd_error)?,
-            Handle::Snapshot(s) => s.read(offset, buf).map_err(nbd_error)?,
+            Handle::Volume(v) => v.read_async(offset, buf).await.map_err(nbd_error)?,
+            Handle::Snapshot(s) => s.read_async(offset, buf).await.map_err(nbd_error)?,
             Handle::Remote(r) => r.read(offset, buf).await.map_err(store_error)?,
         };
         Ok(if hole { ReadKind::Hole } else { ReadKind::Data })
     }
 
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ExportError> {
-        self.volume()?.write(offset, data, fua).map_err(nbd_error)
+        self.volume()?.write_async(offset, data, fua).await.map_err(nbd_error)
     }
 
     async fn flush(&self) -> Result<(), ExportError> {
@@ -190,7 +191,7 @@ impl Export for NbdExport {
     }
 
     async fn trim(&self, offset: u64, length: u64, fua: bool) -> Result<(), ExportError> {
-        self.volume()?.zero(offset, length, ZeroMode::Unmap, fua).map_err(nbd_error)
+        self.volume()?.zero_async(offset, length, ZeroMode::Unmap, fua).await.map_err(nbd_error)
     }
 
     async fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> Result<(), ExportError> {
@@ -200,11 +201,15 @@ impl Export for NbdExport {
         if flags.fast && mode == ZeroMode::Allocate {
             return Err(ExportError::NotFast);
         }
-        v.zero(offset, length, mode, flags.fua).map_err(nbd_error)
+        v.zero_async(offset, length, mode, flags.fua).await.map_err(nbd_error)
     }
 
-    async fn cache(&self, _offset: u64, _length: u64) -> Result<(), ExportError> {
-        Ok(()) // all data is local
+    /// Loads the range from the store if it is not local yet (nothing to do otherwise).
+    async fn cache(&self, offset: u64, length: u64) -> Result<(), ExportError> {
+        match &self.handle {
+            Handle::Volume(v) => v.load(offset, length, false, Priority::ReadAhead).await.map_err(nbd_error),
+            Handle::Snapshot(_) | Handle::Remote(_) => Ok(()),
+        }
     }
 
     async fn block_status(&self, context: usize, offset: u64, length: u32) -> Result<Vec<Extent>, ExportError> {

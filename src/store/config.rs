@@ -24,6 +24,13 @@ bandwidth_limit = "0"            # bytes per second over all uploads, e.g. "100M
 pack_size = "32M"                # target size of one pack object
 instant_access_retention = "0s"  # keep snapshot data locally this long after upload (e.g. "24h")
 
+[hydrate]                        # volumes created from (or rolled back to) a snapshot in the store
+background = true                # load all their data in the background (false: only what is read, and `volume hydrate`)
+concurrency = 4                  # parallel background GETs
+bandwidth_limit = "0"            # bytes per second for background loading; "0" = unlimited
+read_timeout = "30s"             # a read that needs the store fails (EIO) after this long without it
+readahead = "1M"                 # prefetched after sequential reads; "0" = none
+
 [gc]
 interval = "1h"                  # background GC period per region; "0s" = only `snapblk gc`
 grace = "1h"                     # never delete unreferenced packs younger than this
@@ -51,9 +58,21 @@ struct RawConfig {
     #[serde(default)]
     upload: RawUpload,
     #[serde(default)]
+    hydrate: RawHydrate,
+    #[serde(default)]
     gc: RawGc,
     #[serde(default)]
     regions: BTreeMap<String, RawRegion>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHydrate {
+    background: Option<bool>,
+    concurrency: Option<usize>,
+    bandwidth_limit: Option<String>,
+    read_timeout: Option<String>,
+    readahead: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -113,11 +132,18 @@ pub struct Faults {
     pub truncate_rate: f64,
     #[serde(default)]
     pub get_latency_ms: u64,
+    /// While this file exists, every request fails (a store outage a test can switch).
+    #[serde(default)]
+    pub outage_file: Option<PathBuf>,
 }
 
 impl Faults {
     pub fn any(&self) -> bool {
-        self.error_rate > 0.0 || self.timeout_rate > 0.0 || self.truncate_rate > 0.0 || self.get_latency_ms > 0
+        self.error_rate > 0.0
+            || self.timeout_rate > 0.0
+            || self.truncate_rate > 0.0
+            || self.get_latency_ms > 0
+            || self.outage_file.is_some()
     }
 }
 
@@ -166,10 +192,24 @@ pub struct Config {
     pub bandwidth_limit: u64,
     pub pack_size: u64,
     pub instant_access_retention: Duration,
+    pub hydrate: HydrateConfig,
     /// 0 = no background GC.
     pub gc_interval: Duration,
     pub gc_grace: Duration,
     pub regions: BTreeMap<String, RegionConfig>,
+}
+
+/// Loading volumes' data from the store (`[hydrate]`).
+#[derive(Debug, Clone)]
+pub struct HydrateConfig {
+    /// Load everything in the background (else only what is read, and `volume hydrate`).
+    pub background: bool,
+    pub concurrency: usize,
+    /// Bytes per second for background loading; 0 = unlimited.
+    pub bandwidth_limit: u64,
+    /// How long a read waits for the store before failing.
+    pub read_timeout: Duration,
+    pub readahead: u64,
 }
 
 /// `"24h"`, `"30m"`, `"10s"`, `"500ms"`, `"0"`.
@@ -229,6 +269,24 @@ impl Config {
         if !((1 << 20)..=(1 << 30)).contains(&pack_size) {
             return Err("upload.pack_size must be between 1M and 1G".into());
         }
+        let hydrate = HydrateConfig {
+            background: raw.hydrate.background.unwrap_or(true),
+            concurrency: raw.hydrate.concurrency.unwrap_or(4),
+            bandwidth_limit: bytes_or_zero(raw.hydrate.bandwidth_limit.as_deref().unwrap_or("0"))
+                .map_err(|e| format!("hydrate.bandwidth_limit: {e}"))?,
+            read_timeout: dur(&raw.hydrate.read_timeout, "hydrate.read_timeout", "30s")?,
+            readahead: bytes_or_zero(raw.hydrate.readahead.as_deref().unwrap_or("1M"))
+                .map_err(|e| format!("hydrate.readahead: {e}"))?,
+        };
+        if !(1..=256).contains(&hydrate.concurrency) {
+            return Err("hydrate.concurrency must be between 1 and 256".into());
+        }
+        if hydrate.read_timeout.is_zero() {
+            return Err("hydrate.read_timeout must be greater than zero".into());
+        }
+        if hydrate.readahead > 64 << 20 {
+            return Err("hydrate.readahead must be at most 64M".into());
+        }
         let mut regions = BTreeMap::new();
         let mut raw_regions = raw.regions;
         raw_regions.entry("local".into()).or_insert_with(|| RawRegion {
@@ -262,6 +320,7 @@ impl Config {
                 "upload.instant_access_retention",
                 "0s",
             )?,
+            hydrate,
             gc_interval: dur(&raw.gc.interval, "gc.interval", "1h")?,
             gc_grace: dur(&raw.gc.grace, "gc.grace", "1h")?,
             regions,

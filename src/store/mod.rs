@@ -11,6 +11,7 @@ pub mod crypto;
 pub mod error;
 pub mod format;
 mod gc;
+pub mod hydrate;
 pub mod index;
 pub mod objects;
 mod ops;
@@ -31,10 +32,12 @@ use serde::{Deserialize, Serialize};
 pub use config::Config;
 pub use error::{Result, StoreError};
 pub use gc::GcReport;
+pub use hydrate::HydrationView;
 pub use ops::{ExportFormat, RegionInfo, RegionSnapshot, VerifyReport};
 pub use state::UploadState;
 
-use crate::engine::{Engine, ErrorKind, SnapshotInfo};
+use crate::engine::{Anchor, Engine, ErrorKind, RemoteSource, SnapshotInfo, VolumeInfo};
+use hydrate::Hydration;
 use objects::RateLimiter;
 use region::Region;
 use state::{RemoteState, SnapshotRecord, StateFile};
@@ -136,12 +139,15 @@ pub struct StoreService {
     publish: tokio::sync::Mutex<()>,
     jobs: Mutex<HashMap<u64, Arc<Job>>>,
     next_job: AtomicU64,
+    /// Loads volumes created from (or rolled back to) snapshots in the store.
+    pub hydration: Arc<Hydration>,
     self_ref: std::sync::Weak<StoreService>,
 }
 
 impl StoreService {
-    /// Loads the configuration (writing the default one if missing) and the remote state.
-    /// Regions are opened on first use, so a store that is down does not stop the daemon.
+    /// Loads the configuration (writing the default one if missing) and the remote state, and
+    /// becomes the engine's source of clusters still in the store. Regions are opened on first
+    /// use, so a store that is down does not stop the daemon. Runs inside the tokio runtime.
     pub fn open(dir: &Path, engine: Arc<Engine>) -> Result<Arc<StoreService>> {
         let config = Config::load_or_create(dir)?;
         let state_file = StateFile::new(dir);
@@ -153,6 +159,7 @@ impl StoreService {
         state.volumes.retain(|id, _| vols.contains(id));
         let (queue, queue_rx) = tokio::sync::mpsc::unbounded_channel();
         let regions = config.regions.keys().map(|k| (k.clone(), tokio::sync::OnceCell::new())).collect();
+        let (engine_for_hydration, hydrate_config) = (engine.clone(), config.hydrate.clone());
         let svc = Arc::new_cyclic(|self_ref| StoreService {
             dir: dir.to_path_buf(),
             engine,
@@ -168,8 +175,15 @@ impl StoreService {
             publish: tokio::sync::Mutex::new(()),
             jobs: Mutex::new(HashMap::new()),
             next_job: AtomicU64::new(1),
+            hydration: Hydration::new(
+                self_ref.clone(),
+                engine_for_hydration,
+                tokio::runtime::Handle::current(),
+                hydrate_config,
+            ),
             self_ref: self_ref.clone(),
         });
+        svc.engine.set_cluster_source(svc.hydration.clone());
         svc.save()?;
         Ok(svc)
     }
@@ -198,6 +212,7 @@ impl StoreService {
         if let Some(rx) = self.queue_rx.lock().take() {
             tokio::spawn(Arc::clone(self).upload_worker(rx));
         }
+        self.hydration.resume_all();
         let svc = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
@@ -403,6 +418,31 @@ impl StoreService {
             }
             changed |= ch;
         }
+        // The lineage's first snapshot is relative to the snapshot the volume was created
+        // from (in the store, or cloned locally): with it as base, clusters never loaded from
+        // the store need not be read to upload.
+        if base.is_none() {
+            let anchor = match self.engine.lineage_anchor(id)? {
+                Some(Anchor::Remote(src)) if src.region == region_name => Some(crate::engine::snapshot_id(src.snapshot)),
+                Some(Anchor::Origin(o)) => {
+                    let sid = crate::engine::snapshot_id(o);
+                    let uploaded = self
+                        .state
+                        .lock()
+                        .snapshots
+                        .get(&sid)
+                        .is_some_and(|r| r.state == UploadState::Available && r.region == region_name);
+                    uploaded.then_some(sid)
+                }
+                _ => None,
+            };
+            if let Some(sid) = anchor {
+                match region.manifest(&sid).await {
+                    Ok(m) => base = Some(Base { snapshot_id: sid, manifest: m, changed: std::mem::take(&mut changed) }),
+                    Err(e) => tracing::warn!(snapshot = %sid, error = %e, "cannot use as upload base"),
+                }
+            }
+        }
         let base_id = base.as_ref().map(|b| b.snapshot_id.clone());
         tracing::info!(snapshot = %id, region = %region_name, base = ?base_id, "upload started");
         let started = Instant::now();
@@ -581,6 +621,102 @@ impl StoreService {
             *j.outcome.lock() = Some(outcome);
         });
         job.view()
+    }
+
+    /// `volume create NAME --from-snapshot REF [--region R]`: a local snapshot is cloned
+    /// (sharing its data, or loading it from the store once released); a snapshot id that is
+    /// not local is looked up in `region` (or every configured region) and the volume loads
+    /// from there. Returns at once; data loads on demand and (unless disabled) in the
+    /// background.
+    pub async fn create_from_snapshot(&self, name: &str, r: &str, region: Option<&str>) -> Result<VolumeInfo> {
+        if let Some(reg) = region {
+            self.check_region(reg)?;
+        }
+        let (info, home) = match self.engine.snapshot(r) {
+            Ok(snap) => {
+                let released_region = if snap.local { None } else { Some(self.uploaded_region(&snap)?) };
+                // A clone keeps its origin volume's home region.
+                let home = self.volume_region(&snap.volume_id);
+                let (e, r2, n2) = (self.engine.clone(), r.to_string(), name.to_string());
+                let info = tokio::task::spawn_blocking(move || e.clone_snapshot(&r2, &n2, released_region.as_deref()))
+                    .await
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+                (info, home)
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound && crate::engine::parse_snapshot_id(r).is_some() => {
+                let (region, m) = self.find_remote(r, region).await?;
+                let source = RemoteSource {
+                    region: region.name.clone(),
+                    snapshot: crate::engine::parse_snapshot_id(r).unwrap_or_default(),
+                };
+                let e = self.engine.clone();
+                let n2 = name.to_string();
+                let info = tokio::task::spawn_blocking(move || {
+                    e.create_volume_from_remote(&n2, m.size, m.cluster_size, &source)
+                })
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+                (info, region.name.clone())
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.set_volume_region(&info.id, &home)?;
+        self.volume_loading(&info);
+        Ok(info)
+    }
+
+    /// A snapshot id in the store: in `region`, or the first configured region holding it.
+    async fn find_remote(&self, id: &str, region: Option<&str>) -> Result<(Arc<Region>, Arc<format::Manifest>)> {
+        let names: Vec<String> = match region {
+            Some(r) => vec![r.to_string()],
+            None => self.region_names(),
+        };
+        let mut problems = Vec::new();
+        for name in &names {
+            let found = async { self.region(name).await?.manifest(id).await.map(|m| (name, m)) }.await;
+            match found {
+                Ok((name, m)) => return Ok((self.region(name).await?, m)),
+                Err(StoreError::Missing(_)) => {}
+                Err(e) => problems.push(format!("region '{name}': {e}")),
+            }
+        }
+        let mut msg = format!(
+            "no snapshot {id} in region(s) {}; list them with: snapblk snapshot list --region REGION",
+            names.join(", ")
+        );
+        if !problems.is_empty() {
+            msg = format!("{msg} (could not look in: {})", problems.join("; "));
+            return Err(StoreError::Unavailable(msg));
+        }
+        Err(StoreError::NotFound(msg))
+    }
+
+    /// After a volume was created from, or rolled back to, data in the store.
+    pub fn volume_loading(&self, info: &VolumeInfo) {
+        if info.hydration.is_some() && self.hydration.config.background {
+            if let Some(id) = crate::engine::parse_volume_id(&info.id) {
+                self.hydration.start(id);
+            }
+        }
+    }
+
+    /// Rolls a volume back to one of its snapshots; to a released one, the volume then loads
+    /// the snapshot's data from the store (usable at once).
+    pub async fn rollback(&self, r: &str, force: bool) -> Result<VolumeInfo> {
+        let snap = self.engine.snapshot(r)?;
+        let released_region = if snap.local { None } else { Some(self.uploaded_region(&snap)?) };
+        let info = self.engine.rollback(r, force, released_region.as_deref()).await?;
+        self.volume_loading(&info);
+        Ok(info)
+    }
+
+    /// Starts (or resumes) loading all of a volume's data from the store.
+    pub fn hydrate(&self, r: &str) -> Result<VolumeInfo> {
+        let info = self.engine.volume(r)?;
+        if let Some(id) = crate::engine::parse_volume_id(&info.id) {
+            self.hydration.start(id);
+        }
+        Ok(info)
     }
 
     /// The region holding a local snapshot's uploaded copy, or an error saying why there is none.

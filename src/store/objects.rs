@@ -182,6 +182,9 @@ impl Objects {
         if !self.faults.any() {
             return Ok(false);
         }
+        if self.faults.outage_file.as_ref().is_some_and(|f| f.exists()) {
+            return Err(Attempt::Transient("injected outage".into()));
+        }
         if is_get && self.faults.get_latency_ms > 0 {
             tokio::time::sleep(Duration::from_millis(self.faults.get_latency_ms)).await;
         }

@@ -127,27 +127,11 @@ impl Region {
     /// pack and offset; runs of nearby blobs become one GET.
     pub async fn fetch_blobs<T: Send + 'static>(
         &self,
-        mut blobs: Vec<(BlobRef, T)>,
+        blobs: Vec<(BlobRef, T)>,
         concurrency: usize,
         mut sink: impl FnMut(T, &BlobRef, Result<Vec<u8>>),
     ) {
-        blobs.sort_by_key(|(r, _)| (r.pack, r.offset));
-        let mut runs: Vec<Vec<(BlobRef, T)>> = Vec::new();
-        for (r, t) in blobs {
-            if let Some(run) = runs.last_mut() {
-                let (first, last) = (&run[0].0, &run[run.len() - 1].0);
-                let end = last.offset + last.len as u64;
-                if first.pack == r.pack
-                    && r.offset >= end
-                    && r.offset - end <= MAX_GAP
-                    && r.offset + r.len as u64 - first.offset <= MAX_RUN
-                {
-                    run.push((r, t));
-                    continue;
-                }
-            }
-            runs.push(vec![(r, t)]);
-        }
+        let runs = coalesce(blobs);
         let mut results = futures::stream::iter(runs)
             .map(|run| async move {
                 let start = run[0].0.offset;
@@ -187,4 +171,27 @@ impl Region {
             }
         }
     }
+}
+
+/// Groups blobs into ranged GETs: sorted by pack and offset, runs of nearby blobs (gaps up to
+/// `MAX_GAP`, at most `MAX_RUN` long) in one GET.
+pub fn coalesce<T>(mut blobs: Vec<(BlobRef, T)>) -> Vec<Vec<(BlobRef, T)>> {
+    blobs.sort_by_key(|(r, _)| (r.pack, r.offset));
+    let mut runs: Vec<Vec<(BlobRef, T)>> = Vec::new();
+    for (r, t) in blobs {
+        if let Some(run) = runs.last_mut() {
+            let (first, last) = (&run[0].0, &run[run.len() - 1].0);
+            let end = last.offset + last.len as u64;
+            if first.pack == r.pack
+                && r.offset >= end
+                && r.offset - end <= MAX_GAP
+                && r.offset + r.len as u64 - first.offset <= MAX_RUN
+            {
+                run.push((r, t));
+                continue;
+            }
+        }
+        runs.push(vec![(r, t)]);
+    }
+    runs
 }

@@ -2,6 +2,8 @@
 //! and runs real clients against it, each with a timeout so a hang fails instead of blocking.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod store;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -1,0 +1,496 @@
+//! Hydration: loading volumes created from (or rolled back to) a snapshot in the store.
+//!
+//! One scheduler for every such volume. Foreground fetches (a client read or partial write is
+//! waiting) and read-ahead go out at once, one ranged GET per cluster, with no queue in front
+//! of them; concurrent requests for one cluster share one fetch. Background hydration walks
+//! each volume's map page by page, fetches the pending clusters with large ranged GETs in pack
+//! order (runs of nearby blobs coalesced), `concurrency` at a time under its own bandwidth
+//! limit, and before every GET waits until no foreground fetch is in flight: it only ever uses
+//! the store when clients do not. Every blob is verified (AEAD tag, keyed hash) before it is
+//! installed; the engine journals each installed cluster, and background work commits after
+//! every page, so a restart resumes where it was.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, OnceCell};
+
+use super::config::HydrateConfig;
+use super::error::{Result, StoreError};
+use super::format::{manifest_key, pack_key, BlobRef, Manifest, Page, PAGE_CLUSTERS};
+use super::objects::RateLimiter;
+use super::region::{coalesce, Region};
+use super::StoreService;
+use crate::engine::{self, ClusterSource, EngineError, Priority, RemoteSource};
+
+/// Backoff between background attempts while the store fails.
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Background loading commits at least this often, so a crash loses at most this much of it.
+const COMMIT_EVERY: Duration = Duration::from_secs(1);
+
+/// A source snapshot, opened: its region, manifest and the map pages fetched so far.
+struct SourceView {
+    region: Arc<Region>,
+    manifest: Arc<Manifest>,
+    pages: Mutex<HashMap<u64, Arc<OnceCell<Option<Arc<Page>>>>>>,
+}
+
+impl SourceView {
+    /// Map page `index` (fetched once, shared); `None` when the snapshot has no data there.
+    async fn page(&self, index: u64) -> Result<Option<Arc<Page>>> {
+        let cell = self.pages.lock().entry(index).or_default().clone();
+        cell.get_or_try_init(|| async {
+            let Some(p) = self.manifest.pages.iter().find(|p| p.index == index) else { return Ok(None) };
+            let r = p.blob.to_ref(&manifest_key(&self.manifest.snapshot_id))?;
+            Ok(Some(Arc::new(self.region.read_page(&self.manifest, index, &r).await?)))
+        })
+        .await
+        .cloned()
+    }
+
+    /// Where cluster `c`'s data is; `None` for a hole.
+    async fn locate(&self, c: u64) -> Result<Option<BlobRef>> {
+        let Some(page) = self.page(c / PAGE_CLUSTERS).await? else { return Ok(None) };
+        let slot = (c % PAGE_CLUSTERS) as u32;
+        Ok(page.entries.binary_search_by_key(&slot, |(i, _)| *i).ok().map(|i| page.entries[i].1))
+    }
+}
+
+/// Background hydration of one volume, as `volume show` reports it.
+pub struct VolumeProgress {
+    source: RemoteSource,
+    started: Instant,
+    /// Bytes fetched from the store by this run (sealed, as transferred).
+    fetched: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    done: std::sync::atomic::AtomicBool,
+}
+
+/// Hydration state of a volume, for the API.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HydrationView {
+    /// The snapshot the data comes from, and its region.
+    pub source: String,
+    pub region: String,
+    /// `loading` (background running), `on_demand` (only what is read is loaded; start
+    /// the rest with `volume hydrate`), or `retrying` (the store is failing).
+    pub state: String,
+    pub clusters_total: u64,
+    pub clusters_loaded: u64,
+    pub bytes_total: u64,
+    pub bytes_loaded: u64,
+    /// Bytes per second fetched from the store by this run.
+    pub rate: u64,
+    pub eta_secs: Option<u64>,
+    /// Bytes transferred from the store by this run.
+    pub bytes_fetched: u64,
+    pub last_error: Option<String>,
+}
+
+pub struct Hydration {
+    svc: Weak<StoreService>,
+    engine: Arc<engine::Engine>,
+    runtime: tokio::runtime::Handle,
+    pub config: HydrateConfig,
+    limiter: Option<Arc<RateLimiter>>,
+    sources: Mutex<HashMap<RemoteSource, Arc<OnceCell<Arc<SourceView>>>>>,
+    inflight: Mutex<HashMap<(RemoteSource, u64), Arc<OnceCell<Option<Bytes>>>>>,
+    /// Foreground and read-ahead fetches in flight; background work waits for zero.
+    foreground: AtomicUsize,
+    idle: Notify,
+    volumes: Mutex<HashMap<u64, Arc<VolumeProgress>>>,
+    self_ref: Weak<Hydration>,
+}
+
+/// Counts a foreground fetch while it is in flight.
+struct ForegroundGuard<'a>(&'a Hydration);
+
+impl Drop for ForegroundGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.foreground.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+fn engine_error(e: StoreError) -> EngineError {
+    match e {
+        StoreError::Corrupt { .. } | StoreError::Missing(_) => EngineError::Corrupt(e.to_string()),
+        other => EngineError::Unavailable(other.to_string()),
+    }
+}
+
+impl Hydration {
+    pub fn new(
+        svc: Weak<StoreService>,
+        engine: Arc<engine::Engine>,
+        runtime: tokio::runtime::Handle,
+        config: HydrateConfig,
+    ) -> Arc<Hydration> {
+        Arc::new_cyclic(|self_ref| Hydration {
+            svc,
+            engine,
+            runtime,
+            limiter: RateLimiter::new(config.bandwidth_limit),
+            config,
+            sources: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+            foreground: AtomicUsize::new(0),
+            idle: Notify::new(),
+            volumes: Mutex::new(HashMap::new()),
+            self_ref: self_ref.clone(),
+        })
+    }
+
+    async fn view(&self, source: &RemoteSource) -> Result<Arc<SourceView>> {
+        let cell = self.sources.lock().entry(source.clone()).or_default().clone();
+        cell.get_or_try_init(|| async {
+            let svc = self.svc.upgrade().ok_or_else(|| StoreError::Unavailable("the daemon is stopping".into()))?;
+            let region = svc.region(&source.region).await?;
+            let manifest = region.manifest(&engine::snapshot_id(source.snapshot)).await?;
+            Ok(Arc::new(SourceView { region, manifest, pages: Mutex::new(HashMap::new()) }))
+        })
+        .await
+        .cloned()
+    }
+
+    /// Drops a source's cached manifest and pages: GC moved blobs (a location is gone).
+    fn forget(&self, source: &RemoteSource) {
+        if let Some(cell) = self.sources.lock().remove(source) {
+            if let Some(v) = cell.get() {
+                v.region.forget_manifest(&engine::snapshot_id(source.snapshot));
+            }
+        }
+    }
+
+    /// One cluster, read from the store; a location gone after GC is looked up again once.
+    async fn fetch_cluster(&self, source: &RemoteSource, c: u64) -> Result<Option<Bytes>> {
+        let mut again = true;
+        loop {
+            let view = self.view(source).await?;
+            let r = match view.locate(c).await {
+                Ok(None) => return Ok(None),
+                Ok(Some(b)) => view.region.read_blob(&b).await.map(|p| Some(Bytes::from(p))),
+                Err(e) => Err(e),
+            };
+            match r {
+                Err(StoreError::Missing(_)) if again => {
+                    again = false;
+                    self.forget(source);
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// A foreground fetch: shared with concurrent requests for the cluster, retried while the
+    /// store fails, given up after `read_timeout`.
+    async fn fetch_foreground(&self, source: RemoteSource, c: u64) -> engine::Result<Option<Bytes>> {
+        self.foreground.fetch_add(1, Ordering::AcqRel);
+        let _guard = ForegroundGuard(self);
+        let key = (source.clone(), c);
+        let cell = self.inflight.lock().entry(key.clone()).or_default().clone();
+        let last_error = Mutex::new(None::<String>);
+        let attempt = cell.get_or_try_init(|| async {
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                match self.fetch_cluster(&source, c).await {
+                    Ok(v) => return Ok(v),
+                    Err(e @ (StoreError::Corrupt { .. } | StoreError::Missing(_) | StoreError::Config(_))) => {
+                        return Err(e)
+                    }
+                    Err(e) => {
+                        *last_error.lock() = Some(e.to_string());
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                }
+            }
+        });
+        let outcome = tokio::time::timeout(self.config.read_timeout, attempt).await;
+        {
+            let mut inflight = self.inflight.lock();
+            if inflight.get(&key).is_some_and(|x| Arc::ptr_eq(x, &cell)) {
+                inflight.remove(&key);
+            }
+        }
+        match outcome {
+            Ok(Ok(v)) => Ok(v.clone()),
+            Ok(Err(e)) => {
+                tracing::warn!(source = %source, cluster = c, error = %e, "cannot load a cluster from the store");
+                Err(engine_error(e))
+            }
+            Err(_) => {
+                let last = last_error.lock().take().unwrap_or_else(|| "no answer".into());
+                tracing::warn!(source = %source, cluster = c, error = %last, "gave up loading a cluster");
+                Err(EngineError::Unavailable(format!(
+                    "cluster {c} of {source} could not be loaded within {:?} ({last}); the store is unreachable, retry when it is back",
+                    self.config.read_timeout
+                )))
+            }
+        }
+    }
+
+    /// Waits until no foreground fetch is in flight (background work yields to them).
+    async fn foreground_idle(&self) {
+        while self.foreground.load(Ordering::Acquire) > 0 {
+            let notified = self.idle.notified();
+            if self.foreground.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            // The timeout covers a wake-up between the check and the registration.
+            let _ = tokio::time::timeout(Duration::from_millis(20), notified).await;
+        }
+    }
+
+    /// Starts background hydration of every volume still loading (at daemon start).
+    pub fn resume_all(&self) {
+        if !self.config.background {
+            return;
+        }
+        for (id, name, _) in self.engine.hydrating_volumes() {
+            tracing::info!(volume = %name, "resuming hydration");
+            self.start(id);
+        }
+    }
+
+    /// Starts background hydration of a volume (nothing to do when it runs or is complete).
+    pub fn start(&self, volume: u64) {
+        let Some((_, name, source)) = self.engine.hydrating_volumes().into_iter().find(|(id, ..)| *id == volume)
+        else {
+            return;
+        };
+        let progress = {
+            let mut vols = self.volumes.lock();
+            if vols.get(&volume).is_some_and(|p| p.source == source && !p.done.load(Ordering::Acquire)) {
+                return;
+            }
+            let p = Arc::new(VolumeProgress {
+                source: source.clone(),
+                started: Instant::now(),
+                fetched: AtomicU64::new(0),
+                last_error: Mutex::new(None),
+                done: std::sync::atomic::AtomicBool::new(false),
+            });
+            vols.insert(volume, p.clone());
+            p
+        };
+        let Some(this) = self.self_ref.upgrade() else { return };
+        self.runtime.spawn(async move {
+            tracing::info!(volume = %name, source = %source, "hydration started");
+            let started = Instant::now();
+            this.run_volume(volume, &source, &progress).await;
+            progress.done.store(true, Ordering::Release);
+            let finished = this.engine.volume(&engine::volume_id(volume)).is_ok_and(|v| v.hydration.is_none());
+            if finished {
+                tracing::info!(
+                    volume = %name,
+                    secs = started.elapsed().as_secs_f64(),
+                    fetched = progress.fetched.load(Ordering::Relaxed),
+                    "hydration complete"
+                );
+            }
+        });
+    }
+
+    /// Loads every pending cluster of the volume, page by page, until none is left or the
+    /// volume stops loading from `source` (deleted, rolled back).
+    async fn run_volume(&self, volume: u64, source: &RemoteSource, progress: &VolumeProgress) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let failed = match self.pass(volume, source, progress).await {
+                Ok(more) => more,
+                Err(e) => {
+                    if matches!(e, StoreError::Missing(_)) {
+                        self.forget(source);
+                    }
+                    tracing::warn!(volume, source = %source, error = %e, "background hydration failed; retrying");
+                    *progress.last_error.lock() = Some(e.to_string());
+                    true
+                }
+            };
+            let Some(left) = self.engine.pending_clusters(volume, source, 0..u64::MAX) else { return };
+            if left.is_empty() {
+                let _ = self.commit().await;
+                return;
+            }
+            if failed {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            } else {
+                backoff = BACKOFF_MIN;
+            }
+        }
+    }
+
+    async fn commit(&self) -> engine::Result<()> {
+        let e = self.engine.clone();
+        tokio::task::spawn_blocking(move || e.commit())
+            .await
+            .map_err(|e| EngineError::Unavailable(format!("commit task failed: {e}")))?
+    }
+
+    /// One walk over the volume's pages. Returns whether some runs failed (to retry later).
+    async fn pass(&self, volume: u64, source: &RemoteSource, progress: &VolumeProgress) -> Result<bool> {
+        let view = self.view(source).await?;
+        let clusters = view.manifest.size.div_ceil(view.manifest.cluster_size as u64);
+        let mut failed = false;
+        for index in 0..clusters.div_ceil(PAGE_CLUSTERS) {
+            let start = index * PAGE_CLUSTERS;
+            let Some(pending) = self.engine.pending_clusters(volume, source, start..start + PAGE_CLUSTERS) else {
+                return Ok(false);
+            };
+            if pending.is_empty() {
+                continue;
+            }
+            self.foreground_idle().await;
+            let page = view.page(index).await?;
+            // Clusters the page has no data for are holes: loaded without a fetch.
+            let mut blobs = Vec::new();
+            let mut holes: Vec<std::ops::Range<u64>> = Vec::new();
+            for c in pending.iter() {
+                let slot = (c % PAGE_CLUSTERS) as u32;
+                let blob = page
+                    .as_ref()
+                    .and_then(|p| p.entries.binary_search_by_key(&slot, |(i, _)| *i).ok().map(|i| p.entries[i].1));
+                match blob {
+                    Some(b) => blobs.push((b, c)),
+                    None => match holes.last_mut() {
+                        Some(r) if r.end == c => r.end = c + 1,
+                        _ => holes.push(c..c + 1),
+                    },
+                }
+            }
+            self.engine.install_holes(volume, source, &holes).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            // Each run is one ranged GET of one pack; runs go in volume order, so what a
+            // client is likely to read next (the start of a disk, sequential data) comes first.
+            let mut runs = coalesce(blobs);
+            runs.sort_by_key(|run| run.iter().map(|(_, c)| *c).min());
+            let mut results = futures::stream::iter(runs)
+                .map(|run| self.fetch_run(&view, run, progress))
+                .buffer_unordered(self.config.concurrency);
+            let mut committed = Instant::now();
+            while let Some(r) = results.next().await {
+                if committed.elapsed() >= COMMIT_EVERY {
+                    self.commit().await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                    committed = Instant::now();
+                }
+                match r {
+                    Ok(items) => {
+                        let e = self.engine.clone();
+                        let source = source.clone();
+                        let installed = tokio::task::spawn_blocking(move || {
+                            let refs: Vec<(u64, Option<&[u8]>)> =
+                                items.iter().map(|(c, d)| (*c, Some(d.as_slice()))).collect();
+                            e.install_clusters(volume, &source, &refs)
+                        })
+                        .await
+                        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                        installed.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                    }
+                    Err(StoreError::Missing(m)) => return Err(StoreError::Missing(m)),
+                    Err(e) => {
+                        *progress.last_error.lock() = Some(e.to_string());
+                        failed = true;
+                    }
+                }
+            }
+            // What this page loaded survives a crash from here on.
+            self.commit().await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        }
+        if !failed {
+            *progress.last_error.lock() = None;
+        }
+        Ok(failed)
+    }
+
+    /// One coalesced ranged GET of a pack, after foreground work and under the bandwidth
+    /// limit; returns each blob's verified plaintext with its cluster.
+    async fn fetch_run(
+        &self,
+        view: &SourceView,
+        run: Vec<(BlobRef, u64)>,
+        progress: &VolumeProgress,
+    ) -> Result<Vec<(u64, Vec<u8>)>> {
+        let start = run[0].0.offset;
+        let last = &run[run.len() - 1].0;
+        let end = last.offset + last.len as u64;
+        self.foreground_idle().await;
+        if let Some(l) = &self.limiter {
+            l.acquire(end - start).await;
+        }
+        let key = pack_key(&run[0].0.pack);
+        let bytes = view.region.objects.get_range(&key, start..end).await?;
+        progress.fetched.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        run.into_iter()
+            .map(|(r, c)| {
+                let at = (r.offset - start) as usize;
+                view.region.keys.open_blob(&r.id, &bytes[at..at + r.len as usize], &key).map(|p| (c, p))
+            })
+            .collect()
+    }
+
+    /// The hydration state of a volume loading from the store, for `volume show`.
+    pub fn view_of(&self, info: &engine::VolumeInfo) -> Option<HydrationView> {
+        let h = info.hydration.as_ref()?;
+        let cs = info.cluster_size as u64;
+        let progress = self.volumes.lock().get(&engine::parse_volume_id(&info.id)?).cloned();
+        let running = progress.as_ref().filter(|p| {
+            !p.done.load(Ordering::Acquire) && engine::snapshot_id(p.source.snapshot) == h.source && p.source.region == h.region
+        });
+        let (rate, fetched, last_error) = match running {
+            Some(p) => {
+                let secs = p.started.elapsed().as_secs_f64().max(0.001);
+                let fetched = p.fetched.load(Ordering::Relaxed);
+                ((fetched as f64 / secs) as u64, fetched, p.last_error.lock().clone())
+            }
+            None => (0, 0, None),
+        };
+        let state = match (&running, &last_error) {
+            (None, _) => "on_demand",
+            (Some(_), Some(_)) => "retrying",
+            (Some(_), None) => "loading",
+        };
+        // Holes are found (and loaded) as pages are read, so what remains is mostly data.
+        let remaining = (h.clusters_total - h.clusters_loaded) * cs;
+        Some(HydrationView {
+            source: h.source.clone(),
+            region: h.region.clone(),
+            state: state.into(),
+            clusters_total: h.clusters_total,
+            clusters_loaded: h.clusters_loaded,
+            bytes_total: info.size,
+            bytes_loaded: (h.clusters_loaded * cs).min(info.size),
+            rate,
+            eta_secs: (rate > 0).then(|| remaining / rate),
+            bytes_fetched: fetched,
+            last_error,
+        })
+    }
+}
+
+impl ClusterSource for Hydration {
+    fn fetch(&self, source: &RemoteSource, cluster: u64, _priority: Priority) -> BoxFuture<'static, engine::Result<Option<Bytes>>> {
+        let Some(this) = self.self_ref.upgrade() else {
+            return futures::future::ready(Err(EngineError::Unavailable("the daemon is stopping".into()))).boxed();
+        };
+        let source = source.clone();
+        async move { this.fetch_foreground(source, cluster).await }.boxed()
+    }
+
+    fn readahead_bytes(&self) -> u64 {
+        self.config.readahead
+    }
+
+    fn runtime(&self) -> tokio::runtime::Handle {
+        self.runtime.clone()
+    }
+}

@@ -1,0 +1,136 @@
+//! Helpers of the object-store suites (tests/store.rs, tests/hydrate.rs): the regions under
+//! test (the local filesystem and, from scripts/test, a real Garage server), daemon
+//! configuration, data generation and comparisons.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::{ok, python_ok, require_libnbd, require_tool, Daemon};
+
+pub const MIB: u64 = 1 << 20;
+pub const CLUSTER: u64 = 64 << 10;
+
+/// A region under test: its name in snapblk.toml and its block (without a prefix).
+pub struct TestRegion {
+    pub name: &'static str,
+    pub block: String,
+}
+
+pub fn regions() -> Vec<TestRegion> {
+    let mut v = vec![TestRegion { name: "local", block: "[regions.local]\nkind = \"fs\"\npath = \"store\"\n".into() }];
+    match std::env::var("SNAPBLK_GARAGE_REGION") {
+        Ok(path) => {
+            let block = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+            v.push(TestRegion { name: "garage", block });
+        }
+        Err(_) if std::env::var("SNAPBLK_REQUIRE_GARAGE").as_deref() == Ok("1") => {
+            panic!("SNAPBLK_REQUIRE_GARAGE=1 but SNAPBLK_GARAGE_REGION is not set (run scripts/test)")
+        }
+        Err(_) => {
+            eprintln!("SKIP: {}: no Garage (SNAPBLK_GARAGE_REGION unset): local region only", super::test_name())
+        }
+    }
+    v
+}
+
+/// Writes `DIR/snapblk.toml` for `region`: small packs (many objects), no background GC, a
+/// fresh prefix in the shared bucket, and `extra` lines (upload settings, faults).
+pub fn configure(dir: &Path, region: &TestRegion, upload: &str, region_extra: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let prefix = format!("t-{:016x}/", rand_u64());
+    let prefix_line = if region.name == "local" { String::new() } else { format!("prefix = \"{prefix}\"\n") };
+    let text = format!(
+        "[upload]\nconcurrency = 4\npack_size = \"1M\"\n{upload}\n[gc]\ninterval = \"0s\"\ngrace = \"0s\"\n\n{}\n{prefix_line}request_timeout = \"5s\"\n{region_extra}\n",
+        region.block.trim_end()
+    );
+    std::fs::write(dir.join("snapblk.toml"), text).unwrap();
+}
+
+pub fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    h.finish()
+}
+
+pub fn tools() -> bool {
+    require_libnbd() && require_tool("qemu-img") && require_tool("nbdcopy")
+}
+
+pub fn fill(d: &Daemon, export: &str, offset: u64, len: u64, seed: u64) {
+    python_ok(
+        "data.py",
+        &["fill", &d.nbd_uri(export), &offset.to_string(), &len.to_string(), &seed.to_string()],
+        Duration::from_secs(120),
+    );
+}
+
+pub fn scatter(d: &Daemon, export: &str, n: u64, seed: u64) {
+    python_ok(
+        "data.py",
+        &["scatter", &d.nbd_uri(export), &CLUSTER.to_string(), &n.to_string(), &seed.to_string()],
+        Duration::from_secs(120),
+    );
+}
+
+/// Copies an NBD export to a file.
+pub fn nbd_to_file(d: &Daemon, export: &str, path: &Path) {
+    ok("nbdcopy", &[&d.nbd_uri(export), &path.display().to_string()]);
+}
+
+pub fn compare(a: &Path, b: &Path) {
+    ok("qemu-img", &["compare", "-q", "-f", "raw", "-F", "raw", &a.display().to_string(), &b.display().to_string()]);
+}
+
+pub fn snapshot(d: &Daemon, volume: &str, name: &str) -> Value {
+    d.cli_json(&["snapshot", "create", volume, "--name", name])
+}
+
+/// Waits until the snapshot's upload is no longer running; returns its final view.
+pub fn wait_upload(d: &Daemon, snap: &str, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let v = d.cli_json(&["snapshot", "show", snap]);
+        let state = v["upload"]["state"].as_str().unwrap_or("").to_string();
+        if state != "uploading" {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "upload of {snap} still running after {timeout:?}: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn wait_available(d: &Daemon, snap: &str) -> Value {
+    let v = wait_upload(d, snap, Duration::from_secs(180));
+    assert_eq!(v["upload"]["state"], "available", "upload of {snap}: {v}\n{}", d.log());
+    v
+}
+
+/// Waits until the snapshot's local data is released (done right after its upload).
+pub fn wait_released(d: &Daemon, snap: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = d.cli_json(&["snapshot", "show", snap]);
+        if v["local"] == false {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{snap} still local 10 s after its upload: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn region_show(d: &Daemon, region: &str) -> Value {
+    d.cli_json(&["region", "show", region])
+}
+
+pub fn verify_ok(d: &Daemon, snap: &str) {
+    let out = d.cli_ok(&["snapshot", "verify", snap]);
+    assert!(out.contains("ok: every object"), "verify {snap}:\n{out}");
+}
+
+pub fn export(d: &Daemon, snap: &str, out: &Path) {
+    d.cli_ok(&["snapshot", "export", snap, "--output", &out.display().to_string()]);
+}
+
