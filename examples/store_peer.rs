@@ -3,11 +3,13 @@
 //! snapblk's format, crypto or layers. Used by scripts/bench.
 //!
 //!   store_peer DIR REGION BYTES OBJECT_SIZE CONCURRENCY
+//!   store_peer DIR REGION get PREFIX CONCURRENCY
 //!
-//! Reads DIR/snapblk.toml for the region, writes BYTES of random data as OBJECT_SIZE objects
-//! under `peer-<random>/`, reads them back, deletes them, and prints
-//! `{"bytes": N, "put_secs": S, "get_secs": S}`. On a filesystem region each object is
-//! fsynced after its PUT, as snapblk does.
+//! Reads DIR/snapblk.toml for the region. The first form writes BYTES of random data as
+//! OBJECT_SIZE objects under `peer-<random>/`, reads them back, deletes them, and prints
+//! `{"bytes": N, "put_secs": S, "get_secs": S}`; on a filesystem region each object is fsynced
+//! after its PUT, as snapblk does. The second GETs every object already under PREFIX (e.g. a
+//! snapshot's `packs/`, for the hydration figure) and prints `{"bytes": N, "get_secs": S}`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,12 +21,13 @@ use snapblk::store::config::{Backend, Config};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let [_, dir, region, bytes, object_size, concurrency] = args.as_slice() else {
-        anyhow::bail!("usage: store_peer DIR REGION BYTES OBJECT_SIZE CONCURRENCY");
+    let [_, dir, region, a, b, concurrency] = args.as_slice() else {
+        anyhow::bail!(
+            "usage: store_peer DIR REGION BYTES OBJECT_SIZE CONCURRENCY | store_peer DIR REGION get PREFIX CONCURRENCY"
+        );
     };
     let dir = std::path::Path::new(dir);
-    let (bytes, object_size, concurrency): (u64, u64, usize) =
-        (bytes.parse()?, object_size.parse()?, concurrency.parse()?);
+    let concurrency: usize = concurrency.parse()?;
     let cfg = Config::parse(&std::fs::read_to_string(dir.join("snapblk.toml"))?, dir).map_err(anyhow::Error::msg)?;
     let rc = cfg.regions.get(region).ok_or_else(|| anyhow::anyhow!("no region {region}"))?;
     let (store, fs_root): (Arc<dyn ObjectStore>, _) = match &rc.backend {
@@ -50,12 +53,16 @@ fn main() -> anyhow::Result<()> {
             (store, None)
         }
     };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    if a == "get" {
+        return rt.block_on(get_existing(store, b, concurrency));
+    }
+    let (bytes, object_size): (u64, u64) = (a.parse()?, b.parse()?);
     let prefix = format!("peer-{:016x}", rand::random::<u64>());
     let count = bytes.div_ceil(object_size);
     let mut payload = vec![0u8; object_size as usize];
     rand::Rng::fill(&mut rand::thread_rng(), payload.as_mut_slice());
     let payload = bytes::Bytes::from(payload);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
         let key = |i: u64| ObjPath::from(format!("{prefix}/{i:08}"));
         let t = Instant::now();
@@ -94,4 +101,27 @@ fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::json!({ "bytes": count * object_size, "put_secs": put_secs, "get_secs": get_secs }));
         anyhow::Ok(())
     })
+}
+
+/// GETs every object under `prefix`, `concurrency` at a time.
+async fn get_existing(store: Arc<dyn ObjectStore>, prefix: &str, concurrency: usize) -> anyhow::Result<()> {
+    let keys: Vec<ObjPath> = store
+        .list(Some(&ObjPath::from(prefix)))
+        .map(|m| m.map(|m| m.location))
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    let t = Instant::now();
+    let gets = futures::stream::iter(keys)
+        .map(|key| {
+            let store = store.clone();
+            async move { anyhow::Ok(store.get(&key).await?.bytes().await?.len() as u64) }
+        })
+        .buffer_unordered(concurrency)
+        .collect::<Vec<_>>()
+        .await;
+    let got: u64 = gets.into_iter().collect::<anyhow::Result<Vec<_>>>()?.into_iter().sum();
+    println!("{}", serde_json::json!({ "bytes": got, "get_secs": t.elapsed().as_secs_f64() }));
+    Ok(())
 }

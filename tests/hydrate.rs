@@ -47,7 +47,8 @@ fn node(o: &Origin, region: &TestRegion, name: &str, hydrate: &str, faults: &str
     std::fs::create_dir_all(dir.join("keys")).unwrap();
     let a_text = std::fs::read_to_string(o.a.dir.join("snapblk.toml")).unwrap();
     let store = o.a.dir.join("store").display().to_string();
-    let mut text = format!("[hydrate]\n{hydrate}\n{}", a_text.replace("path = \"store\"", &format!("path = \"{store}\"")));
+    let mut text =
+        format!("[hydrate]\n{hydrate}\n{}", a_text.replace("path = \"store\"", &format!("path = \"{store}\"")));
     if !faults.is_empty() {
         text.push_str(&format!("\n[regions.{}.faults]\n{faults}\n", region.name));
     }
@@ -198,7 +199,7 @@ fn a_foreground_read_during_background_hydration_takes_about_two_get_latencies()
         let b = node(&o, &region, "b", "bandwidth_limit = \"2M\"\nconcurrency = 4", "get_latency_ms = 20");
         create_from(&b, "b1", &o, &region);
         std::thread::sleep(Duration::from_secs(1)); // background loading is under way
-        // Clusters from the end of the data backwards: far from where the background is.
+                                                    // Clusters from the end of the data backwards: far from where the background is.
         let offsets: Vec<String> =
             (0..60u64).map(|i| ((DATA / CLUSTER - 1 - 2 * i) * CLUSTER + 4096 * (i % 16)).to_string()).collect();
         let mut args = vec!["latency".to_string(), b.nbd_uri("b1")];
@@ -241,7 +242,8 @@ fn a_partial_write_loads_its_cluster_first_and_a_whole_cluster_write_or_trim_loa
         assert!((g0 + 1..=g0 + 2).contains(&g1), "{}: a partial write took {} GETs", region.name, g1 - g0);
 
         // Eight readers of one cluster at once share one fetch (the page is cached now).
-        let same = python_ok("reads.py", &["same", &uri, &(30 * CLUSTER + 512).to_string(), "8"], Duration::from_secs(60));
+        let same =
+            python_ok("reads.py", &["same", &uri, &(30 * CLUSTER + 512).to_string(), "8"], Duration::from_secs(60));
         assert_eq!(same.trim(), "8");
         assert_eq!(gets(), g1 + 1, "{}: 8 concurrent reads of one cluster", region.name);
 
@@ -295,10 +297,7 @@ fn hydration_killed_mid_way_resumes_without_refetching_and_keeps_acknowledged_wr
         let b = Daemon::start(&b.dir);
         hydrate_wait(&b, "b1");
         let after = metric(&b, &region, "get_bytes");
-        eprintln!(
-            "{}: {} stored; fetched {fetched_before} before kill -9, {after} after",
-            region.name, o.stored
-        );
+        eprintln!("{}: {} stored; fetched {fetched_before} before kill -9, {after} after", region.name, o.stored);
         // What was committed before the kill is not fetched again: at most what was in
         // flight, and up to a second of loading at 4 MiB/s, are.
         assert!(

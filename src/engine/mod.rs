@@ -524,7 +524,9 @@ impl Registry {
                 // Rolling back to a released snapshot keeps its lineage's anchor; a volume
                 // created from a remote snapshot is anchored at it.
                 let anchor = match parent {
-                    Some(p) => self.snapshots.get(p).ok_or_else(|| missing("snapshot", *p))?.lineage.lock().anchor.clone(),
+                    Some(p) => {
+                        self.snapshots.get(p).ok_or_else(|| missing("snapshot", *p))?.lineage.lock().anchor.clone()
+                    }
                     None => Some(source.clone()),
                 };
                 let mut st = v.state.write();
@@ -1115,7 +1117,12 @@ impl Engine {
             origin: Some(s.id),
         }];
         if let Some(source) = remote {
-            recs.push(Record::RemoteHead { volume: id, parent: None, region: source.region, snapshot: source.snapshot });
+            recs.push(Record::RemoteHead {
+                volume: id,
+                parent: None,
+                region: source.region,
+                snapshot: source.snapshot,
+            });
         }
         self.run_all(&mut reg, &recs)?;
         tracing::info!(from = %snapshot_id(s.id), name = new_volume, "volume cloned");
@@ -1334,25 +1341,37 @@ impl Engine {
         loading.then_some(v)
     }
 
-    /// The clusters of `range` still pending on a volume loading from `source`; `None` when
-    /// the volume is gone or no longer loads from it (deleted, rolled back, or done).
-    pub fn pending_clusters(&self, volume: u64, source: &RemoteSource, range: std::ops::Range<u64>) -> Option<RoaringTreemap> {
+    /// The clusters of `range` (about a map page: each is looked up) still pending on a volume
+    /// loading from `source`; `None` when the volume is gone or no longer loads from it
+    /// (deleted, rolled back, or done).
+    pub fn pending_clusters(
+        &self,
+        volume: u64,
+        source: &RemoteSource,
+        range: std::ops::Range<u64>,
+    ) -> Option<Vec<u64>> {
         let v = self.loading_volume(volume, source)?;
         let st = v.state.read();
         let r = st.remote.as_ref()?;
-        let mut set = RoaringTreemap::new();
-        let end = range.end.min(st.clusters);
-        if range.start < end {
-            set.insert_range(range.start..end);
-            set -= &*r.loaded;
-        }
-        Some(set)
+        Some((range.start..range.end.min(st.clusters)).filter(|&c| r.is_pending(c)).collect())
+    }
+
+    /// How many clusters of a volume loading from `source` are still pending (`None` as above).
+    pub fn pending_count(&self, volume: u64, source: &RemoteSource) -> Option<u64> {
+        let v = self.loading_volume(volume, source)?;
+        let st = v.state.read();
+        st.remote.as_ref().map(|r| st.clusters - r.loaded.len())
     }
 
     /// Loads clusters of `source` (fetched by the caller) into a volume; `None` data is a hole.
     /// Clusters no longer pending (written meanwhile, loaded by another request) are skipped.
     /// Returns how many were installed.
-    pub fn install_clusters(&self, volume: u64, source: &RemoteSource, items: &[(u64, Option<&[u8]>)]) -> Result<usize> {
+    pub fn install_clusters(
+        &self,
+        volume: u64,
+        source: &RemoteSource,
+        items: &[(u64, Option<&[u8]>)],
+    ) -> Result<usize> {
         match self.loading_volume(volume, source) {
             Some(v) => self.install(&v, source, items),
             None => Ok(0),

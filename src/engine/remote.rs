@@ -67,7 +67,12 @@ pub trait ClusterSource: Send + Sync {
     /// The plaintext of `cluster` of `source` (verified), or `None` when the snapshot has no
     /// data there (a hole). Concurrent calls for one cluster share one fetch. Fails after the
     /// configured bound when the store keeps failing.
-    fn fetch(&self, source: &RemoteSource, cluster: u64, priority: Priority) -> BoxFuture<'static, Result<Option<Bytes>>>;
+    fn fetch(
+        &self,
+        source: &RemoteSource,
+        cluster: u64,
+        priority: Priority,
+    ) -> BoxFuture<'static, Result<Option<Bytes>>>;
     /// Bytes to prefetch after a sequential read (0: no read-ahead).
     fn readahead_bytes(&self) -> u64;
     /// The runtime fetches run on (for callers on threads outside it, e.g. ublk queues).

@@ -405,3 +405,218 @@ fn in_place_write_after_regaining_ownership_still_marks_the_cluster_dirty() {
     engine.open_volume("c").unwrap().read(0, &mut buf).unwrap();
     assert!(buf[..4096].iter().all(|&b| b == 1) && buf[4096..].iter().all(|&b| b == 3));
 }
+
+// Hydration: a volume created from a snapshot in the store, against the snapshot's bytes.
+
+/// Serves the clusters of remote snapshots from memory: the engine's whole contract with the
+/// store is "the bytes of cluster C of snapshot S, or none for a hole" (the real store is
+/// exercised by tests/hydrate.rs).
+struct MemorySource {
+    rt: tokio::runtime::Handle,
+    cluster_size: u64,
+    snapshots: parking_lot::Mutex<std::collections::HashMap<u64, Vec<u8>>>,
+    fetches: AtomicU64,
+}
+
+impl ClusterSource for MemorySource {
+    fn fetch(
+        &self,
+        source: &RemoteSource,
+        cluster: u64,
+        _priority: Priority,
+    ) -> futures::future::BoxFuture<'static, Result<Option<bytes::Bytes>>> {
+        use futures::FutureExt;
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        let snaps = self.snapshots.lock();
+        let data = &snaps[&source.snapshot];
+        let start = (cluster * self.cluster_size) as usize;
+        let chunk = &data[start..(start + self.cluster_size as usize).min(data.len())];
+        let out = (!chunk.iter().all(|&b| b == 0)).then(|| bytes::Bytes::copy_from_slice(chunk));
+        futures::future::ready(Ok(out)).boxed()
+    }
+    fn readahead_bytes(&self) -> u64 {
+        2 * self.cluster_size
+    }
+    fn runtime(&self) -> tokio::runtime::Handle {
+        self.rt.clone()
+    }
+}
+
+fn mt_rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+/// The remote snapshot's bytes: random clusters with a few holes.
+fn remote_bytes(size: usize, cs: usize, seed: u64) -> Vec<u8> {
+    let mut data = fill(seed, size);
+    for (i, c) in data.chunks_mut(cs).enumerate() {
+        if i % 5 == 3 {
+            c.fill(0);
+        }
+    }
+    data
+}
+
+fn hydrate_case(ops: Vec<(u8, u64, u64)>) {
+    const SIZE: u64 = 256 << 10;
+    const CS: u64 = 4096;
+    let rt = mt_rt();
+    let dir = tempfile::tempdir().unwrap();
+    let src = Arc::new(MemorySource {
+        rt: rt.handle().clone(),
+        cluster_size: CS,
+        snapshots: parking_lot::Mutex::new([(7, remote_bytes(SIZE as usize, CS as usize, 99))].into()),
+        fetches: AtomicU64::new(0),
+    });
+    let open = |dir: &Path| {
+        let e = Engine::open(dir).unwrap();
+        e.set_cluster_source(src.clone());
+        e
+    };
+    let source = RemoteSource { region: "mem".into(), snapshot: 7 };
+    let mut engine = open(dir.path());
+    engine.create_volume_from_remote("v", SIZE, CS as u32, &source).unwrap();
+    let mut model = src.snapshots.lock()[&7].clone();
+    // (name, content) of snapshots taken while loading.
+    let mut snaps: Vec<(String, Vec<u8>)> = Vec::new();
+    // Compares without loading anything: pending clusters are compared with the source,
+    // local ones read from the slots, so the pending state survives from step to step.
+    let check = |engine: &Arc<Engine>, model: &[u8], snaps: &[(String, Vec<u8>)]| {
+        let v = engine.registry.read().find_volume("v").unwrap().clone();
+        let st = v.state.read();
+        let mut buf = vec![0u8; CS as usize];
+        for c in 0..SIZE / CS {
+            let range = (c * CS) as usize..((c + 1) * CS) as usize;
+            match &st.remote {
+                Some(r) if r.is_pending(c) => {
+                    let snaps = src.snapshots.lock();
+                    assert!(snaps[&r.source.snapshot][range.clone()] == model[range], "pending cluster {c} differs");
+                }
+                _ => {
+                    volume::read_map(&v.slots, &st.head, c * CS, &mut buf).unwrap();
+                    assert!(buf[..] == model[range], "cluster {c} differs");
+                }
+            }
+        }
+        drop(st);
+        let mut buf = vec![0u8; SIZE as usize];
+        for (name, want) in snaps {
+            let s = engine.open_snapshot(&format!("v@{name}")).unwrap();
+            rt.block_on(s.read_async(0, &mut buf)).unwrap();
+            assert!(&buf == want, "snapshot {name} differs");
+        }
+    };
+    for (op, a, b) in ops {
+        // Sector-aligned, up to four clusters: many requests cover whole clusters and parts.
+        let off = a % (SIZE / 512) * 512;
+        let len = ((b % (8 * CS / 512) + 1) * 512).min(SIZE - off);
+        match op % 8 {
+            // reads load what they touch; they never see zeros for data still remote
+            0 => {
+                let h = engine.open_volume("v").unwrap();
+                let mut buf = vec![0u8; len as usize];
+                rt.block_on(h.read_async(off, &mut buf)).unwrap();
+                assert!(buf == model[off as usize..(off + len) as usize], "read at {off}+{len}");
+            }
+            1 => {
+                let data = fill(b, len as usize);
+                rt.block_on(engine.open_volume("v").unwrap().write_async(off, &data, false)).unwrap();
+                model[off as usize..(off + len) as usize].copy_from_slice(&data);
+            }
+            2 => {
+                let mode = if op & 8 == 0 { ZeroMode::Unmap } else { ZeroMode::Allocate };
+                rt.block_on(engine.open_volume("v").unwrap().zero_async(off, len, mode, false)).unwrap();
+                model[off as usize..(off + len) as usize].fill(0);
+            }
+            3 if snaps.len() < 4 => {
+                let name = format!("s{}", snaps.len());
+                engine.create_snapshot("v", &name, "").unwrap();
+                snaps.push((name, model.clone()));
+            }
+            // background loading of some pending clusters, as the store's hydrator does it
+            4 => {
+                let vol = parse_volume_id(&engine.volume("v").unwrap().id).unwrap();
+                let Some(pending) = engine.pending_clusters(vol, &source, 0..SIZE / CS) else { continue };
+                let data = src.snapshots.lock()[&7].clone();
+                let items: Vec<(u64, Option<&[u8]>)> = pending
+                    .into_iter()
+                    .take((b % 20) as usize)
+                    .map(|c| {
+                        let chunk = &data[(c * CS) as usize..((c + 1) * CS) as usize];
+                        (c, (!chunk.iter().all(|&x| x == 0)).then_some(chunk))
+                    })
+                    .collect();
+                engine.install_clusters(vol, &source, &items).unwrap();
+            }
+            5 if !snaps.is_empty() => {
+                let (name, content) = snaps[(b as usize) % snaps.len()].clone();
+                rt.block_on(engine.rollback(&format!("v@{name}"), false, None)).unwrap();
+                model = content;
+            }
+            // restart: clean, or replaying the journal after a commit
+            6 | 7 => {
+                if op % 2 == 0 {
+                    engine.shutdown();
+                } else {
+                    engine.commit().unwrap();
+                }
+                drop(std::mem::replace(&mut engine, open(dir.path())));
+            }
+            _ => {}
+        }
+        check(&engine, &model, &snaps);
+    }
+    // Loading everything leaves a volume that no longer needs the store.
+    let h = engine.open_volume("v").unwrap();
+    rt.block_on(h.load(0, SIZE, false, Priority::ReadAhead)).unwrap();
+    drop(h);
+    assert!(engine.volume("v").unwrap().hydration.is_none(), "still loading after loading everything");
+    check(&engine, &model, &snaps);
+    let fetched = src.fetches.load(Ordering::Relaxed);
+    engine.commit().unwrap();
+    drop(std::mem::replace(&mut engine, open(dir.path())));
+    check(&engine, &model, &snaps);
+    assert!(engine.volume("v").unwrap().hydration.is_none());
+    // Snapshots taken while loading still read their remote clusters from the store; the
+    // volume itself fetched nothing more.
+    let h = engine.open_volume("v").unwrap();
+    let before = src.fetches.load(Ordering::Relaxed);
+    let mut buf = vec![0u8; SIZE as usize];
+    rt.block_on(h.read_async(0, &mut buf)).unwrap();
+    assert_eq!(src.fetches.load(Ordering::Relaxed), before, "a fully loaded volume fetched again");
+    assert!(fetched > 0);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+    #[test]
+    fn a_volume_loading_from_the_store_matches_its_model(ops in proptest::collection::vec((any::<u8>(), any::<u64>(), any::<u64>()), 1..50)) {
+        hydrate_case(ops);
+    }
+}
+
+#[test]
+fn deleting_a_snapshot_volumes_still_load_from_is_refused() {
+    let rt = mt_rt();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    engine.create_volume("v", 1 << 20, Some(65536)).unwrap();
+    engine.create_snapshot("v", "s", "").unwrap();
+    let id = parse_snapshot_id(&engine.snapshot("v@s").unwrap().id).unwrap();
+    engine.set_cluster_source(Arc::new(MemorySource {
+        rt: rt.handle().clone(),
+        cluster_size: 65536,
+        snapshots: parking_lot::Mutex::new([(id, vec![1u8; 1 << 20])].into()),
+        fetches: AtomicU64::new(0),
+    }));
+    engine.create_volume_from_remote("w", 1 << 20, 65536, &RemoteSource { region: "r".into(), snapshot: id }).unwrap();
+    let err = engine.delete_snapshot("v@s").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
+    assert!(err.to_string().contains("volume(s) w still load"), "{err}");
+}
+
+#[test]
+fn a_trim_of_whole_clusters_still_in_the_store_survives_a_replay() {
+    // Clusters 2 and 3 trimmed (no fetch), then a replay; cluster 4 must still be pending.
+    hydrate_case(vec![(2, 16, 15), (7, 0, 0), (0, 8192, 15)]);
+}

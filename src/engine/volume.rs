@@ -96,7 +96,7 @@ impl Run {
 }
 
 /// Reads through `map`; returns true when the whole range is unallocated (a hole).
-fn read_map(slots: &SlotFile, map: &ClusterMap, offset: u64, buf: &mut [u8]) -> Result<bool> {
+pub(crate) fn read_map(slots: &SlotFile, map: &ClusterMap, offset: u64, buf: &mut [u8]) -> Result<bool> {
     let shift = shift_of(slots);
     let mut hole = true;
     let mut run = None;
@@ -623,10 +623,9 @@ impl SnapshotHandle {
         };
         let src = self.engine.cluster_source().ok_or_else(super::no_store)?;
         let shift = shift_of(&self.vol.slots);
-        let fetched = futures::future::try_join_all(
-            pending.iter().map(|&c| src.fetch(&remote.source, c, Priority::Foreground)),
-        )
-        .await?;
+        let fetched =
+            futures::future::try_join_all(pending.iter().map(|&c| src.fetch(&remote.source, c, Priority::Foreground)))
+                .await?;
         let mut hole = true;
         let mut fetched = pending.iter().zip(fetched).peekable();
         for (cluster, within, pos, n) in pieces(offset, buf.len() as u64, shift) {
@@ -675,8 +674,12 @@ impl SnapshotHandle {
     pub fn changed_since(&self, base: usize, offset: u64, len: u64) -> Result<Vec<Extent>> {
         check_range(self.snap.size, offset, len, false)?;
         let base = self.bases.get(base).ok_or_else(|| EngineError::Invalid("no such base snapshot".into()))?;
+        // Clusters still in the store compare by where they come from (the map has no entry).
+        fn source(r: &Option<Remote>, c: u64) -> Option<&super::RemoteSource> {
+            r.as_ref().filter(|r| r.is_pending(c)).map(|r| &r.source)
+        }
         Ok(status(offset, len, shift_of(&self.vol.slots), |c| {
-            if base.map.get(c) != self.snap.map.get(c) {
+            if base.map.get(c) != self.snap.map.get(c) || source(&base.remote, c) != source(&self.snap.remote, c) {
                 STATE_DIRTY
             } else {
                 0

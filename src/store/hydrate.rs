@@ -35,18 +35,46 @@ const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Background loading commits at least this often, so a crash loses at most this much of it.
 const COMMIT_EVERY: Duration = Duration::from_secs(1);
+/// Map pages kept per source snapshot (a full page is 256 KiB): the background walks them in
+/// order, so older ones are rarely needed again.
+const CACHED_PAGES: usize = 64;
+
+/// A value fetched once and shared by everyone who asks while it is in flight (`None`: a hole,
+/// or no page).
+type Shared<T> = Arc<OnceCell<Option<T>>>;
 
 /// A source snapshot, opened: its region, manifest and the map pages fetched so far.
 struct SourceView {
     region: Arc<Region>,
     manifest: Arc<Manifest>,
-    pages: Mutex<HashMap<u64, Arc<OnceCell<Option<Arc<Page>>>>>>,
+    pages: Mutex<PageCache>,
+}
+
+/// Cached pages, and their indexes oldest first (evicted beyond `CACHED_PAGES`).
+#[derive(Default)]
+struct PageCache {
+    pages: HashMap<u64, Shared<Arc<Page>>>,
+    order: std::collections::VecDeque<u64>,
 }
 
 impl SourceView {
     /// Map page `index` (fetched once, shared); `None` when the snapshot has no data there.
     async fn page(&self, index: u64) -> Result<Option<Arc<Page>>> {
-        let cell = self.pages.lock().entry(index).or_default().clone();
+        let cell = {
+            let mut cache = self.pages.lock();
+            match cache.pages.get(&index) {
+                Some(c) => c.clone(),
+                None => {
+                    if cache.order.len() >= CACHED_PAGES {
+                        if let Some(old) = cache.order.pop_front() {
+                            cache.pages.remove(&old);
+                        }
+                    }
+                    cache.order.push_back(index);
+                    cache.pages.entry(index).or_default().clone()
+                }
+            }
+        };
         cell.get_or_try_init(|| async {
             let Some(p) = self.manifest.pages.iter().find(|p| p.index == index) else { return Ok(None) };
             let r = p.blob.to_ref(&manifest_key(&self.manifest.snapshot_id))?;
@@ -102,7 +130,7 @@ pub struct Hydration {
     pub config: HydrateConfig,
     limiter: Option<Arc<RateLimiter>>,
     sources: Mutex<HashMap<RemoteSource, Arc<OnceCell<Arc<SourceView>>>>>,
-    inflight: Mutex<HashMap<(RemoteSource, u64), Arc<OnceCell<Option<Bytes>>>>>,
+    inflight: Mutex<HashMap<(RemoteSource, u64), Shared<Bytes>>>,
     /// Foreground and read-ahead fetches in flight; background work waits for zero.
     foreground: AtomicUsize,
     idle: Notify,
@@ -156,7 +184,7 @@ impl Hydration {
             let svc = self.svc.upgrade().ok_or_else(|| StoreError::Unavailable("the daemon is stopping".into()))?;
             let region = svc.region(&source.region).await?;
             let manifest = region.manifest(&engine::snapshot_id(source.snapshot)).await?;
-            Ok(Arc::new(SourceView { region, manifest, pages: Mutex::new(HashMap::new()) }))
+            Ok(Arc::new(SourceView { region, manifest, pages: Mutex::default() }))
         })
         .await
         .cloned()
@@ -264,8 +292,7 @@ impl Hydration {
 
     /// Starts background hydration of a volume (nothing to do when it runs or is complete).
     pub fn start(&self, volume: u64) {
-        let Some((_, name, source)) = self.engine.hydrating_volumes().into_iter().find(|(id, ..)| *id == volume)
-        else {
+        let Some((_, name, source)) = self.engine.hydrating_volumes().into_iter().find(|(id, ..)| *id == volume) else {
             return;
         };
         let progress = {
@@ -289,6 +316,10 @@ impl Hydration {
             let started = Instant::now();
             this.run_volume(volume, &source, &progress).await;
             progress.done.store(true, Ordering::Release);
+            // The source's manifest and pages are dropped once no volume loads from it.
+            if !this.engine.hydrating_volumes().iter().any(|(.., s)| *s == source) {
+                this.sources.lock().remove(&source);
+            }
             let finished = this.engine.volume(&engine::volume_id(volume)).is_ok_and(|v| v.hydration.is_none());
             if finished {
                 tracing::info!(
@@ -317,8 +348,8 @@ impl Hydration {
                     true
                 }
             };
-            let Some(left) = self.engine.pending_clusters(volume, source, 0..u64::MAX) else { return };
-            if left.is_empty() {
+            let Some(left) = self.engine.pending_count(volume, source) else { return };
+            if left == 0 {
                 let _ = self.commit().await;
                 return;
             }
@@ -356,7 +387,7 @@ impl Hydration {
             // Clusters the page has no data for are holes: loaded without a fetch.
             let mut blobs = Vec::new();
             let mut holes: Vec<std::ops::Range<u64>> = Vec::new();
-            for c in pending.iter() {
+            for c in pending {
                 let slot = (c % PAGE_CLUSTERS) as u32;
                 let blob = page
                     .as_ref()
@@ -444,7 +475,9 @@ impl Hydration {
         let cs = info.cluster_size as u64;
         let progress = self.volumes.lock().get(&engine::parse_volume_id(&info.id)?).cloned();
         let running = progress.as_ref().filter(|p| {
-            !p.done.load(Ordering::Acquire) && engine::snapshot_id(p.source.snapshot) == h.source && p.source.region == h.region
+            !p.done.load(Ordering::Acquire)
+                && engine::snapshot_id(p.source.snapshot) == h.source
+                && p.source.region == h.region
         });
         let (rate, fetched, last_error) = match running {
             Some(p) => {
@@ -478,7 +511,12 @@ impl Hydration {
 }
 
 impl ClusterSource for Hydration {
-    fn fetch(&self, source: &RemoteSource, cluster: u64, _priority: Priority) -> BoxFuture<'static, engine::Result<Option<Bytes>>> {
+    fn fetch(
+        &self,
+        source: &RemoteSource,
+        cluster: u64,
+        _priority: Priority,
+    ) -> BoxFuture<'static, engine::Result<Option<Bytes>>> {
         let Some(this) = self.self_ref.upgrade() else {
             return futures::future::ready(Err(EngineError::Unavailable("the daemon is stopping".into()))).boxed();
         };

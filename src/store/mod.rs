@@ -423,7 +423,9 @@ impl StoreService {
         // the store need not be read to upload.
         if base.is_none() {
             let anchor = match self.engine.lineage_anchor(id)? {
-                Some(Anchor::Remote(src)) if src.region == region_name => Some(crate::engine::snapshot_id(src.snapshot)),
+                Some(Anchor::Remote(src)) if src.region == region_name => {
+                    Some(crate::engine::snapshot_id(src.snapshot))
+                }
                 Some(Anchor::Origin(o)) => {
                     let sid = crate::engine::snapshot_id(o);
                     let uploaded = self

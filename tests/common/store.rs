@@ -133,4 +133,3 @@ pub fn verify_ok(d: &Daemon, snap: &str) {
 pub fn export(d: &Daemon, snap: &str, out: &Path) {
     d.cli_ok(&["snapshot", "export", snap, "--output", &out.display().to_string()]);
 }
-
