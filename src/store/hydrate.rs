@@ -3,12 +3,13 @@
 //! One scheduler for every such volume. Foreground fetches (a client read or partial write is
 //! waiting) and read-ahead go out at once, one ranged GET per cluster, with no queue in front
 //! of them; concurrent requests for one cluster share one fetch. Background hydration walks
-//! each volume's map page by page, fetches the pending clusters with large ranged GETs in pack
-//! order (runs of nearby blobs coalesced), `concurrency` at a time under its own bandwidth
-//! limit, and before every GET waits until no foreground fetch is in flight: it only ever uses
-//! the store when clients do not. Every blob is verified (AEAD tag, keyed hash) before it is
-//! installed; the engine journals each installed cluster, and background work commits after
-//! every page, so a restart resumes where it was.
+//! each volume's map page by page; each page's pending clusters become ranged GETs of runs of
+//! nearby blobs in one pack (large, sequential reads of each pack), issued in volume order,
+//! `concurrency` at a time under its own bandwidth limit. Before every GET it waits until no
+//! foreground fetch is in flight: it only uses the store when clients do not. Every blob is
+//! verified (AEAD tag, keyed hash) before it is installed; the engine journals each installed
+//! cluster, and background work commits at least every second, so a restart resumes where it
+//! was.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -374,6 +375,7 @@ impl Hydration {
         let view = self.view(source).await?;
         let clusters = view.manifest.size.div_ceil(view.manifest.cluster_size as u64);
         let mut failed = false;
+        let mut committed = Instant::now();
         for index in 0..clusters.div_ceil(PAGE_CLUSTERS) {
             let start = index * PAGE_CLUSTERS;
             let Some(pending) = self.engine.pending_clusters(volume, source, start..start + PAGE_CLUSTERS) else {
@@ -408,7 +410,6 @@ impl Hydration {
             let mut results = futures::stream::iter(runs)
                 .map(|run| self.fetch_run(&view, run, progress))
                 .buffer_unordered(self.config.concurrency);
-            let mut committed = Instant::now();
             while let Some(r) = results.next().await {
                 if committed.elapsed() >= COMMIT_EVERY {
                     self.commit().await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
@@ -434,9 +435,13 @@ impl Hydration {
                     }
                 }
             }
-            // What this page loaded survives a crash from here on.
-            self.commit().await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            if committed.elapsed() >= COMMIT_EVERY {
+                self.commit().await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                committed = Instant::now();
+            }
         }
+        // What this pass loaded survives a crash from here on.
+        self.commit().await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
         if !failed {
             *progress.last_error.lock() = None;
         }
