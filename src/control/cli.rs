@@ -479,11 +479,19 @@ impl Shown {
             ),
             (Shown::Nothing(msg), false) => format!("{msg}\n"),
         };
-        print!("{text}");
         if json && !text.is_empty() {
-            println!();
+            out(&format!("{text}\n"));
+        } else {
+            out(&text);
         }
     }
+}
+
+/// Writes to stdout. A reader that went away (`snapblk ... | head`) is not an error: the
+/// output is simply not wanted any more.
+fn out(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().write_all(text.as_bytes()).and_then(|()| std::io::stdout().flush());
 }
 
 /// Pretty JSON for any serializable value, behind one object-safe trait.
@@ -523,7 +531,7 @@ fn size_arg(s: &str) -> Result<u64, ClientError> {
 fn show_progress(json: bool, label: &str, done: u64, total: u64, rate: u64) {
     use std::io::Write;
     if json {
-        println!("{}", serde_json::json!({ "progress": label, "done": done, "total": total, "rate": rate }));
+        out(&format!("{}\n", serde_json::json!({ "progress": label, "done": done, "total": total, "rate": rate })));
         return;
     }
     if total == 0 {
@@ -750,7 +758,7 @@ pub async fn run(dir: &std::path::Path, json: bool, command: Command) -> Result<
             Shown::Gc(reports)
         }
         Command::Key(KeyCommand::Generate) => {
-            print!("{}", crate::store::crypto::new_key_file_text());
+            out(&crate::store::crypto::new_key_file_text());
             return Ok(());
         }
         Command::Key(KeyCommand::Export { region }) => {
@@ -758,7 +766,7 @@ pub async fn run(dir: &std::path::Path, json: bool, command: Command) -> Result<
             if !json {
                 eprintln!("key file {} of region {}: keep this copy somewhere safe", k.path.display(), k.region);
             }
-            print!("{}", k.content);
+            out(&k.content);
             return Ok(());
         }
     };

@@ -140,6 +140,27 @@ fn open(c: &XChaCha20Poly1305, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
     Some(buf)
 }
 
+/// A blob's verified plaintext: a view into the buffer it was decrypted in (no copy).
+#[derive(Debug)]
+pub struct Plaintext {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl std::ops::Deref for Plaintext {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
+impl Plaintext {
+    /// As shared bytes, without copying.
+    pub fn into_bytes(self) -> bytes::Bytes {
+        bytes::Bytes::from(self.buf).slice(self.start..)
+    }
+}
+
 /// The repository key object (`keys/repository`): the master key wrapped by the KEK.
 pub fn wrap_master(kek: &[u8; 32], master: &[u8; 32]) -> Vec<u8> {
     let mut out = REPO_KEY_MAGIC.to_vec();
@@ -226,13 +247,18 @@ impl RepoKeys {
 
     /// Opens a sealed blob and checks that its plaintext hashes to `id`. `object` names where
     /// it came from, for the error.
-    pub fn open_blob(&self, id: &BlobId, sealed: &[u8], object: &str) -> Result<Vec<u8>> {
+    pub fn open_blob(&self, id: &BlobId, sealed: &[u8], object: &str) -> Result<Plaintext> {
         let body = open(&self.data, &id.0, sealed)
             .ok_or_else(|| StoreError::corrupt(object, format!("blob {} fails its authentication tag", hex(&id.0))))?;
-        let plain = match body.split_first() {
-            Some((&CODEC_RAW, p)) => p.to_vec(),
-            Some((&CODEC_LZ4, p)) => lz4_flex::block::decompress_size_prepended(p)
-                .map_err(|e| StoreError::corrupt(object, format!("blob {} does not decompress: {e}", hex(&id.0))))?,
+        let plain = match body.first() {
+            // Stored as is: the plaintext follows the codec byte in the decrypted buffer.
+            Some(&CODEC_RAW) => Plaintext { buf: body, start: 1 },
+            Some(&CODEC_LZ4) => Plaintext {
+                buf: lz4_flex::block::decompress_size_prepended(&body[1..]).map_err(|e| {
+                    StoreError::corrupt(object, format!("blob {} does not decompress: {e}", hex(&id.0)))
+                })?,
+                start: 0,
+            },
             _ => return Err(StoreError::corrupt(object, format!("blob {} has an unknown codec", hex(&id.0)))),
         };
         if self.blob_id(&plain) != *id {
@@ -268,7 +294,7 @@ mod tests {
             let n = keys.seal_blob(&id, &plain, &mut out);
             assert_eq!(n, out.len());
             assert!(n <= plain.len() + 1 + SEAL_OVERHEAD);
-            assert_eq!(keys.open_blob(&id, &out, "p").unwrap(), plain);
+            assert_eq!(&*keys.open_blob(&id, &out, "p").unwrap(), &plain[..]);
         }
     }
 

@@ -328,7 +328,7 @@ mod tests {
         let (pid, bytes, entries) = p.finish(&k);
         assert_eq!(r.pack, pid);
         let blob = &bytes[r.offset as usize..r.offset as usize + r.len as usize];
-        assert_eq!(k.open_blob(&id, blob, "p").unwrap(), a);
+        assert_eq!(&*k.open_blob(&id, blob, "p").unwrap(), &a[..]);
         let t = &bytes[bytes.len() - PACK_TRAILER_LEN as usize..];
         let n = parse_pack_trailer(t, "p").unwrap() as usize;
         let sealed = &bytes[bytes.len() - PACK_TRAILER_LEN as usize - n..bytes.len() - PACK_TRAILER_LEN as usize];

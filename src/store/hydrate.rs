@@ -18,10 +18,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, OnceCell};
+use tokio::task::JoinSet;
 
 use super::config::HydrateConfig;
 use super::error::{Result, StoreError};
@@ -47,6 +48,10 @@ type Shared<T> = Arc<OnceCell<Option<T>>>;
 /// A source snapshot, opened: its region, manifest and the map pages fetched so far.
 struct SourceView {
     region: Arc<Region>,
+    /// Held while a run's clusters are written: concurrent buffered writes to one slot file
+    /// only spin on the file's lock in the kernel, so runs decrypt in parallel and write in
+    /// turn.
+    writing: Mutex<()>,
     manifest: Arc<Manifest>,
     pages: Mutex<PageCache>,
 }
@@ -185,7 +190,7 @@ impl Hydration {
             let svc = self.svc.upgrade().ok_or_else(|| StoreError::Unavailable("the daemon is stopping".into()))?;
             let region = svc.region(&source.region).await?;
             let manifest = region.manifest(&engine::snapshot_id(source.snapshot)).await?;
-            Ok(Arc::new(SourceView { region, manifest, pages: Mutex::default() }))
+            Ok(Arc::new(SourceView { region, manifest, writing: Mutex::new(()), pages: Mutex::default() }))
         })
         .await
         .cloned()
@@ -207,7 +212,7 @@ impl Hydration {
             let view = self.view(source).await?;
             let r = match view.locate(c).await {
                 Ok(None) => return Ok(None),
-                Ok(Some(b)) => view.region.read_blob(&b).await.map(|p| Some(Bytes::from(p))),
+                Ok(Some(b)) => view.region.read_blob(&b).await.map(|p| Some(p.into_bytes())),
                 Err(e) => Err(e),
             };
             match r {
@@ -335,7 +340,7 @@ impl Hydration {
 
     /// Loads every pending cluster of the volume, page by page, until none is left or the
     /// volume stops loading from `source` (deleted, rolled back).
-    async fn run_volume(&self, volume: u64, source: &RemoteSource, progress: &VolumeProgress) {
+    async fn run_volume(&self, volume: u64, source: &RemoteSource, progress: &Arc<VolumeProgress>) {
         let mut backoff = BACKOFF_MIN;
         loop {
             let failed = match self.pass(volume, source, progress).await {
@@ -371,11 +376,24 @@ impl Hydration {
     }
 
     /// One walk over the volume's pages. Returns whether some runs failed (to retry later).
-    async fn pass(&self, volume: u64, source: &RemoteSource, progress: &VolumeProgress) -> Result<bool> {
+    async fn pass(&self, volume: u64, source: &RemoteSource, progress: &Arc<VolumeProgress>) -> Result<bool> {
         let view = self.view(source).await?;
         let clusters = view.manifest.size.div_ceil(view.manifest.cluster_size as u64);
         let mut failed = false;
         let mut committed = Instant::now();
+        // Runs in flight, each its own task: GET, then verify and install on a blocking
+        // thread, so several runs decrypt in parallel and the runtime stays free for clients.
+        let mut tasks: JoinSet<Result<usize>> = JoinSet::new();
+        let reap = |r: std::result::Result<Result<usize>, tokio::task::JoinError>, failed: &mut bool| match r {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(StoreError::Missing(m))) => Err(StoreError::Missing(m)),
+            Ok(Err(e)) => {
+                *progress.last_error.lock() = Some(e.to_string());
+                *failed = true;
+                Ok(())
+            }
+            Err(e) => Err(StoreError::Unavailable(format!("a hydration task failed: {e}"))),
+        };
         for index in 0..clusters.div_ceil(PAGE_CLUSTERS) {
             let start = index * PAGE_CLUSTERS;
             let Some(pending) = self.engine.pending_clusters(volume, source, start..start + PAGE_CLUSTERS) else {
@@ -407,38 +425,27 @@ impl Hydration {
             // client is likely to read next (the start of a disk, sequential data) comes first.
             let mut runs = coalesce(blobs);
             runs.sort_by_key(|run| run.iter().map(|(_, c)| *c).min());
-            let mut results = futures::stream::iter(runs)
-                .map(|run| self.fetch_run(&view, run, progress))
-                .buffer_unordered(self.config.concurrency);
-            while let Some(r) = results.next().await {
+            for run in runs {
+                while tasks.len() >= self.config.concurrency {
+                    if let Some(r) = tasks.join_next().await {
+                        reap(r, &mut failed)?;
+                    }
+                }
                 if committed.elapsed() >= COMMIT_EVERY {
                     self.commit().await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
                     committed = Instant::now();
                 }
-                match r {
-                    Ok(items) => {
-                        let e = self.engine.clone();
-                        let source = source.clone();
-                        let installed = tokio::task::spawn_blocking(move || {
-                            let refs: Vec<(u64, Option<&[u8]>)> =
-                                items.iter().map(|(c, d)| (*c, Some(d.as_slice()))).collect();
-                            e.install_clusters(volume, &source, &refs)
-                        })
-                        .await
-                        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-                        installed.map_err(|e| StoreError::Unavailable(e.to_string()))?;
-                    }
-                    Err(StoreError::Missing(m)) => return Err(StoreError::Missing(m)),
-                    Err(e) => {
-                        *progress.last_error.lock() = Some(e.to_string());
-                        failed = true;
-                    }
+                let bytes = run.iter().map(|(r, _)| r.len as u64).sum::<u64>();
+                self.foreground_idle().await;
+                if let Some(l) = &self.limiter {
+                    l.acquire(bytes).await;
                 }
+                let task = (self.engine.clone(), view.clone(), source.clone(), progress.clone());
+                tasks.spawn(load_run(task.0, task.1, volume, task.2, run, task.3));
             }
-            if committed.elapsed() >= COMMIT_EVERY {
-                self.commit().await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
-                committed = Instant::now();
-            }
+        }
+        while let Some(r) = tasks.join_next().await {
+            reap(r, &mut failed)?;
         }
         // What this pass loaded survives a crash from here on.
         self.commit().await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
@@ -446,32 +453,6 @@ impl Hydration {
             *progress.last_error.lock() = None;
         }
         Ok(failed)
-    }
-
-    /// One coalesced ranged GET of a pack, after foreground work and under the bandwidth
-    /// limit; returns each blob's verified plaintext with its cluster.
-    async fn fetch_run(
-        &self,
-        view: &SourceView,
-        run: Vec<(BlobRef, u64)>,
-        progress: &VolumeProgress,
-    ) -> Result<Vec<(u64, Vec<u8>)>> {
-        let start = run[0].0.offset;
-        let last = &run[run.len() - 1].0;
-        let end = last.offset + last.len as u64;
-        self.foreground_idle().await;
-        if let Some(l) = &self.limiter {
-            l.acquire(end - start).await;
-        }
-        let key = pack_key(&run[0].0.pack);
-        let bytes = view.region.objects.get_range(&key, start..end).await?;
-        progress.fetched.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        run.into_iter()
-            .map(|(r, c)| {
-                let at = (r.offset - start) as usize;
-                view.region.keys.open_blob(&r.id, &bytes[at..at + r.len as usize], &key).map(|p| (c, p))
-            })
-            .collect()
     }
 
     /// The hydration state of a volume loading from the store, for `volume show`.
@@ -513,6 +494,38 @@ impl Hydration {
             last_error,
         })
     }
+}
+
+/// One coalesced ranged GET of a pack; then, on a blocking thread, each blob is verified and
+/// installed into the volume. Returns how many clusters were installed.
+async fn load_run(
+    engine: Arc<engine::Engine>,
+    view: Arc<SourceView>,
+    volume: u64,
+    source: RemoteSource,
+    run: Vec<(BlobRef, u64)>,
+    progress: Arc<VolumeProgress>,
+) -> Result<usize> {
+    let start = run[0].0.offset;
+    let last = &run[run.len() - 1].0;
+    let end = last.offset + last.len as u64;
+    let key = pack_key(&run[0].0.pack);
+    let bytes = view.region.objects.get_range(&key, start..end).await?;
+    progress.fetched.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    tokio::task::spawn_blocking(move || {
+        let plain = run
+            .iter()
+            .map(|(r, c)| {
+                let at = (r.offset - start) as usize;
+                view.region.keys.open_blob(&r.id, &bytes[at..at + r.len as usize], &key).map(|p| (*c, p))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let items: Vec<(u64, Option<&[u8]>)> = plain.iter().map(|(c, p)| (*c, Some(&p[..]))).collect();
+        let _writing = view.writing.lock();
+        engine.install_clusters(volume, &source, &items).map_err(|e| StoreError::Unavailable(e.to_string()))
+    })
+    .await
+    .map_err(|e| StoreError::Unavailable(format!("a hydration task failed: {e}")))?
 }
 
 impl ClusterSource for Hydration {

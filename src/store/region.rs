@@ -11,7 +11,7 @@ use futures::StreamExt;
 use parking_lot::Mutex;
 
 use super::config::RegionConfig;
-use super::crypto::{self, RepoKeys};
+use super::crypto::{self, Plaintext, RepoKeys};
 use super::error::{Result, StoreError};
 use super::format::{manifest_key, pack_key, BlobRef, Manifest, Page, REPO_KEY_OBJECT};
 use super::index::BlobIndex;
@@ -111,7 +111,7 @@ impl Region {
     }
 
     /// Reads and verifies one blob.
-    pub async fn read_blob(&self, r: &BlobRef) -> Result<Vec<u8>> {
+    pub async fn read_blob(&self, r: &BlobRef) -> Result<Plaintext> {
         let key = pack_key(&r.pack);
         let sealed = self.objects.get_range(&key, r.offset..r.offset + r.len as u64).await?;
         self.keys.open_blob(&r.id, &sealed, &key)
@@ -129,7 +129,7 @@ impl Region {
         &self,
         blobs: Vec<(BlobRef, T)>,
         concurrency: usize,
-        mut sink: impl FnMut(T, &BlobRef, Result<Vec<u8>>),
+        mut sink: impl FnMut(T, &BlobRef, Result<Plaintext>),
     ) {
         let runs = coalesce(blobs);
         let mut results = futures::stream::iter(runs)
