@@ -12,7 +12,7 @@ use snapblk_nbd::{Export, ExportCatalog, ExportError, ExportInfo, Extent, ReadKi
 
 use crate::engine::{self, Engine, EngineError, ErrorKind, Priority, SnapshotHandle, VolumeHandle, ZeroMode};
 use crate::store::remote::RemoteSnapshot;
-use crate::store::{StoreError, StoreService};
+use crate::store::StoreService;
 
 /// Largest request we accept (NBD_INFO_BLOCK_SIZE maximum).
 const MAX_REQUEST: u32 = 32 << 20;
@@ -42,12 +42,6 @@ fn nbd_error(e: EngineError) -> ExportError {
             ExportError::Io
         }
     }
-}
-
-/// Store errors on a released snapshot's reads: all are I/O errors to the client (never zeros).
-fn store_error(e: StoreError) -> ExportError {
-    tracing::warn!(error = %e, "read from the object store failed");
-    ExportError::Io
 }
 
 fn extents(v: Vec<engine::Extent>) -> Vec<Extent> {
@@ -92,7 +86,6 @@ impl ExportCatalog for NbdCatalog {
         let block = |cluster_size: u32| (1, 4096.min(cluster_size), MAX_REQUEST);
         if name.contains('@') && !self.engine.snapshot_is_local(&name).map_err(|e| e.to_string())? {
             let s = self.engine.snapshot(&name).map_err(|e| e.to_string())?;
-            self.store.uploaded_region(&s).map_err(|e| e.to_string())?;
             let (min_block, preferred_block, max_block) = block(s.cluster_size);
             let info = ExportInfo {
                 name: format!("{}@{}", s.volume, s.name),
@@ -104,7 +97,10 @@ impl ExportCatalog for NbdCatalog {
                 max_block,
                 meta_contexts: vec![BASE_ALLOCATION.to_string()],
             };
-            let remote = RemoteSnapshot::new(self.store.clone(), s.id);
+            let region = self.store.uploaded_region(&s).map_err(|e| e.to_string())?;
+            let id = engine::parse_snapshot_id(&s.id).ok_or_else(|| format!("bad snapshot id {}", s.id))?;
+            let source = engine::RemoteSource { region, snapshot: id };
+            let remote = RemoteSnapshot::new(self.store.hydration.clone(), source, s.size, s.cluster_size);
             return Ok(NbdExport { handle: Handle::Remote(remote), info });
         }
         if name.contains('@') {
@@ -174,7 +170,7 @@ impl Export for NbdExport {
         let hole = match &self.handle {
             Handle::Volume(v) => v.read_async(offset, buf).await.map_err(nbd_error)?,
             Handle::Snapshot(s) => s.read_async(offset, buf).await.map_err(nbd_error)?,
-            Handle::Remote(r) => r.read(offset, buf).await.map_err(store_error)?,
+            Handle::Remote(r) => r.read(offset, buf).await.map_err(nbd_error)?,
         };
         Ok(if hole { ReadKind::Hole } else { ReadKind::Data })
     }
@@ -218,7 +214,7 @@ impl Export for NbdExport {
             if context != 0 {
                 return Err(ExportError::Invalid);
             }
-            let runs = r.allocation(offset, len).await.map_err(store_error)?;
+            let runs = r.allocation(offset, len).await.map_err(nbd_error)?;
             let flags = |hole: bool| if hole { engine::STATE_HOLE | engine::STATE_ZERO } else { 0 };
             return Ok(runs.into_iter().map(|(l, hole)| Extent { length: l as u32, flags: flags(hole) }).collect());
         }

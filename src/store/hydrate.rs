@@ -227,7 +227,7 @@ impl Hydration {
 
     /// A foreground fetch: shared with concurrent requests for the cluster, retried while the
     /// store fails, given up after `read_timeout`.
-    async fn fetch_foreground(&self, source: RemoteSource, c: u64) -> engine::Result<Option<Bytes>> {
+    pub async fn fetch_foreground(&self, source: RemoteSource, c: u64) -> engine::Result<Option<Bytes>> {
         self.foreground.fetch_add(1, Ordering::AcqRel);
         let _guard = ForegroundGuard(self);
         let key = (source.clone(), c);
@@ -269,6 +269,24 @@ impl Hydration {
                     "cluster {c} of {source} could not be loaded within {:?} ({last}); the store is unreachable, retry when it is back",
                     self.config.read_timeout
                 )))
+            }
+        }
+    }
+
+    /// Whether the snapshot has data in cluster `c` (from its map page).
+    pub async fn has_data(&self, source: &RemoteSource, c: u64) -> engine::Result<bool> {
+        let mut again = true;
+        loop {
+            let found = match self.view(source).await {
+                Ok(view) => view.locate(c).await,
+                Err(e) => Err(e),
+            };
+            match found {
+                Err(StoreError::Missing(_)) if again => {
+                    again = false;
+                    self.forget(source);
+                }
+                r => return r.map(|b| b.is_some()).map_err(engine_error),
             }
         }
     }
