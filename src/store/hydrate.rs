@@ -340,6 +340,12 @@ impl Hydration {
             let started = Instant::now();
             this.run_volume(volume, &source, &progress).await;
             progress.done.store(true, Ordering::Release);
+            {
+                let mut vols = this.volumes.lock();
+                if vols.get(&volume).is_some_and(|p| Arc::ptr_eq(p, &progress)) {
+                    vols.remove(&volume);
+                }
+            }
             // The source's manifest and pages are dropped once no volume loads from it.
             if !this.engine.hydrating_volumes().iter().any(|(.., s)| *s == source) {
                 this.sources.lock().remove(&source);
