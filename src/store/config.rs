@@ -28,7 +28,7 @@ instant_access_retention = "0s"  # keep snapshot data locally this long after up
 background = true                # load all their data in the background (false: only what is read, and `volume hydrate`)
 concurrency = 4                  # parallel background GETs
 bandwidth_limit = "0"            # bytes per second for background loading; "0" = unlimited
-read_timeout = "30s"             # a read that needs the store fails (EIO) after this long without it
+read_timeout = "20s"             # a read that needs the store fails (EIO) after this long without it (below the kernel NBD timeout, 30s)
 readahead = "1M"                 # prefetched after sequential reads; "0" = none
 
 [gc]
@@ -274,7 +274,7 @@ impl Config {
             concurrency: raw.hydrate.concurrency.unwrap_or(4),
             bandwidth_limit: bytes_or_zero(raw.hydrate.bandwidth_limit.as_deref().unwrap_or("0"))
                 .map_err(|e| format!("hydrate.bandwidth_limit: {e}"))?,
-            read_timeout: dur(&raw.hydrate.read_timeout, "hydrate.read_timeout", "30s")?,
+            read_timeout: dur(&raw.hydrate.read_timeout, "hydrate.read_timeout", "20s")?,
             readahead: bytes_or_zero(raw.hydrate.readahead.as_deref().unwrap_or("1M"))
                 .map_err(|e| format!("hydrate.readahead: {e}"))?,
         };

@@ -7,6 +7,7 @@
 //! plaintext to anyone without the key. Each blob is sealed with a random 24-byte nonce and its
 //! own id as associated data, so a blob moved to another id's place fails to open.
 
+use std::borrow::Cow;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
@@ -140,6 +141,18 @@ fn open(c: &XChaCha20Poly1305, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
     Some(buf)
 }
 
+/// Like `open`, decrypting in `sealed` itself; returns the plaintext part of it.
+fn open_in_place<'a>(c: &XChaCha20Poly1305, aad: &[u8], sealed: &'a mut [u8]) -> Option<&'a mut [u8]> {
+    if sealed.len() < SEAL_OVERHEAD {
+        return None;
+    }
+    let (nonce, rest) = sealed.split_at_mut(NONCE_LEN);
+    let tag_at = rest.len() - TAG_LEN;
+    let (ct, tag) = rest.split_at_mut(tag_at);
+    c.decrypt_in_place_detached(XNonce::from_slice(nonce), aad, ct, (&*tag).into()).ok()?;
+    Some(ct)
+}
+
 /// A blob's verified plaintext: a view into the buffer it was decrypted in (no copy).
 #[derive(Debug)]
 pub struct Plaintext {
@@ -267,6 +280,25 @@ impl RepoKeys {
         Ok(plain)
     }
 
+    /// `open_blob` without copying: decrypts in `sealed` itself (a stored blob's plaintext is
+    /// then a part of it; a compressed one is decompressed into a new buffer).
+    pub fn open_blob_in_place<'a>(&self, id: &BlobId, sealed: &'a mut [u8], object: &str) -> Result<Cow<'a, [u8]>> {
+        let body = open_in_place(&self.data, &id.0, sealed)
+            .ok_or_else(|| StoreError::corrupt(object, format!("blob {} fails its authentication tag", hex(&id.0))))?;
+        let plain: Cow<'a, [u8]> =
+            match body.split_first() {
+                Some((&CODEC_RAW, p)) => Cow::Borrowed(p),
+                Some((&CODEC_LZ4, p)) => Cow::Owned(lz4_flex::block::decompress_size_prepended(p).map_err(|e| {
+                    StoreError::corrupt(object, format!("blob {} does not decompress: {e}", hex(&id.0)))
+                })?),
+                _ => return Err(StoreError::corrupt(object, format!("blob {} has an unknown codec", hex(&id.0)))),
+            };
+        if self.blob_id(&plain) != *id {
+            return Err(StoreError::corrupt(object, format!("blob {} does not hash to its id", hex(&id.0))));
+        }
+        Ok(plain)
+    }
+
     /// Seals small metadata (manifests) bound to `aad`.
     pub fn seal_meta(&self, aad: &[u8], plain: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(plain.len() + SEAL_OVERHEAD);
@@ -295,6 +327,7 @@ mod tests {
             assert_eq!(n, out.len());
             assert!(n <= plain.len() + 1 + SEAL_OVERHEAD);
             assert_eq!(&*keys.open_blob(&id, &out, "p").unwrap(), &plain[..]);
+            assert_eq!(&*keys.open_blob_in_place(&id, &mut out.clone(), "p").unwrap(), &plain[..]);
         }
     }
 

@@ -405,6 +405,7 @@ impl Hydration {
         let clusters = view.manifest.size.div_ceil(view.manifest.cluster_size as u64);
         let mut failed = false;
         let mut committed = Instant::now();
+        let mut committing: Option<tokio::task::JoinHandle<Result<()>>> = None;
         // Runs in flight, each its own task: GET, then verify and install on a blocking
         // thread, so several runs decrypt in parallel and the runtime stays free for clients.
         let mut tasks: JoinSet<Result<usize>> = JoinSet::new();
@@ -455,8 +456,16 @@ impl Hydration {
                         reap(r, &mut failed)?;
                     }
                 }
-                if committed.elapsed() >= COMMIT_EVERY {
-                    self.commit().await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                // Commit in the background (one at a time): the flush of what was loaded
+                // must not stall the next GETs.
+                if committing.as_ref().is_none_or(|c| c.is_finished()) && committed.elapsed() >= COMMIT_EVERY {
+                    if let Some(c) = committing.take() {
+                        c.await.map_err(|e| StoreError::Unavailable(e.to_string()))??;
+                    }
+                    let e = self.engine.clone();
+                    committing = Some(tokio::task::spawn_blocking(move || {
+                        e.commit().map_err(|e| StoreError::Unavailable(e.to_string()))
+                    }));
                     committed = Instant::now();
                 }
                 let bytes = run.iter().map(|(r, _)| r.len as u64).sum::<u64>();
@@ -470,6 +479,9 @@ impl Hydration {
         }
         while let Some(r) = tasks.join_next().await {
             reap(r, &mut failed)?;
+        }
+        if let Some(c) = committing {
+            c.await.map_err(|e| StoreError::Unavailable(e.to_string()))??;
         }
         // What this pass loaded survives a crash from here on.
         self.commit().await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
@@ -537,13 +549,18 @@ async fn load_run(
     let bytes = view.region.objects.get_range(&key, start..end).await?;
     progress.fetched.fetch_add(bytes.len() as u64, Ordering::Relaxed);
     tokio::task::spawn_blocking(move || {
-        let plain = run
-            .iter()
-            .map(|(r, c)| {
-                let at = (r.offset - start) as usize;
-                view.region.keys.open_blob(&r.id, &bytes[at..at + r.len as usize], &key).map(|p| (*c, p))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        // Blobs are decrypted in the GET's buffer itself (it is ours alone; else one copy).
+        let mut buf = bytes.try_into_mut().unwrap_or_else(|shared| bytes::BytesMut::from(&shared[..]));
+        let mut rest: &mut [u8] = &mut buf;
+        let mut at = start;
+        let mut plain = Vec::with_capacity(run.len());
+        for (r, c) in &run {
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut((r.offset - at) as usize);
+            let (sealed, tail) = tail.split_at_mut(r.len as usize);
+            rest = tail;
+            at = r.offset + r.len as u64;
+            plain.push((*c, view.region.keys.open_blob_in_place(&r.id, sealed, &key)?));
+        }
         let items: Vec<(u64, Option<&[u8]>)> = plain.iter().map(|(c, p)| (*c, Some(&p[..]))).collect();
         let _writing = view.writing.lock();
         engine.install_clusters(volume, &source, &items).map_err(|e| StoreError::Unavailable(e.to_string()))
