@@ -400,13 +400,7 @@ impl StoreService {
         for (i, (sid, ch)) in lineage.iter().enumerate() {
             let sid = crate::engine::snapshot_id(*sid);
             if i > 0 {
-                let uploaded = self
-                    .state
-                    .lock()
-                    .snapshots
-                    .get(&sid)
-                    .is_some_and(|r| r.state == UploadState::Available && r.region == region_name);
-                if uploaded {
+                if self.uploaded_to(&sid, &region_name) {
                     match region.manifest(&sid).await {
                         Ok(m) => {
                             base = Some(Base { snapshot_id: sid, manifest: m, changed: std::mem::take(&mut changed) });
@@ -427,14 +421,7 @@ impl StoreService {
                     Some(crate::engine::snapshot_id(src.snapshot))
                 }
                 Some(Anchor::Origin(o)) => {
-                    let sid = crate::engine::snapshot_id(o);
-                    let uploaded = self
-                        .state
-                        .lock()
-                        .snapshots
-                        .get(&sid)
-                        .is_some_and(|r| r.state == UploadState::Available && r.region == region_name);
-                    uploaded.then_some(sid)
+                    Some(crate::engine::snapshot_id(o)).filter(|sid| self.uploaded_to(sid, &region_name))
                 }
                 _ => None,
             };
@@ -485,6 +472,12 @@ impl StoreService {
             "upload done"
         );
         Ok(base_id)
+    }
+
+    /// Whether a snapshot of this node is stored (complete) in `region`.
+    fn uploaded_to(&self, snapshot_id: &str, region: &str) -> bool {
+        let st = self.state.lock();
+        st.snapshots.get(snapshot_id).is_some_and(|r| r.state == UploadState::Available && r.region == region)
     }
 
     /// Counts (persistently) bytes a snapshot's upload stored.
