@@ -235,7 +235,7 @@ impl VolumeHandle {
     /// Reads `buf.len()` bytes at `offset`; returns true when the range is a hole. Blocks
     /// while clusters still in the store are loaded.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
-        if let Some(hole) = self.try_read(offset, buf)? {
+        if let Some((hole, _)) = self.try_read(offset, buf)? {
             return Ok(hole);
         }
         self.engine.block_on(self.read_async(offset, buf))
@@ -245,8 +245,10 @@ impl VolumeHandle {
     pub async fn read_async(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
         let len = buf.len() as u64;
         for _ in 0..LOAD_ATTEMPTS {
-            if let Some(hole) = self.try_read(offset, buf)? {
-                self.readahead(offset, len);
+            if let Some((hole, loading)) = self.try_read(offset, buf)? {
+                if loading {
+                    self.readahead(offset, len);
+                }
                 return Ok(hole);
             }
             self.load(offset, len, false, Priority::Foreground).await?;
@@ -255,14 +257,16 @@ impl VolumeHandle {
     }
 
     /// Reads, or returns `None` (having read nothing) when the range has pending clusters.
-    fn try_read(&self, offset: u64, buf: &mut [u8]) -> Result<Option<bool>> {
+    /// Returns whether the range was a hole, and whether the volume is still loading.
+    fn try_read(&self, offset: u64, buf: &mut [u8]) -> Result<Option<(bool, bool)>> {
         check_range(self.vol.size, offset, buf.len() as u64, false)?;
         let st = self.vol.state.read();
         self.live()?;
-        if st.remote.is_some() && !self.pending(&st, offset, buf.len() as u64, false).is_empty() {
+        let loading = st.remote.is_some();
+        if loading && !self.pending(&st, offset, buf.len() as u64, false).is_empty() {
             return Ok(None);
         }
-        read_map(&self.vol.slots, &st.head, offset, buf).map(Some)
+        read_map(&self.vol.slots, &st.head, offset, buf).map(|hole| Some((hole, loading)))
     }
 
     fn pending(&self, st: &VolumeState, offset: u64, len: u64, edges_only: bool) -> Vec<u64> {

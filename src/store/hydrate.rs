@@ -337,7 +337,6 @@ impl Hydration {
         let Some(this) = self.self_ref.upgrade() else { return };
         self.runtime.spawn(async move {
             tracing::info!(volume = %name, source = %source, "hydration started");
-            let started = Instant::now();
             this.run_volume(volume, &source, &progress).await;
             progress.done.store(true, Ordering::Release);
             {
@@ -354,7 +353,7 @@ impl Hydration {
             if finished {
                 tracing::info!(
                     volume = %name,
-                    secs = started.elapsed().as_secs_f64(),
+                    secs = progress.started.elapsed().as_secs_f64(),
                     fetched = progress.fetched.load(Ordering::Relaxed),
                     "hydration complete"
                 );
