@@ -175,7 +175,18 @@ pub fn new_master() -> [u8; 32] {
 /// The keys derived from a repository's master key.
 pub struct RepoKeys {
     data: XChaCha20Poly1305,
+    /// The same key, for sealing blobs in place (`seal_in_place`).
+    data_key: [u8; 32],
     id_key: [u8; 32],
+}
+
+/// Where a blob's plaintext goes in the buffer given to [`RepoKeys::seal_blob_in_place`].
+pub const BLOB_PLAIN_AT: usize = NONCE_LEN + 1;
+
+/// The room [`RepoKeys::seal_blob_in_place`] needs for a plaintext of `plain_len` bytes (also
+/// the largest sealed blob it can make).
+pub const fn sealed_room(plain_len: usize) -> usize {
+    BLOB_PLAIN_AT + plain_len + TAG_LEN
 }
 
 /// How a blob's plaintext is stored inside the seal.
@@ -184,8 +195,10 @@ const CODEC_LZ4: u8 = 1;
 
 impl RepoKeys {
     pub fn new(master: &[u8; 32]) -> RepoKeys {
+        let data_key = blake3::derive_key("snapblk 2026 repository data key v1", master);
         RepoKeys {
-            data: cipher(&blake3::derive_key("snapblk 2026 repository data key v1", master)),
+            data: cipher(&data_key),
+            data_key,
             id_key: blake3::derive_key("snapblk 2026 blob id key v1", master),
         }
     }
@@ -195,33 +208,83 @@ impl RepoKeys {
     }
 
     /// Compresses (lz4, kept only when smaller) and seals a blob, appending it to `out`.
-    /// Returns the sealed length. Compression and encryption work in `out` itself: no
-    /// intermediate buffers.
+    /// Returns the sealed length.
     pub fn seal_blob(&self, id: &BlobId, plain: &[u8], out: &mut Vec<u8>) -> usize {
         let start = out.len();
-        let nonce = random_nonce();
-        out.extend_from_slice(&nonce);
-        let body = out.len();
+        out.resize(start + sealed_room(plain.len()), 0);
+        out[start + BLOB_PLAIN_AT..start + BLOB_PLAIN_AT + plain.len()].copy_from_slice(plain);
+        let mut scratch = Vec::new();
+        let n = self.seal_blob_in_place(id, &mut out[start..], plain.len(), &mut scratch);
+        out.truncate(start + n);
+        n
+    }
+
+    /// Seals a blob where it lies: `buf[BLOB_PLAIN_AT..BLOB_PLAIN_AT + plain_len]` holds the
+    /// plaintext and `buf` has room for [`sealed_room`]`(plain_len)` bytes. Compresses (lz4,
+    /// kept only when smaller; `scratch` is its work space, reused across calls), encrypts,
+    /// and leaves `nonce | codec | body | tag` at the start of `buf`. Returns the sealed
+    /// length. Incompressible data (the usual case for a full disk) is never copied.
+    ///
+    /// XChaCha20-Poly1305 as the `chacha20poly1305` crate does it (HChaCha20 subkey from the
+    /// first 16 nonce bytes, then ChaCha20-Poly1305 with `0u32 | nonce[16..]`), computed with
+    /// ring's ChaCha20-Poly1305, which is about twice as fast here; `open_blob` opens it.
+    pub fn seal_blob_in_place(&self, id: &BlobId, buf: &mut [u8], plain_len: usize, scratch: &mut Vec<u8>) -> usize {
+        self.seal_blob_with_nonce(id, buf, plain_len, scratch, random_nonce())
+    }
+
+    fn seal_blob_with_nonce(
+        &self,
+        id: &BlobId,
+        buf: &mut [u8],
+        plain_len: usize,
+        scratch: &mut Vec<u8>,
+        nonce: [u8; NONCE_LEN],
+    ) -> usize {
+        assert!(buf.len() >= sealed_room(plain_len), "seal_blob_in_place: buffer too small");
+        let plain = BLOB_PLAIN_AT..BLOB_PLAIN_AT + plain_len;
         // codec | plaintext length u32 | lz4 block: the layout of `compress_prepend_size`.
-        let max = lz4_flex::block::get_maximum_output_size(plain.len());
-        out.resize(body + 5 + max, 0);
-        out[body] = CODEC_LZ4;
-        out[body + 1..body + 5].copy_from_slice(&(plain.len() as u32).to_le_bytes());
-        match lz4_flex::block::compress_into(plain, &mut out[body + 5..]) {
-            Ok(n) if 4 + n < plain.len() => out.truncate(body + 5 + n),
-            _ => {
-                out.truncate(body);
-                out.push(CODEC_RAW);
-                out.extend_from_slice(plain);
-            }
+        let max = lz4_flex::block::get_maximum_output_size(plain_len);
+        if scratch.len() < max {
+            scratch.resize(max, 0);
         }
-        // Encryption cannot fail for buffers far below XChaCha's 256 GiB message limit.
-        let tag = self
-            .data
-            .encrypt_in_place_detached(XNonce::from_slice(&nonce), &id.0, &mut out[body..])
-            .unwrap_or_else(|_| unreachable!("message within the AEAD limit"));
-        out.extend_from_slice(&tag);
-        out.len() - start
+        let body_len = match lz4_flex::block::compress_into(&buf[plain.clone()], scratch) {
+            Ok(n) if 4 + n < plain_len => {
+                buf[NONCE_LEN] = CODEC_LZ4;
+                buf[NONCE_LEN + 1..NONCE_LEN + 5].copy_from_slice(&(plain_len as u32).to_le_bytes());
+                buf[NONCE_LEN + 5..NONCE_LEN + 5 + n].copy_from_slice(&scratch[..n]);
+                5 + n
+            }
+            _ => {
+                buf[NONCE_LEN] = CODEC_RAW;
+                1 + plain_len
+            }
+        };
+        buf[..NONCE_LEN].copy_from_slice(&nonce);
+        let (head, rest) = buf.split_at_mut(NONCE_LEN + body_len);
+        let tag = self.seal_in_place(&nonce, &id.0, &mut head[NONCE_LEN..]);
+        rest[..TAG_LEN].copy_from_slice(tag.as_ref());
+        NONCE_LEN + body_len + TAG_LEN
+    }
+
+    /// XChaCha20-Poly1305 encryption of `data` in place; returns the tag.
+    fn seal_in_place(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], data: &mut [u8]) -> ring::aead::Tag {
+        let subkey = chacha20::hchacha::<chacha20::cipher::consts::U10>(
+            Key::from_slice(&self.data_key),
+            chacha20::cipher::generic_array::GenericArray::from_slice(&nonce[..16]),
+        );
+        let mut inner = [0u8; 12];
+        inner[4..].copy_from_slice(&nonce[16..]);
+        // Neither can fail: the key is 32 bytes and blobs are far below the AEAD's 256 GiB
+        // message limit.
+        let key = ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, subkey.as_slice())
+            .unwrap_or_else(|_| unreachable!("a 32-byte ChaCha20 key"));
+        ring::aead::LessSafeKey::new(key)
+            .seal_in_place_separate_tag(
+                ring::aead::Nonce::assume_unique_for_key(inner),
+                ring::aead::Aad::from(aad),
+                data,
+            )
+            .unwrap_or_else(|_| unreachable!("message within the AEAD limit"))
     }
 
     /// Opens a sealed blob and checks that its plaintext hashes to `id`. `object` names where
@@ -269,6 +332,30 @@ mod tests {
             assert_eq!(n, out.len());
             assert!(n <= plain.len() + 1 + SEAL_OVERHEAD);
             assert_eq!(keys.open_blob(&id, &out, "p").unwrap(), plain);
+        }
+    }
+
+    #[test]
+    fn in_place_sealing_is_xchacha20poly1305_as_before() {
+        // The same bytes the chacha20poly1305 crate makes (format v1), for both codecs.
+        let keys = RepoKeys::new(&[7; 32]);
+        let mut random = vec![0u8; 65536];
+        rand::thread_rng().fill_bytes(&mut random);
+        for plain in [vec![0xab; 65536], random, vec![1, 2, 3]] {
+            let id = keys.blob_id(&plain);
+            let nonce = random_nonce();
+            let mut buf = vec![0u8; sealed_room(plain.len())];
+            buf[BLOB_PLAIN_AT..BLOB_PLAIN_AT + plain.len()].copy_from_slice(&plain);
+            let n = keys.seal_blob_with_nonce(&id, &mut buf, plain.len(), &mut Vec::new(), nonce);
+            let mut body = buf[NONCE_LEN..n - TAG_LEN].to_vec();
+            let expect = body.clone();
+            keys.data
+                .decrypt_in_place_detached(XNonce::from_slice(&nonce), &id.0, &mut body, buf[n - TAG_LEN..n].into())
+                .unwrap();
+            let tag = keys.data.encrypt_in_place_detached(XNonce::from_slice(&nonce), &id.0, &mut body).unwrap();
+            assert_eq!(body, expect);
+            assert_eq!(tag.as_slice(), &buf[n - TAG_LEN..n]);
+            assert_eq!(keys.open_blob(&id, &buf[..n], "p").unwrap(), plain);
         }
     }
 
