@@ -125,12 +125,17 @@ pub async fn upload(
         puts.spawn(async move {
             let len = parts.iter().map(|p| p.len() as u64).sum::<u64>();
             region.objects.put(&pack_key(&pack), PutPayload::from_iter(parts)).await?;
-            let blobs: Vec<_> = entries.iter().map(|(id, off, len, _)| (*id, *off, *len)).collect();
-            region.index.add_pack(pack, &blobs)?;
-            sent.sent.fetch_add(len, Ordering::Relaxed);
-            on_stored(len);
-            drop(permit);
-            Ok(len)
+            // Both sync a file: off the runtime's threads, which carry the other PUTs.
+            tokio::task::spawn_blocking(move || {
+                let blobs: Vec<_> = entries.iter().map(|(id, off, len, _)| (*id, *off, *len)).collect();
+                region.index.add_pack(pack, &blobs)?;
+                sent.sent.fetch_add(len, Ordering::Relaxed);
+                on_stored(len);
+                drop(permit);
+                Ok(len)
+            })
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("upload task failed: {e}")))?
         });
         while let Some(done) = puts.try_join_next() {
             match flatten(done) {
