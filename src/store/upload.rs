@@ -298,7 +298,8 @@ fn place_job(
     entries: &mut BTreeMap<u32, BlobRef>,
 ) {
     // Runs of blobs to keep that lie back to back in the buffer: (start, end, blobs).
-    let mut runs: Vec<(u32, u32, Vec<(BlobId, u32, u32)>)> = Vec::new();
+    type Run = (u32, u32, Vec<(BlobId, u32, u32)>);
+    let mut runs: Vec<Run> = Vec::new();
     let mut kept: HashSet<BlobId> = HashSet::new();
     for (_, o) in &sealed.slots {
         let &Outcome::New { id, at, len } = o else { continue };
