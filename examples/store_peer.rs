@@ -1,6 +1,6 @@
 //! The peer figure for upload and restore benchmarks: raw parallel PUTs (then GETs) of the
-//! same number of bytes to the same region, straight through `object_store`, without
-//! snapblk's format, crypto or layers. Used by scripts/bench.
+//! same number of bytes (random, no two objects alike) to the same region, straight through
+//! `object_store`, without snapblk's format, crypto or layers. Used by scripts/bench.
 //!
 //!   store_peer DIR REGION BYTES OBJECT_SIZE CONCURRENCY
 //!   store_peer DIR REGION get PREFIX CONCURRENCY
@@ -60,7 +60,11 @@ fn main() -> anyhow::Result<()> {
     let (bytes, object_size): (u64, u64) = (a.parse()?, b.parse()?);
     let prefix = format!("peer-{:016x}", rand::random::<u64>());
     let count = bytes.div_ceil(object_size);
-    let mut payload = vec![0u8; object_size as usize];
+    // Every object holds different bytes (each starts 4 KiB further into one random buffer):
+    // Garage stores identical 1 MiB blocks once, so PUTting one payload again and again
+    // would measure its deduplication, not its ingest. snapblk's packs never repeat.
+    let stride = 4096usize;
+    let mut payload = vec![0u8; object_size as usize + count as usize * stride];
     rand::Rng::fill(&mut rand::thread_rng(), payload.as_mut_slice());
     let payload = bytes::Bytes::from(payload);
     rt.block_on(async {
@@ -68,7 +72,8 @@ fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         let puts = futures::stream::iter(0..count)
             .map(|i| {
-                let (store, data, fs_root, key) = (store.clone(), payload.clone(), fs_root.clone(), key(i));
+                let data = payload.slice(i as usize * stride..i as usize * stride + object_size as usize);
+                let (store, fs_root, key) = (store.clone(), fs_root.clone(), key(i));
                 async move {
                     store.put(&key, data.into()).await?;
                     if let Some(root) = fs_root {

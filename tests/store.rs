@@ -64,6 +64,44 @@ fn incremental_upload_sends_only_the_changed_clusters() {
 }
 
 #[test]
+fn identical_clusters_in_one_snapshot_are_stored_once_and_read_back() {
+    if !tools() {
+        return;
+    }
+    for region in regions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        configure(&dir, &region, "", "");
+        let d = Daemon::start(&dir);
+        d.cli_ok(&["volume", "create", "vol", "--size", "1G", "--region", region.name]);
+        // One random cluster 24 times: side by side (sealed in the same job) and spread out
+        // (other jobs, another map page); 64 distinct random clusters; a compressible
+        // pattern 32 times; zeros written over data.
+        for i in 0..12 {
+            fill(&d, "vol", i * CLUSTER, CLUSTER, 5);
+            fill(&d, "vol", 300 * MIB + i * 7 * CLUSTER, CLUSTER, 5);
+        }
+        fill(&d, "vol", 64 * MIB, 4 * MIB, 6);
+        fill(&d, "vol", 130 * MIB, MIB, 7);
+        common::qemu_io(&d.nbd_uri("vol"), &["write -P 0x5a 128M 2M", "write -z 130M 1M"]);
+        snapshot(&d, "vol", "s1");
+        let local = tmp.path().join("s1.nbd");
+        nbd_to_file(&d, "vol@s1", &local);
+        let s1 = wait_available(&d, "vol@s1");
+        let added = s1["upload"]["added_bytes"].as_u64().unwrap();
+        // 65 distinct random clusters (+41 bytes each sealed), one small compressed blob, two
+        // map pages (< 100 entries each) and the pack index: one more copy of a random
+        // cluster would not fit.
+        let unique = 65 * (CLUSTER + 41);
+        assert!((unique..unique + 48 * 1024).contains(&added), "{}: upload added {added} bytes", region.name);
+        verify_ok(&d, "vol@s1");
+        let out = tmp.path().join("s1.export");
+        export(&d, "vol@s1", &out);
+        compare(&local, &out);
+    }
+}
+
+#[test]
 fn exports_from_the_store_equal_the_instant_access_exports_over_a_chain_of_five() {
     if !tools() {
         return;
@@ -234,7 +272,7 @@ fn a_flipped_byte_fails_verify_naming_the_object_and_export_fails_loudly() {
         let mut bytes = rt.block_on(o.get(&victim)).unwrap().to_vec();
         let mid = bytes.len() / 2;
         bytes[mid] ^= 0x40;
-        rt.block_on(o.put(&victim, bytes.into())).unwrap();
+        rt.block_on(o.put(&victim, bytes)).unwrap();
 
         let (code, err) = d.cli_err(&["snapshot", "verify", "vol@s1"]);
         let out = String::from_utf8_lossy(&d.cli(&["snapshot", "verify", "vol@s1"]).stdout).into_owned();

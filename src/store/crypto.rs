@@ -141,36 +141,24 @@ fn open(c: &XChaCha20Poly1305, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
     Some(buf)
 }
 
-/// Like `open`, decrypting in `sealed` itself; returns the plaintext part of it.
-fn open_in_place<'a>(c: &XChaCha20Poly1305, aad: &[u8], sealed: &'a mut [u8]) -> Option<&'a mut [u8]> {
-    if sealed.len() < SEAL_OVERHEAD {
-        return None;
-    }
-    let (nonce, rest) = sealed.split_at_mut(NONCE_LEN);
-    let tag_at = rest.len() - TAG_LEN;
-    let (ct, tag) = rest.split_at_mut(tag_at);
-    c.decrypt_in_place_detached(XNonce::from_slice(nonce), aad, ct, (&*tag).into()).ok()?;
-    Some(ct)
-}
-
 /// A blob's verified plaintext: a view into the buffer it was decrypted in (no copy).
 #[derive(Debug)]
 pub struct Plaintext {
     buf: Vec<u8>,
-    start: usize,
+    range: std::ops::Range<usize>,
 }
 
 impl std::ops::Deref for Plaintext {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.buf[self.start..]
+        &self.buf[self.range.clone()]
     }
 }
 
 impl Plaintext {
     /// As shared bytes, without copying.
     pub fn into_bytes(self) -> bytes::Bytes {
-        bytes::Bytes::from(self.buf).slice(self.start..)
+        bytes::Bytes::from(self.buf).slice(self.range)
     }
 }
 
@@ -209,7 +197,18 @@ pub fn new_master() -> [u8; 32] {
 /// The keys derived from a repository's master key.
 pub struct RepoKeys {
     data: XChaCha20Poly1305,
+    /// The same key, for sealing blobs in place (`seal_in_place`).
+    data_key: [u8; 32],
     id_key: [u8; 32],
+}
+
+/// Where a blob's plaintext goes in the buffer given to [`RepoKeys::seal_blob_in_place`].
+pub const BLOB_PLAIN_AT: usize = NONCE_LEN + 1;
+
+/// The room [`RepoKeys::seal_blob_in_place`] needs for a plaintext of `plain_len` bytes (also
+/// the largest sealed blob it can make).
+pub const fn sealed_room(plain_len: usize) -> usize {
+    BLOB_PLAIN_AT + plain_len + TAG_LEN
 }
 
 /// How a blob's plaintext is stored inside the seal.
@@ -218,8 +217,10 @@ const CODEC_LZ4: u8 = 1;
 
 impl RepoKeys {
     pub fn new(master: &[u8; 32]) -> RepoKeys {
+        let data_key = blake3::derive_key("snapblk 2026 repository data key v1", master);
         RepoKeys {
-            data: cipher(&blake3::derive_key("snapblk 2026 repository data key v1", master)),
+            data: cipher(&data_key),
+            data_key,
             id_key: blake3::derive_key("snapblk 2026 blob id key v1", master),
         }
     }
@@ -229,61 +230,118 @@ impl RepoKeys {
     }
 
     /// Compresses (lz4, kept only when smaller) and seals a blob, appending it to `out`.
-    /// Returns the sealed length. Compression and encryption work in `out` itself: no
-    /// intermediate buffers.
+    /// Returns the sealed length.
     pub fn seal_blob(&self, id: &BlobId, plain: &[u8], out: &mut Vec<u8>) -> usize {
         let start = out.len();
-        let nonce = random_nonce();
-        out.extend_from_slice(&nonce);
-        let body = out.len();
+        out.resize(start + sealed_room(plain.len()), 0);
+        out[start + BLOB_PLAIN_AT..start + BLOB_PLAIN_AT + plain.len()].copy_from_slice(plain);
+        let mut scratch = Vec::new();
+        let n = self.seal_blob_in_place(id, &mut out[start..], plain.len(), &mut scratch);
+        out.truncate(start + n);
+        n
+    }
+
+    /// Seals a blob where it lies: `buf[BLOB_PLAIN_AT..BLOB_PLAIN_AT + plain_len]` holds the
+    /// plaintext and `buf` has room for [`sealed_room`]`(plain_len)` bytes. Compresses (lz4,
+    /// kept only when smaller; `scratch` is its work space, reused across calls), encrypts,
+    /// and leaves `nonce | codec | body | tag` at the start of `buf`. Returns the sealed
+    /// length. Incompressible data (the usual case for a full disk) is never copied.
+    ///
+    /// XChaCha20-Poly1305 as the `chacha20poly1305` crate does it (HChaCha20 subkey from the
+    /// first 16 nonce bytes, then ChaCha20-Poly1305 with `0u32 | nonce[16..]`), computed with
+    /// ring's ChaCha20-Poly1305, which is about twice as fast here; `open_blob` opens it.
+    pub fn seal_blob_in_place(&self, id: &BlobId, buf: &mut [u8], plain_len: usize, scratch: &mut Vec<u8>) -> usize {
+        self.seal_blob_with_nonce(id, buf, plain_len, scratch, random_nonce())
+    }
+
+    fn seal_blob_with_nonce(
+        &self,
+        id: &BlobId,
+        buf: &mut [u8],
+        plain_len: usize,
+        scratch: &mut Vec<u8>,
+        nonce: [u8; NONCE_LEN],
+    ) -> usize {
+        assert!(buf.len() >= sealed_room(plain_len), "seal_blob_in_place: buffer too small");
+        let plain = BLOB_PLAIN_AT..BLOB_PLAIN_AT + plain_len;
         // codec | plaintext length u32 | lz4 block: the layout of `compress_prepend_size`.
-        let max = lz4_flex::block::get_maximum_output_size(plain.len());
-        out.resize(body + 5 + max, 0);
-        out[body] = CODEC_LZ4;
-        out[body + 1..body + 5].copy_from_slice(&(plain.len() as u32).to_le_bytes());
-        match lz4_flex::block::compress_into(plain, &mut out[body + 5..]) {
-            Ok(n) if 4 + n < plain.len() => out.truncate(body + 5 + n),
-            _ => {
-                out.truncate(body);
-                out.push(CODEC_RAW);
-                out.extend_from_slice(plain);
-            }
+        let max = lz4_flex::block::get_maximum_output_size(plain_len);
+        if scratch.len() < max {
+            scratch.resize(max, 0);
         }
-        // Encryption cannot fail for buffers far below XChaCha's 256 GiB message limit.
-        let tag = self
-            .data
-            .encrypt_in_place_detached(XNonce::from_slice(&nonce), &id.0, &mut out[body..])
-            .unwrap_or_else(|_| unreachable!("message within the AEAD limit"));
-        out.extend_from_slice(&tag);
-        out.len() - start
+        let body_len = match lz4_flex::block::compress_into(&buf[plain.clone()], scratch) {
+            Ok(n) if 4 + n < plain_len => {
+                buf[NONCE_LEN] = CODEC_LZ4;
+                buf[NONCE_LEN + 1..NONCE_LEN + 5].copy_from_slice(&(plain_len as u32).to_le_bytes());
+                buf[NONCE_LEN + 5..NONCE_LEN + 5 + n].copy_from_slice(&scratch[..n]);
+                5 + n
+            }
+            _ => {
+                buf[NONCE_LEN] = CODEC_RAW;
+                1 + plain_len
+            }
+        };
+        buf[..NONCE_LEN].copy_from_slice(&nonce);
+        let (head, rest) = buf.split_at_mut(NONCE_LEN + body_len);
+        let tag = self.seal_in_place(&nonce, &id.0, &mut head[NONCE_LEN..]);
+        rest[..TAG_LEN].copy_from_slice(tag.as_ref());
+        NONCE_LEN + body_len + TAG_LEN
+    }
+
+    /// The ChaCha20-Poly1305 key and nonce XChaCha20-Poly1305 uses for `nonce` (an HChaCha20
+    /// subkey from its first 16 bytes; `0u32 | nonce[16..]`), as ring's cipher.
+    fn xchacha(&self, nonce: &[u8]) -> (ring::aead::LessSafeKey, ring::aead::Nonce) {
+        let subkey = chacha20::hchacha::<chacha20::cipher::consts::U10>(
+            Key::from_slice(&self.data_key),
+            chacha20::cipher::generic_array::GenericArray::from_slice(&nonce[..16]),
+        );
+        let mut inner = [0u8; 12];
+        inner[4..].copy_from_slice(&nonce[16..NONCE_LEN]);
+        // Cannot fail: the key is 32 bytes.
+        let key = ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, subkey.as_slice())
+            .unwrap_or_else(|_| unreachable!("a 32-byte ChaCha20 key"));
+        (ring::aead::LessSafeKey::new(key), ring::aead::Nonce::assume_unique_for_key(inner))
+    }
+
+    /// XChaCha20-Poly1305 encryption of `data` in place; returns the tag.
+    fn seal_in_place(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], data: &mut [u8]) -> ring::aead::Tag {
+        let (key, nonce) = self.xchacha(nonce);
+        // Cannot fail: blobs are far below the AEAD's 256 GiB message limit.
+        key.seal_in_place_separate_tag(nonce, ring::aead::Aad::from(aad), data)
+            .unwrap_or_else(|_| unreachable!("message within the AEAD limit"))
+    }
+
+    /// Decrypts `nonce | ciphertext | tag` in place; returns the plaintext part, or `None`
+    /// when the tag does not match.
+    fn open_in_place<'a>(&self, aad: &[u8], sealed: &'a mut [u8]) -> Option<&'a mut [u8]> {
+        if sealed.len() < SEAL_OVERHEAD {
+            return None;
+        }
+        let (nonce, rest) = sealed.split_at_mut(NONCE_LEN);
+        let tag_at = rest.len() - TAG_LEN;
+        let (ct, tag) = rest.split_at_mut(tag_at);
+        let tag: [u8; TAG_LEN] = (&*tag).try_into().ok()?;
+        let (key, nonce) = self.xchacha(nonce);
+        key.open_in_place_separate_tag(nonce, ring::aead::Aad::from(aad), ring::aead::Tag::from(tag), ct, 0..).ok()
     }
 
     /// Opens a sealed blob and checks that its plaintext hashes to `id`. `object` names where
     /// it came from, for the error.
     pub fn open_blob(&self, id: &BlobId, sealed: &[u8], object: &str) -> Result<Plaintext> {
-        let body = open(&self.data, &id.0, sealed)
-            .ok_or_else(|| StoreError::corrupt(object, format!("blob {} fails its authentication tag", hex(&id.0))))?;
-        let plain = match body.first() {
-            // Stored as is: the plaintext follows the codec byte in the decrypted buffer.
-            Some(&CODEC_RAW) => Plaintext { buf: body, start: 1 },
-            Some(&CODEC_LZ4) => Plaintext {
-                buf: lz4_flex::block::decompress_size_prepended(&body[1..]).map_err(|e| {
-                    StoreError::corrupt(object, format!("blob {} does not decompress: {e}", hex(&id.0)))
-                })?,
-                start: 0,
-            },
-            _ => return Err(StoreError::corrupt(object, format!("blob {} has an unknown codec", hex(&id.0)))),
+        let mut buf = sealed.to_vec();
+        let stored = match self.open_blob_in_place(id, &mut buf, object)? {
+            Cow::Borrowed(p) => p.len(),
+            Cow::Owned(decompressed) => return Ok(Plaintext { range: 0..decompressed.len(), buf: decompressed }),
         };
-        if self.blob_id(&plain) != *id {
-            return Err(StoreError::corrupt(object, format!("blob {} does not hash to its id", hex(&id.0))));
-        }
-        Ok(plain)
+        // Stored as is: the plaintext follows the nonce and the codec byte.
+        Ok(Plaintext { buf, range: NONCE_LEN + 1..NONCE_LEN + 1 + stored })
     }
 
     /// `open_blob` without copying: decrypts in `sealed` itself (a stored blob's plaintext is
     /// then a part of it; a compressed one is decompressed into a new buffer).
     pub fn open_blob_in_place<'a>(&self, id: &BlobId, sealed: &'a mut [u8], object: &str) -> Result<Cow<'a, [u8]>> {
-        let body = open_in_place(&self.data, &id.0, sealed)
+        let body = self
+            .open_in_place(&id.0, sealed)
             .ok_or_else(|| StoreError::corrupt(object, format!("blob {} fails its authentication tag", hex(&id.0))))?;
         let plain: Cow<'a, [u8]> =
             match body.split_first() {
@@ -328,6 +386,31 @@ mod tests {
             assert!(n <= plain.len() + 1 + SEAL_OVERHEAD);
             assert_eq!(&*keys.open_blob(&id, &out, "p").unwrap(), &plain[..]);
             assert_eq!(&*keys.open_blob_in_place(&id, &mut out.clone(), "p").unwrap(), &plain[..]);
+        }
+    }
+
+    #[test]
+    fn sealing_and_opening_with_ring_match_the_chacha20poly1305_crate() {
+        // The same bytes the chacha20poly1305 crate makes (format v1), for both codecs; and
+        // what it makes opens (`open_blob` decrypts with ring too).
+        let keys = RepoKeys::new(&[7; 32]);
+        let mut random = vec![0u8; 65536];
+        rand::thread_rng().fill_bytes(&mut random);
+        for plain in [vec![0xab; 65536], random, vec![1, 2, 3]] {
+            let id = keys.blob_id(&plain);
+            let nonce = random_nonce();
+            let mut buf = vec![0u8; sealed_room(plain.len())];
+            buf[BLOB_PLAIN_AT..BLOB_PLAIN_AT + plain.len()].copy_from_slice(&plain);
+            let n = keys.seal_blob_with_nonce(&id, &mut buf, plain.len(), &mut Vec::new(), nonce);
+            let mut body = buf[NONCE_LEN..n - TAG_LEN].to_vec();
+            let expect = body.clone();
+            keys.data
+                .decrypt_in_place_detached(XNonce::from_slice(&nonce), &id.0, &mut body, buf[n - TAG_LEN..n].into())
+                .unwrap();
+            let tag = keys.data.encrypt_in_place_detached(XNonce::from_slice(&nonce), &id.0, &mut body).unwrap();
+            assert_eq!(body, expect);
+            assert_eq!(tag.as_slice(), &buf[n - TAG_LEN..n]);
+            assert_eq!(&*keys.open_blob(&id, &buf[..n], "p").unwrap(), &plain[..]);
         }
     }
 

@@ -9,6 +9,7 @@
 //! - `snapshots/<snapshot id>`: the sealed manifest (JSON): metadata plus the page references.
 //!   Written last, after every object it references is durable.
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::crypto::{hex, unhex, BlobId, RepoKeys};
@@ -77,46 +78,85 @@ pub enum BlobKind {
 /// A blob's entry in a pack index: id, offset, sealed length, kind.
 pub type PackEntry = (BlobId, u64, u32, BlobKind);
 
-/// One pack being assembled in memory.
+/// One pack being assembled in memory, as a list of parts (PUT back to back): blobs sealed
+/// elsewhere enter as they are, without being copied (`add_sealed_part`); small ones are
+/// appended to the part being filled.
 pub struct PackBuilder {
     pub id: PackId,
-    pub bytes: Vec<u8>,
+    parts: Vec<Bytes>,
+    /// The part being filled (the header, map pages, repacked blobs, the index).
+    tail: Vec<u8>,
+    /// Bytes in `parts`.
+    parts_len: u64,
     pub entries: Vec<PackEntry>,
 }
 
 impl PackBuilder {
+    /// `capacity`: what to reserve for blobs appended with `add`/`add_sealed`.
     pub fn new(capacity: usize) -> PackBuilder {
         let id: PackId = rand::random();
-        let mut bytes = Vec::with_capacity(capacity);
-        bytes.extend_from_slice(PACK_MAGIC);
-        bytes.put_u32(FORMAT_VERSION);
-        bytes.extend_from_slice(&id);
-        PackBuilder { id, bytes, entries: Vec::new() }
+        let mut tail = Vec::with_capacity(capacity);
+        tail.extend_from_slice(PACK_MAGIC);
+        tail.put_u32(FORMAT_VERSION);
+        tail.extend_from_slice(&id);
+        PackBuilder { id, parts: Vec::new(), tail, parts_len: 0, entries: Vec::new() }
     }
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
+    /// The pack's size so far.
+    pub fn len(&self) -> u64 {
+        self.parts_len + self.tail.len() as u64
+    }
+
     /// Seals `plain` into the pack; returns its reference.
     pub fn add(&mut self, keys: &RepoKeys, id: BlobId, plain: &[u8], kind: BlobKind) -> BlobRef {
-        let offset = self.bytes.len() as u64;
-        let len = keys.seal_blob(&id, plain, &mut self.bytes) as u32;
+        let offset = self.len();
+        let len = keys.seal_blob(&id, plain, &mut self.tail) as u32;
         self.entries.push((id, offset, len, kind));
         BlobRef { pack: self.id, offset, len, id }
     }
 
     /// Copies an already sealed blob (repacking).
     pub fn add_sealed(&mut self, id: BlobId, sealed: &[u8], kind: BlobKind) -> BlobRef {
-        let offset = self.bytes.len() as u64;
-        self.bytes.extend_from_slice(sealed);
+        let offset = self.len();
+        self.tail.extend_from_slice(sealed);
         let len = sealed.len() as u32;
         self.entries.push((id, offset, len, kind));
         BlobRef { pack: self.id, offset, len, id }
     }
 
-    /// Appends the sealed index and the trailer; the pack is then ready to PUT.
-    pub fn finish(mut self, keys: &RepoKeys) -> (PackId, Vec<u8>, Vec<PackEntry>) {
+    /// Appends `part`, sealed blobs back to back, as it is; `blobs` gives each one's id and
+    /// its (offset, sealed length) within `part`, in order, covering it exactly. Calls
+    /// `placed` with each blob's reference.
+    pub fn add_sealed_part(
+        &mut self,
+        part: Bytes,
+        blobs: impl IntoIterator<Item = (BlobId, u32, u32)>,
+        kind: BlobKind,
+        mut placed: impl FnMut(BlobRef),
+    ) {
+        if !self.tail.is_empty() {
+            let tail = std::mem::take(&mut self.tail);
+            self.parts_len += tail.len() as u64;
+            self.parts.push(Bytes::from(tail));
+        }
+        let base = self.parts_len;
+        for (id, at, len) in blobs {
+            debug_assert!(at as usize + len as usize <= part.len());
+            let offset = base + u64::from(at);
+            self.entries.push((id, offset, len, kind));
+            placed(BlobRef { pack: self.id, offset, len, id });
+        }
+        self.parts_len += part.len() as u64;
+        self.parts.push(part);
+    }
+
+    /// Appends the sealed index and the trailer; the pack is then ready to PUT, its parts
+    /// back to back.
+    pub fn finish(mut self, keys: &RepoKeys) -> (PackId, Vec<Bytes>, Vec<PackEntry>) {
         let mut index = Vec::with_capacity(4 + self.entries.len() * 45);
         index.put_u32(self.entries.len() as u32);
         for (id, offset, len, kind) in &self.entries {
@@ -126,10 +166,11 @@ impl PackBuilder {
             index.put_u8(*kind as u8);
         }
         let sealed = keys.seal_meta(&index_aad(&self.id), &index);
-        self.bytes.extend_from_slice(&sealed);
-        self.bytes.put_u32(sealed.len() as u32);
-        self.bytes.extend_from_slice(PACK_TRAILER_MAGIC);
-        (self.id, self.bytes, self.entries)
+        self.tail.extend_from_slice(&sealed);
+        self.tail.put_u32(sealed.len() as u32);
+        self.tail.extend_from_slice(PACK_TRAILER_MAGIC);
+        self.parts.push(Bytes::from(self.tail));
+        (self.id, self.parts, self.entries)
     }
 }
 
@@ -325,10 +366,24 @@ mod tests {
         let a = vec![1u8; 65536];
         let id = k.blob_id(&a);
         let r = p.add(&k, id, &a, BlobKind::Data);
-        let (pid, bytes, entries) = p.finish(&k);
+        // Two blobs sealed elsewhere, entering as one part.
+        let (b, c) = (vec![2u8; 4096], vec![3u8; 100]);
+        let (ib, ic) = (k.blob_id(&b), k.blob_id(&c));
+        let mut part = Vec::new();
+        let nb = k.seal_blob(&ib, &b, &mut part) as u32;
+        let nc = k.seal_blob(&ic, &c, &mut part) as u32;
+        let mut placed = Vec::new();
+        p.add_sealed_part(Bytes::from(part), [(ib, 0, nb), (ic, nb, nc)], BlobKind::Data, |r| placed.push(r));
+        let d = vec![4u8; 5000];
+        let id_d = k.blob_id(&d);
+        let rd = p.add(&k, id_d, &d, BlobKind::Page);
+        let (pid, parts, entries) = p.finish(&k);
+        let bytes: Vec<u8> = parts.concat();
         assert_eq!(r.pack, pid);
-        let blob = &bytes[r.offset as usize..r.offset as usize + r.len as usize];
-        assert_eq!(&*k.open_blob(&id, blob, "p").unwrap(), &a[..]);
+        for (r, plain) in [(r, &a), (placed[0], &b), (placed[1], &c), (rd, &d)] {
+            let blob = &bytes[r.offset as usize..r.offset as usize + r.len as usize];
+            assert_eq!(&*k.open_blob(&r.id, blob, "p").unwrap(), &plain[..]);
+        }
         let t = &bytes[bytes.len() - PACK_TRAILER_LEN as usize..];
         let n = parse_pack_trailer(t, "p").unwrap() as usize;
         let sealed = &bytes[bytes.len() - PACK_TRAILER_LEN as usize - n..bytes.len() - PACK_TRAILER_LEN as usize];

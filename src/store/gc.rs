@@ -11,7 +11,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::error::{Result, StoreError};
@@ -141,9 +140,9 @@ impl StoreService {
         let mut pack = PackBuilder::new(capacity);
         let mut stored: Vec<(PackId, IndexedBlobs)> = Vec::new();
         let store_pack = |pack: PackBuilder| async {
-            let (id, bytes, entries) = pack.finish(keys);
-            let len = bytes.len() as u64;
-            region.objects.put(&pack_key(&id), Bytes::from(bytes)).await?;
+            let (id, parts, entries) = pack.finish(keys);
+            let len = parts.iter().map(|p| p.len() as u64).sum::<u64>();
+            region.objects.put(&pack_key(&id), object_store::PutPayload::from_iter(parts)).await?;
             let blobs: Vec<_> = entries.iter().map(|(i, o, l, _)| (*i, *o, *l)).collect();
             region.index.add_pack(id, &blobs)?;
             Ok::<_, StoreError>((id, blobs, len))
@@ -169,7 +168,7 @@ impl StoreService {
                 moved.insert((b.pack, b.offset), r);
                 report.bytes_repacked += b.len as u64;
             }
-            if pack.bytes.len() as u64 >= self.config.pack_size {
+            if pack.len() >= self.config.pack_size {
                 let full = std::mem::replace(&mut pack, PackBuilder::new(capacity));
                 let (id, blobs, _) = store_pack(full).await?;
                 stored.push((id, blobs));

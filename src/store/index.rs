@@ -25,12 +25,18 @@ const DELETE: u8 = 2;
 struct Inner {
     blobs: HashMap<BlobId, BlobRef>,
     packs: HashMap<PackId, Vec<BlobId>>,
-    log: File,
+}
+
+struct Log {
+    file: File,
     path: PathBuf,
 }
 
+/// Lookups take only `inner`; appends hold `log` across the write, the sync and the
+/// update of `inner`, so lookups (an upload's sealing threads) never wait for a sync.
 pub struct BlobIndex {
     inner: Mutex<Inner>,
+    log: Mutex<Log>,
 }
 
 impl BlobIndex {
@@ -42,7 +48,7 @@ impl BlobIndex {
         let mut log = OpenOptions::new().read(true).append(true).create(true).open(path).map_err(io("opening"))?;
         let mut buf = Vec::new();
         log.read_to_end(&mut buf).map_err(io("reading"))?;
-        let mut inner = Inner { blobs: HashMap::new(), packs: HashMap::new(), log, path: path.to_path_buf() };
+        let mut inner = Inner { blobs: HashMap::new(), packs: HashMap::new() };
         let mut pos = 0;
         while let Some(h) = buf.get(pos..pos + 8) {
             let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
@@ -55,9 +61,9 @@ impl BlobIndex {
         }
         if pos < buf.len() {
             tracing::warn!(file = %path.display(), dropped = buf.len() - pos, "blob index has a torn tail; ignoring it");
-            inner.log.set_len(pos as u64).map_err(io("truncating"))?;
+            log.set_len(pos as u64).map_err(io("truncating"))?;
         }
-        Ok(BlobIndex { inner: Mutex::new(inner) })
+        Ok(BlobIndex { inner: Mutex::new(inner), log: Mutex::new(Log { file: log, path: path.to_path_buf() }) })
     }
 
     pub fn get(&self, id: &BlobId) -> Option<BlobRef> {
@@ -99,14 +105,12 @@ impl BlobIndex {
         frame.put_u32(payload.len() as u32);
         frame.put_u32(crc32c::crc32c(payload));
         frame.extend_from_slice(payload);
-        let mut inner = self.inner.lock();
-        let path = inner.path.display().to_string();
-        inner
-            .log
-            .write_all(&frame)
-            .and_then(|()| inner.log.sync_data())
-            .map_err(StoreError::io(format!("appending to {path}")))?;
-        inner.apply(payload);
+        let mut log = self.log.lock();
+        let Log { file, path } = &mut *log;
+        file.write_all(&frame)
+            .and_then(|()| file.sync_data())
+            .map_err(StoreError::io(format!("appending to {}", path.display())))?;
+        self.inner.lock().apply(payload);
         Ok(())
     }
 }

@@ -399,15 +399,13 @@ impl StoreService {
         let mut base = None;
         for (i, (sid, ch)) in lineage.iter().enumerate() {
             let sid = crate::engine::snapshot_id(*sid);
-            if i > 0 {
-                if self.uploaded_to(&sid, &region_name) {
-                    match region.manifest(&sid).await {
-                        Ok(m) => {
-                            base = Some(Base { snapshot_id: sid, manifest: m, changed: std::mem::take(&mut changed) });
-                            break;
-                        }
-                        Err(e) => tracing::warn!(snapshot = %sid, error = %e, "cannot use as upload base"),
+            if i > 0 && self.uploaded_to(&sid, &region_name) {
+                match region.manifest(&sid).await {
+                    Ok(m) => {
+                        base = Some(Base { snapshot_id: sid, manifest: m, changed: std::mem::take(&mut changed) });
+                        break;
                     }
+                    Err(e) => tracing::warn!(snapshot = %sid, error = %e, "cannot use as upload base"),
                 }
             }
             changed |= ch;

@@ -239,14 +239,16 @@ impl Objects {
         }
     }
 
-    pub async fn put(&self, key: &str, data: Bytes) -> Result<()> {
+    /// PUTs `data` (one buffer, or parts sent back to back: see `PutPayload`).
+    pub async fn put(&self, key: &str, data: impl Into<PutPayload>) -> Result<()> {
+        let data: PutPayload = data.into();
+        let len = data.content_length() as u64;
         if let Some(l) = &self.limiter {
-            l.acquire(data.len() as u64).await;
+            l.acquire(len).await;
         }
         let path = ObjPath::from(key);
-        let len = data.len() as u64;
         self.retry("PUT", key, || {
-            let (path, payload) = (path.clone(), PutPayload::from(data.clone()));
+            let (path, payload) = (path.clone(), data.clone());
             async move {
                 self.inject(false).await?;
                 self.inner.put(&path, payload).await?;
@@ -254,6 +256,8 @@ impl Objects {
             }
         })
         .await?;
+        // The data is written: let its buffers go back (an upload reuses them) during the sync.
+        drop(data);
         if let Some(root) = &self.fs_root {
             // LocalFileSystem renames into place but does not fsync: make the object durable
             // before anything that references it is written.
