@@ -287,6 +287,17 @@ fn validate_name(what: &str, name: &str) -> Result<()> {
     }
 }
 
+/// Whether a volume of this size and cluster size can exist; the reason when not.
+fn check_geometry(size: u64, cluster_size: u32) -> std::result::Result<(), String> {
+    if !cluster_size.is_power_of_two() || !(MIN_CLUSTER_SIZE..=MAX_CLUSTER_SIZE).contains(&cluster_size) {
+        return Err(format!("invalid cluster size {cluster_size}: use a power of two from 4K to 1M (default 64K)"));
+    }
+    if size == 0 || size % 4096 != 0 || size > MAX_VOLUME_SIZE {
+        return Err(format!("invalid volume size {size}: use a non-zero multiple of 4 KiB up to 64 TiB"));
+    }
+    Ok(())
+}
+
 fn slot_file_path(data_dir: &Path, cluster_size: u32) -> PathBuf {
     data_dir.join(format!("slots-{cluster_size}.dat"))
 }
@@ -299,6 +310,13 @@ impl Registry {
         let f = Arc::new(SlotFile::open(&slot_file_path(data_dir, cluster_size), cluster_size)?);
         self.slot_files.insert(cluster_size, f.clone());
         Ok(f)
+    }
+
+    fn check_name_free(&self, name: &str) -> Result<()> {
+        if self.volumes.values().any(|v| v.name == name) {
+            return Err(EngineError::AlreadyExists(format!("a volume named '{name}' already exists")));
+        }
+        Ok(())
     }
 
     fn find_volume(&self, r: &str) -> Result<&Arc<Volume>> {
@@ -965,20 +983,9 @@ impl Engine {
     pub fn create_volume(&self, name: &str, size: u64, cluster_size: Option<u32>) -> Result<VolumeInfo> {
         validate_name("volume", name)?;
         let cluster_size = cluster_size.unwrap_or(DEFAULT_CLUSTER_SIZE);
-        if !cluster_size.is_power_of_two() || !(MIN_CLUSTER_SIZE..=MAX_CLUSTER_SIZE).contains(&cluster_size) {
-            return Err(EngineError::Invalid(format!(
-                "invalid cluster size {cluster_size}: use a power of two from 4K to 1M (default 64K)"
-            )));
-        }
-        if size == 0 || size % 4096 != 0 || size > MAX_VOLUME_SIZE {
-            return Err(EngineError::Invalid(format!(
-                "invalid volume size {size}: use a non-zero multiple of 4 KiB up to 64 TiB"
-            )));
-        }
+        check_geometry(size, cluster_size).map_err(EngineError::Invalid)?;
         let mut reg = self.registry.write();
-        if reg.volumes.values().any(|v| v.name == name) {
-            return Err(EngineError::AlreadyExists(format!("a volume named '{name}' already exists")));
-        }
+        reg.check_name_free(name)?;
         let id = reg.new_id();
         let rec =
             Record::VolumeCreate { volume: id, name: name.into(), size, cluster_size, created: now(), origin: None };
@@ -1104,9 +1111,7 @@ impl Engine {
         let mut reg = self.registry.write();
         let s = reg.find_snapshot(snap)?.clone();
         let remote = remote_of_released(&s, snap, released_region)?;
-        if reg.volumes.values().any(|v| v.name == new_volume) {
-            return Err(EngineError::AlreadyExists(format!("a volume named '{new_volume}' already exists")));
-        }
+        reg.check_name_free(new_volume)?;
         let id = reg.new_id();
         let mut recs = vec![Record::VolumeCreate {
             volume: id,
@@ -1139,20 +1144,10 @@ impl Engine {
         source: &RemoteSource,
     ) -> Result<VolumeInfo> {
         validate_name("volume", name)?;
-        if !cluster_size.is_power_of_two()
-            || !(MIN_CLUSTER_SIZE..=MAX_CLUSTER_SIZE).contains(&cluster_size)
-            || size == 0
-            || size % 4096 != 0
-            || size > MAX_VOLUME_SIZE
-        {
-            return Err(EngineError::Invalid(format!(
-                "snapshot {source} has a geometry this snapblk cannot serve ({size} bytes, {cluster_size}-byte clusters)"
-            )));
-        }
+        check_geometry(size, cluster_size)
+            .map_err(|e| EngineError::Invalid(format!("snapshot {source} cannot be served by this snapblk: {e}")))?;
         let mut reg = self.registry.write();
-        if reg.volumes.values().any(|v| v.name == name) {
-            return Err(EngineError::AlreadyExists(format!("a volume named '{name}' already exists")));
-        }
+        reg.check_name_free(name)?;
         let id = reg.new_id();
         let recs = [
             Record::VolumeCreate { volume: id, name: name.into(), size, cluster_size, created: now(), origin: None },
