@@ -127,7 +127,7 @@ async fn run(
         Some(l) => Some(l.local_addr()?),
         None => None,
     };
-    let control = bind_unix(&control_path)?;
+    let control = bind_unix(&control_path)?.into_std()?;
     let status = Status {
         version: env!("CARGO_PKG_VERSION").into(),
         dir: dir.clone(),
@@ -163,11 +163,7 @@ async fn run(
         });
     }
     let app = router(engine.clone(), store.clone(), attachments.clone(), status);
-    tasks.spawn(async move {
-        if let Err(e) = axum::serve(control, app).await {
-            tracing::error!(error = %e, "control API stopped");
-        }
-    });
+    let stop_control = serve_control(control, app)?;
 
     let tcp_note = tcp.map_or(String::new(), |a| format!(", {a}"));
     eprintln!(
@@ -183,6 +179,7 @@ async fn run(
         _ = int.recv() => {}
     }
     tracing::info!("shutting down");
+    let _ = stop_control.send(());
     tasks.abort_all();
     let e = engine.clone();
     tokio::task::spawn_blocking(move || e.shutdown()).await?;
@@ -200,6 +197,30 @@ async fn run(
     }
     eprintln!("snapblk: stopped");
     Ok(())
+}
+
+/// Serves the control API on a thread of its own (a single-threaded runtime): a request, a
+/// snapshot create above all, is answered at once instead of queueing behind the NBD
+/// connections on the busy data-path workers. Long work still goes elsewhere (blocking
+/// threads, jobs on the main runtime). Stops when the returned sender fires or is dropped.
+fn serve_control(listener: std::os::unix::net::UnixListener, app: axum::Router) -> anyhow::Result<tokio::sync::oneshot::Sender<()>> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new().name("snapblk-control".into()).spawn(move || {
+        runtime.block_on(async move {
+            let listener = match UnixListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => return tracing::error!(error = %e, "control API cannot start"),
+            };
+            tokio::select! {
+                r = axum::serve(listener, app) => if let Err(e) = r {
+                    tracing::error!(error = %e, "control API stopped");
+                },
+                _ = stopped => {}
+            }
+        })
+    })?;
+    Ok(stop)
 }
 
 fn spawn_connection<S>(stream: S, catalog: Arc<NbdCatalog>, config: Arc<ServerConfig>, peer: String)

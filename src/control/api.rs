@@ -99,6 +99,10 @@ pub struct CreateSnapshot {
     pub name: String,
     #[serde(default)]
     pub description: String,
+    /// Answer only once the snapshot is durable (by default it is taken, readable and
+    /// answered at once, and durable when the commit started with it ends).
+    #[serde(default)]
+    pub durable: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -311,7 +315,15 @@ async fn create_snapshot(
 ) -> ApiResult<(StatusCode, Json<SnapshotView>)> {
     let Json(b) = body?;
     let e = c.engine.clone();
-    let s = blocking(move || e.create_snapshot(&r, &b.name, &b.description)).await?;
+    let s = blocking(move || {
+        let s = e.create_snapshot(&r, &b.name, &b.description)?;
+        if !b.durable {
+            return Ok(s);
+        }
+        e.make_durable(&s.id)?;
+        e.snapshot(&s.id)
+    })
+    .await?;
     // The snapshot exists (and is usable) now; its upload starts in the background.
     c.store.snapshot_created(&s)?;
     Ok((StatusCode::CREATED, Json(snapshot_view(&c, s))))

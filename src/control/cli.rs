@@ -153,6 +153,10 @@ pub enum SnapshotCommand {
         name: String,
         #[arg(long, default_value = "")]
         description: String,
+        /// Return only once the snapshot would survive a crash or power loss (otherwise it is
+        /// durable a moment later, when the commit the daemon starts at once ends)
+        #[arg(long)]
+        durable: bool,
         /// Wait until the upload ends, showing progress
         #[arg(long)]
         wait: bool,
@@ -309,7 +313,7 @@ fn upload_summary(v: &SnapshotView) -> String {
 fn snapshot_lines(v: &SnapshotView) -> String {
     let s = &v.info;
     format!(
-        "name:        {}@{}\nid:          {}\nvolume:      {} ({})\ndescription: {}\ncreated:     {}\nsize:        {} ({} bytes)\nallocated:   {}\nchanged:     {} clusters since {}\nclones:      {}\nlocal data:  {}\nstore:       {}\n",
+        "name:        {}@{}\nid:          {}\nvolume:      {} ({})\ndescription: {}\ncreated:     {}\nsize:        {} ({} bytes)\nallocated:   {}\nchanged:     {} clusters since {}\nclones:      {}\nlocal data:  {}\ndurable:     {}\nstore:       {}\n",
         s.volume,
         s.name,
         s.id,
@@ -324,6 +328,7 @@ fn snapshot_lines(v: &SnapshotView) -> String {
         s.parent.as_deref().unwrap_or("the beginning"),
         if s.clones.is_empty() { "-".to_string() } else { s.clones.join(", ") },
         if s.local { "yes" } else { "no (released after upload)" },
+        if s.durable { "yes" } else { "not yet (committing)" },
         upload_summary(v)
     )
 }
@@ -684,8 +689,8 @@ pub async fn run(dir: &std::path::Path, json: bool, command: Command) -> Result<
             }
         },
         Command::Snapshot(s) => match s {
-            SnapshotCommand::Create { volume, name, description, wait } => {
-                let body = CreateSnapshot { name, description };
+            SnapshotCommand::Create { volume, name, description, durable, wait } => {
+                let body = CreateSnapshot { name, description, durable };
                 let view = send(&c, Method::POST, &p(&["volumes", &volume, "snapshots"]), Some(&body)).await?;
                 Shown::Snapshot(if wait { wait_upload(&c, json, view).await? } else { view })
             }

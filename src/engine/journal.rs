@@ -8,10 +8,18 @@
 //! generation, stopping at the first torn or corrupt frame (the uncommitted tail). When the
 //! journal grows large, a new checkpoint is written beside it and atomically renamed into place,
 //! then a fresh journal of the next generation starts.
+//!
+//! Records may also be written *before* their slot data is synced (a snapshot create writes
+//! its record at once and leaves the sync to a commit started in the background). Such a tail
+//! survives a killed process (the page cache keeps both the records and the data they point
+//! at) but not a power loss. So each process marks its frames with the kernel's boot id, and
+//! each commit, after syncing the slot files, writes a `synced through` mark: at recovery,
+//! records past the last mark are kept only if the boot id is the current one.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::error::{EngineError, Result};
 
@@ -20,7 +28,8 @@ pub const CHECKPOINT_MAGIC: &[u8; 8] = b"SNAPBLKC";
 /// Version 2 added `SnapshotRelease` records and the snapshot flags byte in checkpoints;
 /// version 3 added hydration (`RemoteHead`, `Hydrate`, `LoadedRange` records and each map's
 /// remote part in checkpoints). Older files are still read.
-pub const FORMAT_VERSION: u32 = 3;
+/// Version 4 added the journal's `Boot` and `Synced` frames (checkpoints are unchanged).
+pub const FORMAT_VERSION: u32 = 4;
 const JOURNAL_HEADER_LEN: u64 = 8 + 4 + 8;
 /// A frame larger than this is corrupt (no record is anywhere near it).
 const MAX_FRAME: u32 = 1 << 20;
@@ -104,6 +113,55 @@ const T_SNAPSHOT_RELEASE: u8 = 8;
 const T_REMOTE_HEAD: u8 = 9;
 const T_HYDRATE: u8 = 10;
 const T_LOADED_RANGE: u8 = 11;
+/// Journal frames about the journal itself (not records): the writer's boot id, and the
+/// offset up to which every record's slot data was synced.
+const T_BOOT: u8 = 12;
+const T_SYNCED: u8 = 13;
+
+/// A boot id: 16 bytes that differ after every reboot of the machine.
+pub type BootId = [u8; 16];
+
+/// The kernel's boot id (`/proc/sys/kernel/random/boot_id`). Without one, a random id: then
+/// nothing written without a sync is trusted after any restart, which is safe, only stricter.
+pub fn boot_id() -> BootId {
+    static ID: std::sync::OnceLock<BootId> = std::sync::OnceLock::new();
+    *ID.get_or_init(|| {
+        let parsed = fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().and_then(|text| {
+            let hex: Vec<u8> = text.trim().bytes().filter(|b| *b != b'-').collect();
+            let mut id = [0u8; 16];
+            for (i, pair) in hex.chunks(2).enumerate() {
+                *id.get_mut(i)? = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+            }
+            (hex.len() == 32).then_some(id)
+        });
+        parsed.unwrap_or_else(|| {
+            tracing::warn!("cannot read the kernel boot id; snapshots become crash-safe only once committed");
+            rand::random()
+        })
+    })
+}
+
+/// What a scan of the journal's frames found.
+struct Scan {
+    /// Records, each with the file offset where its frame ends.
+    records: Vec<(Record, u64)>,
+    /// The boot id of the last process that wrote frames.
+    boot: Option<BootId>,
+    /// The highest `Synced` mark.
+    synced_through: u64,
+    /// The end of the last valid frame (where the next write goes).
+    valid: u64,
+}
+
+fn frame(out: &mut Vec<u8>, payload: impl FnOnce(&mut Vec<u8>)) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 8]);
+    payload(out);
+    let payload_len = (out.len() - start - 8) as u32;
+    let crc = crc32c::crc32c(&out[start + 8..]);
+    out[start..start + 4].copy_from_slice(&payload_len.to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
 
 /// Little-endian encoding helpers shared by the journal and the checkpoint.
 pub trait Put {
@@ -196,8 +254,10 @@ impl<'a> Reader<'a> {
 impl Record {
     /// Appends the framed record: `len u32 | crc32c(payload) u32 | payload`.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        let frame = out.len();
-        out.extend_from_slice(&[0; 8]);
+        frame(out, |out| self.encode_payload(out));
+    }
+
+    fn encode_payload(&self, out: &mut Vec<u8>) {
         match self {
             Record::MapSet { volume, cluster, entry } => {
                 out.put_u8(T_MAP_SET);
@@ -266,10 +326,6 @@ impl Record {
                 out.put_u64(*end);
             }
         }
-        let payload_len = (out.len() - frame - 8) as u32;
-        let crc = crc32c::crc32c(&out[frame + 8..]);
-        out[frame..frame + 4].copy_from_slice(&payload_len.to_le_bytes());
-        out[frame + 4..frame + 8].copy_from_slice(&crc.to_le_bytes());
     }
 
     fn decode(payload: &[u8]) -> Result<Record, Short> {
@@ -314,7 +370,14 @@ impl Record {
 /// Decodes frames from `buf` until the first torn or corrupt one. Returns the records and the
 /// length of the valid prefix (where the next append must go).
 pub fn decode_frames(buf: &[u8]) -> (Vec<Record>, usize) {
-    let mut records = Vec::new();
+    let scan = scan_frames(buf, 0);
+    (scan.records.into_iter().map(|(r, _)| r).collect(), scan.valid as usize)
+}
+
+/// `decode_frames` that also reads the `Boot` and `Synced` frames; `base` is the file offset
+/// of `buf`.
+fn scan_frames(buf: &[u8], base: u64) -> Scan {
+    let mut scan = Scan { records: Vec::new(), boot: None, synced_through: base, valid: base };
     let mut pos = 0;
     while let Some(header) = buf.get(pos..pos + 8) {
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
@@ -326,22 +389,40 @@ pub fn decode_frames(buf: &[u8]) -> (Vec<Record>, usize) {
         if crc32c::crc32c(payload) != crc {
             break;
         }
-        match Record::decode(payload) {
-            Ok(rec) => records.push(rec),
-            Err(Short) => break,
+        let end = base + (pos + 8 + len as usize) as u64;
+        let mut r = Reader::new(payload);
+        match r.u8() {
+            Ok(T_BOOT) => match r.array::<16>() {
+                Ok(id) if r.remaining() == 0 => scan.boot = Some(id),
+                _ => break,
+            },
+            Ok(T_SYNCED) => match r.u64() {
+                Ok(through) if r.remaining() == 0 => scan.synced_through = scan.synced_through.max(through),
+                _ => break,
+            },
+            _ => match Record::decode(payload) {
+                Ok(rec) => scan.records.push((rec, end)),
+                Err(Short) => break,
+            },
         }
         pos += 8 + len as usize;
+        scan.valid = end;
     }
-    (records, pos)
+    scan
 }
 
 /// The open journal file of the current generation.
 pub struct Journal {
     dir: PathBuf,
-    file: File,
+    file: Arc<File>,
     pub generation: u64,
     /// Bytes in the file (header included).
     pub len: u64,
+    boot: BootId,
+    /// Whether this process has written its `Boot` frame to this file yet.
+    boot_written: bool,
+    /// The last `Synced` mark written (or the end of what recovery kept).
+    synced_through: u64,
 }
 
 pub fn journal_path(dir: &Path, generation: u64) -> PathBuf {
@@ -354,8 +435,9 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 
 impl Journal {
     /// Opens (or creates) the journal of `generation` and returns its valid records. A torn
-    /// tail is cut off so new frames follow valid ones.
-    pub fn open(dir: &Path, generation: u64) -> Result<(Journal, Vec<Record>)> {
+    /// tail is cut off so new frames follow valid ones; so is a tail written without a sync
+    /// by another boot than `boot` (a power loss may have kept records but lost their data).
+    pub fn open(dir: &Path, generation: u64, boot: BootId) -> Result<(Journal, Vec<Record>)> {
         let path = journal_path(dir, generation);
         let ctx = || format!("opening journal {}", path.display());
         let existing = match fs::read(&path) {
@@ -365,9 +447,20 @@ impl Journal {
         };
         let (records, len) = match existing {
             Some(bytes) if bytes.len() as u64 >= JOURNAL_HEADER_LEN => {
-                check_header(&bytes, JOURNAL_MAGIC, generation, &path)?;
-                let (records, valid) = decode_frames(&bytes[JOURNAL_HEADER_LEN as usize..]);
-                (records, JOURNAL_HEADER_LEN + valid as u64)
+                let version = check_header(&bytes, JOURNAL_MAGIC, generation, &path)?;
+                let scan = scan_frames(&bytes[JOURNAL_HEADER_LEN as usize..], JOURNAL_HEADER_LEN);
+                // Before version 4 every record was written after its data was synced.
+                let trusted = if version < 4 || scan.boot == Some(boot) { scan.valid } else { scan.synced_through };
+                let records: Vec<Record> =
+                    scan.records.into_iter().take_while(|(_, end)| *end <= trusted).map(|(r, _)| r).collect();
+                if trusted < scan.valid {
+                    tracing::warn!(
+                        journal = %path.display(),
+                        dropped_bytes = scan.valid - trusted,
+                        "the machine restarted since the journal's last records were written, before they were synced: they are dropped (snapshots taken just before a power loss)"
+                    );
+                }
+                (records, trusted)
             }
             // Missing or shorter than its header (crash while creating it): start it anew.
             _ => {
@@ -383,21 +476,62 @@ impl Journal {
         };
         let file = OpenOptions::new().write(true).open(&path).map_err(EngineError::io(ctx()))?;
         file.set_len(len).map_err(EngineError::io(ctx()))?;
-        Ok((Journal { dir: dir.to_path_buf(), file, generation, len }, records))
+        let journal = Journal {
+            dir: dir.to_path_buf(),
+            file: Arc::new(file),
+            generation,
+            len,
+            boot,
+            boot_written: false,
+            synced_through: len,
+        };
+        Ok((journal, records))
     }
 
-    /// Appends encoded frames and makes them durable.
-    pub fn append(&mut self, frames: &[u8]) -> Result<()> {
+    fn write_at_end(&mut self, frames: &[u8]) -> Result<()> {
         use std::os::unix::fs::FileExt;
-        if frames.is_empty() {
-            return Ok(());
-        }
-        self.file
-            .write_all_at(frames, self.len)
-            .and_then(|_| self.file.sync_data())
-            .map_err(EngineError::io("appending to the journal"))?;
+        self.file.write_all_at(frames, self.len).map_err(EngineError::io("writing to the journal"))?;
         self.len += frames.len() as u64;
         Ok(())
+    }
+
+    /// Writes encoded frames without syncing anything: they survive the process, not a power
+    /// loss, until a `mark_synced` past them is synced. Returns the end offset.
+    pub fn write(&mut self, frames: &[u8]) -> Result<u64> {
+        if !frames.is_empty() {
+            if !self.boot_written {
+                let mut boot = Vec::with_capacity(32);
+                frame(&mut boot, |out| {
+                    out.put_u8(T_BOOT);
+                    out.extend_from_slice(&self.boot);
+                });
+                self.write_at_end(&boot)?;
+                self.boot_written = true;
+            }
+            self.write_at_end(frames)?;
+        }
+        Ok(self.len)
+    }
+
+    /// Records that the slot data of every record ending at or before `through` is synced.
+    /// Durable with the next `sync`.
+    pub fn mark_synced(&mut self, through: u64) -> Result<()> {
+        if through <= self.synced_through {
+            return Ok(());
+        }
+        let mut mark = Vec::with_capacity(24);
+        frame(&mut mark, |out| {
+            out.put_u8(T_SYNCED);
+            out.put_u64(through);
+        });
+        self.write_at_end(&mark)?;
+        self.synced_through = through;
+        Ok(())
+    }
+
+    /// The file, to sync without holding the journal's lock.
+    pub fn file(&self) -> Arc<File> {
+        self.file.clone()
     }
 
     /// Installs `checkpoint` (the encoded state after every record of this generation) as
@@ -412,7 +546,7 @@ impl Journal {
         f.write_all(checkpoint).and_then(|_| f.sync_all()).map_err(EngineError::io(ctx()))?;
         fs::rename(&tmp, &dst).map_err(EngineError::io("installing the new checkpoint"))?;
         sync_dir(&self.dir)?;
-        let (journal, _) = Journal::open(&self.dir, next)?;
+        let (journal, _) = Journal::open(&self.dir, next, self.boot)?;
         let old = journal_path(&self.dir, self.generation);
         *self = journal;
         // Best effort: a leftover old journal is ignored and removed at the next start.
@@ -521,6 +655,46 @@ mod tests {
         let mut flipped = buf.clone();
         flipped[first.len() + 10] ^= 1;
         assert_eq!(decode_frames(&flipped).0, sample()[..1]);
+    }
+
+    #[test]
+    fn records_written_after_the_last_synced_mark_are_kept_only_in_the_same_boot() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = ([1u8; 16], [2u8; 16]);
+        let recs = sample();
+        let (mut j, _) = Journal::open(dir.path(), 7, a).unwrap();
+        let mut first = Vec::new();
+        recs[..3].iter().for_each(|r| r.encode(&mut first));
+        let through = j.write(&first).unwrap();
+        j.mark_synced(through).unwrap();
+        let mut rest = Vec::new();
+        recs[3..].iter().for_each(|r| r.encode(&mut rest));
+        j.write(&rest).unwrap();
+        drop(j);
+        let copy = |to: &Path| {
+            std::fs::copy(journal_path(dir.path(), 7), journal_path(to, 7)).unwrap();
+        };
+        // Same boot (the process was killed): everything.
+        let same = tempfile::tempdir().unwrap();
+        copy(same.path());
+        assert_eq!(Journal::open(same.path(), 7, a).unwrap().1, recs);
+        // Another boot (power loss): up to the mark, and the file is cut there.
+        let other = tempfile::tempdir().unwrap();
+        copy(other.path());
+        let (j, kept) = Journal::open(other.path(), 7, b).unwrap();
+        assert_eq!(kept, recs[..3]);
+        assert_eq!(j.len, through);
+        drop(j);
+        assert_eq!(Journal::open(other.path(), 7, a).unwrap().1, recs[..3], "the cut tail came back");
+        // A version 3 journal has no marks: every record was synced before it was written.
+        let v3 = tempfile::tempdir().unwrap();
+        let mut bytes = JOURNAL_MAGIC.to_vec();
+        bytes.put_u32(3);
+        bytes.put_u64(7);
+        bytes.extend_from_slice(&first);
+        bytes.extend_from_slice(&rest);
+        std::fs::write(journal_path(v3.path(), 7), &bytes).unwrap();
+        assert_eq!(Journal::open(v3.path(), 7, b).unwrap().1, recs);
     }
 
     #[test]

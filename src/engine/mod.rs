@@ -5,8 +5,9 @@
 //! touch only their own volume's lock. See docs/ARCHITECTURE.md for the flow of each
 //! operation and docs/FORMAT.md for the files.
 //!
-//! Lock order (never taken the other way round): registry → committer → volume state →
-//! volume pending records. The data path takes only the last two.
+//! Lock order (never taken the other way round): registry → committer → journal tail →
+//! volume state → volume pending records. The data path takes only the last two. (The
+//! checkpoint takes volume states before the tail: it holds the registry, so nobody stages.)
 
 mod checkpoint;
 pub mod error;
@@ -196,6 +197,8 @@ pub(crate) struct Snapshot {
     pub(crate) released: bool,
     /// Clusters still in the store when the snapshot was taken of a hydrating volume.
     pub(crate) remote: Option<Remote>,
+    /// The commit that makes its record durable (0: loaded from disk, durable already).
+    pub(crate) durable_ticket: AtomicU64,
 }
 
 pub(crate) struct Lineage {
@@ -213,17 +216,34 @@ struct Registry {
     next_seq: u64,
 }
 
-/// The journal plus records of control operations staged for the next commit.
-struct Committer {
+/// The end of the journal: records staged for the next commit, and the journal file they go
+/// to. Held briefly (never across a sync), so a snapshot create never waits behind a commit.
+struct Tail {
     journal: Journal,
     staged: Vec<u8>,
+    /// Commits that have written the staged records so far: records staged or written now are
+    /// covered by the commit numbered `taken + 1`.
+    taken: u64,
+}
+
+/// Wakes the write-back thread for a commit now (a snapshot create staged a record).
+#[derive(Default)]
+struct CommitWanted {
+    wanted: Mutex<bool>,
+    wake: parking_lot::Condvar,
 }
 
 pub struct Engine {
     dir: PathBuf,
     data_dir: PathBuf,
     registry: RwLock<Registry>,
-    committer: Mutex<Committer>,
+    /// Held for the whole of a commit: commits run one at a time, in order.
+    committer: Mutex<()>,
+    tail: Mutex<Tail>,
+    /// The number of the last commit that completed: records with a ticket up to this are
+    /// durable.
+    durable_through: AtomicU64,
+    commit_wanted: Arc<CommitWanted>,
     /// Set when a commit failed: in-memory state may be ahead of disk, so no more writes.
     failed: AtomicBool,
     shutting_down: AtomicBool,
@@ -464,6 +484,7 @@ impl Registry {
                     revoker: Revoker::new(),
                     released: false,
                     remote: st.remote.clone(),
+                    durable_ticket: AtomicU64::new(0),
                 };
                 st.owned.clear();
                 st.parent = Some(*snapshot);
@@ -518,6 +539,7 @@ impl Registry {
                     revoker: Revoker::new(),
                     released: true,
                     remote: None,
+                    durable_ticket: AtomicU64::new(0),
                 };
                 let old = self.snapshots.insert(*snapshot, Arc::new(released));
                 Ok(old.map(|o| (o.map.clone(), o.cluster_size)))
@@ -726,6 +748,7 @@ impl Registry {
                     revoker: Revoker::new(),
                     released: s.released,
                     remote: s.remote,
+                    durable_ticket: AtomicU64::new(0),
                 }),
             );
         }
@@ -780,6 +803,12 @@ impl Engine {
     /// Opens (or initializes) the engine in `dir`: loads the checkpoint, replays the journal,
     /// sweeps unreferenced slots, and compacts the journal into a fresh checkpoint.
     pub fn open(dir: &Path) -> Result<Arc<Engine>> {
+        Engine::open_as(dir, journal::boot_id())
+    }
+
+    /// `open` as if the machine's boot id were `boot` (tests simulate a power loss with
+    /// another one).
+    pub(crate) fn open_as(dir: &Path, boot: journal::BootId) -> Result<Arc<Engine>> {
         let meta = dir.join("meta");
         let data_dir = dir.join("data");
         for d in [&meta, &data_dir] {
@@ -795,7 +824,7 @@ impl Engine {
         };
         let generation = state.generation;
         journal::remove_stale_journals(&meta, generation);
-        let (journal, records) = Journal::open(&meta, generation)?;
+        let (journal, records) = Journal::open(&meta, generation, boot)?;
         let mut reg = Registry::from_image(state, &data_dir)?;
         // Slot files of cluster sizes no volume uses any more are swept (emptied) too.
         if let Ok(entries) = fs::read_dir(&data_dir) {
@@ -812,6 +841,11 @@ impl Engine {
             reg.apply(rec, &data_dir, None)?;
         }
         reg.recompute_ownership_and_free_slots()?;
+        // Records kept from a killed process may point at data it never synced: sync it
+        // before the checkpoint below makes those records final.
+        for f in reg.slot_files.values() {
+            f.sync_all_written()?;
+        }
         tracing::info!(
             volumes = reg.volumes.len(),
             snapshots = reg.snapshots.len(),
@@ -823,7 +857,10 @@ impl Engine {
             dir: dir.to_path_buf(),
             data_dir,
             registry: RwLock::new(reg),
-            committer: Mutex::new(Committer { journal, staged: Vec::new() }),
+            committer: Mutex::new(()),
+            tail: Mutex::new(Tail { journal, staged: Vec::new(), taken: 0 }),
+            durable_through: AtomicU64::new(0),
+            commit_wanted: Arc::default(),
             failed: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             cluster_source: OnceLock::new(),
@@ -832,17 +869,23 @@ impl Engine {
             engine.checkpoint()?;
         }
         let engine = Arc::new(engine);
-        Engine::spawn_writeback(Arc::downgrade(&engine));
+        Engine::spawn_writeback(Arc::downgrade(&engine), engine.commit_wanted.clone());
         Ok(engine)
     }
 
     /// Every `WRITEBACK_INTERVAL`, starts write-back of the slot files written since, so dirty
-    /// data does not pile up between flushes (which would make a FLUSH or a snapshot wait for
-    /// all of it), and commits when uncommitted records pass `PENDING_COMMIT_BYTES`. Ends when
-    /// the engine is dropped or shut down.
-    fn spawn_writeback(engine: std::sync::Weak<Engine>) {
+    /// data does not pile up between flushes (which would make a FLUSH wait for all of it),
+    /// and commits when uncommitted records pass `PENDING_COMMIT_BYTES` or a snapshot create
+    /// asks for it (`request_commit`). Ends when the engine is dropped or shut down.
+    fn spawn_writeback(engine: std::sync::Weak<Engine>, wanted: Arc<CommitWanted>) {
         let spawned = std::thread::Builder::new().name("snapblk-writeback".into()).spawn(move || loop {
-            std::thread::sleep(WRITEBACK_INTERVAL);
+            let requested = {
+                let mut w = wanted.wanted.lock();
+                if !*w {
+                    wanted.wake.wait_for(&mut w, WRITEBACK_INTERVAL);
+                }
+                std::mem::take(&mut *w)
+            };
             let Some(e) = engine.upgrade() else { return };
             if e.shutting_down.load(Ordering::Acquire) {
                 return;
@@ -854,7 +897,7 @@ impl Engine {
             };
             // Map changes not yet committed are held in memory; past a bound, commit them
             // (committing early is always safe, and it keeps replay after a crash short).
-            if pending > PENDING_COMMIT_BYTES {
+            if requested || pending > PENDING_COMMIT_BYTES {
                 if let Err(err) = e.commit() {
                     tracing::warn!(error = %err, "background commit failed");
                 }
@@ -890,68 +933,93 @@ impl Engine {
     /// journal records that point at it. FLUSH and FUA end here; it covers all volumes (one
     /// cache for all connections, which is what makes multi-conn safe).
     pub fn commit(&self) -> Result<()> {
-        self.check_writable()?;
-        let (volumes, slot_files) = {
-            let reg = self.registry.read();
-            (reg.volumes.values().cloned().collect::<Vec<_>>(), reg.slot_files.values().cloned().collect::<Vec<_>>())
-        };
-        let rotate = {
-            let mut c = self.committer.lock();
-            self.commit_locked(&mut c, &volumes, &slot_files)?;
-            c.journal.len > CHECKPOINT_AFTER
-        };
-        if rotate {
+        self.commit_all()?;
+        if self.tail.lock().journal.len > CHECKPOINT_AFTER {
             self.checkpoint()?;
         }
         Ok(())
     }
 
-    fn commit_locked(&self, c: &mut Committer, volumes: &[Arc<Volume>], slot_files: &[Arc<SlotFile>]) -> Result<()> {
+    fn commit_all(&self) -> Result<()> {
+        self.check_writable()?;
+        let (volumes, slot_files) = {
+            let reg = self.registry.read();
+            (reg.volumes.values().cloned().collect::<Vec<_>>(), reg.slot_files.values().cloned().collect::<Vec<_>>())
+        };
+        let _c = self.committer.lock();
+        self.commit_locked(&volumes, &slot_files)
+    }
+
+    /// One commit (the caller holds `committer`): writes the staged records (after the given
+    /// volumes' data-path records), syncs the slot files, marks the records synced and syncs
+    /// the journal. Records written meanwhile (a snapshot create) wait for the next commit.
+    fn commit_locked(&self, volumes: &[Arc<Volume>], slot_files: &[Arc<SlotFile>]) -> Result<()> {
         // Frees first: a slot released after this point has its record drained later, so it
         // must wait for the next commit.
         let frees: Vec<Vec<u64>> = slot_files.iter().map(|f| f.take_pending()).collect();
-        for v in volumes {
-            let mut p = v.pending.lock();
-            c.staged.extend_from_slice(&p);
-            p.clear();
-        }
         let result = (|| {
+            let (through, number, journal) = {
+                let mut t = self.tail.lock();
+                for v in volumes {
+                    let mut p = v.pending.lock();
+                    t.staged.extend_from_slice(&p);
+                    p.clear();
+                }
+                t.taken += 1;
+                let Tail { journal, staged, taken } = &mut *t;
+                let through = journal.write(staged)?;
+                staged.clear();
+                (through, *taken, journal.file())
+            };
+            // Every record written above points at data written before it was staged.
             for f in slot_files {
                 f.sync()?;
             }
-            c.journal.append(&c.staged)
+            self.tail.lock().journal.mark_synced(through)?;
+            journal.sync_data().map_err(EngineError::io("syncing the journal"))?;
+            Ok(number)
         })();
-        if let Err(e) = result {
-            for (f, slots) in slot_files.iter().zip(frees) {
-                f.restore_pending(slots);
+        match result {
+            Ok(number) => {
+                self.durable_through.fetch_max(number, Ordering::AcqRel);
+                for (f, slots) in slot_files.iter().zip(frees) {
+                    f.free_committed(slots)?;
+                }
+                Ok(())
             }
-            self.failed.store(true, Ordering::Release);
-            tracing::error!(error = %e, "commit failed; refusing further changes");
-            return Err(e);
+            Err(e) => {
+                for (f, slots) in slot_files.iter().zip(frees) {
+                    f.restore_pending(slots);
+                }
+                self.failed.store(true, Ordering::Release);
+                tracing::error!(error = %e, "commit failed; refusing further changes");
+                Err(e)
+            }
         }
-        c.staged.clear();
-        for (f, slots) in slot_files.iter().zip(frees) {
-            f.free_committed(slots)?;
-        }
-        Ok(())
     }
 
     /// Writes a new checkpoint of the whole state and starts a fresh journal.
     fn checkpoint(&self) -> Result<()> {
+        // A commit first, without holding any lock the data path or a snapshot create needs,
+        // so the one under those locks below has next to nothing left to sync.
+        self.commit_all()?;
         let reg = self.registry.read();
-        let mut c = self.committer.lock();
+        let _c = self.committer.lock();
         let volumes: Vec<_> = reg.volumes.values().cloned().collect();
         let slot_files: Vec<_> = reg.slot_files.values().cloned().collect();
         // Hold every volume's state lock while draining its records and imaging it, so the
         // image is exactly "all records so far" (records appended later go to the new journal).
+        // (Volume state before the tail here: no one stages meanwhile, they need the registry
+        // exclusively.)
         let guards: Vec<_> = volumes.iter().map(|v| v.state.read()).collect();
-        self.commit_locked(&mut c, &volumes, &slot_files)?;
-        let image = reg.image(c.journal.generation + 1, &volumes, &guards);
+        self.commit_locked(&volumes, &slot_files)?;
+        let mut t = self.tail.lock();
+        let image = reg.image(t.journal.generation + 1, &volumes, &guards);
         drop(guards);
         drop(reg);
         let bytes = checkpoint::encode(&image);
-        c.journal.rotate(&bytes).inspect_err(|_| self.failed.store(true, Ordering::Release))?;
-        tracing::debug!(generation = c.journal.generation, bytes = bytes.len(), "checkpoint written");
+        t.journal.rotate(&bytes).inspect_err(|_| self.failed.store(true, Ordering::Release))?;
+        tracing::debug!(generation = t.journal.generation, bytes = bytes.len(), "checkpoint written");
         Ok(())
     }
 
@@ -963,21 +1031,58 @@ impl Engine {
 
     /// `run` for records that must be committed together (one durable step).
     fn run_all(&self, reg: &mut Registry, recs: &[Record]) -> Result<()> {
-        self.check_writable()?;
-        let mut c = self.committer.lock();
-        let mut dropped = Vec::new();
-        for rec in recs {
-            dropped.extend(reg.apply(rec, &self.data_dir, Some(&mut c.staged))?);
-            rec.encode(&mut c.staged);
-        }
+        let (ticket, dropped) = self.stage(reg, recs, false)?;
         let slot_files: Vec<_> = reg.slot_files.values().cloned().collect();
-        // Other volumes keep their records for the next commit; order between volumes is free.
-        self.commit_locked(&mut c, &[], &slot_files)?;
-        drop(c);
+        self.commit_through(ticket, &slot_files)?;
         for (map, cluster_size) in dropped {
             reg.release_dropped(&map, cluster_size);
         }
         Ok(())
+    }
+
+    /// Applies `recs` and stages them (after the earlier data-path records of the volumes
+    /// they concern) for the next commit, without waiting for it; with `write`, also writes
+    /// everything staged to the journal now (crash-safe once written, power-safe once
+    /// committed). Returns the commit number that makes them durable, and the maps they
+    /// dropped.
+    fn stage(&self, reg: &mut Registry, recs: &[Record], write: bool) -> Result<(u64, Vec<(ClusterMap, u32)>)> {
+        self.check_writable()?;
+        let mut t = self.tail.lock();
+        let mut dropped = Vec::new();
+        for rec in recs {
+            dropped.extend(reg.apply(rec, &self.data_dir, Some(&mut t.staged))?);
+            rec.encode(&mut t.staged);
+        }
+        if write {
+            let Tail { journal, staged, .. } = &mut *t;
+            if let Err(e) = journal.write(staged) {
+                self.failed.store(true, Ordering::Release);
+                tracing::error!(error = %e, "journal write failed; refusing further changes");
+                return Err(e);
+            }
+            staged.clear();
+        }
+        Ok((t.taken + 1, dropped))
+    }
+
+    /// Returns once the commit numbered `ticket` (or a later one) has completed, running one
+    /// if need be. Other volumes' data-path records wait for their own commit.
+    fn commit_through(&self, ticket: u64, slot_files: &[Arc<SlotFile>]) -> Result<()> {
+        if self.durable_through.load(Ordering::Acquire) >= ticket {
+            return Ok(());
+        }
+        let _c = self.committer.lock();
+        if self.durable_through.load(Ordering::Acquire) >= ticket {
+            return Ok(());
+        }
+        self.check_writable()?;
+        self.commit_locked(&[], slot_files)
+    }
+
+    /// Asks the write-back thread for a commit now.
+    fn request_commit(&self) {
+        *self.commit_wanted.wanted.lock() = true;
+        self.commit_wanted.wake.notify_one();
     }
 
     pub fn create_volume(&self, name: &str, size: u64, cluster_size: Option<u32>) -> Result<VolumeInfo> {
@@ -1052,9 +1157,32 @@ impl Engine {
             description: description.into(),
             created: now(),
         };
-        self.run(&mut reg, rec)?;
+        // Taken now: the point in time is fixed, the snapshot readable, and its record (with
+        // the volume's records before it) written to the journal, so it survives the process
+        // being killed. It survives a power loss once the next commit, which the write-back
+        // thread starts at once, has synced the data. Waiting for that here would make the
+        // caller wait for every byte written since the last flush to reach the disk.
+        let (ticket, _) = self.stage(&mut reg, &[rec], true)?;
+        let snap = &reg.snapshots[&id];
+        snap.durable_ticket.store(ticket, Ordering::Release);
+        self.request_commit();
         tracing::info!(volume = %v.name, name, id = %snapshot_id(id), "snapshot created");
-        Ok(snapshot_info(&reg, &reg.snapshots[&id]))
+        Ok(self.snapshot_info(&reg, snap))
+    }
+
+    fn snapshot_info(&self, reg: &Registry, s: &Snapshot) -> SnapshotInfo {
+        let durable = s.durable_ticket.load(Ordering::Acquire) <= self.durable_through.load(Ordering::Acquire);
+        snapshot_info(reg, s, durable)
+    }
+
+    /// Returns once the snapshot is durable (its record committed), committing if need be.
+    pub fn make_durable(&self, r: &str) -> Result<()> {
+        let (ticket, slot_files) = {
+            let reg = self.registry.read();
+            let ticket = reg.find_snapshot(r)?.durable_ticket.load(Ordering::Acquire);
+            (ticket, reg.slot_files.values().cloned().collect::<Vec<_>>())
+        };
+        self.commit_through(ticket, &slot_files)
     }
 
     pub fn list_snapshots(&self, volume: Option<&str>) -> Result<Vec<SnapshotInfo>> {
@@ -1064,12 +1192,12 @@ impl Engine {
             None => reg.snapshots.values().cloned().collect(),
         };
         snaps.sort_by_key(|s| s.seq);
-        Ok(snaps.iter().map(|s| snapshot_info(&reg, s)).collect())
+        Ok(snaps.iter().map(|s| self.snapshot_info(&reg, s)).collect())
     }
 
     pub fn snapshot(&self, r: &str) -> Result<SnapshotInfo> {
         let reg = self.registry.read();
-        Ok(snapshot_info(&reg, reg.find_snapshot(r)?))
+        Ok(self.snapshot_info(&reg, reg.find_snapshot(r)?))
     }
 
     pub fn delete_snapshot(&self, r: &str) -> Result<()> {
@@ -1551,7 +1679,7 @@ fn volume_info(reg: &Registry, v: &Volume) -> VolumeInfo {
     }
 }
 
-fn snapshot_info(reg: &Registry, s: &Snapshot) -> SnapshotInfo {
+fn snapshot_info(reg: &Registry, s: &Snapshot, durable: bool) -> SnapshotInfo {
     let l = s.lineage.lock();
     let volume = reg.volumes.get(&s.volume).map_or_else(String::new, |v| v.name.clone());
     let mut clones: Vec<_> = reg.volumes.values().filter(|v| v.origin == Some(s.id)).map(|v| v.name.clone()).collect();
@@ -1570,5 +1698,6 @@ fn snapshot_info(reg: &Registry, s: &Snapshot) -> SnapshotInfo {
         clones,
         allocated_bytes: s.allocated * s.cluster_size as u64,
         local: !s.released,
+        durable,
     }
 }

@@ -183,6 +183,12 @@ impl SlotFile {
         }
     }
 
+    /// Makes durable whatever was written to the file, by this process or an earlier one.
+    pub fn sync_all_written(&self) -> Result<()> {
+        self.unsynced.store(true, Ordering::Release);
+        self.sync()
+    }
+
     /// Makes every completed write durable.
     pub fn sync(&self) -> Result<()> {
         if self.unsynced.swap(false, Ordering::AcqRel) {

@@ -620,3 +620,81 @@ fn a_trim_of_whole_clusters_still_in_the_store_survives_a_replay() {
     // Clusters 2 and 3 trimmed (no fetch), then a replay; cluster 4 must still be pending.
     hydrate_case(vec![(2, 16, 15), (7, 0, 0), (0, 8192, 15)]);
 }
+
+/// Copies a daemon directory as it is now (what the disk would hold if the page cache were
+/// written back this instant).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), &dst).unwrap();
+        }
+    }
+}
+
+fn read_all(engine: &Arc<Engine>, r: &str, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    if r.contains('@') {
+        engine.open_snapshot(r).unwrap().read(0, &mut buf).unwrap();
+    } else {
+        engine.open_volume(r).unwrap().read(0, &mut buf).unwrap();
+    }
+    buf
+}
+
+#[test]
+fn a_snapshot_survives_a_kill_at_once_and_a_power_loss_once_committed() {
+    const SIZE: usize = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    engine.create_volume("v", SIZE as u64, Some(65536)).unwrap();
+    let h = engine.open_volume("v").unwrap();
+    let flushed = fill(1, SIZE);
+    h.write(0, &flushed, false).unwrap();
+    h.flush().unwrap();
+    let unflushed = fill(2, 3 * 65536);
+    h.write(65536, &unflushed, false).unwrap();
+    let mut taken = flushed.clone();
+    taken[65536..4 * 65536].copy_from_slice(&unflushed);
+
+    // No commit can run while the test holds the commit lock: the snapshot is only written.
+    let hold = engine.committer.lock();
+    let info = engine.create_snapshot("v", "s", "").unwrap();
+    assert!(!info.durable, "the create waited for a commit it could not have made");
+    assert!(read_all(&engine, "v@s", SIZE) == taken);
+    let written = tempfile::tempdir().unwrap();
+    copy_dir(dir.path(), written.path());
+    let lost = tempfile::tempdir().unwrap();
+    copy_dir(dir.path(), lost.path());
+    drop(hold);
+
+    // Killed (same boot): the snapshot and the writes before it are there.
+    let killed = Engine::open_as(written.path(), journal::boot_id()).unwrap();
+    assert!(read_all(&killed, "v@s", SIZE) == taken, "the snapshot changed across a kill");
+    assert!(read_all(&killed, "v", SIZE) == taken, "writes before the snapshot were lost in a kill");
+    drop(killed);
+    // Power lost (another boot): the snapshot is gone; each block of the volume holds what it
+    // held at the flush or what was written after it (never anything else).
+    let other_boot: journal::BootId = std::array::from_fn(|i| !journal::boot_id()[i]);
+    let unplugged = Engine::open_as(lost.path(), other_boot).unwrap();
+    assert_eq!(unplugged.snapshot("v@s").unwrap_err().kind(), ErrorKind::NotFound);
+    let after = read_all(&unplugged, "v", SIZE);
+    for (i, block) in after.chunks(65536).enumerate() {
+        let range = i * 65536..(i + 1) * 65536;
+        assert!(block == &flushed[range.clone()] || block == &taken[range], "block {i} after the power loss is neither old nor new");
+    }
+    drop(unplugged);
+
+    // Once durable, a power loss keeps it.
+    engine.make_durable("v@s").unwrap();
+    assert!(engine.snapshot("v@s").unwrap().durable);
+    let synced = tempfile::tempdir().unwrap();
+    copy_dir(dir.path(), synced.path());
+    let unplugged = Engine::open_as(synced.path(), other_boot).unwrap();
+    assert!(read_all(&unplugged, "v@s", SIZE) == taken, "a durable snapshot changed across a power loss");
+    assert!(unplugged.snapshot("v@s").unwrap().durable);
+}

@@ -66,4 +66,7 @@ pub struct SnapshotInfo {
     pub allocated_bytes: u64,
     /// Whether the data is on this node (false once released after upload).
     pub local: bool,
+    /// Whether the snapshot survives a crash: false for the moment between its create (which
+    /// returns at once) and the commit the daemon starts right away.
+    pub durable: bool,
 }

@@ -141,6 +141,8 @@ pub struct StoreService {
     next_job: AtomicU64,
     /// Loads volumes created from (or rolled back to) snapshots in the store.
     pub hydration: Arc<Hydration>,
+    /// The daemon's main runtime: jobs run there, whichever thread asked for them.
+    runtime: tokio::runtime::Handle,
     self_ref: std::sync::Weak<StoreService>,
 }
 
@@ -181,6 +183,7 @@ impl StoreService {
                 tokio::runtime::Handle::current(),
                 hydrate_config,
             ),
+            runtime: tokio::runtime::Handle::current(),
             self_ref: self_ref.clone(),
         });
         svc.engine.set_cluster_source(svc.hydration.clone());
@@ -388,6 +391,13 @@ impl StoreService {
     }
 
     async fn upload_one(&self, id: &str, progress: Arc<Progress>) -> Result<Option<String>> {
+        // Only a durable snapshot goes to the store: one a crash could still undo must never
+        // exist there. Usually the commit started by the create is done by now.
+        let engine = self.engine.clone();
+        let r = id.to_string();
+        tokio::task::spawn_blocking(move || engine.make_durable(&r))
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))??;
         let snap = self.engine.snapshot(id)?;
         let region_name =
             self.state.lock().snapshots.get(id).map(|r| r.region.clone()).unwrap_or_else(|| "local".into());
@@ -606,7 +616,7 @@ impl StoreService {
         let job = self.new_job(kind, target);
         let svc = self.clone();
         let j = job.clone();
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             let outcome = work(svc, j.clone())
                 .await
                 .map(|v| serde_json::to_value(v).unwrap_or_default())
