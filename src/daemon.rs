@@ -203,7 +203,10 @@ async fn run(
 /// snapshot create above all, is answered at once instead of queueing behind the NBD
 /// connections on the busy data-path workers. Long work still goes elsewhere (blocking
 /// threads, jobs on the main runtime). Stops when the returned sender fires or is dropped.
-fn serve_control(listener: std::os::unix::net::UnixListener, app: axum::Router) -> anyhow::Result<tokio::sync::oneshot::Sender<()>> {
+fn serve_control(
+    listener: std::os::unix::net::UnixListener,
+    app: axum::Router,
+) -> anyhow::Result<tokio::sync::oneshot::Sender<()>> {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     std::thread::Builder::new().name("snapblk-control".into()).spawn(move || {

@@ -407,7 +407,7 @@ where
                 continue;
             }
             let job = Job { req, buf };
-            if shared.export.run_on_own_task(kind(&req)) {
+            if shared.export.run_on_own_task(kind(&req), req.length) {
                 let permit = tasks.clone().acquire_owned().await.map_err(|_| std::io::Error::other("closed"))?;
                 let (shared, tx) = (shared.clone(), reply_tx.clone());
                 tokio::spawn(async move {

@@ -108,11 +108,13 @@ pub trait Export: Send + Sync + 'static {
         offset: u64,
         length: u32,
     ) -> impl Future<Output = Result<Vec<Extent>, ExportError>> + Send;
-    /// Whether the server should run this request on a task of its own, so the connection
-    /// goes on reading (and answering) later requests while it waits: replies then come out
-    /// of order. Requests that complete at once are cheaper inline. By default FLUSH and FUA
-    /// writes (which wait for the disk) get their own task.
-    fn run_on_own_task(&self, kind: RequestKind) -> bool {
+    /// Whether the server should run this request (of `length` bytes) on a task of its own,
+    /// so the connection goes on reading (and answering) later requests while it waits, or
+    /// runs several large copies on several cores: replies then come out of order. Requests
+    /// that complete at once are cheaper inline. By default FLUSH and FUA writes (which wait
+    /// for the disk) get their own task.
+    fn run_on_own_task(&self, kind: RequestKind, length: u32) -> bool {
+        let _ = length;
         matches!(kind, RequestKind::Flush | RequestKind::Write { fua: true })
     }
     /// Resolves when the export is revoked: the server then stops reading requests, finishes

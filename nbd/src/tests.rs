@@ -69,7 +69,7 @@ impl Export for MemExport {
             _ => vec![Extent { length: length * 2, flags: 1 }],
         })
     }
-    fn run_on_own_task(&self, kind: RequestKind) -> bool {
+    fn run_on_own_task(&self, kind: RequestKind, _length: u32) -> bool {
         kind == RequestKind::Read || kind == RequestKind::Flush
     }
     async fn revoked(&self) {

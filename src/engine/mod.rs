@@ -905,6 +905,7 @@ impl Engine {
             drop(e);
             for f in files {
                 f.start_writeback();
+                f.keep_ahead();
             }
         });
         if let Err(err) = spawned {
@@ -933,6 +934,7 @@ impl Engine {
     /// journal records that point at it. FLUSH and FUA end here; it covers all volumes (one
     /// cache for all connections, which is what makes multi-conn safe).
     pub fn commit(&self) -> Result<()> {
+        self.check_writable()?;
         self.commit_all()?;
         if self.tail.lock().journal.len > CHECKPOINT_AFTER {
             self.checkpoint()?;
@@ -941,7 +943,6 @@ impl Engine {
     }
 
     fn commit_all(&self) -> Result<()> {
-        self.check_writable()?;
         let (volumes, slot_files) = {
             let reg = self.registry.read();
             (reg.volumes.values().cloned().collect::<Vec<_>>(), reg.slot_files.values().cloned().collect::<Vec<_>>())

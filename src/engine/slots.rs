@@ -30,10 +30,21 @@ pub struct SlotFile {
     unwritten: AtomicBool,
 }
 
+/// Preallocation: `keep_ahead` keeps at least `PREALLOC_LOW` bytes of allocated space past the
+/// last slot handed out, topping it up to `PREALLOC_HIGH`.
+const PREALLOC_LOW: u64 = 64 << 20;
+const PREALLOC_HIGH: u64 = 192 << 20;
+
 #[derive(Default)]
 struct Allocator {
-    /// First never-allocated slot (the file's end, in slots).
+    /// First never-allocated slot (the end of the slots in use, in slots).
     next: u64,
+    /// Slots below this have blocks allocated in the file (by `keep_ahead`), so a write
+    /// there neither allocates blocks nor moves the file's end: no filesystem journal
+    /// transaction in the write path, which would wait for a running commit.
+    reserved: u64,
+    /// Preallocation failed as unsupported: don't try again.
+    no_prealloc: bool,
     /// Reusable now (their range is a hole, so they read as zeros).
     free: Vec<u64>,
     /// Dropped from maps, reusable after the next journal commit.
@@ -55,7 +66,7 @@ impl SlotFile {
             file,
             cluster_size,
             shift: cluster_size.trailing_zeros(),
-            alloc: Mutex::new(Allocator { next, ..Default::default() }),
+            alloc: Mutex::new(Allocator { next, reserved: next, ..Default::default() }),
             unsynced: AtomicBool::new(false),
             unwritten: AtomicBool::new(false),
         })
@@ -77,6 +88,7 @@ impl SlotFile {
             self.file.set_len(next << self.shift).map_err(EngineError::io("truncating a slot file"))?;
             a.next = next;
         }
+        a.reserved = a.next;
         let mut run_start = None;
         for slot in 0..a.next {
             if live.contains(slot) {
@@ -130,6 +142,31 @@ impl SlotFile {
         }
         self.alloc.lock().free.extend(slots);
         Ok(())
+    }
+
+    /// Allocates file space ahead of the slots in use (see `PREALLOC_LOW`). Called from the
+    /// write-back thread, never from the data path. Best effort: without it writes still work,
+    /// they only allocate as they go.
+    pub fn keep_ahead(&self) {
+        let (start, end) = {
+            let a = self.alloc.lock();
+            let start = a.reserved.max(a.next);
+            if a.no_prealloc || (start - a.next) << self.shift >= PREALLOC_LOW {
+                return;
+            }
+            (start, a.next + (PREALLOC_HIGH >> self.shift).max(1))
+        };
+        let (off, len) = (self.offset(start, 0), (end - start) << self.shift);
+        // SAFETY: fallocate on an fd we own, with plain integer arguments; no memory is passed.
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, off as libc::off_t, len as libc::off_t) };
+        let mut a = self.alloc.lock();
+        if rc == 0 {
+            a.reserved = a.reserved.max(end);
+        } else {
+            let e = std::io::Error::last_os_error();
+            a.no_prealloc = e.raw_os_error() == Some(libc::EOPNOTSUPP);
+            tracing::debug!(error = %e, "cannot preallocate slot file space");
+        }
     }
 
     pub fn stats(&self) -> (u64, u64) {

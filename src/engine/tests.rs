@@ -685,7 +685,10 @@ fn a_snapshot_survives_a_kill_at_once_and_a_power_loss_once_committed() {
     let after = read_all(&unplugged, "v", SIZE);
     for (i, block) in after.chunks(65536).enumerate() {
         let range = i * 65536..(i + 1) * 65536;
-        assert!(block == &flushed[range.clone()] || block == &taken[range], "block {i} after the power loss is neither old nor new");
+        assert!(
+            block == &flushed[range.clone()] || block == &taken[range],
+            "block {i} after the power loss is neither old nor new"
+        );
     }
     drop(unplugged);
 

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use snapblk_nbd::{Export, ExportCatalog, ExportError, ExportInfo, Extent, ReadKind, ZeroFlags};
+use snapblk_nbd::{Export, ExportCatalog, ExportError, ExportInfo, Extent, ReadKind, RequestKind, ZeroFlags};
 
 use crate::engine::{self, Engine, EngineError, ErrorKind, Priority, SnapshotHandle, VolumeHandle, ZeroMode};
 use crate::store::remote::RemoteSnapshot;
@@ -161,9 +161,22 @@ impl NbdExport {
     }
 }
 
+/// Reads and writes at least this large run on tasks of their own: their copies (page cache
+/// to buffer, or buffer to page cache) then run on every core while the connection reads the
+/// next request; smaller ones are cheaper inline.
+const OWN_TASK_FROM: u32 = 256 << 10;
+
 impl Export for NbdExport {
     fn info(&self) -> &ExportInfo {
         &self.info
+    }
+
+    fn run_on_own_task(&self, kind: RequestKind, length: u32) -> bool {
+        match kind {
+            RequestKind::Flush | RequestKind::Write { fua: true } => true,
+            RequestKind::Read | RequestKind::Write { fua: false } => length >= OWN_TASK_FROM,
+            _ => false,
+        }
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<ReadKind, ExportError> {
