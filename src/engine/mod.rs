@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 use roaring::RoaringTreemap;
 
 pub use error::{EngineError, ErrorKind, Result};
@@ -1024,21 +1024,28 @@ impl Engine {
         Ok(())
     }
 
-    /// Runs a control operation: applies `rec` under the registry lock, then commits it
-    /// together with the earlier data-path records of the volume it concerns.
-    fn run(&self, reg: &mut Registry, rec: Record) -> Result<()> {
-        self.run_all(reg, &[rec])
-    }
-
-    /// `run` for records that must be committed together (one durable step).
-    fn run_all(&self, reg: &mut Registry, recs: &[Record]) -> Result<()> {
-        let (ticket, dropped) = self.stage(reg, recs, false)?;
+    /// Runs a control operation: applies `recs` under the registry lock (after the earlier
+    /// data-path records of the volumes they concern) and lets `then` read the result; then
+    /// lets the lock go and commits, so other operations (a snapshot create above all) never
+    /// wait for this one's disk sync.
+    fn run<T>(
+        &self,
+        mut reg: RwLockWriteGuard<'_, Registry>,
+        recs: &[Record],
+        then: impl FnOnce(&Registry) -> T,
+    ) -> Result<T> {
+        let (ticket, dropped) = self.stage(&mut reg, recs, false)?;
+        let out = then(&reg);
         let slot_files: Vec<_> = reg.slot_files.values().cloned().collect();
+        drop(reg);
         self.commit_through(ticket, &slot_files)?;
-        for (map, cluster_size) in dropped {
-            reg.release_dropped(&map, cluster_size);
+        if !dropped.is_empty() {
+            let reg = self.registry.read();
+            for (map, cluster_size) in dropped {
+                reg.release_dropped(&map, cluster_size);
+            }
         }
-        Ok(())
+        Ok(out)
     }
 
     /// Applies `recs` and stages them (after the earlier data-path records of the volumes
@@ -1090,14 +1097,14 @@ impl Engine {
         validate_name("volume", name)?;
         let cluster_size = cluster_size.unwrap_or(DEFAULT_CLUSTER_SIZE);
         check_geometry(size, cluster_size).map_err(EngineError::Invalid)?;
-        let mut reg = self.registry.write();
+        let reg = self.registry.write();
         reg.check_name_free(name)?;
         let id = reg.new_id();
         let rec =
             Record::VolumeCreate { volume: id, name: name.into(), size, cluster_size, created: now(), origin: None };
-        self.run(&mut reg, rec)?;
+        let info = self.run(reg, &[rec], |reg| volume_info(reg, &reg.volumes[&id]))?;
         tracing::info!(name, size, cluster_size, id = %volume_id(id), "volume created");
-        Ok(volume_info(&reg, &reg.volumes[&id]))
+        Ok(info)
     }
 
     pub fn list_volumes(&self) -> Vec<VolumeInfo> {
@@ -1113,7 +1120,7 @@ impl Engine {
     }
 
     pub fn delete_volume(&self, r: &str) -> Result<()> {
-        let mut reg = self.registry.write();
+        let reg = self.registry.write();
         let v = reg.find_volume(r)?.clone();
         let snaps = reg.snapshots_of(v.id);
         if !snaps.is_empty() {
@@ -1131,7 +1138,7 @@ impl Engine {
                 v.name
             )));
         }
-        self.run(&mut reg, Record::VolumeDelete { volume: v.id })?;
+        self.run(reg, &[Record::VolumeDelete { volume: v.id }], |_| ())?;
         tracing::info!(name = %v.name, "volume deleted");
         Ok(())
     }
@@ -1202,7 +1209,7 @@ impl Engine {
     }
 
     pub fn delete_snapshot(&self, r: &str) -> Result<()> {
-        let mut reg = self.registry.write();
+        let reg = self.registry.write();
         let s = reg.find_snapshot(r)?.clone();
         let loading: Vec<String> = reg
             .volumes
@@ -1222,7 +1229,7 @@ impl Engine {
             )));
         }
         let v = reg.volumes.get(&s.volume).cloned();
-        self.run(&mut reg, Record::SnapshotDelete { snapshot: s.id })?;
+        self.run(reg, &[Record::SnapshotDelete { snapshot: s.id }], |_| ())?;
         // Barrier: reads of the snapshot that started before the revoke hold the volume's read
         // lock; once we get the write lock they are done, and its slots may be reused.
         if let Some(v) = v {
@@ -1237,7 +1244,7 @@ impl Engine {
     /// from there.
     pub fn clone_snapshot(&self, snap: &str, new_volume: &str, released_region: Option<&str>) -> Result<VolumeInfo> {
         validate_name("volume", new_volume)?;
-        let mut reg = self.registry.write();
+        let reg = self.registry.write();
         let s = reg.find_snapshot(snap)?.clone();
         let remote = remote_of_released(&s, snap, released_region)?;
         reg.check_name_free(new_volume)?;
@@ -1258,9 +1265,9 @@ impl Engine {
                 snapshot: source.snapshot,
             });
         }
-        self.run_all(&mut reg, &recs)?;
+        let info = self.run(reg, &recs, |reg| volume_info(reg, &reg.volumes[&id]))?;
         tracing::info!(from = %snapshot_id(s.id), name = new_volume, "volume cloned");
-        Ok(volume_info(&reg, &reg.volumes[&id]))
+        Ok(info)
     }
 
     /// A new volume with the content of a snapshot in the object store (uploaded by any node):
@@ -1275,16 +1282,16 @@ impl Engine {
         validate_name("volume", name)?;
         check_geometry(size, cluster_size)
             .map_err(|e| EngineError::Invalid(format!("snapshot {source} cannot be served by this snapblk: {e}")))?;
-        let mut reg = self.registry.write();
+        let reg = self.registry.write();
         reg.check_name_free(name)?;
         let id = reg.new_id();
         let recs = [
             Record::VolumeCreate { volume: id, name: name.into(), size, cluster_size, created: now(), origin: None },
             Record::RemoteHead { volume: id, parent: None, region: source.region.clone(), snapshot: source.snapshot },
         ];
-        self.run_all(&mut reg, &recs)?;
+        let info = self.run(reg, &recs, |reg| volume_info(reg, &reg.volumes[&id]))?;
         tracing::info!(name, from = %source, id = %volume_id(id), "volume created from a snapshot in the store");
-        Ok(volume_info(&reg, &reg.volumes[&id]))
+        Ok(info)
     }
 
     /// Points the volume at a copy-on-write view of one of its snapshots (O(1)). Refused while
@@ -1323,7 +1330,7 @@ impl Engine {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
-        let mut reg = self.registry.write();
+        let reg = self.registry.write();
         if !reg.snapshots.contains_key(&s.id) || !reg.volumes.contains_key(&v.id) {
             return Err(EngineError::NotFound(format!("snapshot '{snap}' was deleted meanwhile")));
         }
@@ -1338,9 +1345,9 @@ impl Engine {
             Some(src) => Record::RemoteHead { volume: v.id, parent: Some(s.id), region: src.region, snapshot: s.id },
             None => Record::Rollback { volume: v.id, snapshot: s.id },
         };
-        self.run(&mut reg, rec)?;
+        let info = self.run(reg, &[rec], |reg| volume_info(reg, &v))?;
         tracing::info!(volume = %v.name, snapshot = %s.name, "volume rolled back");
-        Ok(volume_info(&reg, &v))
+        Ok(info)
     }
 
     /// Opens a volume for reading and writing (one per NBD connection).
@@ -1392,7 +1399,7 @@ impl Engine {
     /// snapshot is in use (an open export or upload holds it, or a newer snapshot's export
     /// lists it as a base): the caller tries again later.
     pub fn release_snapshot(&self, r: &str) -> Result<bool> {
-        let mut reg = self.registry.write();
+        let reg = self.registry.write();
         let s = reg.find_snapshot(r)?.clone();
         // The registry's reference plus ours; any other is a handle (opened under this lock).
         if s.released || Arc::strong_count(&s) > 2 {
@@ -1400,7 +1407,7 @@ impl Engine {
         }
         let (id, v) = (s.id, reg.volumes.get(&s.volume).cloned());
         drop(s);
-        self.run(&mut reg, Record::SnapshotRelease { snapshot: id })?;
+        self.run(reg, &[Record::SnapshotRelease { snapshot: id }], |_| ())?;
         if let Some(v) = v {
             drop(v.state.write()); // barrier, as in delete_snapshot
         }

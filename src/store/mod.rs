@@ -245,9 +245,13 @@ impl StoreService {
     /// Writes the state file. Serialized, and the state is copied under the same lock, so a
     /// older copy never overwrites a newer one.
     fn save(&self) -> Result<()> {
+        self.save_with(true)
+    }
+
+    fn save_with(&self, sync: bool) -> Result<()> {
         let _saving = self.saving.lock();
         let st = self.state.lock().clone();
-        self.state_file.save(&st)
+        self.state_file.save(&st, sync)
     }
 
     pub fn check_region(&self, name: &str) -> Result<()> {
@@ -318,7 +322,9 @@ impl StoreService {
                 base: None,
             },
         );
-        self.save()?;
+        // Not synced here (a snapshot create answers at once): the upload syncs it before it
+        // starts, once the snapshot itself is durable; until then a kill keeps both.
+        self.save_with(false)?;
         self.enqueue(snap.id.clone());
         Ok(())
     }
@@ -395,9 +401,12 @@ impl StoreService {
         // exist there. Usually the commit started by the create is done by now.
         let engine = self.engine.clone();
         let r = id.to_string();
-        tokio::task::spawn_blocking(move || engine.make_durable(&r))
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+        let svc = self.self_ref.upgrade().ok_or_else(|| StoreError::Unavailable("the daemon is stopping".into()))?;
+        tokio::task::spawn_blocking(move || {
+            engine.make_durable(&r).map_err(StoreError::from).and_then(|()| svc.save())
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))??;
         let snap = self.engine.snapshot(id)?;
         let region_name =
             self.state.lock().snapshots.get(id).map(|r| r.region.clone()).unwrap_or_else(|| "local".into());

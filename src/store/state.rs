@@ -66,14 +66,16 @@ impl StateFile {
         }
     }
 
-    pub fn save(&self, state: &RemoteState) -> Result<()> {
+    /// Replaces the file atomically. With `sync`, durably (fsync of the file and the
+    /// directory); without, it survives the process but maybe not a power loss.
+    pub fn save(&self, state: &RemoteState, sync: bool) -> Result<()> {
         let io = |what: &str| StoreError::io(format!("{what} {}", self.path.display()));
         let tmp = self.path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(state).map_err(|e| StoreError::Invalid(e.to_string()))?;
         let mut f = std::fs::File::create(&tmp).map_err(io("creating"))?;
-        f.write_all(&bytes).and_then(|()| f.sync_all()).map_err(io("writing"))?;
+        f.write_all(&bytes).and_then(|()| if sync { f.sync_all() } else { Ok(()) }).map_err(io("writing"))?;
         std::fs::rename(&tmp, &self.path).map_err(io("replacing"))?;
-        if let Some(d) = self.path.parent() {
+        if let Some(d) = self.path.parent().filter(|_| sync) {
             std::fs::File::open(d).and_then(|d| d.sync_all()).map_err(io("syncing the directory of"))?;
         }
         Ok(())
