@@ -905,7 +905,6 @@ impl Engine {
             drop(e);
             for f in files {
                 f.start_writeback();
-                f.keep_ahead();
             }
         });
         if let Err(err) = spawned {

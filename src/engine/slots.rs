@@ -30,21 +30,10 @@ pub struct SlotFile {
     unwritten: AtomicBool,
 }
 
-/// Preallocation: `keep_ahead` keeps at least `PREALLOC_LOW` bytes of allocated space past the
-/// last slot handed out, topping it up to `PREALLOC_HIGH`.
-const PREALLOC_LOW: u64 = 64 << 20;
-const PREALLOC_HIGH: u64 = 192 << 20;
-
 #[derive(Default)]
 struct Allocator {
-    /// First never-allocated slot (the end of the slots in use, in slots).
+    /// First never-allocated slot (the file's end, in slots).
     next: u64,
-    /// Slots below this have blocks allocated in the file (by `keep_ahead`), so a write
-    /// there neither allocates blocks nor moves the file's end: no filesystem journal
-    /// transaction in the write path, which would wait for a running commit.
-    reserved: u64,
-    /// Preallocation failed as unsupported: don't try again.
-    no_prealloc: bool,
     /// Reusable now (their range is a hole, so they read as zeros).
     free: Vec<u64>,
     /// Dropped from maps, reusable after the next journal commit.
@@ -66,7 +55,7 @@ impl SlotFile {
             file,
             cluster_size,
             shift: cluster_size.trailing_zeros(),
-            alloc: Mutex::new(Allocator { next, reserved: next, ..Default::default() }),
+            alloc: Mutex::new(Allocator { next, ..Default::default() }),
             unsynced: AtomicBool::new(false),
             unwritten: AtomicBool::new(false),
         })
@@ -88,7 +77,6 @@ impl SlotFile {
             self.file.set_len(next << self.shift).map_err(EngineError::io("truncating a slot file"))?;
             a.next = next;
         }
-        a.reserved = a.next;
         let mut run_start = None;
         for slot in 0..a.next {
             if live.contains(slot) {
@@ -136,37 +124,23 @@ impl SlotFile {
     }
 
     /// After a successful commit: punch the slots and make them allocatable.
-    pub fn free_committed(&self, slots: Vec<u64>) -> Result<()> {
-        for &slot in &slots {
-            self.punch(slot, 1)?;
-        }
-        self.alloc.lock().free.extend(slots);
-        Ok(())
-    }
-
-    /// Allocates file space ahead of the slots in use (see `PREALLOC_LOW`). Called from the
-    /// write-back thread, never from the data path. Best effort: without it writes still work,
-    /// they only allocate as they go.
-    pub fn keep_ahead(&self) {
-        let (start, end) = {
-            let a = self.alloc.lock();
-            let start = a.reserved.max(a.next);
-            if a.no_prealloc || (start - a.next) << self.shift >= PREALLOC_LOW {
-                return;
+    pub fn free_committed(&self, mut slots: Vec<u64>) -> Result<()> {
+        // One punch per run of adjacent slots (a deleted volume frees long runs), not per slot:
+        // each punch is a filesystem transaction, and a discard on filesystems mounted so.
+        slots.sort_unstable();
+        let mut i = 0;
+        while i < slots.len() {
+            let mut n = 1;
+            while i + n < slots.len() && slots[i + n] == slots[i] + n as u64 {
+                n += 1;
             }
-            (start, a.next + (PREALLOC_HIGH >> self.shift).max(1))
-        };
-        let (off, len) = (self.offset(start, 0), (end - start) << self.shift);
-        // SAFETY: fallocate on an fd we own, with plain integer arguments; no memory is passed.
-        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, off as libc::off_t, len as libc::off_t) };
-        let mut a = self.alloc.lock();
-        if rc == 0 {
-            a.reserved = a.reserved.max(end);
-        } else {
-            let e = std::io::Error::last_os_error();
-            a.no_prealloc = e.raw_os_error() == Some(libc::EOPNOTSUPP);
-            tracing::debug!(error = %e, "cannot preallocate slot file space");
+            self.punch(slots[i], n as u64)?;
+            i += n;
         }
+        // The lowest of these are handed out first (`allocate` pops from the end).
+        let mut a = self.alloc.lock();
+        a.free.extend(slots.into_iter().rev());
+        Ok(())
     }
 
     pub fn stats(&self) -> (u64, u64) {

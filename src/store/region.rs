@@ -20,7 +20,9 @@ use super::objects::{Objects, RateLimiter};
 /// Coalesced ranged GETs are at most this large.
 const MAX_RUN: u64 = 8 << 20;
 /// Blobs closer than this in one pack are fetched by one GET (the gap is read and dropped).
-const MAX_GAP: u64 = 64 << 10;
+/// A few clusters: an incremental snapshot supersedes scattered clusters of the packs below
+/// it, and a request to an object store costs about as much as reading a few hundred KiB.
+const MAX_GAP: u64 = 320 << 10;
 
 pub struct Region {
     pub name: String,
