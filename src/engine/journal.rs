@@ -423,6 +423,9 @@ pub struct Journal {
     boot_written: bool,
     /// The last `Synced` mark written (or the end of what recovery kept).
     synced_through: u64,
+    /// The next generation's journal while a checkpoint is being installed: frames written
+    /// meanwhile go to both, so they survive whichever of the two recovery ends up using.
+    next: Option<Box<Journal>>,
 }
 
 pub fn journal_path(dir: &Path, generation: u64) -> PathBuf {
@@ -484,6 +487,7 @@ impl Journal {
             boot,
             boot_written: false,
             synced_through: len,
+            next: None,
         };
         Ok((journal, records))
     }
@@ -509,6 +513,9 @@ impl Journal {
                 self.boot_written = true;
             }
             self.write_at_end(frames)?;
+            if let Some(next) = &mut self.next {
+                next.write(frames)?;
+            }
         }
         Ok(self.len)
     }
@@ -534,24 +541,55 @@ impl Journal {
         self.file.clone()
     }
 
-    /// Installs `checkpoint` (the encoded state after every record of this generation) as
-    /// generation + 1 and switches to a fresh journal. Crash-safe at every step: until the
-    /// rename, recovery uses the old checkpoint + this journal; after it, the new checkpoint.
-    pub fn rotate(&mut self, checkpoint: &[u8]) -> Result<()> {
-        let next = self.generation + 1;
-        let tmp = self.dir.join("checkpoint.tmp");
-        let dst = self.dir.join("checkpoint");
+    /// Rotation, step 1 (no lock needed): a fresh, empty journal for the generation after
+    /// `generation`.
+    pub fn create_next(dir: &Path, generation: u64, boot: BootId) -> Result<Journal> {
+        let path = journal_path(dir, generation + 1);
+        // A leftover of a rotation that failed earlier must not lend its records.
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(EngineError::io(format!("removing {}", path.display()))(e))
+            }
+            _ => {}
+        }
+        Ok(Journal::open(dir, generation + 1, boot)?.0)
+    }
+
+    /// Step 2, with the state imaged: from now on frames go to `next` too.
+    pub fn attach_next(&mut self, next: Journal) {
+        self.next = Some(Box::new(next));
+    }
+
+    /// Step 3 (no lock needed): installs `checkpoint`, the image of the state after every
+    /// record of generation `generation`, as the checkpoint of `generation + 1`. Crash-safe at
+    /// every step: until the rename, recovery uses the old checkpoint and the old journal
+    /// (which has everything); after it, the new checkpoint and the next journal (which has
+    /// everything written since the image).
+    pub fn install_checkpoint(dir: &Path, checkpoint: &[u8]) -> Result<()> {
+        let tmp = dir.join("checkpoint.tmp");
+        let dst = dir.join("checkpoint");
         let ctx = || format!("writing checkpoint {}", tmp.display());
         let mut f = File::create(&tmp).map_err(EngineError::io(ctx()))?;
         f.write_all(checkpoint).and_then(|_| f.sync_all()).map_err(EngineError::io(ctx()))?;
         fs::rename(&tmp, &dst).map_err(EngineError::io("installing the new checkpoint"))?;
-        sync_dir(&self.dir)?;
-        let (journal, _) = Journal::open(&self.dir, next, self.boot)?;
+        sync_dir(dir)
+    }
+
+    /// Step 4: switches to the next journal and removes this one.
+    pub fn switch_to_next(&mut self) {
+        let Some(next) = self.next.take() else { return };
         let old = journal_path(&self.dir, self.generation);
-        *self = journal;
+        *self = *next;
         // Best effort: a leftover old journal is ignored and removed at the next start.
         let _ = fs::remove_file(old);
-        Ok(())
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn boot(&self) -> BootId {
+        self.boot
     }
 }
 

@@ -5,9 +5,10 @@
 //! touch only their own volume's lock. See docs/ARCHITECTURE.md for the flow of each
 //! operation and docs/FORMAT.md for the files.
 //!
-//! Lock order (never taken the other way round): registry → committer → journal tail →
-//! volume state → volume pending records. The data path takes only the last two. (The
-//! checkpoint takes volume states before the tail: it holds the registry, so nobody stages.)
+//! Lock order (never taken the other way round): committer → registry → journal tail →
+//! volume state → volume pending records. The data path takes only the last two; nobody
+//! waits for the committer while holding the registry. (The checkpoint takes volume states
+//! before the tail: it holds the registry, so nobody stages meanwhile.)
 
 mod checkpoint;
 pub mod error;
@@ -224,6 +225,14 @@ struct Tail {
     /// Commits that have written the staged records so far: records staged or written now are
     /// covered by the commit numbered `taken + 1`.
     taken: u64,
+}
+
+/// A checkpoint between its image and its installation (see `Engine::checkpoint`).
+struct CheckpointImage<'a> {
+    _committer: parking_lot::MutexGuard<'a, ()>,
+    dir: PathBuf,
+    generation: u64,
+    bytes: Vec<u8>,
 }
 
 /// Wakes the write-back thread for a commit now (a snapshot create staged a record).
@@ -1000,26 +1009,50 @@ impl Engine {
 
     /// Writes a new checkpoint of the whole state and starts a fresh journal.
     fn checkpoint(&self) -> Result<()> {
+        let image = self.image_for_checkpoint()?;
+        self.install_checkpoint(image)
+    }
+
+    /// The first half of a checkpoint: the image of the state, with the next generation's
+    /// journal attached to the tail (frames written from now on go to both journals).
+    fn image_for_checkpoint(&self) -> Result<CheckpointImage<'_>> {
         // A commit first, without holding any lock the data path or a snapshot create needs,
         // so the one under those locks below has next to nothing left to sync.
         self.commit_all()?;
+        // Held to the end: no commit (and no other checkpoint) runs meanwhile.
+        let committer = self.committer.lock();
+        let (dir, generation, boot) = {
+            let t = self.tail.lock();
+            (t.journal.dir().to_path_buf(), t.journal.generation, t.journal.boot())
+        };
+        let next = Journal::create_next(&dir, generation, boot)?;
         let reg = self.registry.read();
-        let _c = self.committer.lock();
         let volumes: Vec<_> = reg.volumes.values().cloned().collect();
         let slot_files: Vec<_> = reg.slot_files.values().cloned().collect();
         // Hold every volume's state lock while draining its records and imaging it, so the
-        // image is exactly "all records so far" (records appended later go to the new journal).
+        // image is exactly "all records so far"; records written after it (a snapshot create
+        // may write one as soon as the registry is free) go to the next journal too.
         // (Volume state before the tail here: no one stages meanwhile, they need the registry
         // exclusively.)
         let guards: Vec<_> = volumes.iter().map(|v| v.state.read()).collect();
         self.commit_locked(&volumes, &slot_files)?;
-        let mut t = self.tail.lock();
-        let image = reg.image(t.journal.generation + 1, &volumes, &guards);
-        drop(guards);
-        drop(reg);
-        let bytes = checkpoint::encode(&image);
-        t.journal.rotate(&bytes).inspect_err(|_| self.failed.store(true, Ordering::Release))?;
-        tracing::debug!(generation = t.journal.generation, bytes = bytes.len(), "checkpoint written");
+        self.tail.lock().journal.attach_next(next);
+        let image = reg.image(generation + 1, &volumes, &guards);
+        Ok(CheckpointImage {
+            _committer: committer,
+            dir,
+            generation: generation + 1,
+            bytes: checkpoint::encode(&image),
+        })
+    }
+
+    /// The second half, with no lock but the committer's (snapshot creates go on meanwhile):
+    /// writes and installs the checkpoint file, then switches to the next journal.
+    fn install_checkpoint(&self, image: CheckpointImage<'_>) -> Result<()> {
+        Journal::install_checkpoint(&image.dir, &image.bytes)
+            .inspect_err(|_| self.failed.store(true, Ordering::Release))?;
+        self.tail.lock().journal.switch_to_next();
+        tracing::debug!(generation = image.generation, bytes = image.bytes.len(), "checkpoint written");
         Ok(())
     }
 

@@ -701,3 +701,29 @@ fn a_snapshot_survives_a_kill_at_once_and_a_power_loss_once_committed() {
     assert!(read_all(&unplugged, "v@s", SIZE) == taken, "a durable snapshot changed across a power loss");
     assert!(unplugged.snapshot("v@s").unwrap().durable);
 }
+
+#[test]
+fn a_snapshot_taken_while_a_checkpoint_is_written_survives_a_kill_and_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    engine.create_volume("v", 1 << 20, Some(65536)).unwrap();
+    let h = engine.open_volume("v").unwrap();
+    h.write(0, &[1; 65536], false).unwrap();
+    let image = engine.image_for_checkpoint().unwrap();
+    // Between the image and its installation: the snapshot's record is written then.
+    h.write(0, &[2; 65536], false).unwrap();
+    engine.create_snapshot("v", "s", "").unwrap();
+    let before_install = tempfile::tempdir().unwrap();
+    copy_dir(dir.path(), before_install.path());
+    engine.install_checkpoint(image).unwrap();
+    drop(h);
+    // Killed before the checkpoint was installed (old checkpoint + old journal) and after it
+    // (new checkpoint + next journal): the snapshot and the write before it are there.
+    let after_install = tempfile::tempdir().unwrap();
+    copy_dir(dir.path(), after_install.path());
+    for copy in [&before_install, &after_install] {
+        let e = Engine::open_as(copy.path(), journal::boot_id()).unwrap();
+        assert!(read_all(&e, "v@s", 65536).iter().all(|&b| b == 2), "the snapshot is lost or changed");
+        assert!(read_all(&e, "v", 65536).iter().all(|&b| b == 2));
+    }
+}
