@@ -18,11 +18,7 @@ fn incremental_upload_sends_only_the_changed_clusters() {
         return;
     }
     for region in regions() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("d");
-        configure(&dir, &region, "", "");
-        let d = Daemon::start(&dir);
-        d.cli_ok(&["volume", "create", "vol", "--size", "1G", "--region", region.name]);
+        let (_tmp, _dir, d) = start_with_volume(&region, "", "1G");
         fill(&d, "vol", 0, 64 * MIB, 1);
         snapshot(&d, "vol", "s1");
         let s1 = wait_available(&d, "vol@s1");
@@ -69,11 +65,7 @@ fn identical_clusters_in_one_snapshot_are_stored_once_and_read_back() {
         return;
     }
     for region in regions() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("d");
-        configure(&dir, &region, "", "");
-        let d = Daemon::start(&dir);
-        d.cli_ok(&["volume", "create", "vol", "--size", "1G", "--region", region.name]);
+        let (tmp, _dir, d) = start_with_volume(&region, "", "1G");
         // One random cluster 24 times: side by side (sealed in the same job) and spread out
         // (other jobs, another map page); 64 distinct random clusters; a compressible
         // pattern 32 times; zeros written over data.
@@ -107,11 +99,7 @@ fn exports_from_the_store_equal_the_instant_access_exports_over_a_chain_of_five(
         return;
     }
     for region in regions() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("d");
-        configure(&dir, &region, "", "");
-        let d = Daemon::start(&dir);
-        d.cli_ok(&["volume", "create", "vol", "--size", "256M", "--region", region.name]);
+        let (tmp, _dir, d) = start_with_volume(&region, "", "256M");
         let mut local = Vec::new();
         for i in 0..5u64 {
             fill(&d, "vol", i * 7 * MIB, 8 * MIB, 10 + i);
@@ -199,12 +187,8 @@ fn an_upload_killed_mid_way_resumes_without_resending_stored_packs() {
         return;
     }
     for region in regions() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("d");
         // 48 MiB at 8 MiB/s: about 6 s, killed once a third of it is stored.
-        configure(&dir, &region, "bandwidth_limit = \"8M\"", "");
-        let mut d = Daemon::start(&dir);
-        d.cli_ok(&["volume", "create", "vol", "--size", "1G", "--region", region.name]);
+        let (tmp, dir, mut d) = start_with_volume(&region, "bandwidth_limit = \"8M\"", "1G");
         fill(&d, "vol", 0, 48 * MIB, 5);
         let nbd = tmp.path().join("s1.nbd");
         snapshot(&d, "vol", "s1");
@@ -255,11 +239,7 @@ fn a_flipped_byte_fails_verify_naming_the_object_and_export_fails_loudly() {
         return;
     }
     for region in regions() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("d");
-        configure(&dir, &region, "", "");
-        let d = Daemon::start(&dir);
-        d.cli_ok(&["volume", "create", "vol", "--size", "64M", "--region", region.name]);
+        let (tmp, dir, d) = start_with_volume(&region, "", "64M");
         fill(&d, "vol", 0, 4 * MIB, 6);
         snapshot(&d, "vol", "s1");
         wait_available(&d, "vol@s1");
@@ -305,11 +285,7 @@ fn gc_keeps_every_live_snapshot_whole_and_removes_deleted_data() {
         return;
     }
     for region in regions() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("d");
-        configure(&dir, &region, "", "");
-        let d = Daemon::start(&dir);
-        d.cli_ok(&["volume", "create", "vol", "--size", "128M", "--region", region.name]);
+        let (tmp, _dir, d) = start_with_volume(&region, "", "128M");
         let mut rng = rand_u64();
         eprintln!("{}: gc test seed {rng}", region.name);
         let mut next = || {
@@ -420,12 +396,8 @@ fn a_snapshot_is_usable_at_once_while_its_upload_runs() {
         return;
     }
     for region in regions() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("d");
         // Slow uploads (2 MiB/s for 16 MiB): everything below happens while uploading.
-        configure(&dir, &region, "bandwidth_limit = \"2M\"", "");
-        let d = Daemon::start(&dir);
-        d.cli_ok(&["volume", "create", "vol", "--size", "64M", "--region", region.name]);
+        let (tmp, _dir, d) = start_with_volume(&region, "bandwidth_limit = \"2M\"", "64M");
         fill(&d, "vol", 0, 16 * MIB, 8);
         let before = tmp.path().join("before");
         nbd_to_file(&d, "vol", &before);

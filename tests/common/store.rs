@@ -2,7 +2,7 @@
 //! test (the local filesystem and, from scripts/test, a real Garage server), daemon
 //! configuration, data generation and comparisons.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -46,6 +46,18 @@ pub fn configure(dir: &Path, region: &TestRegion, upload: &str, region_extra: &s
         region.block.trim_end()
     );
     std::fs::write(dir.join("snapblk.toml"), text).unwrap();
+}
+
+/// The usual start of a store test: a fresh directory `TMP/d` configured for `region` (with
+/// `upload` lines, see `configure`), its daemon, and a volume `vol` of `size` homed in the
+/// region.
+pub fn start_with_volume(region: &TestRegion, upload: &str, size: &str) -> (tempfile::TempDir, PathBuf, Daemon) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    configure(&dir, region, upload, "");
+    let d = Daemon::start(&dir);
+    d.cli_ok(&["volume", "create", "vol", "--size", size, "--region", region.name]);
+    (tmp, dir, d)
 }
 
 pub fn rand_u64() -> u64 {
