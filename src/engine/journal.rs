@@ -367,15 +367,8 @@ impl Record {
     }
 }
 
-/// Decodes frames from `buf` until the first torn or corrupt one. Returns the records and the
-/// length of the valid prefix (where the next append must go).
-pub fn decode_frames(buf: &[u8]) -> (Vec<Record>, usize) {
-    let scan = scan_frames(buf, 0);
-    (scan.records.into_iter().map(|(r, _)| r).collect(), scan.valid as usize)
-}
-
-/// `decode_frames` that also reads the `Boot` and `Synced` frames; `base` is the file offset
-/// of `buf`.
+/// Decodes frames from `buf` until the first torn or corrupt one (records, `Boot` and
+/// `Synced` frames); `base` is the file offset of `buf`.
 fn scan_frames(buf: &[u8], base: u64) -> Scan {
     let mut scan = Scan { records: Vec::new(), boot: None, synced_through: base, valid: base };
     let mut pos = 0;
@@ -634,6 +627,12 @@ pub fn remove_stale_journals(dir: &Path, keep: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The records of `buf` and the length of its valid prefix.
+    fn decode_frames(buf: &[u8]) -> (Vec<Record>, usize) {
+        let scan = scan_frames(buf, 0);
+        (scan.records.into_iter().map(|(r, _)| r).collect(), scan.valid as usize)
+    }
 
     fn sample() -> Vec<Record> {
         vec![

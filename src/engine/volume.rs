@@ -313,8 +313,8 @@ impl VolumeHandle {
     /// Writes `data` at `offset`. Blocks while partly covered clusters still in the store are
     /// loaded.
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
-        if self.try_write(offset, data, fua)? {
-            return Ok(());
+        if self.try_write(offset, data)? {
+            return if fua { self.engine.commit() } else { Ok(()) };
         }
         self.engine.block_on(self.write_async(offset, data, fua))
     }
@@ -322,8 +322,8 @@ impl VolumeHandle {
     /// `write`, awaiting the load of partly covered pending clusters instead of blocking.
     pub async fn write_async(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         for _ in 0..LOAD_ATTEMPTS {
-            if self.try_write(offset, data, fua)? {
-                return Ok(());
+            if self.try_write(offset, data)? {
+                return if fua { self.commit_async().await } else { Ok(()) };
             }
             self.load(offset, data.len() as u64, true, Priority::Foreground).await?;
         }
@@ -332,7 +332,7 @@ impl VolumeHandle {
 
     /// Writes, or returns false (having written nothing) when a partly covered cluster is
     /// pending.
-    fn try_write(&self, offset: u64, data: &[u8], fua: bool) -> Result<bool> {
+    fn try_write(&self, offset: u64, data: &[u8]) -> Result<bool> {
         check_range(self.vol.size, offset, data.len() as u64, true)?;
         self.engine.check_writable()?;
         let in_place = {
@@ -347,9 +347,6 @@ impl VolumeHandle {
                 return Ok(false);
             }
             self.write_locked(&mut st, offset, data)?;
-        }
-        if fua {
-            self.engine.commit()?;
         }
         Ok(true)
     }
@@ -435,8 +432,8 @@ impl VolumeHandle {
     /// (`Allocate`); partial clusters get zeros written unless already unmapped. Every cluster
     /// the request touches becomes dirty (one range record, however large the range).
     pub fn zero(&self, offset: u64, len: u64, mode: ZeroMode, fua: bool) -> Result<()> {
-        if self.try_zero(offset, len, mode, fua)? {
-            return Ok(());
+        if self.try_zero(offset, len, mode)? {
+            return if fua { self.engine.commit() } else { Ok(()) };
         }
         self.engine.block_on(self.zero_async(offset, len, mode, fua))
     }
@@ -444,8 +441,8 @@ impl VolumeHandle {
     /// `zero`, awaiting the load of partly covered pending clusters instead of blocking.
     pub async fn zero_async(&self, offset: u64, len: u64, mode: ZeroMode, fua: bool) -> Result<()> {
         for _ in 0..LOAD_ATTEMPTS {
-            if self.try_zero(offset, len, mode, fua)? {
-                return Ok(());
+            if self.try_zero(offset, len, mode)? {
+                return if fua { self.commit_async().await } else { Ok(()) };
             }
             self.load(offset, len, true, Priority::Foreground).await?;
         }
@@ -454,7 +451,7 @@ impl VolumeHandle {
 
     /// Zeroes, or returns false (having changed nothing) when a partly covered cluster is
     /// pending.
-    fn try_zero(&self, offset: u64, len: u64, mode: ZeroMode, fua: bool) -> Result<bool> {
+    fn try_zero(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<bool> {
         check_range(self.vol.size, offset, len, true)?;
         self.engine.check_writable()?;
         {
@@ -511,9 +508,6 @@ impl VolumeHandle {
             // Only now: the edges above must see clean clusters as clean (see `write_locked`).
             st.dirty.insert_range(touched.0..=touched.1);
         }
-        if fua {
-            self.engine.commit()?;
-        }
         Ok(true)
     }
 
@@ -521,6 +515,22 @@ impl VolumeHandle {
     pub fn flush(&self) -> Result<()> {
         self.live()?;
         self.engine.commit()
+    }
+
+    /// `flush` for async callers.
+    pub async fn flush_async(&self) -> Result<()> {
+        self.live()?;
+        self.commit_async().await
+    }
+
+    /// A commit from async code (FLUSH, FUA). It waits for the disk, so on a multi-threaded
+    /// runtime the worker hands its other tasks (other connections) to another thread
+    /// meanwhile instead of stalling them.
+    async fn commit_async(&self) -> Result<()> {
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(|| self.engine.commit()),
+            _ => self.engine.commit(),
+        }
     }
 
     /// `base:allocation` extents from `offset` (a prefix of the range may be returned).

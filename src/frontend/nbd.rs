@@ -189,22 +189,18 @@ impl Export for NbdExport {
     }
 
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ExportError> {
-        let v = self.volume()?;
-        v.write_async(offset, data, false).await.map_err(nbd_error)?;
-        durable_if(v, fua)
+        self.volume()?.write_async(offset, data, fua).await.map_err(nbd_error)
     }
 
     async fn flush(&self) -> Result<(), ExportError> {
         match &self.handle {
-            Handle::Volume(v) => durable_if(v, true),
+            Handle::Volume(v) => v.flush_async().await.map_err(nbd_error),
             Handle::Snapshot(_) | Handle::Remote(_) => Ok(()), // nothing to make durable
         }
     }
 
     async fn trim(&self, offset: u64, length: u64, fua: bool) -> Result<(), ExportError> {
-        let v = self.volume()?;
-        v.zero_async(offset, length, ZeroMode::Unmap, false).await.map_err(nbd_error)?;
-        durable_if(v, fua)
+        self.volume()?.zero_async(offset, length, ZeroMode::Unmap, fua).await.map_err(nbd_error)
     }
 
     async fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> Result<(), ExportError> {
@@ -214,8 +210,7 @@ impl Export for NbdExport {
         if flags.fast && mode == ZeroMode::Allocate {
             return Err(ExportError::NotFast);
         }
-        v.zero_async(offset, length, mode, false).await.map_err(nbd_error)?;
-        durable_if(v, flags.fua)
+        v.zero_async(offset, length, mode, flags.fua).await.map_err(nbd_error)
     }
 
     /// Loads the range from the store if it is not local yet (nothing to do otherwise).
@@ -253,19 +248,5 @@ impl Export for NbdExport {
             // Nothing local to revoke: if the snapshot is deleted, reads fail (never zeros).
             Handle::Remote(_) => std::future::pending().await,
         }
-    }
-}
-
-/// FLUSH, or the FUA part of a request: a commit, which waits for the disk. Run so that the
-/// runtime worker's other connections move to another thread meanwhile (a worker blocked in
-/// `fdatasync` would stall every connection queued on it).
-fn durable_if(v: &VolumeHandle, wanted: bool) -> Result<(), ExportError> {
-    if !wanted {
-        return Ok(());
-    }
-    let flush = || v.flush().map_err(nbd_error);
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(flush),
-        _ => flush(),
     }
 }
