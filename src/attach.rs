@@ -536,16 +536,7 @@ fn stop(running: Running, info: &Attachment) -> Result<()> {
 }
 
 fn write_atomically<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    crate::fsutil::replace_file(path, &serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?, true)
 }
 
 #[cfg(test)]

@@ -11,4 +11,5 @@ pub mod control;
 pub mod daemon;
 pub mod engine;
 pub mod frontend;
+pub mod fsutil;
 pub mod store;

@@ -559,13 +559,9 @@ impl Journal {
     /// (which has everything); after it, the new checkpoint and the next journal (which has
     /// everything written since the image).
     pub fn install_checkpoint(dir: &Path, checkpoint: &[u8]) -> Result<()> {
-        let tmp = dir.join("checkpoint.tmp");
-        let dst = dir.join("checkpoint");
-        let ctx = || format!("writing checkpoint {}", tmp.display());
-        let mut f = File::create(&tmp).map_err(EngineError::io(ctx()))?;
-        f.write_all(checkpoint).and_then(|_| f.sync_all()).map_err(EngineError::io(ctx()))?;
-        fs::rename(&tmp, &dst).map_err(EngineError::io("installing the new checkpoint"))?;
-        sync_dir(dir)
+        let path = dir.join("checkpoint");
+        crate::fsutil::replace_file(&path, checkpoint, true)
+            .map_err(EngineError::io(format!("writing checkpoint {}", path.display())))
     }
 
     /// Step 4: switches to the next journal and removes this one.

@@ -1,9 +1,9 @@
 //! What this node knows about the store side of its volumes and snapshots: each volume's home
 //! region and each snapshot's upload status. Small and rarely changed, so it is one JSON file
-//! (`meta/remote.json`) rewritten atomically (temporary file, fsync, rename, fsync the directory).
+//! (`meta/remote.json`) replaced atomically (`fsutil::replace_file`; synced, except for the
+//! queue entry a snapshot create adds, which its upload syncs).
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -69,15 +69,8 @@ impl StateFile {
     /// Replaces the file atomically. With `sync`, durably (fsync of the file and the
     /// directory); without, it survives the process but maybe not a power loss.
     pub fn save(&self, state: &RemoteState, sync: bool) -> Result<()> {
-        let io = |what: &str| StoreError::io(format!("{what} {}", self.path.display()));
-        let tmp = self.path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(state).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        let mut f = std::fs::File::create(&tmp).map_err(io("creating"))?;
-        f.write_all(&bytes).and_then(|()| if sync { f.sync_all() } else { Ok(()) }).map_err(io("writing"))?;
-        std::fs::rename(&tmp, &self.path).map_err(io("replacing"))?;
-        if let Some(d) = self.path.parent().filter(|_| sync) {
-            std::fs::File::open(d).and_then(|d| d.sync_all()).map_err(io("syncing the directory of"))?;
-        }
-        Ok(())
+        crate::fsutil::replace_file(&self.path, &bytes, sync)
+            .map_err(StoreError::io(format!("writing {}", self.path.display())))
     }
 }

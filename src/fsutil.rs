@@ -1,0 +1,23 @@
+//! File helpers shared by the layers that keep small state files.
+
+use std::io::Write;
+use std::path::Path;
+
+/// Replaces `path` with `bytes` atomically: written to `PATH.tmp`, then renamed over it, so a
+/// reader (or a recovery) sees the old file or the new one, never a part. With `sync`, also
+/// durably: the file is synced before the rename and its directory after it; without, the
+/// new file survives the process but maybe not a power loss.
+pub fn replace_file(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    if sync {
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|_| sync) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
