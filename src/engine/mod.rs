@@ -12,6 +12,7 @@
 
 mod checkpoint;
 pub mod error;
+mod gate;
 pub mod journal;
 pub mod map;
 pub mod remote;
@@ -50,6 +51,8 @@ pub const MAX_VOLUME_SIZE: u64 = 64 << 40;
 const CHECKPOINT_AFTER: u64 = 64 << 20;
 /// How often dirty slot data is pushed towards the disk in the background.
 const WRITEBACK_INTERVAL: Duration = Duration::from_millis(50);
+/// How long the write-back thread lets a new snapshot seal before committing anyway.
+const SEAL_WAIT_IN_WRITEBACK: Duration = Duration::from_millis(100);
 /// Uncommitted journal records held in memory before the background thread commits them.
 const PENDING_COMMIT_BYTES: usize = 4 << 20;
 /// Clusters one request (or read-ahead) fetches from the store at a time.
@@ -134,6 +137,9 @@ pub(crate) struct VolumeState {
     /// The remote snapshot the root of this lineage is relative to (set when the volume was
     /// created from, or rolled back to, a snapshot in the store): an upload base.
     pub(crate) anchor: Option<RemoteSource>,
+    /// `Snapshot::seal` of the newest snapshot taken of this head: a write that copies a
+    /// cluster waits for it (an in-place write from before may still be landing there).
+    pub(crate) seal: u64,
 }
 
 impl VolumeState {
@@ -198,8 +204,40 @@ pub(crate) struct Snapshot {
     pub(crate) released: bool,
     /// Clusters still in the store when the snapshot was taken of a hydrating volume.
     pub(crate) remote: Option<Remote>,
-    /// The commit that makes its record durable (0: loaded from disk, durable already).
+    /// The commit that makes its record and data durable (0: loaded from disk, durable
+    /// already; `UNSEALED` until a commit starts after the seal).
     pub(crate) durable_ticket: AtomicU64,
+    /// The gate epoch of its volume's slot file after which it is *sealed*: writes that were
+    /// in flight when it was taken, and may still land in slots it shares, have ended. Its
+    /// data is read only once sealed (see `gate.rs`). 0: sealed from the start.
+    pub(crate) seal: u64,
+}
+
+/// A snapshot waiting for its seal, with its volume and the ticket of its record.
+struct Unsealed {
+    snap: Arc<Snapshot>,
+    vol: Arc<Volume>,
+    ticket: u64,
+}
+
+/// `Snapshot::durable_ticket` while no commit has started since the seal.
+const UNSEALED: u64 = u64::MAX;
+
+impl Snapshot {
+    pub(crate) fn is_sealed(&self, vol: &Volume) -> bool {
+        vol.slots.gate.passed(self.seal)
+    }
+
+    pub(crate) fn wait_sealed(&self, vol: &Volume) -> Result<()> {
+        if vol.slots.gate.wait(self.seal, volume::SEAL_TIMEOUT) {
+            return Ok(());
+        }
+        Err(volume::seal_timeout(&vol.name))
+    }
+
+    pub(crate) async fn wait_sealed_async(&self, vol: &Volume) {
+        vol.slots.gate.wait_async(self.seal).await
+    }
 }
 
 pub(crate) struct Lineage {
@@ -253,6 +291,9 @@ pub struct Engine {
     /// durable.
     durable_through: AtomicU64,
     commit_wanted: Arc<CommitWanted>,
+    /// Snapshots not sealed yet when taken: the first commit that starts once one is sealed
+    /// makes it durable.
+    unsealed: Mutex<Vec<Unsealed>>,
     /// Set when a commit failed: in-memory state may be ahead of disk, so no more writes.
     failed: AtomicBool,
     shutting_down: AtomicBool,
@@ -378,6 +419,14 @@ impl Registry {
         })
     }
 
+    /// The volume a snapshot was taken of (`r`: how the caller named the snapshot).
+    fn volume_of(&self, s: &Snapshot, r: &str) -> Result<Arc<Volume>> {
+        self.volumes
+            .get(&s.volume)
+            .cloned()
+            .ok_or_else(|| EngineError::NotFound(format!("the volume of snapshot '{r}' no longer exists")))
+    }
+
     /// Snapshots of a volume, oldest first.
     fn snapshots_of(&self, volume: u64) -> Vec<Arc<Snapshot>> {
         let mut v: Vec<_> = self.snapshots.values().filter(|s| s.volume == volume).cloned().collect();
@@ -454,6 +503,7 @@ impl Registry {
                         clusters,
                         remote,
                         anchor: None,
+                        seal: 0,
                     }),
                     pending: Mutex::new(Vec::new()),
                     writers: AtomicU64::new(0),
@@ -473,6 +523,14 @@ impl Registry {
             Record::SnapshotCreate { volume, snapshot, seq, name, description, created } => {
                 let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
                 let mut st = v.state.write();
+                // Writes looked up before this point may still be landing in slots the
+                // snapshot shares: it is sealed once they have ended.
+                let seal = v.slots.gate.advance().ok_or_else(|| {
+                    EngineError::Busy(format!(
+                        "writes to volume '{}' have been in flight for too long (is the disk under the data directory hung?); try again",
+                        v.name
+                    ))
+                })?;
                 drain(v);
                 let snap = Snapshot {
                     id: *snapshot,
@@ -494,8 +552,10 @@ impl Registry {
                     released: false,
                     remote: st.remote.clone(),
                     durable_ticket: AtomicU64::new(0),
+                    seal,
                 };
                 st.owned.clear();
+                st.seal = seal;
                 st.parent = Some(*snapshot);
                 drop(st);
                 self.next_seq = self.next_seq.max(seq + 1);
@@ -549,6 +609,7 @@ impl Registry {
                     released: true,
                     remote: None,
                     durable_ticket: AtomicU64::new(0),
+                    seal: 0,
                 };
                 let old = self.snapshots.insert(*snapshot, Arc::new(released));
                 Ok(old.map(|o| (o.map.clone(), o.cluster_size)))
@@ -758,6 +819,7 @@ impl Registry {
                     released: s.released,
                     remote: s.remote,
                     durable_ticket: AtomicU64::new(0),
+                    seal: 0,
                 }),
             );
         }
@@ -782,6 +844,7 @@ impl Registry {
                         clusters: v.size.div_ceil(v.cluster_size as u64),
                         remote: v.remote,
                         anchor: v.anchor,
+                        seal: 0,
                     }),
                     pending: Mutex::new(Vec::new()),
                     writers: AtomicU64::new(0),
@@ -870,6 +933,7 @@ impl Engine {
             tail: Mutex::new(Tail { journal, staged: Vec::new(), taken: 0 }),
             durable_through: AtomicU64::new(0),
             commit_wanted: Arc::default(),
+            unsealed: Mutex::new(Vec::new()),
             failed: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             cluster_source: OnceLock::new(),
@@ -885,7 +949,9 @@ impl Engine {
     /// Every `WRITEBACK_INTERVAL`, starts write-back of the slot files written since, so dirty
     /// data does not pile up between flushes (which would make a FLUSH wait for all of it),
     /// and commits when uncommitted records pass `PENDING_COMMIT_BYTES` or a snapshot create
-    /// asks for it (`request_commit`). Ends when the engine is dropped or shut down.
+    /// asks for it (`request_commit`), or a snapshot waits for a commit after its seal. Also
+    /// frees slots whose last requests have ended. Ends when the engine is dropped or shut
+    /// down.
     fn spawn_writeback(engine: std::sync::Weak<Engine>, wanted: Arc<CommitWanted>) {
         let spawned = std::thread::Builder::new().name("snapblk-writeback".into()).spawn(move || loop {
             let requested = {
@@ -904,9 +970,15 @@ impl Engine {
                 let pending: usize = reg.volumes.values().map(|v| v.pending.lock().len()).sum();
                 (reg.slot_files.values().cloned().collect::<Vec<_>>(), pending)
             };
+            // A snapshot create asked for this commit: let it seal first (writes in flight
+            // when it was taken end within milliseconds), so this commit makes it durable.
+            let unsealed: Vec<_> = e.unsealed.lock().iter().map(|u| (u.snap.seal, u.vol.slots.clone())).collect();
+            for (seal, slots) in &unsealed {
+                slots.gate.wait(*seal, SEAL_WAIT_IN_WRITEBACK);
+            }
             // Map changes not yet committed are held in memory; past a bound, commit them
             // (committing early is always safe, and it keeps replay after a crash short).
-            if requested || pending > PENDING_COMMIT_BYTES {
+            if requested || pending > PENDING_COMMIT_BYTES || !unsealed.is_empty() {
                 if let Err(err) = e.commit() {
                     tracing::warn!(error = %err, "background commit failed");
                 }
@@ -914,6 +986,10 @@ impl Engine {
             drop(e);
             for f in files {
                 f.start_writeback();
+                // Frees left waiting for requests that were still running at their commit.
+                if let Err(err) = f.reclaim() {
+                    tracing::warn!(error = %err, "cannot free slots");
+                }
             }
         });
         if let Err(err) = spawned {
@@ -965,7 +1041,14 @@ impl Engine {
     fn commit_locked(&self, volumes: &[Arc<Volume>], slot_files: &[Arc<SlotFile>]) -> Result<()> {
         // Frees first: a slot released after this point has its record drained later, so it
         // must wait for the next commit.
-        let frees: Vec<Vec<u64>> = slot_files.iter().map(|f| f.take_pending()).collect();
+        let frees: Vec<_> = slot_files.iter().map(|f| f.take_pending()).collect();
+        // Snapshots sealed by now: the slot sync below covers every write they include.
+        let sealed: Vec<_> = {
+            let mut u = self.unsealed.lock();
+            let (sealed, waiting) = std::mem::take(&mut *u).into_iter().partition(|u| u.snap.is_sealed(&u.vol));
+            *u = waiting;
+            sealed
+        };
         let result = (|| {
             let (through, number, journal) = {
                 let mut t = self.tail.lock();
@@ -990,6 +1073,9 @@ impl Engine {
         })();
         match result {
             Ok(number) => {
+                for u in sealed {
+                    u.snap.durable_ticket.store(u.ticket.max(number), Ordering::Release);
+                }
                 self.durable_through.fetch_max(number, Ordering::AcqRel);
                 for (f, slots) in slot_files.iter().zip(frees) {
                     f.free_committed(slots)?;
@@ -997,6 +1083,7 @@ impl Engine {
                 Ok(())
             }
             Err(e) => {
+                self.unsealed.lock().extend(sealed);
                 for (f, slots) in slot_files.iter().zip(frees) {
                     f.restore_pending(slots);
                 }
@@ -1202,9 +1289,16 @@ impl Engine {
         // being killed. It survives a power loss once the next commit, which the write-back
         // thread starts at once, has synced the data. Waiting for that here would make the
         // caller wait for every byte written since the last flush to reach the disk.
+        // Writes still in flight into its slots end first ("sealed", usually within
+        // milliseconds): its data is read, and made durable, only after that.
         let (ticket, _) = self.stage(&mut reg, &[rec], true)?;
         let snap = &reg.snapshots[&id];
-        snap.durable_ticket.store(ticket, Ordering::Release);
+        if snap.is_sealed(&v) {
+            snap.durable_ticket.store(ticket, Ordering::Release);
+        } else {
+            snap.durable_ticket.store(UNSEALED, Ordering::Release);
+            self.unsealed.lock().push(Unsealed { snap: snap.clone(), vol: v.clone(), ticket });
+        }
         self.request_commit();
         tracing::info!(volume = %v.name, name, id = %snapshot_id(id), "snapshot created");
         Ok(self.snapshot_info(&reg, snap))
@@ -1215,14 +1309,23 @@ impl Engine {
         snapshot_info(reg, s, durable)
     }
 
-    /// Returns once the snapshot is durable (its record committed), committing if need be.
+    /// Returns once the snapshot is durable (sealed, and its record and data committed),
+    /// committing if need be.
     pub fn make_durable(&self, r: &str) -> Result<()> {
-        let (ticket, slot_files) = {
+        let (s, v, slot_files) = {
             let reg = self.registry.read();
-            let ticket = reg.find_snapshot(r)?.durable_ticket.load(Ordering::Acquire);
-            (ticket, reg.slot_files.values().cloned().collect::<Vec<_>>())
+            let s = reg.find_snapshot(r)?.clone();
+            let v = reg.volume_of(&s, r)?;
+            (s, v, reg.slot_files.values().cloned().collect::<Vec<_>>())
         };
-        self.commit_through(ticket, &slot_files)
+        s.wait_sealed(&v)?;
+        loop {
+            match s.durable_ticket.load(Ordering::Acquire) {
+                // Sealed: the next commit to start gives it a ticket.
+                UNSEALED => self.commit_all()?,
+                ticket => return self.commit_through(ticket, &slot_files),
+            }
+        }
     }
 
     pub fn list_snapshots(&self, volume: Option<&str>) -> Result<Vec<SnapshotInfo>> {
@@ -1276,6 +1379,14 @@ impl Engine {
     /// from there.
     pub fn clone_snapshot(&self, snap: &str, new_volume: &str, released_region: Option<&str>) -> Result<VolumeInfo> {
         validate_name("volume", new_volume)?;
+        // The clone will share the snapshot's slots: writes still landing there end first.
+        {
+            let reg = self.registry.read();
+            let s = reg.find_snapshot(snap)?.clone();
+            let v = reg.volume_of(&s, snap)?;
+            drop(reg);
+            s.wait_sealed(&v)?;
+        }
         let reg = self.registry.write();
         let s = reg.find_snapshot(snap)?.clone();
         let remote = remote_of_released(&s, snap, released_region)?;
@@ -1334,13 +1445,14 @@ impl Engine {
         let (v, s, remote) = {
             let reg = self.registry.read();
             let s = reg.find_snapshot(snap)?.clone();
-            let v =
-                reg.volumes.get(&s.volume).cloned().ok_or_else(|| {
-                    EngineError::NotFound(format!("the volume of snapshot '{snap}' no longer exists"))
-                })?;
+            let v = reg.volume_of(&s, snap)?;
             let remote = remote_of_released(&s, snap, released_region)?;
             (v, s, remote)
         };
+        // The head will share the snapshot's slots: writes still landing there end first.
+        tokio::time::timeout(volume::SEAL_TIMEOUT, s.wait_sealed_async(&v))
+            .await
+            .map_err(|_| volume::seal_timeout(&v.name))?;
         let writers = v.writers.load(Ordering::Acquire);
         if writers > 0 {
             if !force {
@@ -1396,11 +1508,7 @@ impl Engine {
         let reg = self.registry.read();
         let s = reg.find_snapshot(r)?.clone();
         check_local(&s, r)?;
-        let v = reg
-            .volumes
-            .get(&s.volume)
-            .cloned()
-            .ok_or_else(|| EngineError::NotFound(format!("no volume for snapshot '{r}'")))?;
+        let v = reg.volume_of(&s, r)?;
         // A released base has no local map to compare with.
         let bases = reg.snapshots_of(s.volume).into_iter().filter(|b| b.seq < s.seq && !b.released).collect();
         Ok(SnapshotHandle::new(self.clone(), v, s, bases))

@@ -6,7 +6,8 @@
 //! Freed slots are not reusable at once: a slot dropped from a map is first *pending*, and only
 //! after the journal commit that makes the drop durable is its range punched out and reused.
 //! Otherwise a crash could leave a committed map pointing at a slot that meanwhile holds
-//! another cluster's data.
+//! another cluster's data. And not before every request that may have looked the slot up has
+//! ended (data-path I/O runs without the volume lock; see `gate.rs`).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -18,6 +19,7 @@ use parking_lot::Mutex;
 use roaring::RoaringTreemap;
 
 use super::error::{EngineError, Result};
+use super::gate::IoGate;
 
 pub struct SlotFile {
     file: File,
@@ -28,6 +30,15 @@ pub struct SlotFile {
     unsynced: AtomicBool,
     /// Set after a write, cleared by `start_writeback`.
     unwritten: AtomicBool,
+    /// Requests using this file's slots (of any volume) without holding a lock.
+    pub gate: IoGate,
+}
+
+/// Frees taken for a commit: reusable once it succeeded and the gate passed `epoch`.
+#[derive(Default)]
+pub struct Frees {
+    slots: Vec<u64>,
+    epoch: u64,
 }
 
 #[derive(Default)]
@@ -38,6 +49,8 @@ struct Allocator {
     free: Vec<u64>,
     /// Dropped from maps, reusable after the next journal commit.
     pending: Vec<u64>,
+    /// Committed frees waiting for requests that may still use them.
+    draining: Vec<Frees>,
 }
 
 impl SlotFile {
@@ -58,6 +71,7 @@ impl SlotFile {
             alloc: Mutex::new(Allocator { next, ..Default::default() }),
             unsynced: AtomicBool::new(false),
             unwritten: AtomicBool::new(false),
+            gate: IoGate::default(),
         })
     }
 
@@ -71,6 +85,7 @@ impl SlotFile {
         let mut a = self.alloc.lock();
         a.free.clear();
         a.pending.clear();
+        a.draining.clear();
         // Trim the end of the file down to the last live slot, so `next` stays tight.
         let next = live.max().map_or(0, |m| m + 1);
         if next < a.next {
@@ -114,17 +129,44 @@ impl SlotFile {
     }
 
     /// Takes the pending frees; call before draining journal records (see `Engine::commit`).
-    pub fn take_pending(&self) -> Vec<u64> {
-        std::mem::take(&mut self.alloc.lock().pending)
+    /// Starts a gate epoch for them (left pending if the gate refuses one).
+    pub fn take_pending(&self) -> Frees {
+        let mut a = self.alloc.lock();
+        if a.pending.is_empty() {
+            return Frees::default();
+        }
+        match self.gate.advance() {
+            Some(epoch) => Frees { slots: std::mem::take(&mut a.pending), epoch },
+            None => Frees::default(),
+        }
     }
 
     /// Gives back pending frees taken before a commit that failed.
-    pub fn restore_pending(&self, mut slots: Vec<u64>) {
-        self.alloc.lock().pending.append(&mut slots);
+    pub fn restore_pending(&self, mut frees: Frees) {
+        self.alloc.lock().pending.append(&mut frees.slots);
     }
 
-    /// After a successful commit: punch the slots and make them allocatable.
-    pub fn free_committed(&self, mut slots: Vec<u64>) -> Result<()> {
+    /// After a successful commit: the slots become reusable once no request can still be
+    /// using them (now, usually); see `reclaim`.
+    pub fn free_committed(&self, frees: Frees) -> Result<()> {
+        if !frees.slots.is_empty() {
+            self.alloc.lock().draining.push(frees);
+        }
+        self.reclaim()
+    }
+
+    /// Punches and makes allocatable the committed frees whose requests have all ended.
+    pub fn reclaim(&self) -> Result<()> {
+        let mut slots: Vec<u64> = {
+            let mut a = self.alloc.lock();
+            if a.draining.is_empty() {
+                return Ok(());
+            }
+            let (ready, waiting): (Vec<Frees>, Vec<Frees>) =
+                std::mem::take(&mut a.draining).into_iter().partition(|f| self.gate.passed(f.epoch));
+            a.draining = waiting;
+            ready.into_iter().flat_map(|f| f.slots).collect()
+        };
         // One punch per run of adjacent slots (a deleted volume frees long runs), not per slot:
         // each punch is a filesystem transaction, and a discard on filesystems mounted so.
         slots.sort_unstable();
@@ -145,7 +187,8 @@ impl SlotFile {
 
     pub fn stats(&self) -> (u64, u64) {
         let a = self.alloc.lock();
-        (a.next, (a.free.len() + a.pending.len()) as u64)
+        let draining: usize = a.draining.iter().map(|f| f.slots.len()).sum();
+        (a.next, (a.free.len() + a.pending.len() + draining) as u64)
     }
 
     fn offset(&self, slot: u64, within: u64) -> u64 {

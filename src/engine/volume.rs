@@ -1,9 +1,16 @@
 //! The data path: per-connection handles on one volume (read-write) or one snapshot
-//! (read-only). A request takes only its volume's state lock: shared for reads and for writes
-//! to clusters the head owns (written in place), exclusive for the first write to a cluster
-//! after a snapshot (redirect to a fresh slot) and for trims. The lock is held for the whole
-//! request, so a snapshot never sees half of one, and while it is held no slot the request
-//! reads can be freed and reused.
+//! (read-only). A request looks up its slots under its volume's state lock — shared for reads
+//! and for writes to clusters the head owns (written in place), exclusive to install the
+//! first write to a cluster after a snapshot (redirect to a fresh slot) and for trims — and
+//! does its `pread`/`pwrite` after letting the lock go, so a snapshot create never waits for
+//! the disk. A gate pass taken under the lock (`gate.rs`) keeps the slots it looked up from
+//! being reused until it ends, and a snapshot from being read until the in-place writes that
+//! may still land in its slots have ended ("sealed").
+//!
+//! A redirect copies (the rest of the old cluster plus the new data) into a fresh slot
+//! without the lock, then installs it under the exclusive lock if the cluster did not change
+//! meanwhile; otherwise it starts over (and then usually writes in place). Requests that mix
+//! owned and not owned clusters, and trims, do their I/O under the exclusive lock.
 //!
 //! On a volume still loading from the object store (see `remote.rs`), a request that needs a
 //! pending cluster — any read of it, a partial write or zero — first waits for it to be loaded
@@ -13,6 +20,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+
+use smallvec::SmallVec;
 
 use super::error::{EngineError, Result};
 use super::journal::Record;
@@ -75,6 +84,7 @@ fn shift_of(slots: &SlotFile) -> u32 {
 
 /// Pieces that are contiguous both in the request and in the slot file are merged into one
 /// `pread`/`pwrite` (sequential writes to a fresh volume get sequential slots).
+#[derive(Clone, Copy)]
 struct Run {
     slot: u64,
     within: u64,
@@ -82,40 +92,70 @@ struct Run {
     len: usize,
 }
 
-impl Run {
-    fn extend(run: &mut Option<Run>, shift: u32, slot: u64, within: u64, pos: usize, n: usize) -> Option<Run> {
-        if let Some(r) = run {
-            let end = (r.slot << shift) + r.within + r.len as u64;
-            if end == (slot << shift) + within && r.pos + r.len == pos {
-                r.len += n;
-                return None;
-            }
+/// The slot runs of one request, looked up under the volume lock and used after it is let
+/// go. Inline up to four (every request within a cluster; larger ones on contiguous slots).
+type Runs = SmallVec<[Run; 4]>;
+
+fn push_run(runs: &mut Runs, shift: u32, slot: u64, within: u64, pos: usize, n: usize) {
+    if let Some(r) = runs.last_mut() {
+        if (r.slot << shift) + r.within + r.len as u64 == (slot << shift) + within && r.pos + r.len == pos {
+            r.len += n;
+            return;
         }
-        run.replace(Run { slot, within, pos, len: n })
     }
+    runs.push(Run { slot, within, pos, len: n });
+}
+
+/// Looks up a read through `map`: fills its unallocated pieces with zeros and returns the
+/// runs left to read, and whether the whole range is unallocated (a hole).
+fn plan_read(shift: u32, map: &ClusterMap, offset: u64, buf: &mut [u8]) -> (Runs, bool) {
+    let mut runs = Runs::new();
+    for (cluster, within, pos, n) in pieces(offset, buf.len() as u64, shift) {
+        let (pos, n) = (pos as usize, n as usize);
+        match map.get(cluster) {
+            ZERO => buf[pos..pos + n].fill(0),
+            entry => push_run(&mut runs, shift, entry - 1, within, pos, n),
+        }
+    }
+    let hole = runs.is_empty();
+    (runs, hole)
+}
+
+fn read_runs(slots: &SlotFile, runs: &[Run], buf: &mut [u8]) -> Result<()> {
+    runs.iter().try_for_each(|r| slots.read(r.slot, r.within, &mut buf[r.pos..r.pos + r.len]))
+}
+
+fn write_runs(slots: &SlotFile, runs: &[Run], data: &[u8]) -> Result<()> {
+    runs.iter().try_for_each(|r| slots.write(r.slot, r.within, &data[r.pos..r.pos + r.len]))
 }
 
 /// Reads through `map`; returns true when the whole range is unallocated (a hole).
+#[cfg(test)]
 pub(crate) fn read_map(slots: &SlotFile, map: &ClusterMap, offset: u64, buf: &mut [u8]) -> Result<bool> {
-    let shift = shift_of(slots);
-    let mut hole = true;
-    let mut run = None;
-    for (cluster, within, pos, n) in pieces(offset, buf.len() as u64, shift) {
-        let (pos, n) = (pos as usize, n as usize);
-        let entry = map.get(cluster);
-        if entry == ZERO {
-            buf[pos..pos + n].fill(0);
-            continue;
-        }
-        hole = false;
-        if let Some(r) = Run::extend(&mut run, shift, entry - 1, within, pos, n) {
-            slots.read(r.slot, r.within, &mut buf[r.pos..r.pos + r.len])?;
-        }
-    }
-    if let Some(r) = run {
-        slots.read(r.slot, r.within, &mut buf[r.pos..r.pos + r.len])?;
-    }
-    Ok(hole)
+    let (runs, hole) = plan_read(shift_of(slots), map, offset, buf);
+    read_runs(slots, &runs, buf).map(|()| hole)
+}
+
+/// One cluster of a write redirected to a fresh slot (see `VolumeHandle::try_redirect`).
+struct Redirect {
+    cluster: u64,
+    /// The entry the cluster had when the write was planned.
+    old: u64,
+    slot: u64,
+    within: u64,
+    pos: usize,
+    len: usize,
+    /// Partial write over existing data: the rest of the old cluster is copied too.
+    copy: bool,
+}
+
+/// What a write or zero must wait for before it is tried again.
+enum Wait {
+    /// Partly covered clusters still in the object store.
+    Load,
+    /// The volume's newest snapshot to be sealed (a gate epoch): in-place writes from before
+    /// it may still be landing in the clusters this request copies.
+    Seal(u64),
 }
 
 /// Extents over `[offset, offset + len)` with `flags(cluster)`, merged, covering at most
@@ -180,6 +220,30 @@ fn pending_in(remote: &Option<Remote>, offset: u64, len: u64, shift: u32, size: 
 
 fn not_loaded(what: &str) -> EngineError {
     EngineError::Unavailable(format!("{what}: its data kept changing while it was loaded from the store; try again"))
+}
+
+/// How long a request waits for a snapshot to be sealed (for writes in flight to end).
+pub(crate) const SEAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+pub(crate) fn seal_timeout(volume: &str) -> EngineError {
+    EngineError::Unavailable(format!(
+        "writes to volume '{volume}' that were in flight when its newest snapshot was taken have not ended after {}s (is the disk under the data directory hung?); try again",
+        SEAL_TIMEOUT.as_secs()
+    ))
+}
+
+/// The runs of a write the head takes in place (every cluster owned and dirty already), or
+/// `None`.
+fn plan_in_place(st: &VolumeState, shift: u32, offset: u64, len: u64) -> Option<Runs> {
+    let mut runs = Runs::new();
+    for (cluster, within, pos, n) in pieces(offset, len, shift) {
+        let entry = st.head.get(cluster);
+        if entry == ZERO || !st.owned.contains(cluster) || !st.dirty.contains(cluster) {
+            return None;
+        }
+        push_run(&mut runs, shift, entry - 1, within, pos as usize, n as usize);
+    }
+    Some(runs)
 }
 
 /// A read-write handle on a volume. Counts as a writable client while it exists.
@@ -260,13 +324,19 @@ impl VolumeHandle {
     /// Returns whether the range was a hole, and whether the volume is still loading.
     fn try_read(&self, offset: u64, buf: &mut [u8]) -> Result<Option<(bool, bool)>> {
         check_range(self.vol.size, offset, buf.len() as u64, false)?;
-        let st = self.vol.state.read();
-        self.live()?;
-        let loading = st.remote.is_some();
-        if loading && !self.pending(&st, offset, buf.len() as u64, false).is_empty() {
-            return Ok(None);
-        }
-        read_map(&self.vol.slots, &st.head, offset, buf).map(|hole| Some((hole, loading)))
+        let (runs, hole, loading, _pass) = {
+            let st = self.vol.state.read();
+            let pass = self.vol.slots.gate.enter();
+            self.live()?;
+            let loading = st.remote.is_some();
+            if loading && !self.pending(&st, offset, buf.len() as u64, false).is_empty() {
+                return Ok(None);
+            }
+            let (runs, hole) = plan_read(shift_of(&self.vol.slots), &st.head, offset, buf);
+            (runs, hole, loading, pass)
+        };
+        read_runs(&self.vol.slots, &runs, buf)?;
+        Ok(Some((hole, loading)))
     }
 
     fn pending(&self, st: &VolumeState, offset: u64, len: u64, edges_only: bool) -> Vec<u64> {
@@ -313,63 +383,209 @@ impl VolumeHandle {
     /// Writes `data` at `offset`. Blocks while partly covered clusters still in the store are
     /// loaded.
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
-        if self.try_write(offset, data)? {
-            return if fua { self.engine.commit() } else { Ok(()) };
-        }
-        self.engine.block_on(self.write_async(offset, data, fua))
+        self.retry(fua, || self.try_write(offset, data), || self.write_async(offset, data, fua))
     }
 
     /// `write`, awaiting the load of partly covered pending clusters instead of blocking.
     pub async fn write_async(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
-        for _ in 0..LOAD_ATTEMPTS {
-            if self.try_write(offset, data)? {
-                return if fua { self.commit_async().await } else { Ok(()) };
-            }
-            self.load(offset, data.len() as u64, true, Priority::Foreground).await?;
-        }
-        Err(not_loaded(&format!("writing volume '{}'", self.vol.name)))
+        let what = || format!("writing volume '{}'", self.vol.name);
+        self.retry_async(fua, offset, data.len() as u64, what, || self.try_write(offset, data)).await
     }
 
-    /// Writes, or returns false (having written nothing) when a partly covered cluster is
-    /// pending.
-    fn try_write(&self, offset: u64, data: &[u8]) -> Result<bool> {
+    /// Runs `attempt` until done, waiting for what it asks for; a load runs `load` instead
+    /// (the async variant, blocked on).
+    fn retry<F: std::future::Future<Output = Result<()>>>(
+        &self,
+        fua: bool,
+        mut attempt: impl FnMut() -> Result<Option<Wait>>,
+        load: impl FnOnce() -> F,
+    ) -> Result<()> {
+        loop {
+            match attempt()? {
+                None => return if fua { self.engine.commit() } else { Ok(()) },
+                Some(Wait::Seal(epoch)) => self.wait_sealed(epoch)?,
+                Some(Wait::Load) => return self.engine.block_on(load()),
+            }
+        }
+    }
+
+    async fn retry_async(
+        &self,
+        fua: bool,
+        offset: u64,
+        len: u64,
+        what: impl Fn() -> String,
+        mut attempt: impl FnMut() -> Result<Option<Wait>>,
+    ) -> Result<()> {
+        let mut loads = 0;
+        loop {
+            match attempt()? {
+                None => return if fua { self.commit_async().await } else { Ok(()) },
+                Some(Wait::Seal(epoch)) => self.vol.slots.gate.wait_async(epoch).await,
+                Some(Wait::Load) if loads == LOAD_ATTEMPTS => return Err(not_loaded(&what())),
+                Some(Wait::Load) => {
+                    loads += 1;
+                    self.load(offset, len, true, Priority::Foreground).await?;
+                }
+            }
+        }
+    }
+
+    fn wait_sealed(&self, epoch: u64) -> Result<()> {
+        if self.vol.slots.gate.wait(epoch, SEAL_TIMEOUT) {
+            return Ok(());
+        }
+        Err(seal_timeout(&self.vol.name))
+    }
+
+    /// Writes, or returns what to wait for first (having written nothing).
+    fn try_write(&self, offset: u64, data: &[u8]) -> Result<Option<Wait>> {
         check_range(self.vol.size, offset, data.len() as u64, true)?;
         self.engine.check_writable()?;
-        let in_place = {
+        let shift = shift_of(&self.vol.slots);
+        let (plan, seal, _pass) = {
             let st = self.vol.state.read();
+            let pass = self.vol.slots.gate.enter();
             self.live()?;
-            self.write_owned(&st, offset, data)?
-        };
-        if !in_place {
-            let mut st = self.vol.state.write();
-            self.live()?;
-            if st.remote.is_some() && !self.pending(&st, offset, data.len() as u64, true).is_empty() {
-                return Ok(false);
+            // Fast path: the head owns every cluster and they are dirty already.
+            if let Some(runs) = plan_in_place(&st, shift, offset, data.len() as u64) {
+                drop(st);
+                write_runs(&self.vol.slots, &runs, data)?;
+                return Ok(None);
             }
-            self.write_locked(&mut st, offset, data)?;
-        }
-        Ok(true)
+            if st.remote.is_some() && !self.pending(&st, offset, data.len() as u64, true).is_empty() {
+                return Ok(Some(Wait::Load));
+            }
+            match self.plan_redirect(&st, offset, data.len() as u64) {
+                Ok(Some(plan)) => (plan, st.seal, pass),
+                Ok(None) => {
+                    // Some clusters owned, some not: all under the exclusive lock.
+                    drop((st, pass));
+                    return self.write_exclusive(offset, data);
+                }
+                Err(wait) => return Ok(Some(wait)),
+            }
+        };
+        self.redirect(plan, seal, data)
     }
 
-    /// Fast path: when the head owns every cluster of the range and they are already dirty,
-    /// write in place under the shared lock. Returns false (having written nothing) otherwise.
-    fn write_owned(&self, st: &VolumeState, offset: u64, data: &[u8]) -> Result<bool> {
-        let shift = shift_of(&self.vol.slots);
-        if !pieces(offset, data.len() as u64, shift).all(|(c, ..)| st.owned.contains(c) && st.dirty.contains(c)) {
-            return Ok(false);
-        }
+    /// Plans a write in which no cluster is owned-and-dirty: a fresh slot for each. `None`
+    /// when some are (they must be written in place); `Err` when a copy must wait for a seal.
+    fn plan_redirect(
+        &self,
+        st: &VolumeState,
+        offset: u64,
+        len: u64,
+    ) -> std::result::Result<Option<SmallVec<[Redirect; 2]>>, Wait> {
         let slots = &self.vol.slots;
-        let mut run = None;
-        for (cluster, within, pos, n) in pieces(offset, data.len() as u64, shift) {
-            let slot = st.head.get(cluster) - 1; // owned clusters always have a slot
-            if let Some(r) = Run::extend(&mut run, shift, slot, within, pos as usize, n as usize) {
-                slots.write(r.slot, r.within, &data[r.pos..r.pos + r.len])?;
+        let mut plan: SmallVec<[Redirect; 2]> = SmallVec::new();
+        for (cluster, within, pos, n) in pieces(offset, len, shift_of(slots)) {
+            let old = st.head.get(cluster);
+            if old != ZERO && st.owned.contains(cluster) && st.dirty.contains(cluster) {
+                self.abandon(&plan);
+                return Ok(None);
             }
+            let copy = old != ZERO && n < self.cluster_len(cluster);
+            if copy && !slots.gate.passed(st.seal) {
+                self.abandon(&plan);
+                return Err(Wait::Seal(st.seal));
+            }
+            plan.push(Redirect {
+                cluster,
+                old,
+                slot: slots.allocate(),
+                within,
+                pos: pos as usize,
+                len: n as usize,
+                copy,
+            });
         }
-        if let Some(r) = run {
-            slots.write(r.slot, r.within, &data[r.pos..r.pos + r.len])?;
+        Ok(Some(plan))
+    }
+
+    /// Writes a planned redirect into its fresh slots without the lock, then installs it
+    /// under the exclusive lock if no cluster changed meanwhile.
+    fn redirect(&self, plan: SmallVec<[Redirect; 2]>, seal: u64, data: &[u8]) -> Result<Option<Wait>> {
+        if let Err(e) = self.redirect_fill(&plan, data) {
+            self.abandon(&plan);
+            return Err(e);
         }
-        Ok(true)
+        self.redirect_install(plan, seal)
+    }
+
+    fn redirect_fill(&self, plan: &[Redirect], data: &[u8]) -> Result<()> {
+        plan.iter().try_for_each(|r| self.fill(r, &data[r.pos..r.pos + r.len]))
+    }
+
+    /// The fresh slots of a redirect that is not installed go back (never referenced).
+    fn abandon(&self, plan: &[Redirect]) {
+        plan.iter().for_each(|r| self.vol.slots.release(r.slot));
+    }
+
+    /// Installs a filled redirect, or drops it and asks to be tried again (with `Seal(0)`,
+    /// which is always passed) when a cluster changed since it was planned.
+    fn redirect_install(&self, plan: SmallVec<[Redirect; 2]>, seal: u64) -> Result<Option<Wait>> {
+        let mut st = self.vol.state.write();
+        if let Err(e) = self.live() {
+            self.abandon(&plan);
+            return Err(e);
+        }
+        // Changed meanwhile: another write installed its own copy, a trim or load changed the
+        // entry, a snapshot was taken, or the head regained ownership (and then may have been
+        // written in place, which this copy would undo).
+        let changed = st.seal != seal
+            || plan.iter().any(|r| {
+                st.head.get(r.cluster) != r.old
+                    || (st.owned.contains(r.cluster) && st.dirty.contains(r.cluster))
+                    || (r.copy && st.is_pending(r.cluster))
+            });
+        if changed {
+            self.abandon(&plan);
+            return Ok(Some(Wait::Seal(0)));
+        }
+        for r in &plan {
+            self.install(&mut st, r.cluster, r.old, r.slot);
+        }
+        Ok(None)
+    }
+
+    /// Writes `piece` into a redirect's fresh slot; with `copy`, merged into the old cluster.
+    fn fill(&self, r: &Redirect, piece: &[u8]) -> Result<()> {
+        let slots = &self.vol.slots;
+        if !r.copy {
+            // A fresh slot reads as zeros, so the rest of a new cluster needs no writing.
+            return slots.write(r.slot, r.within, piece);
+        }
+        let mut merged = vec![0u8; self.cluster_len(r.cluster) as usize];
+        slots.read(r.old - 1, 0, &mut merged)?;
+        merged[r.within as usize..r.within as usize + piece.len()].copy_from_slice(piece);
+        slots.write(r.slot, 0, &merged)
+    }
+
+    /// Points `cluster` (entry `old`) at its new `slot`; frees the old slot if the head owned it.
+    fn install(&self, st: &mut VolumeState, cluster: u64, old: u64, slot: u64) {
+        let owned = old != ZERO && st.owned.contains(cluster);
+        self.set_entry(st, cluster, slot + 1);
+        st.owned.insert(cluster);
+        // After the record: a commit that frees the old slot has drained the record.
+        if owned {
+            self.vol.slots.release(old - 1);
+        }
+    }
+
+    /// A write that mixes clusters to write in place with clusters to redirect, whole under
+    /// the exclusive lock (rare: the edges of a large write over partly rewritten data).
+    fn write_exclusive(&self, offset: u64, data: &[u8]) -> Result<Option<Wait>> {
+        let mut st = self.vol.state.write();
+        self.live()?;
+        if st.remote.is_some() && !self.pending(&st, offset, data.len() as u64, true).is_empty() {
+            return Ok(Some(Wait::Load));
+        }
+        if !self.vol.slots.gate.passed(st.seal) {
+            return Ok(Some(Wait::Seal(st.seal)));
+        }
+        self.write_locked(&mut st, offset, data)?;
+        Ok(None)
     }
 
     /// Bytes of `cluster` inside the volume (the last cluster may be short).
@@ -378,8 +594,9 @@ impl VolumeHandle {
         cs.min(self.vol.size - cluster * cs)
     }
 
-    /// Slow path under the exclusive lock: clusters not owned by the head get a fresh slot
-    /// (redirect-on-write); a partial write first copies the rest of the old cluster.
+    /// Writes under the exclusive lock, the volume's newest snapshot sealed: owned-and-dirty
+    /// clusters in place, the others redirected to a fresh slot (a partial write first copies
+    /// the rest of the old cluster).
     ///
     /// A cluster the head owns but that is clean (ownership regained when a snapshot was
     /// deleted or released, or recomputed at startup) is redirected too, and its old slot
@@ -389,34 +606,18 @@ impl VolumeHandle {
         let slots = &self.vol.slots;
         for (cluster, within, pos, n) in pieces(offset, data.len() as u64, shift_of(slots)) {
             let piece = &data[pos as usize..(pos + n) as usize];
-            let entry = st.head.get(cluster);
-            let owned = entry != ZERO && st.owned.contains(cluster);
-            if owned && st.dirty.contains(cluster) {
-                slots.write(entry - 1, within, piece)?;
+            let old = st.head.get(cluster);
+            if old != ZERO && st.owned.contains(cluster) && st.dirty.contains(cluster) {
+                slots.write(old - 1, within, piece)?;
                 continue;
             }
-            let slot = slots.allocate();
-            let len = self.cluster_len(cluster);
-            let written = if entry != ZERO && n < len {
-                let mut merged = vec![0u8; len as usize];
-                slots.read(entry - 1, 0, &mut merged).and_then(|()| {
-                    merged[within as usize..(within + n) as usize].copy_from_slice(piece);
-                    slots.write(slot, 0, &merged)
-                })
-            } else {
-                // A fresh slot reads as zeros, so the rest of a new cluster needs no writing.
-                slots.write(slot, within, piece)
-            };
-            if let Err(e) = written {
-                slots.release(slot);
+            let copy = old != ZERO && n < self.cluster_len(cluster);
+            let r = Redirect { cluster, old, slot: slots.allocate(), within, pos: pos as usize, len: n as usize, copy };
+            if let Err(e) = self.fill(&r, piece) {
+                slots.release(r.slot);
                 return Err(e);
             }
-            self.set_entry(st, cluster, slot + 1);
-            st.owned.insert(cluster);
-            // After the record: a commit that frees the old slot has drained the record.
-            if owned {
-                slots.release(entry - 1);
-            }
+            self.install(st, cluster, old, r.slot);
         }
         Ok(())
     }
@@ -432,33 +633,29 @@ impl VolumeHandle {
     /// (`Allocate`); partial clusters get zeros written unless already unmapped. Every cluster
     /// the request touches becomes dirty (one range record, however large the range).
     pub fn zero(&self, offset: u64, len: u64, mode: ZeroMode, fua: bool) -> Result<()> {
-        if self.try_zero(offset, len, mode)? {
-            return if fua { self.engine.commit() } else { Ok(()) };
-        }
-        self.engine.block_on(self.zero_async(offset, len, mode, fua))
+        self.retry(fua, || self.try_zero(offset, len, mode), || self.zero_async(offset, len, mode, fua))
     }
 
     /// `zero`, awaiting the load of partly covered pending clusters instead of blocking.
     pub async fn zero_async(&self, offset: u64, len: u64, mode: ZeroMode, fua: bool) -> Result<()> {
-        for _ in 0..LOAD_ATTEMPTS {
-            if self.try_zero(offset, len, mode)? {
-                return if fua { self.commit_async().await } else { Ok(()) };
-            }
-            self.load(offset, len, true, Priority::Foreground).await?;
-        }
-        Err(not_loaded(&format!("zeroing part of volume '{}'", self.vol.name)))
+        let what = || format!("zeroing part of volume '{}'", self.vol.name);
+        self.retry_async(fua, offset, len, what, || self.try_zero(offset, len, mode)).await
     }
 
-    /// Zeroes, or returns false (having changed nothing) when a partly covered cluster is
-    /// pending.
-    fn try_zero(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<bool> {
+    /// Zeroes, or returns what to wait for first (having changed nothing). All under the
+    /// exclusive lock.
+    fn try_zero(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<Option<Wait>> {
         check_range(self.vol.size, offset, len, true)?;
         self.engine.check_writable()?;
         {
             let mut st = self.vol.state.write();
             self.live()?;
             if st.remote.is_some() && !self.pending(&st, offset, len, true).is_empty() {
-                return Ok(false);
+                return Ok(Some(Wait::Load));
+            }
+            // The partial clusters may be copied (`write_locked`).
+            if !self.vol.slots.gate.passed(st.seal) {
+                return Ok(Some(Wait::Seal(st.seal)));
             }
             let slots = &self.vol.slots;
             let shift = shift_of(slots);
@@ -508,7 +705,7 @@ impl VolumeHandle {
             // Only now: the edges above must see clean clusters as clean (see `write_locked`).
             st.dirty.insert_range(touched.0..=touched.1);
         }
-        Ok(true)
+        Ok(None)
     }
 
     /// FLUSH: every acknowledged write (of every volume) becomes durable.
@@ -602,7 +799,7 @@ impl SnapshotHandle {
     }
 
     /// Reads local data; fails (never zeros) on clusters still in the store — see
-    /// `read_async`, which fetches them.
+    /// `read_async`, which fetches them. Blocks while the snapshot is not sealed yet.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
         check_range(self.snap.size, offset, buf.len() as u64, false)?;
         if !self.pending(offset, buf.len() as u64).is_empty() {
@@ -611,16 +808,20 @@ impl SnapshotHandle {
                 self.name()
             )));
         }
+        self.snap.wait_sealed(&self.vol)?;
         self.read_local(offset, buf)
     }
 
+    /// Reads the snapshot's own map (the caller made sure it is sealed). No volume lock: the
+    /// map never changes, and the pass keeps its slots from being reused if the snapshot is
+    /// deleted meanwhile.
     fn read_local(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
-        // The volume's lock makes snapshot deletion wait for reads in flight (see module doc).
-        let _st = self.vol.state.read();
+        let _pass = self.vol.slots.gate.enter();
         if self.ticket.is_revoked() {
             return Err(EngineError::Gone(format!("snapshot '{}' was deleted", self.name())));
         }
-        read_map(&self.vol.slots, &self.snap.map, offset, buf)
+        let (runs, hole) = plan_read(shift_of(&self.vol.slots), &self.snap.map, offset, buf);
+        read_runs(&self.vol.slots, &runs, buf).map(|()| hole)
     }
 
     fn pending(&self, offset: u64, len: u64) -> Vec<u64> {
@@ -631,6 +832,7 @@ impl SnapshotHandle {
     /// snapshot never changes, so they are not stored locally).
     pub async fn read_async(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
         check_range(self.snap.size, offset, buf.len() as u64, false)?;
+        self.snap.wait_sealed_async(&self.vol).await;
         let pending = self.pending(offset, buf.len() as u64);
         let Some(remote) = self.snap.remote.as_ref().filter(|_| !pending.is_empty()) else {
             return self.read_local(offset, buf);
@@ -699,5 +901,45 @@ impl SnapshotHandle {
                 0
             }
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A redirect planned while the head shared the cluster, installed after a snapshot delete
+    /// gave the head the cluster back and another write changed it in place, must start over
+    /// instead of installing its (older) copy of the cluster.
+    #[test]
+    fn a_redirect_copy_is_dropped_when_the_cluster_was_written_in_place_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(dir.path()).unwrap();
+        engine.create_volume("v", 1 << 20, Some(65536)).unwrap();
+        let h = engine.open_volume("v").unwrap();
+        h.write(0, &[1u8; 65536], false).unwrap();
+        engine.create_snapshot("v", "s", "").unwrap();
+
+        let (plan, seal) = {
+            let st = h.vol.state.read();
+            let plan = h.plan_redirect(&st, 0, 4096).ok().flatten().expect("a redirect with a copy");
+            (plan, st.seal)
+        };
+        assert!(plan[0].copy);
+        h.redirect_fill(&plan, &[3u8; 4096]).unwrap();
+        engine.delete_snapshot("v@s").unwrap();
+        h.write(8192, &[2u8; 4096], false).unwrap(); // in place: the head owns it again
+        assert!(
+            matches!(h.redirect_install(plan, seal), Ok(Some(Wait::Seal(0)))),
+            "the stale copy must not be installed"
+        );
+        h.write(0, &[3u8; 4096], false).unwrap();
+
+        let mut buf = vec![0u8; 65536];
+        h.read(0, &mut buf).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 3));
+        assert!(buf[4096..8192].iter().all(|&b| b == 1));
+        assert!(buf[8192..12288].iter().all(|&b| b == 2), "the in-place write was lost");
+        assert!(buf[12288..].iter().all(|&b| b == 1));
     }
 }
