@@ -210,6 +210,7 @@ fn serve_control(
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     std::thread::Builder::new().name("snapblk-control".into()).spawn(move || {
+        raise_priority();
         runtime.block_on(async move {
             let listener = match UnixListener::from_std(listener) {
                 Ok(l) => l,
@@ -224,6 +225,18 @@ fn serve_control(
         })
     })?;
     Ok(stop)
+}
+
+/// Control requests (a snapshot create above all) should not queue behind the data path for
+/// a CPU: the control thread runs at a higher priority than the rest of the daemon, when the
+/// daemon may raise it (root, or CAP_SYS_NICE); otherwise at the same one.
+fn raise_priority() {
+    const CONTROL_NICE: libc::c_int = -10;
+    // SAFETY: gettid has no arguments; setpriority takes plain integers (the thread's own id).
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, CONTROL_NICE) };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "control thread keeps the default priority");
+    }
 }
 
 fn spawn_connection<S>(stream: S, catalog: Arc<NbdCatalog>, config: Arc<ServerConfig>, peer: String)
