@@ -231,6 +231,19 @@ pub fn router(engine: Arc<Engine>, store: Arc<StoreService>, attachments: Arc<At
             }
         })
         .with_state(ctx)
+        .layer(axum::middleware::from_fn(server_timing))
+}
+
+/// Every answer says how long the daemon spent on it (`Server-Timing: handler;dur=MS`), so a
+/// slow call can be told apart from a slow client or a busy machine.
+async fn server_timing(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let started = std::time::Instant::now();
+    let mut res = next.run(req).await;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    if let Ok(v) = axum::http::HeaderValue::from_str(&format!("handler;dur={ms:.3}")) {
+        res.headers_mut().insert("server-timing", v);
+    }
+    res
 }
 
 fn volume_view(c: &Ctx, info: VolumeInfo) -> VolumeView {

@@ -156,6 +156,8 @@ enum Wait {
     /// The volume's newest snapshot to be sealed (a gate epoch): in-place writes from before
     /// it may still be landing in the clusters this request copies.
     Seal(u64),
+    /// Nothing: a cluster changed while the request copied it; try again at once.
+    Again,
 }
 
 /// Extents over `[offset, offset + len)` with `flags(cluster)`, merged, covering at most
@@ -404,6 +406,7 @@ impl VolumeHandle {
             match attempt()? {
                 None => return if fua { self.engine.commit() } else { Ok(()) },
                 Some(Wait::Seal(epoch)) => self.wait_sealed(epoch)?,
+                Some(Wait::Again) => {}
                 Some(Wait::Load) => return self.engine.block_on(load()),
             }
         }
@@ -422,6 +425,7 @@ impl VolumeHandle {
             match attempt()? {
                 None => return if fua { self.commit_async().await } else { Ok(()) },
                 Some(Wait::Seal(epoch)) => self.vol.slots.gate.wait_async(epoch).await,
+                Some(Wait::Again) => {}
                 Some(Wait::Load) if loads == LOAD_ATTEMPTS => return Err(not_loaded(&what())),
                 Some(Wait::Load) => {
                     loads += 1;
@@ -522,8 +526,8 @@ impl VolumeHandle {
         plan.iter().for_each(|r| self.vol.slots.release(r.slot));
     }
 
-    /// Installs a filled redirect, or drops it and asks to be tried again (with `Seal(0)`,
-    /// which is always passed) when a cluster changed since it was planned.
+    /// Installs a filled redirect, or drops it and asks to be tried again when a cluster
+    /// changed since it was planned.
     fn redirect_install(&self, plan: SmallVec<[Redirect; 2]>, seal: u64) -> Result<Option<Wait>> {
         let mut st = self.vol.state.write();
         if let Err(e) = self.live() {
@@ -541,7 +545,7 @@ impl VolumeHandle {
             });
         if changed {
             self.abandon(&plan);
-            return Ok(Some(Wait::Seal(0)));
+            return Ok(Some(Wait::Again));
         }
         for r in &plan {
             self.install(&mut st, r.cluster, r.old, r.slot);
@@ -930,7 +934,7 @@ mod tests {
         engine.delete_snapshot("v@s").unwrap();
         h.write(8192, &[2u8; 4096], false).unwrap(); // in place: the head owns it again
         assert!(
-            matches!(h.redirect_install(plan, seal), Ok(Some(Wait::Seal(0)))),
+            matches!(h.redirect_install(plan, seal), Ok(Some(Wait::Again))),
             "the stale copy must not be installed"
         );
         h.write(0, &[3u8; 4096], false).unwrap();
