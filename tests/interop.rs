@@ -580,3 +580,45 @@ fn json_output_has_the_documented_fields_and_global_flags_go_anywhere() {
     let status = d.cli_json(&["status"]);
     assert_eq!(status["pid"], d.pid());
 }
+
+/// One HTTP/1.1 request on the control socket, as any client would send it: (status line,
+/// headers in lower case, body).
+fn control_http(d: &Daemon, method: &str, path: &str, body: &str) -> (String, Vec<(String, String)>, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(d.dir.join("control.sock")).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: snapblk\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a complete HTTP answer");
+    let mut lines = head.lines();
+    let status = lines.next().unwrap().to_string();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers, body.to_string())
+}
+
+#[test]
+fn every_api_answer_says_how_long_the_daemon_took_in_server_timing() {
+    let (_t, d) = daemon_with_volume("1G");
+    let timing = |headers: &[(String, String)]| -> f64 {
+        let v =
+            headers.iter().find(|(k, _)| k == "server-timing").map(|(_, v)| v.clone()).expect("a Server-Timing header");
+        let ms = v.strip_prefix("handler;dur=").unwrap_or_else(|| panic!("unexpected Server-Timing: {v}"));
+        ms.parse().unwrap()
+    };
+    let (status, headers, body) = control_http(&d, "POST", "/v1/volumes/vol/snapshots", r#"{"name":"s1"}"#);
+    assert!(status.contains(" 201 "), "{status}: {body}");
+    let ms = timing(&headers);
+    assert!((0.0..10_000.0).contains(&ms), "{ms}");
+    // Errors carry it too.
+    let (status, headers, _) = control_http(&d, "GET", "/v1/volumes/nope", "");
+    assert!(status.contains(" 404 "), "{status}");
+    timing(&headers);
+}
