@@ -19,8 +19,8 @@ use super::objects::{Objects, RateLimiter};
 
 /// Coalesced ranged GETs are at most this large: a whole pack of the default size. Fewer,
 /// larger GETs restore faster from S3 stores (Garage, 3 runs each: 313–359 MiB/s with 8 MiB,
-/// 354–416 with 32 MiB); the price
-/// is `[hydrate] concurrency` buffers of up to this size while a volume loads.
+/// 354–416 with 32 MiB); the price is `[hydrate] concurrency` buffers of up to this size
+/// while a volume loads.
 const MAX_RUN: u64 = 32 << 20;
 /// Blobs closer than this in one pack are fetched by one GET (the gap is read and dropped).
 /// A few clusters: an incremental snapshot supersedes scattered clusters of the packs below
