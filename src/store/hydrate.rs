@@ -28,7 +28,7 @@ use super::config::HydrateConfig;
 use super::error::{Result, StoreError};
 use super::format::{manifest_key, pack_key, BlobRef, Manifest, Page, PAGE_CLUSTERS};
 use super::objects::RateLimiter;
-use super::region::{coalesce, Region};
+use super::region::{coalesce, Region, RESTORE_RUN};
 use super::StoreService;
 use crate::engine::{self, ClusterSource, EngineError, Priority, RemoteSource};
 
@@ -447,7 +447,7 @@ impl Hydration {
             self.engine.install_holes(volume, source, &holes).map_err(|e| StoreError::Unavailable(e.to_string()))?;
             // Each run is one ranged GET of one pack; runs go in volume order, so what a
             // client is likely to read next (the start of a disk, sequential data) comes first.
-            let mut runs = coalesce(blobs);
+            let mut runs = coalesce(blobs, RESTORE_RUN);
             runs.sort_by_key(|run| run.iter().map(|(_, c)| *c).min());
             for run in runs {
                 while tasks.len() >= self.config.concurrency {

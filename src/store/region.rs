@@ -17,11 +17,13 @@ use super::format::{manifest_key, pack_key, BlobRef, Manifest, Page, REPO_KEY_OB
 use super::index::BlobIndex;
 use super::objects::{Objects, RateLimiter};
 
-/// Coalesced ranged GETs are at most this large: a whole pack of the default size. Fewer,
-/// larger GETs restore faster from S3 stores (Garage, 3 runs each: 313–359 MiB/s with 8 MiB,
-/// 354–416 with 32 MiB); the price is `[hydrate] concurrency` buffers of up to this size
-/// while a volume loads.
-const MAX_RUN: u64 = 32 << 20;
+/// Coalesced ranged GETs of verify and export (16 in flight) are at most this large.
+const FETCH_RUN: u64 = 8 << 20;
+/// Those of a background restore: a whole pack of the default size. Fewer, larger GETs
+/// restore faster from S3 stores (Garage, 3 runs each: 313–359 MiB/s with 8 MiB, 354–416 with
+/// 32 MiB); the price is `[hydrate] concurrency` buffers of up to this size while a volume
+/// loads.
+pub const RESTORE_RUN: u64 = 32 << 20;
 /// Blobs closer than this in one pack are fetched by one GET (the gap is read and dropped).
 /// A few clusters: an incremental snapshot supersedes scattered clusters of the packs below
 /// it, and a request to an object store costs about as much as reading a few hundred KiB.
@@ -136,7 +138,7 @@ impl Region {
         concurrency: usize,
         mut sink: impl FnMut(T, &BlobRef, Result<Plaintext>),
     ) {
-        let runs = coalesce(blobs);
+        let runs = coalesce(blobs, FETCH_RUN);
         let mut results = futures::stream::iter(runs)
             .map(|run| async move {
                 let start = run[0].0.offset;
@@ -179,8 +181,8 @@ impl Region {
 }
 
 /// Groups blobs into ranged GETs: sorted by pack and offset, runs of nearby blobs (gaps up to
-/// `MAX_GAP`, at most `MAX_RUN` long) in one GET.
-pub fn coalesce<T>(mut blobs: Vec<(BlobRef, T)>) -> Vec<Vec<(BlobRef, T)>> {
+/// `MAX_GAP`, at most `max_run` long) in one GET.
+pub fn coalesce<T>(mut blobs: Vec<(BlobRef, T)>, max_run: u64) -> Vec<Vec<(BlobRef, T)>> {
     blobs.sort_by_key(|(r, _)| (r.pack, r.offset));
     let mut runs: Vec<Vec<(BlobRef, T)>> = Vec::new();
     for (r, t) in blobs {
@@ -190,7 +192,7 @@ pub fn coalesce<T>(mut blobs: Vec<(BlobRef, T)>) -> Vec<Vec<(BlobRef, T)>> {
             if first.pack == r.pack
                 && r.offset >= end
                 && r.offset - end <= MAX_GAP
-                && r.offset + r.len as u64 - first.offset <= MAX_RUN
+                && r.offset + r.len as u64 - first.offset <= max_run
             {
                 run.push((r, t));
                 continue;
