@@ -41,7 +41,7 @@ use checkpoint::{SnapshotImage, State, VolumeImage};
 use journal::{Journal, Record};
 use map::ClusterMap;
 use remote::Remote;
-use slots::SlotFile;
+use slots::{Frees, SlotFile};
 
 pub const MIN_CLUSTER_SIZE: u32 = 4096;
 pub const MAX_CLUSTER_SIZE: u32 = 1 << 20;
@@ -263,6 +263,16 @@ struct Tail {
     /// Commits that have written the staged records so far: records staged or written now are
     /// covered by the commit numbered `taken + 1`.
     taken: u64,
+}
+
+/// A commit between its journal write and its syncs (see `Engine::commit_begin`).
+struct Commit {
+    frees: Vec<Frees>,
+    sealed: Vec<Unsealed>,
+    /// The journal offset its records end at, and its number.
+    through: u64,
+    number: u64,
+    journal: Arc<fs::File>,
 }
 
 /// A checkpoint between its image and its installation (see `Engine::checkpoint`).
@@ -1039,6 +1049,14 @@ impl Engine {
     /// volumes' data-path records), syncs the slot files, marks the records synced and syncs
     /// the journal. Records written meanwhile (a snapshot create) wait for the next commit.
     fn commit_locked(&self, volumes: &[Arc<Volume>], slot_files: &[Arc<SlotFile>]) -> Result<()> {
+        let commit = self.commit_begin(volumes, slot_files)?;
+        self.commit_end(commit, slot_files)
+    }
+
+    /// A commit's first half (memory and one journal `pwrite`, under the tail lock): takes the
+    /// frees and the sealed snapshots it will settle, and writes the staged records after the
+    /// given volumes' data-path records.
+    fn commit_begin(&self, volumes: &[Arc<Volume>], slot_files: &[Arc<SlotFile>]) -> Result<Commit> {
         // Frees first: a slot released after this point has its record drained later, so it
         // must wait for the next commit.
         let frees: Vec<_> = slot_files.iter().map(|f| f.take_pending()).collect();
@@ -1049,49 +1067,64 @@ impl Engine {
             *u = waiting;
             sealed
         };
-        let result = (|| {
-            let (through, number, journal) = {
-                let mut t = self.tail.lock();
-                for v in volumes {
-                    let mut p = v.pending.lock();
-                    t.staged.extend_from_slice(&p);
-                    p.clear();
-                }
-                t.taken += 1;
-                let Tail { journal, staged, taken } = &mut *t;
-                let through = journal.write(staged)?;
-                staged.clear();
-                (through, *taken, journal.file())
-            };
-            // Every record written above points at data written before it was staged.
+        let written = (|| {
+            let mut t = self.tail.lock();
+            for v in volumes {
+                let mut p = v.pending.lock();
+                t.staged.extend_from_slice(&p);
+                p.clear();
+            }
+            t.taken += 1;
+            let Tail { journal, staged, taken } = &mut *t;
+            let through = journal.write(staged)?;
+            staged.clear();
+            Ok((through, *taken, journal.file()))
+        })();
+        match written {
+            Ok((through, number, journal)) => Ok(Commit { frees, sealed, through, number, journal }),
+            Err(e) => Err(self.commit_failed(frees, sealed, slot_files, e)),
+        }
+    }
+
+    /// The second half: syncs the slot files, marks the records written by the first half as
+    /// synced and syncs the journal; then settles the frees and sealed snapshots.
+    fn commit_end(&self, commit: Commit, slot_files: &[Arc<SlotFile>]) -> Result<()> {
+        let synced = (|| {
+            // Every record written by `commit_begin` points at data written before it was staged.
             for f in slot_files {
                 f.sync()?;
             }
-            self.tail.lock().journal.mark_synced(through)?;
-            journal.sync_data().map_err(EngineError::io("syncing the journal"))?;
-            Ok(number)
+            self.tail.lock().journal.mark_synced(commit.through)?;
+            commit.journal.sync_data().map_err(EngineError::io("syncing the journal"))
         })();
-        match result {
-            Ok(number) => {
-                for u in sealed {
-                    u.snap.durable_ticket.store(u.ticket.max(number), Ordering::Release);
-                }
-                self.durable_through.fetch_max(number, Ordering::AcqRel);
-                for (f, slots) in slot_files.iter().zip(frees) {
-                    f.free_committed(slots)?;
-                }
-                Ok(())
-            }
-            Err(e) => {
-                self.unsealed.lock().extend(sealed);
-                for (f, slots) in slot_files.iter().zip(frees) {
-                    f.restore_pending(slots);
-                }
-                self.failed.store(true, Ordering::Release);
-                tracing::error!(error = %e, "commit failed; refusing further changes");
-                Err(e)
-            }
+        if let Err(e) = synced {
+            return Err(self.commit_failed(commit.frees, commit.sealed, slot_files, e));
         }
+        for u in commit.sealed {
+            u.snap.durable_ticket.store(u.ticket.max(commit.number), Ordering::Release);
+        }
+        self.durable_through.fetch_max(commit.number, Ordering::AcqRel);
+        for (f, slots) in slot_files.iter().zip(commit.frees) {
+            f.free_committed(slots)?;
+        }
+        Ok(())
+    }
+
+    /// In-memory state may now be ahead of the disk: no more changes are accepted.
+    fn commit_failed(
+        &self,
+        frees: Vec<Frees>,
+        sealed: Vec<Unsealed>,
+        slot_files: &[Arc<SlotFile>],
+        e: EngineError,
+    ) -> EngineError {
+        self.unsealed.lock().extend(sealed);
+        for (f, slots) in slot_files.iter().zip(frees) {
+            f.restore_pending(slots);
+        }
+        self.failed.store(true, Ordering::Release);
+        tracing::error!(error = %e, "commit failed; refusing further changes");
+        e
     }
 
     /// Writes a new checkpoint of the whole state and starts a fresh journal.
@@ -1122,9 +1155,13 @@ impl Engine {
         // (Volume state before the tail here: no one stages meanwhile, they need the registry
         // exclusively.)
         let guards: Vec<_> = volumes.iter().map(|v| v.state.read()).collect();
-        self.commit_locked(&volumes, &slot_files)?;
+        let commit = self.commit_begin(&volumes, &slot_files)?;
         self.tail.lock().journal.attach_next(next);
         let image = reg.image(generation + 1, &volumes, &guards);
+        // The image shares the maps (O(1) clones): encoding it, and syncing what it points
+        // at, need none of the locks.
+        drop((guards, reg));
+        self.commit_end(commit, &slot_files)?;
         Ok(CheckpointImage {
             _committer: committer,
             dir,
