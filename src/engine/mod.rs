@@ -1400,13 +1400,8 @@ impl Engine {
                 "other snapshots were taken while their volume was still loading from snapshot '{r}' and read data from it; delete them first"
             )));
         }
-        let v = reg.volumes.get(&s.volume).cloned();
+        // Reads of the snapshot still in flight keep its slots from reuse with their gate pass.
         self.run(reg, &[Record::SnapshotDelete { snapshot: s.id }], |_| ())?;
-        // Barrier: reads of the snapshot that started before the revoke hold the volume's read
-        // lock; once we get the write lock they are done, and its slots may be reused.
-        if let Some(v) = v {
-            drop(v.state.write());
-        }
         tracing::info!(name = %s.name, id = %snapshot_id(s.id), "snapshot deleted");
         Ok(())
     }
@@ -1582,12 +1577,9 @@ impl Engine {
         if s.released || Arc::strong_count(&s) > 2 {
             return Ok(false);
         }
-        let (id, v) = (s.id, reg.volumes.get(&s.volume).cloned());
+        let id = s.id;
         drop(s);
         self.run(reg, &[Record::SnapshotRelease { snapshot: id }], |_| ())?;
-        if let Some(v) = v {
-            drop(v.state.write()); // barrier, as in delete_snapshot
-        }
         tracing::info!(snapshot = r, "snapshot data released (now only in the object store)");
         Ok(true)
     }

@@ -287,7 +287,9 @@ impl VolumeHandle {
         self.ticket.revoked().await
     }
 
-    /// Checked under the state lock: a revoke followed by taking the write lock is a barrier.
+    /// Checked under the state lock: after a revoke followed by taking the write lock, no old
+    /// handle changes the map. (I/O looked up before may still end, into slots the gate keeps
+    /// from reuse meanwhile.)
     fn live(&self) -> Result<()> {
         if self.ticket.is_revoked() {
             return Err(EngineError::Gone(format!(
