@@ -229,10 +229,7 @@ impl Snapshot {
     }
 
     pub(crate) fn wait_sealed(&self, vol: &Volume) -> Result<()> {
-        if vol.slots.gate.wait(self.seal, volume::SEAL_TIMEOUT) {
-            return Ok(());
-        }
-        Err(volume::seal_timeout(&vol.name))
+        volume::wait_for_seal(vol, self.seal)
     }
 
     pub(crate) async fn wait_sealed_async(&self, vol: &Volume) {

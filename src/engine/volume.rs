@@ -227,6 +227,15 @@ fn not_loaded(what: &str) -> EngineError {
 /// How long a request waits for a snapshot to be sealed (for writes in flight to end).
 pub(crate) const SEAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Blocks until the slot file's gate has passed `epoch` (a snapshot's seal); fails after
+/// `SEAL_TIMEOUT`.
+pub(crate) fn wait_for_seal(vol: &Volume, epoch: u64) -> Result<()> {
+    if vol.slots.gate.wait(epoch, SEAL_TIMEOUT) {
+        return Ok(());
+    }
+    Err(seal_timeout(&vol.name))
+}
+
 pub(crate) fn seal_timeout(volume: &str) -> EngineError {
     EngineError::Unavailable(format!(
         "writes to volume '{volume}' that were in flight when its newest snapshot was taken have not ended after {}s (is the disk under the data directory hung?); try again",
@@ -407,7 +416,7 @@ impl VolumeHandle {
         loop {
             match attempt()? {
                 None => return if fua { self.engine.commit() } else { Ok(()) },
-                Some(Wait::Seal(epoch)) => self.wait_sealed(epoch)?,
+                Some(Wait::Seal(epoch)) => wait_for_seal(&self.vol, epoch)?,
                 Some(Wait::Again) => {}
                 Some(Wait::Load) => return self.engine.block_on(load()),
             }
@@ -435,13 +444,6 @@ impl VolumeHandle {
                 }
             }
         }
-    }
-
-    fn wait_sealed(&self, epoch: u64) -> Result<()> {
-        if self.vol.slots.gate.wait(epoch, SEAL_TIMEOUT) {
-            return Ok(());
-        }
-        Err(seal_timeout(&self.vol.name))
     }
 
     /// Writes, or returns what to wait for first (having written nothing).
@@ -562,10 +564,16 @@ impl VolumeHandle {
             // A fresh slot reads as zeros, so the rest of a new cluster needs no writing.
             return slots.write(r.slot, r.within, piece);
         }
-        let mut merged = vec![0u8; self.cluster_len(r.cluster) as usize];
-        slots.read(r.old - 1, 0, &mut merged)?;
-        merged[r.within as usize..r.within as usize + piece.len()].copy_from_slice(piece);
-        slots.write(r.slot, 0, &merged)
+        // One buffer per thread, reused: every 4 KiB write after a snapshot comes here.
+        thread_local!(static MERGED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) });
+        MERGED.with_borrow_mut(|merged| {
+            let len = self.cluster_len(r.cluster) as usize;
+            merged.resize(len, 0);
+            let merged = &mut merged[..len];
+            slots.read(r.old - 1, 0, merged)?;
+            merged[r.within as usize..r.within as usize + piece.len()].copy_from_slice(piece);
+            slots.write(r.slot, 0, merged)
+        })
     }
 
     /// Points `cluster` (entry `old`) at its new `slot`; frees the old slot if the head owned it.
