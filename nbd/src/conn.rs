@@ -377,8 +377,9 @@ where
                 },
             }
             let req = Request::decode(&header).map_err(|e| NbdError::BadMagic(e.0 as u64))?;
+            // A recycled buffer still holds its last reply: every use below either clears it or
+            // overwrites all of it.
             let mut buf = recycle_rx.try_recv().unwrap_or_default();
-            buf.clear();
             if req.command == CMD_DISC {
                 return Ok(());
             }
@@ -397,6 +398,7 @@ where
                     continue;
                 }
                 // Read into spare capacity: no zero-filling pass over the payload first.
+                buf.clear();
                 buf.reserve(len as usize);
                 if (&mut rd).take(len).read_to_end(&mut buf).await? != len as usize {
                     return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
@@ -489,7 +491,7 @@ fn error_reply(mut buf: Vec<u8>, structured: bool, cookie: u64, errno: u32, mess
     if structured {
         error_chunk(&mut buf, cookie, errno, message);
     } else {
-        simple_reply(&mut buf, errno, cookie);
+        buf.extend_from_slice(&simple_reply(errno, cookie));
     }
     buf
 }
@@ -497,9 +499,9 @@ fn error_reply(mut buf: Vec<u8>, structured: bool, cookie: u64, errno: u32, mess
 fn done_reply(mut buf: Vec<u8>, structured: bool, cookie: u64) -> Vec<u8> {
     buf.clear();
     if structured {
-        chunk_header(&mut buf, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0);
+        buf.extend_from_slice(&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0));
     } else {
-        simple_reply(&mut buf, 0, cookie);
+        buf.extend_from_slice(&simple_reply(0, cookie));
     }
     buf
 }
@@ -512,20 +514,26 @@ async fn execute<E: Export>(shared: &Shared<E>, job: Job) -> Vec<u8> {
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let result = match req.command {
         CMD_READ => {
-            // The reply header goes first, the data is read straight in after it.
-            buf.clear();
-            if structured {
-                chunk_header(&mut buf, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, 8 + length as u32);
-                buf.extend_from_slice(&offset.to_be_bytes());
-            } else {
-                simple_reply(&mut buf, 0, cookie);
+            // The reply header goes first, the data is read straight in after it. The recycled
+            // buffer's old bytes are kept, not zeroed: the export overwrites every byte of the
+            // data (holes included), and a zero-filling pass costs as much as the read's copy.
+            let header = if structured { STRUCTURED_REPLY_LEN + 8 } else { SIMPLE_REPLY_LEN };
+            let total = header + length as usize;
+            if buf.len() < total {
+                buf.resize(total, 0);
             }
-            let header = buf.len();
-            buf.resize(header + length as usize, 0);
+            buf.truncate(total);
+            if structured {
+                let chunk = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, 8 + length as u32);
+                buf[..STRUCTURED_REPLY_LEN].copy_from_slice(&chunk);
+                buf[STRUCTURED_REPLY_LEN..header].copy_from_slice(&offset.to_be_bytes());
+            } else {
+                buf[..header].copy_from_slice(&simple_reply(0, cookie));
+            }
             match export.read(offset, &mut buf[header..]).await {
                 Ok(ReadKind::Hole) if structured => {
                     buf.clear();
-                    chunk_header(&mut buf, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, cookie, 12);
+                    buf.extend_from_slice(&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, cookie, 12));
                     buf.extend_from_slice(&offset.to_be_bytes());
                     buf.extend_from_slice(&(length as u32).to_be_bytes());
                     return buf;
@@ -598,7 +606,7 @@ async fn block_status<E: Export>(
             return error_reply(buf, true, cookie, EIO, "export returned no extents");
         }
         let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
-        chunk_header(&mut buf, flags, REPLY_TYPE_BLOCK_STATUS, cookie, 4 + 8 * clipped.len() as u32);
+        buf.extend_from_slice(&chunk_header(flags, REPLY_TYPE_BLOCK_STATUS, cookie, 4 + 8 * clipped.len() as u32));
         buf.extend_from_slice(&id.to_be_bytes());
         for (len, f) in clipped {
             buf.extend_from_slice(&len.to_be_bytes());

@@ -87,6 +87,8 @@ pub enum RequestKind {
 /// All offsets and lengths are already checked against `info().size` by the server.
 pub trait Export: Send + Sync + 'static {
     fn info(&self) -> &ExportInfo;
+    /// Fills all of `buf` (holes with zeros): the server hands in reused buffers that still
+    /// hold earlier replies.
     fn read(&self, offset: u64, buf: &mut [u8]) -> impl Future<Output = Result<ReadKind, ExportError>> + Send;
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> impl Future<Output = Result<(), ExportError>> + Send;
     fn flush(&self) -> impl Future<Output = Result<(), ExportError>> + Send;

@@ -397,6 +397,47 @@ async fn structured_reads_send_data_holes_and_error_chunks() {
 }
 
 #[tokio::test]
+async fn reads_that_reuse_reply_buffers_send_exactly_their_own_bytes() {
+    // Reply buffers are recycled without zeroing: a short read after a long one, a read after
+    // a write (whose buffer held the payload) and a long one after short ones must each carry
+    // their own header and data, nothing left over.
+    for structured in [false, true] {
+        let mut c = Client::connect(catalog(), 3).await;
+        c.go("rw", structured, &[]).await;
+        let pattern: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 3) as u8).collect();
+        let mut cookie = 0;
+        let mut read = async |c: &mut Client, offset: u64, len: usize| {
+            cookie += 1;
+            c.request(CMD_READ, 0, cookie, offset, len as u32, &[]).await;
+            if structured {
+                let (flags, kind, got, payload) = c.chunk().await;
+                assert_eq!((flags, got), (REPLY_FLAG_DONE, cookie));
+                if kind == REPLY_TYPE_OFFSET_HOLE {
+                    return vec![0; be32(&payload[8..]) as usize];
+                }
+                assert_eq!(kind, REPLY_TYPE_OFFSET_DATA);
+                assert_eq!(u64::from_be_bytes(payload[..8].try_into().unwrap()), offset);
+                payload[8..].to_vec()
+            } else {
+                assert_eq!(c.simple().await, (0, cookie));
+                c.bytes(len).await
+            }
+        };
+        c.request(CMD_WRITE, 0, 1000, 0, pattern.len() as u32, &pattern).await;
+        if structured {
+            assert_eq!(c.chunk().await.1, REPLY_TYPE_NONE);
+        } else {
+            assert_eq!(c.simple().await, (0, 1000));
+        }
+        assert_eq!(read(&mut c, 0, 65536).await, pattern);
+        assert_eq!(read(&mut c, 100, 10).await, &pattern[100..110]);
+        assert_eq!(read(&mut c, 131072, 4096).await, vec![0; 4096], "a hole after data reads as zeros");
+        assert_eq!(read(&mut c, 60000, 8192).await, [&pattern[60000..], &[0; 2656][..]].concat());
+        assert_eq!(read(&mut c, 1, 65535).await, &pattern[1..]);
+    }
+}
+
+#[tokio::test]
 async fn block_status_answers_each_selected_context_clipped_to_the_request() {
     let mut c = Client::connect(catalog(), 3).await;
     c.go("rw", true, &["base:allocation", "qemu:dirty-bitmap:d"]).await;
