@@ -26,7 +26,7 @@ use snapblk_ublk::nbd_kernel::{self, ConnectConfig};
 use snapblk_ublk::ublk::{self, DeviceState, UblkConfig, UblkDevice};
 
 use crate::engine::{Engine, EngineError, Result};
-use crate::frontend::{NbdExport, UblkTarget};
+use crate::frontend::{widen_send_buffer, NbdExport, UblkTarget};
 
 /// How long the kernel NBD driver waits for a restarted daemon before failing I/O.
 pub const NBD_DEAD_CONN_TIMEOUT: Duration = Duration::from_secs(120);
@@ -277,6 +277,7 @@ impl Attachments {
             let (a, b) = std::os::unix::net::UnixStream::pair()
                 .map_err(EngineError::io("creating a socket pair for the kernel NBD driver"))?;
             a.set_nonblocking(true).map_err(EngineError::io("setting up an NBD socket"))?;
+            widen_send_buffer(a.as_fd());
             ours.push(a);
             theirs.push(b);
         }
@@ -498,6 +499,7 @@ impl NbdConnection {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()
             .map_err(EngineError::io("creating a socket pair for the kernel NBD driver"))?;
         ours.set_nonblocking(true).map_err(EngineError::io("setting up an NBD socket"))?;
+        widen_send_buffer(ours.as_fd());
         let index = self.index;
         let done = tokio::task::spawn_blocking(move || {
             nbd_kernel::reconfigure(index, NBD_DEAD_CONN_TIMEOUT, &[theirs.as_fd()])

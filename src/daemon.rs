@@ -3,6 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -17,7 +18,7 @@ use crate::control::api::{router, Status};
 use crate::control::cli::ServeArgs;
 use crate::control::size::parse_size;
 use crate::engine::{Engine, ErrorKind};
-use crate::frontend::NbdCatalog;
+use crate::frontend::{widen_send_buffer, NbdCatalog};
 use crate::store::StoreService;
 
 /// Exclusive ownership of a daemon directory: a `flock` on `DIR/snapblk.lock`, which holds
@@ -142,7 +143,10 @@ async fn run(
         tasks.spawn(async move {
             loop {
                 match nbd_unix.accept().await {
-                    Ok((s, _)) => spawn_connection(s, catalog.clone(), config.clone(), "unix".into()),
+                    Ok((s, _)) => {
+                        widen_send_buffer(s.as_fd());
+                        spawn_connection(s, catalog.clone(), config.clone(), "unix".into())
+                    }
                     Err(e) => accept_failed(e).await,
                 }
             }

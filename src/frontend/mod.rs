@@ -4,5 +4,5 @@
 mod nbd;
 mod ublk;
 
-pub use nbd::{NbdCatalog, NbdExport};
+pub use nbd::{widen_send_buffer, NbdCatalog, NbdExport};
 pub use ublk::UblkTarget;
