@@ -170,12 +170,12 @@ async fn run(
     let stop_control = serve_control(control, app)?;
 
     let tcp_note = tcp.map_or(String::new(), |a| format!(", {a}"));
-    eprintln!(
+    crate::logging::say(format_args!(
         "snapblk: serving {} (nbd: {}{tcp_note}; control: {})",
         dir.display(),
         nbd_path.display(),
         control_path.display()
-    );
+    ));
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
@@ -193,13 +193,13 @@ async fn run(
     let attached = attachments.list();
     if !attached.is_empty() {
         let devices: Vec<String> = attached.iter().map(|a| a.device.display().to_string()).collect();
-        eprintln!(
+        crate::logging::say(format_args!(
             "snapblk: {} stay attached and wait for the next daemon on {} (detach volumes to remove them)",
             devices.join(", "),
             dir.display()
-        );
+        ));
     }
-    eprintln!("snapblk: stopped");
+    crate::logging::say(format_args!("snapblk: stopped"));
     Ok(())
 }
 

@@ -12,4 +12,5 @@ pub mod daemon;
 pub mod engine;
 pub mod frontend;
 pub mod fsutil;
+pub mod logging;
 pub mod store;

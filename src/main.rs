@@ -2,13 +2,20 @@
 
 use clap::Parser;
 use snapblk::control::cli::{exit_code, run, Cli, Command, KeyCommand};
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::EnvFilter;
 
 fn main() {
     let cli = Cli::parse();
+    // The daemon logs through a thread of its own (see `logging`); CLI commands as they go.
+    let queued = if matches!(cli.command, Command::Serve(_)) { snapblk::logging::start().ok() } else { None };
+    let (writer, log_writer) = match queued {
+        Some((queue, writer)) => (BoxMakeWriter::new(queue), Some(writer)),
+        None => (BoxMakeWriter::new(std::io::stderr), None),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let dir = match cli.dir.clone() {
@@ -21,7 +28,9 @@ fn main() {
         }
     };
     if let Command::Serve(args) = &cli.command {
-        if let Err(e) = snapblk::daemon::serve(&dir, args) {
+        let served = snapblk::daemon::serve(&dir, args);
+        drop(log_writer); // writes out the queued lines
+        if let Err(e) = served {
             eprintln!("error: {e:#}");
             std::process::exit(1);
         }

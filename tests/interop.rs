@@ -584,8 +584,20 @@ fn json_output_has_the_documented_fields_and_global_flags_go_anywhere() {
 /// One HTTP/1.1 request on the control socket, as any client would send it: (status line,
 /// headers in lower case, body).
 fn control_http(d: &Daemon, method: &str, path: &str, body: &str) -> (String, Vec<(String, String)>, String) {
+    control_http_at(&d.dir, method, path, body)
+}
+
+/// One HTTP/1.1 request on `DIR/control.sock`; panics (instead of hanging) if the daemon does
+/// not answer within 30 s.
+fn control_http_at(
+    dir: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (String, Vec<(String, String)>, String) {
     use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(d.dir.join("control.sock")).unwrap();
+    let mut s = std::os::unix::net::UnixStream::connect(dir.join("control.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: snapblk\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -621,4 +633,53 @@ fn every_api_answer_says_how_long_the_daemon_took_in_server_timing() {
     let (status, headers, _) = control_http(&d, "GET", "/v1/volumes/nope", "");
     assert!(status.contains(" 404 "), "{status}");
     timing(&headers);
+}
+
+#[test]
+fn a_daemon_whose_stderr_nobody_reads_keeps_answering_and_stops() {
+    // Its log goes to a pipe that is never read. Once the pipe is full, a daemon that wrote
+    // its log on the thread answering a request (holding an engine lock, too) would hang
+    // there; the log thread drops lines instead.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("snapblk.toml"), "[upload]\nenabled = false\n").unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--dir"])
+        .arg(&dir)
+        .args(["--nbd-listen", "none"])
+        .env("RUST_LOG", "info")
+        .env_remove("SNAPBLK_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _unread = child.stderr.take(); // held open, never read
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !dir.join("control.sock").exists() {
+        assert!(std::time::Instant::now() < deadline, "the daemon did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (status, _, body) = control_http_at(&dir, "POST", "/v1/volumes", r#"{"name":"vol","size":1048576}"#);
+    assert!(status.contains(" 201 "), "{status}: {body}");
+    // A "snapshot created" line is about 120 bytes: 1500 of them are three pipes full.
+    for i in 0..1500 {
+        let (status, _, body) =
+            control_http_at(&dir, "POST", "/v1/volumes/vol/snapshots", &format!(r#"{{"name":"s{i}"}}"#));
+        assert!(status.contains(" 201 "), "create {i}: {status}: {body}");
+    }
+    ok("kill", &["-TERM", &child.id().to_string()]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the daemon did not stop within 30 s of SIGTERM with its stderr blocked");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
 }

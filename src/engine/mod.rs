@@ -1334,8 +1334,10 @@ impl Engine {
             self.unsealed.lock().push(Unsealed { snap: snap.clone(), vol: v.clone(), ticket });
         }
         self.request_commit();
+        let info = self.snapshot_info(&reg, snap);
+        drop(reg);
         tracing::info!(volume = %v.name, name, id = %snapshot_id(id), "snapshot created");
-        Ok(self.snapshot_info(&reg, snap))
+        Ok(info)
     }
 
     fn snapshot_info(&self, reg: &Registry, s: &Snapshot) -> SnapshotInfo {
