@@ -644,6 +644,14 @@ fn a_daemon_whose_stderr_nobody_reads_keeps_answering_and_stops() {
     let dir = tmp.path().join("d");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("snapblk.toml"), "[upload]\nenabled = false\n").unwrap();
+    // Killed (by its pid) if an assertion below fails, so a failed run leaves no daemon.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let mut child = Command::new(BIN)
         .args(["serve", "--dir"])
         .arg(&dir)
@@ -656,6 +664,7 @@ fn a_daemon_whose_stderr_nobody_reads_keeps_answering_and_stops() {
         .spawn()
         .unwrap();
     let _unread = child.stderr.take(); // held open, never read
+    let mut child = KillOnDrop(child);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while !dir.join("control.sock").exists() {
         assert!(std::time::Instant::now() < deadline, "the daemon did not start");
@@ -669,14 +678,13 @@ fn a_daemon_whose_stderr_nobody_reads_keeps_answering_and_stops() {
             control_http_at(&dir, "POST", "/v1/volumes/vol/snapshots", &format!(r#"{{"name":"s{i}"}}"#));
         assert!(status.contains(" 201 "), "create {i}: {status}: {body}");
     }
-    ok("kill", &["-TERM", &child.id().to_string()]);
+    ok("kill", &["-TERM", &child.0.id().to_string()]);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = child.0.try_wait().unwrap() {
             break s;
         }
         if std::time::Instant::now() > deadline {
-            let _ = child.kill();
             panic!("the daemon did not stop within 30 s of SIGTERM with its stderr blocked");
         }
         std::thread::sleep(Duration::from_millis(20));
