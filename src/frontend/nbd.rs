@@ -21,6 +21,8 @@ const MAX_REQUEST: u32 = 32 << 20;
 /// of send, wait for the client to drain, wake up; with room for a few replies it goes in one
 /// (1 MiB sequential reads: +10–20 %). The kernel caps it at `net.core.wmem_max`.
 const UNIX_SEND_BUFFER: libc::c_int = 4 << 20;
+const BASE_ALLOCATION: &str = "base:allocation";
+const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 
 /// Widens a unix-socket NBD connection's send buffer ([`UNIX_SEND_BUFFER`]); a refusal only
 /// costs speed, so it is logged, not returned. (TCP sockets keep the kernel's auto-tuning,
@@ -43,8 +45,6 @@ pub fn widen_send_buffer(socket: std::os::fd::BorrowedFd<'_>) {
         tracing::debug!(error = %std::io::Error::last_os_error(), "NBD socket keeps its default send buffer");
     }
 }
-const BASE_ALLOCATION: &str = "base:allocation";
-const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 
 pub struct NbdCatalog {
     engine: Arc<Engine>,
