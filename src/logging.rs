@@ -73,13 +73,14 @@ pub fn start() -> std::io::Result<(LogQueue, LogWriter)> {
 /// line, it is dropped if the queue is full (stderr blocked), never waited for.
 pub fn say(line: std::fmt::Arguments<'_>) {
     match QUEUE.get() {
-        Some(q) => q.queue(format!("{line}\n").into_bytes()),
+        Some(q) => q.push(format!("{line}\n").into_bytes()),
         None => eprintln!("{line}"),
     }
 }
 
 impl LogQueue {
-    fn queue(&self, line: Vec<u8>) {
+    /// Queues a line, or counts it as dropped when the queue is full.
+    fn push(&self, line: Vec<u8>) {
         match self.tx.try_send(Message::Line(line)) {
             Ok(()) | Err(TrySendError::Disconnected(_)) => {}
             Err(TrySendError::Full(_)) => {
@@ -130,7 +131,7 @@ impl Write for LogLine {
 impl Drop for LogLine {
     fn drop(&mut self) {
         if !self.buf.is_empty() {
-            self.queue.queue(std::mem::take(&mut self.buf));
+            self.queue.push(std::mem::take(&mut self.buf));
         }
     }
 }

@@ -581,15 +581,10 @@ fn json_output_has_the_documented_fields_and_global_flags_go_anywhere() {
     assert_eq!(status["pid"], d.pid());
 }
 
-/// One HTTP/1.1 request on the control socket, as any client would send it: (status line,
-/// headers in lower case, body).
-fn control_http(d: &Daemon, method: &str, path: &str, body: &str) -> (String, Vec<(String, String)>, String) {
-    control_http_at(&d.dir, method, path, body)
-}
-
-/// One HTTP/1.1 request on `DIR/control.sock`; panics (instead of hanging) if the daemon does
-/// not answer within 30 s.
-fn control_http_at(
+/// One HTTP/1.1 request on `DIR/control.sock`, as any client would send it: (status line,
+/// headers in lower case, body). Panics (instead of hanging) if the daemon does not answer
+/// within 30 s.
+fn control_http(
     dir: &std::path::Path,
     method: &str,
     path: &str,
@@ -625,12 +620,12 @@ fn every_api_answer_says_how_long_the_daemon_took_in_server_timing() {
         let ms = v.strip_prefix("handler;dur=").unwrap_or_else(|| panic!("unexpected Server-Timing: {v}"));
         ms.parse().unwrap()
     };
-    let (status, headers, body) = control_http(&d, "POST", "/v1/volumes/vol/snapshots", r#"{"name":"s1"}"#);
+    let (status, headers, body) = control_http(&d.dir, "POST", "/v1/volumes/vol/snapshots", r#"{"name":"s1"}"#);
     assert!(status.contains(" 201 "), "{status}: {body}");
     let ms = timing(&headers);
     assert!((0.0..10_000.0).contains(&ms), "{ms}");
     // Errors carry it too.
-    let (status, headers, _) = control_http(&d, "GET", "/v1/volumes/nope", "");
+    let (status, headers, _) = control_http(&d.dir, "GET", "/v1/volumes/nope", "");
     assert!(status.contains(" 404 "), "{status}");
     timing(&headers);
 }
@@ -670,12 +665,12 @@ fn a_daemon_whose_stderr_nobody_reads_keeps_answering_and_stops() {
         assert!(std::time::Instant::now() < deadline, "the daemon did not start");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let (status, _, body) = control_http_at(&dir, "POST", "/v1/volumes", r#"{"name":"vol","size":1048576}"#);
+    let (status, _, body) = control_http(&dir, "POST", "/v1/volumes", r#"{"name":"vol","size":1048576}"#);
     assert!(status.contains(" 201 "), "{status}: {body}");
     // A "snapshot created" line is about 120 bytes: 1500 of them are three pipes full.
     for i in 0..1500 {
         let (status, _, body) =
-            control_http_at(&dir, "POST", "/v1/volumes/vol/snapshots", &format!(r#"{{"name":"s{i}"}}"#));
+            control_http(&dir, "POST", "/v1/volumes/vol/snapshots", &format!(r#"{{"name":"s{i}"}}"#));
         assert!(status.contains(" 201 "), "create {i}: {status}: {body}");
     }
     ok("kill", &["-TERM", &child.0.id().to_string()]);

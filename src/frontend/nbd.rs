@@ -20,7 +20,7 @@ const MAX_REQUEST: u32 = 32 << 20;
 /// KiB) holds a fifth of a 1 MiB read reply, so every large reply went out in several rounds
 /// of send, wait for the client to drain, wake up; with room for a few replies it goes in one
 /// (1 MiB sequential reads: +10–20 %). The kernel caps it at `net.core.wmem_max`.
-const UNIX_SEND_BUFFER: libc::c_int = 4 << 20;
+const UNIX_SEND_BUFFER: usize = 4 << 20;
 const BASE_ALLOCATION: &str = "base:allocation";
 const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 
@@ -28,21 +28,8 @@ const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 /// costs speed, so it is logged, not returned. (TCP sockets keep the kernel's auto-tuning,
 /// which a fixed size would turn off.)
 pub fn widen_send_buffer(socket: std::os::fd::BorrowedFd<'_>) {
-    use std::os::fd::AsRawFd;
-    let size = UNIX_SEND_BUFFER;
-    // SAFETY: setsockopt on a socket the caller holds open, reading a c_int that lives for
-    // the whole call, with its exact size.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&size as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "NBD socket keeps its default send buffer");
+    if let Err(e) = socket2::SockRef::from(&socket).set_send_buffer_size(UNIX_SEND_BUFFER) {
+        tracing::debug!(error = %e, "NBD socket keeps its default send buffer");
     }
 }
 
