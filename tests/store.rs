@@ -562,3 +562,94 @@ fn a_snapshot_of_a_region_removed_from_the_config_can_still_be_deleted() {
     d.cli_ok(&["snapshot", "delete", "vol@s1"]);
     d.cli_ok(&["snapshot", "delete", "vol@s2"]);
 }
+
+/// `tests/fixtures/store-v1` is a local region written by snapblk at commit 4b3ef73 (store
+/// format 1: XChaCha20-Poly1305) with its key file: snapshot `v@s1` of a 1 MiB volume holding
+/// 64 KiB of `data.py fill` seed 5 at 0 and 128 KiB of 0xab at 512 KiB (one stored blob, one
+/// compressed blob referenced twice). It must keep restoring, and what is added to it must
+/// stay format 1; a new region is created at format 2.
+#[test]
+fn a_format_1_region_still_restores_and_takes_new_snapshots_in_format_1() {
+    if !tools() {
+        return;
+    }
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store-v1");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let store = tmp.path().join("old-store");
+    copy_tree(&fixture.join("store"), &store);
+    // A daemon directory with the old region (and its key file) and, optionally, a new one.
+    let configure_old = |dir: &Path, fresh: &str| {
+        std::fs::create_dir_all(dir.join("keys")).unwrap();
+        std::fs::copy(fixture.join("old.key"), dir.join("keys/old.key")).unwrap();
+        let old = format!("[regions.old]\nkind = \"fs\"\npath = \"{}\"\n", store.display());
+        std::fs::write(dir.join("snapblk.toml"), format!("[gc]\ninterval = \"0s\"\n\n{old}\n{fresh}")).unwrap();
+    };
+    configure_old(&dir, "[regions.fresh]\nkind = \"fs\"\npath = \"fresh\"\n");
+    let d = Daemon::start(&dir);
+    let format = |region: &str| {
+        let r = region_show(&d, region);
+        (r["format"].as_u64().unwrap(), r["cipher"].as_str().unwrap().to_string())
+    };
+    assert_eq!(format("old"), (1, "xchacha20-poly1305".to_string()));
+    assert_eq!(format("fresh").0, 2);
+
+    // What v@s1 holds, written again into a local volume.
+    d.cli_ok(&["volume", "create", "expect", "--size", "1M"]);
+    fill(&d, "expect", 0, 64 << 10, 5);
+    ok("qemu-io", &["-f", "raw", &d.nbd_uri("expect"), "-c", "write -P 0xab 512K 128K"]);
+    let expect = tmp.path().join("expect.raw");
+    nbd_to_file(&d, "expect", &expect);
+
+    let listed = d.cli_json(&["snapshot", "list", "--region", "old"]);
+    let id = listed.as_array().unwrap().iter().find(|s| s["name"] == "s1").unwrap_or_else(|| panic!("{listed}"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let exported = tmp.path().join("s1.export");
+    d.cli_ok(&["snapshot", "export", &id, "--region", "old", "--output", &exported.display().to_string()]);
+    compare(&expect, &exported);
+    d.cli_ok(&["volume", "create", "restored", "--from-snapshot", &id, "--region", "old"]);
+    let restored = tmp.path().join("restored.raw");
+    nbd_to_file(&d, "restored", &restored);
+    compare(&expect, &restored);
+
+    // A new snapshot into the old region: sealed in format 1, readable from its own manifest.
+    d.cli_ok(&["volume", "create", "n", "--size", "4M", "--region", "old"]);
+    fill(&d, "n", 0, 4 * MIB, 6);
+    snapshot(&d, "n", "s");
+    wait_available(&d, "n@s");
+    verify_ok(&d, "n@s");
+    let (live, stored) = (tmp.path().join("n.raw"), tmp.path().join("n.export"));
+    nbd_to_file(&d, "n", &live);
+    export(&d, "n@s", &stored);
+    compare(&live, &stored);
+    assert_eq!(format("old").0, 1);
+    drop(d);
+    // A second daemon with only the region and its key reads the new snapshot too.
+    let dir2 = tmp.path().join("d2");
+    configure_old(&dir2, "");
+    let d2 = Daemon::start(&dir2);
+    let listed = d2.cli_json(&["snapshot", "list", "--region", "old"]);
+    let n_id = listed.as_array().unwrap().iter().find(|s| s["volume"] == "n").unwrap_or_else(|| panic!("{listed}"))
+        ["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let again = tmp.path().join("n.export2");
+    d2.cli_ok(&["snapshot", "export", &n_id, "--region", "old", "--output", &again.display().to_string()]);
+    compare(&live, &again);
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}

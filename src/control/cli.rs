@@ -426,10 +426,12 @@ impl Shown {
             ),
             (Shown::Regions(rs), false) => rs.iter().map(|r| format!("{r}\n")).collect(),
             (Shown::Region(r), false) => format!(
-                "name:       {}\nkind:       {}\nlocation:   {}\nsnapshots:  {}\npacks:      {}\nstored:     {} ({} bytes)\ntraffic:    {} PUT ({}), {} GET ({}), {} retries, {} failures since start\n",
+                "name:       {}\nkind:       {}\nlocation:   {}\nformat:     {} ({})\nsnapshots:  {}\npacks:      {}\nstored:     {} ({} bytes)\ntraffic:    {} PUT ({}), {} GET ({}), {} retries, {} failures since start\n",
                 r.name,
                 r.kind,
                 r.location,
+                r.format,
+                r.cipher,
                 r.snapshots,
                 r.packs,
                 human(r.stored_bytes),

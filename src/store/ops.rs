@@ -51,6 +51,11 @@ pub struct RegionInfo {
     pub kind: String,
     /// Path, or endpoint/bucket/prefix (never credentials).
     pub location: String,
+    /// The repository's store format version and the cipher it implies (fixed at creation).
+    #[serde(default)]
+    pub format: u32,
+    #[serde(default)]
+    pub cipher: String,
     pub snapshots: u64,
     pub packs: u64,
     pub stored_bytes: u64,
@@ -228,6 +233,8 @@ impl StoreService {
             name: name.into(),
             kind: kind.into(),
             location,
+            format: region.keys.cipher().version(),
+            cipher: region.keys.cipher().name().into(),
             snapshots,
             packs: packs.len() as u64,
             stored_bytes: packs.iter().map(|p| p.size).sum(),

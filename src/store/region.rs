@@ -62,18 +62,20 @@ impl Region {
                 // before the other writes: without conditional PUT (Garage ignores If-None-Match)
                 // that window cannot be closed here; start the first daemon of a region alone.
                 let master = crypto::new_master();
-                objects.put(REPO_KEY_OBJECT, Bytes::from(crypto::wrap_master(&kek, &master))).await?;
+                objects
+                    .put(REPO_KEY_OBJECT, Bytes::from(crypto::wrap_master(&kek, &master, crypto::Cipher::NEW)))
+                    .await?;
                 tracing::info!(region = %cfg.name, "initialized a new repository");
                 objects.get(REPO_KEY_OBJECT).await?
             }
             Err(e) => return Err(e),
         };
-        let master = crypto::unwrap_master(&kek, &wrapped, &cfg.name, &cfg.key_file)?;
+        let (master, repo_cipher) = crypto::unwrap_master(&kek, &wrapped, &cfg.name, &cfg.key_file)?;
         let index = BlobIndex::open(&dir.join("meta").join("store").join(format!("{}.index", cfg.name)))?;
         Ok(Region {
             name: cfg.name.clone(),
             objects,
-            keys: RepoKeys::new(&master),
+            keys: RepoKeys::new(&master, repo_cipher),
             index,
             gc_lock: tokio::sync::RwLock::new(()),
             manifests: Mutex::new(HashMap::new()),
