@@ -222,8 +222,8 @@ pub fn unwrap_master(kek: &[u8; 32], bytes: &[u8], region: &str, key_file: &Path
     let body = bytes
         .strip_prefix(REPO_KEY_MAGIC.as_slice())
         .ok_or_else(|| StoreError::corrupt(object, "not a snapblk repository key"))?;
-    let (version, sealed) = body.split_at_checked(4).ok_or_else(|| StoreError::corrupt(object, "truncated"))?;
-    let version = u32::from_le_bytes(version.try_into().unwrap_or_else(|_| unreachable!("split at 4")));
+    let (version, sealed) = body.split_first_chunk::<4>().ok_or_else(|| StoreError::corrupt(object, "truncated"))?;
+    let version = u32::from_le_bytes(*version);
     let repo_cipher = Cipher::from_version(version).ok_or_else(|| {
         StoreError::corrupt(
             object,
