@@ -601,14 +601,8 @@ fn a_format_1_region_still_restores_and_takes_new_snapshots_in_format_1() {
     let expect = tmp.path().join("expect.raw");
     nbd_to_file(&d, "expect", &expect);
 
-    let listed = d.cli_json(&["snapshot", "list", "--region", "old"]);
-    let id = listed.as_array().unwrap().iter().find(|s| s["name"] == "s1").unwrap_or_else(|| panic!("{listed}"))["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let exported = tmp.path().join("s1.export");
-    d.cli_ok(&["snapshot", "export", &id, "--region", "old", "--output", &exported.display().to_string()]);
-    compare(&expect, &exported);
+    let id = export_from_region(&d, "old", ("name", "s1"), &tmp.path().join("s1.export"));
+    compare(&expect, &tmp.path().join("s1.export"));
     d.cli_ok(&["volume", "create", "restored", "--from-snapshot", &id, "--region", "old"]);
     let restored = tmp.path().join("restored.raw");
     nbd_to_file(&d, "restored", &restored);
@@ -630,15 +624,18 @@ fn a_format_1_region_still_restores_and_takes_new_snapshots_in_format_1() {
     let dir2 = tmp.path().join("d2");
     configure_old(&dir2, "");
     let d2 = Daemon::start(&dir2);
-    let listed = d2.cli_json(&["snapshot", "list", "--region", "old"]);
-    let n_id = listed.as_array().unwrap().iter().find(|s| s["volume"] == "n").unwrap_or_else(|| panic!("{listed}"))
-        ["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let again = tmp.path().join("n.export2");
-    d2.cli_ok(&["snapshot", "export", &n_id, "--region", "old", "--output", &again.display().to_string()]);
-    compare(&live, &again);
+    export_from_region(&d2, "old", ("volume", "n"), &tmp.path().join("n.export2"));
+    compare(&live, &tmp.path().join("n.export2"));
+}
+
+/// Exports the snapshot of `region` whose `field` (of `snapshot list --region`) has the given
+/// value to `out`; returns its id.
+fn export_from_region(d: &Daemon, region: &str, (field, value): (&str, &str), out: &Path) -> String {
+    let listed = d.cli_json(&["snapshot", "list", "--region", region]);
+    let found = listed.as_array().unwrap().iter().find(|s| s[field] == value);
+    let id = found.unwrap_or_else(|| panic!("no snapshot with {field} {value}: {listed}"))["id"].as_str().unwrap();
+    d.cli_ok(&["snapshot", "export", id, "--region", region, "--output", &out.display().to_string()]);
+    id.to_string()
 }
 
 fn copy_tree(from: &Path, to: &Path) {
