@@ -567,9 +567,9 @@ fn a_snapshot_of_a_region_removed_from_the_config_can_still_be_deleted() {
 /// format 1: XChaCha20-Poly1305) with its key file: snapshot `v@s1` of a 1 MiB volume holding
 /// 64 KiB of `data.py fill` seed 5 at 0 and 128 KiB of 0xab at 512 KiB (one stored blob, one
 /// compressed blob referenced twice). It must keep restoring, and what is added to it must
-/// stay format 1; a new region is created at format 2.
+/// stay format 1; a new region gets the configured cipher (format 2 by default here).
 #[test]
-fn a_format_1_region_still_restores_and_takes_new_snapshots_in_format_1() {
+fn format_1_regions_keep_restoring_and_new_regions_take_the_configured_cipher() {
     if !tools() {
         return;
     }
@@ -585,14 +585,21 @@ fn a_format_1_region_still_restores_and_takes_new_snapshots_in_format_1() {
         let old = format!("[regions.old]\nkind = \"fs\"\npath = \"{}\"\n", store.display());
         std::fs::write(dir.join("snapblk.toml"), format!("[gc]\ninterval = \"0s\"\n\n{old}\n{fresh}")).unwrap();
     };
-    configure_old(&dir, "[regions.fresh]\nkind = \"fs\"\npath = \"fresh\"\n");
+    configure_old(
+        &dir,
+        "[regions.fresh]\nkind = \"fs\"\npath = \"fresh\"\n\n\
+         [regions.chacha]\nkind = \"fs\"\npath = \"chacha\"\ncipher = \"xchacha20-poly1305\"\n",
+    );
     let d = Daemon::start(&dir);
     let format = |region: &str| {
         let r = region_show(&d, region);
         (r["format"].as_u64().unwrap(), r["cipher"].as_str().unwrap().to_string())
     };
     assert_eq!(format("old"), (1, "xchacha20-poly1305".to_string()));
-    assert_eq!(format("fresh").0, 2);
+    // New repositories: the configured cipher, else AES-256-GCM where the CPU has AES.
+    let auto = snapblk::store::crypto::Cipher::for_this_cpu();
+    assert_eq!(format("fresh"), (auto.version() as u64, auto.name().to_string()));
+    assert_eq!(format("chacha"), (1, "xchacha20-poly1305".to_string()));
 
     // What v@s1 holds, written again into a local volume.
     d.cli_ok(&["volume", "create", "expect", "--size", "1M"]);

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::crypto::Cipher;
 use super::error::{Result, StoreError};
 use crate::control::size::parse_size;
 
@@ -39,6 +40,8 @@ grace = "1h"                     # never delete unreferenced packs younger than 
 kind = "fs"
 path = "store"
 # key_file = "keys/local.key"    # generated when missing: back it up (`snapblk key export`)
+# cipher = "auto"                # of a new repository: "aes-256-gcm" (auto: where the CPU has AES
+                                 # instructions) or "xchacha20-poly1305"; an existing one keeps its own
 
 # An S3-compatible region (AWS S3, Alibaba OSS, MinIO, Garage, Ceph RGW):
 # [regions.garage]
@@ -106,6 +109,7 @@ struct RawRegion {
     secret_access_key: Option<String>,
     secret_access_key_file: Option<String>,
     key_file: Option<String>,
+    cipher: Option<String>,
     request_timeout: Option<String>,
     retries: Option<u32>,
     #[serde(default)]
@@ -169,6 +173,8 @@ pub struct RegionConfig {
     pub key_file: PathBuf,
     /// Whether `key_file` was named in the config (else it is generated on first use).
     pub key_file_configured: bool,
+    /// The cipher of the repository if this node creates it (an existing one keeps its own).
+    pub new_repository_cipher: Cipher,
     pub request_timeout: Duration,
     pub retries: u32,
     pub faults: Faults,
@@ -300,6 +306,7 @@ impl Config {
             secret_access_key: None,
             secret_access_key_file: None,
             key_file: None,
+            cipher: None,
             request_timeout: None,
             retries: None,
             faults: Faults::default(),
@@ -380,6 +387,11 @@ fn region(name: &str, r: RawRegion, dir: &Path) -> std::result::Result<RegionCon
             return Err(ctx(format!("faults.{what} must be between 0 and 1")));
         }
     }
+    let new_repository_cipher = match r.cipher.as_deref().unwrap_or("auto") {
+        "auto" => Cipher::for_this_cpu(),
+        other => Cipher::from_name(other)
+            .ok_or_else(|| ctx(format!("cipher '{other}': use \"auto\", \"aes-256-gcm\" or \"xchacha20-poly1305\"")))?,
+    };
     let request_timeout = parse_duration(r.request_timeout.as_deref().unwrap_or("60s")).map_err(ctx)?;
     if request_timeout.is_zero() {
         return Err(ctx("request_timeout must be greater than zero".into()));
@@ -389,6 +401,7 @@ fn region(name: &str, r: RawRegion, dir: &Path) -> std::result::Result<RegionCon
         backend,
         key_file: rel(r.key_file.as_deref().unwrap_or(&format!("keys/{name}.key"))),
         key_file_configured: r.key_file.is_some(),
+        new_repository_cipher,
         request_timeout,
         retries: r.retries.unwrap_or(8),
         faults: r.faults,
@@ -408,6 +421,14 @@ mod tests {
         let local = &c.regions["local"];
         assert!(matches!(&local.backend, Backend::Fs { path } if path == Path::new("/d/store")));
         assert_eq!(local.key_file, Path::new("/d/keys/local.key"));
+        assert_eq!(local.new_repository_cipher, Cipher::for_this_cpu());
+        let chosen = |c: &str| {
+            let text = format!("[regions.local]\nkind = \"fs\"\ncipher = \"{c}\"");
+            Config::parse(&text, Path::new("/d")).unwrap().regions["local"].new_repository_cipher
+        };
+        assert_eq!(chosen("xchacha20-poly1305"), Cipher::XChaCha20Poly1305);
+        assert_eq!(chosen("aes-256-gcm"), Cipher::Aes256GcmSubkey);
+        assert_eq!(chosen("auto"), Cipher::for_this_cpu());
     }
 
     #[test]
@@ -444,6 +465,7 @@ mod tests {
             ("[regions.x]\nkind = \"ftp\"", "unknown kind"),
             ("[regions.x]\nkind = \"s3\"", "bucket"),
             ("[bogus]\na = 1", "unknown field"),
+            ("[regions.local]\nkind = \"fs\"\ncipher = \"rot13\"", "cipher 'rot13'"),
         ];
         for (text, needle) in cases {
             let err = Config::parse(text, Path::new("/d")).unwrap_err();

@@ -43,8 +43,24 @@ pub enum Cipher {
 }
 
 impl Cipher {
-    /// What a new repository uses.
-    pub const NEW: Cipher = Cipher::Aes256GcmSubkey;
+    /// What a new repository uses by default: AES-256-GCM where the CPU has AES and carry-less
+    /// multiply instructions (without them ring's AES is constant-time software, several
+    /// times slower than ChaCha20), else XChaCha20-Poly1305.
+    pub fn for_this_cpu() -> Cipher {
+        #[cfg(target_arch = "x86_64")]
+        let hardware_aes =
+            std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("pclmulqdq");
+        #[cfg(target_arch = "aarch64")]
+        let hardware_aes =
+            std::arch::is_aarch64_feature_detected!("aes") && std::arch::is_aarch64_feature_detected!("pmull");
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        let hardware_aes = false;
+        if hardware_aes {
+            Cipher::Aes256GcmSubkey
+        } else {
+            Cipher::XChaCha20Poly1305
+        }
+    }
 
     /// Its store format version (that of the repository key object).
     pub fn version(self) -> u32 {
@@ -58,11 +74,16 @@ impl Cipher {
         [Cipher::XChaCha20Poly1305, Cipher::Aes256GcmSubkey].into_iter().find(|c| c.version() == v)
     }
 
+    /// Its name in `snapblk.toml` (`cipher`) and in `region show`.
     pub fn name(self) -> &'static str {
         match self {
             Cipher::XChaCha20Poly1305 => "xchacha20-poly1305",
-            Cipher::Aes256GcmSubkey => "aes-256-gcm (subkey per message)",
+            Cipher::Aes256GcmSubkey => "aes-256-gcm",
         }
+    }
+
+    pub fn from_name(name: &str) -> Option<Cipher> {
+        [Cipher::XChaCha20Poly1305, Cipher::Aes256GcmSubkey].into_iter().find(|c| c.name() == name)
     }
 
     /// The associated data of the repository key object: binds the version, so a key object
@@ -569,7 +590,7 @@ mod tests {
 
     #[test]
     fn ids_depend_on_the_repository_key() {
-        let (k1, k2) = (RepoKeys::new(&[1; 32], Cipher::NEW), RepoKeys::new(&[2; 32], Cipher::NEW));
+        let (k1, k2) = (RepoKeys::new(&[1; 32], CIPHERS[1]), RepoKeys::new(&[2; 32], CIPHERS[1]));
         assert_ne!(k1.blob_id(b"same"), k2.blob_id(b"same"));
         assert_eq!(k1.blob_id(b"same"), k1.blob_id(b"same"));
     }

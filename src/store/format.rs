@@ -356,7 +356,7 @@ mod tests {
     use super::*;
 
     fn keys() -> RepoKeys {
-        RepoKeys::new(&[9; 32], crate::store::crypto::Cipher::NEW)
+        RepoKeys::new(&[9; 32], crate::store::crypto::Cipher::Aes256GcmSubkey)
     }
 
     #[test]

@@ -63,9 +63,9 @@ impl Region {
                 // that window cannot be closed here; start the first daemon of a region alone.
                 let master = crypto::new_master();
                 objects
-                    .put(REPO_KEY_OBJECT, Bytes::from(crypto::wrap_master(&kek, &master, crypto::Cipher::NEW)))
+                    .put(REPO_KEY_OBJECT, Bytes::from(crypto::wrap_master(&kek, &master, cfg.new_repository_cipher)))
                     .await?;
-                tracing::info!(region = %cfg.name, "initialized a new repository");
+                tracing::info!(region = %cfg.name, cipher = cfg.new_repository_cipher.name(), "initialized a new repository");
                 objects.get(REPO_KEY_OBJECT).await?
             }
             Err(e) => return Err(e),
