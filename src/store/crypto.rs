@@ -43,6 +43,8 @@ pub enum Cipher {
 }
 
 impl Cipher {
+    pub const ALL: [Cipher; 2] = [Cipher::XChaCha20Poly1305, Cipher::Aes256GcmSubkey];
+
     /// What a new repository uses by default: AES-256-GCM where the CPU has AES and carry-less
     /// multiply instructions (without them ring's AES is constant-time software, several
     /// times slower than ChaCha20), else XChaCha20-Poly1305.
@@ -71,7 +73,7 @@ impl Cipher {
     }
 
     fn from_version(v: u32) -> Option<Cipher> {
-        [Cipher::XChaCha20Poly1305, Cipher::Aes256GcmSubkey].into_iter().find(|c| c.version() == v)
+        Cipher::ALL.into_iter().find(|c| c.version() == v)
     }
 
     /// Its name in `snapblk.toml` (`cipher`) and in `region show`.
@@ -83,7 +85,7 @@ impl Cipher {
     }
 
     pub fn from_name(name: &str) -> Option<Cipher> {
-        [Cipher::XChaCha20Poly1305, Cipher::Aes256GcmSubkey].into_iter().find(|c| c.name() == name)
+        Cipher::ALL.into_iter().find(|c| c.name() == name)
     }
 
     /// The associated data of the repository key object: binds the version, so a key object
@@ -469,13 +471,11 @@ impl RepoKeys {
 mod tests {
     use super::*;
 
-    const CIPHERS: [Cipher; 2] = [Cipher::XChaCha20Poly1305, Cipher::Aes256GcmSubkey];
-
     #[test]
     fn blob_roundtrip_compressible_and_random() {
         let mut random = vec![0u8; 65536];
         rand::thread_rng().fill_bytes(&mut random);
-        for (c, plain) in CIPHERS.into_iter().flat_map(|c| [(c, vec![0xab; 65536]), (c, random.clone())]) {
+        for (c, plain) in Cipher::ALL.into_iter().flat_map(|c| [(c, vec![0xab; 65536]), (c, random.clone())]) {
             let keys = RepoKeys::new(&[7; 32], c);
             let id = keys.blob_id(&plain);
             let mut out = Vec::new();
@@ -549,7 +549,8 @@ mod tests {
 
     #[test]
     fn what_one_cipher_sealed_does_not_open_with_the_other() {
-        let (v1, v2) = (RepoKeys::new(&[7; 32], CIPHERS[0]), RepoKeys::new(&[7; 32], CIPHERS[1]));
+        let (v1, v2) =
+            (RepoKeys::new(&[7; 32], Cipher::XChaCha20Poly1305), RepoKeys::new(&[7; 32], Cipher::Aes256GcmSubkey));
         assert_eq!(v1.blob_id(b"x"), v2.blob_id(b"x"), "blob ids do not depend on the cipher");
         for (a, b) in [(&v1, &v2), (&v2, &v1)] {
             let mut sealed = Vec::new();
@@ -561,7 +562,7 @@ mod tests {
 
     #[test]
     fn a_flipped_byte_or_a_swapped_id_is_detected() {
-        for keys in CIPHERS.map(|c| RepoKeys::new(&[7; 32], c)) {
+        for keys in Cipher::ALL.map(|c| RepoKeys::new(&[7; 32], c)) {
             flipped_bytes_and_swapped_ids_fail(&keys);
         }
     }
@@ -590,7 +591,8 @@ mod tests {
 
     #[test]
     fn ids_depend_on_the_repository_key() {
-        let (k1, k2) = (RepoKeys::new(&[1; 32], CIPHERS[1]), RepoKeys::new(&[2; 32], CIPHERS[1]));
+        let (k1, k2) =
+            (RepoKeys::new(&[1; 32], Cipher::Aes256GcmSubkey), RepoKeys::new(&[2; 32], Cipher::Aes256GcmSubkey));
         assert_ne!(k1.blob_id(b"same"), k2.blob_id(b"same"));
         assert_eq!(k1.blob_id(b"same"), k1.blob_id(b"same"));
     }
@@ -598,7 +600,7 @@ mod tests {
     #[test]
     fn wrong_kek_is_a_clear_error() {
         let master = new_master();
-        for c in CIPHERS {
+        for c in Cipher::ALL {
             let wrapped = wrap_master(&[1; 32], &master, c);
             assert_eq!(unwrap_master(&[1; 32], &wrapped, "r", Path::new("k")).unwrap(), (master, c));
             let err = unwrap_master(&[2; 32], &wrapped, "r", Path::new("k")).unwrap_err();
