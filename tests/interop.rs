@@ -639,14 +639,6 @@ fn a_daemon_whose_stderr_nobody_reads_keeps_answering_and_stops() {
     let dir = tmp.path().join("d");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("snapblk.toml"), "[upload]\nenabled = false\n").unwrap();
-    // Killed (by its pid) if an assertion below fails, so a failed run leaves no daemon.
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let mut child = Command::new(BIN)
         .args(["serve", "--dir"])
         .arg(&dir)
@@ -659,7 +651,8 @@ fn a_daemon_whose_stderr_nobody_reads_keeps_answering_and_stops() {
         .spawn()
         .unwrap();
     let _unread = child.stderr.take(); // held open, never read
-    let mut child = KillOnDrop(child);
+                                       // Killed (by its pid) if an assertion below fails, so a failed run leaves no daemon.
+    let mut child = Guard(child);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while !dir.join("control.sock").exists() {
         assert!(std::time::Instant::now() < deadline, "the daemon did not start");
