@@ -404,6 +404,17 @@ fn scan_frames(buf: &[u8], base: u64) -> Scan {
     scan
 }
 
+/// Test support: the offsets a crash could have cut the journal file `bytes` at without
+/// losing a synced record — the end of every frame from the last `Synced` mark on.
+#[cfg(test)]
+pub(crate) fn cut_points(bytes: &[u8]) -> Vec<u64> {
+    let Some(frames) = bytes.get(JOURNAL_HEADER_LEN as usize..) else { return Vec::new() };
+    let scan = scan_frames(frames, JOURNAL_HEADER_LEN);
+    let mut cuts: Vec<u64> = scan.records.iter().map(|(_, end)| *end).filter(|&e| e > scan.synced_through).collect();
+    cuts.push(scan.valid);
+    cuts
+}
+
 /// The open journal file of the current generation.
 pub struct Journal {
     dir: PathBuf,

@@ -220,6 +220,29 @@ struct Unsealed {
     ticket: u64,
 }
 
+/// A slot only one head still references after a map was dropped: that head owns it again
+/// (may write it in place) once the record that dropped the map is durable. Until then a
+/// crash could bring the dropped map (a snapshot) back, and an in-place write would have
+/// changed it.
+struct Regain {
+    vol: Arc<Volume>,
+    cluster: u64,
+    entry: u64,
+    /// The head's `seal` when found: a snapshot taken since shares the slot again.
+    seal: u64,
+}
+
+impl Regain {
+    fn apply(self) {
+        let mut st = self.vol.state.write();
+        // The data path may have redirected the cluster meanwhile (the old slot then stays
+        // allocated until the start-up sweep; rare, and never unsafe).
+        if st.seal == self.seal && st.head.get(self.cluster) == self.entry {
+            st.owned.insert(self.cluster);
+        }
+    }
+}
+
 /// `Snapshot::durable_ticket` while no commit has started since the seal.
 const UNSEALED: u64 = u64::MAX;
 
@@ -270,6 +293,8 @@ struct Commit {
     through: u64,
     number: u64,
     journal: Arc<fs::File>,
+    /// The slot files whose frees it took (and which it syncs).
+    slot_files: Vec<Arc<SlotFile>>,
 }
 
 /// A checkpoint between its image and its installation (see `Engine::checkpoint`).
@@ -696,32 +721,33 @@ impl Registry {
             .collect()
     }
 
-    /// After a map was dropped (snapshot delete, rollback, volume delete): release the slots
-    /// nothing references any more, and let a head that is now the only holder of a slot write
-    /// it in place again. Only maps can hold slots, and only control operations (serialized by
-    /// the registry lock, held here) copy maps, so no new reference can appear meanwhile.
-    fn release_dropped(&self, dropped: &ClusterMap, cluster_size: u32) {
-        let Some(slots) = self.slot_files.get(&cluster_size) else { return };
+    /// After a map was dropped (snapshot delete, release, rollback, volume delete), under the
+    /// registry lock that applied the record dropping it (and after that record was staged):
+    /// releases the slots no map references any more. They are punched and reused only after
+    /// the commit that takes them, and every commit writes every record staged or pending
+    /// before it takes its frees (`Engine::commit_begin`), so the record is durable first.
+    ///
+    /// Returns the slots a single head is now the only holder of: the head may write them in
+    /// place again, but only once the record is durable (see `Regain`).
+    fn release_dropped(&self, dropped: &ClusterMap, cluster_size: u32) -> Vec<Regain> {
+        let Some(slots) = self.slot_files.get(&cluster_size) else { return Vec::new() };
         let in_snapshots = self.snapshot_slots(cluster_size);
         let heads = self.heads(cluster_size);
-        let mut regained: Vec<(usize, u64, u64)> = Vec::new();
+        let mut regained = Vec::new();
         dropped.for_each_nonzero(|cluster, entry| {
             if in_snapshots.contains(entry - 1) {
                 return;
             }
-            let mut holders = heads.iter().enumerate().filter(|(_, (_, h))| h.get(cluster) == entry);
+            let mut holders = heads.iter().filter(|(_, h)| h.get(cluster) == entry);
             match (holders.next(), holders.next()) {
                 (None, _) => slots.release(entry - 1),
-                (Some((i, _)), None) => regained.push((i, cluster, entry)),
+                (Some((vol, _)), None) => {
+                    regained.push(Regain { vol: vol.clone(), cluster, entry, seal: vol.state.read().seal })
+                }
                 _ => {}
             }
         });
-        for (i, cluster, entry) in regained {
-            let mut st = heads[i].0.state.write();
-            if st.head.get(cluster) == entry {
-                st.owned.insert(cluster);
-            }
-        }
+        regained
     }
 
     /// Startup: exact ownership for every head and the free list of every slot file.
@@ -1034,28 +1060,35 @@ impl Engine {
     }
 
     fn commit_all(&self) -> Result<()> {
-        let (volumes, slot_files) = {
-            let reg = self.registry.read();
-            (reg.volumes.values().cloned().collect::<Vec<_>>(), reg.slot_files.values().cloned().collect::<Vec<_>>())
-        };
         let _c = self.committer.lock();
-        self.commit_locked(&volumes, &slot_files)
+        self.commit_locked()
     }
 
-    /// One commit (the caller holds `committer`): writes the staged records (after the given
-    /// volumes' data-path records), syncs the slot files, marks the records synced and syncs
+    /// One commit (the caller holds `committer`): writes the staged records and every
+    /// volume's data-path records, syncs the slot files, marks the records synced and syncs
     /// the journal. Records written meanwhile (a snapshot create) wait for the next commit.
-    fn commit_locked(&self, volumes: &[Arc<Volume>], slot_files: &[Arc<SlotFile>]) -> Result<()> {
-        let commit = self.commit_begin(volumes, slot_files)?;
-        self.commit_end(commit, slot_files)
+    fn commit_locked(&self) -> Result<()> {
+        let commit = {
+            let reg = self.registry.read();
+            self.commit_begin(&reg)?
+        };
+        self.commit_end(commit)
     }
 
     /// A commit's first half (memory and one journal `pwrite`, under the tail lock): takes the
-    /// frees and the sealed snapshots it will settle, and writes the staged records after the
-    /// given volumes' data-path records.
-    fn commit_begin(&self, volumes: &[Arc<Volume>], slot_files: &[Arc<SlotFile>]) -> Result<Commit> {
-        // Frees first: a slot released after this point has its record drained later, so it
-        // must wait for the next commit.
+    /// frees and the sealed snapshots it will settle, and writes the staged records followed by
+    /// every volume's data-path records.
+    ///
+    /// **The one rule that keeps flushed data safe**: a slot is punched (and may be reused)
+    /// only by the commit that took it here, and this commit writes every record that was
+    /// staged or pending when it took it — whatever operation asked for the commit. Every
+    /// path that drops a slot from a map pushes or stages the record first and releases the
+    /// slot after (`VolumeHandle::install`, `Registry::release_dropped`), so the record that
+    /// stops referencing a slot is always durable before the slot is freed.
+    fn commit_begin(&self, reg: &Registry) -> Result<Commit> {
+        let slot_files: Vec<_> = reg.slot_files.values().cloned().collect();
+        // Frees first: a slot released after this point may have its record drained after
+        // the drain below, so it waits for the next commit.
         let frees: Vec<_> = slot_files.iter().map(|f| f.take_pending()).collect();
         // Snapshots sealed by now: the slot sync below covers every write they include.
         let sealed: Vec<_> = {
@@ -1066,7 +1099,9 @@ impl Engine {
         };
         let written = (|| {
             let mut t = self.tail.lock();
-            for v in volumes {
+            // Every volume, not only those a caller has in mind: records of one volume may
+            // be what makes another operation's frees safe (issue 18).
+            for v in reg.volumes.values() {
                 let mut p = v.pending.lock();
                 t.staged.extend_from_slice(&p);
                 p.clear();
@@ -1078,14 +1113,15 @@ impl Engine {
             Ok((through, *taken, journal.file()))
         })();
         match written {
-            Ok((through, number, journal)) => Ok(Commit { frees, sealed, through, number, journal }),
-            Err(e) => Err(self.commit_failed(frees, sealed, slot_files, e)),
+            Ok((through, number, journal)) => Ok(Commit { frees, sealed, through, number, journal, slot_files }),
+            Err(e) => Err(self.commit_failed(frees, sealed, &slot_files, e)),
         }
     }
 
     /// The second half: syncs the slot files, marks the records written by the first half as
     /// synced and syncs the journal; then settles the frees and sealed snapshots.
-    fn commit_end(&self, commit: Commit, slot_files: &[Arc<SlotFile>]) -> Result<()> {
+    fn commit_end(&self, commit: Commit) -> Result<()> {
+        let slot_files = &commit.slot_files;
         let synced = (|| {
             // Every record written by `commit_begin` points at data written before it was staged.
             for f in slot_files {
@@ -1145,20 +1181,19 @@ impl Engine {
         let next = Journal::create_next(&dir, generation, boot)?;
         let reg = self.registry.read();
         let volumes: Vec<_> = reg.volumes.values().cloned().collect();
-        let slot_files: Vec<_> = reg.slot_files.values().cloned().collect();
         // Hold every volume's state lock while draining its records and imaging it, so the
         // image is exactly "all records so far"; records written after it (a snapshot create
         // may write one as soon as the registry is free) go to the next journal too.
         // (Volume state before the tail here: no one stages meanwhile, they need the registry
         // exclusively.)
         let guards: Vec<_> = volumes.iter().map(|v| v.state.read()).collect();
-        let commit = self.commit_begin(&volumes, &slot_files)?;
+        let commit = self.commit_begin(&reg)?;
         self.tail.lock().journal.attach_next(next);
         let image = reg.image(generation + 1, &volumes, &guards);
         // The image shares the maps (O(1) clones): encoding it, and syncing what it points
         // at, need none of the locks.
         drop((guards, reg));
-        self.commit_end(commit, &slot_files)?;
+        self.commit_end(commit)?;
         Ok(CheckpointImage {
             _committer: committer,
             dir,
@@ -1188,16 +1223,14 @@ impl Engine {
         then: impl FnOnce(&Registry) -> T,
     ) -> Result<T> {
         let (ticket, dropped) = self.stage(&mut reg, recs, false)?;
+        // Under the same registry lock as the records, so no other operation can drop (and
+        // free) a slot these maps hold in between.
+        let regained: Vec<Regain> =
+            dropped.iter().flat_map(|(map, cluster_size)| reg.release_dropped(map, *cluster_size)).collect();
         let out = then(&reg);
-        let slot_files: Vec<_> = reg.slot_files.values().cloned().collect();
         drop(reg);
-        self.commit_through(ticket, &slot_files)?;
-        if !dropped.is_empty() {
-            let reg = self.registry.read();
-            for (map, cluster_size) in dropped {
-                reg.release_dropped(&map, cluster_size);
-            }
-        }
+        self.commit_through(ticket)?;
+        regained.into_iter().for_each(Regain::apply);
         Ok(out)
     }
 
@@ -1228,7 +1261,7 @@ impl Engine {
 
     /// Returns once the commit numbered `ticket` (or a later one) has completed, running one
     /// if need be. Other volumes' data-path records wait for their own commit.
-    fn commit_through(&self, ticket: u64, slot_files: &[Arc<SlotFile>]) -> Result<()> {
+    fn commit_through(&self, ticket: u64) -> Result<()> {
         if self.durable_through.load(Ordering::Acquire) >= ticket {
             return Ok(());
         }
@@ -1237,7 +1270,7 @@ impl Engine {
             return Ok(());
         }
         self.check_writable()?;
-        self.commit_locked(&[], slot_files)
+        self.commit_locked()
     }
 
     /// Asks the write-back thread for a commit now.
@@ -1348,18 +1381,18 @@ impl Engine {
     /// Returns once the snapshot is durable (sealed, and its record and data committed),
     /// committing if need be.
     pub fn make_durable(&self, r: &str) -> Result<()> {
-        let (s, v, slot_files) = {
+        let (s, v) = {
             let reg = self.registry.read();
             let s = reg.find_snapshot(r)?.clone();
             let v = reg.volume_of(&s, r)?;
-            (s, v, reg.slot_files.values().cloned().collect::<Vec<_>>())
+            (s, v)
         };
         s.wait_sealed(&v)?;
         loop {
             match s.durable_ticket.load(Ordering::Acquire) {
                 // Sealed: the next commit to start gives it a ticket.
                 UNSEALED => self.commit_all()?,
-                ticket => return self.commit_through(ticket, &slot_files),
+                ticket => return self.commit_through(ticket),
             }
         }
     }
