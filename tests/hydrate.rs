@@ -373,3 +373,53 @@ fn a_store_outage_fails_reads_within_the_bound_and_hydration_completes_when_it_e
         compare(&o.expected, &out);
     }
 }
+
+/// Whether `snapshot list --region` (the store's view, from manifests) has snapshot `id`.
+fn in_region(d: &Daemon, region: &TestRegion, id: &str) -> bool {
+    let listed = d.cli_json(&["snapshot", "list", "--region", region.name]);
+    listed.as_array().unwrap().iter().any(|s| s["id"] == id)
+}
+
+/// Issue 18 §3: deleting a released snapshot that a clone still loads from is accepted and
+/// the snapshot leaves every list at once; the clone goes on loading from the copy in the
+/// store — across a kill -9 — and that copy is deleted once the clone has loaded everything.
+#[test]
+fn a_snapshot_deleted_while_a_clone_loads_from_it_goes_from_the_store_once_the_clone_has_loaded() {
+    if !tools() {
+        return;
+    }
+    for region in regions() {
+        // No background loading: the clone loads only what is read.
+        let (tmp, dir, mut d) = start_with_volume(&region, "\n[hydrate]\nbackground = false", "16M");
+        fill(&d, "vol", 0, 6 * MIB, 31);
+        let id = snapshot(&d, "vol", "a")["id"].as_str().unwrap().to_string();
+        wait_available(&d, "vol@a");
+        wait_released(&d, "vol@a");
+        let expected = tmp.path().join("a.raw");
+        export(&d, "vol@a", &expected);
+        d.cli_ok(&["volume", "clone", "vol@a", "c"]);
+        assert!(hydration(&d, "c").is_object(), "the clone of a released snapshot loads from the store");
+
+        d.cli_ok(&["snapshot", "delete", "vol@a"]);
+        let listed = d.cli_json(&["snapshot", "list", "vol"]);
+        assert_eq!(listed.as_array().unwrap().len(), 0, "deleted snapshot still listed: {listed}");
+        assert!(in_region(&d, &region, &id), "the store copy went while the clone still loads from it");
+
+        d.kill9();
+        d = Daemon::try_start(&dir, &[]).unwrap();
+        assert_eq!(d.cli_json(&["snapshot", "list", "vol"]).as_array().unwrap().len(), 0);
+        assert!(in_region(&d, &region, &id), "the store copy went while the clone still loads from it");
+        let got = tmp.path().join("c.raw");
+        nbd_to_file(&d, "c", &got);
+        compare(&expected, &got);
+        hydrate_wait(&d, "c");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while in_region(&d, &region, &id) {
+            assert!(Instant::now() < deadline, "the deleted snapshot's manifest is still in the store\n{}", d.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // The clone needs nothing from it any more.
+        nbd_to_file(&d, "c", &got);
+        compare(&expected, &got);
+    }
+}

@@ -264,6 +264,32 @@ fn a_flipped_byte_fails_verify_naming_the_object_and_export_fails_loudly() {
         assert_eq!(code, 1);
         assert!(err.contains(&victim) && err.contains("corrupt"), "export must fail naming {victim}: {err}");
         assert!(!target.exists(), "a failed export must not leave a file behind");
+        // Issue 18 §3: a failed export leaves an existing file as it was, writes nothing
+        // through a symlink, and removes only the temporary files it created.
+        let existing = tmp.path().join("existing.raw");
+        std::fs::write(&existing, b"keep me").unwrap();
+        let (code, _) = d.cli_err(&["snapshot", "export", "vol@s1", "--output", &existing.display().to_string()]);
+        assert_eq!(code, 1);
+        assert_eq!(std::fs::read(&existing).unwrap(), b"keep me", "a failed export changed the existing target");
+        let link = tmp.path().join("link.raw");
+        std::os::unix::fs::symlink(&existing, &link).unwrap();
+        let (code, err) = d.cli_err(&["snapshot", "export", "vol@s1", "--output", &link.display().to_string()]);
+        assert_eq!(code, 1);
+        assert!(err.contains("symbolic link") && err.contains("--force"), "{err}");
+        let (code, _) =
+            d.cli_err(&["snapshot", "export", "vol@s1", "--output", &link.display().to_string(), "--force"]);
+        assert_eq!(code, 1);
+        assert_eq!(std::fs::read(&existing).unwrap(), b"keep me", "an export wrote through a symlink");
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        let (code, err) = d.cli_err(&["snapshot", "export", "vol@s1", "--output", "/dev/null"]);
+        assert_eq!(code, 1);
+        assert!(err.contains("device node"), "{err}");
+        let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("snapblk-"))
+            .collect();
+        assert!(leftovers.is_empty(), "temporary files left behind: {leftovers:?}");
         // Reading the released snapshot over NBD gives an I/O error, not wrong bytes.
         let out = common::run(
             std::process::Command::new("nbdcopy")
@@ -655,5 +681,36 @@ fn copy_tree(from: &Path, to: &Path) {
         } else {
             std::fs::copy(entry.path(), &target).unwrap();
         }
+    }
+}
+
+/// Issue 18 §3: a region that holds snapblk objects but no `keys/repository` (a lost key
+/// object, a wrong prefix, a transient 404) is an error naming what to do — never a new
+/// repository that would make the stored snapshots unreadable.
+#[test]
+fn a_region_with_objects_but_no_repository_key_is_refused_not_reinitialized() {
+    if !tools() {
+        return;
+    }
+    for region in regions() {
+        let (_tmp, dir, mut d) = start_with_volume(&region, "", "16M");
+        fill(&d, "vol", 0, MIB, 41);
+        snapshot(&d, "vol", "s1");
+        wait_available(&d, "vol@s1");
+        assert!(d.terminate());
+        let (rt, o) = objects(&dir, region.name);
+        let key = rt.block_on(o.get("keys/repository")).unwrap();
+        rt.block_on(o.delete("keys/repository")).unwrap();
+        let d = Daemon::start(&dir);
+        let (code, err) = d.cli_err(&["region", "show", region.name]);
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("no repository key") && err.contains("refusing"), "{err}");
+        assert!(
+            matches!(rt.block_on(o.get("keys/repository")), Err(snapblk::store::error::StoreError::Missing(_))),
+            "a new repository key was written over a region with data"
+        );
+        // With the key object back, the region opens and the snapshot reads back.
+        rt.block_on(o.put("keys/repository", key)).unwrap();
+        verify_ok(&d, "vol@s1");
     }
 }

@@ -72,6 +72,9 @@ pub struct ExportRequest {
     pub format: ExportFormat,
     #[serde(default)]
     pub region: Option<String>,
+    /// Replace an existing target that is not a regular file (a symlink, a device node).
+    #[serde(default)]
+    pub force: bool,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -389,7 +392,7 @@ async fn export_snapshot(
         return Err(ApiError::invalid(format!("export output '{}' must be an absolute path", b.output.display())));
     }
     let job = c.store.spawn_job("export", &r.clone(), move |svc, job| async move {
-        svc.export(&r, b.region.as_deref(), &b.output, b.format, &job).await
+        svc.export(&r, b.region.as_deref(), &b.output, b.format, b.force, &job).await
     });
     Ok((StatusCode::ACCEPTED, Json(job)))
 }

@@ -201,6 +201,10 @@ pub enum SnapshotCommand {
         format: FormatArg,
         #[arg(long)]
         region: Option<String>,
+        /// Replace OUTPUT even if it is not a regular file (a symlink or a device node: the
+        /// directory entry is replaced, nothing is written through it)
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -736,14 +740,14 @@ pub async fn run(dir: &std::path::Path, json: bool, command: Command) -> Result<
                 }
                 return Ok(());
             }
-            SnapshotCommand::Export { snapshot, output, format, region } => {
+            SnapshotCommand::Export { snapshot, output, format, region, force } => {
                 let output = std::path::absolute(&output)
                     .map_err(|e| ClientError::Api(format!("bad output path {}: {e}", output.display())))?;
                 let format = match format {
                     FormatArg::Raw => ExportFormat::Raw,
                     FormatArg::Qcow2 => ExportFormat::Qcow2,
                 };
-                let body = ExportRequest { output: output.clone(), format, region };
+                let body = ExportRequest { output: output.clone(), format, region, force };
                 let job = send(&c, Method::POST, &p(&["snapshots", &snapshot, "export"]), Some(&body)).await?;
                 let _: serde_json::Value = wait_job(&c, json, job, &format!("exporting {snapshot}")).await?;
                 Shown::Nothing(format!("exported {snapshot} to {}", output.display()))

@@ -187,16 +187,19 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<State> {
             path.display()
         ))
     };
-    if bytes.len() < 4 {
-        return Err(corrupt("truncated"));
+    // Magic, version, generation, then the body and a CRC: anything shorter is damaged (a
+    // file of four zero bytes has a valid CRC of nothing).
+    const HEADER: usize = 8 + 4 + 8;
+    if bytes.len() < HEADER + 4 {
+        return Err(corrupt(&format!("truncated: {} bytes", bytes.len())));
     }
     let (body, crc) = bytes.split_at(bytes.len() - 4);
     if crc32c::crc32c(body).to_le_bytes() != crc {
         return Err(corrupt("checksum mismatch"));
     }
-    let generation = Reader::new(&body[12..]).u64().map_err(|_| corrupt("truncated header"))?;
+    let generation = Reader::new(&body[12..HEADER]).u64().map_err(|_| corrupt("truncated header"))?;
     let version = check_header(body, CHECKPOINT_MAGIC, generation, path)?;
-    let mut r = Reader::new(&body[20..]);
+    let mut r = Reader::new(&body[HEADER..]);
     decode_body(&mut r, generation, version).map_err(corrupt)
 }
 
@@ -308,4 +311,28 @@ fn decode_body(r: &mut Reader, generation: u64, version: u32) -> Result<State, &
         return Err("trailing bytes");
     }
     Ok(State { generation, next_seq, volumes, snapshots })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_short_or_damaged_checkpoint_is_an_error_naming_the_file_never_a_panic() {
+        let path = Path::new("/d/meta/checkpoint");
+        let state = State { generation: 3, next_seq: 7, volumes: vec![], snapshots: vec![] };
+        let good = encode(&state);
+        assert_eq!(decode(&good, path).unwrap().next_seq, 7);
+        // Every truncation, four zero bytes (a valid CRC of nothing), and a flipped byte.
+        let mut damaged: Vec<Vec<u8>> = (0..good.len()).map(|n| good[..n].to_vec()).collect();
+        damaged.push(vec![0; 4]);
+        damaged.push(vec![0; 24]);
+        let mut flipped = good.clone();
+        flipped[10] ^= 1;
+        damaged.push(flipped);
+        for bytes in damaged {
+            let Err(err) = decode(&bytes, path) else { panic!("{} damaged bytes decoded", bytes.len()) };
+            assert!(err.to_string().contains("/d/meta/checkpoint"), "{err}");
+        }
+    }
 }

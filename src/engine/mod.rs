@@ -466,6 +466,24 @@ impl Registry {
         v
     }
 
+    /// Volumes loading clusters from the store copy of snapshot `id`, and snapshots taken
+    /// of them while they did (their unloaded clusters come from it too).
+    fn store_dependents(&self, id: u64) -> Vec<String> {
+        let from = |r: &Option<Remote>| r.as_ref().is_some_and(|rm| rm.source.snapshot == id);
+        let mut out: Vec<String> = self
+            .volumes
+            .values()
+            .filter(|v| from(&v.state.read().remote))
+            .map(|v| format!("volume {}", v.name))
+            .collect();
+        out.extend(self.snapshots.values().filter(|s| from(&s.remote)).map(|s| {
+            let vol = self.volumes.get(&s.volume).map_or("?", |v| v.name.as_str());
+            format!("snapshot {vol}@{}", s.name)
+        }));
+        out.sort();
+        out
+    }
+
     fn new_id(&self) -> u64 {
         loop {
             let id: u64 = rand::random();
@@ -1412,30 +1430,35 @@ impl Engine {
         Ok(self.snapshot_info(&reg, reg.find_snapshot(r)?))
     }
 
-    pub fn delete_snapshot(&self, r: &str) -> Result<()> {
+    /// Deletes a snapshot. Volumes (and snapshots of them) that still load clusters from
+    /// its copy in the store need that copy, not the local snapshot: the delete is refused
+    /// while they exist unless `store_copy_kept` — the caller then keeps the copy in the store
+    /// until [`Engine::store_dependents`] is empty.
+    pub fn delete_snapshot(&self, r: &str, store_copy_kept: bool) -> Result<()> {
         let reg = self.registry.write();
         let s = reg.find_snapshot(r)?.clone();
-        let loading: Vec<String> = reg
-            .volumes
-            .values()
-            .filter(|v| v.state.read().remote.as_ref().is_some_and(|rm| rm.source.snapshot == s.id))
-            .map(|v| v.name.clone())
-            .collect();
-        if !loading.is_empty() {
-            return Err(EngineError::Busy(format!(
-                "volume(s) {} still load data from snapshot '{r}'; wait for them (snapblk volume hydrate NAME --wait) or delete them first",
-                loading.join(", ")
-            )));
-        }
-        if reg.snapshots.values().any(|o| o.remote.as_ref().is_some_and(|rm| rm.source.snapshot == s.id)) {
-            return Err(EngineError::Busy(format!(
-                "other snapshots were taken while their volume was still loading from snapshot '{r}' and read data from it; delete them first"
-            )));
+        if !store_copy_kept {
+            let dependents = reg.store_dependents(s.id);
+            if !dependents.is_empty() {
+                return Err(EngineError::Busy(format!(
+                    "{} still load data from snapshot '{r}'; wait for them (snapblk volume hydrate NAME --wait) or delete them first",
+                    dependents.join(", ")
+                )));
+            }
         }
         // Reads of the snapshot still in flight keep its slots from reuse with their gate pass.
         self.run(reg, &[Record::SnapshotDelete { snapshot: s.id }], |_| ())?;
         tracing::info!(name = %s.name, id = %snapshot_id(s.id), "snapshot deleted");
         Ok(())
+    }
+
+    /// What still reads clusters from the store copy of snapshot `id` (`s-…`): volumes
+    /// loading from it and snapshots taken of them meanwhile, by name.
+    pub fn store_dependents(&self, id: &str) -> Vec<String> {
+        match parse_snapshot_id(id) {
+            Some(id) => self.registry.read().store_dependents(id),
+            None => Vec::new(),
+        }
     }
 
     /// A new volume with the snapshot's content, sharing its data (copy on write). A released

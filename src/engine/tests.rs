@@ -244,7 +244,7 @@ fn step(engine: &mut Arc<Engine>, dir: &Path, model: &mut Model, op: (u8, u64, u
         }
         7 => {
             let Some(key) = pick_snap(a) else { return };
-            engine.delete_snapshot(&key).unwrap();
+            engine.delete_snapshot(&key, false).unwrap();
             model.released.remove(&key);
             let gone = model.snaps.remove(&key).unwrap();
             for s in model.snaps.values_mut() {
@@ -408,7 +408,7 @@ fn run_case(ops: Vec<(u8, u64, u64, u64)>) {
     check(&engine, &model);
     // Deleting everything leaves no data behind.
     for key in model.snaps.keys() {
-        engine.delete_snapshot(key).unwrap();
+        engine.delete_snapshot(key, false).unwrap();
     }
     for name in model.vols.keys() {
         engine.delete_volume(name).unwrap();
@@ -445,7 +445,7 @@ fn deleting_a_snapshot_releases_the_slots_only_it_used() {
     };
     engine.commit().unwrap();
     assert_eq!(used(&engine), 256 + 128);
-    engine.delete_snapshot("v@s").unwrap();
+    engine.delete_snapshot("v@s", false).unwrap();
     engine.commit().unwrap();
     assert_eq!(used(&engine), 256);
     // The head regained exclusive ownership of the clusters it shared with the snapshot:
@@ -567,7 +567,7 @@ fn concurrent_writes_snapshots_and_deletes_lose_nothing_and_snapshots_never_chan
             _ => None,
         };
         if let Some((old, _)) = delete {
-            engine.delete_snapshot(&format!("v@{old}")).unwrap();
+            engine.delete_snapshot(&format!("v@{old}"), false).unwrap();
         }
     }
     stop.store(true, Ordering::Relaxed);
@@ -598,7 +598,7 @@ fn in_place_write_after_regaining_ownership_still_marks_the_cluster_dirty() {
     // The origin moves away from the shared slot, so after deleting the snapshot the clone is
     // its only holder and owns it again.
     engine.open_volume("v").unwrap().write(0, &[2u8; 65536], false).unwrap();
-    engine.delete_snapshot("v@s").unwrap();
+    engine.delete_snapshot("v@s", false).unwrap();
     engine.open_volume("c").unwrap().write(4096, &[3u8; 4096], false).unwrap();
     let dirty = |e: &Arc<Engine>| e.open_volume("c").unwrap().dirty(0, 65536).unwrap();
     assert_eq!(dirty(&engine), vec![volume::Extent { length: 65536, flags: volume::STATE_DIRTY }]);
@@ -814,9 +814,15 @@ fn deleting_a_snapshot_volumes_still_load_from_is_refused() {
         fetches: AtomicU64::new(0),
     }));
     engine.create_volume_from_remote("w", 1 << 20, 65536, &RemoteSource { region: "r".into(), snapshot: id }).unwrap();
-    let err = engine.delete_snapshot("v@s").unwrap_err();
+    let err = engine.delete_snapshot("v@s", false).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
-    assert!(err.to_string().contains("volume(s) w still load"), "{err}");
+    assert!(err.to_string().contains("volume w still load"), "{err}");
+    // With the store copy kept (the store service defers its deletion), the snapshot goes and
+    // the volume goes on loading from the store.
+    assert_eq!(engine.store_dependents(&snapshot_id(id)), vec!["volume w".to_string()]);
+    engine.delete_snapshot("v@s", true).unwrap();
+    assert_eq!(engine.snapshot("v@s").unwrap_err().kind(), ErrorKind::NotFound);
+    assert!(read_all(&engine, "w", 1 << 20).iter().all(|&b| b == 1));
 }
 
 #[test]
@@ -945,7 +951,7 @@ fn flushed_data_survives_a_kill_after_a_snapshot_delete_and_another_commit() {
     h.flush().unwrap();
     engine.create_snapshot("v", "s1", "").unwrap();
     h.write(0, &[0xbb; 4096], false).unwrap();
-    engine.delete_snapshot("v@s1").unwrap();
+    engine.delete_snapshot("v@s1", false).unwrap();
     engine.create_volume("other", 1 << 30, None).unwrap();
     let killed = tempfile::tempdir().unwrap();
     copy_dir(dir.path(), killed.path());

@@ -941,7 +941,7 @@ mod tests {
         };
         assert!(plan[0].copy);
         h.redirect_fill(&plan, &[3u8; 4096]).unwrap();
-        engine.delete_snapshot("v@s").unwrap();
+        engine.delete_snapshot("v@s", false).unwrap();
         h.write(8192, &[2u8; 4096], false).unwrap(); // in place: the head owns it again
         assert!(
             matches!(h.redirect_install(plan, seal), Ok(Some(Wait::Again))),

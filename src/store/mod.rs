@@ -222,6 +222,7 @@ impl StoreService {
                 tokio::time::sleep(RETENTION_SWEEP).await;
                 let Some(s) = svc.upgrade() else { return };
                 s.release_due();
+                s.sweep_deferred_deletes().await;
             }
         });
         if !self.config.gc_interval.is_zero() {
@@ -553,40 +554,85 @@ impl StoreService {
         }
     }
 
-    /// Deletes a snapshot: its manifest in the store first (so a snapshot that only lives
-    /// there is never left behind), then the local snapshot.
+    /// Deletes a snapshot. The local delete comes first — it is the step that can be refused
+    /// — and the manifest in the store last, once nothing can refuse it any more. The intent to
+    /// delete the manifest is recorded (synced) before either, so neither a crash nor an
+    /// unreachable store leaves it behind: `sweep_deferred_deletes` retries it. Volumes still
+    /// loading from the snapshot's store copy (clones of it after its release) keep that copy
+    /// until they have loaded everything; the snapshot disappears from lists at once.
     pub async fn delete_snapshot(&self, r: &str) -> Result<()> {
         let snap = self.engine.snapshot(r)?;
-        if let Some(p) = self.uploads.lock().get(&snap.id) {
-            p.cancelled.store(true, Ordering::Release);
-        }
         let rec = self.state.lock().snapshots.get(&snap.id).cloned();
         // A region removed from the configuration can no longer be reached: delete locally.
-        let rec = rec.filter(|rec| {
-            let configured = self.check_region(&rec.region).is_ok();
+        let region = rec.map(|rec| rec.region).filter(|region| {
+            let configured = self.check_region(region).is_ok();
             if !configured {
-                tracing::warn!(snapshot = %snap.id, region = %rec.region, "region no longer configured; deleting the snapshot locally only");
+                tracing::warn!(snapshot = %snap.id, %region, "region no longer configured; deleting the snapshot locally only");
             }
             configured
         });
-        if let Some(rec) = rec {
-            let _publishing = self.publish.lock().await;
-            let region = self.region(&rec.region).await.map_err(|e| {
-                StoreError::Unavailable(format!(
-                    "cannot delete snapshot {r} from region '{}' ({e}); nothing was deleted, try again when the store is reachable",
-                    rec.region
-                ))
-            })?;
-            region.objects.delete(&format::manifest_key(&snap.id)).await?;
-            region.forget_manifest(&snap.id);
+        if let Some(region) = &region {
+            self.state.lock().deferred_deletes.insert(snap.id.clone(), region.clone());
+            self.save()?;
         }
         let engine = self.engine.clone();
-        let r2 = r.to_string();
-        tokio::task::spawn_blocking(move || engine.delete_snapshot(&r2))
+        let (r2, kept) = (r.to_string(), region.is_some());
+        let deleted = tokio::task::spawn_blocking(move || engine.delete_snapshot(&r2, kept))
             .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+            .map_err(|e| StoreError::Unavailable(e.to_string()))
+            .and_then(|r| r.map_err(StoreError::from));
+        if let Err(e) = deleted {
+            // Refused (or gone meanwhile): the store copy stays as it was.
+            if region.is_some() && self.engine.snapshot(&snap.id).is_ok() {
+                self.state.lock().deferred_deletes.remove(&snap.id);
+                self.save()?;
+            }
+            return Err(e);
+        }
+        if let Some(p) = self.uploads.lock().get(&snap.id) {
+            p.cancelled.store(true, Ordering::Release);
+        }
         self.state.lock().snapshots.remove(&snap.id);
-        self.save()
+        self.save()?;
+        let waiting = self.engine.store_dependents(&snap.id);
+        if !waiting.is_empty() {
+            tracing::info!(snapshot = %snap.id, waiting = %waiting.join(", "), "snapshot deleted; its copy in the store stays until these have loaded their data");
+        } else if let Err(e) = self.delete_deferred(&snap.id).await {
+            tracing::warn!(snapshot = %snap.id, error = %e, "snapshot deleted; deleting its manifest from the store failed and will be retried");
+        }
+        Ok(())
+    }
+
+    /// Deletes the manifest of a snapshot deleted here, unless something still loads from it
+    /// (then `Ok(false)`).
+    async fn delete_deferred(&self, id: &str) -> Result<bool> {
+        let Some(region_name) = self.state.lock().deferred_deletes.get(id).cloned() else { return Ok(true) };
+        if !self.engine.store_dependents(id).is_empty() {
+            return Ok(false);
+        }
+        if self.check_region(&region_name).is_ok() {
+            // Under the publish lock: an upload of the snapshot still running cannot publish
+            // its manifest after this.
+            let _publishing = self.publish.lock().await;
+            let region = self.region(&region_name).await?;
+            region.objects.delete(&format::manifest_key(id)).await?;
+            region.forget_manifest(id);
+        }
+        self.state.lock().deferred_deletes.remove(id);
+        self.save()?;
+        tracing::info!(snapshot = %id, region = %region_name, "snapshot's manifest deleted from the store");
+        Ok(true)
+    }
+
+    /// Deletes the manifests whose deletion waited (for volumes still loading from them, or
+    /// for the store to be reachable). Runs every second with the retention sweep.
+    async fn sweep_deferred_deletes(&self) {
+        let ids: Vec<String> = self.state.lock().deferred_deletes.keys().cloned().collect();
+        for id in ids {
+            if let Err(e) = self.delete_deferred(&id).await {
+                tracing::debug!(snapshot = %id, error = %e, "deleting a deleted snapshot's manifest failed; will retry");
+            }
+        }
     }
 
     fn new_job(&self, kind: &str, target: &str) -> Arc<Job> {

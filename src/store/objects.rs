@@ -272,6 +272,40 @@ impl Objects {
         Ok(())
     }
 
+    /// PUTs `data` only if `key` does not exist yet (create-only), where the store supports
+    /// it (the filesystem, AWS S3); elsewhere a plain PUT. Returns false when the object
+    /// already existed (it is left as it was).
+    pub async fn put_new(&self, key: &str, data: Bytes) -> Result<bool> {
+        let path = ObjPath::from(key);
+        let created = self
+            .retry("PUT (create-only)", key, || {
+                let (path, payload) = (path.clone(), PutPayload::from(data.clone()));
+                async move {
+                    self.inject(false).await?;
+                    let opts = object_store::PutOptions { mode: object_store::PutMode::Create, ..Default::default() };
+                    match self.inner.put_opts(&path, payload.clone(), opts).await {
+                        Ok(_) => Ok(true),
+                        Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+                        Err(object_store::Error::NotImplemented | object_store::Error::NotSupported { .. }) => {
+                            self.inner.put(&path, payload).await?;
+                            Ok(true)
+                        }
+                        Err(e) => Err(e.into()),
+                    }
+                }
+            })
+            .await?;
+        if let (Some(root), true) = (&self.fs_root, created) {
+            let file = root.join(key);
+            tokio::task::spawn_blocking(move || sync_path(&file))
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?
+                .map_err(StoreError::io(format!("syncing object {key}")))?;
+        }
+        self.metrics.put_ops.fetch_add(1, Ordering::Relaxed);
+        Ok(created)
+    }
+
     pub async fn get(&self, key: &str) -> Result<Bytes> {
         self.fetch(key, None).await
     }

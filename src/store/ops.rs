@@ -164,58 +164,48 @@ impl StoreService {
         Ok(report)
     }
 
-    /// Writes the snapshot's content to `output`, reading only from the store. On any error
-    /// the partial output is removed and the error names the object.
+    /// Writes the snapshot's content to `output`, reading only from the store. The content
+    /// goes to a new temporary file beside `output`, renamed over it only once complete: on
+    /// any error (which names the object) `output` is untouched and only files this export
+    /// created are removed. An existing `output` that is not a regular file (a symlink, a
+    /// device node, a directory) is refused unless `force`.
     pub async fn export(
         &self,
         r: &str,
         region: Option<&str>,
         output: &Path,
         format: ExportFormat,
+        force: bool,
         job: &Job,
     ) -> Result<ExportReport> {
+        check_export_target(output, force)?;
         let (region, _) = self.locate(r, region).await?;
         // GC (which may move blobs) waits until this is done; re-read the manifest under it.
         let _reading = region.gc_lock.read().await;
         let (region, m) = self.locate(r, Some(&region.name)).await?;
-        let raw_path = match format {
-            ExportFormat::Raw => output.to_path_buf(),
-            ExportFormat::Qcow2 => output.with_extension("snapblk-export.raw"),
-        };
-        let result = export_raw(&region, &m, &raw_path, job).await;
-        let result = match (result, format) {
-            (Ok(n), ExportFormat::Qcow2) => {
+        let raw = TempFile::beside(output, "raw")?;
+        let blobs = export_raw(&region, &m, raw.file()?, raw.path(), job).await?;
+        let done = match format {
+            ExportFormat::Raw => raw,
+            ExportFormat::Qcow2 => {
+                let qcow2 = TempFile::beside(output, "qcow2")?;
                 let status = tokio::process::Command::new("qemu-img")
                     .args(["convert", "-f", "raw", "-O", "qcow2"])
-                    .arg(&raw_path)
-                    .arg(output)
+                    .arg(raw.path())
+                    .arg(qcow2.path())
                     .status()
                     .await;
-                let _ = std::fs::remove_file(&raw_path);
                 match status {
-                    Ok(s) if s.success() => Ok(n),
-                    Ok(s) => Err(StoreError::Invalid(format!("qemu-img convert to qcow2 failed ({s})"))),
-                    Err(e) => Err(StoreError::Invalid(format!(
+                    Ok(s) if s.success() => qcow2,
+                    Ok(s) => return Err(StoreError::Invalid(format!("qemu-img convert to qcow2 failed ({s})"))),
+                    Err(e) => return Err(StoreError::Invalid(format!(
                         "cannot run qemu-img for the qcow2 conversion ({e}); install qemu-utils or export --format raw"
                     ))),
                 }
             }
-            (r, _) => r,
         };
-        match result {
-            Ok(blobs) => Ok(ExportReport {
-                snapshot: m.snapshot_id.clone(),
-                output: output.to_path_buf(),
-                format,
-                size: m.size,
-                blobs,
-            }),
-            Err(e) => {
-                let _ = std::fs::remove_file(&raw_path);
-                let _ = std::fs::remove_file(output);
-                Err(e)
-            }
-        }
+        done.persist(output)?;
+        Ok(ExportReport { snapshot: m.snapshot_id.clone(), output: output.to_path_buf(), format, size: m.size, blobs })
     }
 
     pub async fn region_info(&self, name: &str) -> Result<RegionInfo> {
@@ -270,9 +260,77 @@ impl StoreService {
     }
 }
 
-async fn export_raw(region: &Region, m: &Manifest, path: &Path, job: &Job) -> Result<u64> {
+/// Refuses an export target that exists and is not a regular file, unless `force`.
+fn check_export_target(output: &Path, force: bool) -> Result<()> {
+    let kind = match std::fs::symlink_metadata(output) {
+        Ok(md) if md.file_type().is_file() => return Ok(()),
+        Ok(md) if md.file_type().is_symlink() => "a symbolic link",
+        Ok(md) if md.is_dir() => "a directory",
+        Ok(_) => "not a regular file (a device node, socket or pipe)",
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(StoreError::io(format!("checking {}", output.display()))(e)),
+    };
+    if force && !output.is_dir() {
+        return Ok(());
+    }
+    Err(StoreError::Invalid(format!(
+        "{} exists and is {kind}; export writes regular files only: choose another --output{}",
+        output.display(),
+        if kind == "a directory" { "" } else { ", or pass --force to replace it (nothing is written through it)" }
+    )))
+}
+
+/// A file this process created (exclusively, mode 0600) beside a target, removed on drop
+/// unless renamed over the target.
+struct TempFile {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl TempFile {
+    fn beside(target: &Path, what: &str) -> Result<TempFile> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let path = target.with_file_name(format!(".{name}.snapblk-{what}-{:08x}", rand::random::<u32>()));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(StoreError::io(format!("creating {}", path.display())))?;
+        Ok(TempFile { path, file: Some(file) })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn file(&self) -> Result<&std::fs::File> {
+        self.file.as_ref().ok_or_else(|| StoreError::Invalid(format!("{} is closed", self.path.display())))
+    }
+
+    /// Syncs the file and renames it over `target`.
+    fn persist(mut self, target: &Path) -> Result<()> {
+        let io = |what: &str| StoreError::io(format!("{what} {}", target.display()));
+        if let Some(f) = self.file.take() {
+            f.sync_all().map_err(io("syncing the export for"))?;
+        }
+        std::fs::rename(&self.path, target).map_err(io("renaming the export to"))?;
+        self.path = PathBuf::new();
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+async fn export_raw(region: &Region, m: &Manifest, file: &std::fs::File, path: &Path, job: &Job) -> Result<u64> {
     let io = |what: &str| StoreError::io(format!("{what} {}", path.display()));
-    let file = std::fs::File::create(path).map_err(io("creating"))?;
     file.set_len(m.size).map_err(io("sizing"))?;
     let mut problems = Vec::new();
     let blobs = data_blobs(region, m, &mut problems).await?;

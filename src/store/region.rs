@@ -40,6 +40,11 @@ pub struct Region {
     manifests: Mutex<HashMap<String, Arc<Manifest>>>,
 }
 
+/// Whether a key names an object snapblk writes (packs, snapshots, keys).
+fn is_snapblk_object(key: &str) -> bool {
+    ["packs/", "snapshots/", "keys/"].iter().any(|p| key.starts_with(p))
+}
+
 impl Region {
     /// Opens a region: loads (or creates) the key file, then loads (or creates) the repository
     /// key in the store.
@@ -57,15 +62,24 @@ impl Region {
         let wrapped = match objects.get(REPO_KEY_OBJECT).await {
             Ok(b) => b,
             Err(StoreError::Missing(_)) => {
-                // A new repository. The key is read back rather than used directly, so two
-                // daemons initializing at once converge on the last PUT — unless one reads back
-                // before the other writes: without conditional PUT (Garage ignores If-None-Match)
-                // that window cannot be closed here; start the first daemon of a region alone.
+                // No key: a new repository only if the region is provably empty. A region
+                // with snapblk objects but no key (a transient 404, a wrong prefix, a lost key
+                // object) must never get a new key: its objects would become unreadable.
+                let found = objects.list("").await?;
+                if let Some(o) = found.iter().find(|o| is_snapblk_object(&o.key)) {
+                    return Err(StoreError::Config(format!(
+                        "region '{}' holds snapblk objects (e.g. {}) but no repository key ({REPO_KEY_OBJECT}); refusing to create a new repository, which would make them unreadable: check the region's bucket and prefix, or restore {REPO_KEY_OBJECT} from a backup",
+                        cfg.name, o.key
+                    )));
+                }
+                // Create-only where the store supports it; two daemons initializing at once
+                // then converge on the first key. (Garage ignores If-None-Match: start the
+                // first daemon of a region alone.) Read back either way.
                 let master = crypto::new_master();
-                objects
-                    .put(REPO_KEY_OBJECT, Bytes::from(crypto::wrap_master(&kek, &master, cfg.new_repository_cipher)))
-                    .await?;
-                tracing::info!(region = %cfg.name, cipher = cfg.new_repository_cipher.name(), "initialized a new repository");
+                let wrapped = Bytes::from(crypto::wrap_master(&kek, &master, cfg.new_repository_cipher));
+                if objects.put_new(REPO_KEY_OBJECT, wrapped).await? {
+                    tracing::info!(region = %cfg.name, cipher = cfg.new_repository_cipher.name(), "initialized a new repository");
+                }
                 objects.get(REPO_KEY_OBJECT).await?
             }
             Err(e) => return Err(e),

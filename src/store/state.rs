@@ -42,6 +42,11 @@ pub struct RemoteState {
     /// Snapshot id → upload record.
     #[serde(default)]
     pub snapshots: BTreeMap<String, SnapshotRecord>,
+    /// Snapshot id → region: snapshots deleted here whose manifest is still to be deleted
+    /// from the store — once no volume loads from it any more, retried until the delete
+    /// succeeds (a crash or an unreachable store never leaves a manifest behind).
+    #[serde(default)]
+    pub deferred_deletes: BTreeMap<String, String>,
 }
 
 pub struct StateFile {
