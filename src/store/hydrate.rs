@@ -91,6 +91,51 @@ impl SourceView {
     }
 
     /// Where cluster `c`'s data is; `None` for a hole.
+    /// Runs of clusters with and without data in `start..end`: `(first, end, has_data)`.
+    /// O(map pages with data in the range + their entries): pages the manifest does not list
+    /// are skipped whole, so a sparse 64 TiB snapshot is answered at once.
+    async fn data_runs(&self, start: u64, end: u64) -> Result<Vec<(u64, u64, bool)>> {
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        fn push(runs: &mut Vec<(u64, u64, bool)>, from: u64, to: u64, data: bool) {
+            if from >= to {
+                return;
+            }
+            match runs.last_mut() {
+                Some(last) if last.1 == from && last.2 == data => last.1 = to,
+                _ => runs.push((from, to, data)),
+            }
+        }
+        let mut indexes: Vec<u64> = self.manifest.pages.iter().map(|p| p.index).collect();
+        indexes.sort_unstable();
+        let first_page = indexes.partition_point(|&i| i < start / PAGE_CLUSTERS);
+        let mut pos = start;
+        for &index in indexes[first_page..].iter().take_while(|&&i| i * PAGE_CLUSTERS < end) {
+            let base = index * PAGE_CLUSTERS;
+            push(&mut runs, pos, base.max(pos), false);
+            pos = pos.max(base);
+            let page_end = (base + PAGE_CLUSTERS).min(end);
+            if let Some(page) = self.page(index).await? {
+                for &(slot, _) in &page.entries {
+                    let c = base + slot as u64;
+                    if c < pos || c >= page_end {
+                        continue;
+                    }
+                    push(&mut runs, pos, c, false);
+                    push(&mut runs, c, c + 1, true);
+                    pos = c + 1;
+                }
+            }
+            push(&mut runs, pos, page_end, false);
+            pos = page_end;
+            if runs.len() > 1024 {
+                // A prefix of the range is an answer; the rest was not looked at.
+                return Ok(runs);
+            }
+        }
+        push(&mut runs, pos, end, false);
+        Ok(runs)
+    }
+
     async fn locate(&self, c: u64) -> Result<Option<BlobRef>> {
         let Some(page) = self.page(c / PAGE_CLUSTERS).await? else { return Ok(None) };
         let slot = (c % PAGE_CLUSTERS) as u32;
@@ -273,12 +318,12 @@ impl Hydration {
         }
     }
 
-    /// Whether the snapshot has data in cluster `c` (from its map page).
-    pub async fn has_data(&self, source: &RemoteSource, c: u64) -> engine::Result<bool> {
+    /// Runs of clusters of `start..end` with and without data (see `SourceView::data_runs`).
+    pub async fn data_runs(&self, source: &RemoteSource, start: u64, end: u64) -> engine::Result<Vec<(u64, u64, bool)>> {
         let mut again = true;
         loop {
             let found = match self.view(source).await {
-                Ok(view) => view.locate(c).await,
+                Ok(view) => view.data_runs(start, end).await,
                 Err(e) => Err(e),
             };
             match found {
@@ -286,7 +331,7 @@ impl Hydration {
                     again = false;
                     self.forget(source);
                 }
-                r => return r.map(|b| b.is_some()).map_err(engine_error),
+                r => return r.map_err(engine_error),
             }
         }
     }

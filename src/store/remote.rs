@@ -50,25 +50,22 @@ impl RemoteSnapshot {
         Ok(hole)
     }
 
-    /// Whether each cluster of the range holds data: `(length, is_hole)` runs.
+    /// Whether each cluster of the range holds data: `(length, is_hole)` runs, from the map
+    /// pages (O(extents), never a walk of every cluster); at most about 1024 runs.
     pub async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
         let cs = self.cluster_size;
-        let end = (offset + len).min(self.size);
-        let mut out: Vec<(u64, bool)> = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            let c = pos / cs;
-            let n = (cs - pos % cs).min(end - pos);
-            let data = self.hydration.has_data(&self.source, c).await?;
-            match out.last_mut() {
-                Some((l, h)) if *h != data => *l += n,
-                _ => out.push((n, !data)),
-            }
-            pos += n;
-            if out.len() >= 1024 {
-                break;
-            }
+        let end = offset.saturating_add(len).min(self.size);
+        if offset >= end {
+            return Ok(Vec::new());
         }
-        Ok(out)
+        let runs = self.hydration.data_runs(&self.source, offset / cs, end.div_ceil(cs)).await?;
+        Ok(runs
+            .into_iter()
+            .map(|(first, last, data)| {
+                let (from, to) = ((first * cs).max(offset), (last * cs).min(end));
+                (to.saturating_sub(from), !data)
+            })
+            .filter(|(n, _)| *n > 0)
+            .collect())
     }
 }
