@@ -28,6 +28,10 @@ fn main() {
         }
     };
     if let Command::Serve(args) = &cli.command {
+        // Closed by default, whatever the caller's umask: everything the daemon creates (its
+        // directory, slot files, journal, keys, exports) is its own user's alone; the sockets
+        // are opened to their group explicitly (see `daemon`).
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
         let served = snapblk::daemon::serve(&dir, args);
         drop(log_writer); // writes out the queued lines
         if let Err(e) = served {

@@ -356,8 +356,12 @@ fn region(name: &str, r: RawRegion, dir: &Path) -> std::result::Result<RegionCon
                 .ok_or_else(|| ctx("no access key: set `access_key_id` or AWS_ACCESS_KEY_ID".into()))?;
             let secret_access_key = match (&r.secret_access_key, &r.secret_access_key_file) {
                 (Some(s), _) => s.clone(),
-                (None, Some(f)) => std::fs::read_to_string(rel(f))
-                    .map_err(|e| ctx(format!("cannot read secret_access_key_file {f}: {e}")))?
+                (None, Some(f)) => super::crypto::check_private(&rel(f))
+                    .map_err(|e| ctx(e.to_string()))
+                    .and_then(|()| {
+                        std::fs::read_to_string(rel(f))
+                            .map_err(|e| ctx(format!("cannot read secret_access_key_file {f}: {e}")))
+                    })?
                     .trim()
                     .to_string(),
                 (None, None) => std::env::var("AWS_SECRET_ACCESS_KEY")

@@ -142,16 +142,30 @@ fn parse_key_file(text: &str, path: &Path) -> Result<[u8; 32]> {
     )))
 }
 
+/// Refuses a secret file (key file, S3 secret) that any user can read; warns when its group
+/// can. A missing file is fine here (it is generated, or reported when read).
+pub fn check_private(path: &Path) -> Result<()> {
+    let Ok(meta) = std::fs::metadata(path) else { return Ok(()) };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o007 != 0 {
+        return Err(StoreError::Config(format!(
+            "secret file {} can be read by any user (mode {mode:03o}); restrict it with: chmod 600 {}",
+            path.display(),
+            path.display()
+        )));
+    }
+    if mode & 0o070 != 0 {
+        tracing::warn!(file = %path.display(), mode = format!("{mode:03o}"), "secret file is readable by its group; chmod 600 it unless that is intended");
+    }
+    Ok(())
+}
+
 /// Loads the key-encryption key, generating the file (0600) when it does not exist.
 /// Returns whether it was generated, so the caller can warn that it must be backed up.
 pub fn load_or_create_kek(path: &Path) -> Result<([u8; 32], bool)> {
     match std::fs::read_to_string(path) {
         Ok(text) => {
-            if let Ok(meta) = std::fs::metadata(path) {
-                if meta.permissions().mode() & 0o077 != 0 {
-                    tracing::warn!(file = %path.display(), "key file is readable by other users; chmod 600 it");
-                }
-            }
+            check_private(path)?;
             Ok((parse_key_file(&text, path)?, false))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -616,6 +630,18 @@ mod tests {
         assert!(unwrap_master(&[1; 32], &relabel(1), "r", Path::new("k")).is_err());
         let err = unwrap_master(&[1; 32], &relabel(3), "r", Path::new("k")).unwrap_err().to_string();
         assert!(err.contains("version 3") && err.contains("upgrade"), "{err}");
+    }
+
+    #[test]
+    fn a_key_file_any_user_can_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.key");
+        load_or_create_kek(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = load_or_create_kek(&path).unwrap_err().to_string();
+        assert!(err.contains("can be read by any user") && err.contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        load_or_create_kek(&path).unwrap();
     }
 
     #[test]

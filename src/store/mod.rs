@@ -152,6 +152,11 @@ impl StoreService {
     /// use, so a store that is down does not stop the daemon. Runs inside the tokio runtime.
     pub fn open(dir: &Path, engine: Arc<Engine>) -> Result<Arc<StoreService>> {
         let config = Config::load_or_create(dir)?;
+        // Key files are read when a region is first used: refuse to start with one that any
+        // user can read rather than serve for hours and fail then.
+        for r in config.regions.values() {
+            crypto::check_private(&r.key_file)?;
+        }
         let state_file = StateFile::new(dir);
         let mut state = state_file.load()?;
         // Records of snapshots and volumes that no longer exist locally are dropped.
