@@ -145,6 +145,7 @@ impl ClusterMap {
     /// Calls `f(cluster)` for every cluster whose entry differs between `self` and `other`
     /// (maps of the same size). Subtrees shared by both are skipped without being read, so
     /// comparing a snapshot with its successor costs only what changed between them.
+    #[cfg(test)]
     pub fn for_each_difference(&self, other: &ClusterMap, mut f: impl FnMut(u64)) {
         debug_assert_eq!(self.height, other.height);
         diff(self.root.as_ref(), other.root.as_ref(), self.height, 0, &mut f);
@@ -210,6 +211,7 @@ fn walk_nonzero(node: &Node, level: u32, base: u64, f: &mut dyn FnMut(u64, u64))
     }
 }
 
+#[cfg(test)]
 fn diff(a: Option<&Arc<Node>>, b: Option<&Arc<Node>>, level: u32, base: u64, f: &mut dyn FnMut(u64)) {
     match (a, b) {
         (None, None) => {}

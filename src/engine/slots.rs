@@ -185,6 +185,7 @@ impl SlotFile {
         Ok(())
     }
 
+    #[cfg(test)]
     pub fn stats(&self) -> (u64, u64) {
         let a = self.alloc.lock();
         let draining: usize = a.draining.iter().map(|f| f.slots.len()).sum();

@@ -1,0 +1,54 @@
+//! Object ids (`v-…`, `s-…`) and the rules for names and geometry.
+
+use super::error::{EngineError, Result};
+use super::{MAX_CLUSTER_SIZE, MAX_VOLUME_SIZE, MIN_CLUSTER_SIZE};
+
+pub fn volume_id(id: u64) -> String {
+    format!("v-{id:016x}")
+}
+
+pub fn snapshot_id(id: u64) -> String {
+    format!("s-{id:016x}")
+}
+
+/// The number in a `v-…` volume id.
+pub fn parse_volume_id(r: &str) -> Option<u64> {
+    parse_id(r, "v-")
+}
+
+/// The number in an `s-…` snapshot id.
+pub fn parse_snapshot_id(r: &str) -> Option<u64> {
+    parse_id(r, "s-")
+}
+
+pub(super) fn parse_id(r: &str, prefix: &str) -> Option<u64> {
+    let hex = r.strip_prefix(prefix)?;
+    (hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok()).flatten()
+}
+
+pub(super) fn validate_name(what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        && !name.starts_with(['.', '-'])
+        && parse_id(name, "v-").is_none()
+        && parse_id(name, "s-").is_none();
+    if ok {
+        Ok(())
+    } else {
+        Err(EngineError::Invalid(format!(
+            "invalid {what} name '{name}': use 1-64 letters, digits, '.', '_' or '-', not starting with '.' or '-' and not shaped like an id"
+        )))
+    }
+}
+
+/// Whether a volume of this size and cluster size can exist; the reason when not.
+pub(super) fn check_geometry(size: u64, cluster_size: u32) -> std::result::Result<(), String> {
+    if !cluster_size.is_power_of_two() || !(MIN_CLUSTER_SIZE..=MAX_CLUSTER_SIZE).contains(&cluster_size) {
+        return Err(format!("invalid cluster size {cluster_size}: use a power of two from 4K to 1M (default 64K)"));
+    }
+    if size == 0 || size % 4096 != 0 || size > MAX_VOLUME_SIZE {
+        return Err(format!("invalid volume size {size}: use a non-zero multiple of 4 KiB up to 64 TiB"));
+    }
+    Ok(())
+}

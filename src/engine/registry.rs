@@ -1,0 +1,738 @@
+//! The registry: every volume and snapshot in memory, and `Registry::apply`, the one state
+//! transition for journal records — run live (under the registry lock, by `Engine::stage`)
+//! and at recovery (replaying the journal over the checkpoint). Also what a dropped map frees
+//! (`release_dropped`), start-up ownership, and the checkpoint image.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use roaring::RoaringTreemap;
+
+use super::checkpoint::{SnapshotImage, State, VolumeImage};
+use super::commit::Regain;
+use super::error::{EngineError, Result};
+use super::ids::{parse_id, snapshot_id, volume_id};
+use super::journal::Record;
+use super::map::ClusterMap;
+use super::remote::{self, Remote, RemoteSource};
+use super::revoke::Revoker;
+use super::slots::SlotFile;
+use super::types::{HydrationInfo, SnapshotInfo, VolumeInfo};
+use super::volume;
+
+pub(crate) struct Volume {
+    pub(crate) id: u64,
+    pub(crate) name: String,
+    pub(crate) size: u64,
+    pub(crate) cluster_size: u32,
+    pub(crate) created: u64,
+    pub(crate) origin: Option<u64>,
+    pub(crate) slots: Arc<SlotFile>,
+    pub(crate) state: RwLock<VolumeState>,
+    /// Encoded journal records of data-path map changes, drained at commit. Pushed under the
+    /// state write lock, so they are in the order the changes were made.
+    pub(crate) pending: Mutex<Vec<u8>>,
+    pub(crate) writers: AtomicU64,
+    pub(crate) revoker: Revoker,
+}
+
+pub(crate) struct VolumeState {
+    pub(crate) head: ClusterMap,
+    /// Clusters written, trimmed or zeroed since the last snapshot.
+    pub(crate) dirty: RoaringTreemap,
+    /// Clusters whose slot only the head references: written in place. Everything else is
+    /// redirected to a fresh slot on its first write. Recomputed exactly at startup.
+    pub(crate) owned: RoaringTreemap,
+    /// The snapshot the dirty bitmap is relative to.
+    pub(crate) parent: Option<u64>,
+    /// Non-zero entries in `head`.
+    pub(crate) allocated: u64,
+    /// Clusters in the volume.
+    pub(crate) clusters: u64,
+    /// The head's clusters still in the object store (see `remote.rs`); `None` when all local.
+    pub(crate) remote: Option<Remote>,
+    /// The remote snapshot the root of this lineage is relative to (set when the volume was
+    /// created from, or rolled back to, a snapshot in the store): an upload base.
+    pub(crate) anchor: Option<RemoteSource>,
+    /// `Snapshot::seal` of the newest snapshot taken of this head: a write that copies a
+    /// cluster waits for it (an in-place write from before may still be landing there).
+    pub(crate) seal: u64,
+}
+
+impl VolumeState {
+    /// Applies a map change; the cluster becomes dirty (and is no longer pending). Returns
+    /// the previous entry.
+    pub(crate) fn set_entry(&mut self, cluster: u64, entry: u64) -> u64 {
+        let old = self.set_clean(cluster, entry);
+        self.dirty.insert(cluster);
+        old
+    }
+
+    /// Applies a map change that does not change the content (a hydrated cluster).
+    pub(crate) fn set_clean(&mut self, cluster: u64, entry: u64) -> u64 {
+        let old = self.head.set(cluster, entry);
+        match (old != 0, entry != 0) {
+            (false, true) => self.allocated += 1,
+            (true, false) => self.allocated -= 1,
+            _ => {}
+        }
+        self.mark_loaded(cluster..cluster + 1);
+        old
+    }
+
+    /// Clusters of `range` are no longer pending; the remote part goes once nothing is.
+    pub(crate) fn mark_loaded(&mut self, range: std::ops::Range<u64>) {
+        let Some(r) = self.remote.as_mut() else { return };
+        let end = range.end.min(self.clusters);
+        if range.start >= end {
+            return;
+        }
+        let loaded = Arc::make_mut(&mut r.loaded);
+        if end - range.start == 1 {
+            loaded.insert(range.start);
+        } else {
+            loaded.insert_range(range.start..end);
+        }
+        if loaded.len() >= self.clusters {
+            self.remote = None;
+        }
+    }
+
+    pub(crate) fn is_pending(&self, cluster: u64) -> bool {
+        remote::pending(&self.remote, cluster)
+    }
+}
+
+pub(crate) struct Snapshot {
+    pub(crate) id: u64,
+    pub(crate) volume: u64,
+    pub(crate) seq: u64,
+    pub(crate) name: String,
+    pub(crate) description: String,
+    pub(crate) created: u64,
+    pub(crate) size: u64,
+    pub(crate) cluster_size: u32,
+    pub(crate) allocated: u64,
+    pub(crate) map: ClusterMap,
+    /// Parent and changed set: rewritten when the parent is deleted (its changes fold in).
+    pub(crate) lineage: Mutex<Lineage>,
+    pub(crate) revoker: Revoker,
+    /// The data was released after upload: `map` is empty and reads must go to the store.
+    pub(crate) released: bool,
+    /// Clusters still in the store when the snapshot was taken of a hydrating volume.
+    pub(crate) remote: Option<Remote>,
+    /// The commit that makes its record and data durable (0: loaded from disk, durable
+    /// already; `UNSEALED` until a commit starts after the seal).
+    pub(crate) durable_ticket: AtomicU64,
+    /// The gate epoch of its volume's slot file after which it is *sealed*: writes that were
+    /// in flight when it was taken, and may still land in slots it shares, have ended. Its
+    /// data is read only once sealed (see `gate.rs`). 0: sealed from the start.
+    pub(crate) seal: u64,
+}
+
+impl Snapshot {
+    pub(crate) fn is_sealed(&self, vol: &Volume) -> bool {
+        vol.slots.gate.passed(self.seal)
+    }
+
+    pub(crate) fn wait_sealed(&self, vol: &Volume) -> Result<()> {
+        volume::wait_for_seal(vol, self.seal)
+    }
+
+    pub(crate) async fn wait_sealed_async(&self, vol: &Volume) {
+        vol.slots.gate.wait_async(self.seal).await
+    }
+}
+
+pub(crate) struct Lineage {
+    pub(crate) parent: Option<u64>,
+    pub(crate) changed: RoaringTreemap,
+    /// The remote snapshot the root of this lineage is relative to (see `VolumeState`).
+    pub(crate) anchor: Option<RemoteSource>,
+}
+
+#[derive(Default)]
+pub(super) struct Registry {
+    pub(super) volumes: HashMap<u64, Arc<Volume>>,
+    pub(super) snapshots: HashMap<u64, Arc<Snapshot>>,
+    pub(super) slot_files: HashMap<u32, Arc<SlotFile>>,
+    pub(super) next_seq: u64,
+}
+
+pub(super) fn slot_file_path(data_dir: &Path, cluster_size: u32) -> PathBuf {
+    data_dir.join(format!("slots-{cluster_size}.dat"))
+}
+
+impl Registry {
+    pub(super) fn slot_file(&mut self, data_dir: &Path, cluster_size: u32) -> Result<Arc<SlotFile>> {
+        if let Some(f) = self.slot_files.get(&cluster_size) {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(SlotFile::open(&slot_file_path(data_dir, cluster_size), cluster_size)?);
+        self.slot_files.insert(cluster_size, f.clone());
+        Ok(f)
+    }
+
+    pub(super) fn check_name_free(&self, name: &str) -> Result<()> {
+        if self.volumes.values().any(|v| v.name == name) {
+            return Err(EngineError::AlreadyExists(format!("a volume named '{name}' already exists")));
+        }
+        Ok(())
+    }
+
+    pub(super) fn find_volume(&self, r: &str) -> Result<&Arc<Volume>> {
+        let found = match parse_id(r, "v-") {
+            Some(id) => self.volumes.get(&id),
+            None => self.volumes.values().find(|v| v.name == r),
+        };
+        found.ok_or_else(|| {
+            EngineError::NotFound(format!("no volume named '{r}'; list volumes with: snapblk volume list"))
+        })
+    }
+
+    pub(super) fn find_snapshot(&self, r: &str) -> Result<&Arc<Snapshot>> {
+        if let Some(id) = parse_id(r, "s-") {
+            return self.snapshots.get(&id).ok_or_else(|| {
+                EngineError::NotFound(format!("no snapshot with id {r}; list them with: snapblk snapshot list"))
+            });
+        }
+        let Some((vol, snap)) = r.split_once('@') else {
+            return Err(EngineError::Invalid(format!(
+                "'{r}' is not a snapshot reference: use VOLUME@SNAPSHOT or a snapshot id (s-...)"
+            )));
+        };
+        let volume = self.find_volume(vol)?;
+        self.snapshots.values().find(|s| s.volume == volume.id && s.name == snap).ok_or_else(|| {
+            EngineError::NotFound(format!(
+                "volume '{}' has no snapshot named '{snap}'; list them with: snapblk snapshot list {}",
+                volume.name, volume.name
+            ))
+        })
+    }
+
+    /// The volume a snapshot was taken of (`r`: how the caller named the snapshot).
+    pub(super) fn volume_of(&self, s: &Snapshot, r: &str) -> Result<Arc<Volume>> {
+        self.volumes
+            .get(&s.volume)
+            .cloned()
+            .ok_or_else(|| EngineError::NotFound(format!("the volume of snapshot '{r}' no longer exists")))
+    }
+
+    /// Snapshots of a volume, oldest first.
+    pub(super) fn snapshots_of(&self, volume: u64) -> Vec<Arc<Snapshot>> {
+        let mut v: Vec<_> = self.snapshots.values().filter(|s| s.volume == volume).cloned().collect();
+        v.sort_by_key(|s| s.seq);
+        v
+    }
+
+    /// Volumes loading clusters from the store copy of snapshot `id`, and snapshots taken
+    /// of them while they did (their unloaded clusters come from it too).
+    pub(super) fn store_dependents(&self, id: u64) -> Vec<String> {
+        let from = |r: &Option<Remote>| r.as_ref().is_some_and(|rm| rm.source.snapshot == id);
+        let mut out: Vec<String> = self
+            .volumes
+            .values()
+            .filter(|v| from(&v.state.read().remote))
+            .map(|v| format!("volume {}", v.name))
+            .collect();
+        out.extend(self.snapshots.values().filter(|s| from(&s.remote)).map(|s| {
+            let vol = self.volumes.get(&s.volume).map_or("?", |v| v.name.as_str());
+            format!("snapshot {vol}@{}", s.name)
+        }));
+        out.sort();
+        out
+    }
+
+    pub(super) fn new_id(&self) -> u64 {
+        loop {
+            let id: u64 = rand::random();
+            if id != 0 && !self.volumes.contains_key(&id) && !self.snapshots.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Applies a record (live or during replay). Returns the map this dropped, if any, so live
+    /// callers can release its slots. Live callers pass `staged`: the volume's earlier
+    /// data-path records are moved there under the same state lock that applies `rec`, so in
+    /// the journal they precede it exactly as they did in memory.
+    pub(super) fn apply(
+        &mut self,
+        rec: &Record,
+        data_dir: &Path,
+        mut staged: Option<&mut Vec<u8>>,
+    ) -> Result<Option<(ClusterMap, u32)>> {
+        let mut drain = |v: &Volume| {
+            if let Some(out) = staged.as_deref_mut() {
+                let mut p = v.pending.lock();
+                out.extend_from_slice(&p);
+                p.clear();
+            }
+        };
+        let missing = |what: &str, id: u64| {
+            EngineError::Corrupt(format!(
+                "journal refers to unknown {what} {id:016x}; the metadata is damaged, restore the daemon directory from a backup"
+            ))
+        };
+        match rec {
+            Record::MapSet { volume, cluster, entry } => {
+                let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
+                v.state.write().set_entry(*cluster, *entry);
+                Ok(None)
+            }
+            Record::DirtyRange { volume, start, end } => {
+                let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
+                v.state.write().dirty.insert_range(*start..*end);
+                Ok(None)
+            }
+            Record::VolumeCreate { volume, name, size, cluster_size, created, origin } => {
+                let slots = self.slot_file(data_dir, *cluster_size)?;
+                let clusters = size.div_ceil(*cluster_size as u64);
+                let (head, allocated, remote) = match origin {
+                    Some(s) => {
+                        let snap = self.snapshots.get(s).ok_or_else(|| missing("snapshot", *s))?;
+                        (snap.map.clone(), snap.allocated, snap.remote.clone())
+                    }
+                    None => (ClusterMap::new(clusters), 0, None),
+                };
+                let vol = Volume {
+                    id: *volume,
+                    name: name.clone(),
+                    size: *size,
+                    cluster_size: *cluster_size,
+                    created: *created,
+                    origin: *origin,
+                    slots,
+                    state: RwLock::new(VolumeState {
+                        head,
+                        dirty: RoaringTreemap::new(),
+                        owned: RoaringTreemap::new(),
+                        parent: None,
+                        allocated,
+                        clusters,
+                        remote,
+                        anchor: None,
+                        seal: 0,
+                    }),
+                    pending: Mutex::new(Vec::new()),
+                    writers: AtomicU64::new(0),
+                    revoker: Revoker::new(),
+                };
+                self.volumes.insert(*volume, Arc::new(vol));
+                Ok(None)
+            }
+            Record::VolumeDelete { volume } => {
+                let v = self.volumes.remove(volume).ok_or_else(|| missing("volume", *volume))?;
+                v.revoker.revoke();
+                let st = v.state.write();
+                drain(&v);
+                let head = st.head.clone();
+                Ok(Some((head, v.cluster_size)))
+            }
+            Record::SnapshotCreate { volume, snapshot, seq, name, description, created } => {
+                let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
+                let mut st = v.state.write();
+                // Writes looked up before this point may still be landing in slots the
+                // snapshot shares: it is sealed once they have ended.
+                let seal = v.slots.gate.advance().ok_or_else(|| {
+                    EngineError::Busy(format!(
+                        "writes to volume '{}' have been in flight for too long (is the disk under the data directory hung?); try again",
+                        v.name
+                    ))
+                })?;
+                drain(v);
+                let snap = Snapshot {
+                    id: *snapshot,
+                    volume: *volume,
+                    seq: *seq,
+                    name: name.clone(),
+                    description: description.clone(),
+                    created: *created,
+                    size: v.size,
+                    cluster_size: v.cluster_size,
+                    allocated: st.allocated,
+                    map: st.head.clone(),
+                    lineage: Mutex::new(Lineage {
+                        parent: st.parent,
+                        changed: std::mem::take(&mut st.dirty),
+                        anchor: st.anchor.clone(),
+                    }),
+                    revoker: Revoker::new(),
+                    released: false,
+                    remote: st.remote.clone(),
+                    durable_ticket: AtomicU64::new(0),
+                    seal,
+                };
+                st.owned.clear();
+                st.seal = seal;
+                st.parent = Some(*snapshot);
+                drop(st);
+                self.next_seq = self.next_seq.max(seq + 1);
+                self.snapshots.insert(*snapshot, Arc::new(snap));
+                Ok(None)
+            }
+            Record::SnapshotDelete { snapshot } => {
+                let s = self.snapshots.remove(snapshot).ok_or_else(|| missing("snapshot", *snapshot))?;
+                s.revoker.revoke();
+                let (parent, changed) = {
+                    let l = s.lineage.lock();
+                    (l.parent, l.changed.clone())
+                };
+                // Whatever was relative to the deleted snapshot is now relative to its parent.
+                for other in self.snapshots.values() {
+                    let mut l = other.lineage.lock();
+                    if l.parent == Some(*snapshot) {
+                        l.parent = parent;
+                        l.changed |= &changed;
+                    }
+                }
+                for v in self.volumes.values() {
+                    let mut st = v.state.write();
+                    if st.parent == Some(*snapshot) {
+                        st.parent = parent;
+                        st.dirty |= &changed;
+                    }
+                }
+                Ok(Some((s.map.clone(), s.cluster_size)))
+            }
+            Record::SnapshotRelease { snapshot } => {
+                let s = self.snapshots.get(snapshot).ok_or_else(|| missing("snapshot", *snapshot))?;
+                s.revoker.revoke();
+                let lineage = {
+                    let l = s.lineage.lock();
+                    Lineage { parent: l.parent, changed: l.changed.clone(), anchor: l.anchor.clone() }
+                };
+                let released = Snapshot {
+                    id: s.id,
+                    volume: s.volume,
+                    seq: s.seq,
+                    name: s.name.clone(),
+                    description: s.description.clone(),
+                    created: s.created,
+                    size: s.size,
+                    cluster_size: s.cluster_size,
+                    allocated: s.allocated,
+                    map: ClusterMap::new(s.size.div_ceil(s.cluster_size.max(1) as u64)),
+                    lineage: Mutex::new(lineage),
+                    revoker: Revoker::new(),
+                    released: true,
+                    remote: None,
+                    durable_ticket: AtomicU64::new(0),
+                    seal: 0,
+                };
+                let old = self.snapshots.insert(*snapshot, Arc::new(released));
+                Ok(old.map(|o| (o.map.clone(), o.cluster_size)))
+            }
+            Record::Rollback { volume, snapshot } => {
+                let s = self.snapshots.get(snapshot).ok_or_else(|| missing("snapshot", *snapshot))?;
+                let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
+                let mut st = v.state.write();
+                drain(v);
+                let old = std::mem::replace(&mut st.head, s.map.clone());
+                st.dirty.clear();
+                st.owned.clear();
+                st.parent = Some(*snapshot);
+                st.allocated = s.allocated;
+                st.remote = s.remote.clone();
+                st.anchor = s.lineage.lock().anchor.clone();
+                Ok(Some((old, v.cluster_size)))
+            }
+            Record::RemoteHead { volume, parent, region, snapshot } => {
+                let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
+                let source = RemoteSource { region: region.clone(), snapshot: *snapshot };
+                // Rolling back to a released snapshot keeps its lineage's anchor; a volume
+                // created from a remote snapshot is anchored at it.
+                let anchor = match parent {
+                    Some(p) => {
+                        self.snapshots.get(p).ok_or_else(|| missing("snapshot", *p))?.lineage.lock().anchor.clone()
+                    }
+                    None => Some(source.clone()),
+                };
+                let mut st = v.state.write();
+                drain(v);
+                let fresh = ClusterMap::new(st.clusters);
+                let old = std::mem::replace(&mut st.head, fresh);
+                st.dirty.clear();
+                st.owned.clear();
+                st.parent = *parent;
+                st.allocated = 0;
+                st.remote = Some(Remote::new(source));
+                st.anchor = anchor;
+                Ok(Some((old, v.cluster_size)))
+            }
+            Record::Hydrate { volume, cluster, entry } => {
+                let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
+                let mut st = v.state.write();
+                st.set_clean(*cluster, *entry);
+                if *entry != 0 {
+                    st.owned.insert(*cluster);
+                }
+                Ok(None)
+            }
+            Record::LoadedRange { volume, start, end } => {
+                let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
+                v.state.write().mark_loaded(*start..*end);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Slots referenced by any snapshot map of this cluster size (shared nodes visited once).
+    pub(super) fn snapshot_slots(&self, cluster_size: u32) -> RoaringTreemap {
+        let mut live = RoaringTreemap::new();
+        let mut seen = std::collections::HashSet::new();
+        for s in self.snapshots.values().filter(|s| s.cluster_size == cluster_size) {
+            s.map.for_each_distinct_leaf(&mut seen, |_, e| {
+                live.insert(e - 1);
+            });
+        }
+        live
+    }
+
+    /// Heads of all volumes of this cluster size (O(1) clones taken under each read lock).
+    pub(super) fn heads(&self, cluster_size: u32) -> Vec<(Arc<Volume>, ClusterMap)> {
+        self.volumes
+            .values()
+            .filter(|v| v.cluster_size == cluster_size)
+            .map(|v| (v.clone(), v.state.read().head.clone()))
+            .collect()
+    }
+
+    /// After a map was dropped (snapshot delete, release, rollback, volume delete), under the
+    /// registry lock that applied the record dropping it (and after that record was staged):
+    /// releases the slots no map references any more. They are punched and reused only after
+    /// the commit that takes them, and every commit writes every record staged or pending
+    /// before it takes its frees (`Engine::commit_begin`), so the record is durable first.
+    ///
+    /// Returns the slots a single head is now the only holder of: the head may write them in
+    /// place again, but only once the record is durable (see `Regain`).
+    pub(super) fn release_dropped(&self, dropped: &ClusterMap, cluster_size: u32) -> Vec<Regain> {
+        let Some(slots) = self.slot_files.get(&cluster_size) else { return Vec::new() };
+        let in_snapshots = self.snapshot_slots(cluster_size);
+        let heads = self.heads(cluster_size);
+        let mut regained = Vec::new();
+        dropped.for_each_nonzero(|cluster, entry| {
+            if in_snapshots.contains(entry - 1) {
+                return;
+            }
+            let mut holders = heads.iter().filter(|(_, h)| h.get(cluster) == entry);
+            match (holders.next(), holders.next()) {
+                (None, _) => slots.release(entry - 1),
+                (Some((vol, _)), None) => {
+                    regained.push(Regain { vol: vol.clone(), cluster, entry, seal: vol.state.read().seal })
+                }
+                _ => {}
+            }
+        });
+        regained
+    }
+
+    /// Startup: exact ownership for every head and the free list of every slot file.
+    pub(super) fn recompute_ownership_and_free_slots(&self) -> Result<()> {
+        for (&cluster_size, slots) in &self.slot_files {
+            let mut live = self.snapshot_slots(cluster_size);
+            let heads = self.heads(cluster_size);
+            let (mut in_heads, mut shared) = (RoaringTreemap::new(), RoaringTreemap::new());
+            for (_, head) in &heads {
+                head.for_each_nonzero(|_, e| {
+                    if !in_heads.insert(e - 1) {
+                        shared.insert(e - 1);
+                    }
+                });
+            }
+            for (vol, head) in &heads {
+                let mut st = vol.state.write();
+                st.owned.clear();
+                head.for_each_nonzero(|c, e| {
+                    if !live.contains(e - 1) && !shared.contains(e - 1) {
+                        st.owned.insert(c);
+                    }
+                });
+            }
+            live |= in_heads;
+            let free = slots.reset_free(&live)?;
+            tracing::debug!(cluster_size, live = live.len(), free, "slot file swept");
+        }
+        Ok(())
+    }
+
+    /// The state as a checkpoint image; `guards` are the read locks of `volumes`, in order.
+    pub(super) fn image(
+        &self,
+        generation: u64,
+        volumes: &[Arc<Volume>],
+        guards: &[parking_lot::RwLockReadGuard<'_, VolumeState>],
+    ) -> State {
+        let volumes = volumes
+            .iter()
+            .zip(guards)
+            .map(|(v, st)| VolumeImage {
+                id: v.id,
+                name: v.name.clone(),
+                size: v.size,
+                cluster_size: v.cluster_size,
+                created: v.created,
+                origin: v.origin,
+                head: st.head.clone(),
+                dirty: st.dirty.clone(),
+                parent: st.parent,
+                allocated: st.allocated,
+                remote: st.remote.clone(),
+                anchor: st.anchor.clone(),
+            })
+            .collect();
+        let snapshots = self
+            .snapshots
+            .values()
+            .map(|s| {
+                let l = s.lineage.lock();
+                SnapshotImage {
+                    id: s.id,
+                    volume: s.volume,
+                    seq: s.seq,
+                    name: s.name.clone(),
+                    description: s.description.clone(),
+                    created: s.created,
+                    allocated: s.allocated,
+                    map: s.map.clone(),
+                    parent: l.parent,
+                    changed: l.changed.clone(),
+                    released: s.released,
+                    remote: s.remote.clone(),
+                    anchor: l.anchor.clone(),
+                }
+            })
+            .collect();
+        State { generation, next_seq: self.next_seq, volumes, snapshots }
+    }
+
+    pub(super) fn from_image(state: State, data_dir: &Path) -> Result<Registry> {
+        let mut reg = Registry { next_seq: state.next_seq, ..Default::default() };
+        // Snapshots first: a cloned volume is created from its origin's map in replay, but
+        // from a checkpoint it has its own head, so order only matters for lookups.
+        for s in state.snapshots {
+            reg.snapshots.insert(
+                s.id,
+                Arc::new(Snapshot {
+                    id: s.id,
+                    volume: s.volume,
+                    seq: s.seq,
+                    name: s.name,
+                    description: s.description,
+                    created: s.created,
+                    size: 0,
+                    cluster_size: 0,
+                    allocated: s.allocated,
+                    map: s.map,
+                    lineage: Mutex::new(Lineage { parent: s.parent, changed: s.changed, anchor: s.anchor }),
+                    revoker: Revoker::new(),
+                    released: s.released,
+                    remote: s.remote,
+                    durable_ticket: AtomicU64::new(0),
+                    seal: 0,
+                }),
+            );
+        }
+        for v in state.volumes {
+            let slots = reg.slot_file(data_dir, v.cluster_size)?;
+            reg.volumes.insert(
+                v.id,
+                Arc::new(Volume {
+                    id: v.id,
+                    name: v.name,
+                    size: v.size,
+                    cluster_size: v.cluster_size,
+                    created: v.created,
+                    origin: v.origin,
+                    slots,
+                    state: RwLock::new(VolumeState {
+                        head: v.head,
+                        dirty: v.dirty,
+                        owned: RoaringTreemap::new(),
+                        parent: v.parent,
+                        allocated: v.allocated,
+                        clusters: v.size.div_ceil(v.cluster_size as u64),
+                        remote: v.remote,
+                        anchor: v.anchor,
+                        seal: 0,
+                    }),
+                    pending: Mutex::new(Vec::new()),
+                    writers: AtomicU64::new(0),
+                    revoker: Revoker::new(),
+                }),
+            );
+        }
+        // Snapshot size and cluster size come from their volume.
+        let snapshots = std::mem::take(&mut reg.snapshots);
+        for (id, s) in snapshots {
+            let v = reg.volumes.get(&s.volume).ok_or_else(|| {
+                EngineError::Corrupt(format!(
+                    "checkpoint has snapshot {} of a missing volume; restore the daemon directory from a backup",
+                    snapshot_id(id)
+                ))
+            })?;
+            let mut s =
+                Arc::into_inner(s).ok_or_else(|| EngineError::Corrupt("snapshot shared while loading".into()))?;
+            s.size = v.size;
+            s.cluster_size = v.cluster_size;
+            reg.snapshots.insert(id, Arc::new(s));
+        }
+        Ok(reg)
+    }
+}
+
+pub(super) fn volume_info(reg: &Registry, v: &Volume) -> VolumeInfo {
+    let st = v.state.read();
+    let origin = v.origin.map(|o| match reg.snapshots.get(&o) {
+        Some(s) => {
+            let vol = reg.volumes.get(&s.volume).map_or("?", |v| v.name.as_str());
+            format!("{vol}@{}", s.name)
+        }
+        None => format!("{} (deleted)", snapshot_id(o)),
+    });
+    VolumeInfo {
+        id: volume_id(v.id),
+        name: v.name.clone(),
+        size: v.size,
+        cluster_size: v.cluster_size,
+        created: v.created,
+        allocated_bytes: st.allocated * v.cluster_size as u64,
+        dirty_clusters: st.dirty.len(),
+        dirty_bitmap_bytes: st.dirty.serialized_size() as u64,
+        snapshots: reg.snapshots.values().filter(|s| s.volume == v.id).count() as u64,
+        origin,
+        writers: v.writers.load(Ordering::Acquire),
+        hydration: st.remote.as_ref().map(|r| HydrationInfo {
+            source: snapshot_id(r.source.snapshot),
+            region: r.source.region.clone(),
+            clusters_total: st.clusters,
+            clusters_loaded: r.loaded.len(),
+        }),
+    }
+}
+
+pub(super) fn snapshot_info(reg: &Registry, s: &Snapshot, durable: bool) -> SnapshotInfo {
+    let l = s.lineage.lock();
+    let volume = reg.volumes.get(&s.volume).map_or_else(String::new, |v| v.name.clone());
+    let mut clones: Vec<_> = reg.volumes.values().filter(|v| v.origin == Some(s.id)).map(|v| v.name.clone()).collect();
+    clones.sort();
+    SnapshotInfo {
+        id: snapshot_id(s.id),
+        name: s.name.clone(),
+        volume,
+        volume_id: volume_id(s.volume),
+        description: s.description.clone(),
+        created: s.created,
+        size: s.size,
+        cluster_size: s.cluster_size,
+        changed_clusters: l.changed.len(),
+        parent: l.parent.map(snapshot_id),
+        clones,
+        allocated_bytes: s.allocated * s.cluster_size as u64,
+        local: !s.released,
+        durable,
+    }
+}
