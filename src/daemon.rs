@@ -1,17 +1,21 @@
-//! `snapblk serve`: owns the directory, opens the engine, serves NBD (unix socket and TCP)
-//! and the control API, and shuts down cleanly on SIGTERM/SIGINT.
+//! `snapblk serve`: owns the directory, opens the engine, serves NBD (unix socket, and TCP on
+//! a loopback address when asked) and the control API, and shuts down cleanly on
+//! SIGTERM/SIGINT.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
+use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use nix::fcntl::{Flock, FlockArg};
 use snapblk_nbd::{serve_connection, ServerConfig};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::attach::Attachments;
 use crate::control::api::{router, Status};
@@ -19,7 +23,11 @@ use crate::control::cli::ServeArgs;
 use crate::control::size::parse_size;
 use crate::engine::{Engine, ErrorKind};
 use crate::frontend::{widen_send_buffer, NbdCatalog};
+use crate::store::config::parse_duration;
 use crate::store::StoreService;
+
+/// At most one warning about refused NBD connections per this interval.
+const REFUSED_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Exclusive ownership of a daemon directory: a `flock` on `DIR/snapblk.lock`, which holds
 /// the owner's pid. Released when the process exits, however it exits.
@@ -68,23 +76,58 @@ fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
     UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
 }
 
+/// The TCP address to serve NBD on (`--nbd-listen`), if any: loopback addresses only. NBD is
+/// served without TLS or authentication, so anyone who can connect can read and write every
+/// volume; on loopback that is this machine's users (and SSH tunnels), as with the unix socket.
+fn nbd_tcp_address(listen: Option<&str>, dir: &Path) -> anyhow::Result<Option<SocketAddr>> {
+    let Some(listen) = listen.map(str::trim).filter(|a| *a != "none") else {
+        return Ok(None);
+    };
+    let parsed = match listen.strip_prefix("localhost:") {
+        Some(port) => port.parse().map(|port| SocketAddr::from(([127, 0, 0, 1], port))).ok(),
+        None => listen.parse().ok(),
+    };
+    let Some(addr) = parsed else {
+        bail!("--nbd-listen takes a loopback address and a port, e.g. 127.0.0.1:10809 (got '{listen}')");
+    };
+    if !addr.ip().is_loopback() {
+        bail!(
+            "refusing --nbd-listen {addr}: NBD is served without TLS or authentication yet, so a listener on a \
+             non-loopback address would give every host that can reach it full read/write access to every volume; \
+             use the unix socket {}, or a loopback address (127.0.0.1:PORT) reached through an SSH tunnel",
+            dir.join("nbd.sock").display()
+        );
+    }
+    Ok(Some(addr))
+}
+
+fn handshake_timeout(arg: &str) -> anyhow::Result<Duration> {
+    let t = parse_duration(arg).map_err(|e| anyhow!("--handshake-timeout: {e}"))?;
+    if t.is_zero() {
+        bail!("--handshake-timeout must be more than 0 (got '{arg}')");
+    }
+    Ok(t)
+}
+
 pub fn serve(dir: &Path, args: &ServeArgs) -> anyhow::Result<()> {
     let default_volume = args.default_volume.as_deref().map(parse_default_volume).transpose()?;
-    let tcp: Option<std::net::SocketAddr> = match args.nbd_listen.as_str() {
-        "none" => None,
-        a => Some(a.parse().with_context(|| format!("--nbd-listen takes HOST:PORT or 'none' (got '{a}')"))?),
-    };
+    let tcp = nbd_tcp_address(args.nbd_listen.as_deref(), dir)?;
+    let config =
+        ServerConfig { handshake_timeout: handshake_timeout(&args.handshake_timeout)?, ..ServerConfig::default() };
+    let slots = Arc::new(ConnectionSlots::new(args.max_connections));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     let _lock = lock_dir(&dir)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(run(dir, tcp, default_volume))
+    runtime.block_on(run(dir, tcp, default_volume, config, slots))
 }
 
 async fn run(
     dir: PathBuf,
-    tcp: Option<std::net::SocketAddr>,
+    tcp: Option<SocketAddr>,
     default_volume: Option<(String, u64)>,
+    config: ServerConfig,
+    slots: Arc<ConnectionSlots>,
 ) -> anyhow::Result<()> {
     let engine = Engine::open(&dir).with_context(|| format!("cannot open the engine in {}", dir.display()))?;
     if let Some((name, size)) = default_volume {
@@ -108,7 +151,7 @@ async fn run(
         .with_context(|| format!("cannot open the snapshot store configuration in {}", dir.display()))?;
     store.start();
     let catalog = Arc::new(NbdCatalog::new(engine.clone(), store.clone()));
-    let config = Arc::new(ServerConfig::default());
+    let config = Arc::new(config);
     // Devices a previous daemon attached to the kernel: taken back before serving (ublk user
     // recovery, kernel NBD reconfigure), so their I/O resumes.
     let attachments = Arc::new(Attachments::new(engine.clone(), tokio::runtime::Handle::current(), config.clone()));
@@ -139,28 +182,35 @@ async fn run(
 
     let mut tasks = tokio::task::JoinSet::new();
     {
-        let (catalog, config) = (catalog.clone(), config.clone());
+        let (catalog, config, slots) = (catalog.clone(), config.clone(), slots.clone());
         tasks.spawn(async move {
             loop {
                 match nbd_unix.accept().await {
-                    Ok((s, _)) => {
-                        widen_send_buffer(s.as_fd());
-                        spawn_connection(s, catalog.clone(), config.clone(), "unix".into())
-                    }
+                    // Over the cap: dropped, i.e. closed at once.
+                    Ok((s, _)) => match slots.admit() {
+                        Some(slot) => {
+                            widen_send_buffer(s.as_fd());
+                            spawn_connection(s, catalog.clone(), config.clone(), "unix".into(), slot)
+                        }
+                        None => drop(s),
+                    },
                     Err(e) => accept_failed(e).await,
                 }
             }
         });
     }
     if let Some(listener) = nbd_tcp {
-        let (catalog, config) = (catalog.clone(), config.clone());
+        let (catalog, config, slots) = (catalog.clone(), config.clone(), slots.clone());
         tasks.spawn(async move {
             loop {
                 match listener.accept().await {
-                    Ok((s, peer)) => {
-                        let _ = s.set_nodelay(true);
-                        spawn_connection(s, catalog.clone(), config.clone(), peer.to_string())
-                    }
+                    Ok((s, peer)) => match slots.admit() {
+                        Some(slot) => {
+                            let _ = s.set_nodelay(true);
+                            spawn_connection(s, catalog.clone(), config.clone(), peer.to_string(), slot)
+                        }
+                        None => drop(s),
+                    },
                     Err(e) => accept_failed(e).await,
                 }
             }
@@ -243,8 +293,68 @@ fn raise_priority() {
     }
 }
 
-fn spawn_connection<S>(stream: S, catalog: Arc<NbdCatalog>, config: Arc<ServerConfig>, peer: String)
-where
+/// The cap on NBD client connections (`--max-connections`), over all listeners. A connection
+/// over it is closed at once: a flood of connections cannot take every file descriptor the
+/// daemon may open (the control API, the store and the engine need some), and each connection
+/// holds at most its bounded buffers (`ServerConfig::max_buffered`).
+struct ConnectionSlots {
+    slots: Arc<Semaphore>,
+    max: u32,
+    refused: parking_lot::Mutex<Refused>,
+}
+
+/// Refusals not reported yet, and when the last warning was.
+struct Refused {
+    count: u64,
+    warned: Option<Instant>,
+}
+
+impl ConnectionSlots {
+    fn new(max: u32) -> ConnectionSlots {
+        ConnectionSlots {
+            slots: Arc::new(Semaphore::new(max as usize)),
+            max,
+            refused: parking_lot::Mutex::new(Refused { count: 0, warned: None }),
+        }
+    }
+
+    /// A slot for a new connection, held as long as it is served; None over the cap.
+    fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => Some(slot),
+            Err(_) => {
+                self.refused();
+                None
+            }
+        }
+    }
+
+    /// Counts a refusal; warns at most once per [`REFUSED_WARNING_INTERVAL`], with the count.
+    fn refused(&self) {
+        let mut r = self.refused.lock();
+        r.count += 1;
+        let now = Instant::now();
+        if r.warned.is_none_or(|t| now.duration_since(t) >= REFUSED_WARNING_INTERVAL) {
+            tracing::warn!(
+                "refused {} NBD connection(s): {} are open, the most --max-connections allows (this warning \
+                 repeats at most every {} s)",
+                r.count,
+                self.max,
+                REFUSED_WARNING_INTERVAL.as_secs()
+            );
+            r.count = 0;
+            r.warned = Some(now);
+        }
+    }
+}
+
+fn spawn_connection<S>(
+    stream: S,
+    catalog: Arc<NbdCatalog>,
+    config: Arc<ServerConfig>,
+    peer: String,
+    slot: OwnedSemaphorePermit,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
@@ -252,6 +362,7 @@ where
         if let Err(e) = serve_connection(stream, catalog, &config).await {
             tracing::info!(peer, error = %e, "NBD connection ended with an error");
         }
+        drop(slot);
     });
 }
 
@@ -259,4 +370,42 @@ where
 async fn accept_failed(e: std::io::Error) {
     tracing::warn!(error = %e, "accept failed");
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nbd_tcp_is_off_by_default_and_loopback_only() {
+        let dir = Path::new("/srv/d");
+        assert_eq!(nbd_tcp_address(None, dir).unwrap(), None);
+        assert_eq!(nbd_tcp_address(Some("none"), dir).unwrap(), None);
+        for (arg, want) in [
+            ("127.0.0.1:10809", "127.0.0.1:10809"),
+            ("127.1.2.3:0", "127.1.2.3:0"),
+            ("[::1]:10809", "[::1]:10809"),
+            ("localhost:10809", "127.0.0.1:10809"),
+        ] {
+            assert_eq!(nbd_tcp_address(Some(arg), dir).unwrap(), Some(want.parse().unwrap()), "{arg}");
+        }
+        for arg in ["0.0.0.0:10809", "[::]:10809", "10.0.0.5:10809", "[::ffff:10.0.0.5]:10809"] {
+            let e = nbd_tcp_address(Some(arg), dir).unwrap_err().to_string();
+            assert!(e.contains("TLS") && e.contains("/srv/d/nbd.sock") && !e.contains('\n'), "{arg}: {e}");
+        }
+        for arg in ["10809", "example.com:10809", "127.0.0.1"] {
+            assert!(nbd_tcp_address(Some(arg), dir).unwrap_err().to_string().contains("e.g. 127.0.0.1:10809"), "{arg}");
+        }
+    }
+
+    #[test]
+    fn connections_over_the_cap_are_refused_until_a_slot_is_given_back() {
+        let slots = ConnectionSlots::new(2);
+        let (a, _b) = (slots.admit().unwrap(), slots.admit().unwrap());
+        assert!(slots.admit().is_none());
+        assert!(slots.admit().is_none());
+        assert_eq!(slots.refused.lock().count, 1, "the first refusal warns, the second is counted");
+        drop(a);
+        assert!(slots.admit().is_some());
+    }
 }

@@ -5,8 +5,15 @@
 //! wait (FLUSH, FUA), so later requests are not held up and replies come out of order. A
 //! writer task owns the socket's write half and batches replies; reply buffers flow back to
 //! the reader for reuse, so a steady stream of requests allocates nothing.
+//!
+//! Memory is bounded per connection ([`Budget`]): the reader takes a request's bytes from the
+//! connection's budget before it reads the payload or runs the request, the writer gives them
+//! back once the reply is written. A client that sends requests and never reads the replies
+//! stops being read (backpressure) instead of making the server hold every reply.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, Semaphore};
@@ -21,11 +28,26 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     /// Largest READ/WRITE payload accepted (advertised as the maximum block size by exports).
     pub max_payload: u32,
+    /// Bytes of request and reply data one connection may hold: WRITE payloads read, READ
+    /// data, replies waiting for a client to read them, and reply buffers kept for reuse
+    /// (as much again). Past it the connection stops reading requests until replies drain.
+    pub max_buffered: usize,
+    /// Requests accepted whose reply is not written yet, per connection; past it, the same
+    /// backpressure.
+    pub max_requests: usize,
+    /// Time a client has, from connecting, to finish the handshake ([`serve_connection`]).
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ServerConfig {
     fn default() -> ServerConfig {
-        ServerConfig { max_in_flight: 64, max_payload: 32 << 20 }
+        ServerConfig {
+            max_in_flight: 64,
+            max_payload: 32 << 20,
+            max_buffered: 64 << 20,
+            max_requests: 256,
+            handshake_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -41,6 +63,8 @@ pub enum NbdError {
     UnknownExport(String),
     #[error("client sent an oversized request ({0} bytes of payload); closing the connection")]
     Oversized(u64),
+    #[error("client did not finish the handshake within {0:?}; closing the connection")]
+    HandshakeTimeout(Duration),
 }
 
 /// Options longer than this are refused (they are names and short lists).
@@ -49,6 +73,20 @@ const MAX_OPTION_LEN: u32 = 64 << 10;
 /// beyond it the connection is closed.
 const MAX_DRAIN: u64 = 64 << 20;
 const WRITE_BUFFER: usize = 256 << 10;
+/// Reply header bytes a request is not charged for (the longest: a structured OFFSET_DATA
+/// chunk header and its offset), so that two maximum-size reads fit a budget of twice the
+/// maximum payload.
+const REPLY_HEADER: usize = STRUCTURED_REPLY_LEN + 8;
+/// A recycled reply buffer up to this size is reused as it is for any request (1 MiB reads
+/// mixed with 4 KiB ones reallocate nothing); a larger one is cut down to what the request
+/// needs, so a small request never holds, and is never charged for, a 32 MiB buffer.
+const KEEP_BUFFER: usize = (1 << 20) + 4096;
+/// Most extents per meta context in one BLOCK_STATUS reply (512 KiB); the spec lets a server
+/// describe less of the range than asked, and the client asks again for the rest.
+const MAX_EXTENTS: usize = 1 << 16;
+/// How long a connection whose export was revoked waits for its client to read the replies
+/// still queued before it drops them and closes (a rollback waits 10 s for clients to go).
+const REVOKED_DRAIN: Duration = Duration::from_secs(2);
 
 /// Maps an export error to its NBD error number: the one place this happens.
 pub fn errno(e: ExportError) -> u32 {
@@ -83,7 +121,12 @@ where
     let (rd, wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(WRITE_BUFFER, rd);
     let mut wr = BufWriter::with_capacity(WRITE_BUFFER, wr);
-    let Some(session) = handshake(&mut rd, &mut wr, &*catalog).await? else {
+    // A client that connects and sends nothing (or stalls halfway) must not hold a
+    // connection slot for ever.
+    let negotiated = tokio::time::timeout(config.handshake_timeout, handshake(&mut rd, &mut wr, &*catalog))
+        .await
+        .map_err(|_| NbdError::HandshakeTimeout(config.handshake_timeout))?;
+    let Some(session) = negotiated? else {
         return Ok(());
     };
     transmission(rd, wr, session, config).await
@@ -334,11 +377,87 @@ struct Job {
     buf: Vec<u8>,
 }
 
+/// An encoded reply, and the bytes of the connection's budget it holds until written.
+struct Reply {
+    buf: Vec<u8>,
+    charge: u32,
+}
+
 struct Shared<E> {
     export: E,
     structured: bool,
     hold_gone: bool,
     contexts: Vec<u32>,
+}
+
+/// A connection's memory budget: `max_buffered` bytes as semaphore permits. The reader takes a
+/// request's charge before it reads the request's payload or runs it, and waits when there is
+/// not enough left (backpressure: it reads no further requests meanwhile); the writer gives
+/// the charge back once the reply is written (in the socket, or in the write buffer). Every
+/// request costs at least `unit`, so at most `max_requests` are accepted at once. Reply
+/// buffers waiting in the pool for reuse are bounded apart, by `pooled`, to as much again.
+struct Budget {
+    permits: Semaphore,
+    total: usize,
+    unit: usize,
+    /// Capacity of the buffers in the pool (the writer adds, the reader subtracts).
+    pooled: AtomicUsize,
+}
+
+impl Budget {
+    fn new(config: &ServerConfig) -> Budget {
+        // Charges are u32 (what the semaphore takes at once).
+        let total = config.max_buffered.clamp(1, u32::MAX as usize);
+        let unit = total.div_ceil(config.max_requests.max(1));
+        Budget { permits: Semaphore::new(total), total, unit, pooled: AtomicUsize::new(0) }
+    }
+
+    /// What a request costs: the bytes its buffer holds — the payload it reads, the reply it
+    /// encodes at most (`need`) or the capacity of the buffer it reuses, whichever is more —
+    /// beyond a reply header; at least one unit, at most the whole budget (a request that big
+    /// runs alone).
+    fn charge(&self, need: usize, capacity: usize) -> u32 {
+        // `total` fits in a u32 (new).
+        need.max(capacity).saturating_sub(REPLY_HEADER).max(self.unit).min(self.total) as u32
+    }
+
+    /// A buffer for a request that needs `need` bytes: a recycled one when there is one.
+    fn take(&self, pool: &mut mpsc::UnboundedReceiver<Vec<u8>>, need: usize) -> Vec<u8> {
+        let Ok(mut buf) = pool.try_recv() else {
+            return Vec::new();
+        };
+        self.pooled.fetch_sub(buf.capacity(), Ordering::Relaxed);
+        let keep = need.max(KEEP_BUFFER);
+        if buf.capacity() > keep {
+            // In place (the allocator shrinks the block; nothing is copied but `keep` bytes).
+            buf.truncate(keep);
+            buf.shrink_to(keep);
+        }
+        buf
+    }
+
+    /// Puts a written reply's buffer back in the pool, unless the pool is full.
+    fn recycle(&self, pool: &mpsc::UnboundedSender<Vec<u8>>, buf: Vec<u8>) {
+        let capacity = buf.capacity();
+        // Only the writer adds, so the check cannot be overtaken.
+        if self.pooled.load(Ordering::Relaxed) + capacity <= self.total {
+            self.pooled.fetch_add(capacity, Ordering::Relaxed);
+            let _ = pool.send(buf);
+        }
+    }
+}
+
+/// The most bytes a request's buffer must hold: its WRITE payload, its READ reply, its
+/// BLOCK_STATUS reply at most; 0 when the reply is a header (or an error) only.
+fn buffer_need(req: &Request, contexts: usize, config: &ServerConfig) -> usize {
+    let len = req.length as usize;
+    match req.command {
+        CMD_READ | CMD_WRITE if req.length > config.max_payload => 0,
+        CMD_READ => REPLY_HEADER + len,
+        CMD_WRITE => len,
+        CMD_BLOCK_STATUS => contexts * (STRUCTURED_REPLY_LEN + 4 + 8 * len.min(MAX_EXTENTS)),
+        _ => 0,
+    }
 }
 
 async fn transmission<R, W, E>(mut rd: R, wr: W, session: Session<E>, config: &ServerConfig) -> Result<(), NbdError>
@@ -353,19 +472,24 @@ where
         hold_gone: session.hold_gone,
         contexts: session.contexts,
     });
-    let (reply_tx, reply_rx) = mpsc::channel::<Vec<u8>>(config.max_in_flight.max(1) * 2);
+    let budget = Arc::new(Budget::new(config));
+    // Never full: every reply holds at least a unit of the budget, so there are at most
+    // `max_requests` of them.
+    let (reply_tx, reply_rx) = mpsc::channel::<Reply>(config.max_requests.max(1));
     let (recycle_tx, mut recycle_rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    let writer = tokio::spawn(write_replies(wr, reply_rx, recycle_tx));
+    let mut writer = tokio::spawn(write_replies(wr, reply_rx, recycle_tx, budget.clone()));
     let tasks = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
     let size = shared.export.info().size;
+    let revoked = shared.export.revoked();
+    tokio::pin!(revoked);
+    let mut was_revoked = false;
     let result = async {
-        let revoked = shared.export.revoked();
-        tokio::pin!(revoked);
         loop {
             let mut header = [0u8; REQUEST_LEN];
             tokio::select! {
                 biased;
                 _ = &mut revoked => {
+                    was_revoked = true;
                     tracing::info!("export revoked; closing the NBD connection");
                     return Ok(());
                 }
@@ -377,11 +501,27 @@ where
                 },
             }
             let req = Request::decode(&header).map_err(|e| NbdError::BadMagic(e.0 as u64))?;
-            // A recycled buffer still holds its last reply: every use below either clears it or
-            // overwrites all of it.
-            let mut buf = recycle_rx.try_recv().unwrap_or_default();
             if req.command == CMD_DISC {
                 return Ok(());
+            }
+            // A recycled buffer still holds its last reply: every use below either clears it or
+            // overwrites all of it.
+            let need = buffer_need(&req, shared.contexts.len(), config);
+            let mut buf = budget.take(&mut recycle_rx, need);
+            let charge = budget.charge(need, buf.capacity());
+            // Backpressure: no payload read and nothing run until the replies of earlier
+            // requests have left enough room.
+            tokio::select! {
+                biased;
+                _ = &mut revoked => {
+                    was_revoked = true;
+                    tracing::info!("export revoked; closing the NBD connection");
+                    return Ok(());
+                }
+                permits = budget.permits.acquire_many(charge) => match permits {
+                    Ok(p) => p.forget(), // given back by the writer
+                    Err(_) => return Ok(()), // the writer stopped: the client hung up
+                },
             }
             if req.command == CMD_WRITE {
                 // The payload follows whatever we think of the request; read it first.
@@ -391,21 +531,20 @@ where
                         return Err(NbdError::Oversized(len));
                     }
                     tokio::io::copy(&mut (&mut rd).take(len), &mut tokio::io::sink()).await?;
-                    reply_tx
-                        .send(error_reply(buf, shared.structured, req.cookie, EINVAL, "request too large"))
-                        .await
-                        .ok();
+                    let buf = error_reply(buf, shared.structured, req.cookie, EINVAL, "request too large");
+                    reply_tx.send(Reply { buf, charge }).await.ok();
                     continue;
                 }
                 // Read into spare capacity: no zero-filling pass over the payload first.
                 buf.clear();
-                buf.reserve(len as usize);
+                buf.reserve_exact(len as usize);
                 if (&mut rd).take(len).read_to_end(&mut buf).await? != len as usize {
                     return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
                 }
             }
             if let Err((errno, message)) = validate(&req, size, shared.export.info().read_only, &shared, config) {
-                reply_tx.send(error_reply(buf, shared.structured, req.cookie, errno, message)).await.ok();
+                let buf = error_reply(buf, shared.structured, req.cookie, errno, message);
+                reply_tx.send(Reply { buf, charge }).await.ok();
                 continue;
             }
             let job = Job { req, buf };
@@ -413,23 +552,47 @@ where
                 let permit = tasks.clone().acquire_owned().await.map_err(|_| std::io::Error::other("closed"))?;
                 let (shared, tx) = (shared.clone(), reply_tx.clone());
                 tokio::spawn(async move {
-                    let reply = execute(&shared, job).await;
-                    let _ = tx.send(reply).await;
+                    let buf = execute(&shared, job).await;
+                    drop(shared); // the export's handle goes before the connection can end
+                    let _ = tx.send(Reply { buf, charge }).await;
                     drop(permit);
                 });
             } else {
-                let reply = execute(&shared, job).await;
-                if reply_tx.send(reply).await.is_err() {
+                let buf = execute(&shared, job).await;
+                if reply_tx.send(Reply { buf, charge }).await.is_err() {
                     return Ok(()); // writer gone: the client hung up
                 }
             }
         }
     }
     .await;
-    // Let requests on their own tasks finish, then let the writer drain and close.
-    let _ = tasks.acquire_many(config.max_in_flight.max(1) as u32).await;
+    // Let requests on their own tasks finish, then let the writer drain and close. A client
+    // that does not read its replies could hold that up for ever: once the export is revoked,
+    // its replies are dropped after a grace period, so the export's handle goes.
     drop(reply_tx);
-    let _ = writer.await;
+    let all_tasks = config.max_in_flight.max(1) as u32;
+    let drained = async {
+        let _ = tasks.acquire_many(all_tasks).await;
+        let _ = (&mut writer).await;
+    };
+    let give_up = async {
+        if !was_revoked {
+            (&mut revoked).await;
+        }
+        tokio::time::sleep(REVOKED_DRAIN).await;
+    };
+    let dropped = tokio::select! {
+        biased;
+        _ = drained => false,
+        _ = give_up => true,
+    };
+    if dropped {
+        tracing::info!("export revoked and the client reads no replies; dropping them and closing the NBD connection");
+        writer.abort();
+        let _ = writer.await;
+        // Their replies now go nowhere: the tasks end as soon as their requests do.
+        let _ = tasks.acquire_many(all_tasks).await;
+    }
     result
 }
 
@@ -520,6 +683,9 @@ async fn execute<E: Export>(shared: &Shared<E>, job: Job) -> Vec<u8> {
             let header = if structured { STRUCTURED_REPLY_LEN + 8 } else { SIMPLE_REPLY_LEN };
             let total = header + length as usize;
             if buf.len() < total {
+                // Exactly: the budget charged this request for `total` bytes, not for a
+                // doubled capacity.
+                buf.reserve_exact(total - buf.len());
                 buf.resize(total, 0);
             }
             buf.truncate(total);
@@ -570,7 +736,8 @@ async fn execute<E: Export>(shared: &Shared<E>, job: Job) -> Vec<u8> {
     }
 }
 
-/// One BLOCK_STATUS chunk per selected context, clipped to the request; DONE on the last.
+/// One BLOCK_STATUS chunk per selected context, clipped to the request and to
+/// [`MAX_EXTENTS`] extents; DONE on the last.
 async fn block_status<E: Export>(
     shared: &Shared<E>,
     mut buf: Vec<u8>,
@@ -593,11 +760,14 @@ async fn block_status<E: Export>(
                 break;
             }
             let len = e.length.min(left);
-            left -= len;
+            let full = clipped.len() == MAX_EXTENTS;
             match clipped.last_mut() {
                 Some(last) if last.1 == e.flags => last.0 += len,
+                // The rest of the range is left for the client to ask again.
+                _ if full => break,
                 _ => clipped.push((len, e.flags)),
             }
+            left -= len;
         }
         if req_one {
             clipped.truncate(1);
@@ -606,6 +776,8 @@ async fn block_status<E: Export>(
             return error_reply(buf, true, cookie, EIO, "export returned no extents");
         }
         let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
+        // Exactly what is appended: the capacity stays within what the budget charged.
+        buf.reserve_exact(STRUCTURED_REPLY_LEN + 4 + 8 * clipped.len());
         buf.extend_from_slice(&chunk_header(flags, REPLY_TYPE_BLOCK_STATUS, cookie, 4 + 8 * clipped.len() as u32));
         buf.extend_from_slice(&id.to_be_bytes());
         for (len, f) in clipped {
@@ -616,26 +788,40 @@ async fn block_status<E: Export>(
     buf
 }
 
-/// Writes replies as they come, flushing when no more are queued; hands buffers back.
+/// Writes replies as they come, flushing when no more are queued; gives each reply's charge
+/// back to the budget and its buffer back to the reader.
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut wr: W,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut rx: mpsc::Receiver<Reply>,
     recycle: mpsc::UnboundedSender<Vec<u8>>,
+    budget: Arc<Budget>,
 ) {
     let result: std::io::Result<()> = async {
         while let Some(reply) = rx.recv().await {
-            wr.write_all(&reply).await?;
-            let _ = recycle.send(reply);
+            write_reply(&mut wr, reply, &recycle, &budget).await?;
             while let Ok(reply) = rx.try_recv() {
-                wr.write_all(&reply).await?;
-                let _ = recycle.send(reply);
+                write_reply(&mut wr, reply, &recycle, &budget).await?;
             }
             wr.flush().await?;
         }
         wr.shutdown().await
     }
     .await;
+    // Nothing more will be written: a reader waiting for room must not wait for ever.
+    budget.permits.close();
     if let Err(e) = result {
         tracing::debug!(error = %e, "NBD reply writer stopped");
     }
+}
+
+async fn write_reply<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    reply: Reply,
+    recycle: &mpsc::UnboundedSender<Vec<u8>>,
+    budget: &Budget,
+) -> std::io::Result<()> {
+    wr.write_all(&reply.buf).await?;
+    budget.permits.add_permits(reply.charge as usize);
+    budget.recycle(recycle, reply.buf);
+    Ok(())
 }

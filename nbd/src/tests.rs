@@ -2,8 +2,9 @@
 //! simple replies, out-of-order completion and malformed input.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::task::JoinHandle;
@@ -21,6 +22,8 @@ struct Mem {
     last_zero: Mutex<Option<ZeroFlags>>,
     flushes: Mutex<u32>,
     revoked: tokio::sync::Notify,
+    /// READ requests the export has run.
+    reads: AtomicUsize,
 }
 
 #[derive(Clone)]
@@ -31,6 +34,7 @@ impl Export for MemExport {
         &self.0.info
     }
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<ReadKind, ExportError> {
+        self.0.reads.fetch_add(1, Ordering::Relaxed);
         if offset == SLOW {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -61,12 +65,14 @@ impl Export for MemExport {
         Ok(())
     }
     async fn block_status(&self, context: usize, offset: u64, length: u32) -> Result<Vec<Extent>, ExportError> {
-        // Context 0: 4 KiB extents alternating data/hole; context 1: one big "dirty" extent.
+        // Context 0: 4 KiB extents alternating data/hole; context 1: one big "dirty" extent;
+        // context 2: one-byte extents alternating.
         Ok(match context {
             0 => (0..4)
                 .map(|i| Extent { length: 4096, flags: if (offset / 4096 + i) % 2 == 0 { 0 } else { 3 } })
                 .collect(),
-            _ => vec![Extent { length: length * 2, flags: 1 }],
+            1 => vec![Extent { length: length * 2, flags: 1 }],
+            _ => (0..length).map(|i| Extent { length: 1, flags: i % 2 }).collect(),
         })
     }
     fn run_on_own_task(&self, kind: RequestKind, _length: u32) -> bool {
@@ -103,11 +109,12 @@ fn catalog() -> Arc<Catalog> {
                 min_block: 1,
                 preferred_block: 4096,
                 max_block: 1 << 20,
-                meta_contexts: vec!["base:allocation".into(), "qemu:dirty-bitmap:d".into()],
+                meta_contexts: vec!["base:allocation".into(), "qemu:dirty-bitmap:d".into(), "test:fragmented".into()],
             },
             last_zero: Mutex::new(None),
             flushes: Mutex::new(0),
             revoked: tokio::sync::Notify::new(),
+            reads: AtomicUsize::new(0),
         })
     };
     Arc::new(Catalog(HashMap::from([("rw".into(), mem("rw", false)), ("ro".into(), mem("ro", true))])))
@@ -121,15 +128,24 @@ struct Client {
 impl Client {
     /// Connects and reads the greeting; sends `client_flags`.
     async fn connect(cat: Arc<Catalog>, client_flags: u32) -> Client {
-        let (a, b) = tokio::io::duplex(4 << 20);
-        let config = ServerConfig { max_in_flight: 8, max_payload: 1 << 20 };
-        let server = tokio::spawn(async move { serve_connection(b, cat, &config).await });
-        let mut c = Client { s: a, server };
+        Client::connect_with(cat, client_flags, test_config(), 4 << 20).await
+    }
+
+    /// [`Client::connect`] with a server configuration, over a pipe of `pipe` bytes each way.
+    async fn connect_with(cat: Arc<Catalog>, client_flags: u32, config: ServerConfig, pipe: usize) -> Client {
+        let mut c = Client::start(cat, config, pipe);
         assert_eq!(c.s.read_u64().await.unwrap(), NBDMAGIC);
         assert_eq!(c.s.read_u64().await.unwrap(), IHAVEOPT);
         assert_eq!(c.s.read_u16().await.unwrap(), FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
         c.s.write_u32(client_flags).await.unwrap();
         c
+    }
+
+    /// Connects and reads nothing.
+    fn start(cat: Arc<Catalog>, config: ServerConfig, pipe: usize) -> Client {
+        let (a, b) = tokio::io::duplex(pipe);
+        let server = tokio::spawn(async move { serve_connection(b, cat, &config).await });
+        Client { s: a, server }
     }
 
     async fn option(&mut self, opt: u32, data: &[u8]) {
@@ -208,6 +224,10 @@ impl Client {
         let mut b = [0u8; 1];
         matches!(tokio::time::timeout(Duration::from_secs(5), self.s.read(&mut b)).await, Ok(Ok(0)) | Ok(Err(_)))
     }
+}
+
+fn test_config() -> ServerConfig {
+    ServerConfig { max_in_flight: 8, max_payload: 1 << 20, ..ServerConfig::default() }
 }
 
 fn go_request(name: &str, infos: &[u16]) -> Vec<u8> {
@@ -336,7 +356,7 @@ async fn meta_contexts_are_listed_by_namespace_and_set_by_exact_name() {
             .collect()
     };
     c.option(OPT_LIST_META_CONTEXT, &meta_request("rw", &[])).await;
-    assert_eq!(names(&c.replies().await), vec!["base:allocation", "qemu:dirty-bitmap:d"]);
+    assert_eq!(names(&c.replies().await), vec!["base:allocation", "qemu:dirty-bitmap:d", "test:fragmented"]);
     c.option(OPT_LIST_META_CONTEXT, &meta_request("rw", &["qemu:dirty-bitmap:"])).await;
     assert_eq!(names(&c.replies().await), vec!["qemu:dirty-bitmap:d"]);
     c.option(OPT_SET_META_CONTEXT, &meta_request("rw", &["base:", "qemu:dirty-bitmap:d", "nope:x"])).await;
@@ -592,7 +612,7 @@ impl Export for GoneOnWrite {
 /// A client that skipped the handshake, as the kernel NBD driver does on a socket handed to it.
 fn kernel_client<E: Export>(export: E) -> Client {
     let (a, b) = tokio::io::duplex(4 << 20);
-    let config = ServerConfig { max_in_flight: 8, max_payload: 1 << 20 };
+    let config = test_config();
     let server = tokio::spawn(async move { serve_transmission(b, export, &config).await });
     Client { s: a, server }
 }
@@ -641,4 +661,103 @@ fn kernel_flags_advertise_flush_fua_trim_zeroes_and_multi_conn_but_no_structured
     }
     assert_eq!(f & (TF_READ_ONLY | TF_SEND_DF), 0);
     assert_ne!(kernel_transmission_flags(true) & TF_READ_ONLY, 0);
+}
+
+/// Sends `n` READs of `len` bytes without reading a byte of reply, over a 64 KiB pipe, and
+/// returns the client and how many of them the export ran.
+async fn reads_run_for_a_client_that_reads_nothing(
+    cat: &Arc<Catalog>,
+    config: ServerConfig,
+    n: u64,
+    len: u32,
+) -> (Client, usize) {
+    let mut c = Client::connect_with(cat.clone(), 3, config, 64 << 10).await;
+    c.go("rw", false, &[]).await;
+    let before = cat.0["rw"].reads.load(Ordering::Relaxed);
+    for cookie in 0..n {
+        c.request(CMD_READ, 0, cookie, (cookie * len as u64) % (SIZE - len as u64), len, &[]).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    (c, cat.0["rw"].reads.load(Ordering::Relaxed) - before)
+}
+
+#[tokio::test]
+async fn a_client_that_reads_no_replies_is_not_read_from_once_its_replies_fill_the_budget() {
+    let cat = catalog();
+    // 1 MiB of budget, 256 KiB reads: four replies may wait for the client, then the server
+    // stops taking requests (the export runs no more reads) until they drain.
+    let config = ServerConfig { max_buffered: 1 << 20, ..test_config() };
+    let (mut c, ran) = reads_run_for_a_client_that_reads_nothing(&cat, config, 40, 256 << 10).await;
+    assert!(ran <= 5, "{ran} reads of 256 KiB ran with a budget of 1 MiB and no reply read");
+    assert!(ran >= 4, "only {ran} reads ran: the budget should hold four");
+    // Once the client reads, every request is answered, each reply whole.
+    let mut cookies = std::collections::HashSet::new();
+    for _ in 0..40 {
+        let (error, cookie) = c.simple().await;
+        assert_eq!(error, 0);
+        assert_eq!(c.bytes(256 << 10).await.len(), 256 << 10);
+        cookies.insert(cookie);
+    }
+    assert_eq!(cookies.len(), 40);
+
+    // The count of requests is bounded the same way: two at a time here, whatever their size.
+    let config = ServerConfig { max_requests: 2, ..test_config() };
+    let (mut c, ran) = reads_run_for_a_client_that_reads_nothing(&cat, config, 40, 256 << 10).await;
+    assert!(ran <= 3, "{ran} reads ran with max_requests 2 and no reply read");
+    for _ in 0..40 {
+        assert_eq!(c.simple().await.0, 0);
+        c.bytes(256 << 10).await;
+    }
+}
+
+#[tokio::test]
+async fn a_revoked_export_closes_the_connection_even_when_its_client_reads_no_replies() {
+    let cat = catalog();
+    let config = ServerConfig { max_buffered: 1 << 20, ..test_config() };
+    let (c, _) = reads_run_for_a_client_that_reads_nothing(&cat, config, 40, 256 << 10).await;
+    cat.0["rw"].revoked.notify_one();
+    let started = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(10), c.server)
+        .await
+        .expect("the connection must close although its client reads nothing");
+    assert!(ended.unwrap().is_ok());
+    assert!(started.elapsed() < Duration::from_secs(5), "closed after {:?}", started.elapsed());
+    assert_eq!(Arc::strong_count(&cat.0["rw"]), 1, "the connection still holds the export");
+    drop(c.s);
+}
+
+#[tokio::test]
+async fn a_client_that_stalls_in_the_handshake_is_dropped_after_the_handshake_timeout() {
+    let config = ServerConfig { handshake_timeout: Duration::from_millis(200), ..test_config() };
+    // Connects and sends nothing.
+    let c = Client::start(catalog(), config.clone(), 4096);
+    let started = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(5), c.server).await.expect("a silent client must be dropped");
+    assert!(matches!(ended.unwrap(), Err(NbdError::HandshakeTimeout(_))));
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    // Stops halfway through an option.
+    let mut c = Client::connect_with(catalog(), 3, config.clone(), 4096).await;
+    c.s.write_u64(IHAVEOPT).await.unwrap();
+    assert!(c.closed().await, "a client stalled mid-option must be dropped");
+    assert!(matches!(c.server.await.unwrap(), Err(NbdError::HandshakeTimeout(_))));
+    // A client that finished its handshake may then stay idle as long as it likes.
+    let mut c = Client::connect_with(catalog(), 3, config, 4096).await;
+    c.go("rw", false, &[]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.request(CMD_READ, 0, 1, 0, 512, &[]).await;
+    assert_eq!(c.simple().await, (0, 1));
+    c.bytes(512).await;
+}
+
+#[tokio::test]
+async fn block_status_describes_at_most_65536_extents_per_context_and_leaves_the_rest() {
+    // Context "test:fragmented" has one-byte extents: 1 Mi of them for the whole export.
+    let mut c = Client::connect(catalog(), 3).await;
+    c.go("rw", true, &["test:fragmented"]).await;
+    c.request(CMD_BLOCK_STATUS, 0, 1, 0, SIZE as u32, &[]).await;
+    let (flags, kind, cookie, p) = c.chunk().await;
+    assert_eq!((flags, kind, cookie, be32(&p)), (REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, 1, 2));
+    let extents: Vec<(u32, u32)> = p[4..].chunks(8).map(|e| (be32(e), be32(&e[4..]))).collect();
+    assert_eq!(extents.len(), 1 << 16);
+    assert!(extents.iter().enumerate().all(|(i, &e)| e == (1, i as u32 % 2)));
 }

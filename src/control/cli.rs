@@ -76,9 +76,17 @@ pub enum KeyCommand {
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// TCP address for NBD, or "none"
-    #[arg(long, default_value = "127.0.0.1:10809")]
-    pub nbd_listen: String,
+    /// Also serve NBD over TCP, on this loopback address (e.g. 127.0.0.1:10809). Default: none,
+    /// only the unix socket DIR/nbd.sock. Other addresses are refused: NBD is served without
+    /// TLS or authentication yet
+    #[arg(long, value_name = "HOST:PORT")]
+    pub nbd_listen: Option<String>,
+    /// Most NBD client connections at once, over all listeners; more are closed at once
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Time a new NBD connection has to finish its handshake (e.g. 10s, 500ms)
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    pub handshake_timeout: String,
     /// Create this volume (NAME:SIZE, e.g. disk0:10G) if it does not exist
     #[arg(long)]
     pub default_volume: Option<String>,
