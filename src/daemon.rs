@@ -66,14 +66,58 @@ fn parse_default_volume(spec: &str) -> anyhow::Result<(String, u64)> {
     Ok((name.to_string(), size))
 }
 
-/// Binds a unix socket, replacing a stale socket file (safe: we hold the directory lock).
-fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+/// Binds a unix socket, replacing a stale socket file (safe: we hold the directory lock). It is
+/// created under the daemon's umask (077: its user only), then opened to `group` (mode 0660)
+/// — its user's group when none is given, which DIR's 0700 keeps out anyway.
+fn bind_unix(path: &Path, group: Option<nix::unistd::Gid>) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("cannot remove stale socket {}", path.display())),
     }
-    UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
+    let listener = UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    if let Some(gid) = group {
+        nix::unistd::chown(path, None, Some(gid))
+            .with_context(|| format!("cannot give {} to group {gid}", path.display()))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+    Ok(listener)
+}
+
+/// The group `--socket-group` names (a name or a numeric id).
+fn socket_group(name: Option<&str>) -> anyhow::Result<Option<nix::unistd::Gid>> {
+    let Some(name) = name else { return Ok(None) };
+    if let Ok(id) = name.parse::<u32>() {
+        return Ok(Some(nix::unistd::Gid::from_raw(id)));
+    }
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(Some(g.gid)),
+        Ok(None) => bail!("--socket-group {name}: no such group; create it (groupadd {name}) or name an existing one"),
+        Err(e) => bail!("--socket-group {name}: cannot look the group up: {e}"),
+    }
+}
+
+/// The daemon directory is its user's alone (0700), or searchable by the socket group (0710)
+/// so its members can reach the sockets — and nothing else: every file in it is 0600.
+fn secure_dir(dir: &Path, group: Option<nix::unistd::Gid>) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = if group.is_some() { 0o710 } else { 0o700 };
+    if let Some(gid) = group {
+        nix::unistd::chown(dir, None, Some(gid))
+            .with_context(|| format!("cannot give {} to group {gid}", dir.display()))?;
+    }
+    let old =
+        std::fs::metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?.permissions().mode() & 0o777;
+    if old != mode {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("cannot set the mode of {}", dir.display()))?;
+        if old & !mode != 0 {
+            tracing::warn!(dir = %dir.display(), old = format!("{old:03o}"), new = format!("{mode:03o}"), "the daemon directory was open to other users; restricted it");
+        }
+    }
+    Ok(())
 }
 
 /// The TCP address to serve NBD on (`--nbd-listen`), if any: loopback addresses only. NBD is
@@ -115,11 +159,13 @@ pub fn serve(dir: &Path, args: &ServeArgs) -> anyhow::Result<()> {
     let config =
         ServerConfig { handshake_timeout: handshake_timeout(&args.handshake_timeout)?, ..ServerConfig::default() };
     let slots = Arc::new(ConnectionSlots::new(args.max_connections));
+    let group = socket_group(args.socket_group.as_deref())?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = dir.canonicalize()?;
+    secure_dir(&dir, group)?;
     let _lock = lock_dir(&dir)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(run(dir, tcp, default_volume, config, slots))
+    runtime.block_on(run(dir, tcp, default_volume, config, slots, group))
 }
 
 async fn run(
@@ -128,6 +174,7 @@ async fn run(
     default_volume: Option<(String, u64)>,
     config: ServerConfig,
     slots: Arc<ConnectionSlots>,
+    group: Option<nix::unistd::Gid>,
 ) -> anyhow::Result<()> {
     let engine = Engine::open(&dir).with_context(|| format!("cannot open the engine in {}", dir.display()))?;
     if let Some((name, size)) = default_volume {
@@ -161,7 +208,7 @@ async fn run(
     }
     let nbd_path = dir.join("nbd.sock");
     let control_path = dir.join("control.sock");
-    let nbd_unix = bind_unix(&nbd_path)?;
+    let nbd_unix = bind_unix(&nbd_path, group)?;
     let nbd_tcp = match tcp {
         Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?),
         None => None,
@@ -171,7 +218,7 @@ async fn run(
         Some(l) => Some(l.local_addr()?),
         None => None,
     };
-    let control = bind_unix(&control_path)?.into_std()?;
+    let control = bind_unix(&control_path, group)?.into_std()?;
     let status = Status {
         version: env!("CARGO_PKG_VERSION").into(),
         dir: dir.clone(),

@@ -90,6 +90,10 @@ pub struct ServeArgs {
     /// Create this volume (NAME:SIZE, e.g. disk0:10G) if it does not exist
     #[arg(long)]
     pub default_volume: Option<String>,
+    /// Let this group's members use the sockets (NBD and control API): they become group
+    /// GROUP (mode 0660) and DIR group-searchable (0710). Default: the daemon's user only
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
