@@ -18,32 +18,6 @@ fn daemon_with_volume(size: &str) -> (tempfile::TempDir, Daemon) {
     (tmp, d)
 }
 
-/// `nbdinfo --map[=CONTEXT] --json` as (offset, length, type) triples.
-fn map(uri: &str, context: Option<&str>) -> Vec<(u64, u64, u64)> {
-    let ctx = context.map(|c| format!("--map={c}")).unwrap_or_else(|| "--map".into());
-    let out = ok("nbdinfo", &["--json", &ctx, uri]);
-    let v: serde_json::Value = serde_json::from_str(&out).expect("nbdinfo JSON");
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap(), e["type"].as_u64().unwrap()))
-        .collect()
-}
-
-/// The ranges of a map whose type has all bits of `flags` (merged, as (offset, length)).
-fn ranges_with(map: &[(u64, u64, u64)], flags: u64) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for &(off, len, ty) in map {
-        if ty & flags == flags && flags != 0 || flags == 0 && ty == 0 {
-            match out.last_mut() {
-                Some(last) if last.0 + last.1 == off => last.1 += len,
-                _ => out.push((off, len)),
-            }
-        }
-    }
-    out
-}
-
 #[test]
 fn qemu_io_patterns_round_trip_including_unaligned_and_cross_cluster_writes() {
     if !require_tool("qemu-io") {
@@ -147,12 +121,12 @@ fn base_allocation_map_shows_holes_data_and_unmapped_ranges() {
     }
     let (_t, d) = daemon_with_volume("16M");
     let uri = d.nbd_uri("vol");
-    assert_eq!(map(&uri, None), vec![(0, 16 * MIB, 3)], "a new volume is one hole");
+    assert_eq!(nbd_map(&uri, None), vec![(0, 16 * MIB, 3)], "a new volume is one hole");
     qemu_io(
         &uri,
         &["write -P 1 0 128k", "write -P 2 1M 64k", "write -P 3 4M 64k", "discard 0 64k", "write -z -u 1M 64k"],
     );
-    let m = map(&uri, None);
+    let m = nbd_map(&uri, None);
     assert_eq!(ranges_with(&m, 0), vec![(64 << 10, 64 << 10), (4 * MIB, 64 << 10)], "data ranges: {m:?}");
     assert_eq!(m.iter().map(|e| e.1).sum::<u64>(), 16 * MIB);
     // Everything else, including the trimmed cluster and the zeroed (may-unmap) one, is a
@@ -164,7 +138,7 @@ fn base_allocation_map_shows_holes_data_and_unmapped_ranges() {
     qemu_io(&uri, &["read -P 0 0 64k", "read -P 0 1M 64k", "read -P 1 64k 64k"]);
     // Zeroing without may-unmap (NBD_CMD_FLAG_NO_HOLE) keeps the cluster allocated.
     qemu_io(&uri, &["write -z 8M 64k"]);
-    let m = map(&uri, None);
+    let m = nbd_map(&uri, None);
     assert_eq!(
         ranges_with(&m, 0),
         vec![(64 << 10, 64 << 10), (4 * MIB, 64 << 10), (8 * MIB, 64 << 10)],
@@ -174,9 +148,9 @@ fn base_allocation_map_shows_holes_data_and_unmapped_ranges() {
     // A snapshot export has its own (frozen) map.
     d.cli_ok(&["snapshot", "create", "vol", "--name", "s1"]);
     qemu_io(&uri, &["discard 4M 64k", "write -P 4 12M 4k"]);
-    let snap = map(&d.nbd_uri("vol@s1"), None);
+    let snap = nbd_map(&d.nbd_uri("vol@s1"), None);
     assert_eq!(ranges_with(&snap, 0), vec![(64 << 10, 64 << 10), (4 * MIB, 64 << 10), (8 * MIB, 64 << 10)], "{snap:?}");
-    let now = map(&uri, None);
+    let now = nbd_map(&uri, None);
     assert_eq!(ranges_with(&now, 0), vec![(64 << 10, 64 << 10), (8 * MIB, 64 << 10), (12 * MIB, 64 << 10)], "{now:?}");
 }
 
@@ -187,7 +161,7 @@ fn dirty_bitmap_shows_exactly_the_clusters_changed_since_the_last_snapshot() {
     }
     let (_t, d) = daemon_with_volume("16M");
     let uri = d.nbd_uri("vol");
-    let dirty = |uri: &str| ranges_with(&map(uri, Some("qemu:dirty-bitmap:dirty")), 1);
+    let dirty = |uri: &str| ranges_with(&nbd_map(uri, Some("qemu:dirty-bitmap:dirty")), 1);
     assert_eq!(dirty(&uri), vec![]);
     qemu_io(&uri, &["write -P 1 0 4k", "write -P 1 327680 70000"]);
     // 64 KiB clusters: cluster 0, and clusters 5 and 6 (327680..397680).
@@ -225,7 +199,7 @@ fn snapshot_bitmaps_show_the_clusters_changed_between_two_snapshots() {
     qemu_io(&uri, &["write -P 3 9M 4k"]);
     d.cli_ok(&["snapshot", "create", "vol", "--name", "s3"]);
     let s3 = d.nbd_uri("vol@s3");
-    let changed = |base: &str| ranges_with(&map(&s3, Some(&format!("qemu:dirty-bitmap:{base}"))), 1);
+    let changed = |base: &str| ranges_with(&nbd_map(&s3, Some(&format!("qemu:dirty-bitmap:{base}"))), 1);
     assert_eq!(changed("s1"), vec![(2 * MIB, 64 << 10), (7 * MIB, 64 << 10), (9 * MIB, 64 << 10)]);
     assert_eq!(changed("s2"), vec![(9 * MIB, 64 << 10)]);
     // The first snapshot has no older one to compare with.
@@ -245,7 +219,7 @@ fn snapshot_bitmaps_show_the_clusters_changed_between_two_snapshots() {
     d.terminate();
     let d = Daemon::start(&d.dir.clone());
     let s3 = d.nbd_uri("vol@s3");
-    let changed = |base: &str| ranges_with(&map(&s3, Some(&format!("qemu:dirty-bitmap:{base}"))), 1);
+    let changed = |base: &str| ranges_with(&nbd_map(&s3, Some(&format!("qemu:dirty-bitmap:{base}"))), 1);
     assert_eq!(changed("s1"), vec![(2 * MIB, 64 << 10), (7 * MIB, 64 << 10), (9 * MIB, 64 << 10)]);
     assert_eq!(changed("s2"), vec![(9 * MIB, 64 << 10)]);
 }

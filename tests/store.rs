@@ -731,20 +731,61 @@ fn block_status_of_a_released_64_tib_snapshot_is_answered_from_its_extents() {
     wait_available(&d, "vol@s1");
     wait_released(&d, "vol@s1");
     let started = Instant::now();
-    let out = common::run(
-        std::process::Command::new("nbdinfo").args(["--map", &d.nbd_uri("vol@s1")]),
-        Duration::from_secs(60),
-    );
-    assert!(out.status.success(), "nbdinfo --map failed: {}", common::text(&out.stderr));
-    let map = common::text(&out.stdout);
-    let data: Vec<(u64, u64)> = map
-        .lines()
-        .filter(|l| l.contains("data"))
-        .map(|l| {
-            let f: Vec<u64> = l.split_whitespace().take(2).map(|x| x.parse().unwrap()).collect();
-            (f[0], f[1])
-        })
-        .collect();
-    assert_eq!(data, vec![(0, MIB), (40 << 40, MIB)], "{map}");
+    let map = common::nbd_map(&d.nbd_uri("vol@s1"), None);
+    assert_eq!(common::ranges_with(&map, 0), vec![(0, MIB), (40 << 40, MIB)], "{map:?}");
     assert!(started.elapsed() < Duration::from_secs(20), "block status took {:?}", started.elapsed());
+}
+
+/// Issue 19 §3: a snapshot offers `qemu:dirty-bitmap:<earlier snapshot>` after its local
+/// data was released (default settings: seconds after it is taken), and the live volume one
+/// per snapshot (changed since it) besides `dirty` — what backup tools read to copy changes.
+#[test]
+fn released_snapshots_keep_their_dirty_bitmaps_and_the_volume_offers_one_per_snapshot() {
+    if !tools() {
+        return;
+    }
+    let region = &regions()[0];
+    let (_tmp, _dir, d) = start_with_volume(region, "", "16M");
+    let uri = d.nbd_uri("vol");
+    common::qemu_io(&uri, &["write -P 1 0 64k"]);
+    snapshot(&d, "vol", "s1");
+    common::qemu_io(&uri, &["write -P 2 2M 64k", "write -P 2 7M 64k"]);
+    snapshot(&d, "vol", "s2");
+    common::qemu_io(&uri, &["write -P 3 9M 4k"]);
+    snapshot(&d, "vol", "s3");
+    for s in ["vol@s1", "vol@s2", "vol@s3"] {
+        wait_available(&d, s);
+        wait_released(&d, s);
+    }
+    let s3 = d.nbd_uri("vol@s3");
+    let changed = |uri: &str, base: &str| {
+        common::ranges_with(&common::nbd_map(uri, Some(&format!("qemu:dirty-bitmap:{base}"))), 1)
+    };
+    assert_eq!(changed(&s3, "s1"), vec![(2 * MIB, 64 << 10), (7 * MIB, 64 << 10), (9 * MIB, 64 << 10)]);
+    assert_eq!(changed(&s3, "s2"), vec![(9 * MIB, 64 << 10)]);
+    // base:allocation of the released snapshot, from the store's map pages.
+    let data = common::ranges_with(&common::nbd_map(&s3, None), 0);
+    assert_eq!(data, vec![(0, 64 << 10), (2 * MIB, 64 << 10), (7 * MIB, 64 << 10), (9 * MIB, 64 << 10)]);
+    // qemu-img map reads the bitmap too (x-dirty-bitmap: changed clusters show as not data).
+    let sock = d.dir.join("nbd.sock").display().to_string();
+    let opts =
+        format!("driver=nbd,server.type=unix,server.path={sock},export=vol@s3,x-dirty-bitmap=qemu:dirty-bitmap:s2");
+    let out = ok("qemu-img", &["map", "--output=json", "--image-opts", &opts]);
+    let entries: Value = serde_json::from_str(&out).unwrap();
+    let dirty: Vec<(u64, u64)> = entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == false)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(dirty, vec![(9 * MIB, 64 << 10)], "{out}");
+    // The live volume: changed since each snapshot.
+    common::qemu_io(&uri, &["write -P 4 12M 4k"]);
+    assert_eq!(changed(&uri, "dirty"), vec![(12 * MIB, 64 << 10)]);
+    assert_eq!(changed(&uri, "s2"), vec![(9 * MIB, 64 << 10), (12 * MIB, 64 << 10)]);
+    assert_eq!(
+        changed(&uri, "s1"),
+        vec![(2 * MIB, 64 << 10), (7 * MIB, 64 << 10), (9 * MIB, 64 << 10), (12 * MIB, 64 << 10)]
+    );
 }

@@ -54,8 +54,10 @@ use checkpoint::State;
 use commit::{CommitWanted, Tail, Unsealed, UNSEALED};
 use ids::{check_geometry, validate_name};
 use journal::{Journal, Record};
+pub(crate) use registry::Target;
 pub(crate) use registry::VolumeState;
 use registry::{snapshot_info, volume_info, Registry, Snapshot, Volume};
+use remote::Remote;
 pub(crate) use revoke::Ticket;
 
 pub const MIN_CLUSTER_SIZE: u32 = 4096;
@@ -465,15 +467,31 @@ impl Engine {
         Ok(VolumeHandle::new(self.clone(), v))
     }
 
-    /// Opens a snapshot read-only (`VOLUME@SNAP` or an id).
-    pub fn open_snapshot(self: &Arc<Self>, r: &str) -> Result<SnapshotHandle> {
+    /// Opens a snapshot read-only (`VOLUME@SNAP` or an id). A snapshot whose data was
+    /// released after upload needs `released_region` (where it was uploaded): the handle then
+    /// reads it from there — every cluster pending, fetched on read and never stored locally —
+    /// through the same calls as a local one.
+    pub fn open_snapshot(self: &Arc<Self>, r: &str, released_region: Option<&str>) -> Result<SnapshotHandle> {
         let reg = self.registry.read();
         let s = reg.find_snapshot(r)?.clone();
-        check_local(&s, r)?;
+        let remote = match remote_of_released(&s, r, released_region)? {
+            Some(source) => Some(Remote::new(source)),
+            None => s.remote.clone(),
+        };
         let v = reg.volume_of(&s, r)?;
-        // A released base has no local map to compare with.
-        let bases = reg.snapshots_of(s.volume).into_iter().filter(|b| b.seq < s.seq && !b.released).collect();
-        Ok(SnapshotHandle::new(self.clone(), v, s, bases))
+        let bases = reg.snapshots_of(s.volume).into_iter().filter(|b| b.seq < s.seq).collect();
+        Ok(SnapshotHandle::new(self.clone(), v, s, remote, bases))
+    }
+
+    /// Clusters that may differ between snapshot `base` and `target` (see
+    /// `Registry::changed_between`); `None`: anything may.
+    pub(crate) fn changed_between(&self, base: u64, target: Target) -> Option<RoaringTreemap> {
+        self.registry.read().changed_between(base, target)
+    }
+
+    /// The snapshots of volume `volume` (id), oldest first: `(id, name)`.
+    pub(crate) fn snapshots_of(&self, volume: u64) -> Vec<(u64, String)> {
+        self.registry.read().snapshots_of(volume).iter().map(|s| (s.id, s.name.clone())).collect()
     }
 
     /// Whether the snapshot's data is local (false once released after upload).
@@ -564,15 +582,6 @@ impl Engine {
             }
         }
     }
-}
-
-fn check_local(s: &Snapshot, r: &str) -> Result<()> {
-    if s.released {
-        return Err(EngineError::NotLocal(format!(
-            "the data of snapshot '{r}' was released after its upload; read it over NBD as VOLUME@SNAPSHOT, or restore it with: snapblk volume create NAME --from-snapshot {r}"
-        )));
-    }
-    Ok(())
 }
 
 /// For a released snapshot, where its data is loaded from (its upload region must be known).

@@ -147,6 +147,14 @@ impl Snapshot {
     }
 }
 
+/// What a dirty bitmap compares a base snapshot with (see `Registry::changed_between`).
+#[derive(Clone, Copy)]
+pub(crate) enum Target {
+    Snapshot(u64),
+    /// The live head of this volume.
+    Head(u64),
+}
+
 pub(crate) struct Lineage {
     pub(crate) parent: Option<u64>,
     pub(crate) changed: RoaringTreemap,
@@ -244,6 +252,41 @@ impl Registry {
         }));
         out.sort();
         out
+    }
+
+    /// Clusters that may differ between snapshot `base` and `target` (a snapshot id, or a
+    /// volume's head with `Some(volume)`): the changed sets along both lineages back to their
+    /// newest common snapshot, plus the head's dirty set. A superset of the clusters whose
+    /// content differs, as a dirty bitmap is; it needs no map, so it works for released
+    /// snapshots too. `None` when the lineages share no snapshot (everything may differ).
+    pub(super) fn changed_between(&self, base: u64, target: Target) -> Option<RoaringTreemap> {
+        // (id, changed set relative to its parent) from `start` towards the root.
+        let chain = |start: Option<u64>| {
+            let mut out: Vec<(u64, RoaringTreemap)> = Vec::new();
+            let mut cur = start.and_then(|id| self.snapshots.get(&id));
+            while let Some(s) = cur {
+                let l = s.lineage.lock();
+                out.push((s.id, l.changed.clone()));
+                cur = l.parent.and_then(|p| self.snapshots.get(&p));
+            }
+            out
+        };
+        let (mut changed, target_chain) = match target {
+            Target::Snapshot(id) => (RoaringTreemap::new(), chain(Some(id))),
+            Target::Head(volume) => {
+                let st = self.volumes.get(&volume)?.state.read();
+                (st.dirty.clone(), chain(st.parent))
+            }
+        };
+        let base_chain = chain(Some(base));
+        let (bi, ti) = base_chain
+            .iter()
+            .enumerate()
+            .find_map(|(bi, (id, _))| target_chain.iter().position(|(t, _)| t == id).map(|ti| (bi, ti)))?;
+        for (_, set) in base_chain[..bi].iter().chain(&target_chain[..ti]) {
+            changed |= set;
+        }
+        Some(changed)
     }
 
     pub(super) fn new_id(&self) -> u64 {

@@ -73,6 +73,18 @@ pub trait ClusterSource: Send + Sync {
         cluster: u64,
         priority: Priority,
     ) -> BoxFuture<'static, Result<Option<Bytes>>>;
+    /// Runs of clusters `start..end` of `source` with and without data, `(first, end,
+    /// has_data)`, in order from `start` (a prefix of the range may be answered). By default
+    /// everything may hold data; the store answers from the snapshot's map pages.
+    fn data_runs(
+        &self,
+        source: &RemoteSource,
+        start: u64,
+        end: u64,
+    ) -> BoxFuture<'static, Result<Vec<(u64, u64, bool)>>> {
+        let _ = source;
+        Box::pin(futures::future::ready(Ok(vec![(start, end, true)])))
+    }
     /// Bytes to prefetch after a sequential read (0: no read-ahead).
     fn readahead_bytes(&self) -> u64;
     /// The runtime fetches run on (for callers on threads outside it, e.g. ublk queues).

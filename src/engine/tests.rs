@@ -132,7 +132,7 @@ fn check(engine: &Arc<Engine>, model: &Model) {
             assert!(!engine.snapshot(key).expect("snapshot info").local);
             continue;
         }
-        let h = engine.open_snapshot(key).expect("open snapshot");
+        let h = engine.open_snapshot(key, None).expect("open snapshot");
         let mut buf = vec![0u8; ms.data.len()];
         h.read(0, &mut buf).expect("read snapshot");
         assert!(buf == ms.data, "snapshot {key} content differs from the model");
@@ -485,7 +485,7 @@ fn snapshot_is_exact_while_writers_run() {
         w.join().unwrap();
     }
     for n in 0..20 {
-        let h = engine.open_snapshot(&format!("v@s{n}")).unwrap();
+        let h = engine.open_snapshot(&format!("v@s{n}"), None).unwrap();
         let mut buf = vec![0u8; 4 << 20];
         h.read(0, &mut buf).unwrap();
         for block in buf.chunks(65536) {
@@ -547,7 +547,7 @@ fn concurrent_writes_snapshots_and_deletes_lose_nothing_and_snapshots_never_chan
         let name = format!("s{n}");
         engine.create_snapshot("v", &name, "").unwrap();
         let after: Vec<u64> = issued.iter().map(|a| a.load(Ordering::SeqCst)).collect();
-        let content = read_all(&engine.open_snapshot(&format!("v@{name}")).unwrap());
+        let content = read_all(&engine.open_snapshot(&format!("v@{name}"), None).unwrap());
         for p in 0..PAIRS {
             let off = ((2 * p + 1) * 4096) as usize;
             let seq = pair_seq(&content[off..off + 8192], p);
@@ -575,7 +575,7 @@ fn concurrent_writes_snapshots_and_deletes_lose_nothing_and_snapshots_never_chan
         w.join().unwrap();
     }
     for (name, content) in &kept {
-        let again = read_all(&engine.open_snapshot(&format!("v@{name}")).unwrap());
+        let again = read_all(&engine.open_snapshot(&format!("v@{name}"), None).unwrap());
         assert!(again == *content, "snapshot {name} changed after it was taken");
     }
     let mut head = vec![0u8; 2 << 20];
@@ -705,7 +705,7 @@ fn hydrate_case(ops: Vec<(u8, u64, u64)>) {
         drop(st);
         let mut buf = vec![0u8; SIZE as usize];
         for (name, want) in snaps {
-            let s = engine.open_snapshot(&format!("v@{name}")).unwrap();
+            let s = engine.open_snapshot(&format!("v@{name}"), None).unwrap();
             rt.block_on(s.read_async(0, &mut buf)).unwrap();
             assert!(&buf == want, "snapshot {name} differs");
         }
@@ -849,7 +849,7 @@ fn copy_dir(from: &Path, to: &Path) {
 fn read_all(engine: &Arc<Engine>, r: &str, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
     if r.contains('@') {
-        engine.open_snapshot(r).unwrap().read(0, &mut buf).unwrap();
+        engine.open_snapshot(r, None).unwrap().read(0, &mut buf).unwrap();
     } else {
         engine.open_volume(r).unwrap().read(0, &mut buf).unwrap();
     }

@@ -28,7 +28,7 @@ use super::journal::Record;
 use super::map::{ClusterMap, ZERO};
 use super::remote::{self, Priority, Remote};
 use super::slots::SlotFile;
-use super::{Engine, Snapshot, Ticket, Volume, VolumeState, MAX_CLUSTER_SIZE};
+use super::{Engine, Snapshot, Target, Ticket, Volume, VolumeState, MAX_CLUSTER_SIZE};
 
 /// Attempts at a request whose clusters keep becoming pending again (a rollback in between).
 const LOAD_ATTEMPTS: usize = 4;
@@ -764,6 +764,19 @@ impl VolumeHandle {
         let st = self.vol.state.read();
         Ok(status(offset, len, shift_of(&self.vol.slots), |c| if st.dirty.contains(c) { STATE_DIRTY } else { 0 }))
     }
+
+    /// The volume's snapshots, oldest first: `(id, name)` (each a dirty bitmap to compare
+    /// the live volume with, `changed_since_snapshot`).
+    pub fn snapshots(&self) -> Vec<(u64, String)> {
+        self.engine.snapshots_of(self.vol.id)
+    }
+
+    /// Clusters that may have changed since snapshot `base` (an id from `snapshots`), live.
+    pub fn changed_since_snapshot(&self, base: u64, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(self.vol.size, offset, len, false)?;
+        let changed = self.engine.changed_between(base, Target::Head(self.vol.id));
+        Ok(status(offset, len, shift_of(&self.vol.slots), |c| dirty_flag(&changed, c)))
+    }
 }
 
 /// A read-only handle on a snapshot.
@@ -771,6 +784,9 @@ pub struct SnapshotHandle {
     engine: Arc<Engine>,
     vol: Arc<Volume>,
     snap: Arc<Snapshot>,
+    /// Its clusters still in the store: those it took while its volume was loading, or all of
+    /// them once its local data was released after upload.
+    remote: Option<Remote>,
     /// Older snapshots of the same volume, oldest first: one dirty bitmap each.
     bases: Vec<Arc<Snapshot>>,
     ticket: Ticket,
@@ -781,10 +797,11 @@ impl SnapshotHandle {
         engine: Arc<Engine>,
         vol: Arc<Volume>,
         snap: Arc<Snapshot>,
+        remote: Option<Remote>,
         bases: Vec<Arc<Snapshot>>,
     ) -> SnapshotHandle {
         let ticket = snap.revoker.ticket();
-        SnapshotHandle { engine, vol, snap, bases, ticket }
+        SnapshotHandle { engine, vol, snap, remote, bases, ticket }
     }
 
     pub fn name(&self) -> String {
@@ -839,7 +856,7 @@ impl SnapshotHandle {
     }
 
     fn pending(&self, offset: u64, len: u64) -> Vec<u64> {
-        pending_in(&self.snap.remote, offset, len, shift_of(&self.vol.slots), self.snap.size, false)
+        pending_in(&self.remote, offset, len, shift_of(&self.vol.slots), self.snap.size, false)
     }
 
     /// Reads; clusters the snapshot took while still in the store are fetched from it (a
@@ -848,7 +865,7 @@ impl SnapshotHandle {
         check_range(self.snap.size, offset, buf.len() as u64, false)?;
         self.snap.wait_sealed_async(&self.vol).await;
         let pending = self.pending(offset, buf.len() as u64);
-        let Some(remote) = self.snap.remote.as_ref().filter(|_| !pending.is_empty()) else {
+        let Some(remote) = self.remote.as_ref().filter(|_| !pending.is_empty()) else {
             return self.read_local(offset, buf);
         };
         let src = self.engine.cluster_source().ok_or_else(super::no_store)?;
@@ -875,12 +892,56 @@ impl SnapshotHandle {
         Ok(hole)
     }
 
-    /// Clusters still in the store count as data: they may hold some.
+    /// Clusters still in the store count as data: they may hold some (see
+    /// `allocation_async`, which asks the store).
     pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         check_range(self.snap.size, offset, len, false)?;
         Ok(status(offset, len, shift_of(&self.vol.slots), |c| {
-            if remote::pending(&self.snap.remote, c) {
+            if remote::pending(&self.remote, c) {
                 0
+            } else {
+                allocation_flags(self.snap.map.get(c))
+            }
+        }))
+    }
+
+    /// `allocation`, with clusters still in the store described by the store (from the
+    /// snapshot's map pages: O(extents) for a released snapshot, however large).
+    pub async fn allocation_async(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(self.snap.size, offset, len, false)?;
+        let shift = shift_of(&self.vol.slots);
+        let (first, end) = (offset >> shift, (offset + len).div_ceil(1 << shift));
+        let Some(remote) = self.remote.as_ref().filter(|r| count_in(&r.loaded, first, end) < end - first) else {
+            return self.allocation(offset, len);
+        };
+        let src = self.engine.cluster_source().ok_or_else(super::no_store)?;
+        let runs = src.data_runs(&remote.source, first, end).await?;
+        let hole = STATE_HOLE | STATE_ZERO;
+        let Some(known_end) = runs.last().map(|r| r.1.min(end)) else { return self.allocation(offset, len) };
+        // A prefix of the range, when the store answered for a prefix.
+        let len = ((known_end << shift).min(offset + len) - offset).max(1);
+        if count_in(&remote.loaded, first, known_end) == 0 {
+            // All in the store (a released snapshot): the runs are the answer.
+            let mut out = Vec::with_capacity(runs.len());
+            for (from, to, data) in runs {
+                let (a, b) = ((from << shift).max(offset), (to << shift).min(offset + len));
+                if a < b {
+                    out.push(Extent { length: b - a, flags: if data { 0 } else { hole } });
+                }
+            }
+            return Ok(out);
+        }
+        let in_store = |c: u64| {
+            let i = runs.partition_point(|r| r.1 <= c);
+            runs.get(i).is_none_or(|r| r.2)
+        };
+        Ok(status(offset, len, shift, |c| {
+            if remote.is_pending(c) {
+                if in_store(c) {
+                    0
+                } else {
+                    hole
+                }
             } else {
                 allocation_flags(self.snap.map.get(c))
             }
@@ -890,7 +951,7 @@ impl SnapshotHandle {
     /// Every cluster of the snapshot that maps to stored data, or may (still in the store).
     pub fn allocated_clusters(&self) -> roaring::RoaringTreemap {
         let mut set = roaring::RoaringTreemap::new();
-        if let Some(r) = &self.snap.remote {
+        if let Some(r) = &self.remote {
             set.insert_range(0..self.snap.size.div_ceil(self.snap.cluster_size as u64));
             set -= &*r.loaded;
         }
@@ -900,21 +961,27 @@ impl SnapshotHandle {
         set
     }
 
-    /// Clusters that differ between base snapshot `base` (index into `base_names`) and this one.
+    /// Clusters that may differ between base snapshot `base` (index into `base_names`) and
+    /// this one: the changed sets of their lineages (a dirty bitmap; local or released alike).
     pub fn changed_since(&self, base: usize, offset: u64, len: u64) -> Result<Vec<Extent>> {
         check_range(self.snap.size, offset, len, false)?;
         let base = self.bases.get(base).ok_or_else(|| EngineError::Invalid("no such base snapshot".into()))?;
-        // Clusters still in the store compare by where they come from (the map has no entry).
-        fn source(r: &Option<Remote>, c: u64) -> Option<&super::RemoteSource> {
-            r.as_ref().filter(|r| r.is_pending(c)).map(|r| &r.source)
-        }
-        Ok(status(offset, len, shift_of(&self.vol.slots), |c| {
-            if base.map.get(c) != self.snap.map.get(c) || source(&base.remote, c) != source(&self.snap.remote, c) {
-                STATE_DIRTY
-            } else {
-                0
-            }
-        }))
+        let changed = self.engine.changed_between(base.id, Target::Snapshot(self.snap.id));
+        Ok(status(offset, len, shift_of(&self.vol.slots), |c| dirty_flag(&changed, c)))
+    }
+}
+
+/// Members of `set` in `start..end` (`end > start`).
+fn count_in(set: &roaring::RoaringTreemap, start: u64, end: u64) -> u64 {
+    set.rank(end - 1) - if start > 0 { set.rank(start - 1) } else { 0 }
+}
+
+/// `STATE_DIRTY` when `c` is in `changed` (`None`: everything may have changed).
+fn dirty_flag(changed: &Option<roaring::RoaringTreemap>, c: u64) -> u32 {
+    if changed.as_ref().is_none_or(|s| s.contains(c)) {
+        STATE_DIRTY
+    } else {
+        0
     }
 }
 

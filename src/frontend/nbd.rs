@@ -11,7 +11,6 @@ use std::sync::Arc;
 use snapblk_nbd::{Export, ExportCatalog, ExportError, ExportInfo, Extent, ReadKind, RequestKind, ZeroFlags};
 
 use crate::engine::{self, Engine, EngineError, ErrorKind, Priority, SnapshotHandle, VolumeHandle, ZeroMode};
-use crate::store::remote::RemoteSnapshot;
 use crate::store::StoreService;
 
 /// Largest request we accept (NBD_INFO_BLOCK_SIZE maximum).
@@ -64,10 +63,11 @@ fn extents(v: Vec<engine::Extent>) -> Vec<Extent> {
 }
 
 enum Handle {
-    Volume(VolumeHandle),
+    /// The volume, with the snapshot ids behind its `qemu:dirty-bitmap:<snapshot>` contexts
+    /// (context `2 + i` is `bases[i]`; 0 is `base:allocation`, 1 the live `dirty` bitmap).
+    Volume(VolumeHandle, Vec<u64>),
+    /// A snapshot, local or released (then read from the store, through the same handle).
     Snapshot(SnapshotHandle),
-    /// A snapshot whose data was released after upload: reads go to the store.
-    Remote(RemoteSnapshot),
 }
 
 pub struct NbdExport {
@@ -98,27 +98,11 @@ impl ExportCatalog for NbdCatalog {
             name.to_string()
         };
         let block = |cluster_size: u32| (1, 4096.min(cluster_size), MAX_REQUEST);
-        if name.contains('@') && !self.engine.snapshot_is_local(&name).map_err(|e| e.to_string())? {
-            let s = self.engine.snapshot(&name).map_err(|e| e.to_string())?;
-            let (min_block, preferred_block, max_block) = block(s.cluster_size);
-            let info = ExportInfo {
-                name: format!("{}@{}", s.volume, s.name),
-                description: s.description.clone(),
-                size: s.size,
-                read_only: true,
-                min_block,
-                preferred_block,
-                max_block,
-                meta_contexts: vec![BASE_ALLOCATION.to_string()],
-            };
-            let region = self.store.uploaded_region(&s).map_err(|e| e.to_string())?;
-            let id = engine::parse_snapshot_id(&s.id).ok_or_else(|| format!("bad snapshot id {}", s.id))?;
-            let source = engine::RemoteSource { region, snapshot: id };
-            let remote = RemoteSnapshot::new(self.store.hydration.clone(), source, s.size, s.cluster_size);
-            return Ok(NbdExport { handle: Handle::Remote(remote), info });
-        }
         if name.contains('@') {
-            let h = self.engine.open_snapshot(&name).map_err(|e| e.to_string())?;
+            let s = self.engine.snapshot(&name).map_err(|e| e.to_string())?;
+            // Released after upload: read from the region it went to.
+            let region = if s.local { None } else { Some(self.store.uploaded_region(&s).map_err(|e| e.to_string())?) };
+            let h = self.engine.open_snapshot(&name, region.as_deref()).map_err(|e| e.to_string())?;
             let mut meta_contexts = vec![BASE_ALLOCATION.to_string()];
             meta_contexts.extend(h.base_names().map(|b| format!("{DIRTY_BITMAP_PREFIX}{b}")));
             let (min_block, preferred_block, max_block) = block(h.cluster_size());
@@ -136,6 +120,11 @@ impl ExportCatalog for NbdCatalog {
         } else {
             let h = self.engine.open_volume(&name).map_err(|e| e.to_string())?;
             let (min_block, preferred_block, max_block) = block(h.cluster_size());
+            let mut meta_contexts = vec![BASE_ALLOCATION.to_string(), format!("{DIRTY_BITMAP_PREFIX}dirty")];
+            // Changed since each snapshot; one named "dirty" is left out (the name means the
+            // live bitmap, changed since the newest snapshot).
+            let bases: Vec<(u64, String)> = h.snapshots().into_iter().filter(|(_, n)| n != "dirty").collect();
+            meta_contexts.extend(bases.iter().map(|(_, n)| format!("{DIRTY_BITMAP_PREFIX}{n}")));
             let info = ExportInfo {
                 name: h.name().to_string(),
                 description: format!("snapblk volume {}", h.name()),
@@ -144,9 +133,9 @@ impl ExportCatalog for NbdCatalog {
                 min_block,
                 preferred_block,
                 max_block,
-                meta_contexts: vec![BASE_ALLOCATION.to_string(), format!("{DIRTY_BITMAP_PREFIX}dirty")],
+                meta_contexts,
             };
-            Ok(NbdExport { handle: Handle::Volume(h), info })
+            Ok(NbdExport { handle: Handle::Volume(h, bases.into_iter().map(|(id, _)| id).collect()), info })
         }
     }
 }
@@ -164,13 +153,13 @@ impl NbdExport {
             max_block: MAX_REQUEST,
             meta_contexts: Vec::new(),
         };
-        NbdExport { handle: Handle::Volume(handle), info }
+        NbdExport { handle: Handle::Volume(handle, Vec::new()), info }
     }
 
     fn volume(&self) -> Result<&VolumeHandle, ExportError> {
         match &self.handle {
-            Handle::Volume(v) => Ok(v),
-            Handle::Snapshot(_) | Handle::Remote(_) => Err(ExportError::ReadOnly),
+            Handle::Volume(v, _) => Ok(v),
+            Handle::Snapshot(_) => Err(ExportError::ReadOnly),
         }
     }
 }
@@ -195,9 +184,8 @@ impl Export for NbdExport {
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<ReadKind, ExportError> {
         let hole = match &self.handle {
-            Handle::Volume(v) => v.read_async(offset, buf).await.map_err(nbd_error)?,
+            Handle::Volume(v, _) => v.read_async(offset, buf).await.map_err(nbd_error)?,
             Handle::Snapshot(s) => s.read_async(offset, buf).await.map_err(nbd_error)?,
-            Handle::Remote(r) => r.read(offset, buf).await.map_err(nbd_error)?,
         };
         Ok(if hole { ReadKind::Hole } else { ReadKind::Data })
     }
@@ -208,8 +196,8 @@ impl Export for NbdExport {
 
     async fn flush(&self) -> Result<(), ExportError> {
         match &self.handle {
-            Handle::Volume(v) => v.flush_async().await.map_err(nbd_error),
-            Handle::Snapshot(_) | Handle::Remote(_) => Ok(()), // nothing to make durable
+            Handle::Volume(v, _) => v.flush_async().await.map_err(nbd_error),
+            Handle::Snapshot(_) => Ok(()), // nothing to make durable
         }
     }
 
@@ -230,37 +218,30 @@ impl Export for NbdExport {
     /// Loads the range from the store if it is not local yet (nothing to do otherwise).
     async fn cache(&self, offset: u64, length: u64) -> Result<(), ExportError> {
         match &self.handle {
-            Handle::Volume(v) => v.load(offset, length, false, Priority::ReadAhead).await.map_err(nbd_error),
-            Handle::Snapshot(_) | Handle::Remote(_) => Ok(()),
+            Handle::Volume(v, _) => v.load(offset, length, false, Priority::ReadAhead).await.map_err(nbd_error),
+            Handle::Snapshot(_) => Ok(()),
         }
     }
 
     async fn block_status(&self, context: usize, offset: u64, length: u32) -> Result<Vec<Extent>, ExportError> {
         let len = length as u64;
-        if let Handle::Remote(r) = &self.handle {
-            if context != 0 {
-                return Err(ExportError::Invalid);
-            }
-            let runs = r.allocation(offset, len).await.map_err(nbd_error)?;
-            let flags = |hole: bool| if hole { engine::STATE_HOLE | engine::STATE_ZERO } else { 0 };
-            return Ok(runs.into_iter().map(|(l, hole)| Extent { length: l as u32, flags: flags(hole) }).collect());
-        }
         let result = match (&self.handle, context) {
-            (Handle::Volume(v), 0) => v.allocation(offset, len),
-            (Handle::Volume(v), 1) => v.dirty(offset, len),
-            (Handle::Snapshot(s), 0) => s.allocation(offset, len),
+            (Handle::Volume(v, _), 0) => v.allocation(offset, len),
+            (Handle::Volume(v, _), 1) => v.dirty(offset, len),
+            (Handle::Volume(v, bases), n) => match bases.get(n - 2) {
+                Some(&base) => v.changed_since_snapshot(base, offset, len),
+                None => return Err(ExportError::Invalid),
+            },
+            (Handle::Snapshot(s), 0) => s.allocation_async(offset, len).await,
             (Handle::Snapshot(s), n) => s.changed_since(n - 1, offset, len),
-            _ => return Err(ExportError::Invalid),
         };
         result.map(extents).map_err(nbd_error)
     }
 
     async fn revoked(&self) {
         match &self.handle {
-            Handle::Volume(v) => v.revoked().await,
+            Handle::Volume(v, _) => v.revoked().await,
             Handle::Snapshot(s) => s.revoked().await,
-            // Nothing local to revoke: if the snapshot is deleted, reads fail (never zeros).
-            Handle::Remote(_) => std::future::pending().await,
         }
     }
 }

@@ -319,7 +319,7 @@ impl Hydration {
     }
 
     /// Runs of clusters of `start..end` with and without data (see `SourceView::data_runs`).
-    pub async fn data_runs(&self, source: &RemoteSource, start: u64, end: u64) -> engine::Result<Vec<(u64, u64, bool)>> {
+    async fn data_runs_of(&self, source: &RemoteSource, start: u64, end: u64) -> engine::Result<Vec<(u64, u64, bool)>> {
         let mut again = true;
         loop {
             let found = match self.view(source).await {
@@ -625,6 +625,19 @@ impl ClusterSource for Hydration {
         };
         let source = source.clone();
         async move { this.fetch_foreground(source, cluster).await }.boxed()
+    }
+
+    fn data_runs(
+        &self,
+        source: &RemoteSource,
+        start: u64,
+        end: u64,
+    ) -> BoxFuture<'static, engine::Result<Vec<(u64, u64, bool)>>> {
+        let Some(this) = self.self_ref.upgrade() else {
+            return futures::future::ready(Err(EngineError::Unavailable("the daemon is stopping".into()))).boxed();
+        };
+        let source = source.clone();
+        async move { this.data_runs_of(&source, start, end).await }.boxed()
     }
 
     fn readahead_bytes(&self) -> u64 {

@@ -16,7 +16,6 @@ pub mod index;
 pub mod objects;
 mod ops;
 pub mod region;
-pub mod remote;
 pub mod state;
 pub mod upload;
 

@@ -198,9 +198,11 @@ impl StoreService {
                 match status {
                     Ok(s) if s.success() => qcow2,
                     Ok(s) => return Err(StoreError::Invalid(format!("qemu-img convert to qcow2 failed ({s})"))),
-                    Err(e) => return Err(StoreError::Invalid(format!(
+                    Err(e) => {
+                        return Err(StoreError::Invalid(format!(
                         "cannot run qemu-img for the qcow2 conversion ({e}); install qemu-utils or export --format raw"
-                    ))),
+                    )))
+                    }
                 }
             }
         };

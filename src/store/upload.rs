@@ -359,7 +359,7 @@ fn produce(
     progress: &Progress,
     tx: tokio::sync::mpsc::Sender<FinishedPack>,
 ) -> Result<(BTreeMap<u64, RefJson>, u64)> {
-    let handle = engine.open_snapshot(&snap.id)?;
+    let handle = engine.open_snapshot(&snap.id, None)?;
     let cs = snap.cluster_size as u64;
     let clusters_total = snap.size.div_ceil(cs);
     let mut todo = match changed {

@@ -341,3 +341,29 @@ pub fn assert_one_sentence(stderr: &str) {
     assert!(!msg.is_empty(), "the error message is empty");
     assert_eq!(msg.lines().count(), 1, "the error should be one line:\n{msg}");
 }
+
+/// `nbdinfo --map[=CONTEXT] --json` as (offset, length, type) triples.
+pub fn nbd_map(uri: &str, context: Option<&str>) -> Vec<(u64, u64, u64)> {
+    let ctx = context.map(|c| format!("--map={c}")).unwrap_or_else(|| "--map".into());
+    let out = ok("nbdinfo", &["--json", &ctx, uri]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("nbdinfo JSON");
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap(), e["type"].as_u64().unwrap()))
+        .collect()
+}
+
+/// The ranges of a map whose type has all bits of `flags` (merged, as (offset, length)).
+pub fn ranges_with(map: &[(u64, u64, u64)], flags: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &(off, len, ty) in map {
+        if ty & flags == flags && flags != 0 || flags == 0 && ty == 0 {
+            match out.last_mut() {
+                Some(last) if last.0 + last.1 == off => last.1 += len,
+                _ => out.push((off, len)),
+            }
+        }
+    }
+    out
+}
