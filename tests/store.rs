@@ -789,3 +789,30 @@ fn released_snapshots_keep_their_dirty_bitmaps_and_the_volume_offers_one_per_sna
         vec![(2 * MIB, 64 << 10), (7 * MIB, 64 << 10), (9 * MIB, 64 << 10), (12 * MIB, 64 << 10)]
     );
 }
+
+/// A `snapshot delete` killed after it recorded its intent to delete the manifest but before
+/// its local delete was durable (found by scripts/soak): the snapshot is still there after the
+/// restart, so its manifest must stay — the interrupted delete is forgotten, not finished.
+#[test]
+fn an_interrupted_snapshot_delete_never_deletes_the_manifest_of_a_snapshot_that_is_still_there() {
+    if !tools() {
+        return;
+    }
+    let region = &regions()[0];
+    let (_tmp, dir, mut d) = start_with_volume(region, "", "16M");
+    fill(&d, "vol", 0, MIB, 61);
+    let id = snapshot(&d, "vol", "s1")["id"].as_str().unwrap().to_string();
+    wait_available(&d, "vol@s1");
+    wait_released(&d, "vol@s1");
+    d.kill9();
+    // What the delete leaves when killed right after recording its intent.
+    let state_path = dir.join("meta").join("remote.json");
+    let mut state: Value = serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+    state["deferred_deletes"] = serde_json::json!({ id.clone(): region.name });
+    std::fs::write(&state_path, serde_json::to_vec(&state).unwrap()).unwrap();
+    let d = Daemon::start(&dir);
+    std::thread::sleep(Duration::from_millis(2500)); // the sweep runs every second
+    verify_ok(&d, "vol@s1");
+    let listed = d.cli_json(&["snapshot", "list", "--region", region.name]);
+    assert!(listed.as_array().unwrap().iter().any(|s| s["id"] == id.as_str()), "{listed}");
+}

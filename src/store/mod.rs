@@ -163,6 +163,9 @@ impl StoreService {
         let vols: std::collections::HashSet<String> = engine.list_volumes().into_iter().map(|v| v.id).collect();
         state.snapshots.retain(|id, _| snaps.contains(id));
         state.volumes.retain(|id, _| vols.contains(id));
+        // A delete interrupted before its local delete was durable: the snapshot is still
+        // here, so its manifest must stay (the user may delete it again).
+        state.deferred_deletes.retain(|id, _| !snaps.contains(id));
         let (queue, queue_rx) = tokio::sync::mpsc::unbounded_channel();
         let regions = config.regions.keys().map(|k| (k.clone(), tokio::sync::OnceCell::new())).collect();
         let (engine_for_hydration, hydrate_config) = (engine.clone(), config.hydrate.clone());
@@ -611,7 +614,9 @@ impl StoreService {
     /// (then `Ok(false)`).
     async fn delete_deferred(&self, id: &str) -> Result<bool> {
         let Some(region_name) = self.state.lock().deferred_deletes.get(id).cloned() else { return Ok(true) };
-        if !self.engine.store_dependents(id).is_empty() {
+        // Still here locally (its delete is running): only a completed local delete lets the
+        // manifest go. Or still needed by volumes loading from it.
+        if self.engine.snapshot(id).is_ok() || !self.engine.store_dependents(id).is_empty() {
             return Ok(false);
         }
         if self.check_region(&region_name).is_ok() {
