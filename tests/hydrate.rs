@@ -53,7 +53,7 @@ fn node(o: &Origin, region: &TestRegion, name: &str, hydrate: &str, faults: &str
         text.push_str(&format!("\n[regions.{}.faults]\n{faults}\n", region.name));
     }
     std::fs::write(dir.join("snapblk.toml"), text).unwrap();
-    std::fs::write(dir.join("keys").join(format!("{}.key", region.name)), &o.key).unwrap();
+    write_key_file(&dir.join("keys").join(format!("{}.key", region.name)), &o.key);
     Daemon::start(&dir)
 }
 

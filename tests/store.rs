@@ -395,7 +395,7 @@ fn a_wrong_key_file_is_a_clear_error_and_a_second_daemon_can_read_the_region() {
         };
         shared(&b_dir);
         std::fs::create_dir_all(b_dir.join("keys")).unwrap();
-        std::fs::write(b_dir.join("keys").join(format!("{}.key", region.name)), &key).unwrap();
+        write_key_file(&b_dir.join("keys").join(format!("{}.key", region.name)), &key);
         let b = Daemon::start(&b_dir);
         let listed = b.cli_json(&["snapshot", "list", "--region", region.name]);
         assert!(listed.as_array().unwrap().iter().any(|s| s["id"] == id.as_str()), "{listed}");
@@ -408,7 +408,7 @@ fn a_wrong_key_file_is_a_clear_error_and_a_second_daemon_can_read_the_region() {
         let generated = ok(common::BIN, &["key", "generate"]);
         assert!(generated.contains("snapblk-key-v1 ") && generated != key, "{generated}");
         std::fs::create_dir_all(c_dir.join("keys")).unwrap();
-        std::fs::write(c_dir.join("keys").join(format!("{}.key", region.name)), generated).unwrap();
+        write_key_file(&c_dir.join("keys").join(format!("{}.key", region.name)), generated);
         let c = Daemon::start(&c_dir);
         let (code, err) = c.cli_err(&["snapshot", "list", "--region", region.name]);
         assert_eq!(code, 1);
@@ -607,7 +607,7 @@ fn format_1_regions_keep_restoring_and_new_regions_take_the_configured_cipher() 
     // A daemon directory with the old region (and its key file) and, optionally, a new one.
     let configure_old = |dir: &Path, fresh: &str| {
         std::fs::create_dir_all(dir.join("keys")).unwrap();
-        std::fs::copy(fixture.join("old.key"), dir.join("keys/old.key")).unwrap();
+        write_key_file(&dir.join("keys/old.key"), std::fs::read(fixture.join("old.key")).unwrap());
         let old = format!("[regions.old]\nkind = \"fs\"\npath = \"{}\"\n", store.display());
         std::fs::write(dir.join("snapblk.toml"), format!("[gc]\ninterval = \"0s\"\n\n{old}\n{fresh}")).unwrap();
     };

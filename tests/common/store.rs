@@ -145,3 +145,13 @@ pub fn verify_ok(d: &Daemon, snap: &str) {
 pub fn export(d: &Daemon, snap: &str, out: &Path) {
     d.cli_ok(&["snapshot", "export", snap, "--output", &out.display().to_string()]);
 }
+
+/// Writes a region key file as an operator would: readable by its owner only (the daemon
+/// refuses key files any user can read).
+pub fn write_key_file(path: &Path, text: impl AsRef<[u8]>) {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).unwrap();
+    std::io::Write::write_all(&mut f, text.as_ref()).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
