@@ -20,11 +20,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::attach::Attachments;
 use crate::control::api::{router, Status};
 use crate::control::cli::ServeArgs;
-use crate::control::size::parse_size;
 use crate::engine::{Engine, ErrorKind};
 use crate::frontend::{widen_send_buffer, NbdCatalog};
-use crate::store::config::parse_duration;
 use crate::store::StoreService;
+use crate::units::{parse_duration, parse_size};
 
 /// At most one warning about refused NBD connections per this interval.
 const REFUSED_WARNING_INTERVAL: Duration = Duration::from_secs(10);

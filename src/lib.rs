@@ -7,6 +7,8 @@
 //! [`daemon`] ties them together.
 
 pub mod attach;
+pub mod clock;
+pub mod codec;
 pub mod control;
 pub mod daemon;
 pub mod engine;
@@ -14,3 +16,4 @@ pub mod frontend;
 pub mod fsutil;
 pub mod logging;
 pub mod store;
+pub mod units;

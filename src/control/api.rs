@@ -416,7 +416,7 @@ async fn gc_region(
 ) -> ApiResult<(StatusCode, Json<JobView>)> {
     let Json(b) = body?;
     c.store.check_region(&r)?;
-    let grace = b.grace.as_deref().map(crate::store::config::parse_duration).transpose().map_err(ApiError::invalid)?;
+    let grace = b.grace.as_deref().map(crate::units::parse_duration).transpose().map_err(ApiError::invalid)?;
     let job = c.store.spawn_job("gc", &r.clone(), move |svc, _job| async move { svc.gc(&r, grace).await });
     Ok((StatusCode::ACCEPTED, Json(job)))
 }

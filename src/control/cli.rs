@@ -12,9 +12,9 @@ use super::api::{
     VolumeView,
 };
 use super::client::{Client, ClientError};
-use super::size::{human, parse_size, utc};
 use crate::attach::{AttachKind, AttachRequest, Attachment};
 use crate::store::{ExportFormat, GcReport, JobView, RegionInfo, RegionSnapshot, UploadState, VerifyReport};
+use crate::units::{human, parse_size, utc};
 
 #[derive(Parser, Debug)]
 #[command(name = "snapblk", version, about = "Block-device server with instant snapshots")]

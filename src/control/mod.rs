@@ -3,4 +3,3 @@
 pub mod api;
 pub mod cli;
 pub mod client;
-pub mod size;

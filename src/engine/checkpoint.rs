@@ -10,9 +10,10 @@ use std::sync::Arc;
 use roaring::RoaringTreemap;
 
 use super::error::{EngineError, Result};
-use super::journal::{check_header, Put, Reader, Short, CHECKPOINT_MAGIC, FORMAT_VERSION};
+use super::journal::{check_header, CHECKPOINT_MAGIC, FORMAT_VERSION};
 use super::map::{ClusterMap, Node};
 use super::remote::{Remote, RemoteSource};
+use crate::codec::{Put, Reader, Short};
 
 pub struct VolumeImage {
     pub id: u64,

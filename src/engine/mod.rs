@@ -38,7 +38,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::clock::Clock;
 
 use parking_lot::{Mutex, RwLock};
 use roaring::RoaringTreemap;
@@ -86,6 +88,8 @@ pub struct Engine {
     shutting_down: AtomicBool,
     /// Fetches clusters of volumes still loading from the object store (set by the daemon).
     cluster_source: OnceLock<Arc<dyn ClusterSource>>,
+    /// Creation times of volumes and snapshots.
+    clock: Arc<dyn Clock>,
 }
 
 /// What the first snapshot of a lineage is relative to, for incremental uploads.
@@ -97,20 +101,26 @@ pub enum Anchor {
     Origin(u64),
 }
 
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
 impl Engine {
     /// Opens (or initializes) the engine in `dir`: loads the checkpoint, replays the journal,
     /// sweeps unreferenced slots, and compacts the journal into a fresh checkpoint.
     pub fn open(dir: &Path) -> Result<Arc<Engine>> {
-        Engine::open_as(dir, journal::boot_id())
+        Engine::open_with(dir, journal::boot_id(), crate::clock::system())
+    }
+
+    /// `open` with the time taken from `clock` (tests run hours of it in milliseconds).
+    pub fn open_with_clock(dir: &Path, clock: Arc<dyn Clock>) -> Result<Arc<Engine>> {
+        Engine::open_with(dir, journal::boot_id(), clock)
     }
 
     /// `open` as if the machine's boot id were `boot` (tests simulate a power loss with
     /// another one).
+    #[cfg(test)]
     pub(crate) fn open_as(dir: &Path, boot: journal::BootId) -> Result<Arc<Engine>> {
+        Engine::open_with(dir, boot, crate::clock::system())
+    }
+
+    fn open_with(dir: &Path, boot: journal::BootId, clock: Arc<dyn Clock>) -> Result<Arc<Engine>> {
         let meta = dir.join("meta");
         let data_dir = dir.join("data");
         for d in [&meta, &data_dir] {
@@ -167,6 +177,7 @@ impl Engine {
             failed: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             cluster_source: OnceLock::new(),
+            clock,
         };
         if replayed > 0 {
             engine.checkpoint()?;
@@ -174,6 +185,11 @@ impl Engine {
         let engine = Arc::new(engine);
         Engine::spawn_writeback(Arc::downgrade(&engine), engine.commit_wanted.clone());
         Ok(engine)
+    }
+
+    /// The clock the engine (and the store service beside it) takes time from.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
     }
 
     pub fn dir(&self) -> &Path {
@@ -200,8 +216,14 @@ impl Engine {
         let reg = self.registry.write();
         reg.check_name_free(name)?;
         let id = reg.new_id();
-        let rec =
-            Record::VolumeCreate { volume: id, name: name.into(), size, cluster_size, created: now(), origin: None };
+        let rec = Record::VolumeCreate {
+            volume: id,
+            name: name.into(),
+            size,
+            cluster_size,
+            created: self.clock.now(),
+            origin: None,
+        };
         let info = self.run(reg, &[rec], |reg| volume_info(reg, &reg.volumes[&id]))?;
         tracing::info!(name, size, cluster_size, id = %volume_id(id), "volume created");
         Ok(info)
@@ -263,7 +285,7 @@ impl Engine {
             seq: reg.next_seq,
             name: name.into(),
             description: description.into(),
-            created: now(),
+            created: self.clock.now(),
         };
         // Taken now: the point in time is fixed, the snapshot readable, and its record (with
         // the volume's records before it) written to the journal, so it survives the process
@@ -361,7 +383,7 @@ impl Engine {
             name: new_volume.into(),
             size: s.size,
             cluster_size: s.cluster_size,
-            created: now(),
+            created: self.clock.now(),
             origin: Some(s.id),
         }];
         if let Some(source) = remote {
@@ -393,7 +415,14 @@ impl Engine {
         reg.check_name_free(name)?;
         let id = reg.new_id();
         let recs = [
-            Record::VolumeCreate { volume: id, name: name.into(), size, cluster_size, created: now(), origin: None },
+            Record::VolumeCreate {
+                volume: id,
+                name: name.into(),
+                size,
+                cluster_size,
+                created: self.clock.now(),
+                origin: None,
+            },
             Record::RemoteHead { volume: id, parent: None, region: source.region.clone(), snapshot: source.snapshot },
         ];
         let info = self.run(reg, &recs, |reg| volume_info(reg, &reg.volumes[&id]))?;

@@ -960,3 +960,13 @@ fn flushed_data_survives_a_kill_after_a_snapshot_delete_and_another_commit() {
     assert!(data[..4096].iter().all(|&b| b == 0xaa) || data[..4096].iter().all(|&b| b == 0xbb));
     assert!(data[4096..].iter().all(|&b| b == 0xaa), "flushed data lost after the kill");
 }
+
+#[test]
+fn creation_times_come_from_the_injected_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = crate::clock::ManualClock::new(1_700_000_000);
+    let engine = Engine::open_with_clock(dir.path(), clock.clone()).unwrap();
+    assert_eq!(engine.create_volume("v", 1 << 20, None).unwrap().created, 1_700_000_000);
+    clock.advance(30 * 86_400);
+    assert_eq!(engine.create_snapshot("v", "s", "").unwrap().created, 1_700_000_000 + 30 * 86_400);
+}

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::crypto::Cipher;
 use super::error::{Result, StoreError};
-use crate::control::size::parse_size;
+use crate::units::{parse_duration, parse_size};
 
 pub const CONFIG_FILE: &str = "snapblk.toml";
 
@@ -216,24 +216,6 @@ pub struct HydrateConfig {
     /// How long a read waits for the store before failing.
     pub read_timeout: Duration,
     pub readahead: u64,
-}
-
-/// `"24h"`, `"30m"`, `"10s"`, `"500ms"`, `"0"`.
-pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, unit) = t.split_at(split);
-    let bad = || format!("invalid duration '{s}': use a whole number with ms, s, m, h or d (e.g. 24h)");
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    let ms = match unit.trim() {
-        "ms" => 1,
-        "" | "s" => 1000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(ms).map(Duration::from_millis).ok_or_else(bad)
 }
 
 fn bytes_or_zero(s: &str) -> std::result::Result<u64, String> {

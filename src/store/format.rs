@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::crypto::{hex, unhex, BlobId, RepoKeys};
 use super::error::{Result, StoreError};
-use crate::engine::journal::{Put, Reader};
+use crate::codec::{Put, Reader};
 
 pub const FORMAT_VERSION: u32 = 1;
 pub const PACK_MAGIC: &[u8; 8] = b"SNAPBLKP";

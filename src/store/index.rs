@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use super::crypto::BlobId;
 use super::error::{Result, StoreError};
 use super::format::{BlobRef, PackId};
-use crate::engine::journal::{Put, Reader};
+use crate::codec::{Put, Reader};
 
 const ADD: u8 = 1;
 const DELETE: u8 = 2;

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -41,10 +41,6 @@ use objects::RateLimiter;
 use region::Region;
 use state::{RemoteState, SnapshotRecord, StateFile};
 use upload::{Base, Progress};
-
-pub fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
 
 /// How often local copies due for release are looked at.
 const RETENTION_SWEEP: Duration = Duration::from_secs(1);
@@ -522,7 +518,7 @@ impl StoreService {
             match result {
                 Ok(base) => {
                     rec.state = UploadState::Available;
-                    rec.uploaded_at = Some(now());
+                    rec.uploaded_at = Some(self.engine.clock().now());
                     rec.base = base;
                     rec.reason = None;
                 }
@@ -548,7 +544,10 @@ impl StoreService {
             .lock()
             .snapshots
             .iter()
-            .filter(|(_, r)| r.state == UploadState::Available && r.uploaded_at.is_some_and(|t| t + retention <= now()))
+            .filter(|(_, r)| {
+                r.state == UploadState::Available
+                    && r.uploaded_at.is_some_and(|t| t + retention <= self.engine.clock().now())
+            })
             .map(|(id, _)| id.clone())
             .collect();
         for id in due {

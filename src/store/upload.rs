@@ -87,6 +87,7 @@ pub async fn upload(
     on_stored: OnStored,
 ) -> Result<Manifest> {
     let base_id = base.as_ref().map(|b| b.snapshot_id.clone());
+    let clock = engine.clock().clone();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<FinishedPack>(1);
     let rt = tokio::runtime::Handle::current();
     let producer = {
@@ -169,7 +170,7 @@ pub async fn upload(
         volume_name: snap.volume.clone(),
         description: snap.description.clone(),
         created: snap.created,
-        uploaded: crate::store::now(),
+        uploaded: clock.now(),
         size: snap.size,
         cluster_size: snap.cluster_size,
         base: base_id,

@@ -1,4 +1,7 @@
-//! Human-facing formats: sizes (`10G` in, `10.0 GiB` out) and UTC times.
+//! Human-facing formats, for every layer: sizes (`10G` in, `10.0 GiB` out), durations (`24h`)
+//! and UTC times.
+
+use std::time::Duration;
 
 /// Parses a size: plain bytes, or an integer with a binary suffix K, M, G, T (also `k`, `KiB`,
 /// `KB`; all mean powers of 1024). Zero, garbage and overflow are errors with a message.
@@ -24,6 +27,24 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         return Err(format!("invalid size '{s}': must be greater than zero"));
     }
     Ok(v)
+}
+
+/// `"24h"`, `"30m"`, `"10s"`, `"500ms"`, `"0"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let bad = || format!("invalid duration '{s}': use a whole number with ms, s, m, h or d (e.g. 24h)");
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let ms = match unit.trim() {
+        "ms" => 1,
+        "" | "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(ms).map(Duration::from_millis).ok_or_else(bad)
 }
 
 /// `10737418240` → `10.0 GiB`.
