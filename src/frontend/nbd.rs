@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use snapblk_nbd::{Export, ExportCatalog, ExportError, ExportInfo, Extent, ReadKind, RequestKind, ZeroFlags};
 
-use crate::engine::{self, Engine, EngineError, ErrorKind, Priority, SnapshotHandle, VolumeHandle, ZeroMode};
+use super::{block_error, BlockError};
+use crate::engine::{self, Engine, EngineError, Priority, SnapshotHandle, VolumeHandle, ZeroMode};
 use crate::store::StoreService;
 
 /// Largest request we accept (NBD_INFO_BLOCK_SIZE maximum).
@@ -43,17 +44,14 @@ impl NbdCatalog {
     }
 }
 
-/// The one place engine errors become NBD errors.
+/// Engine errors as NBD errors (classified in `super::block_error`).
 fn nbd_error(e: EngineError) -> ExportError {
-    match e.kind() {
-        ErrorKind::Invalid | ErrorKind::NotFound | ErrorKind::NotLocal => ExportError::Invalid,
-        ErrorKind::NoSpace => ExportError::NoSpace,
-        ErrorKind::ReadOnly => ExportError::ReadOnly,
-        ErrorKind::Gone => ExportError::Gone,
-        ErrorKind::AlreadyExists | ErrorKind::Busy | ErrorKind::Io | ErrorKind::Corrupt | ErrorKind::Unavailable => {
-            tracing::warn!(error = %e, "I/O request failed");
-            ExportError::Io
-        }
+    match block_error(&e) {
+        BlockError::Invalid => ExportError::Invalid,
+        BlockError::NoSpace => ExportError::NoSpace,
+        BlockError::ReadOnly => ExportError::ReadOnly,
+        BlockError::Gone => ExportError::Gone,
+        BlockError::Io => ExportError::Io,
     }
 }
 

@@ -6,7 +6,8 @@
 
 use snapblk_ublk::{BlockTarget, TargetError};
 
-use crate::engine::{EngineError, ErrorKind, VolumeHandle, ZeroMode};
+use super::{block_error, BlockError};
+use crate::engine::{EngineError, VolumeHandle, ZeroMode};
 
 pub struct UblkTarget {
     handle: VolumeHandle,
@@ -18,21 +19,15 @@ impl UblkTarget {
     }
 }
 
-/// The one place engine errors become ublk (errno) errors. A revoked handle (daemon
-/// shutting down) holds the request for the next daemon instead of failing it.
+/// Engine errors as ublk errors (classified in `super::block_error`). A revoked handle
+/// (daemon shutting down) holds the request for the next daemon instead of failing it.
 fn ublk_error(e: EngineError) -> TargetError {
-    match e.kind() {
-        ErrorKind::Invalid | ErrorKind::NotFound | ErrorKind::NotLocal => {
-            tracing::warn!(error = %e, "ublk request refused");
-            TargetError::Invalid
-        }
-        ErrorKind::NoSpace => TargetError::NoSpace,
-        ErrorKind::ReadOnly => TargetError::ReadOnly,
-        ErrorKind::Gone => TargetError::Gone,
-        ErrorKind::AlreadyExists | ErrorKind::Busy | ErrorKind::Io | ErrorKind::Corrupt | ErrorKind::Unavailable => {
-            tracing::warn!(error = %e, "ublk request failed");
-            TargetError::Io
-        }
+    match block_error(&e) {
+        BlockError::Invalid => TargetError::Invalid,
+        BlockError::NoSpace => TargetError::NoSpace,
+        BlockError::ReadOnly => TargetError::ReadOnly,
+        BlockError::Gone => TargetError::Gone,
+        BlockError::Io => TargetError::Io,
     }
 }
 
