@@ -103,8 +103,9 @@ fn invalid(msg: String) -> EngineError {
     EngineError::Invalid(msg)
 }
 
-fn kernel_error(context: String, e: impl std::fmt::Display) -> EngineError {
-    EngineError::Io { context, source: std::io::Error::other(e.to_string()) }
+/// A kernel-side failure, with its error kept as the source (its chain stays inspectable).
+fn kernel_error(context: String, e: impl std::error::Error + Send + Sync + 'static) -> EngineError {
+    EngineError::Io { context, source: std::io::Error::other(e) }
 }
 
 /// `N` from `/dev/{prefix}N`, `{prefix}N` or `N`.

@@ -136,3 +136,24 @@ fn is_root() -> bool {
         .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
         .unwrap_or(false)
 }
+
+/// Store fault injection is a test harness: a daemon refuses a config with a `faults` table
+/// unless its environment says it is under test.
+#[test]
+fn a_daemon_refuses_store_fault_injection_outside_tests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("snapblk.toml"),
+        "[regions.local]\nkind = \"fs\"\npath = \"store\"\n\n[regions.local.faults]\nerror_rate = 0.5\n",
+    )
+    .unwrap();
+    let out = run(
+        Command::new(BIN).args(["serve", "--dir"]).arg(&dir).env_remove("SNAPBLK_TEST_FAULTS").stdin(Stdio::null()),
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success(), "the daemon started with fault injection");
+    let err = text(&out.stderr);
+    assert!(err.contains("faults") && err.contains("SNAPBLK_TEST_FAULTS"), "{err}");
+}

@@ -124,7 +124,8 @@ impl std::fmt::Debug for RawRegion {
 
 /// Fault injection, for tests of the retry and verification paths: a fraction of requests fail,
 /// hang past the request timeout, or (GETs) return truncated bodies; every GET can be delayed.
-/// Off unless configured (`[regions.NAME.faults]`).
+/// Off unless configured (`[regions.NAME.faults]`), and refused by the daemon unless its
+/// environment has `SNAPBLK_TEST_FAULTS=1` (the test harness sets it).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Faults {

@@ -151,6 +151,14 @@ impl StoreService {
         // user can read rather than serve for hours and fail then.
         for r in config.regions.values() {
             crypto::check_private(&r.key_file)?;
+            // Fault injection is a test harness, not a setting: a stray table in a production
+            // config must not make the store fail on purpose.
+            if r.faults.any() && std::env::var("SNAPBLK_TEST_FAULTS").as_deref() != Ok("1") {
+                return Err(StoreError::Config(format!(
+                    "region '{}' has a [regions.{}.faults] table, which injects store failures for tests; remove it (the daemon accepts it only with SNAPBLK_TEST_FAULTS=1 in its environment)",
+                    r.name, r.name
+                )));
+            }
         }
         let state_file = StateFile::new(dir);
         let mut state = state_file.load()?;

@@ -206,6 +206,8 @@ impl Daemon {
         let child = cmd
             .args(extra)
             .env("RUST_LOG", "info")
+            // Test daemons may inject store faults (`[regions.NAME.faults]`).
+            .env("SNAPBLK_TEST_FAULTS", "1")
             .env_remove("SNAPBLK_DIR")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
