@@ -98,8 +98,8 @@ impl ExportCatalog for NbdCatalog {
         let block = |cluster_size: u32| (1, 4096.min(cluster_size), MAX_REQUEST);
         if name.contains('@') {
             let s = self.engine.snapshot(&name).map_err(|e| e.to_string())?;
-            // Released after upload: read from the region it went to.
-            let region = if s.local { None } else { Some(self.store.uploaded_region(&s).map_err(|e| e.to_string())?) };
+            // Released after upload (now or any moment): read from the region it went to.
+            let region = self.store.region_if_released(&s).map_err(|e| e.to_string())?;
             let h = self.engine.open_snapshot(&name, region.as_deref()).map_err(|e| e.to_string())?;
             let mut meta_contexts = vec![BASE_ALLOCATION.to_string()];
             meta_contexts.extend(h.base_names().map(|b| format!("{DIRTY_BITMAP_PREFIX}{b}")));

@@ -708,13 +708,18 @@ impl StoreService {
         }
         let (info, home) = match self.engine.snapshot(r) {
             Ok(snap) => {
-                let released_region = if snap.local { None } else { Some(self.uploaded_region(&snap)?) };
                 // A clone keeps its origin volume's home region.
                 let home = self.volume_region(&snap.volume_id);
-                let (e, r2, n2) = (self.engine.clone(), r.to_string(), name.to_string());
-                let info = tokio::task::spawn_blocking(move || e.clone_snapshot(&r2, &n2, released_region.as_deref()))
-                    .await
-                    .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+                let info = self
+                    .released_or_not(r, |region| {
+                        let (e, r2, n2) = (self.engine.clone(), r.to_string(), name.to_string());
+                        async move {
+                            tokio::task::spawn_blocking(move || e.clone_snapshot(&r2, &n2, region.as_deref()))
+                                .await
+                                .map_err(|e| crate::engine::EngineError::Unavailable(e.to_string()))?
+                        }
+                    })
+                    .await?;
                 (info, home)
             }
             Err(e) if e.kind() == ErrorKind::NotFound && crate::engine::parse_snapshot_id(r).is_some() => {
@@ -777,11 +782,29 @@ impl StoreService {
     /// Rolls a volume back to one of its snapshots; to a released one, the volume then loads
     /// the snapshot's data from the store (usable at once).
     pub async fn rollback(&self, r: &str, force: bool) -> Result<VolumeInfo> {
-        let snap = self.engine.snapshot(r)?;
-        let released_region = if snap.local { None } else { Some(self.uploaded_region(&snap)?) };
-        let info = self.engine.rollback(r, force, released_region.as_deref()).await?;
+        let info = self
+            .released_or_not(r, |region| async move { self.engine.rollback(r, force, region.as_deref()).await })
+            .await?;
         self.volume_loading(&info);
         Ok(info)
+    }
+
+    /// Runs an engine operation on snapshot `r` with the region it loads from if released.
+    /// Once more if the release sweep released it between the two (the engine refuses with
+    /// `NotLocal` when it finds a released snapshot without a region, before changing anything).
+    async fn released_or_not<T, F, Fut>(&self, r: &str, op: F) -> Result<T>
+    where
+        F: Fn(Option<String>) -> Fut,
+        Fut: std::future::Future<Output = crate::engine::Result<T>>,
+    {
+        let mut again = true;
+        loop {
+            let region = self.region_if_released(&self.engine.snapshot(r)?)?;
+            match op(region.clone()).await {
+                Err(e) if e.kind() == ErrorKind::NotLocal && region.is_none() && again => again = false,
+                result => return result.map_err(StoreError::from),
+            }
+        }
     }
 
     /// Starts (or resumes) loading all of a volume's data from the store.
@@ -791,6 +814,19 @@ impl StoreService {
             self.hydration.start(id);
         }
         Ok(info)
+    }
+
+    /// Where to load a snapshot's data from should it be released: its upload region once its
+    /// upload is complete — even while its data is still local, since the release sweep may
+    /// drop that any moment (the engine uses the region only if it did). `None` for a local
+    /// snapshot not uploaded yet (it cannot be released before); an error for a released one
+    /// whose region is unknown.
+    pub fn region_if_released(&self, snap: &SnapshotInfo) -> Result<Option<String>> {
+        match self.uploaded_region(snap) {
+            Ok(region) => Ok(Some(region)),
+            Err(_) if snap.local => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// The region holding a local snapshot's uploaded copy, or an error saying why there is none.
