@@ -124,7 +124,7 @@ impl Engine {
             };
             // A snapshot create asked for this commit: let it seal first (writes in flight
             // when it was taken end within milliseconds), so this commit makes it durable.
-            let unsealed: Vec<_> = e.unsealed.lock().iter().map(|u| (u.snap.seal, u.vol.slots.clone())).collect();
+            let unsealed: Vec<_> = e.unsealed.lock().iter().map(|u| (u.snap.seal(), u.vol.slots.clone())).collect();
             for (seal, slots) in &unsealed {
                 slots.gate.wait(*seal, SEAL_WAIT_IN_WRITEBACK);
             }

@@ -505,7 +505,7 @@ impl Engine {
         let s = reg.find_snapshot(r)?.clone();
         let remote = match remote_of_released(&s, r, released_region)? {
             Some(source) => Some(Remote::new(source)),
-            None => s.remote.clone(),
+            None => s.remote().cloned(),
         };
         let v = reg.volume_of(&s, r)?;
         let bases = reg.snapshots_of(s.volume).into_iter().filter(|b| b.seq < s.seq).collect();
@@ -525,7 +525,7 @@ impl Engine {
 
     /// Whether the snapshot's data is local (false once released after upload).
     pub fn snapshot_is_local(&self, r: &str) -> Result<bool> {
-        Ok(!self.registry.read().find_snapshot(r)?.released)
+        Ok(!self.registry.read().find_snapshot(r)?.is_released())
     }
 
     /// The snapshot's changed sets back to the first snapshot of its lineage, newest first:
@@ -551,7 +551,7 @@ impl Engine {
         let reg = self.registry.write();
         let s = reg.find_snapshot(r)?.clone();
         // The registry's reference plus ours; any other is a handle (opened under this lock).
-        if s.released || Arc::strong_count(&s) > 2 {
+        if s.is_released() || Arc::strong_count(&s) > 2 {
             return Ok(false);
         }
         let id = s.id;
@@ -615,7 +615,7 @@ impl Engine {
 
 /// For a released snapshot, where its data is loaded from (its upload region must be known).
 fn remote_of_released(s: &Snapshot, r: &str, region: Option<&str>) -> Result<Option<RemoteSource>> {
-    match (s.released, region) {
+    match (s.is_released(), region) {
         (false, _) => Ok(None),
         (true, Some(region)) => Ok(Some(RemoteSource { region: region.to_string(), snapshot: s.id })),
         (true, None) => Err(EngineError::NotLocal(format!(

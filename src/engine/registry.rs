@@ -63,6 +63,22 @@ pub(crate) struct VolumeState {
 }
 
 impl VolumeState {
+    /// A head with this map: nothing dirty or owned yet (ownership is recomputed at start-up),
+    /// no parent, not anchored.
+    pub(crate) fn new(head: ClusterMap, clusters: u64, allocated: u64, remote: Option<Remote>) -> VolumeState {
+        VolumeState {
+            head,
+            dirty: RoaringTreemap::new(),
+            owned: RoaringTreemap::new(),
+            parent: None,
+            allocated,
+            clusters,
+            remote,
+            anchor: None,
+            seal: 0,
+        }
+    }
+
     /// Applies a map change; the cluster becomes dirty (and is no longer pending). Returns
     /// the previous entry.
     pub(crate) fn set_entry(&mut self, cluster: u64, entry: u64) -> u64 {
@@ -116,34 +132,89 @@ pub(crate) struct Snapshot {
     pub(crate) size: u64,
     pub(crate) cluster_size: u32,
     pub(crate) allocated: u64,
-    pub(crate) map: ClusterMap,
     /// Parent and changed set: rewritten when the parent is deleted (its changes fold in).
     pub(crate) lineage: Mutex<Lineage>,
     pub(crate) revoker: Revoker,
-    /// The data was released after upload: `map` is empty and reads must go to the store.
-    pub(crate) released: bool,
-    /// Clusters still in the store when the snapshot was taken of a hydrating volume.
-    pub(crate) remote: Option<Remote>,
+    pub(crate) data: SnapshotData,
     /// The commit that makes its record and data durable (0: loaded from disk, durable
     /// already; `UNSEALED` until a commit starts after the seal).
     pub(crate) durable_ticket: AtomicU64,
-    /// The gate epoch of its volume's slot file after which it is *sealed*: writes that were
-    /// in flight when it was taken, and may still land in slots it shares, have ended. Its
-    /// data is read only once sealed (see `gate.rs`). 0: sealed from the start.
-    pub(crate) seal: u64,
+}
+
+/// Where a snapshot's data is.
+pub(crate) enum SnapshotData {
+    Local {
+        map: ClusterMap,
+        /// Clusters still in the store when it was taken of a volume loading from there.
+        remote: Option<Remote>,
+        /// The gate epoch of its volume's slot file after which it is *sealed*: writes that
+        /// were in flight when it was taken, and may still land in slots it shares, have
+        /// ended. Its data is read only once sealed (see `gate.rs`). 0: sealed from the start.
+        seal: u64,
+    },
+    /// Released after its upload: only in the store (reads and restores go there).
+    Released,
 }
 
 impl Snapshot {
+    /// Its local map; `None` once released.
+    pub(crate) fn map(&self) -> Option<&ClusterMap> {
+        match &self.data {
+            SnapshotData::Local { map, .. } => Some(map),
+            SnapshotData::Released => None,
+        }
+    }
+
+    pub(crate) fn is_released(&self) -> bool {
+        matches!(self.data, SnapshotData::Released)
+    }
+
+    /// Clusters it took while its volume was still loading them from the store.
+    pub(crate) fn remote(&self) -> Option<&Remote> {
+        match &self.data {
+            SnapshotData::Local { remote, .. } => remote.as_ref(),
+            SnapshotData::Released => None,
+        }
+    }
+
+    pub(crate) fn seal(&self) -> u64 {
+        match self.data {
+            SnapshotData::Local { seal, .. } => seal,
+            SnapshotData::Released => 0,
+        }
+    }
+
     pub(crate) fn is_sealed(&self, vol: &Volume) -> bool {
-        vol.slots.gate.passed(self.seal)
+        vol.slots.gate.passed(self.seal())
     }
 
     pub(crate) fn wait_sealed(&self, vol: &Volume) -> Result<()> {
-        volume::wait_for_seal(vol, self.seal)
+        volume::wait_for_seal(vol, self.seal())
     }
 
     pub(crate) async fn wait_sealed_async(&self, vol: &Volume) {
-        vol.slots.gate.wait_async(self.seal).await
+        vol.slots.gate.wait_async(self.seal()).await
+    }
+
+    /// The same snapshot with its data released (a new value: handles on the local one are
+    /// revoked, and keep what they hold until they go).
+    fn released(&self) -> Snapshot {
+        let l = self.lineage.lock();
+        Snapshot {
+            id: self.id,
+            volume: self.volume,
+            seq: self.seq,
+            name: self.name.clone(),
+            description: self.description.clone(),
+            created: self.created,
+            size: self.size,
+            cluster_size: self.cluster_size,
+            allocated: self.allocated,
+            lineage: Mutex::new(Lineage { parent: l.parent, changed: l.changed.clone(), anchor: l.anchor.clone() }),
+            revoker: Revoker::new(),
+            data: SnapshotData::Released,
+            durable_ticket: AtomicU64::new(0),
+        }
     }
 }
 
@@ -239,14 +310,14 @@ impl Registry {
     /// Volumes loading clusters from the store copy of snapshot `id`, and snapshots taken
     /// of them while they did (their unloaded clusters come from it too).
     pub(super) fn store_dependents(&self, id: u64) -> Vec<String> {
-        let from = |r: &Option<Remote>| r.as_ref().is_some_and(|rm| rm.source.snapshot == id);
+        let from = |r: Option<&Remote>| r.is_some_and(|rm| rm.source.snapshot == id);
         let mut out: Vec<String> = self
             .volumes
             .values()
-            .filter(|v| from(&v.state.read().remote))
+            .filter(|v| from(v.state.read().remote.as_ref()))
             .map(|v| format!("volume {}", v.name))
             .collect();
-        out.extend(self.snapshots.values().filter(|s| from(&s.remote)).map(|s| {
+        out.extend(self.snapshots.values().filter(|s| from(s.remote())).map(|s| {
             let vol = self.volumes.get(&s.volume).map_or("?", |v| v.name.as_str());
             format!("snapshot {vol}@{}", s.name)
         }));
@@ -335,10 +406,13 @@ impl Registry {
                 let slots = self.slot_file(data_dir, *cluster_size)?;
                 let clusters = size.div_ceil(*cluster_size as u64);
                 let (head, allocated, remote) = match origin {
-                    Some(s) => {
-                        let snap = self.snapshots.get(s).ok_or_else(|| missing("snapshot", *s))?;
-                        (snap.map.clone(), snap.allocated, snap.remote.clone())
-                    }
+                    Some(s) => match &**self.snapshots.get(s).ok_or_else(|| missing("snapshot", *s))? {
+                        Snapshot { data: SnapshotData::Local { map, remote, .. }, allocated, .. } => {
+                            (map.clone(), *allocated, remote.clone())
+                        }
+                        // A clone of a released snapshot: its head comes with `RemoteHead`.
+                        Snapshot { data: SnapshotData::Released, .. } => (ClusterMap::new(clusters), 0, None),
+                    },
                     None => (ClusterMap::new(clusters), 0, None),
                 };
                 let vol = Volume {
@@ -349,17 +423,7 @@ impl Registry {
                     created: *created,
                     origin: *origin,
                     slots,
-                    state: RwLock::new(VolumeState {
-                        head,
-                        dirty: RoaringTreemap::new(),
-                        owned: RoaringTreemap::new(),
-                        parent: None,
-                        allocated,
-                        clusters,
-                        remote,
-                        anchor: None,
-                        seal: 0,
-                    }),
+                    state: RwLock::new(VolumeState::new(head, clusters, allocated, remote)),
                     pending: Mutex::new(Vec::new()),
                     writers: AtomicU64::new(0),
                     revoker: Revoker::new(),
@@ -397,17 +461,14 @@ impl Registry {
                     size: v.size,
                     cluster_size: v.cluster_size,
                     allocated: st.allocated,
-                    map: st.head.clone(),
                     lineage: Mutex::new(Lineage {
                         parent: st.parent,
                         changed: std::mem::take(&mut st.dirty),
                         anchor: st.anchor.clone(),
                     }),
                     revoker: Revoker::new(),
-                    released: false,
-                    remote: st.remote.clone(),
+                    data: SnapshotData::Local { map: st.head.clone(), remote: st.remote.clone(), seal },
                     durable_ticket: AtomicU64::new(0),
-                    seal,
                 };
                 st.owned.clear();
                 st.seal = seal;
@@ -439,47 +500,32 @@ impl Registry {
                         st.dirty |= &changed;
                     }
                 }
-                Ok(Some((s.map.clone(), s.cluster_size)))
+                Ok(s.map().map(|m| (m.clone(), s.cluster_size)))
             }
             Record::SnapshotRelease { snapshot } => {
                 let s = self.snapshots.get(snapshot).ok_or_else(|| missing("snapshot", *snapshot))?;
                 s.revoker.revoke();
-                let lineage = {
-                    let l = s.lineage.lock();
-                    Lineage { parent: l.parent, changed: l.changed.clone(), anchor: l.anchor.clone() }
-                };
-                let released = Snapshot {
-                    id: s.id,
-                    volume: s.volume,
-                    seq: s.seq,
-                    name: s.name.clone(),
-                    description: s.description.clone(),
-                    created: s.created,
-                    size: s.size,
-                    cluster_size: s.cluster_size,
-                    allocated: s.allocated,
-                    map: ClusterMap::new(s.size.div_ceil(s.cluster_size.max(1) as u64)),
-                    lineage: Mutex::new(lineage),
-                    revoker: Revoker::new(),
-                    released: true,
-                    remote: None,
-                    durable_ticket: AtomicU64::new(0),
-                    seal: 0,
-                };
-                let old = self.snapshots.insert(*snapshot, Arc::new(released));
-                Ok(old.map(|o| (o.map.clone(), o.cluster_size)))
+                let released = Arc::new(s.released());
+                let old = self.snapshots.insert(*snapshot, released);
+                Ok(old.and_then(|o| o.map().map(|m| (m.clone(), o.cluster_size))))
             }
             Record::Rollback { volume, snapshot } => {
                 let s = self.snapshots.get(snapshot).ok_or_else(|| missing("snapshot", *snapshot))?;
                 let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
+                // (A rollback to a released snapshot is a `RemoteHead` record.)
+                let SnapshotData::Local { map, remote, .. } = &s.data else {
+                    return Err(EngineError::Corrupt(format!(
+                        "journal rolls volume {volume:016x} back to released snapshot {snapshot:016x}; the metadata is damaged, restore the daemon directory from a backup"
+                    )));
+                };
                 let mut st = v.state.write();
                 drain(v);
-                let old = std::mem::replace(&mut st.head, s.map.clone());
+                let old = std::mem::replace(&mut st.head, map.clone());
                 st.dirty.clear();
                 st.owned.clear();
                 st.parent = Some(*snapshot);
                 st.allocated = s.allocated;
-                st.remote = s.remote.clone();
+                st.remote = remote.clone();
                 st.anchor = s.lineage.lock().anchor.clone();
                 Ok(Some((old, v.cluster_size)))
             }
@@ -528,7 +574,8 @@ impl Registry {
         let mut live = RoaringTreemap::new();
         let mut seen = std::collections::HashSet::new();
         for s in self.snapshots.values().filter(|s| s.cluster_size == cluster_size) {
-            s.map.for_each_distinct_leaf(&mut seen, |_, e| {
+            let Some(map) = s.map() else { continue };
+            map.for_each_distinct_leaf(&mut seen, |_, e| {
                 live.insert(e - 1);
             });
         }
@@ -640,11 +687,11 @@ impl Registry {
                     description: s.description.clone(),
                     created: s.created,
                     allocated: s.allocated,
-                    map: s.map.clone(),
+                    map: s.map().cloned().unwrap_or_else(|| ClusterMap::new(s.size.div_ceil(s.cluster_size as u64))),
                     parent: l.parent,
                     changed: l.changed.clone(),
-                    released: s.released,
-                    remote: s.remote.clone(),
+                    released: s.is_released(),
+                    remote: s.remote().cloned(),
                     anchor: l.anchor.clone(),
                 }
             })
@@ -654,33 +701,12 @@ impl Registry {
 
     pub(super) fn from_image(state: State, data_dir: &Path) -> Result<Registry> {
         let mut reg = Registry { next_seq: state.next_seq, ..Default::default() };
-        // Snapshots first: a cloned volume is created from its origin's map in replay, but
-        // from a checkpoint it has its own head, so order only matters for lookups.
-        for s in state.snapshots {
-            reg.snapshots.insert(
-                s.id,
-                Arc::new(Snapshot {
-                    id: s.id,
-                    volume: s.volume,
-                    seq: s.seq,
-                    name: s.name,
-                    description: s.description,
-                    created: s.created,
-                    size: 0,
-                    cluster_size: 0,
-                    allocated: s.allocated,
-                    map: s.map,
-                    lineage: Mutex::new(Lineage { parent: s.parent, changed: s.changed, anchor: s.anchor }),
-                    revoker: Revoker::new(),
-                    released: s.released,
-                    remote: s.remote,
-                    durable_ticket: AtomicU64::new(0),
-                    seal: 0,
-                }),
-            );
-        }
+        // Volumes first: a snapshot's size and cluster size are its volume's. (A cloned
+        // volume has its own head in a checkpoint; only replay builds one from its origin.)
         for v in state.volumes {
             let slots = reg.slot_file(data_dir, v.cluster_size)?;
+            let mut st = VolumeState::new(v.head, v.size.div_ceil(v.cluster_size as u64), v.allocated, v.remote);
+            (st.dirty, st.parent, st.anchor) = (v.dirty, v.parent, v.anchor);
             reg.volumes.insert(
                 v.id,
                 Arc::new(Volume {
@@ -691,37 +717,41 @@ impl Registry {
                     created: v.created,
                     origin: v.origin,
                     slots,
-                    state: RwLock::new(VolumeState {
-                        head: v.head,
-                        dirty: v.dirty,
-                        owned: RoaringTreemap::new(),
-                        parent: v.parent,
-                        allocated: v.allocated,
-                        clusters: v.size.div_ceil(v.cluster_size as u64),
-                        remote: v.remote,
-                        anchor: v.anchor,
-                        seal: 0,
-                    }),
+                    state: RwLock::new(st),
                     pending: Mutex::new(Vec::new()),
                     writers: AtomicU64::new(0),
                     revoker: Revoker::new(),
                 }),
             );
         }
-        // Snapshot size and cluster size come from their volume.
-        let snapshots = std::mem::take(&mut reg.snapshots);
-        for (id, s) in snapshots {
+        for s in state.snapshots {
             let v = reg.volumes.get(&s.volume).ok_or_else(|| {
                 EngineError::Corrupt(format!(
                     "checkpoint has snapshot {} of a missing volume; restore the daemon directory from a backup",
-                    snapshot_id(id)
+                    snapshot_id(s.id)
                 ))
             })?;
-            let mut s =
-                Arc::into_inner(s).ok_or_else(|| EngineError::Corrupt("snapshot shared while loading".into()))?;
-            s.size = v.size;
-            s.cluster_size = v.cluster_size;
-            reg.snapshots.insert(id, Arc::new(s));
+            let data = if s.released {
+                SnapshotData::Released
+            } else {
+                SnapshotData::Local { map: s.map, remote: s.remote, seal: 0 }
+            };
+            let snap = Snapshot {
+                id: s.id,
+                volume: s.volume,
+                seq: s.seq,
+                name: s.name,
+                description: s.description,
+                created: s.created,
+                size: v.size,
+                cluster_size: v.cluster_size,
+                allocated: s.allocated,
+                lineage: Mutex::new(Lineage { parent: s.parent, changed: s.changed, anchor: s.anchor }),
+                revoker: Revoker::new(),
+                data,
+                durable_ticket: AtomicU64::new(0),
+            };
+            reg.snapshots.insert(s.id, Arc::new(snap));
         }
         Ok(reg)
     }
@@ -775,7 +805,7 @@ pub(super) fn snapshot_info(reg: &Registry, s: &Snapshot, durable: bool) -> Snap
         parent: l.parent.map(snapshot_id),
         clones,
         allocated_bytes: s.allocated * s.cluster_size as u64,
-        local: !s.released,
+        local: !s.is_released(),
         durable,
     }
 }

@@ -784,6 +784,8 @@ pub struct SnapshotHandle {
     engine: Arc<Engine>,
     vol: Arc<Volume>,
     snap: Arc<Snapshot>,
+    /// Its local map (empty once released).
+    map: ClusterMap,
     /// Its clusters still in the store: those it took while its volume was loading, or all of
     /// them once its local data was released after upload.
     remote: Option<Remote>,
@@ -801,7 +803,8 @@ impl SnapshotHandle {
         bases: Vec<Arc<Snapshot>>,
     ) -> SnapshotHandle {
         let ticket = snap.revoker.ticket();
-        SnapshotHandle { engine, vol, snap, remote, bases, ticket }
+        let map = snap.map().cloned().unwrap_or_else(|| ClusterMap::new(snap.size.div_ceil(snap.cluster_size as u64)));
+        SnapshotHandle { engine, vol, snap, map, remote, bases, ticket }
     }
 
     pub fn name(&self) -> String {
@@ -851,7 +854,7 @@ impl SnapshotHandle {
         if self.ticket.is_revoked() {
             return Err(EngineError::Gone(format!("snapshot '{}' was deleted", self.name())));
         }
-        let (runs, hole) = plan_read(shift_of(&self.vol.slots), &self.snap.map, offset, buf);
+        let (runs, hole) = plan_read(shift_of(&self.vol.slots), &self.map, offset, buf);
         read_runs(&self.vol.slots, &runs, buf).map(|()| hole)
     }
 
@@ -900,7 +903,7 @@ impl SnapshotHandle {
             if remote::pending(&self.remote, c) {
                 0
             } else {
-                allocation_flags(self.snap.map.get(c))
+                allocation_flags(self.map.get(c))
             }
         }))
     }
@@ -943,7 +946,7 @@ impl SnapshotHandle {
                     hole
                 }
             } else {
-                allocation_flags(self.snap.map.get(c))
+                allocation_flags(self.map.get(c))
             }
         }))
     }
@@ -955,7 +958,7 @@ impl SnapshotHandle {
             set.insert_range(0..self.snap.size.div_ceil(self.snap.cluster_size as u64));
             set -= &*r.loaded;
         }
-        self.snap.map.for_each_nonzero(|c, _| {
+        self.map.for_each_nonzero(|c, _| {
             set.insert(c);
         });
         set
