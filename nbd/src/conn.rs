@@ -452,10 +452,10 @@ impl Budget {
 fn buffer_need(req: &Request, contexts: usize, config: &ServerConfig) -> usize {
     let len = req.length as usize;
     match req.command {
-        CMD_READ | CMD_WRITE if req.length > config.max_payload => 0,
-        CMD_READ => REPLY_HEADER + len,
-        CMD_WRITE => len,
-        CMD_BLOCK_STATUS => contexts * (STRUCTURED_REPLY_LEN + 4 + 8 * len.min(MAX_EXTENTS)),
+        Command::Read | Command::Write if req.length > config.max_payload => 0,
+        Command::Read => REPLY_HEADER + len,
+        Command::Write => len,
+        Command::BlockStatus => contexts * (STRUCTURED_REPLY_LEN + 4 + 8 * len.min(MAX_EXTENTS)),
         _ => 0,
     }
 }
@@ -501,7 +501,7 @@ where
                 },
             }
             let req = Request::decode(&header).map_err(|e| NbdError::BadMagic(e.0 as u64))?;
-            if req.command == CMD_DISC {
+            if req.command == Command::Disc {
                 return Ok(());
             }
             // A recycled buffer still holds its last reply: every use below either clears it or
@@ -523,7 +523,7 @@ where
                     Err(_) => return Ok(()), // the writer stopped: the client hung up
                 },
             }
-            if req.command == CMD_WRITE {
+            if req.command == Command::Write {
                 // The payload follows whatever we think of the request; read it first.
                 let len = req.length as u64;
                 if len > config.max_payload as u64 {
@@ -598,13 +598,14 @@ where
 
 fn kind(req: &Request) -> RequestKind {
     match req.command {
-        CMD_READ => RequestKind::Read,
-        CMD_WRITE => RequestKind::Write { fua: req.flags & CMD_FLAG_FUA != 0 },
-        CMD_FLUSH => RequestKind::Flush,
-        CMD_TRIM => RequestKind::Trim,
-        CMD_WRITE_ZEROES => RequestKind::WriteZeroes,
-        CMD_CACHE => RequestKind::Cache,
-        _ => RequestKind::BlockStatus,
+        Command::Read => RequestKind::Read,
+        Command::Write => RequestKind::Write { fua: req.flags & CMD_FLAG_FUA != 0 },
+        Command::Flush => RequestKind::Flush,
+        Command::Trim => RequestKind::Trim,
+        Command::WriteZeroes => RequestKind::WriteZeroes,
+        Command::Cache => RequestKind::Cache,
+        // (Disc and unknown commands never get this far: validated first.)
+        Command::BlockStatus | Command::Disc | Command::Unknown(_) => RequestKind::BlockStatus,
     }
 }
 
@@ -620,11 +621,16 @@ fn validate<E: Export>(
     if req.flags & !CMD_FLAGS_KNOWN != 0 {
         return Err((EINVAL, "unknown command flags"));
     }
-    let writes = matches!(req.command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    let writes = req.command.writes();
     match req.command {
-        CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_CACHE | CMD_BLOCK_STATUS => {}
-        CMD_FLUSH => return Ok(()),
-        _ => return Err((EINVAL, "unknown command")),
+        Command::Read
+        | Command::Write
+        | Command::Trim
+        | Command::WriteZeroes
+        | Command::Cache
+        | Command::BlockStatus => {}
+        Command::Flush => return Ok(()),
+        Command::Disc | Command::Unknown(_) => return Err((EINVAL, "unknown command")),
     }
     if writes && read_only {
         return Err((EPERM, "export is read-only"));
@@ -632,13 +638,13 @@ fn validate<E: Export>(
     if req.length == 0 {
         return Err((EINVAL, "zero-length request"));
     }
-    if req.command == CMD_READ && req.length > config.max_payload {
+    if req.command == Command::Read && req.length > config.max_payload {
         return Err((EINVAL, "request too large"));
     }
     if req.flags & CMD_FLAG_DF != 0 && !shared.structured {
         return Err((EINVAL, "DF needs structured replies"));
     }
-    if req.command == CMD_BLOCK_STATUS && (!shared.structured || shared.contexts.is_empty()) {
+    if req.command == Command::BlockStatus && (!shared.structured || shared.contexts.is_empty()) {
         return Err((EINVAL, "no meta context was negotiated"));
     }
     match req.offset.checked_add(req.length as u64) {
@@ -676,7 +682,7 @@ async fn execute<E: Export>(shared: &Shared<E>, job: Job) -> Vec<u8> {
     let (offset, length, cookie, structured) = (req.offset, req.length as u64, req.cookie, shared.structured);
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let result = match req.command {
-        CMD_READ => {
+        Command::Read => {
             // The reply header goes first, the data is read straight in after it. The recycled
             // buffer's old bytes are kept, not zeroed: the export overwrites every byte of the
             // data (holes included), and a zero-filling pass costs as much as the read's copy.
@@ -708,10 +714,10 @@ async fn execute<E: Export>(shared: &Shared<E>, job: Job) -> Vec<u8> {
                 Err(e) => Err(e),
             }
         }
-        CMD_WRITE => export.write(offset, &buf, fua).await,
-        CMD_FLUSH => export.flush().await,
-        CMD_TRIM => export.trim(offset, length, fua).await,
-        CMD_WRITE_ZEROES => {
+        Command::Write => export.write(offset, &buf, fua).await,
+        Command::Flush => export.flush().await,
+        Command::Trim => export.trim(offset, length, fua).await,
+        Command::WriteZeroes => {
             let flags = ZeroFlags {
                 fua,
                 no_hole: req.flags & CMD_FLAG_NO_HOLE != 0,
@@ -719,12 +725,12 @@ async fn execute<E: Export>(shared: &Shared<E>, job: Job) -> Vec<u8> {
             };
             export.write_zeroes(offset, length, flags).await
         }
-        CMD_CACHE => export.cache(offset, length).await,
-        CMD_BLOCK_STATUS => {
+        Command::Cache => export.cache(offset, length).await,
+        Command::BlockStatus => {
             let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
             return block_status(shared, buf, cookie, offset, req.length, req_one).await;
         }
-        _ => Err(ExportError::Invalid),
+        Command::Disc | Command::Unknown(_) => Err(ExportError::Invalid),
     };
     match result {
         Ok(()) => done_reply(buf, structured, cookie),

@@ -191,7 +191,7 @@ impl Client {
     }
 
     async fn request(&mut self, command: u16, flags: u16, cookie: u64, offset: u64, length: u32, payload: &[u8]) {
-        let r = Request { flags, command, cookie, offset, length };
+        let r = Request { flags, command: wire::Command::from_wire(command), cookie, offset, length };
         self.s.write_all(&r.encode()).await.unwrap();
         self.s.write_all(payload).await.unwrap();
     }

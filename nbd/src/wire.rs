@@ -93,11 +93,61 @@ pub const STRUCTURED_REPLY_LEN: usize = 20;
 /// Strings (export names, queries) are at most this long (spec limit).
 pub const MAX_STRING: usize = 4096;
 
+/// A transmission-phase command, decoded once from its number; an unknown one keeps its
+/// number (it gets EINVAL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Read,
+    Write,
+    Disc,
+    Flush,
+    Trim,
+    Cache,
+    WriteZeroes,
+    BlockStatus,
+    Unknown(u16),
+}
+
+impl Command {
+    pub fn from_wire(v: u16) -> Command {
+        match v {
+            CMD_READ => Command::Read,
+            CMD_WRITE => Command::Write,
+            CMD_DISC => Command::Disc,
+            CMD_FLUSH => Command::Flush,
+            CMD_TRIM => Command::Trim,
+            CMD_CACHE => Command::Cache,
+            CMD_WRITE_ZEROES => Command::WriteZeroes,
+            CMD_BLOCK_STATUS => Command::BlockStatus,
+            other => Command::Unknown(other),
+        }
+    }
+
+    pub fn to_wire(self) -> u16 {
+        match self {
+            Command::Read => CMD_READ,
+            Command::Write => CMD_WRITE,
+            Command::Disc => CMD_DISC,
+            Command::Flush => CMD_FLUSH,
+            Command::Trim => CMD_TRIM,
+            Command::Cache => CMD_CACHE,
+            Command::WriteZeroes => CMD_WRITE_ZEROES,
+            Command::BlockStatus => CMD_BLOCK_STATUS,
+            Command::Unknown(v) => v,
+        }
+    }
+
+    /// Whether it changes the export's content (refused on read-only exports).
+    pub fn writes(self) -> bool {
+        matches!(self, Command::Write | Command::Trim | Command::WriteZeroes)
+    }
+}
+
 /// A transmission-phase request header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {
     pub flags: u16,
-    pub command: u16,
+    pub command: Command,
     pub cookie: u64,
     pub offset: u64,
     pub length: u32,
@@ -115,7 +165,7 @@ impl Request {
         }
         Ok(Request {
             flags: u16::from_be_bytes([b[4], b[5]]),
-            command: u16::from_be_bytes([b[6], b[7]]),
+            command: Command::from_wire(u16::from_be_bytes([b[6], b[7]])),
             cookie: u64::from_be_bytes(b[8..16].try_into().unwrap_or_default()),
             offset: u64::from_be_bytes(b[16..24].try_into().unwrap_or_default()),
             length: u32::from_be_bytes([b[24], b[25], b[26], b[27]]),
@@ -126,7 +176,7 @@ impl Request {
         let mut b = [0u8; REQUEST_LEN];
         b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
         b[4..6].copy_from_slice(&self.flags.to_be_bytes());
-        b[6..8].copy_from_slice(&self.command.to_be_bytes());
+        b[6..8].copy_from_slice(&self.command.to_wire().to_be_bytes());
         b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
         b[16..24].copy_from_slice(&self.offset.to_be_bytes());
         b[24..28].copy_from_slice(&self.length.to_be_bytes());
@@ -268,7 +318,7 @@ mod tests {
 
     #[test]
     fn request_round_trips_and_rejects_bad_magic() {
-        let r = Request { flags: 1, command: CMD_WRITE, cookie: 0xdead_beef, offset: 1 << 40, length: 4096 };
+        let r = Request { flags: 1, command: Command::Write, cookie: 0xdead_beef, offset: 1 << 40, length: 4096 };
         assert_eq!(Request::decode(&r.encode()), Ok(r));
         let mut bad = r.encode();
         bad[0] ^= 0xff;
