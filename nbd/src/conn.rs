@@ -193,10 +193,7 @@ where
     }
     let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
 
-    let mut replies = OptionReplies { out: Vec::new() };
-    let mut structured = false;
-    // Meta contexts selected by SET_META_CONTEXT, and the export name they were chosen for.
-    let mut selected: Option<(String, Vec<u32>)> = None;
+    let mut n = Negotiation { replies: OptionReplies { out: Vec::new() }, structured: false, selected: None };
     loop {
         let magic = rd.read_u64().await?;
         if magic != IHAVEOPT {
@@ -209,143 +206,178 @@ where
                 return Err(NbdError::Oversized(len as u64));
             }
             tokio::io::copy(&mut (&mut *rd).take(len as u64), &mut tokio::io::sink()).await?;
-            replies.error(option, REP_ERR_TOO_BIG, "option data too long");
-            replies.send(wr).await?;
+            n.replies.error(option, REP_ERR_TOO_BIG, "option data too long");
+            n.replies.send(wr).await?;
             continue;
         }
         let mut data = vec![0u8; len as usize];
         rd.read_exact(&mut data).await?;
         tracing::debug!(option, len, "NBD option");
-        match option {
+        let outcome = match option {
             OPT_EXPORT_NAME => {
-                let name = String::from_utf8_lossy(&data).into_owned();
-                let export = match catalog.open(&name) {
-                    Ok(e) => e,
-                    // No way to report an error to EXPORT_NAME: the spec says close.
-                    Err(_) => return Err(NbdError::UnknownExport(name)),
-                };
-                let info = export.info();
-                let mut out = Vec::with_capacity(10 + 124);
-                out.extend_from_slice(&info.size.to_be_bytes());
-                out.extend_from_slice(&transmission_flags(info.read_only, structured).to_be_bytes());
-                if !no_zeroes {
-                    out.extend_from_slice(&[0u8; 124]);
-                }
-                wr.write_all(&out).await?;
+                let (session, reply) = n.export_name(catalog, &data, no_zeroes)?;
+                wr.write_all(&reply).await?;
                 wr.flush().await?;
-                let contexts = contexts_for(&selected, &name);
-                return Ok(Some(Session { export, structured, hold_gone: false, contexts }));
+                return Ok(Some(session));
             }
-            OPT_INFO | OPT_GO => {
-                let req = match InfoRequest::decode(&data) {
-                    Ok(r) => r,
-                    Err(_) => {
-                        replies.error(option, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO request");
-                        replies.send(wr).await?;
-                        continue;
-                    }
-                };
-                let export = match catalog.open(req.name) {
-                    Ok(e) => e,
-                    Err(msg) => {
-                        replies.error(option, REP_ERR_UNKNOWN, &msg);
-                        replies.send(wr).await?;
-                        continue;
-                    }
-                };
-                let info = export.info();
-                let mut d = Vec::new();
-                d.extend_from_slice(&INFO_EXPORT.to_be_bytes());
-                d.extend_from_slice(&info.size.to_be_bytes());
-                d.extend_from_slice(&transmission_flags(info.read_only, structured).to_be_bytes());
-                replies.reply(option, REP_INFO, &d);
-                if req.requests.contains(&INFO_NAME) {
-                    let mut d = INFO_NAME.to_be_bytes().to_vec();
-                    d.extend_from_slice(info.name.as_bytes());
-                    replies.reply(option, REP_INFO, &d);
-                }
-                if req.requests.contains(&INFO_DESCRIPTION) {
-                    let mut d = INFO_DESCRIPTION.to_be_bytes().to_vec();
-                    d.extend_from_slice(&info.description.as_bytes()[..info.description.len().min(MAX_STRING)]);
-                    replies.reply(option, REP_INFO, &d);
-                }
-                let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-                for v in [info.min_block, info.preferred_block, info.max_block] {
-                    d.extend_from_slice(&v.to_be_bytes());
-                }
-                replies.reply(option, REP_INFO, &d);
-                replies.reply(option, REP_ACK, &[]);
-                replies.send(wr).await?;
-                if option == OPT_GO {
-                    let contexts = contexts_for(&selected, req.name);
-                    return Ok(Some(Session { export, structured, hold_gone: false, contexts }));
-                }
-            }
-            OPT_LIST => {
-                if !data.is_empty() {
-                    replies.error(option, REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
-                } else {
-                    for (name, description) in catalog.list() {
-                        let mut d = (name.len() as u32).to_be_bytes().to_vec();
-                        d.extend_from_slice(name.as_bytes());
-                        d.extend_from_slice(description.as_bytes());
-                        replies.reply(option, REP_SERVER, &d);
-                    }
-                    replies.reply(option, REP_ACK, &[]);
-                }
-                replies.send(wr).await?;
-            }
+            OPT_INFO | OPT_GO => n.info_or_go(catalog, option, &data),
+            OPT_LIST => n.list(catalog, &data),
             OPT_ABORT => {
-                replies.reply(option, REP_ACK, &[]);
+                n.replies.reply(option, REP_ACK, &[]);
                 // The client may already have closed; that is fine.
-                let _ = replies.send(wr).await;
+                let _ = n.replies.send(wr).await;
                 return Ok(None);
             }
-            OPT_STRUCTURED_REPLY => {
-                if data.is_empty() {
-                    structured = true;
-                    replies.reply(option, REP_ACK, &[]);
-                } else {
-                    replies.error(option, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data");
-                }
-                replies.send(wr).await?;
-            }
-            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-                let listing = option == OPT_LIST_META_CONTEXT;
-                match MetaContextRequest::decode(&data) {
-                    Err(_) => replies.error(option, REP_ERR_INVALID, "malformed meta context request"),
-                    Ok(_) if !structured => {
-                        replies.error(option, REP_ERR_INVALID, "negotiate NBD_OPT_STRUCTURED_REPLY first")
-                    }
-                    Ok(req) => match catalog.open(req.name) {
-                        Err(msg) => replies.error(option, REP_ERR_UNKNOWN, &msg),
-                        Ok(export) => {
-                            let names = &export.info().meta_contexts;
-                            let mut chosen = Vec::new();
-                            for (id, name) in names.iter().enumerate() {
-                                let hit = (listing && req.queries.is_empty())
-                                    || req.queries.iter().any(|q| context_matches(q, name, listing));
-                                if hit {
-                                    let mut d = (id as u32).to_be_bytes().to_vec();
-                                    d.extend_from_slice(name.as_bytes());
-                                    replies.reply(option, REP_META_CONTEXT, &d);
-                                    chosen.push(id as u32);
-                                }
-                            }
-                            if !listing {
-                                selected = Some((req.name.to_string(), chosen));
-                            }
-                            replies.reply(option, REP_ACK, &[]);
-                        }
-                    },
-                }
-                replies.send(wr).await?;
-            }
+            OPT_STRUCTURED_REPLY => n.structured_reply(&data),
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => n.meta_context(catalog, option, &data),
             _ => {
-                replies.error(option, REP_ERR_UNSUP, "option not supported");
-                replies.send(wr).await?;
+                n.replies.error(option, REP_ERR_UNSUP, "option not supported");
+                None
+            }
+        };
+        n.replies.send(wr).await?;
+        if outcome.is_some() {
+            return Ok(outcome);
+        }
+    }
+}
+
+/// The handshake's state between options; one method per option, each filling `replies`
+/// (sent after it) and returning the session when the option ends the handshake.
+struct Negotiation {
+    replies: OptionReplies,
+    structured: bool,
+    /// Meta contexts selected by SET_META_CONTEXT, and the export name they were chosen for.
+    selected: Option<(String, Vec<u32>)>,
+}
+
+impl Negotiation {
+    /// NBD_OPT_EXPORT_NAME: the session and the raw reply (size, flags, zeroes). An unknown
+    /// export cannot be reported with this option: the spec says close.
+    fn export_name<C: ExportCatalog>(
+        &self,
+        catalog: &C,
+        data: &[u8],
+        no_zeroes: bool,
+    ) -> Result<(Session<C::Export>, Vec<u8>), NbdError> {
+        let name = String::from_utf8_lossy(data).into_owned();
+        let export = catalog.open(&name).map_err(|_| NbdError::UnknownExport(name.clone()))?;
+        let info = export.info();
+        let mut out = Vec::with_capacity(10 + 124);
+        out.extend_from_slice(&info.size.to_be_bytes());
+        out.extend_from_slice(&transmission_flags(info.read_only, self.structured).to_be_bytes());
+        if !no_zeroes {
+            out.extend_from_slice(&[0u8; 124]);
+        }
+        let contexts = contexts_for(&self.selected, &name);
+        Ok((Session { export, structured: self.structured, hold_gone: false, contexts }, out))
+    }
+
+    /// NBD_OPT_INFO and NBD_OPT_GO (which then ends the handshake).
+    fn info_or_go<C: ExportCatalog>(&mut self, catalog: &C, option: u32, data: &[u8]) -> Option<Session<C::Export>> {
+        let Ok(req) = InfoRequest::decode(data) else {
+            self.replies.error(option, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO request");
+            return None;
+        };
+        let export = match catalog.open(req.name) {
+            Ok(e) => e,
+            Err(msg) => {
+                self.replies.error(option, REP_ERR_UNKNOWN, &msg);
+                return None;
+            }
+        };
+        let info = export.info();
+        let mut d = Vec::new();
+        d.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+        d.extend_from_slice(&info.size.to_be_bytes());
+        d.extend_from_slice(&transmission_flags(info.read_only, self.structured).to_be_bytes());
+        self.replies.reply(option, REP_INFO, &d);
+        if req.requests.contains(&INFO_NAME) {
+            let mut d = INFO_NAME.to_be_bytes().to_vec();
+            d.extend_from_slice(info.name.as_bytes());
+            self.replies.reply(option, REP_INFO, &d);
+        }
+        if req.requests.contains(&INFO_DESCRIPTION) {
+            let mut d = INFO_DESCRIPTION.to_be_bytes().to_vec();
+            d.extend_from_slice(&info.description.as_bytes()[..info.description.len().min(MAX_STRING)]);
+            self.replies.reply(option, REP_INFO, &d);
+        }
+        let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+        for v in [info.min_block, info.preferred_block, info.max_block] {
+            d.extend_from_slice(&v.to_be_bytes());
+        }
+        self.replies.reply(option, REP_INFO, &d);
+        self.replies.reply(option, REP_ACK, &[]);
+        (option == OPT_GO).then(|| {
+            let contexts = contexts_for(&self.selected, req.name);
+            Session { export, structured: self.structured, hold_gone: false, contexts }
+        })
+    }
+
+    /// NBD_OPT_LIST: every export, with its description.
+    fn list<C: ExportCatalog>(&mut self, catalog: &C, data: &[u8]) -> Option<Session<C::Export>> {
+        if !data.is_empty() {
+            self.replies.error(OPT_LIST, REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
+            return None;
+        }
+        for (name, description) in catalog.list() {
+            let mut d = (name.len() as u32).to_be_bytes().to_vec();
+            d.extend_from_slice(name.as_bytes());
+            d.extend_from_slice(description.as_bytes());
+            self.replies.reply(OPT_LIST, REP_SERVER, &d);
+        }
+        self.replies.reply(OPT_LIST, REP_ACK, &[]);
+        None
+    }
+
+    /// NBD_OPT_STRUCTURED_REPLY.
+    fn structured_reply<E>(&mut self, data: &[u8]) -> Option<Session<E>> {
+        if data.is_empty() {
+            self.structured = true;
+            self.replies.reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]);
+        } else {
+            self.replies.error(OPT_STRUCTURED_REPLY, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data");
+        }
+        None
+    }
+
+    /// NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT (which selects for one export).
+    fn meta_context<C: ExportCatalog>(&mut self, catalog: &C, option: u32, data: &[u8]) -> Option<Session<C::Export>> {
+        let listing = option == OPT_LIST_META_CONTEXT;
+        let req = match MetaContextRequest::decode(data) {
+            Err(_) => {
+                self.replies.error(option, REP_ERR_INVALID, "malformed meta context request");
+                return None;
+            }
+            Ok(_) if !self.structured => {
+                self.replies.error(option, REP_ERR_INVALID, "negotiate NBD_OPT_STRUCTURED_REPLY first");
+                return None;
+            }
+            Ok(req) => req,
+        };
+        let export = match catalog.open(req.name) {
+            Ok(e) => e,
+            Err(msg) => {
+                self.replies.error(option, REP_ERR_UNKNOWN, &msg);
+                return None;
+            }
+        };
+        let mut chosen = Vec::new();
+        for (id, name) in export.info().meta_contexts.iter().enumerate() {
+            let hit =
+                (listing && req.queries.is_empty()) || req.queries.iter().any(|q| context_matches(q, name, listing));
+            if hit {
+                let mut d = (id as u32).to_be_bytes().to_vec();
+                d.extend_from_slice(name.as_bytes());
+                self.replies.reply(option, REP_META_CONTEXT, &d);
+                chosen.push(id as u32);
             }
         }
+        if !listing {
+            self.selected = Some((req.name.to_string(), chosen));
+        }
+        self.replies.reply(option, REP_ACK, &[]);
+        None
     }
 }
 
