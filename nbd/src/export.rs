@@ -4,7 +4,7 @@
 use std::future::Future;
 
 /// Errors an export reports for one request; the server maps them to NBD error codes in one place
-/// (`ExportError::nbd_code`).
+/// (`conn::errno`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ExportError {
     #[error("I/O error")]

@@ -136,7 +136,7 @@ pub(crate) fn read_map(slots: &SlotFile, map: &ClusterMap, offset: u64, buf: &mu
     read_runs(slots, &runs, buf).map(|()| hole)
 }
 
-/// One cluster of a write redirected to a fresh slot (see `VolumeHandle::try_redirect`).
+/// One cluster of a write redirected to a fresh slot (see `VolumeHandle::plan_redirect`).
 struct Redirect {
     cluster: u64,
     /// The entry the cluster had when the write was planned.
