@@ -33,17 +33,7 @@ fn files_are_private_and_sockets_group_only_whatever_the_umask() {
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let dir = tmp.path().join("d");
     // umask 000: without the daemon's own, everything would be created world-writable.
-    let child = Command::new("sh")
-        .args(["-c", "umask 000 && exec \"$0\" \"$@\"", BIN, "serve", "--dir"])
-        .arg(&dir)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut daemon = Guard(child);
-    wait_for_sockets(&dir, &mut daemon);
+    let daemon = serve(Command::new("sh").args(["-c", "umask 000 && exec \"$0\" \"$@\"", BIN, "serve"]), &dir);
     let cli = |args: &[&str]| {
         let out =
             run(Command::new(BIN).arg("--dir").arg(&dir).args(args).env_remove("SNAPBLK_DIR"), Duration::from_secs(60));
@@ -97,17 +87,7 @@ fn files_are_private_and_sockets_group_only_whatever_the_umask() {
         // (Killed: its sockets are left; the next daemon replaces them.)
         std::fs::remove_file(dir.join("nbd.sock")).unwrap();
         std::fs::remove_file(dir.join("control.sock")).unwrap();
-        let child = Command::new(BIN)
-            .args(["serve", "--socket-group", "65534", "--dir"])
-            .arg(&dir)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        daemon = Guard(child);
-        wait_for_sockets(&dir, &mut daemon);
+        let _daemon = serve(Command::new(BIN).args(["serve", "--socket-group", "65534"]), &dir);
         assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o710);
         let out = other("nbdinfo", &[&nbd]);
         assert!(out.status.success(), "a member of the socket group cannot use NBD: {}", text(&out.stderr));
@@ -118,6 +98,22 @@ fn files_are_private_and_sockets_group_only_whatever_the_umask() {
     } else {
         eprintln!("SKIP: the other-user part of {} needs root and setpriv", test_name());
     }
+}
+
+/// Starts `cmd --dir DIR` (a `snapblk serve`) and waits for its sockets.
+fn serve(cmd: &mut Command, dir: &Path) -> Guard {
+    let child = cmd
+        .arg("--dir")
+        .arg(dir)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut daemon = Guard(child);
+    wait_for_sockets(dir, &mut daemon);
+    daemon
 }
 
 fn wait_for_sockets(dir: &Path, daemon: &mut Guard) {

@@ -216,17 +216,22 @@ impl Engine {
         let reg = self.registry.write();
         reg.check_name_free(name)?;
         let id = reg.new_id();
-        let rec = Record::VolumeCreate {
+        let rec = self.new_volume(id, name, size, cluster_size);
+        let info = self.run(reg, &[rec], |reg| volume_info(reg, &reg.volumes[&id]))?;
+        tracing::info!(name, size, cluster_size, id = %volume_id(id), "volume created");
+        Ok(info)
+    }
+
+    /// The record of a new, empty volume created now.
+    fn new_volume(&self, id: u64, name: &str, size: u64, cluster_size: u32) -> Record {
+        Record::VolumeCreate {
             volume: id,
             name: name.into(),
             size,
             cluster_size,
             created: self.clock.now(),
             origin: None,
-        };
-        let info = self.run(reg, &[rec], |reg| volume_info(reg, &reg.volumes[&id]))?;
-        tracing::info!(name, size, cluster_size, id = %volume_id(id), "volume created");
-        Ok(info)
+        }
     }
 
     pub fn list_volumes(&self) -> Vec<VolumeInfo> {
@@ -415,14 +420,7 @@ impl Engine {
         reg.check_name_free(name)?;
         let id = reg.new_id();
         let recs = [
-            Record::VolumeCreate {
-                volume: id,
-                name: name.into(),
-                size,
-                cluster_size,
-                created: self.clock.now(),
-                origin: None,
-            },
+            self.new_volume(id, name, size, cluster_size),
             Record::RemoteHead { volume: id, parent: None, region: source.region.clone(), snapshot: source.snapshot },
         ];
         let info = self.run(reg, &recs, |reg| volume_info(reg, &reg.volumes[&id]))?;

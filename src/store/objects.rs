@@ -258,17 +258,22 @@ impl Objects {
         .await?;
         // The data is written: let its buffers go back (an upload reuses them) during the sync.
         drop(data);
+        self.sync_fs_object(key).await?;
+        self.metrics.put_ops.fetch_add(1, Ordering::Relaxed);
+        self.metrics.put_bytes.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// On the filesystem backend, makes an object just put durable: LocalFileSystem renames
+    /// into place but does not fsync, and whatever references the object is written next.
+    async fn sync_fs_object(&self, key: &str) -> Result<()> {
         if let Some(root) = &self.fs_root {
-            // LocalFileSystem renames into place but does not fsync: make the object durable
-            // before anything that references it is written.
             let file = root.join(key);
             tokio::task::spawn_blocking(move || sync_path(&file))
                 .await
                 .map_err(|e| StoreError::Unavailable(e.to_string()))?
                 .map_err(StoreError::io(format!("syncing object {key}")))?;
         }
-        self.metrics.put_ops.fetch_add(1, Ordering::Relaxed);
-        self.metrics.put_bytes.fetch_add(len, Ordering::Relaxed);
         Ok(())
     }
 
@@ -295,12 +300,8 @@ impl Objects {
                 }
             })
             .await?;
-        if let (Some(root), true) = (&self.fs_root, created) {
-            let file = root.join(key);
-            tokio::task::spawn_blocking(move || sync_path(&file))
-                .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?
-                .map_err(StoreError::io(format!("syncing object {key}")))?;
+        if created {
+            self.sync_fs_object(key).await?;
         }
         self.metrics.put_ops.fetch_add(1, Ordering::Relaxed);
         Ok(created)
