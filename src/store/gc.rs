@@ -106,8 +106,11 @@ impl StoreService {
                 }
                 None if !old_enough => report.packs_young += 1,
                 None => {
-                    region.objects.delete(&obj.key).await?;
+                    // The index first (synced): uploads deduplicate against it, so it must
+                    // never name a pack that is gone. A crash in between leaves an orphan
+                    // pack, which the next GC deletes.
                     region.index.delete_pack(pack)?;
+                    region.objects.delete(&obj.key).await?;
                     report.packs_deleted += 1;
                     report.bytes_deleted += obj.size;
                     report.stored_bytes -= obj.size;
@@ -220,8 +223,9 @@ impl StoreService {
             report.manifests_rewritten += 1;
         }
         for (old, size) in sparse {
-            region.objects.delete(&pack_key(old)).await?;
+            // The index first, as above.
             region.index.delete_pack(*old)?;
+            region.objects.delete(&pack_key(old)).await?;
             report.packs_repacked += 1;
             report.bytes_deleted += size;
             report.stored_bytes -= size;
