@@ -378,7 +378,8 @@ class Soak:
             if pattern in err:
                 return Refused(err.strip())
         raise Failure(f"`snapblk {' '.join(args)}` failed (exit {rc}) while the daemon should be running: "
-                      f"{err.strip()}", self.daemon_state())
+                      f"{err.strip()}", (["its output:"] + ["  " + l for l in tail(out, 20)] if out.strip() else [])
+                      + self.daemon_state())
 
     # ---- connections ------------------------------------------------------------------------
 
