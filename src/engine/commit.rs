@@ -290,7 +290,11 @@ impl Engine {
         // exclusively.)
         let guards: Vec<_> = volumes.iter().map(|v| v.state.read()).collect();
         let commit = self.commit_begin(&reg)?;
-        self.tail.lock().journal.attach_next(next);
+        if let Err(e) = self.tail.lock().journal.attach_next(next) {
+            drop((guards, reg));
+            self.commit_end(commit)?;
+            return Err(e);
+        }
         let image = reg.image(generation + 1, &volumes, &guards);
         // The image shares the maps (O(1) clones): encoding it, and syncing what it points
         // at, need none of the locks.

@@ -29,8 +29,9 @@ pub const CHECKPOINT_MAGIC: &[u8; 8] = b"SNAPBLKC";
 /// Version 2 added `SnapshotRelease` records and the snapshot flags byte in checkpoints;
 /// version 3 added hydration (`RemoteHead`, `Hydrate`, `LoadedRange` records and each map's
 /// remote part in checkpoints). Older files are still read.
-/// Version 4 added the journal's `Boot` and `Synced` frames (checkpoints are unchanged).
-pub const FORMAT_VERSION: u32 = 4;
+/// Version 4 added the journal's `Boot` and `Synced` frames (checkpoints are unchanged);
+/// version 5 the `Base` frame and the previous checkpoint kept beside the current one.
+pub const FORMAT_VERSION: u32 = 5;
 const JOURNAL_HEADER_LEN: u64 = 8 + 4 + 8;
 /// A frame larger than this is corrupt (no record is anywhere near it).
 const MAX_FRAME: u32 = 1 << 20;
@@ -118,6 +119,9 @@ const T_LOADED_RANGE: u8 = 11;
 /// offset up to which every record's slot data was synced.
 const T_BOOT: u8 = 12;
 const T_SYNCED: u8 = 13;
+/// The first frame of a journal made by a checkpoint: the offset in the previous
+/// generation's journal its image ends at (see `Engine::open` on a damaged checkpoint).
+const T_BASE: u8 = 14;
 
 /// A boot id: 16 bytes that differ after every reboot of the machine.
 pub type BootId = [u8; 16];
@@ -150,6 +154,8 @@ struct Scan {
     boot: Option<BootId>,
     /// The highest `Synced` mark.
     synced_through: u64,
+    /// The `Base` frame's offset, if any.
+    base: Option<u64>,
     /// The end of the last valid frame (where the next write goes).
     valid: u64,
 }
@@ -283,7 +289,7 @@ impl Record {
 /// Decodes frames from `buf` until the first torn or corrupt one (records, `Boot` and
 /// `Synced` frames); `base` is the file offset of `buf`.
 fn scan_frames(buf: &[u8], base: u64) -> Scan {
-    let mut scan = Scan { records: Vec::new(), boot: None, synced_through: base, valid: base };
+    let mut scan = Scan { records: Vec::new(), boot: None, synced_through: base, base: None, valid: base };
     let mut pos = 0;
     while let Some(header) = buf.get(pos..pos + 8) {
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
@@ -306,6 +312,10 @@ fn scan_frames(buf: &[u8], base: u64) -> Scan {
                 Ok(through) if r.remaining() == 0 => scan.synced_through = scan.synced_through.max(through),
                 _ => break,
             },
+            Ok(T_BASE) => match r.u64() {
+                Ok(offset) if r.remaining() == 0 => scan.base = Some(offset),
+                _ => break,
+            },
             _ => match Record::decode(payload) {
                 Ok(rec) => scan.records.push((rec, end)),
                 Err(Short) => break,
@@ -326,6 +336,13 @@ pub(crate) fn cut_points(bytes: &[u8]) -> Vec<u64> {
     let mut cuts: Vec<u64> = scan.records.iter().map(|(_, end)| *end).filter(|&e| e > scan.synced_through).collect();
     cuts.push(scan.valid);
     cuts
+}
+
+/// What `Journal::read_trusted` found.
+pub struct Trusted {
+    pub records: Vec<(Record, u64)>,
+    pub len: u64,
+    pub base: Option<u64>,
 }
 
 /// The open journal file of the current generation.
@@ -360,28 +377,8 @@ impl Journal {
     pub fn open(dir: &Path, generation: u64, boot: BootId) -> Result<(Journal, Vec<Record>)> {
         let path = journal_path(dir, generation);
         let ctx = || format!("opening journal {}", path.display());
-        let existing = match fs::read(&path) {
-            Ok(bytes) => Some(bytes),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(EngineError::io(ctx())(e)),
-        };
-        let (records, len) = match existing {
-            Some(bytes) if bytes.len() as u64 >= JOURNAL_HEADER_LEN => {
-                let version = check_header(&bytes, JOURNAL_MAGIC, generation, &path)?;
-                let scan = scan_frames(&bytes[JOURNAL_HEADER_LEN as usize..], JOURNAL_HEADER_LEN);
-                // Before version 4 every record was written after its data was synced.
-                let trusted = if version < 4 || scan.boot == Some(boot) { scan.valid } else { scan.synced_through };
-                let records: Vec<Record> =
-                    scan.records.into_iter().take_while(|(_, end)| *end <= trusted).map(|(r, _)| r).collect();
-                if trusted < scan.valid {
-                    tracing::warn!(
-                        journal = %path.display(),
-                        dropped_bytes = scan.valid - trusted,
-                        "the machine restarted since the journal's last records were written, before they were synced: they are dropped (snapshots taken just before a power loss)"
-                    );
-                }
-                (records, trusted)
-            }
+        let (records, len) = match Journal::read_trusted(dir, generation, boot)? {
+            Some(Trusted { records, len, .. }) => (records.into_iter().map(|(r, _)| r).collect(), len),
             // Missing or shorter than its header (crash while creating it): start it anew.
             _ => {
                 let mut header = Vec::new();
@@ -407,6 +404,32 @@ impl Journal {
             next: None,
         };
         Ok((journal, records))
+    }
+
+    /// The records of journal `generation` that can be trusted (each with the offset its
+    /// frame ends at), the length they end at and its `Base` offset; `None` when the file is
+    /// missing or shorter than its header. Reads only.
+    pub fn read_trusted(dir: &Path, generation: u64, boot: BootId) -> Result<Option<Trusted>> {
+        let path = journal_path(dir, generation);
+        let bytes = match fs::read(&path) {
+            Ok(bytes) if bytes.len() as u64 >= JOURNAL_HEADER_LEN => bytes,
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(EngineError::io(format!("opening journal {}", path.display()))(e)),
+        };
+        let version = check_header(&bytes, JOURNAL_MAGIC, generation, &path)?;
+        let scan = scan_frames(&bytes[JOURNAL_HEADER_LEN as usize..], JOURNAL_HEADER_LEN);
+        // Before version 4 every record was written after its data was synced.
+        let trusted = if version < 4 || scan.boot == Some(boot) { scan.valid } else { scan.synced_through };
+        let records: Vec<(Record, u64)> = scan.records.into_iter().take_while(|(_, end)| *end <= trusted).collect();
+        if trusted < scan.valid {
+            tracing::warn!(
+                journal = %path.display(),
+                dropped_bytes = scan.valid - trusted,
+                "the machine restarted since the journal's last records were written, before they were synced: they are dropped (snapshots taken just before a power loss)"
+            );
+        }
+        Ok(Some(Trusted { records, len: trusted, base: scan.base }))
     }
 
     fn write_at_end(&mut self, frames: &[u8]) -> Result<()> {
@@ -472,9 +495,18 @@ impl Journal {
         Ok(Journal::open(dir, generation + 1, boot)?.0)
     }
 
-    /// Step 2, with the state imaged: from now on frames go to `next` too.
-    pub fn attach_next(&mut self, next: Journal) {
+    /// Step 2, with the state imaged: from now on frames go to `next` too. Its first frame
+    /// says where in this journal the image ends (recovery from the previous checkpoint, should
+    /// the new one be damaged, replays this journal that far and then the next).
+    pub fn attach_next(&mut self, mut next: Journal) -> Result<()> {
+        let mut base = Vec::with_capacity(24);
+        frame(&mut base, |out| {
+            out.put_u8(T_BASE);
+            out.put_u64(self.len);
+        });
+        next.write_at_end(&base)?;
         self.next = Some(Box::new(next));
+        Ok(())
     }
 
     /// Step 3 (no lock needed): installs `checkpoint`, the image of the state after every
@@ -484,17 +516,30 @@ impl Journal {
     /// everything written since the image).
     pub fn install_checkpoint(dir: &Path, checkpoint: &[u8]) -> Result<()> {
         let path = dir.join("checkpoint");
+        // The checkpoint being replaced stays as `checkpoint.prev` (with this journal): the way
+        // back should the new one ever be unreadable. Linked, then renamed, so `checkpoint`
+        // exists at every instant.
+        if path.exists() {
+            let (tmp, prev) = (dir.join("checkpoint.prev.tmp"), dir.join("checkpoint.prev"));
+            let _ = fs::remove_file(&tmp);
+            fs::hard_link(&path, &tmp)
+                .and_then(|()| fs::rename(&tmp, &prev))
+                .map_err(EngineError::io(format!("keeping {}", prev.display())))?;
+        }
         crate::fsutil::replace_file(&path, checkpoint, true)
             .map_err(EngineError::io(format!("writing checkpoint {}", path.display())))
     }
 
-    /// Step 4: switches to the next journal and removes this one.
+    /// Step 4: switches to the next journal, keeping this one (it goes with
+    /// `checkpoint.prev`) and removing the one before it.
     pub fn switch_to_next(&mut self) {
         let Some(next) = self.next.take() else { return };
-        let old = journal_path(&self.dir, self.generation);
+        let older = self.generation.checked_sub(1).map(|g| journal_path(&self.dir, g));
         *self = *next;
-        // Best effort: a leftover old journal is ignored and removed at the next start.
-        let _ = fs::remove_file(old);
+        // Best effort: a leftover journal is ignored and removed at the next start.
+        if let Some(older) = older {
+            let _ = fs::remove_file(older);
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -532,13 +577,14 @@ pub fn check_header(bytes: &[u8], magic: &[u8; 8], generation: u64, path: &Path)
     Ok(version)
 }
 
-/// Removes journals of generations other than `keep` (left behind by a crash during rotate).
+/// Removes journals of generations other than `keep` and the one before it (left behind by a
+/// crash during rotate).
 pub fn remove_stale_journals(dir: &Path, keep: u64) {
     let Ok(entries) = fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(hex) = name.to_str().and_then(|n| n.strip_prefix("journal-")) else { continue };
-        if u64::from_str_radix(hex, 16).is_ok_and(|g| g != keep) {
+        if u64::from_str_radix(hex, 16).is_ok_and(|g| g != keep && g.checked_add(1) != Some(keep)) {
             let _ = fs::remove_file(entry.path());
         }
     }

@@ -127,16 +127,25 @@ impl Engine {
             fs::create_dir_all(d).map_err(EngineError::io(format!("creating {}", d.display())))?;
         }
         let ckpt_path = meta.join("checkpoint");
-        let state = match fs::read(&ckpt_path) {
-            Ok(bytes) => checkpoint::decode(&bytes, &ckpt_path)?,
+        let (state, earlier) = match fs::read(&ckpt_path) {
+            Ok(bytes) => match checkpoint::decode(&bytes, &ckpt_path) {
+                Ok(state) => (state, None),
+                Err(damaged) => Engine::from_previous_checkpoint(&meta, boot, damaged)?,
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                State { generation: 0, next_seq: 1, volumes: vec![], snapshots: vec![] }
+                (State { generation: 0, next_seq: 1, volumes: vec![], snapshots: vec![] }, None)
             }
             Err(e) => return Err(EngineError::io(format!("reading {}", ckpt_path.display()))(e)),
         };
         let generation = state.generation;
         journal::remove_stale_journals(&meta, generation);
-        let (journal, records) = Journal::open(&meta, generation, boot)?;
+        let (journal, mut records) = Journal::open(&meta, generation, boot)?;
+        // Recovered from the previous checkpoint: its journal's records first.
+        let recovered = earlier.is_some();
+        if let Some(mut earlier) = earlier {
+            earlier.append(&mut records);
+            records = earlier;
+        }
         let mut reg = Registry::from_image(state, &data_dir)?;
         // Slot files of cluster sizes no volume uses any more are swept (emptied) too.
         if let Ok(entries) = fs::read_dir(&data_dir) {
@@ -179,12 +188,42 @@ impl Engine {
             cluster_source: OnceLock::new(),
             clock,
         };
-        if replayed > 0 {
+        if replayed > 0 || recovered {
             engine.checkpoint()?;
         }
         let engine = Arc::new(engine);
         Engine::spawn_writeback(Arc::downgrade(&engine), engine.commit_wanted.clone());
         Ok(engine)
+    }
+
+    /// The checkpoint is unreadable (`damaged`): its state is rebuilt from the previous
+    /// checkpoint (`checkpoint.prev`, kept by each rotation) and that one's journal, replayed
+    /// up to where the damaged checkpoint's image ended (the next journal's `Base` frame); the
+    /// caller then replays the current journal as usual. Returns that state (with the damaged
+    /// one's generation) and the earlier journal's records; `damaged` itself when there is no
+    /// way back.
+    fn from_previous_checkpoint(
+        meta: &Path,
+        boot: journal::BootId,
+        damaged: EngineError,
+    ) -> Result<(State, Option<Vec<Record>>)> {
+        let prev_path = meta.join("checkpoint.prev");
+        let Some(mut prev) = fs::read(&prev_path).ok().and_then(|b| checkpoint::decode(&b, &prev_path).ok()) else {
+            return Err(damaged);
+        };
+        let Some(older) = Journal::read_trusted(meta, prev.generation, boot)? else { return Err(damaged) };
+        // Without a readable `Base` frame the current journal has no valid frame either: the
+        // whole earlier journal is then the history.
+        let base = Journal::read_trusted(meta, prev.generation + 1, boot)?.and_then(|t| t.base);
+        let records: Vec<Record> =
+            older.records.into_iter().filter(|(_, end)| base.is_none_or(|b| *end <= b)).map(|(r, _)| r).collect();
+        tracing::warn!(
+            error = %damaged,
+            replayed = records.len(),
+            "the checkpoint is damaged; its state was rebuilt from checkpoint.prev and the journals"
+        );
+        prev.generation += 1;
+        Ok((prev, Some(records)))
     }
 
     /// The clock the engine (and the store service beside it) takes time from.
