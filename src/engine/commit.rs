@@ -104,7 +104,10 @@ impl Engine {
     /// asks for it (`request_commit`), or a snapshot waits for a commit after its seal. Also
     /// frees slots whose last requests have ended. Ends when the engine is dropped or shut
     /// down.
-    pub(super) fn spawn_writeback(engine: std::sync::Weak<Engine>, wanted: Arc<CommitWanted>) {
+    pub(super) fn spawn_writeback(
+        engine: std::sync::Weak<Engine>,
+        wanted: Arc<CommitWanted>,
+    ) -> Option<std::thread::JoinHandle<()>> {
         let spawned = std::thread::Builder::new().name("snapblk-writeback".into()).spawn(move || loop {
             let requested = {
                 let mut w = wanted.wanted.lock();
@@ -144,8 +147,22 @@ impl Engine {
                 }
             }
         });
-        if let Err(err) = spawned {
-            tracing::warn!(error = %err, "cannot start the write-back thread; flushes may take longer");
+        spawned
+            .inspect_err(
+                |err| tracing::warn!(error = %err, "cannot start the write-back thread; flushes may take longer"),
+            )
+            .ok()
+    }
+
+    /// Test support: stops the write-back thread and waits for it, so a test can open
+    /// another engine on this directory (as a restarted daemon would, the old process gone)
+    /// without this one committing or freeing slots under it.
+    #[cfg(test)]
+    pub(crate) fn stop_background(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+        self.request_commit();
+        if let Some(h) = self.writeback.lock().take() {
+            let _ = h.join();
         }
     }
 

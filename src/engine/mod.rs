@@ -90,6 +90,8 @@ pub struct Engine {
     cluster_source: OnceLock<Arc<dyn ClusterSource>>,
     /// Creation times of volumes and snapshots.
     clock: Arc<dyn Clock>,
+    /// The write-back thread (see `Engine::spawn_writeback`).
+    writeback: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// What the first snapshot of a lineage is relative to, for incremental uploads.
@@ -187,12 +189,13 @@ impl Engine {
             shutting_down: AtomicBool::new(false),
             cluster_source: OnceLock::new(),
             clock,
+            writeback: Mutex::new(None),
         };
         if replayed > 0 || recovered {
             engine.checkpoint()?;
         }
         let engine = Arc::new(engine);
-        Engine::spawn_writeback(Arc::downgrade(&engine), engine.commit_wanted.clone());
+        *engine.writeback.lock() = Engine::spawn_writeback(Arc::downgrade(&engine), engine.commit_wanted.clone());
         Ok(engine)
     }
 

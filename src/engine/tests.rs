@@ -316,6 +316,7 @@ fn step(engine: &mut Arc<Engine>, dir: &Path, model: &mut Model, op: (u8, u64, u
                 engine.commit().unwrap();
             }
             model.vols.values_mut().for_each(ModelVol::durable);
+            engine.stop_background();
             let old = std::mem::replace(engine, Engine::open(dir).unwrap());
             drop(old);
         }
@@ -404,6 +405,7 @@ fn run_case(ops: Vec<(u8, u64, u64, u64)>) {
     check_crashes(&engine, dir.path(), &model);
     // Everything survives a replay-only restart too.
     engine.commit().unwrap();
+    engine.stop_background();
     drop(std::mem::replace(&mut engine, Engine::open(dir.path()).unwrap()));
     check(&engine, &model);
     // Deleting everything leaves no data behind.
@@ -414,6 +416,7 @@ fn run_case(ops: Vec<(u8, u64, u64, u64)>) {
         engine.delete_volume(name).unwrap();
     }
     engine.shutdown();
+    engine.stop_background();
     drop(std::mem::replace(&mut engine, Engine::open(dir.path()).unwrap()));
     for f in std::fs::read_dir(dir.path().join("data")).unwrap() {
         let f = f.unwrap();
@@ -603,6 +606,7 @@ fn in_place_write_after_regaining_ownership_still_marks_the_cluster_dirty() {
     let dirty = |e: &Arc<Engine>| e.open_volume("c").unwrap().dirty(0, 65536).unwrap();
     assert_eq!(dirty(&engine), vec![volume::Extent { length: 65536, flags: volume::STATE_DIRTY }]);
     engine.commit().unwrap();
+    engine.stop_background();
     drop(std::mem::replace(&mut engine, Engine::open(dir.path()).unwrap()));
     assert_eq!(dirty(&engine), vec![volume::Extent { length: 65536, flags: volume::STATE_DIRTY }]);
     let mut buf = vec![0u8; 8192];
@@ -764,6 +768,7 @@ fn hydrate_case(ops: Vec<(u8, u64, u64)>) {
                 } else {
                     engine.commit().unwrap();
                 }
+                engine.stop_background();
                 drop(std::mem::replace(&mut engine, open(dir.path())));
             }
             _ => {}
@@ -771,6 +776,8 @@ fn hydrate_case(ops: Vec<(u8, u64, u64)>) {
         check(&engine, &model, &snaps);
     }
     // Loading everything leaves a volume that no longer needs the store.
+    let vol = parse_volume_id(&engine.volume("v").unwrap().id).unwrap();
+    let pending_before = engine.pending_count(vol, &source).unwrap_or(0);
     let h = engine.open_volume("v").unwrap();
     rt.block_on(h.load(0, SIZE, false, Priority::ReadAhead)).unwrap();
     drop(h);
@@ -778,6 +785,7 @@ fn hydrate_case(ops: Vec<(u8, u64, u64)>) {
     check(&engine, &model, &snaps);
     let fetched = src.fetches.load(Ordering::Relaxed);
     engine.commit().unwrap();
+    engine.stop_background();
     drop(std::mem::replace(&mut engine, open(dir.path())));
     check(&engine, &model, &snaps);
     assert!(engine.volume("v").unwrap().hydration.is_none());
@@ -788,7 +796,8 @@ fn hydrate_case(ops: Vec<(u8, u64, u64)>) {
     let mut buf = vec![0u8; SIZE as usize];
     rt.block_on(h.read_async(0, &mut buf)).unwrap();
     assert_eq!(src.fetches.load(Ordering::Relaxed), before, "a fully loaded volume fetched again");
-    assert!(fetched > 0);
+    // (Nothing is fetched when earlier steps loaded or overwrote every cluster.)
+    assert!(fetched > 0 || pending_before == 0, "{pending_before} pending clusters loaded without a fetch");
 }
 
 proptest! {
