@@ -479,6 +479,14 @@ impl Budget {
     }
 }
 
+/// The export was revoked while the reader waited: the connection closes (see
+/// `transmission`, which then holds or fails what is still in flight).
+fn revoked_close(was_revoked: &mut bool) -> Result<(), NbdError> {
+    *was_revoked = true;
+    tracing::info!("export revoked; closing the NBD connection");
+    Ok(())
+}
+
 /// The most bytes a request's buffer must hold: its WRITE payload, its READ reply, its
 /// BLOCK_STATUS reply at most; 0 when the reply is a header (or an error) only.
 fn buffer_need(req: &Request, contexts: usize, config: &ServerConfig) -> usize {
@@ -520,11 +528,7 @@ where
             let mut header = [0u8; REQUEST_LEN];
             tokio::select! {
                 biased;
-                _ = &mut revoked => {
-                    was_revoked = true;
-                    tracing::info!("export revoked; closing the NBD connection");
-                    return Ok(());
-                }
+                _ = &mut revoked => return revoked_close(&mut was_revoked),
                 r = rd.read_exact(&mut header) => match r {
                     Ok(_) => {}
                     // A client that just hangs up (without NBD_CMD_DISC) is not an error.
@@ -545,11 +549,7 @@ where
             // requests have left enough room.
             tokio::select! {
                 biased;
-                _ = &mut revoked => {
-                    was_revoked = true;
-                    tracing::info!("export revoked; closing the NBD connection");
-                    return Ok(());
-                }
+                _ = &mut revoked => return revoked_close(&mut was_revoked),
                 permits = budget.permits.acquire_many(charge) => match permits {
                     Ok(p) => p.forget(), // given back by the writer
                     Err(_) => return Ok(()), // the writer stopped: the client hung up

@@ -331,14 +331,13 @@ impl Registry {
     /// content differs, as a dirty bitmap is; it needs no map, so it works for released
     /// snapshots too. `None` when the lineages share no snapshot (everything may differ).
     pub(super) fn changed_between(&self, base: u64, target: Target) -> Option<RoaringTreemap> {
-        // (id, changed set relative to its parent) from `start` towards the root.
+        // Snapshots from `start` towards the root; sets are read only for the two prefixes.
         let chain = |start: Option<u64>| {
-            let mut out: Vec<(u64, RoaringTreemap)> = Vec::new();
+            let mut out: Vec<&Arc<Snapshot>> = Vec::new();
             let mut cur = start.and_then(|id| self.snapshots.get(&id));
             while let Some(s) = cur {
-                let l = s.lineage.lock();
-                out.push((s.id, l.changed.clone()));
-                cur = l.parent.and_then(|p| self.snapshots.get(&p));
+                out.push(s);
+                cur = s.lineage.lock().parent.and_then(|p| self.snapshots.get(&p));
             }
             out
         };
@@ -353,9 +352,9 @@ impl Registry {
         let (bi, ti) = base_chain
             .iter()
             .enumerate()
-            .find_map(|(bi, (id, _))| target_chain.iter().position(|(t, _)| t == id).map(|ti| (bi, ti)))?;
-        for (_, set) in base_chain[..bi].iter().chain(&target_chain[..ti]) {
-            changed |= set;
+            .find_map(|(bi, b)| target_chain.iter().position(|t| t.id == b.id).map(|ti| (bi, ti)))?;
+        for s in base_chain[..bi].iter().chain(&target_chain[..ti]) {
+            changed |= &s.lineage.lock().changed;
         }
         Some(changed)
     }
