@@ -18,10 +18,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::attach::Attachments;
-use crate::control::api::{router, Status};
+use crate::control::api::router;
 use crate::control::cli::ServeArgs;
 use crate::engine::{Engine, ErrorKind};
 use crate::frontend::{widen_send_buffer, NbdCatalog};
+use crate::service::{Service, Status};
 use crate::store::StoreService;
 use crate::units::{parse_duration, parse_size};
 
@@ -196,7 +197,6 @@ async fn run(
     let store = StoreService::open(&dir, engine.clone())
         .with_context(|| format!("cannot open the snapshot store configuration in {}", dir.display()))?;
     store.start();
-    let catalog = Arc::new(NbdCatalog::new(engine.clone(), store.clone()));
     let config = Arc::new(config);
     // Devices a previous daemon attached to the kernel: taken back before serving (ublk user
     // recovery, kernel NBD reconfigure), so their I/O resumes.
@@ -225,6 +225,9 @@ async fn run(
         nbd_socket: nbd_path.clone(),
         nbd_tcp: tcp.map(|a| a.to_string()),
     };
+    let service = Service::new(engine.clone(), store.clone(), attachments.clone(), status);
+    service.start();
+    let catalog = Arc::new(NbdCatalog::new(service.clone()));
 
     let mut tasks = tokio::task::JoinSet::new();
     {
@@ -262,7 +265,7 @@ async fn run(
             }
         });
     }
-    let app = router(engine.clone(), store.clone(), attachments.clone(), status);
+    let app = router(service);
     let stop_control = serve_control(control, app)?;
 
     let tcp_note = tcp.map_or(String::new(), |a| format!(", {a}"));

@@ -14,6 +14,8 @@ pub mod daemon;
 pub mod engine;
 pub mod frontend;
 pub mod fsutil;
+pub mod jobs;
 pub mod logging;
+pub mod service;
 pub mod store;
 pub mod units;

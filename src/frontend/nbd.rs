@@ -11,8 +11,8 @@ use std::sync::Arc;
 use snapblk_nbd::{Export, ExportCatalog, ExportError, ExportInfo, Extent, ReadKind, RequestKind, ZeroFlags};
 
 use super::{block_error, BlockError};
-use crate::engine::{self, Engine, EngineError, Priority, SnapshotHandle, VolumeHandle, ZeroMode};
-use crate::store::StoreService;
+use crate::engine::{self, EngineError, Priority, SnapshotHandle, VolumeHandle, ZeroMode};
+use crate::service::{Caller, ExportHandle, Service};
 
 /// Largest request we accept (NBD_INFO_BLOCK_SIZE maximum).
 const MAX_REQUEST: u32 = 32 << 20;
@@ -33,14 +33,15 @@ pub fn widen_send_buffer(socket: std::os::fd::BorrowedFd<'_>) {
     }
 }
 
+/// The NBD exports: opened through the operations layer, which resolves the name and checks
+/// the caller; I/O then goes straight to the engine handle.
 pub struct NbdCatalog {
-    engine: Arc<Engine>,
-    store: Arc<StoreService>,
+    service: Arc<Service>,
 }
 
 impl NbdCatalog {
-    pub fn new(engine: Arc<Engine>, store: Arc<StoreService>) -> NbdCatalog {
-        NbdCatalog { engine, store }
+    pub fn new(service: Arc<Service>) -> NbdCatalog {
+        NbdCatalog { service }
     }
 }
 
@@ -77,63 +78,47 @@ impl ExportCatalog for NbdCatalog {
     type Export = NbdExport;
 
     fn list(&self) -> Vec<(String, String)> {
-        self.engine.export_names()
+        self.service.export_names(&Caller::Local).unwrap_or_default()
     }
 
     fn open(&self, name: &str) -> Result<NbdExport, String> {
-        let name = if name.is_empty() {
-            // The default export: the only volume, when there is exactly one.
-            let volumes = self.engine.list_volumes();
-            match volumes.as_slice() {
-                [only] => only.name.clone(),
-                _ => {
-                    return Err(
-                        "no default export: name a volume (or VOLUME@SNAPSHOT); list them with nbdinfo --list".into()
-                    )
-                }
-            }
-        } else {
-            name.to_string()
-        };
         let block = |cluster_size: u32| (1, 4096.min(cluster_size), MAX_REQUEST);
-        if name.contains('@') {
-            let s = self.engine.snapshot(&name).map_err(|e| e.to_string())?;
-            // Released after upload (now or any moment): read from the region it went to.
-            let region = self.store.region_if_released(&s).map_err(|e| e.to_string())?;
-            let h = self.engine.open_snapshot(&name, region.as_deref()).map_err(|e| e.to_string())?;
-            let mut meta_contexts = vec![BASE_ALLOCATION.to_string()];
-            meta_contexts.extend(h.base_names().map(|b| format!("{DIRTY_BITMAP_PREFIX}{b}")));
-            let (min_block, preferred_block, max_block) = block(h.cluster_size());
-            let info = ExportInfo {
-                name: h.name(),
-                description: h.description().to_string(),
-                size: h.size(),
-                read_only: true,
-                min_block,
-                preferred_block,
-                max_block,
-                meta_contexts,
-            };
-            Ok(NbdExport { handle: Handle::Snapshot(h), info })
-        } else {
-            let h = self.engine.open_volume(&name).map_err(|e| e.to_string())?;
-            let (min_block, preferred_block, max_block) = block(h.cluster_size());
-            let mut meta_contexts = vec![BASE_ALLOCATION.to_string(), format!("{DIRTY_BITMAP_PREFIX}dirty")];
-            // Changed since each snapshot; one named "dirty" is left out (the name means the
-            // live bitmap, changed since the newest snapshot).
-            let bases: Vec<(u64, String)> = h.snapshots().into_iter().filter(|(_, n)| n != "dirty").collect();
-            meta_contexts.extend(bases.iter().map(|(_, n)| format!("{DIRTY_BITMAP_PREFIX}{n}")));
-            let info = ExportInfo {
-                name: h.name().to_string(),
-                description: format!("snapblk volume {}", h.name()),
-                size: h.size(),
-                read_only: false,
-                min_block,
-                preferred_block,
-                max_block,
-                meta_contexts,
-            };
-            Ok(NbdExport { handle: Handle::Volume(h, bases.into_iter().map(|(id, _)| id).collect()), info })
+        match self.service.open_export(&Caller::Local, name).map_err(|e| e.to_string())? {
+            ExportHandle::Snapshot(h) => {
+                let mut meta_contexts = vec![BASE_ALLOCATION.to_string()];
+                meta_contexts.extend(h.base_names().map(|b| format!("{DIRTY_BITMAP_PREFIX}{b}")));
+                let (min_block, preferred_block, max_block) = block(h.cluster_size());
+                let info = ExportInfo {
+                    name: h.name(),
+                    description: h.description().to_string(),
+                    size: h.size(),
+                    read_only: true,
+                    min_block,
+                    preferred_block,
+                    max_block,
+                    meta_contexts,
+                };
+                Ok(NbdExport { handle: Handle::Snapshot(h), info })
+            }
+            ExportHandle::Volume(h) => {
+                let (min_block, preferred_block, max_block) = block(h.cluster_size());
+                let mut meta_contexts = vec![BASE_ALLOCATION.to_string(), format!("{DIRTY_BITMAP_PREFIX}dirty")];
+                // Changed since each snapshot; one named "dirty" is left out (the name means the
+                // live bitmap, changed since the newest snapshot).
+                let bases: Vec<(u64, String)> = h.snapshots().into_iter().filter(|(_, n)| n != "dirty").collect();
+                meta_contexts.extend(bases.iter().map(|(_, n)| format!("{DIRTY_BITMAP_PREFIX}{n}")));
+                let info = ExportInfo {
+                    name: h.name().to_string(),
+                    description: format!("snapblk volume {}", h.name()),
+                    size: h.size(),
+                    read_only: false,
+                    min_block,
+                    preferred_block,
+                    max_block,
+                    meta_contexts,
+                };
+                Ok(NbdExport { handle: Handle::Volume(h, bases.into_iter().map(|(id, _)| id).collect()), info })
+            }
         }
     }
 }

@@ -57,4 +57,10 @@ impl StoreError {
     }
 }
 
+impl crate::jobs::HasKind for StoreError {
+    fn kind(&self) -> ErrorKind {
+        StoreError::kind(self)
+    }
+}
+
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

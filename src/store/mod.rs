@@ -21,7 +21,7 @@ pub mod upload;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,7 @@ pub use hydrate::HydrationView;
 pub use ops::{ExportFormat, RegionInfo, RegionSnapshot, VerifyReport};
 pub use state::UploadState;
 
-use crate::engine::{Anchor, Engine, ErrorKind, RemoteSource, SnapshotInfo, VolumeInfo};
+use crate::engine::{Anchor, Engine, SnapshotInfo};
 use hydrate::Hydration;
 use objects::RateLimiter;
 use region::Region;
@@ -66,56 +66,6 @@ pub struct RemoteStatus {
     pub base: Option<String>,
 }
 
-/// A long-running operation (verify, export, GC) the CLI polls for progress.
-pub struct Job {
-    pub id: u64,
-    pub kind: String,
-    pub target: String,
-    pub done: AtomicU64,
-    pub total: AtomicU64,
-    started: Instant,
-    outcome: Mutex<Option<std::result::Result<serde_json::Value, (ErrorKind, String)>>>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct JobView {
-    pub id: u64,
-    pub kind: String,
-    pub target: String,
-    /// `running`, `done` or `failed`.
-    pub state: String,
-    pub done: u64,
-    pub total: u64,
-    pub rate: u64,
-    pub result: Option<serde_json::Value>,
-    pub error: Option<String>,
-    pub error_kind: Option<ErrorKind>,
-}
-
-impl Job {
-    pub fn view(&self) -> JobView {
-        let done = self.done.load(Ordering::Relaxed);
-        let secs = self.started.elapsed().as_secs_f64().max(0.001);
-        let (state, result, error, error_kind) = match &*self.outcome.lock() {
-            None => ("running", None, None, None),
-            Some(Ok(v)) => ("done", Some(v.clone()), None, None),
-            Some(Err((k, m))) => ("failed", None, Some(m.clone()), Some(*k)),
-        };
-        JobView {
-            id: self.id,
-            kind: self.kind.clone(),
-            target: self.target.clone(),
-            state: state.into(),
-            done,
-            total: self.total.load(Ordering::Relaxed),
-            rate: (done as f64 / secs) as u64,
-            result,
-            error,
-            error_kind,
-        }
-    }
-}
-
 pub struct StoreService {
     dir: PathBuf,
     engine: Arc<Engine>,
@@ -132,12 +82,8 @@ pub struct StoreService {
     /// Held while a manifest is published or deleted, so a deleted snapshot's upload can
     /// never publish after the delete.
     publish: tokio::sync::Mutex<()>,
-    jobs: Mutex<HashMap<u64, Arc<Job>>>,
-    next_job: AtomicU64,
     /// Loads volumes created from (or rolled back to) snapshots in the store.
     pub hydration: Arc<Hydration>,
-    /// The daemon's main runtime: jobs run there, whichever thread asked for them.
-    runtime: tokio::runtime::Handle,
     self_ref: std::sync::Weak<StoreService>,
 }
 
@@ -186,15 +132,12 @@ impl StoreService {
             queue_rx: Mutex::new(Some(queue_rx)),
             uploads: Mutex::new(HashMap::new()),
             publish: tokio::sync::Mutex::new(()),
-            jobs: Mutex::new(HashMap::new()),
-            next_job: AtomicU64::new(1),
             hydration: Hydration::new(
                 self_ref.clone(),
                 engine_for_hydration,
                 tokio::runtime::Handle::current(),
                 hydrate_config,
             ),
-            runtime: tokio::runtime::Handle::current(),
             self_ref: self_ref.clone(),
         });
         svc.engine.set_cluster_source(svc.hydration.clone());
@@ -202,8 +145,9 @@ impl StoreService {
         Ok(svc)
     }
 
-    /// Starts the background work: the upload worker (resuming unfinished uploads), the
-    /// retention sweeper and periodic GC.
+    /// Starts the store's own background work: the upload worker (resuming unfinished
+    /// uploads), volumes' loading, and the sweep that releases local copies due for release
+    /// and deletes manifests whose delete waited. (Periodic GC is an operation: see `service`.)
     pub fn start(self: &Arc<Self>) {
         let pending: Vec<String> = {
             let st = self.state.lock();
@@ -236,22 +180,6 @@ impl StoreService {
                 s.sweep_deferred_deletes().await;
             }
         });
-        if !self.config.gc_interval.is_zero() {
-            let svc = Arc::downgrade(self);
-            let every = self.config.gc_interval;
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    let Some(s) = svc.upgrade() else { return };
-                    for name in s.opened_regions() {
-                        match s.gc(&name, None).await {
-                            Ok(r) => tracing::info!(region = %name, deleted = r.packs_deleted, "background GC done"),
-                            Err(e) => tracing::warn!(region = %name, error = %e, "background GC failed"),
-                        }
-                    }
-                }
-            });
-        }
     }
 
     /// Writes the state file. Serialized, and the state is copied under the same lock, so a
@@ -282,7 +210,8 @@ impl StoreService {
         self.config.regions.keys().cloned().collect()
     }
 
-    fn opened_regions(&self) -> Vec<String> {
+    /// The regions opened so far (used since the daemon started).
+    pub fn opened_regions(&self) -> Vec<String> {
         self.regions.iter().filter(|(_, c)| c.initialized()).map(|(n, _)| n.clone()).collect()
     }
 
@@ -568,14 +497,12 @@ impl StoreService {
         }
     }
 
-    /// Deletes a snapshot. The local delete comes first — it is the step that can be refused
-    /// — and the manifest in the store last, once nothing can refuse it any more. The intent to
-    /// delete the manifest is recorded (synced) before either, so neither a crash nor an
-    /// unreachable store leaves it behind: `sweep_deferred_deletes` retries it. Volumes still
-    /// loading from the snapshot's store copy (clones of it after its release) keep that copy
-    /// until they have loaded everything; the snapshot disappears from lists at once.
-    pub async fn delete_snapshot(&self, r: &str) -> Result<()> {
-        let snap = self.engine.snapshot(r)?;
+    /// The first step of a snapshot delete (the operations layer runs it): when a configured
+    /// region holds the snapshot's copy (or its upload has started), the intent to delete that
+    /// copy is recorded — synced — before anything is deleted, so neither a crash nor an
+    /// unreachable store leaves the copy behind: [`Self::snapshot_deleted`] and the sweep finish
+    /// it. Returns whether there is a store copy (kept until the local delete is durable).
+    pub fn delete_intent(&self, snap: &SnapshotInfo) -> Result<bool> {
         let rec = self.state.lock().snapshots.get(&snap.id).cloned();
         // A region removed from the configuration can no longer be reached: delete locally.
         let region = rec.map(|rec| rec.region).filter(|region| {
@@ -585,34 +512,36 @@ impl StoreService {
             }
             configured
         });
-        if let Some(region) = &region {
-            self.state.lock().deferred_deletes.insert(snap.id.clone(), region.clone());
+        let Some(region) = region else { return Ok(false) };
+        self.state.lock().deferred_deletes.insert(snap.id.clone(), region);
+        self.save()?;
+        Ok(true)
+    }
+
+    /// The local delete was refused (or the snapshot went meanwhile): a snapshot still here
+    /// keeps its store copy.
+    pub fn delete_refused(&self, id: &str) -> Result<()> {
+        if self.engine.snapshot(id).is_ok() && self.state.lock().deferred_deletes.remove(id).is_some() {
             self.save()?;
         }
-        let engine = self.engine.clone();
-        let (r2, kept) = (r.to_string(), region.is_some());
-        let deleted = tokio::task::spawn_blocking(move || engine.delete_snapshot(&r2, kept))
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))
-            .and_then(|r| r.map_err(StoreError::from));
-        if let Err(e) = deleted {
-            // Refused (or gone meanwhile): the store copy stays as it was.
-            if region.is_some() && self.engine.snapshot(&snap.id).is_ok() {
-                self.state.lock().deferred_deletes.remove(&snap.id);
-                self.save()?;
-            }
-            return Err(e);
-        }
-        if let Some(p) = self.uploads.lock().get(&snap.id) {
+        Ok(())
+    }
+
+    /// The local delete is done: its upload stops, its record goes, and its manifest is
+    /// deleted now — unless volumes still load from the store copy (clones of it after its
+    /// release), which keep it until they have loaded everything, or the store cannot be
+    /// reached; the sweep retries then.
+    pub async fn snapshot_deleted(&self, id: &str) -> Result<()> {
+        if let Some(p) = self.uploads.lock().get(id) {
             p.cancelled.store(true, Ordering::Release);
         }
-        self.state.lock().snapshots.remove(&snap.id);
+        self.state.lock().snapshots.remove(id);
         self.save()?;
-        let waiting = self.engine.store_dependents(&snap.id);
+        let waiting = self.engine.store_dependents(id);
         if !waiting.is_empty() {
-            tracing::info!(snapshot = %snap.id, waiting = %waiting.join(", "), "snapshot deleted; its copy in the store stays until these have loaded their data");
-        } else if let Err(e) = self.delete_deferred(&snap.id).await {
-            tracing::warn!(snapshot = %snap.id, error = %e, "snapshot deleted; deleting its manifest from the store failed and will be retried");
+            tracing::info!(snapshot = %id, waiting = %waiting.join(", "), "snapshot deleted; its copy in the store stays until these have loaded their data");
+        } else if let Err(e) = self.delete_deferred(id).await {
+            tracing::warn!(snapshot = %id, error = %e, "snapshot deleted; deleting its manifest from the store failed and will be retried");
         }
         Ok(())
     }
@@ -651,101 +580,8 @@ impl StoreService {
         }
     }
 
-    fn new_job(&self, kind: &str, target: &str) -> Arc<Job> {
-        let id = self.next_job.fetch_add(1, Ordering::Relaxed);
-        let job = Arc::new(Job {
-            id,
-            kind: kind.into(),
-            target: target.into(),
-            done: AtomicU64::new(0),
-            total: AtomicU64::new(0),
-            started: Instant::now(),
-            outcome: Mutex::new(None),
-        });
-        let mut jobs = self.jobs.lock();
-        // Keep the last 100 jobs.
-        if jobs.len() >= 100 {
-            if let Some(oldest) = jobs.keys().min().copied() {
-                jobs.remove(&oldest);
-            }
-        }
-        jobs.insert(id, job.clone());
-        job
-    }
-
-    pub fn job(&self, id: u64) -> Option<JobView> {
-        self.jobs.lock().get(&id).map(|j| j.view())
-    }
-
-    /// Runs `work` as a job in the background; returns its first view at once.
-    pub fn spawn_job<F, Fut, T>(self: &Arc<Self>, kind: &str, target: &str, work: F) -> JobView
-    where
-        F: FnOnce(Arc<StoreService>, Arc<Job>) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = Result<T>> + Send + 'static,
-        T: Serialize,
-    {
-        let job = self.new_job(kind, target);
-        let svc = self.clone();
-        let j = job.clone();
-        self.runtime.spawn(async move {
-            let outcome = work(svc, j.clone())
-                .await
-                .map(|v| serde_json::to_value(v).unwrap_or_default())
-                .map_err(|e| (e.kind(), e.to_string()));
-            *j.outcome.lock() = Some(outcome);
-        });
-        job.view()
-    }
-
-    /// `volume create NAME --from-snapshot REF [--region R]`: a local snapshot is cloned
-    /// (sharing its data, or loading it from the store once released); a snapshot id that is
-    /// not local is looked up in `region` (or every configured region) and the volume loads
-    /// from there. Returns at once; data loads on demand and (unless disabled) in the
-    /// background.
-    pub async fn create_from_snapshot(&self, name: &str, r: &str, region: Option<&str>) -> Result<VolumeInfo> {
-        if let Some(reg) = region {
-            self.check_region(reg)?;
-        }
-        let (info, home) = match self.engine.snapshot(r) {
-            Ok(snap) => {
-                // A clone keeps its origin volume's home region.
-                let home = self.volume_region(&snap.volume_id);
-                let info = self
-                    .released_or_not(r, |region| {
-                        let (e, r2, n2) = (self.engine.clone(), r.to_string(), name.to_string());
-                        async move {
-                            tokio::task::spawn_blocking(move || e.clone_snapshot(&r2, &n2, region.as_deref()))
-                                .await
-                                .map_err(|e| crate::engine::EngineError::Unavailable(e.to_string()))?
-                        }
-                    })
-                    .await?;
-                (info, home)
-            }
-            Err(e) if e.kind() == ErrorKind::NotFound && crate::engine::parse_snapshot_id(r).is_some() => {
-                let (region, m) = self.find_remote(r, region).await?;
-                let source = RemoteSource {
-                    region: region.name.clone(),
-                    snapshot: crate::engine::parse_snapshot_id(r).unwrap_or_default(),
-                };
-                let e = self.engine.clone();
-                let n2 = name.to_string();
-                let info = tokio::task::spawn_blocking(move || {
-                    e.create_volume_from_remote(&n2, m.size, m.cluster_size, &source)
-                })
-                .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()))??;
-                (info, region.name.clone())
-            }
-            Err(e) => return Err(e.into()),
-        };
-        self.set_volume_region(&info.id, &home)?;
-        self.volume_loading(&info);
-        Ok(info)
-    }
-
     /// A snapshot id in the store: in `region`, or the first configured region holding it.
-    async fn find_remote(&self, id: &str, region: Option<&str>) -> Result<(Arc<Region>, Arc<format::Manifest>)> {
+    pub async fn find_remote(&self, id: &str, region: Option<&str>) -> Result<(Arc<Region>, Arc<format::Manifest>)> {
         let names: Vec<String> = match region {
             Some(r) => vec![r.to_string()],
             None => self.region_names(),
@@ -768,52 +604,6 @@ impl StoreService {
             return Err(StoreError::Unavailable(msg));
         }
         Err(StoreError::NotFound(msg))
-    }
-
-    /// After a volume was created from, or rolled back to, data in the store.
-    pub fn volume_loading(&self, info: &VolumeInfo) {
-        if info.hydration.is_some() && self.hydration.config.background {
-            if let Some(id) = crate::engine::parse_volume_id(&info.id) {
-                self.hydration.start(id);
-            }
-        }
-    }
-
-    /// Rolls a volume back to one of its snapshots; to a released one, the volume then loads
-    /// the snapshot's data from the store (usable at once).
-    pub async fn rollback(&self, r: &str, force: bool) -> Result<VolumeInfo> {
-        let info = self
-            .released_or_not(r, |region| async move { self.engine.rollback(r, force, region.as_deref()).await })
-            .await?;
-        self.volume_loading(&info);
-        Ok(info)
-    }
-
-    /// Runs an engine operation on snapshot `r` with the region it loads from if released.
-    /// Once more if the release sweep released it between the two (the engine refuses with
-    /// `NotLocal` when it finds a released snapshot without a region, before changing anything).
-    async fn released_or_not<T, F, Fut>(&self, r: &str, op: F) -> Result<T>
-    where
-        F: Fn(Option<String>) -> Fut,
-        Fut: std::future::Future<Output = crate::engine::Result<T>>,
-    {
-        let mut again = true;
-        loop {
-            let region = self.region_if_released(&self.engine.snapshot(r)?)?;
-            match op(region.clone()).await {
-                Err(e) if e.kind() == ErrorKind::NotLocal && region.is_none() && again => again = false,
-                result => return result.map_err(StoreError::from),
-            }
-        }
-    }
-
-    /// Starts (or resumes) loading all of a volume's data from the store.
-    pub fn hydrate(&self, r: &str) -> Result<VolumeInfo> {
-        let info = self.engine.volume(r)?;
-        if let Some(id) = crate::engine::parse_volume_id(&info.id) {
-            self.hydration.start(id);
-        }
-        Ok(info)
     }
 
     /// Where to load a snapshot's data from should it be released: its upload region once its

@@ -13,7 +13,8 @@ use super::error::{Result, StoreError};
 use super::format::{manifest_key, pack_key, BlobRef, Manifest};
 use super::objects::MetricsView;
 use super::region::Region;
-use super::{Job, StoreService};
+use super::StoreService;
+use crate::jobs::Job;
 
 /// GETs in flight for verify and export.
 const READ_CONCURRENCY: usize = 16;

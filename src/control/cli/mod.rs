@@ -1,0 +1,248 @@
+//! The `snapblk` command line. Every command except `serve` is a client of the daemon's API;
+//! the commands of each resource are in a file of their own.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use hyper::Method;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+mod regions;
+mod snapshots;
+mod volumes;
+
+pub use regions::{KeyCommand, RegionCommand};
+pub use snapshots::{FormatArg, SnapshotCommand};
+pub use volumes::VolumeCommand;
+
+use super::client::{Client, ClientError};
+use crate::jobs::JobView;
+use crate::service::Status;
+use crate::units::{human, parse_size};
+
+#[derive(Parser, Debug)]
+#[command(name = "snapblk", version, about = "Block-device server with instant snapshots")]
+pub struct Cli {
+    /// The daemon's directory
+    #[arg(long, global = true, env = "SNAPBLK_DIR")]
+    pub dir: Option<PathBuf>,
+    /// Print machine-readable JSON
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon in the foreground
+    Serve(ServeArgs),
+    /// Manage volumes
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Manage snapshots
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Show the daemon's status
+    Status,
+    /// Object-store regions (from DIR/snapblk.toml)
+    #[command(subcommand)]
+    Region(RegionCommand),
+    /// Reclaim store space no snapshot references
+    Gc {
+        /// Only this region (default: every region)
+        #[arg(long)]
+        region: Option<String>,
+        /// Keep unreferenced packs younger than this (default: gc.grace from the config)
+        #[arg(long)]
+        grace: Option<String>,
+    },
+    /// Key files (the key-encryption keys of regions)
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Also serve NBD over TCP, on this loopback address (e.g. 127.0.0.1:10809). Default: none,
+    /// only the unix socket DIR/nbd.sock. Other addresses are refused: NBD is served without
+    /// TLS or authentication yet
+    #[arg(long, value_name = "HOST:PORT")]
+    pub nbd_listen: Option<String>,
+    /// Most NBD client connections at once, over all listeners; more are closed at once
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Time a new NBD connection has to finish its handshake (e.g. 10s, 500ms)
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    pub handshake_timeout: String,
+    /// Create this volume (NAME:SIZE, e.g. disk0:10G) if it does not exist
+    #[arg(long)]
+    pub default_volume: Option<String>,
+    /// Let this group's members use the sockets (NBD and control API): they become group
+    /// GROUP (mode 0660) and DIR group-searchable (0710). Default: the daemon's user only
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+}
+
+/// Exit codes: 1 for a refused or failed command, 2 when no daemon answers.
+pub fn exit_code(e: &ClientError) -> i32 {
+    match e {
+        ClientError::NoDaemon(_) => 2,
+        _ => 1,
+    }
+}
+
+/// Left-aligned columns.
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut l: String = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}  ")).collect();
+        l.truncate(l.trim_end().len());
+        l + "\n"
+    };
+    let mut out = line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        out.push_str(&line(r));
+    }
+    out
+}
+
+/// Writes to stdout. A reader that went away (`snapblk ... | head`) is not an error: the
+/// output is simply not wanted any more.
+fn out(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().write_all(text.as_bytes()).and_then(|()| std::io::stdout().flush());
+}
+
+async fn get<T: DeserializeOwned>(c: &Client, path: &str) -> Result<T, ClientError> {
+    send(c, Method::GET, path, None::<&()>).await
+}
+
+async fn send<T: DeserializeOwned>(
+    c: &Client,
+    method: Method,
+    path: &str,
+    body: Option<&impl Serialize>,
+) -> Result<T, ClientError> {
+    c.call(method, path, body).await?.ok_or_else(|| ClientError::Transport("the daemon sent no answer".into()))
+}
+
+async fn delete(c: &Client, path: &str) -> Result<(), ClientError> {
+    c.call::<serde_json::Value>(Method::DELETE, path, None::<&()>).await.map(|_| ())
+}
+
+fn size_arg(s: &str) -> Result<u64, ClientError> {
+    parse_size(s).map_err(ClientError::Api)
+}
+
+/// One progress line on stderr (`\r`-rewritten), or a JSON line on stdout with `--json`.
+fn show_progress(json: bool, label: &str, done: u64, total: u64, rate: u64) {
+    use std::io::Write;
+    if json {
+        out(&format!("{}\n", serde_json::json!({ "progress": label, "done": done, "total": total, "rate": rate })));
+        return;
+    }
+    if total == 0 {
+        eprint!("\r{label}: starting   ");
+        let _ = std::io::stderr().flush();
+        return;
+    }
+    let pct = (done.min(total) * 100 / total) as usize;
+    let bar: String = (0..30).map(|i| if i * 100 < pct * 30 { '#' } else { '.' }).collect();
+    eprint!("\r{label} [{bar}] {pct:3}% {} of {} ({}/s)   ", human(done), human(total), human(rate));
+    let _ = std::io::stderr().flush();
+}
+
+const POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Polls a job until it ends, showing progress; returns its result.
+async fn wait_job<T: DeserializeOwned>(
+    c: &Client,
+    json: bool,
+    mut job: JobView,
+    label: &str,
+) -> Result<T, ClientError> {
+    loop {
+        match job.state.as_str() {
+            "running" => {
+                // With --json, stdout carries only the result.
+                if !json {
+                    show_progress(json, label, job.done, job.total, job.rate);
+                }
+                tokio::time::sleep(POLL).await;
+                job = get(c, &Client::path(&["jobs", &job.id.to_string()])).await?;
+            }
+            state => {
+                if !json {
+                    if state == "done" {
+                        show_progress(json, label, job.total, job.total, job.rate);
+                    }
+                    eprintln!();
+                }
+                return match (job.result, job.error) {
+                    (Some(v), _) => serde_json::from_value(v).map_err(|e| ClientError::Transport(e.to_string())),
+                    (None, e) => Err(ClientError::Api(e.unwrap_or_else(|| format!("{label} failed")))),
+                };
+            }
+        }
+    }
+}
+
+/// What a command prints: its result as JSON with `--json`, else as text.
+struct Printed {
+    json: String,
+    text: String,
+}
+
+impl Printed {
+    fn new(value: &impl Serialize, text: String) -> Printed {
+        Printed { json: serde_json::to_string_pretty(value).unwrap_or_default() + "\n", text }
+    }
+
+    /// A sentence, and no JSON (the command has no result but its exit code).
+    fn message(sentence: String) -> Printed {
+        Printed { json: String::new(), text: sentence + "\n" }
+    }
+
+    /// Printed already.
+    fn nothing() -> Printed {
+        Printed { json: String::new(), text: String::new() }
+    }
+
+    fn print(self, json: bool) {
+        out(if json { &self.json } else { &self.text });
+    }
+}
+
+/// Runs a client command against the daemon in `dir` and prints its result.
+pub async fn run(dir: &std::path::Path, json: bool, command: Command) -> Result<(), ClientError> {
+    let c = Client::new(dir);
+    let printed = match command {
+        Command::Serve(_) => return Err(ClientError::Api("serve is not a client command".into())),
+        Command::Status => {
+            let s: Status = get(&c, &Client::path(&["status"])).await?;
+            let text = format!(
+                "version:    {}\ndir:        {}\npid:        {}\nnbd socket: {}\nnbd tcp:    {}\n",
+                s.version,
+                s.dir.display(),
+                s.pid,
+                s.nbd_socket.display(),
+                s.nbd_tcp.as_deref().unwrap_or("off")
+            );
+            Printed::new(&s, text)
+        }
+        Command::Volume(v) => volumes::run(&c, json, v).await?,
+        Command::Snapshot(s) => snapshots::run(&c, json, s).await?,
+        Command::Region(r) => regions::run(&c, r).await?,
+        Command::Gc { region, grace } => regions::gc(&c, json, region, grace).await?,
+        Command::Key(k) => regions::key(&c, json, k).await?,
+    };
+    printed.print(json);
+    Ok(())
+}

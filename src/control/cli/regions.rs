@@ -1,0 +1,113 @@
+//! `snapblk region ...`, `snapblk gc` and `snapblk key ...`: the object-store regions.
+
+use clap::Subcommand;
+use hyper::Method;
+
+use super::{get, out, send, wait_job, Client, ClientError, Printed};
+use crate::service::{GcRequest, KeyFile};
+use crate::store::{GcReport, RegionInfo};
+use crate::units::human;
+
+#[derive(Subcommand, Debug)]
+pub enum RegionCommand {
+    /// List configured regions
+    List,
+    /// Show a region: what it stores and the traffic since the daemon started
+    Show { region: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// Print the content of a new key file (to share one key between daemons)
+    Generate,
+    /// Print a region's key file, to back it up
+    Export { region: String },
+}
+
+pub(super) async fn run(c: &Client, command: RegionCommand) -> Result<Printed, ClientError> {
+    let p = Client::path;
+    Ok(match command {
+        RegionCommand::List => {
+            let rs: Vec<String> = get(c, &p(&["regions"])).await?;
+            let text = rs.iter().map(|r| format!("{r}\n")).collect();
+            Printed::new(&rs, text)
+        }
+        RegionCommand::Show { region } => {
+            let r: RegionInfo = get(c, &p(&["regions", &region])).await?;
+            let text = region_lines(&r);
+            Printed::new(&r, text)
+        }
+    })
+}
+
+/// `snapblk gc [--region R] [--grace D]`: one GC job per region, in turn.
+pub(super) async fn gc(
+    c: &Client,
+    json: bool,
+    region: Option<String>,
+    grace: Option<String>,
+) -> Result<Printed, ClientError> {
+    let p = Client::path;
+    let regions = match region {
+        Some(r) => vec![r],
+        None => get(c, &p(&["regions"])).await?,
+    };
+    let mut reports: Vec<GcReport> = Vec::new();
+    for r in regions {
+        let body = GcRequest { grace: grace.clone() };
+        let job = send(c, Method::POST, &p(&["regions", &r, "gc"]), Some(&body)).await?;
+        reports.push(wait_job(c, json, job, &format!("gc {r}")).await?);
+    }
+    let text = reports.iter().map(gc_line).collect();
+    Ok(Printed::new(&reports, text))
+}
+
+/// `snapblk key ...`: prints the key file itself (JSON or not), a note on stderr.
+pub(super) async fn key(c: &Client, json: bool, command: KeyCommand) -> Result<Printed, ClientError> {
+    match command {
+        KeyCommand::Generate => out(&crate::store::crypto::new_key_file_text()),
+        KeyCommand::Export { region } => {
+            let k: KeyFile = get(c, &Client::path(&["regions", &region, "key"])).await?;
+            if !json {
+                eprintln!("key file {} of region {}: keep this copy somewhere safe", k.path.display(), k.region);
+            }
+            out(&k.content);
+        }
+    }
+    Ok(Printed::nothing())
+}
+
+fn region_lines(r: &RegionInfo) -> String {
+    format!(
+        "name:       {}\nkind:       {}\nlocation:   {}\nformat:     {} ({})\nsnapshots:  {}\npacks:      {}\nstored:     {} ({} bytes)\ntraffic:    {} PUT ({}), {} GET ({}), {} retries, {} failures since start\n",
+        r.name,
+        r.kind,
+        r.location,
+        r.format,
+        r.cipher,
+        r.snapshots,
+        r.packs,
+        human(r.stored_bytes),
+        r.stored_bytes,
+        r.metrics.put_ops,
+        human(r.metrics.put_bytes),
+        r.metrics.get_ops,
+        human(r.metrics.get_bytes),
+        r.metrics.retries,
+        r.metrics.failures
+    )
+}
+
+fn gc_line(r: &GcReport) -> String {
+    format!(
+        "region {}: {} snapshots, {} packs; deleted {} packs ({}); {} stored, {} live; {} unreferenced packs kept (younger than the grace period)\n",
+        r.region,
+        r.manifests,
+        r.packs,
+        r.packs_deleted,
+        human(r.bytes_deleted),
+        human(r.stored_bytes),
+        human(r.live_bytes),
+        r.packs_young
+    )
+}

@@ -1,0 +1,284 @@
+//! `snapblk snapshot ...`: create, list (here or in a region), show, delete, roll back,
+//! upload, verify, export.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use hyper::Method;
+
+use super::volumes::volume;
+use super::{delete, get, send, show_progress, table, wait_job, Client, ClientError, Printed, POLL};
+use crate::service::{CreateSnapshot, ExportRequest, Rollback, SnapshotView};
+use crate::store::{ExportFormat, RegionSnapshot, UploadState, VerifyReport};
+use crate::units::{human, utc};
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Take a snapshot (instant)
+    Create {
+        volume: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Return only once the snapshot would survive a crash or power loss (otherwise it is
+        /// durable a moment later, when the commit the daemon starts at once ends)
+        #[arg(long)]
+        durable: bool,
+        /// Wait until the upload ends, showing progress
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List snapshots, of one volume or all (or those stored in a region, by any node)
+    List {
+        volume: Option<String>,
+        #[arg(long, conflicts_with = "volume")]
+        region: Option<String>,
+    },
+    /// Show a snapshot (VOLUME@SNAPSHOT or id)
+    Show { snapshot: String },
+    /// Delete a snapshot
+    Delete { snapshot: String },
+    /// Roll a volume back to one of its snapshots
+    Rollback {
+        snapshot: String,
+        /// Disconnect writable clients first
+        #[arg(long)]
+        force: bool,
+    },
+    /// Upload a snapshot now (automatic upload off), or retry a failed upload
+    Upload {
+        snapshot: String,
+        /// Wait until the upload ends, showing progress
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Re-read everything the snapshot needs from the store and check it
+    Verify {
+        snapshot: String,
+        /// For a snapshot id stored in a region but not known locally
+        #[arg(long)]
+        region: Option<String>,
+    },
+    /// Write the snapshot's content to a file, reading only from the store
+    Export {
+        snapshot: String,
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, value_enum, default_value = "raw")]
+        format: FormatArg,
+        #[arg(long)]
+        region: Option<String>,
+        /// Replace OUTPUT even if it is not a regular file (a symlink or a device node: the
+        /// directory entry is replaced, nothing is written through it)
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum FormatArg {
+    Raw,
+    Qcow2,
+}
+
+pub(super) async fn run(c: &Client, json: bool, command: SnapshotCommand) -> Result<Printed, ClientError> {
+    let p = Client::path;
+    Ok(match command {
+        SnapshotCommand::Create { volume, name, description, durable, wait } => {
+            let body = CreateSnapshot { name, description, durable };
+            let view = send(c, Method::POST, &p(&["volumes", &volume, "snapshots"]), Some(&body)).await?;
+            snapshot(if wait { wait_upload(c, json, view).await? } else { view })
+        }
+        SnapshotCommand::List { volume: _, region: Some(r) } => {
+            let ss: Vec<RegionSnapshot> = get(c, &p(&["regions", &r, "snapshots"])).await?;
+            let text = region_snapshot_table(&ss);
+            Printed::new(&ss, text)
+        }
+        SnapshotCommand::List { volume, region: None } => {
+            let mut path = p(&["snapshots"]);
+            if let Some(v) = volume {
+                path = format!("{path}?volume={}", p(&[&v]).trim_start_matches("/v1/"));
+            }
+            let ss: Vec<SnapshotView> = get(c, &path).await?;
+            let text = snapshot_table(&ss);
+            Printed::new(&ss, text)
+        }
+        SnapshotCommand::Show { snapshot: s } => snapshot(get(c, &p(&["snapshots", &s])).await?),
+        SnapshotCommand::Delete { snapshot } => {
+            delete(c, &p(&["snapshots", &snapshot])).await?;
+            Printed::message(format!("deleted snapshot {snapshot}"))
+        }
+        SnapshotCommand::Rollback { snapshot, force } => {
+            let body = Rollback { force };
+            volume(send(c, Method::POST, &p(&["snapshots", &snapshot, "rollback"]), Some(&body)).await?)
+        }
+        SnapshotCommand::Upload { snapshot: s, wait } => {
+            let view = send(c, Method::POST, &p(&["snapshots", &s, "upload"]), None::<&()>).await?;
+            snapshot(if wait { wait_upload(c, json, view).await? } else { view })
+        }
+        SnapshotCommand::Verify { snapshot, region } => {
+            let mut path = p(&["snapshots", &snapshot, "verify"]);
+            if let Some(r) = region {
+                path = format!("{path}?region={}", p(&[&r]).trim_start_matches("/v1/"));
+            }
+            let job = send(c, Method::POST, &path, None::<&()>).await?;
+            let report: VerifyReport = wait_job(c, json, job, &format!("verifying {snapshot}")).await?;
+            let problems = report.problems.len();
+            let text = verify_lines(&report);
+            Printed::new(&report, text).print(json);
+            if problems > 0 {
+                return Err(ClientError::Api(format!(
+                    "snapshot {snapshot} has {problems} problem(s) in the store (listed above); its data cannot be fully restored"
+                )));
+            }
+            Printed::nothing()
+        }
+        SnapshotCommand::Export { snapshot, output, format, region, force } => {
+            let output = std::path::absolute(&output)
+                .map_err(|e| ClientError::Api(format!("bad output path {}: {e}", output.display())))?;
+            let format = match format {
+                FormatArg::Raw => ExportFormat::Raw,
+                FormatArg::Qcow2 => ExportFormat::Qcow2,
+            };
+            let body = ExportRequest { output: output.clone(), format, region, force };
+            let job = send(c, Method::POST, &p(&["snapshots", &snapshot, "export"]), Some(&body)).await?;
+            let _: serde_json::Value = wait_job(c, json, job, &format!("exporting {snapshot}")).await?;
+            Printed::message(format!("exported {snapshot} to {}", output.display()))
+        }
+    })
+}
+
+fn snapshot(view: SnapshotView) -> Printed {
+    let text = snapshot_lines(&view);
+    Printed::new(&view, text)
+}
+
+/// One word (and detail) for a snapshot's store status.
+fn upload_summary(v: &SnapshotView) -> String {
+    match &v.upload {
+        None => "-".into(),
+        Some(u) => match u.state {
+            UploadState::Uploading if u.bytes_total > 0 => format!(
+                "uploading {}% ({} of {}, {}/s)",
+                u.bytes_done * 100 / u.bytes_total,
+                human(u.bytes_done),
+                human(u.bytes_total),
+                human(u.rate)
+            ),
+            UploadState::Uploading => "uploading".into(),
+            UploadState::Available => format!("available in {} (+{})", u.region, human(u.added_bytes)),
+            UploadState::Failed => format!("failed: {}", u.reason.as_deref().unwrap_or("unknown")),
+        },
+    }
+}
+
+fn snapshot_lines(v: &SnapshotView) -> String {
+    let s = &v.info;
+    format!(
+        "name:        {}@{}\nid:          {}\nvolume:      {} ({})\ndescription: {}\ncreated:     {}\nsize:        {} ({} bytes)\nallocated:   {}\nchanged:     {} clusters since {}\nclones:      {}\nlocal data:  {}\ndurable:     {}\nstore:       {}\n",
+        s.volume,
+        s.name,
+        s.id,
+        s.volume,
+        s.volume_id,
+        s.description,
+        utc(s.created),
+        human(s.size),
+        s.size,
+        human(s.allocated_bytes),
+        s.changed_clusters,
+        s.parent.as_deref().unwrap_or("the beginning"),
+        if s.clones.is_empty() { "-".to_string() } else { s.clones.join(", ") },
+        if s.local { "yes" } else { "no (released after upload)" },
+        if s.durable { "yes" } else { "not yet (committing)" },
+        upload_summary(v)
+    )
+}
+
+fn snapshot_table(ss: &[SnapshotView]) -> String {
+    table(
+        &["VOLUME", "NAME", "ID", "CREATED", "SIZE", "CHANGED", "STORE"],
+        ss.iter()
+            .map(|v| {
+                let s = &v.info;
+                vec![
+                    s.volume.clone(),
+                    s.name.clone(),
+                    s.id.clone(),
+                    utc(s.created),
+                    human(s.size),
+                    s.changed_clusters.to_string(),
+                    upload_summary(v),
+                ]
+            })
+            .collect(),
+    )
+}
+
+fn region_snapshot_table(ss: &[RegionSnapshot]) -> String {
+    table(
+        &["VOLUME", "NAME", "ID", "CREATED", "UPLOADED", "SIZE", "ADDED"],
+        ss.iter()
+            .map(|s| {
+                vec![
+                    s.volume.clone(),
+                    s.name.clone(),
+                    s.id.clone(),
+                    utc(s.created),
+                    utc(s.uploaded),
+                    human(s.size),
+                    human(s.added_bytes),
+                ]
+            })
+            .collect(),
+    )
+}
+
+fn verify_lines(v: &VerifyReport) -> String {
+    let mut t = format!(
+        "snapshot {} in region {}: {} pages, {} blobs, {} checked\n",
+        v.snapshot,
+        v.region,
+        v.pages,
+        v.blobs,
+        human(v.bytes)
+    );
+    for p in &v.problems {
+        t.push_str(&format!("PROBLEM: {p}\n"));
+    }
+    if v.problems.is_empty() {
+        t.push_str("ok: every object is present and verifies\n");
+    }
+    t
+}
+
+/// Waits for a snapshot's upload to end, showing progress; fails if the upload failed.
+async fn wait_upload(c: &Client, json: bool, mut view: SnapshotView) -> Result<SnapshotView, ClientError> {
+    let name = format!("{}@{}", view.info.volume, view.info.name);
+    loop {
+        let Some(u) = &view.upload else { return Ok(view) };
+        match u.state {
+            UploadState::Uploading => {
+                show_progress(json, &format!("uploading {name}"), u.bytes_done, u.bytes_total, u.rate);
+                tokio::time::sleep(POLL).await;
+                view = get(c, &Client::path(&["snapshots", &view.info.id])).await?;
+            }
+            UploadState::Available => {
+                if !json {
+                    eprintln!();
+                }
+                return Ok(view);
+            }
+            UploadState::Failed => {
+                if !json {
+                    eprintln!();
+                }
+                return Err(ClientError::Api(format!(
+                    "the upload of {name} failed: {}; retry with: snapblk snapshot upload {name}",
+                    u.reason.as_deref().unwrap_or("unknown reason")
+                )));
+            }
+        }
+    }
+}

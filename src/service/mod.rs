@@ -1,0 +1,196 @@
+//! The operations layer: every user-visible operation, once. The HTTP API, the NBD catalog and
+//! background work (periodic GC; later policies and copies) call it; the CLI calls it through
+//! the API. An operation takes the [`Caller`] asking and a typed request, does the engine and
+//! store orchestration, and returns a view; its errors are [`Error`], which each interface
+//! maps in one place (HTTP status in `control::api`, NBD errors in `frontend`).
+//!
+//! One file per resource: a new resource is a new file here, one in `control/api/` and one in
+//! `control/cli/`.
+
+mod exports;
+mod regions;
+mod snapshots;
+mod volumes;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+pub use exports::ExportHandle;
+pub use regions::{GcRequest, KeyFile};
+pub use snapshots::{CloneSnapshot, CreateSnapshot, ExportRequest, Rollback, SnapshotView};
+pub use volumes::{CreateVolume, VolumeView};
+
+use crate::attach::Attachments;
+use crate::engine::{Engine, EngineError, ErrorKind};
+use crate::jobs::{JobView, Jobs};
+use crate::store::{StoreError, StoreService};
+
+/// Who asks for an operation. Today anyone who can open the daemon's sockets (its user, or
+/// the `--socket-group`) may do everything, so the check ([`Caller::may`]) lets every caller
+/// through; accounts and roles will give callers identities and refuse there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// A client of the control API or the NBD socket.
+    Local,
+    /// The daemon's own background work (e.g. `gc`).
+    Daemon(&'static str),
+}
+
+/// What an operation does with what it touches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Looks (lists, shows, reads data).
+    Read,
+    /// Changes volumes or snapshots (creates, deletes, writes data).
+    Write,
+    /// Touches the daemon itself (regions' keys, GC).
+    Admin,
+}
+
+impl Caller {
+    pub fn may(&self, _access: Access) -> Result<()> {
+        match self {
+            Caller::Local | Caller::Daemon(_) => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Caller::Local => f.write_str("local client"),
+            Caller::Daemon(what) => write!(f, "daemon ({what})"),
+        }
+    }
+}
+
+/// The operations layer's one error type: the layers' errors as they are, plus refusals of
+/// the requests themselves. [`Error::kind`] is what interfaces map.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The request itself is wrong (a missing or contradictory field).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// A background task failed to finish (it panicked or the daemon is stopping).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Engine(e) => e.kind(),
+            Error::Store(e) => e.kind(),
+            Error::Invalid(_) => ErrorKind::Invalid,
+            Error::NotFound(_) => ErrorKind::NotFound,
+            Error::Internal(_) => ErrorKind::Io,
+        }
+    }
+}
+
+impl crate::jobs::HasKind for Error {
+    fn kind(&self) -> ErrorKind {
+        Error::kind(self)
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What `GET /v1/status` reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub dir: PathBuf,
+    pub pid: u32,
+    pub nbd_socket: PathBuf,
+    pub nbd_tcp: Option<String>,
+}
+
+/// The control handle of the daemon's operations.
+pub struct Service {
+    engine: Arc<Engine>,
+    store: Arc<StoreService>,
+    attachments: Arc<Attachments>,
+    jobs: Jobs,
+    status: Status,
+}
+
+impl Service {
+    /// Runs inside the daemon's main runtime (jobs run there).
+    pub fn new(
+        engine: Arc<Engine>,
+        store: Arc<StoreService>,
+        attachments: Arc<Attachments>,
+        status: Status,
+    ) -> Arc<Service> {
+        let jobs = Jobs::new(tokio::runtime::Handle::current());
+        Arc::new(Service { engine, store, attachments, jobs, status })
+    }
+
+    /// Starts the operations the daemon runs by itself: periodic GC (`gc_interval`).
+    pub fn start(self: &Arc<Self>) {
+        let every = self.store.config.gc_interval;
+        if every.is_zero() {
+            return;
+        }
+        let svc = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let caller = Caller::Daemon("gc");
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(s) = svc.upgrade() else { return };
+                for name in s.store.opened_regions() {
+                    match s.gc_region(&caller, &name, None).await {
+                        Ok(r) => tracing::info!(region = %name, deleted = r.packs_deleted, "background GC done"),
+                        Err(e) => tracing::warn!(region = %name, error = %e, "background GC failed"),
+                    }
+                }
+            }
+        });
+    }
+
+    pub fn status(&self, caller: &Caller) -> Result<Status> {
+        caller.may(Access::Read)?;
+        Ok(self.status.clone())
+    }
+
+    pub fn job(&self, caller: &Caller, id: u64) -> Result<JobView> {
+        caller.may(Access::Read)?;
+        self.jobs
+            .get(id)
+            .ok_or_else(|| Error::NotFound(format!("no job {id} (jobs are kept until the daemon restarts)")))
+    }
+}
+
+/// Runs a (short, possibly fsyncing) engine call off the async workers, so NBD connections
+/// sharing the runtime are not held up by it.
+async fn blocking<T: Send + 'static, E: Into<Error> + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(Into::into),
+        Err(e) => Err(Error::Internal(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_keep_the_kind_of_the_layer_that_refused() {
+        let e: Error = EngineError::NotFound("no volume named 'x'".into()).into();
+        assert_eq!((e.kind(), e.to_string().as_str()), (ErrorKind::NotFound, "no volume named 'x'"));
+        let e: Error = StoreError::Busy("still uploading".into()).into();
+        assert_eq!(e.kind(), ErrorKind::Busy);
+        assert_eq!(Error::Invalid("no size".into()).kind(), ErrorKind::Invalid);
+    }
+}

@@ -1,0 +1,182 @@
+//! Snapshots: create, list, show, delete, roll back to, clone, upload, verify, export.
+
+use std::future::Future;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{blocking, Access, Caller, Error, Result, Service, VolumeView};
+use crate::engine::{ErrorKind, SnapshotInfo};
+use crate::jobs::JobView;
+use crate::store::{ExportFormat, RemoteStatus};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CreateSnapshot {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Answer only once the snapshot is durable (by default it is taken, readable and
+    /// answered at once, and durable when the commit started with it ends).
+    #[serde(default)]
+    pub durable: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CloneSnapshot {
+    pub name: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Rollback {
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ExportRequest {
+    pub output: PathBuf,
+    pub format: ExportFormat,
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Replace an existing target that is not a regular file (a symlink, a device node).
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// A snapshot plus its store-side status (none for snapshots never uploaded).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotView {
+    #[serde(flatten)]
+    pub info: SnapshotInfo,
+    pub upload: Option<RemoteStatus>,
+}
+
+impl Service {
+    fn snapshot_view(&self, info: SnapshotInfo) -> SnapshotView {
+        SnapshotView { upload: self.store.status(&info.id), info }
+    }
+
+    /// Takes a snapshot of volume `r`; its upload starts in the background.
+    pub async fn create_snapshot(&self, caller: &Caller, r: &str, req: CreateSnapshot) -> Result<SnapshotView> {
+        caller.may(Access::Write)?;
+        let snap = if req.durable {
+            let (e, r) = (self.engine.clone(), r.to_string());
+            blocking(move || {
+                let s = e.create_snapshot(&r, &req.name, &req.description)?;
+                e.make_durable(&s.id)?;
+                e.snapshot(&s.id)
+            })
+            .await?
+        } else {
+            // Right here: it waits for no disk sync (see `Engine::create_snapshot`), and a hop to
+            // a blocking thread and back costs more than the create on a loaded machine.
+            self.engine.create_snapshot(r, &req.name, &req.description)?
+        };
+        // The snapshot exists (and is usable) now; its upload starts in the background.
+        self.store.snapshot_created(&snap)?;
+        Ok(self.snapshot_view(snap))
+    }
+
+    /// The snapshots of volume `volume`, or of every volume.
+    pub fn list_snapshots(&self, caller: &Caller, volume: Option<&str>) -> Result<Vec<SnapshotView>> {
+        caller.may(Access::Read)?;
+        Ok(self.engine.list_snapshots(volume)?.into_iter().map(|s| self.snapshot_view(s)).collect())
+    }
+
+    pub fn snapshot(&self, caller: &Caller, r: &str) -> Result<SnapshotView> {
+        caller.may(Access::Read)?;
+        Ok(self.snapshot_view(self.engine.snapshot(r)?))
+    }
+
+    /// Deletes a snapshot: the intent to delete its store copy is recorded first, then the
+    /// local delete (the step that can be refused), then the store copy — once nothing can
+    /// refuse it any more (see `StoreService::delete_intent`).
+    pub async fn delete_snapshot(&self, caller: &Caller, r: &str) -> Result<()> {
+        caller.may(Access::Write)?;
+        let snap = self.engine.snapshot(r)?;
+        let kept = self.store.delete_intent(&snap)?;
+        let (e, r2) = (self.engine.clone(), r.to_string());
+        if let Err(refused) = blocking(move || e.delete_snapshot(&r2, kept)).await {
+            if kept {
+                self.store.delete_refused(&snap.id)?;
+            }
+            return Err(refused);
+        }
+        self.store.snapshot_deleted(&snap.id).await?;
+        Ok(())
+    }
+
+    /// Rolls a volume back to one of its snapshots; to a released one, the volume then loads
+    /// the snapshot's data from the store (usable at once). A volume attached to the kernel is
+    /// refused, or with `force` detached first, so the kernel's page cache of the old content
+    /// goes away with the device.
+    pub async fn rollback(&self, caller: &Caller, r: &str, req: Rollback) -> Result<VolumeView> {
+        caller.may(Access::Write)?;
+        let volume_id = self.engine.snapshot(r)?.volume_id;
+        let (a, force) = (self.attachments.clone(), req.force);
+        if let Some(gone) = blocking(move || a.before_rollback(&volume_id, force)).await? {
+            tracing::warn!(volume = gone.volume, device = %gone.device.display(), "detached for a forced rollback");
+        }
+        let info = self
+            .released_or_not(r, |region| async move {
+                self.engine.rollback(r, force, region.as_deref()).await.map_err(Error::from)
+            })
+            .await?;
+        self.volume_loading(&info);
+        Ok(self.volume_view(info))
+    }
+
+    /// A new volume with the snapshot's content (`volume clone`).
+    pub async fn clone_snapshot(&self, caller: &Caller, r: &str, req: CloneSnapshot) -> Result<VolumeView> {
+        caller.may(Access::Write)?;
+        self.engine.snapshot(r)?;
+        self.create_from_snapshot(&req.name, r, None).await
+    }
+
+    /// Uploads a snapshot never uploaded (automatic upload off, or taken before), or queues a
+    /// failed upload again. Nothing to do when uploaded or uploading.
+    pub fn upload_snapshot(&self, caller: &Caller, r: &str) -> Result<SnapshotView> {
+        caller.may(Access::Write)?;
+        let snap = self.engine.snapshot(r)?;
+        self.store.upload(&snap)?;
+        Ok(self.snapshot_view(snap))
+    }
+
+    /// Re-reads everything the snapshot needs from the store and checks it, as a job.
+    pub fn verify_snapshot(&self, caller: &Caller, r: &str, region: Option<String>) -> Result<JobView> {
+        caller.may(Access::Read)?;
+        let (store, r2) = (self.store.clone(), r.to_string());
+        Ok(self.jobs.spawn("verify", r, move |job| async move { store.verify(&r2, region.as_deref(), &job).await }))
+    }
+
+    /// Writes the snapshot's content to a file of this machine, reading only from the store,
+    /// as a job.
+    pub fn export_snapshot(&self, caller: &Caller, r: &str, req: ExportRequest) -> Result<JobView> {
+        caller.may(Access::Read)?;
+        if !req.output.is_absolute() {
+            return Err(Error::Invalid(format!("export output '{}' must be an absolute path", req.output.display())));
+        }
+        let (store, r2) = (self.store.clone(), r.to_string());
+        Ok(self.jobs.spawn("export", r, move |job| async move {
+            store.export(&r2, req.region.as_deref(), &req.output, req.format, req.force, &job).await
+        }))
+    }
+
+    /// Runs an operation on snapshot `r` with the region it loads from if released. Once more
+    /// if the release sweep released it between the two (the engine refuses with `NotLocal`
+    /// when it finds a released snapshot without a region, before changing anything).
+    pub(super) async fn released_or_not<T, F, Fut>(&self, r: &str, op: F) -> Result<T>
+    where
+        F: Fn(Option<String>) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let mut again = true;
+        loop {
+            let region = self.store.region_if_released(&self.engine.snapshot(r)?)?;
+            match op(region.clone()).await {
+                Err(e) if e.kind() == ErrorKind::NotLocal && region.is_none() && again => again = false,
+                result => return result,
+            }
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! Volumes: create (empty, or from a snapshot here or in a region), list, show, delete, load
+//! from the store, attach to and detach from the kernel.
+
+use serde::{Deserialize, Serialize};
+
+use super::{blocking, Access, Caller, Error, Result, Service};
+use crate::attach::{AttachRequest, Attachment};
+use crate::engine::{parse_snapshot_id, parse_volume_id, ErrorKind, RemoteSource, VolumeInfo};
+use crate::store::HydrationView;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CreateVolume {
+    pub name: String,
+    /// Required unless `from_snapshot` is given (the size is then the snapshot's).
+    #[serde(default)]
+    pub size: Option<u64>,
+    pub cluster_size: Option<u32>,
+    /// Home region of the volume's snapshots (default `local`); with `from_snapshot`, the
+    /// region to find the snapshot in.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// `VOLUME@SNAPSHOT` or a snapshot id (of this node, or in a region).
+    #[serde(default)]
+    pub from_snapshot: Option<String>,
+}
+
+/// A volume plus its home region and its kernel attachment, if any.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeView {
+    #[serde(flatten)]
+    pub info: VolumeInfo,
+    pub region: String,
+    /// The kernel device the volume is attached to (`volume attach`), if any.
+    #[serde(default)]
+    pub attachment: Option<Attachment>,
+    /// Set while some of its data is still loading from the object store.
+    #[serde(default)]
+    pub hydration: Option<HydrationView>,
+}
+
+impl Service {
+    pub(super) fn volume_view(&self, info: VolumeInfo) -> VolumeView {
+        VolumeView {
+            region: self.store.volume_region(&info.id),
+            attachment: self.attachments.of_volume(&info.id),
+            hydration: self.store.hydration.view_of(&info),
+            info,
+        }
+    }
+
+    pub fn list_volumes(&self, caller: &Caller) -> Result<Vec<VolumeView>> {
+        caller.may(Access::Read)?;
+        Ok(self.engine.list_volumes().into_iter().map(|v| self.volume_view(v)).collect())
+    }
+
+    pub fn volume(&self, caller: &Caller, r: &str) -> Result<VolumeView> {
+        caller.may(Access::Read)?;
+        Ok(self.volume_view(self.engine.volume(r)?))
+    }
+
+    /// An empty volume of `size`, or (with `from_snapshot`) one with a snapshot's content.
+    pub async fn create_volume(&self, caller: &Caller, req: CreateVolume) -> Result<VolumeView> {
+        caller.may(Access::Write)?;
+        if let Some(from) = &req.from_snapshot {
+            if req.size.is_some() || req.cluster_size.is_some() {
+                return Err(Error::Invalid(
+                    "a volume created from a snapshot has the snapshot's size and cluster size: leave them out".into(),
+                ));
+            }
+            return self.create_from_snapshot(&req.name, from, req.region.as_deref()).await;
+        }
+        let Some(size) = req.size else {
+            return Err(Error::Invalid("a new volume needs a size (or --from-snapshot)".into()));
+        };
+        let region = req.region.unwrap_or_else(|| "local".into());
+        self.store.check_region(&region)?;
+        let e = self.engine.clone();
+        let info = blocking(move || e.create_volume(&req.name, size, req.cluster_size)).await?;
+        self.store.set_volume_region(&info.id, &region)?;
+        Ok(self.volume_view(info))
+    }
+
+    /// A new volume with snapshot `r`'s content: a local snapshot is cloned (sharing its
+    /// data, or loading it from the store once released); a snapshot id that is not local is
+    /// looked up in `region` (or every configured region) and the volume loads from there.
+    /// Usable at once; data loads on demand and (unless disabled) in the background.
+    pub(super) async fn create_from_snapshot(&self, name: &str, r: &str, region: Option<&str>) -> Result<VolumeView> {
+        if let Some(reg) = region {
+            self.store.check_region(reg)?;
+        }
+        let (info, home) = match self.engine.snapshot(r) {
+            Ok(snap) => {
+                // A clone keeps its origin volume's home region.
+                let home = self.store.volume_region(&snap.volume_id);
+                let info = self
+                    .released_or_not(r, |region| {
+                        let (e, r2, n2) = (self.engine.clone(), r.to_string(), name.to_string());
+                        blocking(move || e.clone_snapshot(&r2, &n2, region.as_deref()))
+                    })
+                    .await?;
+                (info, home)
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound && parse_snapshot_id(r).is_some() => {
+                let (region, m) = self.store.find_remote(r, region).await?;
+                let source =
+                    RemoteSource { region: region.name.clone(), snapshot: parse_snapshot_id(r).unwrap_or_default() };
+                let (e, n2) = (self.engine.clone(), name.to_string());
+                let info = blocking(move || e.create_volume_from_remote(&n2, m.size, m.cluster_size, &source)).await?;
+                (info, region.name.clone())
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.store.set_volume_region(&info.id, &home)?;
+        self.volume_loading(&info);
+        Ok(self.volume_view(info))
+    }
+
+    /// After a volume was created from, or rolled back to, data in the store: it loads in
+    /// the background (unless `[hydrate] background = false`).
+    pub(super) fn volume_loading(&self, info: &VolumeInfo) {
+        if info.hydration.is_some() && self.store.hydration.config.background {
+            if let Some(id) = parse_volume_id(&info.id) {
+                self.store.hydration.start(id);
+            }
+        }
+    }
+
+    /// Deletes a volume (refused while it has snapshots, clients or a kernel device).
+    pub async fn delete_volume(&self, caller: &Caller, r: &str) -> Result<()> {
+        caller.may(Access::Write)?;
+        let id = self.engine.volume(r)?.id;
+        self.attachments.before_delete(&id)?;
+        let (e, r) = (self.engine.clone(), r.to_string());
+        blocking(move || e.delete_volume(&r)).await?;
+        self.store.volume_deleted(&id)?;
+        Ok(())
+    }
+
+    /// Starts (or resumes) loading all of a volume's data from the store.
+    pub fn hydrate_volume(&self, caller: &Caller, r: &str) -> Result<VolumeView> {
+        caller.may(Access::Write)?;
+        let info = self.engine.volume(r)?;
+        if let Some(id) = parse_volume_id(&info.id) {
+            self.store.hydration.start(id);
+        }
+        Ok(self.volume_view(info))
+    }
+
+    pub async fn attach(&self, caller: &Caller, r: &str, req: AttachRequest) -> Result<Attachment> {
+        caller.may(Access::Write)?;
+        let (a, r) = (self.attachments.clone(), r.to_string());
+        blocking(move || a.attach(&r, &req)).await
+    }
+
+    pub async fn detach(&self, caller: &Caller, r: &str) -> Result<Attachment> {
+        caller.may(Access::Write)?;
+        let (a, r) = (self.attachments.clone(), r.to_string());
+        blocking(move || a.detach(&r)).await
+    }
+
+    pub fn attachments(&self, caller: &Caller) -> Result<Vec<Attachment>> {
+        caller.may(Access::Read)?;
+        Ok(self.attachments.list())
+    }
+}
