@@ -39,6 +39,36 @@ pub(crate) struct Volume {
     pub(crate) revoker: Revoker,
 }
 
+/// What a volume is, fixed when it is created (a journal record or a checkpoint entry).
+pub(crate) struct VolumeMeta {
+    pub(crate) id: u64,
+    pub(crate) name: String,
+    pub(crate) size: u64,
+    pub(crate) cluster_size: u32,
+    pub(crate) created: u64,
+    pub(crate) origin: Option<u64>,
+}
+
+impl Volume {
+    /// A volume with this head state, no writers and no pending records.
+    pub(crate) fn new(meta: VolumeMeta, slots: Arc<SlotFile>, state: VolumeState) -> Volume {
+        let VolumeMeta { id, name, size, cluster_size, created, origin } = meta;
+        Volume {
+            id,
+            name,
+            size,
+            cluster_size,
+            created,
+            origin,
+            slots,
+            state: RwLock::new(state),
+            pending: Mutex::new(Vec::new()),
+            writers: AtomicU64::new(0),
+            revoker: Revoker::new(),
+        }
+    }
+}
+
 pub(crate) struct VolumeState {
     pub(crate) head: ClusterMap,
     /// Clusters written, trimmed or zeroed since the last snapshot.
@@ -141,6 +171,19 @@ pub(crate) struct Snapshot {
     pub(crate) durable_ticket: AtomicU64,
 }
 
+/// What a snapshot is, fixed when it is taken.
+pub(crate) struct SnapshotMeta {
+    pub(crate) id: u64,
+    pub(crate) volume: u64,
+    pub(crate) seq: u64,
+    pub(crate) name: String,
+    pub(crate) description: String,
+    pub(crate) created: u64,
+    pub(crate) size: u64,
+    pub(crate) cluster_size: u32,
+    pub(crate) allocated: u64,
+}
+
 /// Where a snapshot's data is.
 pub(crate) enum SnapshotData {
     Local {
@@ -157,6 +200,26 @@ pub(crate) enum SnapshotData {
 }
 
 impl Snapshot {
+    /// A snapshot durable already, unless the caller sets its ticket (see `durable_ticket`).
+    pub(crate) fn new(meta: SnapshotMeta, lineage: Lineage, data: SnapshotData) -> Snapshot {
+        let SnapshotMeta { id, volume, seq, name, description, created, size, cluster_size, allocated } = meta;
+        Snapshot {
+            id,
+            volume,
+            seq,
+            name,
+            description,
+            created,
+            size,
+            cluster_size,
+            allocated,
+            lineage: Mutex::new(lineage),
+            revoker: Revoker::new(),
+            data,
+            durable_ticket: AtomicU64::new(0),
+        }
+    }
+
     /// Its local map; `None` once released.
     pub(crate) fn map(&self) -> Option<&ClusterMap> {
         match &self.data {
@@ -200,7 +263,7 @@ impl Snapshot {
     /// revoked, and keep what they hold until they go).
     fn released(&self) -> Snapshot {
         let l = self.lineage.lock();
-        Snapshot {
+        let meta = SnapshotMeta {
             id: self.id,
             volume: self.volume,
             seq: self.seq,
@@ -210,11 +273,9 @@ impl Snapshot {
             size: self.size,
             cluster_size: self.cluster_size,
             allocated: self.allocated,
-            lineage: Mutex::new(Lineage { parent: l.parent, changed: l.changed.clone(), anchor: l.anchor.clone() }),
-            revoker: Revoker::new(),
-            data: SnapshotData::Released,
-            durable_ticket: AtomicU64::new(0),
-        }
+        };
+        let lineage = Lineage { parent: l.parent, changed: l.changed.clone(), anchor: l.anchor.clone() };
+        Snapshot::new(meta, lineage, SnapshotData::Released)
     }
 }
 
@@ -414,20 +475,16 @@ impl Registry {
                     },
                     None => (ClusterMap::new(clusters), 0, None),
                 };
-                let vol = Volume {
+                let meta = VolumeMeta {
                     id: *volume,
                     name: name.clone(),
                     size: *size,
                     cluster_size: *cluster_size,
                     created: *created,
                     origin: *origin,
-                    slots,
-                    state: RwLock::new(VolumeState::new(head, clusters, allocated, remote)),
-                    pending: Mutex::new(Vec::new()),
-                    writers: AtomicU64::new(0),
-                    revoker: Revoker::new(),
                 };
-                self.volumes.insert(*volume, Arc::new(vol));
+                let state = VolumeState::new(head, clusters, allocated, remote);
+                self.volumes.insert(*volume, Arc::new(Volume::new(meta, slots, state)));
                 Ok(None)
             }
             Record::VolumeDelete { volume } => {
@@ -450,7 +507,7 @@ impl Registry {
                     ))
                 })?;
                 drain(v);
-                let snap = Snapshot {
+                let meta = SnapshotMeta {
                     id: *snapshot,
                     volume: *volume,
                     seq: *seq,
@@ -460,15 +517,11 @@ impl Registry {
                     size: v.size,
                     cluster_size: v.cluster_size,
                     allocated: st.allocated,
-                    lineage: Mutex::new(Lineage {
-                        parent: st.parent,
-                        changed: std::mem::take(&mut st.dirty),
-                        anchor: st.anchor.clone(),
-                    }),
-                    revoker: Revoker::new(),
-                    data: SnapshotData::Local { map: st.head.clone(), remote: st.remote.clone(), seal },
-                    durable_ticket: AtomicU64::new(0),
                 };
+                let lineage =
+                    Lineage { parent: st.parent, changed: std::mem::take(&mut st.dirty), anchor: st.anchor.clone() };
+                let data = SnapshotData::Local { map: st.head.clone(), remote: st.remote.clone(), seal };
+                let snap = Snapshot::new(meta, lineage, data);
                 st.owned.clear();
                 st.seal = seal;
                 st.parent = Some(*snapshot);
@@ -706,22 +759,15 @@ impl Registry {
             let slots = reg.slot_file(data_dir, v.cluster_size)?;
             let mut st = VolumeState::new(v.head, v.size.div_ceil(v.cluster_size as u64), v.allocated, v.remote);
             (st.dirty, st.parent, st.anchor) = (v.dirty, v.parent, v.anchor);
-            reg.volumes.insert(
-                v.id,
-                Arc::new(Volume {
-                    id: v.id,
-                    name: v.name,
-                    size: v.size,
-                    cluster_size: v.cluster_size,
-                    created: v.created,
-                    origin: v.origin,
-                    slots,
-                    state: RwLock::new(st),
-                    pending: Mutex::new(Vec::new()),
-                    writers: AtomicU64::new(0),
-                    revoker: Revoker::new(),
-                }),
-            );
+            let meta = VolumeMeta {
+                id: v.id,
+                name: v.name,
+                size: v.size,
+                cluster_size: v.cluster_size,
+                created: v.created,
+                origin: v.origin,
+            };
+            reg.volumes.insert(meta.id, Arc::new(Volume::new(meta, slots, st)));
         }
         for s in state.snapshots {
             let v = reg.volumes.get(&s.volume).ok_or_else(|| {
@@ -735,7 +781,7 @@ impl Registry {
             } else {
                 SnapshotData::Local { map: s.map, remote: s.remote, seal: 0 }
             };
-            let snap = Snapshot {
+            let meta = SnapshotMeta {
                 id: s.id,
                 volume: s.volume,
                 seq: s.seq,
@@ -745,12 +791,9 @@ impl Registry {
                 size: v.size,
                 cluster_size: v.cluster_size,
                 allocated: s.allocated,
-                lineage: Mutex::new(Lineage { parent: s.parent, changed: s.changed, anchor: s.anchor }),
-                revoker: Revoker::new(),
-                data,
-                durable_ticket: AtomicU64::new(0),
             };
-            reg.snapshots.insert(s.id, Arc::new(snap));
+            let lineage = Lineage { parent: s.parent, changed: s.changed, anchor: s.anchor };
+            reg.snapshots.insert(meta.id, Arc::new(Snapshot::new(meta, lineage, data)));
         }
         Ok(reg)
     }
