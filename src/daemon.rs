@@ -225,7 +225,7 @@ async fn run(
         nbd_socket: nbd_path.clone(),
         nbd_tcp: tcp.map(|a| a.to_string()),
     };
-    let service = Service::new(engine.clone(), store.clone(), attachments.clone(), status);
+    let service = Service::new(engine.clone(), store.clone(), attachments.clone(), status)?;
     service.start();
     let catalog = Arc::new(NbdCatalog::new(service.clone()));
 

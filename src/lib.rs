@@ -16,6 +16,7 @@ pub mod frontend;
 pub mod fsutil;
 pub mod jobs;
 pub mod logging;
+pub mod policy;
 pub mod service;
 pub mod store;
 pub mod units;

@@ -47,6 +47,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     n.checked_mul(ms).map(Duration::from_millis).ok_or_else(bad)
 }
 
+/// `14400` (seconds) → `4h`; `90` → `90s`: the largest unit that divides it.
+pub fn duration_text(secs: u64) -> String {
+    match secs {
+        0 => "0s".into(),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3_600 == 0 => format!("{}h", s / 3_600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
 /// `10737418240` → `10.0 GiB`.
 pub fn human(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];

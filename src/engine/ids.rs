@@ -26,7 +26,7 @@ pub(super) fn parse_id(r: &str, prefix: &str) -> Option<u64> {
     (hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok()).flatten()
 }
 
-pub(super) fn validate_name(what: &str, name: &str) -> Result<()> {
+pub fn validate_name(what: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))

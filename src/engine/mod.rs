@@ -47,14 +47,14 @@ use roaring::RoaringTreemap;
 
 pub use error::{EngineError, ErrorKind, Result};
 pub(crate) use hydration::no_store;
-pub use ids::{parse_snapshot_id, parse_volume_id, snapshot_id, volume_id};
+pub use ids::{parse_snapshot_id, parse_volume_id, snapshot_id, validate_name, volume_id};
 pub use remote::{ClusterSource, Priority, RemoteSource};
 pub use types::{HydrationInfo, SnapshotInfo, VolumeInfo};
 pub use volume::{Extent, SnapshotHandle, VolumeHandle, ZeroMode, STATE_HOLE, STATE_ZERO};
 
 use checkpoint::State;
 use commit::{CommitWanted, Tail, Unsealed, UNSEALED};
-use ids::{check_geometry, validate_name};
+use ids::check_geometry;
 use journal::{Journal, Record};
 pub(crate) use registry::Target;
 pub(crate) use registry::VolumeState;

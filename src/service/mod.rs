@@ -8,6 +8,9 @@
 //! `control/cli/`.
 
 mod exports;
+mod holds;
+mod lifecycle;
+mod policies;
 mod regions;
 mod snapshots;
 mod volumes;
@@ -18,6 +21,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub use exports::ExportHandle;
+pub use holds::HoldRequest;
+pub use lifecycle::{HistoryEntry, Hold, Outcome};
+pub use policies::{CreatePolicy, PolicyTarget, PolicyView, PolicyVolumeView, PolicyVolumes, PruneView};
 pub use regions::{GcRequest, KeyFile};
 pub use snapshots::{CloneSnapshot, CreateSnapshot, ExportRequest, Rollback, SnapshotView};
 pub use volumes::{CreateVolume, VolumeView};
@@ -79,6 +85,9 @@ pub enum Error {
     Invalid(String),
     #[error("{0}")]
     NotFound(String),
+    /// The snapshot is held.
+    #[error("{0}")]
+    Held(String),
     /// A background task failed to finish (it panicked or the daemon is stopping).
     #[error("internal error: {0}")]
     Internal(String),
@@ -91,6 +100,7 @@ impl Error {
             Error::Store(e) => e.kind(),
             Error::Invalid(_) => ErrorKind::Invalid,
             Error::NotFound(_) => ErrorKind::NotFound,
+            Error::Held(_) => ErrorKind::Busy,
             Error::Internal(_) => ErrorKind::Io,
         }
     }
@@ -121,22 +131,42 @@ pub struct Service {
     attachments: Arc<Attachments>,
     jobs: Jobs,
     status: Status,
+    /// Policies, their books and history, holds (`DIR/meta/lifecycle.json`).
+    lifecycle: parking_lot::Mutex<lifecycle::LifecycleState>,
+    lifecycle_file: lifecycle::StateFile,
+    running: policies::Running,
 }
 
 impl Service {
-    /// Runs inside the daemon's main runtime (jobs run there).
+    /// Runs inside the daemon's main runtime (jobs run there). Loads the lifecycle state and
+    /// settles what a tick was doing when the daemon stopped.
     pub fn new(
         engine: Arc<Engine>,
         store: Arc<StoreService>,
         attachments: Arc<Attachments>,
         status: Status,
-    ) -> Arc<Service> {
+    ) -> Result<Arc<Service>> {
         let jobs = Jobs::new(tokio::runtime::Handle::current());
-        Arc::new(Service { engine, store, attachments, jobs, status })
+        let lifecycle_file = lifecycle::StateFile::new(engine.dir());
+        let mut state = lifecycle_file.load()?;
+        state.settle(&engine);
+        lifecycle_file.save(&state)?;
+        Ok(Arc::new(Service {
+            engine,
+            store,
+            attachments,
+            jobs,
+            status,
+            lifecycle: parking_lot::Mutex::new(state),
+            lifecycle_file,
+            running: policies::Running::default(),
+        }))
     }
 
-    /// Starts the operations the daemon runs by itself: periodic GC (`gc_interval`).
+    /// Starts the operations the daemon runs by itself: the policy scheduler, and periodic GC
+    /// (`gc_interval`).
     pub fn start(self: &Arc<Self>) {
+        self.start_scheduler();
         let every = self.store.config.gc_interval;
         if every.is_zero() {
             return;

@@ -1,11 +1,12 @@
 //! Snapshots: create, list, show, delete, roll back to, clone, upload, verify, export.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::{blocking, Access, Caller, Error, Result, Service, VolumeView};
+use super::{blocking, Access, Caller, Error, Hold, Result, Service, VolumeView};
 use crate::engine::{ErrorKind, SnapshotInfo};
 use crate::jobs::JobView;
 use crate::store::{ExportFormat, RemoteStatus};
@@ -43,17 +44,50 @@ pub struct ExportRequest {
     pub force: bool,
 }
 
-/// A snapshot plus its store-side status (none for snapshots never uploaded).
+/// A snapshot plus its store-side status (none for snapshots never uploaded), its hold and
+/// the policies that took it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SnapshotView {
     #[serde(flatten)]
     pub info: SnapshotInfo,
     pub upload: Option<RemoteStatus>,
+    #[serde(default)]
+    pub hold: Option<Hold>,
+    /// Names of the policies whose retention keeps it.
+    #[serde(default)]
+    pub policies: Vec<String>,
+}
+
+/// Holds and policy books, looked up once for a list of snapshots.
+struct Marks {
+    holds: HashMap<String, Hold>,
+    taken_by: HashMap<String, Vec<String>>,
 }
 
 impl Service {
+    fn marks(&self) -> Marks {
+        let st = self.lifecycle.lock();
+        let mut taken_by: HashMap<String, Vec<String>> = HashMap::new();
+        for (policy, books) in &st.books {
+            let name = st.policies.get(policy).map_or(policy.as_str(), |p| p.name.as_str());
+            for id in books.values().flat_map(|b| &b.snapshots) {
+                taken_by.entry(id.clone()).or_default().push(name.to_string());
+            }
+        }
+        Marks { holds: st.holds.iter().map(|(k, v)| (k.clone(), v.clone())).collect(), taken_by }
+    }
+
+    fn snapshot_view_with(&self, info: SnapshotInfo, marks: &Marks) -> SnapshotView {
+        SnapshotView {
+            upload: self.store.status(&info.id),
+            hold: marks.holds.get(&info.id).cloned(),
+            policies: marks.taken_by.get(&info.id).cloned().unwrap_or_default(),
+            info,
+        }
+    }
+
     fn snapshot_view(&self, info: SnapshotInfo) -> SnapshotView {
-        SnapshotView { upload: self.store.status(&info.id), info }
+        self.snapshot_view_with(info, &self.marks())
     }
 
     /// Takes a snapshot of volume `r`; its upload starts in the background.
@@ -80,7 +114,8 @@ impl Service {
     /// The snapshots of volume `volume`, or of every volume.
     pub fn list_snapshots(&self, caller: &Caller, volume: Option<&str>) -> Result<Vec<SnapshotView>> {
         caller.may(Access::Read)?;
-        Ok(self.engine.list_snapshots(volume)?.into_iter().map(|s| self.snapshot_view(s)).collect())
+        let marks = self.marks();
+        Ok(self.engine.list_snapshots(volume)?.into_iter().map(|s| self.snapshot_view_with(s, &marks)).collect())
     }
 
     pub fn snapshot(&self, caller: &Caller, r: &str) -> Result<SnapshotView> {
@@ -88,12 +123,14 @@ impl Service {
         Ok(self.snapshot_view(self.engine.snapshot(r)?))
     }
 
-    /// Deletes a snapshot: the intent to delete its store copy is recorded first, then the
-    /// local delete (the step that can be refused), then the store copy — once nothing can
-    /// refuse it any more (see `StoreService::delete_intent`).
+    /// Deletes a snapshot — every delete, by hand or by retention, comes here. A held one is
+    /// refused. The intent to delete its store copy is recorded first, then the local delete
+    /// (the step that can be refused), then the store copy — once nothing can refuse it any
+    /// more (see `StoreService::delete_intent`).
     pub async fn delete_snapshot(&self, caller: &Caller, r: &str) -> Result<()> {
         caller.may(Access::Write)?;
         let snap = self.engine.snapshot(r)?;
+        self.check_not_held(&snap.id, &format!("{}@{}", snap.volume, snap.name))?;
         let kept = self.store.delete_intent(&snap)?;
         let (e, r2) = (self.engine.clone(), r.to_string());
         if let Err(refused) = blocking(move || e.delete_snapshot(&r2, kept)).await {
@@ -102,6 +139,7 @@ impl Service {
             }
             return Err(refused);
         }
+        self.forget_snapshot(&snap.id);
         self.store.snapshot_deleted(&snap.id).await?;
         Ok(())
     }

@@ -132,6 +132,7 @@ impl Service {
         self.attachments.before_delete(&id)?;
         let (e, r) = (self.engine.clone(), r.to_string());
         blocking(move || e.delete_volume(&r)).await?;
+        self.forget_volume(&id);
         self.store.volume_deleted(&id)?;
         Ok(())
     }

@@ -2,6 +2,7 @@
 //! operations layer ([`crate::service`]) → answer; its errors map to HTTP status in one place
 //! ([`status_of`]). Routes are grouped per resource, one file each.
 
+mod policies;
 mod regions;
 mod snapshots;
 mod volumes;
@@ -90,6 +91,7 @@ pub fn router(service: Arc<Service>) -> Router {
         .merge(volumes::routes())
         .merge(snapshots::routes())
         .merge(regions::routes())
+        .merge(policies::routes())
         .fallback(|| async { ApiError::from(Error::NotFound("no such API route".into())) })
         .with_state(service)
         .layer(axum::middleware::from_fn(server_timing))

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use super::{ApiResult, Body, Svc};
 use crate::jobs::JobView;
 use crate::service::{
-    Caller, CloneSnapshot, CreateSnapshot, ExportRequest, Rollback, Service, SnapshotView, VolumeView,
+    Caller, CloneSnapshot, CreateSnapshot, ExportRequest, HoldRequest, Rollback, Service, SnapshotView, VolumeView,
 };
 
 pub(super) fn routes() -> Router<Arc<Service>> {
@@ -25,6 +25,7 @@ pub(super) fn routes() -> Router<Arc<Service>> {
         .route("/v1/snapshots/{r}/upload", post(upload))
         .route("/v1/snapshots/{r}/verify", post(verify))
         .route("/v1/snapshots/{r}/export", post(export))
+        .route("/v1/snapshots/{r}/hold", post(hold).delete(release_hold))
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,4 +102,18 @@ async fn export(
 ) -> ApiResult<(StatusCode, Json<JobView>)> {
     let Json(req) = body?;
     Ok((StatusCode::ACCEPTED, Json(s.export_snapshot(&caller, &r, req)?)))
+}
+
+async fn hold(
+    State(s): Svc,
+    caller: Caller,
+    Path(r): Path<String>,
+    body: Body<HoldRequest>,
+) -> ApiResult<Json<SnapshotView>> {
+    let Json(req) = body?;
+    Ok(Json(s.hold_snapshot(&caller, &r, req)?))
+}
+
+async fn release_hold(State(s): Svc, caller: Caller, Path(r): Path<String>) -> ApiResult<Json<SnapshotView>> {
+    Ok(Json(s.release_hold(&caller, &r)?))
 }

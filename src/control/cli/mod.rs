@@ -8,10 +8,12 @@ use hyper::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+mod policies;
 mod regions;
 mod snapshots;
 mod volumes;
 
+pub use policies::PolicyCommand;
 pub use regions::{KeyCommand, RegionCommand};
 pub use snapshots::{FormatArg, SnapshotCommand};
 pub use volumes::VolumeCommand;
@@ -61,6 +63,9 @@ pub enum Command {
     /// Key files (the key-encryption keys of regions)
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Automatic snapshot policies: schedules and retention
+    #[command(subcommand)]
+    Policy(PolicyCommand),
 }
 
 #[derive(Args, Debug)]
@@ -242,6 +247,7 @@ pub async fn run(dir: &std::path::Path, json: bool, command: Command) -> Result<
         Command::Region(r) => regions::run(&c, r).await?,
         Command::Gc { region, grace } => regions::gc(&c, json, region, grace).await?,
         Command::Key(k) => regions::key(&c, json, k).await?,
+        Command::Policy(p) => policies::run(&c, p).await?,
     };
     printed.print(json);
     Ok(())

@@ -8,7 +8,7 @@ use hyper::Method;
 
 use super::volumes::volume;
 use super::{delete, get, send, show_progress, table, wait_job, Client, ClientError, Printed, POLL};
-use crate::service::{CreateSnapshot, ExportRequest, Rollback, SnapshotView};
+use crate::service::{CreateSnapshot, ExportRequest, HoldRequest, Rollback, SnapshotView};
 use crate::store::{ExportFormat, RegionSnapshot, UploadState, VerifyReport};
 use crate::units::{human, utc};
 
@@ -60,6 +60,14 @@ pub enum SnapshotCommand {
         #[arg(long)]
         region: Option<String>,
     },
+    /// Hold a snapshot: nothing can delete it (by hand or by retention) until released
+    Hold {
+        snapshot: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Release a snapshot's hold
+    ReleaseHold { snapshot: String },
     /// Write the snapshot's content to a file, reading only from the store
     Export {
         snapshot: String,
@@ -134,6 +142,13 @@ pub(super) async fn run(c: &Client, json: bool, command: SnapshotCommand) -> Res
             }
             Printed::nothing()
         }
+        SnapshotCommand::Hold { snapshot: s, reason } => {
+            let body = HoldRequest { reason };
+            snapshot(send(c, Method::POST, &p(&["snapshots", &s, "hold"]), Some(&body)).await?)
+        }
+        SnapshotCommand::ReleaseHold { snapshot: s } => {
+            snapshot(send(c, Method::DELETE, &p(&["snapshots", &s, "hold"]), None::<&()>).await?)
+        }
         SnapshotCommand::Export { snapshot, output, format, region, force } => {
             let output = std::path::absolute(&output)
                 .map_err(|e| ClientError::Api(format!("bad output path {}: {e}", output.display())))?;
@@ -175,7 +190,7 @@ fn upload_summary(v: &SnapshotView) -> String {
 
 fn snapshot_lines(v: &SnapshotView) -> String {
     let s = &v.info;
-    format!(
+    let mut text = format!(
         "name:        {}@{}\nid:          {}\nvolume:      {} ({})\ndescription: {}\ncreated:     {}\nsize:        {} ({} bytes)\nallocated:   {}\nchanged:     {} clusters since {}\nclones:      {}\nlocal data:  {}\ndurable:     {}\nstore:       {}\n",
         s.volume,
         s.name,
@@ -193,7 +208,15 @@ fn snapshot_lines(v: &SnapshotView) -> String {
         if s.local { "yes" } else { "no (released after upload)" },
         if s.durable { "yes" } else { "not yet (committing)" },
         upload_summary(v)
-    )
+    );
+    if let Some(h) = &v.hold {
+        let why = if h.reason.is_empty() { String::new() } else { format!(": {}", h.reason) };
+        text.push_str(&format!("held:        since {}{why}\n", utc(h.since)));
+    }
+    if !v.policies.is_empty() {
+        text.push_str(&format!("policies:    {}\n", v.policies.join(", ")));
+    }
+    text
 }
 
 fn snapshot_table(ss: &[SnapshotView]) -> String {

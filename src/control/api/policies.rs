@@ -1,0 +1,95 @@
+//! `/v1/policies`: create, list, show, delete, apply, remove, run now, prune, history.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use super::{ApiResult, Body, Svc};
+use crate::service::{Caller, CreatePolicy, HistoryEntry, PolicyTarget, PolicyView, PolicyVolumes, PruneView, Service};
+
+pub(super) fn routes() -> Router<Arc<Service>> {
+    Router::new()
+        .route("/v1/policies", get(list).post(create))
+        .route("/v1/policies/{p}", get(show).delete(delete))
+        .route("/v1/policies/{p}/apply", post(apply))
+        .route("/v1/policies/{p}/remove", post(remove))
+        .route("/v1/policies/{p}/run", post(run))
+        .route("/v1/policies/{p}/prune", post(prune))
+        .route("/v1/policies/{p}/history", get(history))
+}
+
+#[derive(Debug, Deserialize)]
+struct VolumeQuery {
+    volume: Option<String>,
+}
+
+async fn list(State(s): Svc, caller: Caller) -> ApiResult<Json<Vec<PolicyView>>> {
+    Ok(Json(s.list_policies(&caller)?))
+}
+
+async fn create(State(s): Svc, caller: Caller, body: Body<CreatePolicy>) -> ApiResult<(StatusCode, Json<PolicyView>)> {
+    let Json(req) = body?;
+    Ok((StatusCode::CREATED, Json(s.create_policy(&caller, req)?)))
+}
+
+async fn show(State(s): Svc, caller: Caller, Path(p): Path<String>) -> ApiResult<Json<PolicyView>> {
+    Ok(Json(s.policy(&caller, &p)?))
+}
+
+async fn delete(State(s): Svc, caller: Caller, Path(p): Path<String>) -> ApiResult<StatusCode> {
+    s.delete_policy(&caller, &p)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn apply(
+    State(s): Svc,
+    caller: Caller,
+    Path(p): Path<String>,
+    body: Body<PolicyVolumes>,
+) -> ApiResult<Json<PolicyView>> {
+    let Json(req) = body?;
+    Ok(Json(s.apply_policy(&caller, &p, req)?))
+}
+
+async fn remove(
+    State(s): Svc,
+    caller: Caller,
+    Path(p): Path<String>,
+    body: Body<PolicyVolumes>,
+) -> ApiResult<Json<PolicyView>> {
+    let Json(req) = body?;
+    Ok(Json(s.remove_policy(&caller, &p, req)?))
+}
+
+async fn run(
+    State(s): Svc,
+    caller: Caller,
+    Path(p): Path<String>,
+    body: Body<PolicyTarget>,
+) -> ApiResult<Json<Vec<HistoryEntry>>> {
+    let Json(req) = body?;
+    Ok(Json(s.run_policy_now(&caller, &p, req).await?))
+}
+
+async fn prune(
+    State(s): Svc,
+    caller: Caller,
+    Path(p): Path<String>,
+    body: Body<PolicyTarget>,
+) -> ApiResult<Json<Vec<PruneView>>> {
+    let Json(req) = body?;
+    Ok(Json(s.prune_policy(&caller, &p, req).await?))
+}
+
+async fn history(
+    State(s): Svc,
+    caller: Caller,
+    Path(p): Path<String>,
+    Query(q): Query<VolumeQuery>,
+) -> ApiResult<Json<Vec<HistoryEntry>>> {
+    Ok(Json(s.policy_history(&caller, &p, q.volume.as_deref())?))
+}

@@ -1,0 +1,73 @@
+//! Automatic snapshot policies: what a policy is ([`Policy`]), when it fires ([`schedule`])
+//! and which of its snapshots it keeps ([`retention`]). Pure; the operations layer stores
+//! policies and runs them (`service/policies.rs`).
+
+pub mod retention;
+pub mod schedule;
+
+use serde::{Deserialize, Serialize};
+
+pub use retention::{Candidate, Retention, Verdict};
+pub use schedule::{Compiled, Schedule};
+
+/// Most policies one volume may carry.
+pub const MAX_POLICIES_PER_VOLUME: usize = 10;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    /// `p-` and 16 hex digits; retention is keyed by it, never by the name.
+    pub id: String,
+    pub name: String,
+    pub schedule: Schedule,
+    /// IANA time zone of the schedule and of retention's periods.
+    pub tz: String,
+    pub retention: Retention,
+    #[serde(default)]
+    pub overlap: Overlap,
+    #[serde(default)]
+    pub missed: Missed,
+    /// Skip a tick when nothing was written since the volume's last snapshot.
+    #[serde(default)]
+    pub skip_if_unchanged: bool,
+    /// A tick waits for its snapshot's upload before it prunes.
+    #[serde(default)]
+    pub after_upload: bool,
+    /// Volume ids.
+    #[serde(default)]
+    pub volumes: Vec<String>,
+    pub created: u64,
+}
+
+/// A tick that comes while the previous one for that volume still runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Overlap {
+    /// It is skipped (and the skip recorded in the history).
+    #[default]
+    Skip,
+    /// It waits for the running one (at most one waits).
+    Queue,
+}
+
+/// Ticks that came while the daemon was down.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Missed {
+    /// Skipped; the policy goes on from the next firing.
+    #[default]
+    Skip,
+    /// One catch-up tick at start, however many were missed.
+    RunOnce,
+}
+
+impl Policy {
+    /// The name of the snapshot a tick at `t` takes: `auto-<policy>-<UTC time>`.
+    pub fn snapshot_name(&self, t: u64) -> String {
+        let ts = jiff::Timestamp::from_second(t as i64).unwrap_or_default();
+        format!("auto-{}-{}", self.name, ts.strftime("%Y%m%dT%H%M%SZ"))
+    }
+
+    pub fn compile(&self) -> Result<Compiled, String> {
+        self.schedule.compile(&self.tz, self.created)
+    }
+}

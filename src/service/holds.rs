@@ -1,0 +1,86 @@
+//! Holds: a held snapshot cannot be deleted — by hand, by retention or by anything else that
+//! deletes through [`Service::delete_snapshot`] — until the hold is released.
+
+use serde::{Deserialize, Serialize};
+
+use super::lifecycle::Hold;
+use super::{Access, Caller, Error, Result, Service, SnapshotView};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HoldRequest {
+    #[serde(default)]
+    pub reason: String,
+}
+
+impl Service {
+    /// Puts a hold on a snapshot (again: the reason is replaced).
+    pub fn hold_snapshot(&self, caller: &Caller, r: &str, req: HoldRequest) -> Result<SnapshotView> {
+        caller.may(Access::Write)?;
+        let snap = self.engine.snapshot(r)?;
+        {
+            let mut st = self.lifecycle.lock();
+            st.holds.insert(snap.id.clone(), Hold { since: self.engine.clock().now(), reason: req.reason });
+            self.save_lifecycle(&st)?;
+        }
+        tracing::info!(snapshot = %snap.id, by = %caller, "snapshot held");
+        self.snapshot(caller, &snap.id)
+    }
+
+    /// Releases a snapshot's hold (nothing to do if it has none).
+    pub fn release_hold(&self, caller: &Caller, r: &str) -> Result<SnapshotView> {
+        caller.may(Access::Write)?;
+        let snap = self.engine.snapshot(r)?;
+        {
+            let mut st = self.lifecycle.lock();
+            if st.holds.remove(&snap.id).is_some() {
+                self.save_lifecycle(&st)?;
+                tracing::info!(snapshot = %snap.id, by = %caller, "snapshot hold released");
+            }
+        }
+        self.snapshot(caller, &snap.id)
+    }
+
+    /// Refuses to delete a held snapshot, saying how to release it.
+    pub(super) fn check_not_held(&self, id: &str, name: &str) -> Result<()> {
+        match self.lifecycle.lock().holds.get(id) {
+            None => Ok(()),
+            Some(h) => Err(Error::Held(format!(
+                "snapshot {name} is held{} since {}; release the hold first: snapblk snapshot release-hold {name}",
+                if h.reason.is_empty() { String::new() } else { format!(" ({})", h.reason) },
+                crate::units::utc(h.since)
+            ))),
+        }
+    }
+}
+
+impl Service {
+    /// A deleted snapshot leaves the policies' books (a hold cannot be on it: it was refused).
+    pub(super) fn forget_snapshot(&self, id: &str) {
+        let mut st = self.lifecycle.lock();
+        let mut changed = false;
+        for book in st.books.values_mut().flat_map(|b| b.values_mut()) {
+            let before = book.snapshots.len();
+            book.snapshots.retain(|s| s != id);
+            changed |= book.snapshots.len() != before;
+        }
+        if changed {
+            if let Err(e) = self.save_lifecycle(&st) {
+                tracing::warn!(snapshot = id, error = %e, "cannot record a deleted snapshot in the policies' books; fixed at the next start");
+            }
+        }
+    }
+
+    /// A deleted volume leaves every policy.
+    pub(super) fn forget_volume(&self, id: &str) {
+        let mut st = self.lifecycle.lock();
+        for p in st.policies.values_mut() {
+            p.volumes.retain(|v| v != id);
+        }
+        for books in st.books.values_mut() {
+            books.remove(id);
+        }
+        if let Err(e) = self.save_lifecycle(&st) {
+            tracing::warn!(volume = id, error = %e, "cannot record a deleted volume in the policies; fixed at the next start");
+        }
+    }
+}
