@@ -21,3 +21,9 @@ pub fn replace_file(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()
     }
     Ok(())
 }
+
+/// Opens `path` for appending, creating it (mode 0600) when missing.
+pub fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)
+}

@@ -20,6 +20,10 @@ pub enum ErrorKind {
     Unavailable,
     /// The snapshot's data is only in the object store.
     NotLocal,
+    /// Over a quota that waiting does not lift (delete something or raise the quota).
+    Quota,
+    /// Over a task limit or rate that waiting lifts (the error says how long).
+    Throttled,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -34,7 +34,13 @@ pub(crate) fn block_error(e: &EngineError) -> BlockError {
         ErrorKind::NoSpace => BlockError::NoSpace,
         ErrorKind::ReadOnly => BlockError::ReadOnly,
         ErrorKind::Gone => BlockError::Gone,
-        ErrorKind::AlreadyExists | ErrorKind::Busy | ErrorKind::Io | ErrorKind::Corrupt | ErrorKind::Unavailable => {
+        ErrorKind::AlreadyExists
+        | ErrorKind::Busy
+        | ErrorKind::Io
+        | ErrorKind::Corrupt
+        | ErrorKind::Unavailable
+        | ErrorKind::Quota
+        | ErrorKind::Throttled => {
             tracing::warn!(error = %e, "I/O request failed");
             BlockError::Io
         }

@@ -8,19 +8,21 @@ pub mod schedule;
 use serde::{Deserialize, Serialize};
 
 pub use retention::{Candidate, Retention, Verdict};
+
 pub use schedule::{Compiled, Schedule};
 
 /// Most policies one volume may carry.
 pub const MAX_POLICIES_PER_VOLUME: usize = 10;
 
+/// What a policy is, as `policy create` gives it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Policy {
-    /// `p-` and 16 hex digits; retention is keyed by it, never by the name.
-    pub id: String,
+pub struct PolicySpec {
     pub name: String,
     pub schedule: Schedule,
     /// IANA time zone of the schedule and of retention's periods.
+    #[serde(default = "utc")]
     pub tz: String,
+    #[serde(default)]
     pub retention: Retention,
     #[serde(default)]
     pub overlap: Overlap,
@@ -32,10 +34,45 @@ pub struct Policy {
     /// A tick waits for its snapshot's upload before it prunes.
     #[serde(default)]
     pub after_upload: bool,
+    /// What happens to the snapshots it took of a volume when the volume is deleted.
+    #[serde(default)]
+    pub on_volume_delete: OnVolumeDelete,
+}
+
+fn utc() -> String {
+    "UTC".into()
+}
+
+/// A policy: its spec, its id, and the volumes it is applied to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    /// `p-` and 16 hex digits; retention is keyed by it, never by the name.
+    pub id: String,
+    #[serde(flatten)]
+    pub spec: PolicySpec,
     /// Volume ids.
     #[serde(default)]
     pub volumes: Vec<String>,
     pub created: u64,
+}
+
+/// A policy reads as its spec (`p.name`, `p.retention`).
+impl std::ops::Deref for Policy {
+    type Target = PolicySpec;
+    fn deref(&self) -> &PolicySpec {
+        &self.spec
+    }
+}
+
+/// What a volume's delete does to the snapshots a policy took of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnVolumeDelete {
+    /// They stay (listed under the deleted volume) until deleted by hand, like manual ones.
+    #[default]
+    Keep,
+    /// They are deleted with the volume (into the recycle bin, when it is on).
+    Apply,
 }
 
 /// A tick that comes while the previous one for that volume still runs.

@@ -16,13 +16,17 @@ impl Service {
     /// Every export's name and description: volumes and their snapshots.
     pub fn export_names(&self, caller: &Caller) -> Result<Vec<(String, String)>> {
         caller.may(Access::Read)?;
-        Ok(self.engine.export_names())
+        let hidden = self.hidden_exports();
+        Ok(self.engine.export_names().into_iter().filter(|(name, _)| !hidden.contains(name)).collect())
     }
 
     /// Opens export `name`; the empty name is the only volume, when there is exactly one.
     pub fn open_export(&self, caller: &Caller, name: &str) -> Result<ExportHandle> {
         let name = if name.is_empty() {
-            match self.engine.list_volumes().as_slice() {
+            let deleted = self.hidden_exports();
+            let volumes: Vec<_> =
+                self.engine.list_volumes().into_iter().filter(|v| !deleted.contains(&v.name)).collect();
+            match volumes.as_slice() {
                 [only] => only.name.clone(),
                 _ => {
                     return Err(Error::Invalid(
@@ -35,6 +39,7 @@ impl Service {
         };
         if name.contains('@') {
             caller.may(Access::Read)?;
+            self.live_snapshot(&name)?;
             // Released after upload (now, or any moment): read from the region it went to.
             // Once more if the release sweep released it between the two looks (as in
             // `released_or_not`, which is async).
@@ -48,6 +53,7 @@ impl Service {
             }
         } else {
             caller.may(Access::Write)?;
+            self.live_volume(&name)?;
             Ok(ExportHandle::Volume(self.engine.open_volume(&name)?))
         }
     }

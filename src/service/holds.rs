@@ -16,7 +16,7 @@ impl Service {
     /// Puts a hold on a snapshot (again: the reason is replaced).
     pub fn hold_snapshot(&self, caller: &Caller, r: &str, req: HoldRequest) -> Result<SnapshotView> {
         caller.may(Access::Write)?;
-        let snap = self.engine.snapshot(r)?;
+        let snap = self.live_snapshot(r)?;
         {
             let mut st = self.lifecycle.lock();
             st.holds.insert(snap.id.clone(), Hold { since: self.engine.clock().now(), reason: req.reason });
@@ -29,7 +29,7 @@ impl Service {
     /// Releases a snapshot's hold (nothing to do if it has none).
     pub fn release_hold(&self, caller: &Caller, r: &str) -> Result<SnapshotView> {
         caller.may(Access::Write)?;
-        let snap = self.engine.snapshot(r)?;
+        let snap = self.live_snapshot(r)?;
         {
             let mut st = self.lifecycle.lock();
             if st.holds.remove(&snap.id).is_some() {
@@ -54,10 +54,11 @@ impl Service {
 }
 
 impl Service {
-    /// A deleted snapshot leaves the policies' books (a hold cannot be on it: it was refused).
+    /// A snapshot deleted for good leaves the policies' books and the recycle bin (a hold
+    /// cannot be on it: it was refused).
     pub(super) fn forget_snapshot(&self, id: &str) {
         let mut st = self.lifecycle.lock();
-        let mut changed = false;
+        let mut changed = st.bin.remove(id).is_some();
         for book in st.books.values_mut().flat_map(|b| b.values_mut()) {
             let before = book.snapshots.len();
             book.snapshots.retain(|s| s != id);

@@ -32,6 +32,46 @@ pub struct LifecycleState {
     /// Snapshot id → its hold.
     #[serde(default)]
     pub holds: BTreeMap<String, Hold>,
+    /// Snapshot id → its place in the recycle bin (see `bin.rs`).
+    #[serde(default)]
+    pub bin: BTreeMap<String, Binned>,
+    /// Volume id → a volume deleted while snapshots of it remain (in the bin, or kept).
+    #[serde(default)]
+    pub deleted_volumes: BTreeMap<String, DeletedVolume>,
+    #[serde(default)]
+    pub bin_lock: Option<BinLock>,
+}
+
+/// A deleted snapshot waiting in the recycle bin: still complete locally and in the store,
+/// hidden from everything but the bin.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Binned {
+    pub volume_id: String,
+    pub volume: String,
+    pub name: String,
+    pub deleted_at: u64,
+    /// Deleted for good at this time (unless restored).
+    pub expires_at: u64,
+    /// Who deleted it (a client, or retention).
+    pub by: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeletedVolume {
+    pub name: String,
+    pub deleted_at: u64,
+}
+
+/// The recycle bin's lock: while it holds, nothing leaves the bin before its time and the
+/// retention in force is never shorter than `retention`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BinLock {
+    pub since: u64,
+    /// Seconds: the retention when it was locked.
+    pub retention: u64,
+    /// When an unlock was requested, the time it takes effect.
+    #[serde(default)]
+    pub unlock_at: Option<u64>,
 }
 
 /// What one policy did to one volume.
@@ -130,6 +170,8 @@ impl LifecycleState {
         }
         self.books.retain(|p, _| self.policies.contains_key(p));
         self.holds.retain(|s, _| snapshots.contains(s));
+        self.bin.retain(|s, _| snapshots.contains(s));
+        self.deleted_volumes.retain(|v, _| volumes.contains(v));
     }
 }
 

@@ -7,12 +7,17 @@
 //! One file per resource: a new resource is a new file here, one in `control/api/` and one in
 //! `control/cli/`.
 
+mod bin;
+mod events;
 mod exports;
 mod holds;
 mod lifecycle;
 mod policies;
+mod quotas;
 mod regions;
 mod snapshots;
+#[cfg(test)]
+mod testing;
 mod volumes;
 
 use std::path::PathBuf;
@@ -20,10 +25,13 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub use bin::{BinView, BinnedView, PurgeRequest};
+pub use events::{Event, EventQuery, EventRecord};
 pub use exports::ExportHandle;
 pub use holds::HoldRequest;
-pub use lifecycle::{HistoryEntry, Hold, Outcome};
+pub use lifecycle::{BinLock, Binned, HistoryEntry, Hold, Outcome};
 pub use policies::{CreatePolicy, PolicyTarget, PolicyView, PolicyVolumeView, PolicyVolumes, PruneView};
+pub use quotas::QuotaView;
 pub use regions::{GcRequest, KeyFile};
 pub use snapshots::{CloneSnapshot, CreateSnapshot, ExportRequest, Rollback, SnapshotView};
 pub use volumes::{CreateVolume, VolumeView};
@@ -88,6 +96,9 @@ pub enum Error {
     /// The snapshot is held.
     #[error("{0}")]
     Held(String),
+    /// Over a quota or a task limit; `retry_after` (seconds) when waiting lifts it.
+    #[error("{message}")]
+    Limit { message: String, retry_after: Option<u64> },
     /// A background task failed to finish (it panicked or the daemon is stopping).
     #[error("internal error: {0}")]
     Internal(String),
@@ -101,7 +112,17 @@ impl Error {
             Error::Invalid(_) => ErrorKind::Invalid,
             Error::NotFound(_) => ErrorKind::NotFound,
             Error::Held(_) => ErrorKind::Busy,
+            Error::Limit { retry_after: None, .. } => ErrorKind::Quota,
+            Error::Limit { retry_after: Some(_), .. } => ErrorKind::Throttled,
             Error::Internal(_) => ErrorKind::Io,
+        }
+    }
+
+    /// How long to wait before trying again, when waiting helps.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Error::Limit { retry_after, .. } => *retry_after,
+            _ => None,
         }
     }
 }
@@ -135,6 +156,11 @@ pub struct Service {
     lifecycle: parking_lot::Mutex<lifecycle::LifecycleState>,
     lifecycle_file: lifecycle::StateFile,
     running: policies::Running,
+    /// Serializes policy ticks' creates per volume, so policies firing together share one
+    /// snapshot.
+    tick_locks: policies::TickLocks,
+    creating: quotas::Creating,
+    events: events::EventLog,
 }
 
 impl Service {
@@ -150,8 +176,12 @@ impl Service {
         let lifecycle_file = lifecycle::StateFile::new(engine.dir());
         let mut state = lifecycle_file.load()?;
         state.settle(&engine);
+        if state.lock_bin_at_start(&store.config.recycle_bin, engine.clock().now()) {
+            tracing::info!("recycle bin locked (lock = true)");
+        }
         lifecycle_file.save(&state)?;
-        Ok(Arc::new(Service {
+        let events = events::EventLog::open(engine.dir());
+        let svc = Arc::new(Service {
             engine,
             store,
             attachments,
@@ -160,11 +190,21 @@ impl Service {
             lifecycle: parking_lot::Mutex::new(state),
             lifecycle_file,
             running: policies::Running::default(),
-        }))
+            tick_locks: policies::TickLocks::default(),
+            creating: quotas::Creating::default(),
+            events,
+        });
+        let weak = Arc::downgrade(&svc);
+        svc.store.on_upload_failed(Box::new(move |id, error| {
+            if let Some(s) = weak.upgrade() {
+                s.upload_failed(id, error);
+            }
+        }));
+        Ok(svc)
     }
 
-    /// Starts the operations the daemon runs by itself: the policy scheduler, and periodic GC
-    /// (`gc_interval`).
+    /// Starts the operations the daemon runs by itself: the policy scheduler (which also
+    /// sweeps the recycle bin), and periodic GC (`gc_interval`).
     pub fn start(self: &Arc<Self>) {
         self.start_scheduler();
         let every = self.store.config.gc_interval;

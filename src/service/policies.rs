@@ -14,10 +14,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::events::Event;
 use super::lifecycle::{Book, HistoryEntry, Outcome};
+use super::quotas::Taker;
 use super::{Access, Caller, CreateSnapshot, Error, Result, Service};
-use crate::engine::ErrorKind;
-use crate::policy::{Candidate, Missed, Overlap, Policy, Retention, Schedule, Verdict, MAX_POLICIES_PER_VOLUME};
+use crate::engine::{ErrorKind, SnapshotInfo};
+use crate::policy::{Candidate, Missed, Overlap, Policy, PolicySpec, Verdict, MAX_POLICIES_PER_VOLUME};
 use crate::store::UploadState;
 
 /// The longest policy name: its snapshots' names (`auto-NAME-YYYYMMDDTHHMMSSZ`) fit in 64.
@@ -27,27 +29,8 @@ const MISSED_AFTER: u64 = 60;
 /// How often the scheduler looks for due policies, and a waiting tick at its upload.
 const POLL: Duration = Duration::from_millis(500);
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CreatePolicy {
-    pub name: String,
-    pub schedule: Schedule,
-    #[serde(default = "utc")]
-    pub tz: String,
-    #[serde(default)]
-    pub retention: Retention,
-    #[serde(default)]
-    pub overlap: Overlap,
-    #[serde(default)]
-    pub missed: Missed,
-    #[serde(default)]
-    pub skip_if_unchanged: bool,
-    #[serde(default)]
-    pub after_upload: bool,
-}
-
-fn utc() -> String {
-    "UTC".into()
-}
+/// `policy create`: the policy's spec.
+pub type CreatePolicy = PolicySpec;
 
 /// Volumes to apply a policy to, or remove it from (names or ids).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -98,6 +81,16 @@ pub struct PruneView {
 #[derive(Default)]
 pub(super) struct Running(parking_lot::Mutex<HashMap<(String, String), bool>>);
 
+/// One lock per volume id, held by a tick while it finds or takes its snapshot.
+#[derive(Default)]
+pub(super) struct TickLocks(parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl TickLocks {
+    fn of(&self, volume: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.0.lock().entry(volume.to_string()).or_default().clone()
+    }
+}
+
 impl Service {
     fn policy_view(&self, p: &Policy) -> PolicyView {
         let st = self.lifecycle.lock();
@@ -141,19 +134,8 @@ impl Service {
             return Err(Error::Invalid(format!("a policy name has at most {MAX_POLICY_NAME} characters")));
         }
         let now = self.engine.clock().now();
-        let policy = Policy {
-            id: format!("p-{:016x}", rand::random::<u64>()),
-            name: req.name,
-            schedule: req.schedule,
-            tz: req.tz,
-            retention: req.retention,
-            overlap: req.overlap,
-            missed: req.missed,
-            skip_if_unchanged: req.skip_if_unchanged,
-            after_upload: req.after_upload,
-            volumes: Vec::new(),
-            created: now,
-        };
+        let policy =
+            Policy { id: format!("p-{:016x}", rand::random::<u64>()), spec: req, volumes: Vec::new(), created: now };
         let next = policy.compile().map_err(Error::Invalid)?.next_after(now as i64).map(|t| t as u64);
         {
             let mut st = self.lifecycle.lock();
@@ -202,7 +184,7 @@ impl Service {
     pub fn apply_policy(&self, caller: &Caller, r: &str, req: PolicyVolumes) -> Result<PolicyView> {
         caller.may(Access::Write)?;
         let p = self.find_policy(r)?;
-        let ids = req.volumes.iter().map(|v| Ok(self.engine.volume(v)?.id)).collect::<Result<Vec<_>>>()?;
+        let ids = req.volumes.iter().map(|v| Ok(self.live_volume(v)?.id)).collect::<Result<Vec<_>>>()?;
         let mut st = self.lifecycle.lock();
         for (id, name) in ids.iter().zip(&req.volumes) {
             let carried = st.policies.values().filter(|q| q.volumes.contains(id)).count();
@@ -227,7 +209,7 @@ impl Service {
     pub fn remove_policy(&self, caller: &Caller, r: &str, req: PolicyVolumes) -> Result<PolicyView> {
         caller.may(Access::Write)?;
         let p = self.find_policy(r)?;
-        let ids = req.volumes.iter().map(|v| Ok(self.engine.volume(v)?.id)).collect::<Result<Vec<_>>>()?;
+        let ids = req.volumes.iter().map(|v| Ok(self.live_volume(v)?.id)).collect::<Result<Vec<_>>>()?;
         let mut st = self.lifecycle.lock();
         if let Some(q) = st.policies.get_mut(&p.id) {
             q.volumes.retain(|v| !ids.contains(v));
@@ -255,7 +237,7 @@ impl Service {
         match volume {
             None => Ok(p.volumes.clone()),
             Some(v) => {
-                let info = self.engine.volume(v)?;
+                let info = self.live_volume(v)?;
                 if !p.volumes.contains(&info.id) {
                     return Err(Error::Invalid(format!(
                         "policy '{}' is not applied to volume '{}'; apply it with: snapblk policy apply {} {}",
@@ -376,13 +358,15 @@ impl Service {
         while ticks.join_next().await.is_some() {}
     }
 
-    /// The scheduler: one task, looking for due policies every [`POLL`].
+    /// The scheduler: one task, looking for due policies (and what the recycle bin has held
+    /// long enough) every [`POLL`].
     pub(super) fn start_scheduler(self: &Arc<Self>) {
         let svc = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(POLL).await;
                 let Some(s) = svc.upgrade() else { return };
+                s.sweep_bin().await;
                 // Ticks run on their own; the next look does not wait for them.
                 tokio::spawn(async move { s.run_due_policies().await });
             }
@@ -403,6 +387,13 @@ impl Service {
         if let Err(e) = self.save_lifecycle(&st) {
             tracing::error!(policy = %p.name, error = %e, "cannot record a policy tick");
         }
+        drop(st);
+        let (policy, volume, reason) = (p.name.clone(), entry.volume.clone(), entry.reason.clone().unwrap_or_default());
+        match entry.outcome {
+            Outcome::Skipped => self.event(Event::PolicySkipped { policy, volume, reason }),
+            Outcome::Failed => self.event(Event::PolicyFailed { policy, volume, error: reason }),
+            Outcome::Taken => {}
+        }
         match entry.outcome {
             Outcome::Failed => {
                 tracing::warn!(policy = %p.name, volume = %entry.volume, reason = ?entry.reason, "policy tick failed")
@@ -420,41 +411,24 @@ impl Service {
             Err(e) => return failed(now, v.to_string(), None, e.to_string()),
         };
         let volume = info.name.clone();
-        if p.skip_if_unchanged && info.dirty_clusters == 0 && info.snapshots > 0 {
-            return skipped(now, volume, "nothing was written since the volume's last snapshot".into());
-        }
-        let name = p.snapshot_name(now);
-        {
-            let mut st = self.lifecycle.lock();
-            st.book(&p.id, v).creating = Some(name.clone());
-            if let Err(e) = self.save_lifecycle(&st) {
-                return failed(now, volume, None, e.to_string());
+        let (snap, shared) = {
+            let tick_lock = self.tick_locks.of(v);
+            let _one_at_a_time = tick_lock.lock().await;
+            match self.shared_snapshot(p, v, now) {
+                Some(found) => found,
+                None if p.skip_if_unchanged && info.dirty_clusters == 0 && info.snapshots > 0 => {
+                    return skipped(now, volume, "nothing was written since the volume's last snapshot".into());
+                }
+                None => match self.take_policy_snapshot(p, v, now).await {
+                    Ok(s) => (s, None),
+                    Err(e) => return failed(now, volume, None, format!("{e}; nothing was pruned")),
+                },
             }
-        }
-        let req = CreateSnapshot {
-            name: name.clone(),
-            description: format!("taken by policy {} ({})", p.name, p.id),
-            durable: false,
         };
-        let created = self.create_snapshot(&Caller::Daemon("policy"), v, req).await;
-        {
-            let mut st = self.lifecycle.lock();
-            let book = st.book(&p.id, v);
-            book.creating = None;
-            if let Ok(s) = &created {
-                book.snapshots.push(s.info.id.clone());
-            }
-            if let Err(e) = self.save_lifecycle(&st) {
-                tracing::error!(policy = %p.name, error = %e, "cannot record a policy's snapshot");
-            }
-        }
-        let snap = match created {
-            Ok(s) => s,
-            Err(e) => return failed(now, volume, None, format!("{e}; nothing was pruned")),
-        };
+        let name = snap.name.clone();
         if p.after_upload {
             loop {
-                match self.store.status(&snap.info.id).map(|s| (s.state, s.reason)) {
+                match self.store.status(&snap.id).map(|s| (s.state, s.reason)) {
                     Some((UploadState::Uploading, _)) => tokio::time::sleep(POLL).await,
                     Some((UploadState::Failed, reason)) => {
                         let why = reason.unwrap_or_default();
@@ -475,7 +449,7 @@ impl Service {
             volume,
             outcome: Outcome::Taken,
             snapshot: Some(name),
-            reason: None,
+            reason: shared.map(|other| format!("shared with policy {other}, which took it this minute")),
             removed: Vec::new(),
         };
         match self.prune(p, v).await {
@@ -483,6 +457,53 @@ impl Service {
             Err(e) => entry.reason = Some(format!("nothing pruned: {e}")),
         }
         entry
+    }
+
+    /// Takes a tick's snapshot and books it: its name is recorded first (synced), so a kill -9
+    /// between the create and the booking is settled at start, never a duplicate or a loss.
+    async fn take_policy_snapshot(&self, p: &Policy, v: &str, now: u64) -> Result<SnapshotInfo> {
+        let name = p.snapshot_name(now);
+        {
+            let mut st = self.lifecycle.lock();
+            st.book(&p.id, v).creating = Some(name.clone());
+            self.save_lifecycle(&st)?;
+        }
+        let req = CreateSnapshot {
+            name: name.clone(),
+            description: format!("taken by policy {} ({})", p.name, p.id),
+            durable: false,
+        };
+        let created = self.take_snapshot(&Caller::Daemon("policy"), v, req, Taker::Policy).await;
+        let mut st = self.lifecycle.lock();
+        let book = st.book(&p.id, v);
+        book.creating = None;
+        if let Ok(s) = &created {
+            book.snapshots.push(s.info.id.clone());
+        }
+        if let Err(e) = self.save_lifecycle(&st) {
+            tracing::error!(policy = %p.name, error = %e, "cannot record a policy's snapshot");
+        }
+        Ok(created?.info)
+    }
+
+    /// A snapshot another policy took of volume `v` in the same minute as `now`: policy `p`
+    /// books it too (kept until the last policy keeping it lets it go) and does not take its
+    /// own. With the name of the policy that took it.
+    fn shared_snapshot(&self, p: &Policy, v: &str, now: u64) -> Option<(SnapshotInfo, Option<String>)> {
+        let mut st = self.lifecycle.lock();
+        let binned = &st.bin;
+        let (other, snap) = st.books.iter().filter(|(q, _)| *q != &p.id).find_map(|(q, books)| {
+            let id = books.get(v)?.snapshots.last()?;
+            let s = self.engine.snapshot(id).ok()?;
+            (s.created / 60 == now / 60 && !binned.contains_key(&s.id)).then(|| (q.clone(), s))
+        })?;
+        let other = st.policies.get(&other).map_or(other.clone(), |q| q.name.clone());
+        st.book(&p.id, v).snapshots.push(snap.id.clone());
+        if let Err(e) = self.save_lifecycle(&st) {
+            tracing::error!(policy = %p.name, error = %e, "cannot record a policy's shared snapshot");
+            return None;
+        }
+        Some((snap, Some(other)))
     }
 
     /// Retention's verdicts on the snapshots policy `p` took of volume `v`, and whether one of
@@ -542,6 +563,10 @@ impl Service {
         }
         let mut removed = Vec::new();
         for s in verdicts.into_iter().filter(|s| !s.verdict.keeps()) {
+            if self.let_go_if_shared(p, v, &s.id) {
+                removed.push(format!("{} (still kept by another policy)", s.snapshot));
+                continue;
+            }
             match self.delete_snapshot(&Caller::Daemon("retention"), &s.id).await {
                 Ok(()) => removed.push(s.snapshot),
                 Err(e) if e.kind() == ErrorKind::NotFound => {}
@@ -551,6 +576,25 @@ impl Service {
             }
         }
         Ok(removed)
+    }
+}
+
+impl Service {
+    /// When another policy also keeps snapshot `id` of volume `v`, policy `p` only lets go of
+    /// it (drops it from its book); true then.
+    fn let_go_if_shared(&self, p: &Policy, v: &str, id: &str) -> bool {
+        let mut st = self.lifecycle.lock();
+        let shared = st
+            .books
+            .iter()
+            .any(|(q, books)| q != &p.id && books.get(v).is_some_and(|b| b.snapshots.iter().any(|s| s == id)));
+        if shared {
+            st.book(&p.id, v).snapshots.retain(|s| s != id);
+            if let Err(e) = self.save_lifecycle(&st) {
+                tracing::error!(policy = %p.name, error = %e, "cannot record a policy letting go of a shared snapshot");
+            }
+        }
+        shared
     }
 }
 
@@ -600,33 +644,9 @@ fn failed(at: u64, volume: String, snapshot: Option<String>, reason: String) -> 
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
-    use crate::engine::Engine;
-    use crate::service::Status;
+    use crate::policy::{Retention, Schedule};
 
-    fn ts(s: &str) -> u64 {
-        s.parse::<jiff::Timestamp>().unwrap().as_second() as u64
-    }
-
-    /// A service on a fresh directory with a manual clock; uploads off (the store is not
-    /// what this tests).
-    fn service(dir: &std::path::Path, clock: Arc<ManualClock>) -> Arc<Service> {
-        std::fs::write(dir.join("snapblk.toml"), "[upload]\nenabled = false\n").unwrap();
-        let engine = Engine::open_with_clock(dir, clock).unwrap();
-        let store = crate::store::StoreService::open(dir, engine.clone()).unwrap();
-        let attachments = Arc::new(crate::attach::Attachments::new(
-            engine.clone(),
-            tokio::runtime::Handle::current(),
-            Arc::new(snapblk_nbd::ServerConfig::default()),
-        ));
-        let status = Status {
-            version: String::new(),
-            dir: dir.to_path_buf(),
-            pid: 0,
-            nbd_socket: dir.join("nbd.sock"),
-            nbd_tcp: None,
-        };
-        Service::new(engine, store, attachments, status).unwrap()
-    }
+    use crate::service::testing::{service, ts};
 
     fn policy(name: &str, schedule: Schedule, retention: Retention) -> CreatePolicy {
         CreatePolicy {
@@ -638,6 +658,7 @@ mod tests {
             missed: Missed::Skip,
             skip_if_unchanged: false,
             after_upload: false,
+            on_volume_delete: Default::default(),
         }
     }
 
@@ -645,7 +666,7 @@ mod tests {
     async fn a_month_of_hourly_ticks_keeps_what_retention_says_and_no_manual_snapshot() {
         let dir = tempfile::tempdir().unwrap();
         let clock = ManualClock::new(ts("2026-11-01T00:00:00Z"));
-        let svc = service(dir.path(), clock.clone());
+        let svc = service(dir.path(), clock.clone(), "");
         let me = Caller::Local;
         svc.create_volume(
             &me,
@@ -702,7 +723,7 @@ mod tests {
     async fn missed_ticks_are_skipped_or_run_once_and_a_failure_never_counts_as_success() {
         let dir = tempfile::tempdir().unwrap();
         let clock = ManualClock::new(ts("2026-11-01T00:00:00Z"));
-        let svc = service(dir.path(), clock.clone());
+        let svc = service(dir.path(), clock.clone(), "");
         let me = Caller::Local;
         let every = |s| Schedule::Every { every: s, start: "00:00".into() };
         let mut skip = policy("skip", every(600), Retention { keep_last: Some(100), ..Default::default() });
@@ -732,7 +753,9 @@ mod tests {
         // The next due is after now: nothing more until it comes.
         svc.run_due_policies().await;
         assert_eq!(outcomes("once").len(), 1);
-        // A tick that fails (its snapshot name is taken) does not advance last_success.
+        // A tick that fails (its snapshot name is taken) does not advance last_success. (Alone:
+        // "once", firing in the same minute, would take a snapshot "skip" then shares.)
+        svc.remove_policy(&me, "once", PolicyVolumes { volumes: vec!["v".into()] }).unwrap();
         let before = svc.policy(&me, "skip").unwrap().on[0].last_success;
         clock.advance(600);
         let name = svc.find_policy("skip").unwrap().snapshot_name(clock_now(&svc));
@@ -748,5 +771,61 @@ mod tests {
 
     fn clock_now(svc: &Service) -> u64 {
         svc.engine.clock().now()
+    }
+}
+
+#[cfg(test)]
+mod shared_tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::policy::{Retention, Schedule};
+    use crate::service::testing::{service, ts, volume};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn policies_firing_in_the_same_minute_share_one_snapshot_kept_until_the_last_lets_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(ts("2026-12-01T00:00:00Z"));
+        let svc = service(dir.path(), clock.clone(), "");
+        let me = Caller::Local;
+        volume(&svc, "v").await;
+        let every_hour = Schedule::Every { every: 3600, start: "00:00".into() };
+        let spec = |name: &str, keep_last| PolicySpec {
+            name: name.into(),
+            schedule: every_hour.clone(),
+            tz: "UTC".into(),
+            retention: Retention { keep_last: Some(keep_last), ..Default::default() },
+            overlap: Default::default(),
+            missed: Default::default(),
+            skip_if_unchanged: false,
+            after_upload: false,
+            on_volume_delete: Default::default(),
+        };
+        // "short" keeps 1, "long" keeps 3: after three hours, "long" keeps all three, and the
+        // two "short" let go of stay for it.
+        for (p, keep) in [("short", 1), ("long", 3)] {
+            svc.create_policy(&me, spec(p, keep)).unwrap();
+            svc.apply_policy(&me, p, PolicyVolumes { volumes: vec!["v".into()] }).unwrap();
+        }
+        for _ in 0..3 {
+            clock.advance(3600);
+            svc.run_due_policies().await;
+        }
+        let snaps = svc.list_snapshots(&me, Some("v")).unwrap();
+        assert_eq!(snaps.len(), 3, "one snapshot per tick, not one per policy: {snaps:?}");
+        let kept_by = |p: &str| snaps.iter().filter(|s| s.policies.iter().any(|q| q == p)).count();
+        assert_eq!((kept_by("short"), kept_by("long")), (1, 3));
+        let short = svc.policy_history(&me, "short", None).unwrap();
+        assert!(short.iter().all(|e| e.outcome == Outcome::Taken));
+        assert!(short.last().unwrap().removed.iter().all(|r| r.contains("still kept by another policy")));
+        // "long" removed from the volume: the two only it kept are nobody's now and stay
+        // (retention only removes what a policy keeps); the third, shared, is short's alone,
+        // and its next tick replaces it.
+        svc.remove_policy(&me, "long", PolicyVolumes { volumes: vec!["v".into()] }).unwrap();
+        clock.advance(3600);
+        svc.run_due_policies().await;
+        let snaps = svc.list_snapshots(&me, Some("v")).unwrap();
+        assert_eq!(snaps.len(), 3, "{snaps:?}");
+        assert_eq!(snaps.iter().filter(|s| s.policies.is_empty()).count(), 2);
+        svc.engine.stop_background();
     }
 }

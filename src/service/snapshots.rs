@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::events::Event;
+use super::quotas::Taker;
 use super::{blocking, Access, Caller, Error, Hold, Result, Service, VolumeView};
 use crate::engine::{ErrorKind, SnapshotInfo};
 use crate::jobs::JobView;
@@ -56,12 +58,16 @@ pub struct SnapshotView {
     /// Names of the policies whose retention keeps it.
     #[serde(default)]
     pub policies: Vec<String>,
+    /// Its volume was deleted (the snapshot stays until deleted itself).
+    #[serde(default)]
+    pub volume_deleted: bool,
 }
 
-/// Holds and policy books, looked up once for a list of snapshots.
+/// Holds, policy books and deleted volumes, looked up once for a list of snapshots.
 struct Marks {
     holds: HashMap<String, Hold>,
     taken_by: HashMap<String, Vec<String>>,
+    deleted_volumes: std::collections::HashSet<String>,
 }
 
 impl Service {
@@ -74,7 +80,11 @@ impl Service {
                 taken_by.entry(id.clone()).or_default().push(name.to_string());
             }
         }
-        Marks { holds: st.holds.iter().map(|(k, v)| (k.clone(), v.clone())).collect(), taken_by }
+        Marks {
+            holds: st.holds.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            taken_by,
+            deleted_volumes: st.deleted_volumes.keys().cloned().collect(),
+        }
     }
 
     fn snapshot_view_with(&self, info: SnapshotInfo, marks: &Marks) -> SnapshotView {
@@ -82,6 +92,7 @@ impl Service {
             upload: self.store.status(&info.id),
             hold: marks.holds.get(&info.id).cloned(),
             policies: marks.taken_by.get(&info.id).cloned().unwrap_or_default(),
+            volume_deleted: marks.deleted_volumes.contains(&info.volume_id),
             info,
         }
     }
@@ -90,57 +101,117 @@ impl Service {
         self.snapshot_view_with(info, &self.marks())
     }
 
-    /// Takes a snapshot of volume `r`; its upload starts in the background.
+    /// Takes a snapshot of volume `r` by hand; its upload starts in the background.
     pub async fn create_snapshot(&self, caller: &Caller, r: &str, req: CreateSnapshot) -> Result<SnapshotView> {
         caller.may(Access::Write)?;
-        let snap = if req.durable {
-            let (e, r) = (self.engine.clone(), r.to_string());
+        self.take_snapshot(caller, r, req, Taker::Hand).await
+    }
+
+    /// Takes a snapshot, within the volume's quotas and task limits.
+    pub(super) async fn take_snapshot(
+        &self,
+        caller: &Caller,
+        r: &str,
+        req: CreateSnapshot,
+        taker: Taker,
+    ) -> Result<SnapshotView> {
+        let volume = self.live_volume(r)?;
+        let _task = self.snapshot_allowed(&volume, taker).await?;
+        let name = req.name.clone();
+        let created = if req.durable {
+            let (e, r) = (self.engine.clone(), volume.id.clone());
             blocking(move || {
                 let s = e.create_snapshot(&r, &req.name, &req.description)?;
                 e.make_durable(&s.id)?;
                 e.snapshot(&s.id)
             })
-            .await?
+            .await
         } else {
             // Right here: it waits for no disk sync (see `Engine::create_snapshot`), and a hop to
             // a blocking thread and back costs more than the create on a loaded machine.
-            self.engine.create_snapshot(r, &req.name, &req.description)?
+            self.engine.create_snapshot(&volume.id, &req.name, &req.description).map_err(Error::from)
+        };
+        let snap = match created {
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                return Err(self.name_in_bin(&volume.name, &name).unwrap_or(e));
+            }
+            other => other?,
         };
         // The snapshot exists (and is usable) now; its upload starts in the background.
         self.store.snapshot_created(&snap)?;
+        self.event(Event::SnapshotTaken {
+            volume: snap.volume.clone(),
+            snapshot: snap.name.clone(),
+            id: snap.id.clone(),
+            by: caller.to_string(),
+        });
         Ok(self.snapshot_view(snap))
     }
 
-    /// The snapshots of volume `volume`, or of every volume.
+    /// A name taken by a snapshot in the recycle bin: said so, with the ways out.
+    fn name_in_bin(&self, volume: &str, name: &str) -> Option<Error> {
+        let st = self.lifecycle.lock();
+        let (id, b) = st.bin.iter().find(|(_, b)| b.volume == volume && b.name == name)?;
+        Some(Error::Engine(crate::engine::EngineError::AlreadyExists(format!(
+            "snapshot {volume}@{name} is in the recycle bin (until {}): restore it (snapblk snapshot restore-deleted {id}), purge it (snapblk recycle-bin purge {id}), or pick another name",
+            crate::units::utc(b.expires_at)
+        ))))
+    }
+
+    /// The snapshots of volume `volume`, or of every volume (not those in the recycle bin).
     pub fn list_snapshots(&self, caller: &Caller, volume: Option<&str>) -> Result<Vec<SnapshotView>> {
         caller.may(Access::Read)?;
         let marks = self.marks();
-        Ok(self.engine.list_snapshots(volume)?.into_iter().map(|s| self.snapshot_view_with(s, &marks)).collect())
+        let binned = self.binned_ids();
+        Ok(self
+            .engine
+            .list_snapshots(volume)?
+            .into_iter()
+            .filter(|s| !binned.contains(&s.id))
+            .map(|s| self.snapshot_view_with(s, &marks))
+            .collect())
     }
 
     pub fn snapshot(&self, caller: &Caller, r: &str) -> Result<SnapshotView> {
         caller.may(Access::Read)?;
-        Ok(self.snapshot_view(self.engine.snapshot(r)?))
+        Ok(self.snapshot_view(self.live_snapshot(r)?))
     }
 
     /// Deletes a snapshot — every delete, by hand or by retention, comes here. A held one is
-    /// refused. The intent to delete its store copy is recorded first, then the local delete
-    /// (the step that can be refused), then the store copy — once nothing can refuse it any
-    /// more (see `StoreService::delete_intent`).
+    /// refused. With the recycle bin on, it goes there; else it is deleted for good.
     pub async fn delete_snapshot(&self, caller: &Caller, r: &str) -> Result<()> {
         caller.may(Access::Write)?;
-        let snap = self.engine.snapshot(r)?;
+        let snap = self.live_snapshot(r)?;
         self.check_not_held(&snap.id, &format!("{}@{}", snap.volume, snap.name))?;
-        let kept = self.store.delete_intent(&snap)?;
-        let (e, r2) = (self.engine.clone(), r.to_string());
-        if let Err(refused) = blocking(move || e.delete_snapshot(&r2, kept)).await {
+        let to_bin = self.to_bin(caller, &snap)?;
+        if !to_bin {
+            self.delete_for_good(caller, &snap).await?;
+        }
+        let (volume, snapshot, id, by) = (snap.volume, snap.name, snap.id, caller.to_string());
+        self.event(match caller {
+            Caller::Daemon("retention" | "quota") => Event::SnapshotExpired { volume, snapshot, id, by, to_bin },
+            _ => Event::SnapshotDeleted { volume, snapshot, id, by, to_bin },
+        });
+        Ok(())
+    }
+
+    /// Deletes a snapshot for good. The intent to delete its store copy is recorded first,
+    /// then the local delete (the step that can be refused), then the store copy — once
+    /// nothing can refuse it any more (see `StoreService::delete_intent`). A deleted volume
+    /// whose last snapshot this was goes too.
+    pub(super) async fn delete_for_good(&self, caller: &Caller, snap: &SnapshotInfo) -> Result<()> {
+        let kept = self.store.delete_intent(snap)?;
+        let (e, id) = (self.engine.clone(), snap.id.clone());
+        if let Err(refused) = blocking(move || e.delete_snapshot(&id, kept)).await {
             if kept {
                 self.store.delete_refused(&snap.id)?;
             }
             return Err(refused);
         }
         self.forget_snapshot(&snap.id);
+        tracing::debug!(snapshot = %snap.id, by = %caller, "snapshot deleted for good");
         self.store.snapshot_deleted(&snap.id).await?;
+        self.volume_gone_if_empty(&snap.volume_id).await;
         Ok(())
     }
 
@@ -150,7 +221,10 @@ impl Service {
     /// goes away with the device.
     pub async fn rollback(&self, caller: &Caller, r: &str, req: Rollback) -> Result<VolumeView> {
         caller.may(Access::Write)?;
-        let volume_id = self.engine.snapshot(r)?.volume_id;
+        let volume_id = self.live_snapshot(r)?.volume_id;
+        self.live_volume(&volume_id).map_err(|_| {
+            Error::Invalid(format!("the volume of snapshot '{r}' was deleted: clone the snapshot to a new volume instead (snapblk volume clone {r} NAME)"))
+        })?;
         let (a, force) = (self.attachments.clone(), req.force);
         if let Some(gone) = blocking(move || a.before_rollback(&volume_id, force)).await? {
             tracing::warn!(volume = gone.volume, device = %gone.device.display(), "detached for a forced rollback");
@@ -167,7 +241,7 @@ impl Service {
     /// A new volume with the snapshot's content (`volume clone`).
     pub async fn clone_snapshot(&self, caller: &Caller, r: &str, req: CloneSnapshot) -> Result<VolumeView> {
         caller.may(Access::Write)?;
-        self.engine.snapshot(r)?;
+        self.live_snapshot(r)?;
         self.create_from_snapshot(&req.name, r, None).await
     }
 
@@ -175,7 +249,7 @@ impl Service {
     /// failed upload again. Nothing to do when uploaded or uploading.
     pub fn upload_snapshot(&self, caller: &Caller, r: &str) -> Result<SnapshotView> {
         caller.may(Access::Write)?;
-        let snap = self.engine.snapshot(r)?;
+        let snap = self.live_snapshot(r)?;
         self.store.upload(&snap)?;
         Ok(self.snapshot_view(snap))
     }
@@ -183,6 +257,7 @@ impl Service {
     /// Re-reads everything the snapshot needs from the store and checks it, as a job.
     pub fn verify_snapshot(&self, caller: &Caller, r: &str, region: Option<String>) -> Result<JobView> {
         caller.may(Access::Read)?;
+        self.not_binned(r)?;
         let (store, r2) = (self.store.clone(), r.to_string());
         Ok(self.jobs.spawn("verify", r, move |job| async move { store.verify(&r2, region.as_deref(), &job).await }))
     }
@@ -191,6 +266,7 @@ impl Service {
     /// as a job.
     pub fn export_snapshot(&self, caller: &Caller, r: &str, req: ExportRequest) -> Result<JobView> {
         caller.may(Access::Read)?;
+        self.not_binned(r)?;
         if !req.output.is_absolute() {
             return Err(Error::Invalid(format!("export output '{}' must be an absolute path", req.output.display())));
         }
@@ -198,6 +274,15 @@ impl Service {
         Ok(self.jobs.spawn("export", r, move |job| async move {
             store.export(&r2, req.region.as_deref(), &req.output, req.format, req.force, &job).await
         }))
+    }
+
+    /// Refuses a snapshot of this node that is in the recycle bin (ids of snapshots only in a
+    /// region pass: the store looks them up).
+    fn not_binned(&self, r: &str) -> Result<()> {
+        match self.engine.snapshot(r) {
+            Ok(s) => self.live_snapshot(&s.id).map(|_| ()),
+            Err(_) => Ok(()),
+        }
     }
 
     /// Runs an operation on snapshot `r` with the region it loads from if released. Once more

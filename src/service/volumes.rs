@@ -3,9 +3,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{blocking, Access, Caller, Error, Result, Service};
+use super::events::Event;
+use super::{blocking, Access, Caller, Error, Result, Service, SnapshotView};
 use crate::attach::{AttachRequest, Attachment};
-use crate::engine::{parse_snapshot_id, parse_volume_id, ErrorKind, RemoteSource, VolumeInfo};
+use crate::engine::{parse_snapshot_id, parse_volume_id, EngineError, ErrorKind, RemoteSource, VolumeInfo};
+use crate::policy::{OnVolumeDelete, Policy};
 use crate::store::HydrationView;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -39,7 +41,10 @@ pub struct VolumeView {
 }
 
 impl Service {
-    pub(super) fn volume_view(&self, info: VolumeInfo) -> VolumeView {
+    pub(super) fn volume_view(&self, mut info: VolumeInfo) -> VolumeView {
+        // Snapshots in the recycle bin are not the volume's any more, for its users.
+        let binned = self.lifecycle.lock().bin.values().filter(|b| b.volume_id == info.id).count() as u64;
+        info.snapshots = info.snapshots.saturating_sub(binned);
         VolumeView {
             region: self.store.volume_region(&info.id),
             attachment: self.attachments.of_volume(&info.id),
@@ -50,12 +55,20 @@ impl Service {
 
     pub fn list_volumes(&self, caller: &Caller) -> Result<Vec<VolumeView>> {
         caller.may(Access::Read)?;
-        Ok(self.engine.list_volumes().into_iter().map(|v| self.volume_view(v)).collect())
+        let deleted: std::collections::HashSet<String> =
+            self.lifecycle.lock().deleted_volumes.keys().cloned().collect();
+        Ok(self
+            .engine
+            .list_volumes()
+            .into_iter()
+            .filter(|v| !deleted.contains(&v.id))
+            .map(|v| self.volume_view(v))
+            .collect())
     }
 
     pub fn volume(&self, caller: &Caller, r: &str) -> Result<VolumeView> {
         caller.may(Access::Read)?;
-        Ok(self.volume_view(self.engine.volume(r)?))
+        Ok(self.volume_view(self.live_volume(r)?))
     }
 
     /// An empty volume of `size`, or (with `from_snapshot`) one with a snapshot's content.
@@ -88,7 +101,7 @@ impl Service {
         if let Some(reg) = region {
             self.store.check_region(reg)?;
         }
-        let (info, home) = match self.engine.snapshot(r) {
+        let (info, home) = match self.live_snapshot(r) {
             Ok(snap) => {
                 // A clone keeps its origin volume's home region.
                 let home = self.store.volume_region(&snap.volume_id);
@@ -100,7 +113,8 @@ impl Service {
                     .await?;
                 (info, home)
             }
-            Err(e) if e.kind() == ErrorKind::NotFound && parse_snapshot_id(r).is_some() => {
+            // Not on this node (one in the recycle bin is: its error stands).
+            Err(Error::Engine(e)) if e.kind() == ErrorKind::NotFound && parse_snapshot_id(r).is_some() => {
                 let (region, m) = self.store.find_remote(r, region).await?;
                 let source =
                     RemoteSource { region: region.name.clone(), snapshot: parse_snapshot_id(r).unwrap_or_default() };
@@ -108,7 +122,7 @@ impl Service {
                 let info = blocking(move || e.create_volume_from_remote(&n2, m.size, m.cluster_size, &source)).await?;
                 (info, region.name.clone())
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         };
         self.store.set_volume_region(&info.id, &home)?;
         self.volume_loading(&info);
@@ -125,22 +139,75 @@ impl Service {
         }
     }
 
-    /// Deletes a volume (refused while it has snapshots, clients or a kernel device).
+    /// Deletes a volume: refused while it has clients, a kernel device or snapshots taken by
+    /// hand. The snapshots policies took of it are deleted with it, or kept, as each policy's
+    /// `on_volume_delete` says (kept if any policy keeping it says keep, or if it is held). A
+    /// volume that still has snapshots (kept, or in the recycle bin) is deleted for its users
+    /// at once and for good once its last snapshot goes (see `bin.rs`).
     pub async fn delete_volume(&self, caller: &Caller, r: &str) -> Result<()> {
         caller.may(Access::Write)?;
-        let id = self.engine.volume(r)?.id;
-        self.attachments.before_delete(&id)?;
-        let (e, r) = (self.engine.clone(), r.to_string());
-        blocking(move || e.delete_volume(&r)).await?;
-        self.forget_volume(&id);
-        self.store.volume_deleted(&id)?;
+        let info = self.live_volume(r)?;
+        self.attachments.before_delete(&info.id)?;
+        if info.writers > 0 {
+            return Err(Error::Engine(EngineError::Busy(format!(
+                "volume '{}' has {} client(s) connected; disconnect them first",
+                info.name, info.writers
+            ))));
+        }
+        let (with_it, manual): (Vec<SnapshotView>, Vec<SnapshotView>) = {
+            let snaps = self.list_snapshots(caller, Some(&info.id))?;
+            let st = self.lifecycle.lock();
+            let mut with_it = Vec::new();
+            let mut manual = Vec::new();
+            for s in snaps {
+                let owners: Vec<&Policy> = st
+                    .books
+                    .iter()
+                    .filter(|(_, b)| b.get(&info.id).is_some_and(|b| b.snapshots.contains(&s.info.id)))
+                    .filter_map(|(p, _)| st.policies.get(p))
+                    .collect();
+                if owners.is_empty() {
+                    manual.push(s);
+                } else if s.hold.is_none() && owners.iter().all(|p| p.on_volume_delete == OnVolumeDelete::Apply) {
+                    with_it.push(s);
+                }
+            }
+            (with_it, manual)
+        };
+        if !manual.is_empty() {
+            let names: Vec<String> = manual.iter().map(|s| format!("{}@{}", s.info.volume, s.info.name)).collect();
+            return Err(Error::Engine(EngineError::Busy(format!(
+                "volume '{}' still has snapshots taken by hand ({}); delete them first with: snapblk snapshot delete VOLUME@SNAPSHOT",
+                info.name,
+                names.join(", ")
+            ))));
+        }
+        for s in &with_it {
+            self.delete_snapshot(caller, &s.info.id).await?;
+        }
+        let left = self.engine.list_snapshots(Some(&info.id))?.len();
+        if left == 0 {
+            let (e, id) = (self.engine.clone(), info.id.clone());
+            blocking(move || e.delete_volume(&id)).await?;
+            self.forget_volume(&info.id);
+            self.store.volume_deleted(&info.id)?;
+        } else {
+            self.mark_volume_deleted(&info)?;
+        }
+        tracing::info!(volume = %info.name, snapshots_left = left, by = %caller, "volume deleted");
+        self.event(Event::VolumeDeleted {
+            volume: info.name,
+            id: info.id,
+            snapshots_left: left,
+            by: caller.to_string(),
+        });
         Ok(())
     }
 
     /// Starts (or resumes) loading all of a volume's data from the store.
     pub fn hydrate_volume(&self, caller: &Caller, r: &str) -> Result<VolumeView> {
         caller.may(Access::Write)?;
-        let info = self.engine.volume(r)?;
+        let info = self.live_volume(r)?;
         if let Some(id) = parse_volume_id(&info.id) {
             self.store.hydration.start(id);
         }
@@ -149,6 +216,7 @@ impl Service {
 
     pub async fn attach(&self, caller: &Caller, r: &str, req: AttachRequest) -> Result<Attachment> {
         caller.may(Access::Write)?;
+        self.live_volume(r)?;
         let (a, r) = (self.attachments.clone(), r.to_string());
         blocking(move || a.attach(&r, &req)).await
     }

@@ -36,6 +36,18 @@ readahead = "1M"                 # prefetched after sequential reads; "0" = none
 interval = "1h"                  # background GC period per region; "0s" = only `snapblk gc`
 grace = "1h"                     # never delete unreferenced packs younger than this
 
+[recycle_bin]                    # deleted snapshots (by hand or by retention) wait here, restorable
+retention = "0s"                 # how long; "0s" = off (a delete is final), e.g. "7d"
+lock = false                     # true: the bin cannot be purged or shortened until `recycle-bin unlock` + unlock_delay
+unlock_delay = "7d"
+
+[quotas]                         # per volume; override one volume with [quotas.volumes.NAME]
+max_snapshots_manual = 256       # snapshots taken by hand
+max_snapshots_auto = 1000        # snapshots taken by policies
+on_limit = "delete-oldest-auto"  # a policy at max_snapshots_auto: "delete-oldest-auto" or "reject"
+max_concurrent_tasks = 10        # snapshot creates and uploads in flight
+min_snapshot_interval = "0s"     # between two snapshots of a volume
+
 [regions.local]
 kind = "fs"
 path = "store"
@@ -65,7 +77,41 @@ struct RawConfig {
     #[serde(default)]
     gc: RawGc,
     #[serde(default)]
+    recycle_bin: RawRecycleBin,
+    #[serde(default)]
+    quotas: RawQuotas,
+    #[serde(default)]
     regions: BTreeMap<String, RawRegion>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRecycleBin {
+    retention: Option<String>,
+    lock: Option<bool>,
+    unlock_delay: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuotas {
+    max_snapshots_manual: Option<u32>,
+    max_snapshots_auto: Option<u32>,
+    on_limit: Option<String>,
+    max_concurrent_tasks: Option<u32>,
+    min_snapshot_interval: Option<String>,
+    #[serde(default)]
+    volumes: BTreeMap<String, RawQuota>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuota {
+    max_snapshots_manual: Option<u32>,
+    max_snapshots_auto: Option<u32>,
+    on_limit: Option<String>,
+    max_concurrent_tasks: Option<u32>,
+    min_snapshot_interval: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -203,7 +249,82 @@ pub struct Config {
     /// 0 = no background GC.
     pub gc_interval: Duration,
     pub gc_grace: Duration,
+    pub recycle_bin: RecycleBinConfig,
+    /// The quotas of volumes not named in `quota_overrides`.
+    pub quotas: Quotas,
+    /// Volume name → its quotas (the defaults, with what `[quotas.volumes.NAME]` sets).
+    pub quota_overrides: BTreeMap<String, Quotas>,
     pub regions: BTreeMap<String, RegionConfig>,
+}
+
+/// `[recycle_bin]`: where deleted snapshots wait.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecycleBinConfig {
+    /// Zero: the bin is off and deletes are final.
+    pub retention: Duration,
+    /// Lock the bin at start (see `service::bin`).
+    pub lock: bool,
+    pub unlock_delay: Duration,
+}
+
+/// What a policy does at `max_snapshots_auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnLimit {
+    /// Delete the volume's oldest automatic snapshot that is not held, then take the new one.
+    DeleteOldestAuto,
+    /// Fail the tick.
+    Reject,
+}
+
+/// One volume's quotas and task limits (`[quotas]`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Quotas {
+    pub max_snapshots_manual: u32,
+    pub max_snapshots_auto: u32,
+    pub on_limit: OnLimit,
+    pub max_concurrent_tasks: u32,
+    /// Seconds.
+    pub min_snapshot_interval: u64,
+}
+
+impl Quotas {
+    /// These quotas with what one `[quotas]` table sets; `key` names it in errors.
+    fn with(&self, raw: &RawQuota, key: &str) -> std::result::Result<Quotas, String> {
+        let on_limit = match raw.on_limit.as_deref() {
+            None => self.on_limit,
+            Some("delete-oldest-auto") => OnLimit::DeleteOldestAuto,
+            Some("reject") => OnLimit::Reject,
+            Some(other) => return Err(format!("{key}.on_limit '{other}': use \"delete-oldest-auto\" or \"reject\"")),
+        };
+        let min_snapshot_interval = match &raw.min_snapshot_interval {
+            None => self.min_snapshot_interval,
+            Some(d) => parse_duration(d).map_err(|e| format!("{key}.min_snapshot_interval: {e}"))?.as_secs(),
+        };
+        let q = Quotas {
+            max_snapshots_manual: raw.max_snapshots_manual.unwrap_or(self.max_snapshots_manual),
+            max_snapshots_auto: raw.max_snapshots_auto.unwrap_or(self.max_snapshots_auto),
+            on_limit,
+            max_concurrent_tasks: raw.max_concurrent_tasks.unwrap_or(self.max_concurrent_tasks),
+            min_snapshot_interval,
+        };
+        if q.max_concurrent_tasks == 0 {
+            return Err(format!("{key}.max_concurrent_tasks must be at least 1"));
+        }
+        Ok(q)
+    }
+}
+
+impl Default for Quotas {
+    fn default() -> Quotas {
+        Quotas {
+            max_snapshots_manual: 256,
+            max_snapshots_auto: 1000,
+            on_limit: OnLimit::DeleteOldestAuto,
+            max_concurrent_tasks: 10,
+            min_snapshot_interval: 0,
+        }
+    }
 }
 
 /// Loading volumes' data from the store (`[hydrate]`).
@@ -300,6 +421,27 @@ impl Config {
             }
             regions.insert(name.clone(), region(&name, r, dir)?);
         }
+        let recycle_bin = RecycleBinConfig {
+            retention: dur(&raw.recycle_bin.retention, "recycle_bin.retention", "0s")?,
+            lock: raw.recycle_bin.lock.unwrap_or(false),
+            unlock_delay: dur(&raw.recycle_bin.unlock_delay, "recycle_bin.unlock_delay", "7d")?,
+        };
+        if recycle_bin.lock && recycle_bin.retention.is_zero() {
+            return Err("recycle_bin.lock needs a recycle_bin.retention (the bin is off at 0s)".into());
+        }
+        let q = &raw.quotas;
+        let defaults = RawQuota {
+            max_snapshots_manual: q.max_snapshots_manual,
+            max_snapshots_auto: q.max_snapshots_auto,
+            on_limit: q.on_limit.clone(),
+            max_concurrent_tasks: q.max_concurrent_tasks,
+            min_snapshot_interval: q.min_snapshot_interval.clone(),
+        };
+        let quotas = Quotas::default().with(&defaults, "quotas")?;
+        let mut quota_overrides = BTreeMap::new();
+        for (name, q) in &raw.quotas.volumes {
+            quota_overrides.insert(name.clone(), quotas.with(q, &format!("quotas.volumes.{name}"))?);
+        }
         Ok(Config {
             upload_enabled: raw.upload.enabled.unwrap_or(true),
             upload_concurrency,
@@ -313,6 +455,9 @@ impl Config {
             hydrate,
             gc_interval: dur(&raw.gc.interval, "gc.interval", "1h")?,
             gc_grace: dur(&raw.gc.grace, "gc.grace", "1h")?,
+            recycle_bin,
+            quotas,
+            quota_overrides,
             regions,
         })
     }
@@ -453,11 +598,36 @@ mod tests {
             ("[regions.x]\nkind = \"s3\"", "bucket"),
             ("[bogus]\na = 1", "unknown field"),
             ("[regions.local]\nkind = \"fs\"\ncipher = \"rot13\"", "cipher 'rot13'"),
+            ("[recycle_bin]\nlock = true", "recycle_bin.lock"),
+            ("[quotas]\non_limit = \"panic\"", "quotas.on_limit 'panic'"),
+            ("[quotas.volumes.db]\nmax_concurrent_tasks = 0", "quotas.volumes.db.max_concurrent_tasks"),
+            ("[quotas]\nmin_snapshot_interval = \"often\"", "quotas.min_snapshot_interval"),
         ];
         for (text, needle) in cases {
             let err = Config::parse(text, Path::new("/d")).unwrap_err();
             assert!(err.contains(needle), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn quotas_default_then_per_volume_overrides() {
+        let c = Config::parse(DEFAULT_CONFIG, Path::new("/d")).unwrap();
+        assert_eq!(c.quotas, Quotas::default());
+        assert_eq!(c.recycle_bin.retention, Duration::ZERO);
+        let text = "[quotas]\nmax_snapshots_manual = 5\n[quotas.volumes.db]\non_limit = \"reject\"\nmin_snapshot_interval = \"1m\"\n\
+                    [recycle_bin]\nretention = \"7d\"\nlock = true";
+        let c = Config::parse(text, Path::new("/d")).unwrap();
+        assert_eq!(c.quotas.max_snapshots_manual, 5);
+        let db = &c.quota_overrides["db"];
+        assert_eq!((db.max_snapshots_manual, db.on_limit, db.min_snapshot_interval), (5, OnLimit::Reject, 60));
+        assert_eq!(
+            c.recycle_bin,
+            RecycleBinConfig {
+                retention: Duration::from_secs(7 * 86_400),
+                lock: true,
+                unlock_delay: Duration::from_secs(7 * 86_400)
+            }
+        );
     }
 
     #[test]

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-pub use config::Config;
+pub use config::{Config, OnLimit, Quotas, RecycleBinConfig};
 pub use error::{Result, StoreError};
 pub use gc::GcReport;
 pub use hydrate::HydrationView;
@@ -85,7 +85,11 @@ pub struct StoreService {
     /// Loads volumes created from (or rolled back to) snapshots in the store.
     pub hydration: Arc<Hydration>,
     self_ref: std::sync::Weak<StoreService>,
+    /// Told of each failed upload (snapshot id, error), for the event log.
+    upload_failed: std::sync::OnceLock<UploadFailedHook>,
 }
+
+type UploadFailedHook = Box<dyn Fn(&str, &str) + Send + Sync>;
 
 impl StoreService {
     /// Loads the configuration (writing the default one if missing) and the remote state, and
@@ -139,6 +143,7 @@ impl StoreService {
                 hydrate_config,
             ),
             self_ref: self_ref.clone(),
+            upload_failed: std::sync::OnceLock::new(),
         });
         svc.engine.set_cluster_source(svc.hydration.clone());
         svc.save()?;
@@ -448,7 +453,13 @@ impl StoreService {
         }
     }
 
+    /// Sets what is told of each failed upload (once).
+    pub fn on_upload_failed(&self, hook: UploadFailedHook) {
+        let _ = self.upload_failed.set(hook);
+    }
+
     fn finish_upload(&self, id: &str, progress: &Progress, result: Result<Option<String>>) {
+        let mut failed = None;
         {
             let mut st = self.state.lock();
             let Some(rec) = st.snapshots.get_mut(id) else { return };
@@ -464,11 +475,15 @@ impl StoreService {
                     tracing::warn!(snapshot = %id, error = %e, "upload failed; retry with: snapblk snapshot upload");
                     rec.state = UploadState::Failed;
                     rec.reason = Some(e.to_string());
+                    failed = rec.reason.clone();
                 }
             }
         }
         if let Err(e) = self.save() {
             tracing::error!(error = %e, "cannot record the upload status");
+        }
+        if let (Some(error), Some(hook)) = (failed, self.upload_failed.get()) {
+            hook(id, &error);
         }
         self.release_due();
     }

@@ -2,6 +2,7 @@
 //! operations layer ([`crate::service`]) → answer; its errors map to HTTP status in one place
 //! ([`status_of`]). Routes are grouped per resource, one file each.
 
+mod lifecycle;
 mod policies;
 mod regions;
 mod snapshots;
@@ -32,13 +33,16 @@ pub struct ErrorBody {
 pub struct ApiError {
     status: StatusCode,
     body: ErrorBody,
+    /// Seconds, for `Retry-After` (throttled requests).
+    retry_after: Option<u64>,
 }
 
 /// The one mapping from error kinds to HTTP status codes.
 pub fn status_of(kind: ErrorKind) -> StatusCode {
     match kind {
         ErrorKind::NotFound => StatusCode::NOT_FOUND,
-        ErrorKind::AlreadyExists | ErrorKind::Busy | ErrorKind::NotLocal => StatusCode::CONFLICT,
+        ErrorKind::AlreadyExists | ErrorKind::Busy | ErrorKind::NotLocal | ErrorKind::Quota => StatusCode::CONFLICT,
+        ErrorKind::Throttled => StatusCode::TOO_MANY_REQUESTS,
         ErrorKind::Invalid => StatusCode::BAD_REQUEST,
         ErrorKind::ReadOnly => StatusCode::FORBIDDEN,
         ErrorKind::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
@@ -51,7 +55,11 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
 impl From<Error> for ApiError {
     fn from(e: Error) -> ApiError {
         let kind = serde_json::to_value(e.kind()).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
-        ApiError { status: status_of(e.kind()), body: ErrorBody { error: e.to_string(), kind } }
+        ApiError {
+            status: status_of(e.kind()),
+            retry_after: e.retry_after(),
+            body: ErrorBody { error: e.to_string(), kind },
+        }
     }
 }
 
@@ -63,7 +71,11 @@ impl From<JsonRejection> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body)).into_response()
+        let mut res = (self.status, Json(self.body)).into_response();
+        if let Some(secs) = self.retry_after {
+            res.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(secs.max(1)));
+        }
+        res
     }
 }
 
@@ -92,6 +104,7 @@ pub fn router(service: Arc<Service>) -> Router {
         .merge(snapshots::routes())
         .merge(regions::routes())
         .merge(policies::routes())
+        .merge(lifecycle::routes())
         .fallback(|| async { ApiError::from(Error::NotFound("no such API route".into())) })
         .with_state(service)
         .layer(axum::middleware::from_fn(server_timing))

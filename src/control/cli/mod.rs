@@ -8,11 +8,13 @@ use hyper::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+mod lifecycle;
 mod policies;
 mod regions;
 mod snapshots;
 mod volumes;
 
+pub use lifecycle::BinCommand;
 pub use policies::PolicyCommand;
 pub use regions::{KeyCommand, RegionCommand};
 pub use snapshots::{FormatArg, SnapshotCommand};
@@ -66,6 +68,19 @@ pub enum Command {
     /// Automatic snapshot policies: schedules and retention
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Deleted snapshots waiting to be deleted for good ([recycle_bin] in snapblk.toml)
+    #[command(subcommand)]
+    RecycleBin(BinCommand),
+    /// The daemon's event log: snapshots taken, deleted, expired, restored; policy ticks
+    /// skipped or failed; quotas hit; uploads failed
+    Events {
+        /// Then print new events as they happen, until interrupted
+        #[arg(short, long)]
+        follow: bool,
+        /// How many of the newest events to print first
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -248,6 +263,8 @@ pub async fn run(dir: &std::path::Path, json: bool, command: Command) -> Result<
         Command::Gc { region, grace } => regions::gc(&c, json, region, grace).await?,
         Command::Key(k) => regions::key(&c, json, k).await?,
         Command::Policy(p) => policies::run(&c, p).await?,
+        Command::RecycleBin(b) => lifecycle::bin(&c, b).await?,
+        Command::Events { follow, limit } => lifecycle::events(&c, json, follow, limit).await?,
     };
     printed.print(json);
     Ok(())

@@ -5,7 +5,7 @@ use clap::{Args, Subcommand};
 use hyper::Method;
 
 use super::{delete, get, send, table, Client, ClientError, Printed};
-use crate::policy::{Candidate, Missed, Overlap, Retention, Schedule};
+use crate::policy::{Candidate, Missed, OnVolumeDelete, Overlap, Retention, Schedule};
 use crate::service::{CreatePolicy, HistoryEntry, PolicyTarget, PolicyView, PolicyVolumes, PruneView};
 use crate::units::{parse_duration, utc};
 
@@ -47,6 +47,10 @@ pub enum PolicyCommand {
         /// Prune only once the new snapshot's upload has completed
         #[arg(long)]
         after_upload: bool,
+        /// When a volume is deleted, the snapshots this policy took of it: keep them, or
+        /// delete them with it (into the recycle bin, when it is on)
+        #[arg(long, value_enum, default_value = "keep")]
+        on_volume_delete: OnVolumeDelete,
     },
     /// Apply a policy to volumes
     Apply {
@@ -163,6 +167,7 @@ pub(super) async fn run(c: &Client, command: PolicyCommand) -> Result<Printed, C
             missed,
             skip_if_unchanged,
             after_upload,
+            on_volume_delete,
         } => {
             let schedule = match (every, cron) {
                 (Some(e), _) => {
@@ -181,6 +186,7 @@ pub(super) async fn run(c: &Client, command: PolicyCommand) -> Result<Printed, C
                 missed,
                 skip_if_unchanged,
                 after_upload,
+                on_volume_delete,
             };
             policy(send(c, Method::POST, &p(&["policies"]), Some(&body)).await?)
         }

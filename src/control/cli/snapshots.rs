@@ -68,6 +68,11 @@ pub enum SnapshotCommand {
     },
     /// Release a snapshot's hold
     ReleaseHold { snapshot: String },
+    /// Take a deleted snapshot back out of the recycle bin (with its volume, if deleted)
+    RestoreDeleted {
+        /// Its id (s-...) or VOLUME@SNAPSHOT, as `recycle-bin list` shows
+        snapshot: String,
+    },
     /// Write the snapshot's content to a file, reading only from the store
     Export {
         snapshot: String,
@@ -148,6 +153,9 @@ pub(super) async fn run(c: &Client, json: bool, command: SnapshotCommand) -> Res
         }
         SnapshotCommand::ReleaseHold { snapshot: s } => {
             snapshot(send(c, Method::DELETE, &p(&["snapshots", &s, "hold"]), None::<&()>).await?)
+        }
+        SnapshotCommand::RestoreDeleted { snapshot: s } => {
+            snapshot(send(c, Method::POST, &p(&["snapshots", &s, "restore-deleted"]), None::<&()>).await?)
         }
         SnapshotCommand::Export { snapshot, output, format, region, force } => {
             let output = std::path::absolute(&output)

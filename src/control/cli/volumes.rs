@@ -40,7 +40,10 @@ pub enum VolumeCommand {
     List,
     /// Show a volume
     Show { volume: String },
-    /// Delete a volume (refused while it has snapshots or clients)
+    /// A volume's snapshot quotas and task limits, and where it stands
+    Quota { volume: String },
+    /// Delete a volume (refused while it has clients or snapshots taken by hand; policies'
+    /// snapshots of it go with it or stay, as each policy's --on-volume-delete says)
     Delete { volume: String },
     /// Create a volume from a snapshot, sharing unchanged data
     Clone { snapshot: String, new_name: String },
@@ -93,6 +96,7 @@ pub(super) async fn run(c: &Client, json: bool, command: VolumeCommand) -> Resul
             Printed::new(&vs, text)
         }
         VolumeCommand::Show { volume: name } => volume(get(c, &p(&["volumes", &name])).await?),
+        VolumeCommand::Quota { volume } => super::lifecycle::quota(c, &volume).await?,
         VolumeCommand::Delete { volume } => {
             delete(c, &p(&["volumes", &volume])).await?;
             Printed::message(format!("deleted volume {volume}"))
