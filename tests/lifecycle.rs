@@ -1,13 +1,16 @@
-//! Snapshot policies, retention and holds, on the real binary: policies fire on their own
-//! (`--every 1s`), retention keeps what it says and touches no manual snapshot, a hold stops
-//! every delete, a failed upload stops pruning, and kill -9 in the middle of ticks loses no
-//! snapshot from a policy's books.
+//! Snapshot policies, retention, holds, the recycle bin, quotas and events, on the real
+//! binary: policies fire on their own (`--every 1s`), retention keeps what it says and touches
+//! no manual snapshot, a hold stops every delete, a failed upload stops pruning, kill -9 in the
+//! middle of ticks loses no snapshot from a policy's books, a snapshot restored from the bin
+//! (after GC ran) has its content, quotas answer 409 / 429 with Retry-After, and the event log
+//! lists and follows what happened.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{assert_one_sentence, Daemon};
+use common::store::{compare, fill, nbd_to_file, tools, wait_available, MIB};
+use common::{assert_one_sentence, Daemon, Guard, BIN};
 
 /// The snapshots of `volume` as (name, policies).
 fn snapshots(d: &Daemon, volume: &str) -> Vec<(String, Vec<String>)> {
@@ -194,4 +197,183 @@ fn bad_policies_are_refused_with_a_sentence() {
         assert_one_sentence(&err);
         assert!(err.contains(says), "{args:?}: {err}");
     }
+}
+
+/// A daemon on a fresh directory whose snapblk.toml is the default plus `config`.
+fn start_configured(dir: &std::path::Path, config: &str) -> Daemon {
+    drop(Daemon::start(dir)); // writes the default configuration
+    let default = std::fs::read_to_string(dir.join("snapblk.toml")).unwrap();
+    // Replace the default's tables that `config` sets.
+    let mut text = String::new();
+    let mut skipping = false;
+    for line in default.lines() {
+        if line.starts_with('[') {
+            skipping = config.lines().any(|c| c.trim() == line.split('#').next().unwrap().trim());
+        }
+        if !skipping {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    std::fs::write(dir.join("snapblk.toml"), format!("{text}\n{config}\n")).unwrap();
+    Daemon::start(dir)
+}
+
+/// One HTTP request on the control socket: (status, headers (lower-case names), body).
+fn http(d: &Daemon, method: &str, path: &str, body: &str) -> (u16, Vec<(String, String)>, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(d.dir.join("control.sock")).unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: snapblk\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let mut lines = head.lines();
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers, body.to_string())
+}
+
+#[test]
+fn a_snapshot_restored_from_the_bin_has_its_content_after_gc_and_a_restart() {
+    if !tools() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let d = start_configured(&dir, "[recycle_bin]\nretention = \"1h\"\n[gc]\ninterval = \"0s\"\ngrace = \"0s\"");
+    d.cli_ok(&["volume", "create", "v", "--size", "8M"]);
+    fill(&d, "v", 0, 4 * MIB, 7);
+    d.cli_ok(&["snapshot", "create", "v", "--name", "s1"]);
+    let id = wait_available(&d, "v@s1")["id"].as_str().unwrap().to_string();
+    let before = tmp.path().join("s1.raw");
+    nbd_to_file(&d, "v@s1", &before);
+    fill(&d, "v", 0, 8 * MIB, 8);
+
+    d.cli_ok(&["snapshot", "delete", "v@s1"]);
+    assert!(snapshots(&d, "v").is_empty(), "a deleted snapshot is not listed");
+    let (code, err) = d.cli_err(&["snapshot", "show", "v@s1"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("recycle bin") && err.contains(&id), "{err}");
+    let bin = d.cli_json(&["recycle-bin", "list"]);
+    assert_eq!(bin["snapshots"][0]["id"], id.as_str(), "{bin}");
+    assert_eq!(bin["retention"], 3600);
+    // GC keeps what the bin holds; the bin survives a restart.
+    d.cli_ok(&["gc", "--grace", "0s"]);
+    drop(d);
+    let d = Daemon::start(&dir);
+    d.cli_ok(&["snapshot", "restore-deleted", &id]);
+    let after = tmp.path().join("s1-again.raw");
+    nbd_to_file(&d, "v@s1", &after);
+    compare(&before, &after);
+    d.cli_ok(&["snapshot", "verify", "v@s1"]);
+
+    // Purged, it is gone for good, from here and from the store.
+    d.cli_ok(&["snapshot", "delete", "v@s1"]);
+    d.cli_ok(&["recycle-bin", "purge", &id]);
+    assert!(d.cli_json(&["recycle-bin", "list"])["snapshots"].as_array().unwrap().is_empty());
+    let stored = d.cli_json(&["snapshot", "list", "--region", "local"]);
+    assert!(!stored.to_string().contains(&id), "{stored}");
+    let (code, err) = d.cli_err(&["snapshot", "restore-deleted", &id]);
+    assert_eq!(code, 1);
+    assert_one_sentence(&err);
+}
+
+#[test]
+fn quotas_answer_409_or_429_with_retry_after_and_say_which_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = "[quotas]\nmax_snapshots_manual = 1\n[quotas.volumes.slow]\nmin_snapshot_interval = \"1h\"";
+    let d = start_configured(&tmp.path().join("d"), config);
+    for v in ["v", "slow"] {
+        d.cli_ok(&["volume", "create", v, "--size", "4M"]);
+        d.cli_ok(&["snapshot", "create", v, "--name", "first"]);
+    }
+    let (code, err) = d.cli_err(&["snapshot", "create", "v", "--name", "second"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("max_snapshots_manual"), "{err}");
+    assert_one_sentence(&err);
+    let (status, _, body) = http(&d, "POST", "/v1/volumes/v/snapshots", r#"{"name":"second"}"#);
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains(r#""kind":"quota""#), "{body}");
+
+    let (status, headers, body) = http(&d, "POST", "/v1/volumes/slow/snapshots", r#"{"name":"second"}"#);
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("min_snapshot_interval") && body.contains(r#""kind":"throttled""#), "{body}");
+    let retry: u64 = headers.iter().find(|(k, _)| k == "retry-after").expect("Retry-After").1.parse().unwrap();
+    assert!((3590..=3600).contains(&retry), "Retry-After: {retry}");
+
+    let q = d.cli_json(&["volume", "quota", "v"]);
+    assert_eq!((q["manual_snapshots"].as_u64(), q["quotas"]["max_snapshots_manual"].as_u64()), (Some(1), Some(1)));
+    let hits = d.cli_json(&["events"]);
+    assert_eq!(hits.as_array().unwrap().iter().filter(|e| e["type"] == "quota_hit").count(), 3, "{hits}");
+}
+
+#[test]
+fn events_are_listed_persisted_and_followed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let d = Daemon::start(&dir);
+    d.cli_ok(&["volume", "create", "v", "--size", "4M"]);
+    d.cli_ok(&["snapshot", "create", "v", "--name", "a"]);
+    d.cli_ok(&["snapshot", "delete", "v@a"]);
+    drop(d);
+    let d = Daemon::start(&dir);
+    let events = d.cli_json(&["events"]);
+    let kinds: Vec<&str> = events.as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["snapshot_taken", "snapshot_deleted"], "{events}");
+    assert_eq!(events[1]["to_bin"], false);
+    assert!(d.cli_ok(&["events"]).contains("snapshot deleted: "), "text form");
+
+    // --follow: the events that come, as JSON lines.
+    let child = std::process::Command::new(BIN)
+        .args(["--dir", dir.to_str().unwrap(), "--json", "events", "--follow", "--limit", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut follow = Guard(child);
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(follow.0.stdout.take().unwrap()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let first: serde_json::Value = serde_json::from_str(&rx.recv_timeout(Duration::from_secs(10)).unwrap()).unwrap();
+    assert_eq!(first["type"], "snapshot_deleted", "the newest first: {first}");
+    d.cli_ok(&["snapshot", "create", "v", "--name", "b"]);
+    let next: serde_json::Value = serde_json::from_str(&rx.recv_timeout(Duration::from_secs(10)).unwrap()).unwrap();
+    assert_eq!((next["type"].as_str(), next["snapshot"].as_str()), (Some("snapshot_taken"), Some("b")), "{next}");
+}
+
+#[test]
+fn skip_if_unchanged_skips_a_tick_when_nothing_was_written() {
+    if !common::require_tool("qemu-io") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("d"));
+    d.cli_ok(&["volume", "create", "v", "--size", "4M"]);
+    d.cli_ok(&["policy", "create", "p", "--every", "1h", "--keep-last", "5", "--skip-if-unchanged"]);
+    d.cli_ok(&["policy", "apply", "p", "v"]);
+    let tick = |want: &str| {
+        std::thread::sleep(Duration::from_millis(1100)); // a new second: a new snapshot name
+        let t = d.cli_json(&["policy", "run-now", "p"]);
+        assert_eq!(t[0]["outcome"], want, "{t}");
+        t
+    };
+    tick("taken");
+    let skipped = tick("skipped");
+    assert!(skipped[0]["reason"].as_str().unwrap().contains("nothing was written"), "{skipped}");
+    common::qemu_io(&d.nbd_uri("v"), &["write -P 0x5a 0 64k"]);
+    tick("taken");
+    assert_eq!(auto(&d, "v").len(), 2);
 }

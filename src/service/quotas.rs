@@ -211,11 +211,11 @@ impl Service {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::service::Outcome;
     use crate::clock::ManualClock;
     use crate::engine::ErrorKind;
     use crate::policy::{Retention, Schedule};
     use crate::service::testing::{service, ts, volume};
+    use crate::service::Outcome;
     use crate::service::{CreatePolicy, CreateSnapshot, PolicyVolumes};
 
     fn snap(name: &str) -> CreateSnapshot {
