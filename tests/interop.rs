@@ -555,36 +555,6 @@ fn json_output_has_the_documented_fields_and_global_flags_go_anywhere() {
     assert_eq!(status["pid"], d.pid());
 }
 
-/// One HTTP/1.1 request on `DIR/control.sock`, as any client would send it: (status line,
-/// headers in lower case, body). Panics (instead of hanging) if the daemon does not answer
-/// within 30 s.
-fn control_http(
-    dir: &std::path::Path,
-    method: &str,
-    path: &str,
-    body: &str,
-) -> (String, Vec<(String, String)>, String) {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(dir.join("control.sock")).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: snapblk\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).unwrap();
-    let (head, body) = answer.split_once("\r\n\r\n").expect("a complete HTTP answer");
-    let mut lines = head.lines();
-    let status = lines.next().unwrap().to_string();
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    (status, headers, body.to_string())
-}
-
 #[test]
 fn every_api_answer_says_how_long_the_daemon_took_in_server_timing() {
     let (_t, d) = daemon_with_volume("1G");
@@ -612,7 +582,8 @@ fn a_daemon_whose_stderr_nobody_reads_keeps_answering_and_stops() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("d");
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("snapblk.toml"), "[upload]\nenabled = false\n").unwrap();
+    std::fs::write(dir.join("snapblk.toml"), "[upload]\nenabled = false\n[quotas]\nmax_snapshots_manual = 2000\n")
+        .unwrap();
     let mut child = Command::new(BIN)
         .args(["serve", "--dir"])
         .arg(&dir)

@@ -16,7 +16,7 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 
 use super::events::Event;
-use super::lifecycle::{BinLock, Binned, DeletedVolume, LifecycleState};
+use super::lifecycle::{BinLock, Binned, DeletedVolume, Key, LifecycleState};
 use super::{blocking, Access, Caller, Error, Result, Service, SnapshotView};
 use crate::engine::{SnapshotInfo, VolumeInfo};
 use crate::store::RecycleBinConfig;
@@ -63,6 +63,7 @@ impl LifecycleState {
             return false;
         }
         self.bin_lock = Some(BinLock { since: now, retention: config.retention.as_secs(), unlock_at: None });
+        self.touch(Key::BinLock);
         true
     }
 }
@@ -130,11 +131,10 @@ impl Service {
                 by: caller.to_string(),
             };
             st.bin.insert(snap.id.clone(), entry);
+            st.touch(Key::Bin(snap.id.clone()));
             // It leaves the policies' books: a restored snapshot is nobody's to prune.
-            for book in st.books.values_mut().flat_map(|b| b.values_mut()) {
-                book.snapshots.retain(|s| s != &snap.id);
-            }
-            self.save_lifecycle(&st)?;
+            st.unbook(&snap.id);
+            self.save_lifecycle(&mut st)?;
         }
         tracing::info!(snapshot = %snap.id, volume = %snap.volume, name = %snap.name, by = %caller, "snapshot moved to the recycle bin");
         Ok(true)
@@ -160,7 +160,9 @@ impl Service {
                 return Err(self.not_in_bin(r));
             }
             st.deleted_volumes.remove(&snap.volume_id);
-            self.save_lifecycle(&st)?;
+            st.touch(Key::Bin(snap.id.clone()));
+            st.touch(Key::DeletedVolume(snap.volume_id.clone()));
+            self.save_lifecycle(&mut st)?;
         }
         tracing::info!(snapshot = %snap.id, volume = %snap.volume, name = %snap.name, by = %caller, "snapshot restored from the recycle bin");
         self.event(Event::SnapshotRestored {
@@ -230,7 +232,8 @@ impl Service {
                 Some(l) => l.unlock_at = None,
                 None => st.bin_lock = Some(BinLock { since: self.engine.clock().now(), retention, unlock_at: None }),
             }
-            self.save_lifecycle(&st)?;
+            st.touch(Key::BinLock);
+            self.save_lifecycle(&mut st)?;
         }
         tracing::info!(by = %caller, "recycle bin locked");
         self.recycle_bin(caller)
@@ -247,7 +250,8 @@ impl Service {
                 Some(l) if l.unlock_at.is_some() => {}
                 Some(l) => {
                     l.unlock_at = Some(at);
-                    self.save_lifecycle(&st)?;
+                    st.touch(Key::BinLock);
+                    self.save_lifecycle(&mut st)?;
                     tracing::warn!(by = %caller, at = %utc(at), "recycle bin unlock requested");
                 }
             }
@@ -263,7 +267,8 @@ impl Service {
             let mut st = self.lifecycle.lock();
             if st.bin_lock.as_ref().and_then(|l| l.unlock_at).is_some_and(|t| t <= now) {
                 st.bin_lock = None;
-                if let Err(e) = self.save_lifecycle(&st) {
+                st.touch(Key::BinLock);
+                if let Err(e) = self.save_lifecycle(&mut st) {
                     tracing::error!(error = %e, "cannot record the recycle bin's unlock");
                 } else {
                     tracing::warn!("recycle bin unlocked");
@@ -307,7 +312,11 @@ impl Service {
             tracing::warn!(volume = %volume_id, error = %err, "cannot delete a deleted volume's remains yet; will retry");
             return;
         }
-        self.lifecycle.lock().deleted_volumes.remove(volume_id);
+        {
+            let mut st = self.lifecycle.lock();
+            st.deleted_volumes.remove(volume_id);
+            st.touch(Key::DeletedVolume(volume_id.to_string()));
+        }
         self.forget_volume(volume_id);
         if let Err(e) = self.store.volume_deleted(volume_id) {
             tracing::warn!(volume = %volume_id, error = %e, "cannot record a deleted volume in the store's books");
@@ -319,13 +328,9 @@ impl Service {
         let mut st = self.lifecycle.lock();
         st.deleted_volumes
             .insert(info.id.clone(), DeletedVolume { name: info.name.clone(), deleted_at: self.engine.clock().now() });
-        for p in st.policies.values_mut() {
-            p.volumes.retain(|v| v != &info.id);
-        }
-        for books in st.books.values_mut() {
-            books.remove(&info.id);
-        }
-        self.save_lifecycle(&st)
+        st.touch(Key::DeletedVolume(info.id.clone()));
+        st.drop_volume(&info.id);
+        self.save_lifecycle(&mut st)
     }
 }
 

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::lifecycle::Hold;
+use super::lifecycle::{Hold, Key};
 use super::{Access, Caller, Error, Result, Service, SnapshotView};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -20,7 +20,8 @@ impl Service {
         {
             let mut st = self.lifecycle.lock();
             st.holds.insert(snap.id.clone(), Hold { since: self.engine.clock().now(), reason: req.reason });
-            self.save_lifecycle(&st)?;
+            st.touch(Key::Hold(snap.id.clone()));
+            self.save_lifecycle(&mut st)?;
         }
         tracing::info!(snapshot = %snap.id, by = %caller, "snapshot held");
         self.snapshot(caller, &snap.id)
@@ -33,7 +34,8 @@ impl Service {
         {
             let mut st = self.lifecycle.lock();
             if st.holds.remove(&snap.id).is_some() {
-                self.save_lifecycle(&st)?;
+                st.touch(Key::Hold(snap.id.clone()));
+                self.save_lifecycle(&mut st)?;
                 tracing::info!(snapshot = %snap.id, by = %caller, "snapshot hold released");
             }
         }
@@ -58,14 +60,13 @@ impl Service {
     /// cannot be on it: it was refused).
     pub(super) fn forget_snapshot(&self, id: &str) {
         let mut st = self.lifecycle.lock();
-        let mut changed = st.bin.remove(id).is_some();
-        for book in st.books.values_mut().flat_map(|b| b.values_mut()) {
-            let before = book.snapshots.len();
-            book.snapshots.retain(|s| s != id);
-            changed |= book.snapshots.len() != before;
+        let binned = st.bin.remove(id).is_some();
+        if binned {
+            st.touch(Key::Bin(id.to_string()));
         }
+        let changed = st.unbook(id) || binned;
         if changed {
-            if let Err(e) = self.save_lifecycle(&st) {
+            if let Err(e) = self.save_lifecycle(&mut st) {
                 tracing::warn!(snapshot = id, error = %e, "cannot record a deleted snapshot in the policies' books; fixed at the next start");
             }
         }
@@ -74,13 +75,8 @@ impl Service {
     /// A deleted volume leaves every policy.
     pub(super) fn forget_volume(&self, id: &str) {
         let mut st = self.lifecycle.lock();
-        for p in st.policies.values_mut() {
-            p.volumes.retain(|v| v != id);
-        }
-        for books in st.books.values_mut() {
-            books.remove(id);
-        }
-        if let Err(e) = self.save_lifecycle(&st) {
+        st.drop_volume(id);
+        if let Err(e) = self.save_lifecycle(&mut st) {
             tracing::warn!(volume = id, error = %e, "cannot record a deleted volume in the policies; fixed at the next start");
         }
     }

@@ -1,10 +1,17 @@
-//! The lifecycle's state, kept in `DIR/meta/lifecycle.json`: policies, their books (which
-//! snapshots each took of each volume), when each fires next, their history, and holds.
-//! Replaced atomically and synced at every change, so a kill -9 or a power loss leaves the
-//! state before or after it; what a tick was doing when it stopped is settled at start
-//! ([`LifecycleState::settle`]).
+//! The lifecycle's state: policies, their books (which snapshots each took of each volume),
+//! when each fires next, their history, holds, the recycle bin and deleted volumes.
+//!
+//! Kept in two files: `DIR/meta/lifecycle.json`, the whole state as of its `epoch`, and
+//! `DIR/meta/lifecycle.log`, one line per save since, holding only what that save changed —
+//! appended and synced, so a save costs what it changed, not the size of the state (200
+//! volumes with 1,000 snapshots each make a 5 MB state). When the log outgrows the state, both
+//! are rewritten as a new snapshot of the next epoch (log lines of an older epoch are
+//! ignored, so a crash between the two steps replays nothing twice). A kill -9 or a power loss
+//! leaves the state before or after a save; what a tick was doing when it stopped is settled
+//! at start ([`LifecycleState::settle`]).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -40,6 +47,14 @@ pub struct LifecycleState {
     pub deleted_volumes: BTreeMap<String, DeletedVolume>,
     #[serde(default)]
     pub bin_lock: Option<BinLock>,
+    /// Which log lines apply to this state (see the module's comment).
+    #[serde(default)]
+    pub epoch: u64,
+    /// What changed since the last save.
+    #[serde(skip)]
+    touched: BTreeSet<Key>,
+    #[serde(skip)]
+    appended: Vec<(String, HistoryEntry)>,
 }
 
 /// A deleted snapshot waiting in the recycle bin: still complete locally and in the store,
@@ -122,17 +137,166 @@ pub struct Hold {
     pub reason: String,
 }
 
+/// A part of the state a change touched: the next save writes its current value (or its
+/// removal). Mutations mark what they touch ([`LifecycleState::touch`]); tests check after
+/// every save that the files read back equal the state, so a missed mark fails them.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Key {
+    Policy(String),
+    Book(String, String),
+    /// Every book of a policy.
+    Books(String),
+    NextDue(String),
+    /// A policy's whole history (appends are recorded by [`LifecycleState::record`]).
+    History(String),
+    Hold(String),
+    Bin(String),
+    DeletedVolume(String),
+    BinLock,
+}
+
+/// One entry of `meta/lifecycle.log`: the new value of a part of the state (`None`: gone), or
+/// a history entry appended.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Change {
+    Policy { id: String, value: Option<Policy> },
+    Book { policy: String, volume: String, value: Option<Book> },
+    Books { policy: String, value: Option<BTreeMap<String, Book>> },
+    NextDue { policy: String, value: Option<u64> },
+    History { policy: String, value: Option<VecDeque<HistoryEntry>> },
+    HistoryEntry { policy: String, entry: HistoryEntry },
+    Hold { snapshot: String, value: Option<Hold> },
+    Bin { snapshot: String, value: Option<Binned> },
+    DeletedVolume { volume: String, value: Option<DeletedVolume> },
+    BinLock { value: Option<BinLock> },
+}
+
+/// One line of the log: the changes of one save, for the snapshot of epoch `epoch`.
+#[derive(Debug, Serialize, Deserialize)]
+struct LogLine {
+    epoch: u64,
+    changes: Vec<Change>,
+}
+
 impl LifecycleState {
-    pub fn record(&mut self, policy: &str, entry: HistoryEntry) {
-        let h = self.history.entry(policy.to_string()).or_default();
-        if h.len() >= HISTORY_KEPT {
-            h.pop_front();
-        }
-        h.push_back(entry);
+    /// Marks a part of the state changed: the next save writes it.
+    pub fn touch(&mut self, key: Key) {
+        self.touched.insert(key);
     }
 
+    pub fn record(&mut self, policy: &str, entry: HistoryEntry) {
+        self.appended.push((policy.to_string(), entry.clone()));
+        push_history(self.history.entry(policy.to_string()).or_default(), entry);
+    }
+
+    /// The book of `policy` on `volume` (created empty), marked changed.
     pub fn book(&mut self, policy: &str, volume: &str) -> &mut Book {
+        self.touch(Key::Book(policy.to_string(), volume.to_string()));
         self.books.entry(policy.to_string()).or_default().entry(volume.to_string()).or_default()
+    }
+
+    /// Removes snapshot `id` from every book; whether it was in one.
+    pub fn unbook(&mut self, id: &str) -> bool {
+        let mut touched = Vec::new();
+        for (p, books) in self.books.iter_mut() {
+            for (v, book) in books.iter_mut() {
+                let before = book.snapshots.len();
+                book.snapshots.retain(|s| s != id);
+                if book.snapshots.len() != before {
+                    touched.push(Key::Book(p.clone(), v.clone()));
+                }
+            }
+        }
+        let any = !touched.is_empty();
+        self.touched.extend(touched);
+        any
+    }
+
+    /// Takes volume `id` out of every policy and drops its books.
+    pub fn drop_volume(&mut self, id: &str) {
+        let mut touched = Vec::new();
+        for p in self.policies.values_mut() {
+            if p.volumes.iter().any(|v| v == id) {
+                p.volumes.retain(|v| v != id);
+                touched.push(Key::Policy(p.id.clone()));
+            }
+        }
+        for (p, books) in self.books.iter_mut() {
+            if books.remove(id).is_some() {
+                touched.push(Key::Book(p.clone(), id.to_string()));
+            }
+        }
+        // As a replay leaves it: no empty map for a policy without books.
+        self.books.retain(|_, b| !b.is_empty());
+        self.touched.extend(touched);
+    }
+
+    /// What changed since the last save, with the current values; forgets the marks.
+    fn changes(&mut self) -> Vec<Change> {
+        let mut out: Vec<Change> = std::mem::take(&mut self.touched)
+            .into_iter()
+            .map(|k| match k {
+                Key::Policy(id) => Change::Policy { value: self.policies.get(&id).cloned(), id },
+                Key::Book(policy, volume) => Change::Book {
+                    value: self.books.get(&policy).and_then(|b| b.get(&volume)).cloned(),
+                    policy,
+                    volume,
+                },
+                Key::Books(policy) => Change::Books { value: self.books.get(&policy).cloned(), policy },
+                Key::NextDue(policy) => Change::NextDue { value: self.next_due.get(&policy).copied(), policy },
+                Key::History(policy) => Change::History { value: self.history.get(&policy).cloned(), policy },
+                Key::Hold(snapshot) => Change::Hold { value: self.holds.get(&snapshot).cloned(), snapshot },
+                Key::Bin(snapshot) => Change::Bin { value: self.bin.get(&snapshot).cloned(), snapshot },
+                Key::DeletedVolume(volume) => {
+                    Change::DeletedVolume { value: self.deleted_volumes.get(&volume).cloned(), volume }
+                }
+                Key::BinLock => Change::BinLock { value: self.bin_lock.clone() },
+            })
+            .collect();
+        // Appends after the whole-history puts: a put carries the entries appended before it
+        // already, so an append is only kept when no put of that history comes with it.
+        let put: BTreeSet<String> = out
+            .iter()
+            .filter_map(|c| match c {
+                Change::History { policy, .. } => Some(policy.clone()),
+                _ => None,
+            })
+            .collect();
+        out.extend(
+            std::mem::take(&mut self.appended)
+                .into_iter()
+                .filter(|(p, _)| !put.contains(p))
+                .map(|(policy, entry)| Change::HistoryEntry { policy, entry }),
+        );
+        out
+    }
+
+    fn apply(&mut self, c: Change) {
+        fn put<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, value: Option<V>) {
+            match value {
+                Some(v) => map.insert(key, v),
+                None => map.remove(&key),
+            };
+        }
+        match c {
+            Change::Policy { id, value } => put(&mut self.policies, id, value),
+            Change::Book { policy, volume, value } => {
+                let books = self.books.entry(policy.clone()).or_default();
+                put(books, volume, value);
+                if books.is_empty() {
+                    self.books.remove(&policy);
+                }
+            }
+            Change::Books { policy, value } => put(&mut self.books, policy, value),
+            Change::NextDue { policy, value } => put(&mut self.next_due, policy, value),
+            Change::History { policy, value } => put(&mut self.history, policy, value),
+            Change::HistoryEntry { policy, entry } => push_history(self.history.entry(policy).or_default(), entry),
+            Change::Hold { snapshot, value } => put(&mut self.holds, snapshot, value),
+            Change::Bin { snapshot, value } => put(&mut self.bin, snapshot, value),
+            Change::DeletedVolume { volume, value } => put(&mut self.deleted_volumes, volume, value),
+            Change::BinLock { value } => self.bin_lock = value,
+        }
     }
 
     /// After a start: a snapshot a tick was creating joins its book if it exists; books,
@@ -175,32 +339,198 @@ impl LifecycleState {
     }
 }
 
+fn push_history(h: &mut VecDeque<HistoryEntry>, entry: HistoryEntry) {
+    if h.len() >= HISTORY_KEPT {
+        h.pop_front();
+    }
+    h.push_back(entry);
+}
+
+/// The log is folded into a new snapshot once it is this much larger than the snapshot.
+const COMPACT_RATIO: u64 = 2;
+/// ... and at least this large.
+const COMPACT_MIN: u64 = 1 << 20;
+
 pub struct StateFile {
     path: PathBuf,
+    log_path: PathBuf,
+    log: parking_lot::Mutex<Log>,
+}
+
+#[derive(Default)]
+struct Log {
+    file: Option<std::fs::File>,
+    bytes: u64,
+    snapshot_bytes: u64,
+    /// A write failed: the next save compacts.
+    broken: bool,
 }
 
 impl StateFile {
     pub fn new(dir: &Path) -> StateFile {
-        StateFile { path: dir.join("meta").join("lifecycle.json") }
-    }
-
-    pub fn load(&self) -> Result<LifecycleState> {
-        match std::fs::read(&self.path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-                Error::Internal(format!(
-                    "{} is damaged ({e}); restore it from a backup, or remove it to start without policies and holds",
-                    self.path.display()
-                ))
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LifecycleState::default()),
-            Err(e) => Err(Error::Internal(format!("cannot read {}: {e}", self.path.display()))),
+        StateFile {
+            path: dir.join("meta").join("lifecycle.json"),
+            log_path: dir.join("meta").join("lifecycle.log"),
+            log: parking_lot::Mutex::new(Log::default()),
         }
     }
 
-    /// Replaces the file atomically and durably.
-    pub fn save(&self, state: &LifecycleState) -> Result<()> {
-        let bytes = serde_json::to_vec(state).map_err(|e| Error::Internal(e.to_string()))?;
+    /// The snapshot, then the log lines of its epoch up to the first that does not read (a
+    /// torn last write).
+    pub fn load(&self) -> Result<LifecycleState> {
+        let damaged = |path: &Path, e: &dyn std::fmt::Display| {
+            Error::Internal(format!(
+                "{} is damaged ({e}); restore it from a backup, or remove lifecycle.json and lifecycle.log to start without policies and holds",
+                path.display()
+            ))
+        };
+        let mut st: LifecycleState = match std::fs::read(&self.path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| damaged(&self.path, &e))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => LifecycleState::default(),
+            Err(e) => return Err(Error::Internal(format!("cannot read {}: {e}", self.path.display()))),
+        };
+        let log = match std::fs::read(&self.log_path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(Error::Internal(format!("cannot read {}: {e}", self.log_path.display()))),
+        };
+        for line in log.split(|b| *b == b'\n') {
+            let Ok(line) = serde_json::from_slice::<LogLine>(line) else { break };
+            if line.epoch != st.epoch {
+                break;
+            }
+            for c in line.changes {
+                st.apply(c);
+            }
+        }
+        Ok(st)
+    }
+
+    /// Writes what changed since the last save: one log line, synced.
+    pub fn save(&self, st: &mut LifecycleState) -> Result<()> {
+        let changes = st.changes();
+        if changes.is_empty() {
+            return Ok(());
+        }
+        if self.log.lock().broken {
+            return self.compact(st);
+        }
+        let mut line =
+            serde_json::to_vec(&LogLine { epoch: st.epoch, changes }).map_err(|e| Error::Internal(e.to_string()))?;
+        line.push(b'\n');
+        let mut log = self.log.lock();
+        let io = |e: std::io::Error| Error::Internal(format!("cannot write {}: {e}", self.log_path.display()));
+        if log.file.is_none() {
+            log.file = Some(crate::fsutil::open_append(&self.log_path).map_err(io)?);
+            // The file may be new: its directory entry must survive too.
+            crate::fsutil::sync_parent(&self.log_path).map_err(io)?;
+        }
+        let file = log.file.as_mut().expect("opened above");
+        if let Err(e) = file.write_all(&line).and_then(|()| file.sync_data()) {
+            // A part of the line may be in the file: lines after it would not be read, so
+            // the next save folds everything into a new snapshot instead.
+            log.broken = true;
+            return Err(io(e));
+        }
+        log.bytes += line.len() as u64;
+        if log.broken || log.bytes > COMPACT_MIN.max(COMPACT_RATIO * log.snapshot_bytes) {
+            self.compact_locked(st, &mut log)?;
+        }
+        drop(log);
+        #[cfg(test)]
+        self.check_reads_back(st);
+        Ok(())
+    }
+
+    /// Writes the whole state as the snapshot of the next epoch and empties the log.
+    pub fn compact(&self, st: &mut LifecycleState) -> Result<()> {
+        self.compact_locked(st, &mut self.log.lock())
+    }
+
+    fn compact_locked(&self, st: &mut LifecycleState, log: &mut Log) -> Result<()> {
+        st.touched.clear();
+        st.appended.clear();
+        st.epoch += 1;
+        let bytes = serde_json::to_vec(&*st).map_err(|e| Error::Internal(e.to_string()))?;
         crate::fsutil::replace_file(&self.path, &bytes, true)
-            .map_err(|e| Error::Internal(format!("cannot write {}: {e}", self.path.display())))
+            .map_err(|e| Error::Internal(format!("cannot write {}: {e}", self.path.display())))?;
+        // The old lines are of the old epoch now (ignored); emptied, durably, so that lines of
+        // the new epoch never follow them.
+        let emptied = crate::fsutil::open_append(&self.log_path).and_then(|f| {
+            f.set_len(0)?;
+            f.sync_all()
+        });
+        emptied.map_err(|e| Error::Internal(format!("cannot empty {}: {e}", self.log_path.display())))?;
+        log.file = None;
+        log.bytes = 0;
+        log.snapshot_bytes = bytes.len() as u64;
+        log.broken = false;
+        Ok(())
+    }
+
+    /// Tests: what the files say is the state in memory (a mutation whose part was not
+    /// marked changed fails here).
+    #[cfg(test)]
+    fn check_reads_back(&self, st: &LifecycleState) {
+        let read = self.load().unwrap();
+        assert_eq!(
+            serde_json::to_value(&read).unwrap(),
+            serde_json::to_value(st).unwrap(),
+            "the lifecycle files do not read back as the state: a change was not marked"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(n: u64) -> HistoryEntry {
+        HistoryEntry {
+            at: n,
+            volume: "v".into(),
+            outcome: Outcome::Taken,
+            snapshot: Some(format!("s{n}")),
+            reason: None,
+            removed: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn saves_append_what_changed_and_compaction_starts_a_new_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("meta")).unwrap();
+        let file = StateFile::new(dir.path());
+        let mut st = file.load().unwrap();
+        file.compact(&mut st).unwrap();
+        for n in 0..300 {
+            st.book("p", "v").snapshots.push(format!("s{n}"));
+            st.record("p", entry(n));
+            file.save(&mut st).unwrap(); // (reads back and compares, in tests)
+        }
+        let log = std::fs::read_to_string(dir.path().join("meta/lifecycle.log")).unwrap();
+        assert_eq!(log.lines().count(), 300, "one line per save");
+        assert!(log.lines().last().unwrap().len() < 16 << 10, "a line holds what changed, not the state");
+        assert_eq!(file.load().unwrap().history["p"].len(), HISTORY_KEPT);
+
+        // A torn last line is ignored.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("meta/lifecycle.log"))
+            .unwrap()
+            .write_all(b"{\"epoch\":1,\"changes\":[{\"op\":\"hold\",")
+            .unwrap();
+        assert_eq!(file.load().unwrap().books["p"]["v"].snapshots.len(), 300);
+
+        // Compaction: the state in the snapshot, the log empty; lines of the old epoch (a
+        // crash before the log was emptied) are never replayed on the new snapshot.
+        let old_log = std::fs::read(dir.path().join("meta/lifecycle.log")).unwrap();
+        file.compact(&mut st).unwrap();
+        assert_eq!(std::fs::metadata(dir.path().join("meta/lifecycle.log")).unwrap().len(), 0);
+        std::fs::write(dir.path().join("meta/lifecycle.log"), &old_log).unwrap();
+        let read = file.load().unwrap();
+        assert_eq!(read.epoch, st.epoch);
+        assert_eq!(read.history["p"].len(), HISTORY_KEPT, "no history entry replayed twice");
+        assert_eq!(serde_json::to_value(&read).unwrap(), serde_json::to_value(&st).unwrap());
     }
 }

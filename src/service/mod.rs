@@ -179,7 +179,7 @@ impl Service {
         if state.lock_bin_at_start(&store.config.recycle_bin, engine.clock().now()) {
             tracing::info!("recycle bin locked (lock = true)");
         }
-        lifecycle_file.save(&state)?;
+        lifecycle_file.compact(&mut state)?;
         let events = events::EventLog::open(engine.dir());
         let svc = Arc::new(Service {
             engine,

@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::events::Event;
-use super::lifecycle::{Book, HistoryEntry, Outcome};
+use super::lifecycle::{Book, HistoryEntry, Key, Outcome};
 use super::quotas::Taker;
 use super::{Access, Caller, CreateSnapshot, Error, Result, Service};
 use crate::engine::{ErrorKind, SnapshotInfo};
@@ -149,7 +149,9 @@ impl Service {
             if let Some(t) = next {
                 st.next_due.insert(policy.id.clone(), t);
             }
-            self.save_lifecycle(&st)?;
+            st.touch(Key::Policy(policy.id.clone()));
+            st.touch(Key::NextDue(policy.id.clone()));
+            self.save_lifecycle(&mut st)?;
         }
         tracing::info!(policy = %policy.name, id = %policy.id, by = %caller, "policy created");
         Ok(self.policy_view(&policy))
@@ -175,7 +177,15 @@ impl Service {
         st.books.remove(&p.id);
         st.next_due.remove(&p.id);
         st.history.remove(&p.id);
-        self.save_lifecycle(&st)?;
+        for key in [
+            Key::Policy(p.id.clone()),
+            Key::Books(p.id.clone()),
+            Key::NextDue(p.id.clone()),
+            Key::History(p.id.clone()),
+        ] {
+            st.touch(key);
+        }
+        self.save_lifecycle(&mut st)?;
         tracing::info!(policy = %p.name, by = %caller, "policy deleted; the snapshots it took stay");
         Ok(())
     }
@@ -197,8 +207,9 @@ impl Service {
             if let Some(q) = st.policies.get_mut(&p.id).filter(|_| !has) {
                 q.volumes.push(id.clone());
             }
+            st.touch(Key::Policy(p.id.clone()));
         }
-        self.save_lifecycle(&st)?;
+        self.save_lifecycle(&mut st)?;
         let p = st.policies[&p.id].clone();
         drop(st);
         Ok(self.policy_view(&p))
@@ -214,10 +225,12 @@ impl Service {
         if let Some(q) = st.policies.get_mut(&p.id) {
             q.volumes.retain(|v| !ids.contains(v));
         }
+        st.touch(Key::Policy(p.id.clone()));
+        st.touch(Key::Books(p.id.clone()));
         if let Some(books) = st.books.get_mut(&p.id) {
             books.retain(|v, _| !ids.contains(v));
         }
-        self.save_lifecycle(&st)?;
+        self.save_lifecycle(&mut st)?;
         let p = st.policies[&p.id].clone();
         drop(st);
         Ok(self.policy_view(&p))
@@ -290,7 +303,7 @@ impl Service {
         Ok(out)
     }
 
-    pub(super) fn save_lifecycle(&self, st: &super::lifecycle::LifecycleState) -> Result<()> {
+    pub(super) fn save_lifecycle(&self, st: &mut super::lifecycle::LifecycleState) -> Result<()> {
         self.lifecycle_file.save(st)
     }
 
@@ -310,9 +323,10 @@ impl Service {
                     Some(t) => st.next_due.insert(p.id.clone(), t as u64),
                     None => st.next_due.remove(&p.id),
                 };
+                st.touch(Key::NextDue(p.id.clone()));
             }
             if !due.is_empty() {
-                if let Err(e) = self.save_lifecycle(&st) {
+                if let Err(e) = self.save_lifecycle(&mut st) {
                     tracing::error!(error = %e, "cannot record when policies fire next; not ticking them");
                     return;
                 }
@@ -329,7 +343,7 @@ impl Service {
                     let reason = format!("missed: due at {} while the daemon was down", crate::units::utc(at));
                     st.record(&p.id, skipped(now, volume, reason));
                 }
-                let _ = self.save_lifecycle(&st);
+                let _ = self.save_lifecycle(&mut st);
                 continue;
             }
             for v in p.volumes.clone() {
@@ -339,7 +353,7 @@ impl Service {
                         let volume = self.engine.volume(&v).map(|i| i.name).unwrap_or_else(|_| v.clone());
                         let mut st = self.lifecycle.lock();
                         st.record(&p.id, skipped(now, volume, "the previous tick is still running".into()));
-                        let _ = self.save_lifecycle(&st);
+                        let _ = self.save_lifecycle(&mut st);
                     }
                     continue;
                 }
@@ -384,7 +398,7 @@ impl Service {
             book.last_success = Some(now);
         }
         st.record(&p.id, entry.clone());
-        if let Err(e) = self.save_lifecycle(&st) {
+        if let Err(e) = self.save_lifecycle(&mut st) {
             tracing::error!(policy = %p.name, error = %e, "cannot record a policy tick");
         }
         drop(st);
@@ -466,7 +480,7 @@ impl Service {
         {
             let mut st = self.lifecycle.lock();
             st.book(&p.id, v).creating = Some(name.clone());
-            self.save_lifecycle(&st)?;
+            self.save_lifecycle(&mut st)?;
         }
         let req = CreateSnapshot {
             name: name.clone(),
@@ -480,7 +494,7 @@ impl Service {
         if let Ok(s) = &created {
             book.snapshots.push(s.info.id.clone());
         }
-        if let Err(e) = self.save_lifecycle(&st) {
+        if let Err(e) = self.save_lifecycle(&mut st) {
             tracing::error!(policy = %p.name, error = %e, "cannot record a policy's snapshot");
         }
         Ok(created?.info)
@@ -499,7 +513,7 @@ impl Service {
         })?;
         let other = st.policies.get(&other).map_or(other.clone(), |q| q.name.clone());
         st.book(&p.id, v).snapshots.push(snap.id.clone());
-        if let Err(e) = self.save_lifecycle(&st) {
+        if let Err(e) = self.save_lifecycle(&mut st) {
             tracing::error!(policy = %p.name, error = %e, "cannot record a policy's shared snapshot");
             return None;
         }
@@ -590,7 +604,7 @@ impl Service {
             .any(|(q, books)| q != &p.id && books.get(v).is_some_and(|b| b.snapshots.iter().any(|s| s == id)));
         if shared {
             st.book(&p.id, v).snapshots.retain(|s| s != id);
-            if let Err(e) = self.save_lifecycle(&st) {
+            if let Err(e) = self.save_lifecycle(&mut st) {
                 tracing::error!(policy = %p.name, error = %e, "cannot record a policy letting go of a shared snapshot");
             }
         }

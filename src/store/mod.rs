@@ -482,8 +482,11 @@ impl StoreService {
         if let Err(e) = self.save() {
             tracing::error!(error = %e, "cannot record the upload status");
         }
+        // (Not for a snapshot deleted meanwhile: its upload failing is no news.)
         if let (Some(error), Some(hook)) = (failed, self.upload_failed.get()) {
-            hook(id, &error);
+            if self.engine.snapshot(id).is_ok() {
+                hook(id, &error);
+            }
         }
         self.release_due();
     }
