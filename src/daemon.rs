@@ -120,10 +120,8 @@ fn secure_dir(dir: &Path, group: Option<nix::unistd::Gid>) -> anyhow::Result<()>
     Ok(())
 }
 
-/// The TCP address to serve NBD on (`--nbd-listen`), if any: loopback addresses only. NBD is
-/// served without TLS or authentication, so anyone who can connect can read and write every
-/// volume; on loopback that is this machine's users (and SSH tunnels), as with the unix socket.
-fn nbd_tcp_address(listen: Option<&str>, dir: &Path) -> anyhow::Result<Option<SocketAddr>> {
+/// `--FLAG HOST:PORT` (or `localhost:PORT`) as an address; `None` when absent or `none`.
+fn listen_address(flag: &str, listen: Option<&str>, example_port: u16) -> anyhow::Result<Option<SocketAddr>> {
     let Some(listen) = listen.map(str::trim).filter(|a| *a != "none") else {
         return Ok(None);
     };
@@ -131,8 +129,18 @@ fn nbd_tcp_address(listen: Option<&str>, dir: &Path) -> anyhow::Result<Option<So
         Some(port) => port.parse().map(|port| SocketAddr::from(([127, 0, 0, 1], port))).ok(),
         None => listen.parse().ok(),
     };
-    let Some(addr) = parsed else {
-        bail!("--nbd-listen takes a loopback address and a port, e.g. 127.0.0.1:10809 (got '{listen}')");
+    match parsed {
+        Some(addr) => Ok(Some(addr)),
+        None => bail!("{flag} takes a loopback address and a port, e.g. 127.0.0.1:{example_port} (got '{listen}')"),
+    }
+}
+
+/// The TCP address to serve NBD on (`--nbd-listen`), if any: loopback addresses only. NBD is
+/// served without TLS or authentication, so anyone who can connect can read and write every
+/// volume; on loopback that is this machine's users (and SSH tunnels), as with the unix socket.
+fn nbd_tcp_address(listen: Option<&str>, dir: &Path) -> anyhow::Result<Option<SocketAddr>> {
+    let Some(addr) = listen_address("--nbd-listen", listen, 10809)? else {
+        return Ok(None);
     };
     if !addr.ip().is_loopback() {
         bail!(
@@ -140,6 +148,23 @@ fn nbd_tcp_address(listen: Option<&str>, dir: &Path) -> anyhow::Result<Option<So
              non-loopback address would give every host that can reach it full read/write access to every volume; \
              use the unix socket {}, or a loopback address (127.0.0.1:PORT) reached through an SSH tunnel",
             dir.join("nbd.sock").display()
+        );
+    }
+    Ok(Some(addr))
+}
+
+/// The address to serve metrics on (`--metrics-listen`), if any: loopback addresses only, for
+/// the same reason as NBD: the endpoint has no TLS or authentication, and it names every
+/// volume, snapshot and policy and shows how busy each is.
+fn metrics_address(listen: Option<&str>) -> anyhow::Result<Option<SocketAddr>> {
+    let Some(addr) = listen_address("--metrics-listen", listen, 9100)? else {
+        return Ok(None);
+    };
+    if !addr.ip().is_loopback() {
+        bail!(
+            "refusing --metrics-listen {addr}: the metrics endpoint is served without TLS or authentication and \
+             names every volume, snapshot and policy, so it listens on loopback addresses only; use one \
+             (e.g. 127.0.0.1:9100) and scrape it from this machine or through an SSH tunnel"
         );
     }
     Ok(Some(addr))
@@ -156,6 +181,7 @@ fn handshake_timeout(arg: &str) -> anyhow::Result<Duration> {
 pub fn serve(dir: &Path, args: &ServeArgs) -> anyhow::Result<()> {
     let default_volume = args.default_volume.as_deref().map(parse_default_volume).transpose()?;
     let tcp = nbd_tcp_address(args.nbd_listen.as_deref(), dir)?;
+    let metrics = metrics_address(args.metrics_listen.as_deref())?;
     let config =
         ServerConfig { handshake_timeout: handshake_timeout(&args.handshake_timeout)?, ..ServerConfig::default() };
     let slots = Arc::new(ConnectionSlots::new(args.max_connections));
@@ -165,12 +191,13 @@ pub fn serve(dir: &Path, args: &ServeArgs) -> anyhow::Result<()> {
     secure_dir(&dir, group)?;
     let _lock = lock_dir(&dir)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(run(dir, tcp, default_volume, config, slots, group))
+    runtime.block_on(run(dir, tcp, metrics, default_volume, config, slots, group))
 }
 
 async fn run(
     dir: PathBuf,
     tcp: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
     default_volume: Option<(String, u64)>,
     config: ServerConfig,
     slots: Arc<ConnectionSlots>,
@@ -216,6 +243,17 @@ async fn run(
     let tcp = match &nbd_tcp {
         Some(l) => Some(l.local_addr()?),
         None => None,
+    };
+    let metrics = match metrics {
+        Some(addr) => {
+            Some(TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))?)
+        }
+        None => None,
+    };
+    // Shown in the ready line: a requested port 0 becomes the actual port.
+    let metrics_note = match &metrics {
+        Some(l) => format!("; metrics: http://{}/metrics", l.local_addr()?),
+        None => String::new(),
     };
     let control = bind_unix(&control_path, group)?.into_std()?;
     let status = Status {
@@ -265,12 +303,15 @@ async fn run(
             }
         });
     }
+    if let Some(listener) = metrics {
+        tasks.spawn(crate::metrics::serve(listener, service.clone()));
+    }
     let app = router(service);
     let stop_control = serve_control(control, app)?;
 
     let tcp_note = tcp.map_or(String::new(), |a| format!(", {a}"));
     crate::logging::say(format_args!(
-        "snapblk: serving {} (nbd: {}{tcp_note}; control: {})",
+        "snapblk: serving {} (nbd: {}{tcp_note}; control: {}{metrics_note})",
         dir.display(),
         nbd_path.display(),
         control_path.display()
@@ -445,6 +486,26 @@ mod tests {
         for arg in ["10809", "example.com:10809", "127.0.0.1"] {
             assert!(nbd_tcp_address(Some(arg), dir).unwrap_err().to_string().contains("e.g. 127.0.0.1:10809"), "{arg}");
         }
+    }
+
+    #[test]
+    fn metrics_are_off_by_default_and_loopback_only() {
+        assert_eq!(metrics_address(None).unwrap(), None);
+        assert_eq!(metrics_address(Some("none")).unwrap(), None);
+        for (arg, want) in
+            [("127.0.0.1:9100", "127.0.0.1:9100"), ("[::1]:0", "[::1]:0"), ("localhost:9100", "127.0.0.1:9100")]
+        {
+            assert_eq!(metrics_address(Some(arg)).unwrap(), Some(want.parse().unwrap()), "{arg}");
+        }
+        for arg in ["0.0.0.0:9100", "[::]:9100", "192.168.1.5:9100"] {
+            let e = metrics_address(Some(arg)).unwrap_err().to_string();
+            assert!(
+                e.starts_with("refusing --metrics-listen") && e.contains("loopback") && !e.contains('\n'),
+                "{arg}: {e}"
+            );
+        }
+        let e = metrics_address(Some("9100")).unwrap_err().to_string();
+        assert!(e.contains("--metrics-listen takes") && e.contains("e.g. 127.0.0.1:9100"), "{e}");
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod frontend;
 pub mod fsutil;
 pub mod jobs;
 pub mod logging;
+pub mod metrics;
 pub mod policy;
 pub mod service;
 pub mod store;

@@ -23,6 +23,7 @@ pub mod error;
 mod gate;
 mod hydration;
 mod ids;
+mod iostats;
 pub(crate) mod journal;
 pub(crate) mod map;
 mod registry;
@@ -48,6 +49,7 @@ use roaring::RoaringTreemap;
 pub use error::{EngineError, ErrorKind, Result};
 pub(crate) use hydration::no_store;
 pub use ids::{parse_snapshot_id, parse_volume_id, snapshot_id, validate_name, volume_id};
+pub use iostats::{IoOp, IoStats, IoView, OpView, BUCKETS, LATENCY_BOUNDS_NS};
 pub use remote::{ClusterSource, Priority, RemoteSource};
 pub use types::{HydrationInfo, SnapshotInfo, VolumeInfo};
 pub use volume::{Extent, SnapshotHandle, VolumeHandle, ZeroMode, STATE_HOLE, STATE_ZERO};
@@ -281,6 +283,12 @@ impl Engine {
         let mut v: Vec<_> = reg.volumes.values().map(|v| volume_info(&reg, v)).collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
+    }
+
+    /// Every volume's I/O counters, by volume id (`v-…`; for the metrics endpoint).
+    pub fn volume_io(&self) -> Vec<(String, IoView)> {
+        let reg = self.registry.read();
+        reg.volumes.values().map(|v| (volume_id(v.id), v.io.view())).collect()
     }
 
     pub fn volume(&self, r: &str) -> Result<VolumeInfo> {

@@ -15,6 +15,7 @@ use super::checkpoint::{SnapshotImage, State, VolumeImage};
 use super::commit::Regain;
 use super::error::{EngineError, Result};
 use super::ids::{parse_id, snapshot_id, volume_id};
+use super::iostats::IoStats;
 use super::journal::Record;
 use super::map::ClusterMap;
 use super::remote::{self, Remote, RemoteSource};
@@ -37,6 +38,8 @@ pub(crate) struct Volume {
     pub(crate) pending: Mutex<Vec<u8>>,
     pub(crate) writers: AtomicU64,
     pub(crate) revoker: Revoker,
+    /// Requests of the front ends, counted on the data path (see `iostats.rs`).
+    pub(crate) io: IoStats,
 }
 
 /// What a volume is, fixed when it is created (a journal record or a checkpoint entry).
@@ -65,6 +68,7 @@ impl Volume {
             pending: Mutex::new(Vec::new()),
             writers: AtomicU64::new(0),
             revoker: Revoker::new(),
+            io: IoStats::default(),
         }
     }
 }

@@ -24,6 +24,7 @@ use std::sync::{Arc, OnceLock};
 use smallvec::SmallVec;
 
 use super::error::{EngineError, Result};
+use super::iostats::IoStats;
 use super::journal::Record;
 use super::map::{ClusterMap, ZERO};
 use super::remote::{self, Priority, Remote};
@@ -289,6 +290,11 @@ impl VolumeHandle {
 
     pub fn cluster_size(&self) -> u32 {
         self.vol.cluster_size
+    }
+
+    /// The volume's I/O counters, for the front ends to count requests in.
+    pub fn io(&self) -> &IoStats {
+        &self.vol.io
     }
 
     /// Resolves when this handle is revoked (volume deleted, forced rollback, shutdown).
@@ -821,6 +827,11 @@ impl SnapshotHandle {
 
     pub fn cluster_size(&self) -> u32 {
         self.snap.cluster_size
+    }
+
+    /// The I/O counters of the snapshot's volume (reads of snapshots count there).
+    pub fn io(&self) -> &IoStats {
+        &self.vol.io
     }
 
     /// Names of the older snapshots this one can be compared with (`qemu:dirty-bitmap:NAME`).

@@ -6,12 +6,14 @@
 //! milliseconds; they block one runtime worker meanwhile. On a volume still loading from the
 //! object store, a request awaits the clusters it needs (the `_async` calls).
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Instant;
 
 use snapblk_nbd::{Export, ExportCatalog, ExportError, ExportInfo, Extent, ReadKind, RequestKind, ZeroFlags};
 
 use super::{block_error, BlockError};
-use crate::engine::{self, EngineError, Priority, SnapshotHandle, VolumeHandle, ZeroMode};
+use crate::engine::{self, EngineError, IoOp, IoStats, Priority, SnapshotHandle, VolumeHandle, ZeroMode};
 use crate::service::{Caller, ExportHandle, Service};
 
 /// Largest request we accept (NBD_INFO_BLOCK_SIZE maximum).
@@ -54,6 +56,21 @@ fn nbd_error(e: EngineError) -> ExportError {
         BlockError::Gone => ExportError::Gone,
         BlockError::Io => ExportError::Io,
     }
+}
+
+/// Runs one request, counting it in its volume's I/O counters (`engine::IoStats`: a few
+/// relaxed atomic adds) with its latency. (A future does nothing until polled, so the clock
+/// starts with the request.)
+async fn counted<T>(
+    io: &IoStats,
+    op: IoOp,
+    bytes: u64,
+    request: impl Future<Output = Result<T, EngineError>>,
+) -> Result<T, ExportError> {
+    let started = Instant::now();
+    let r = request.await;
+    io.record(op, bytes, started, r.is_ok());
+    r.map_err(nbd_error)
 }
 
 fn extents(v: Vec<engine::Extent>) -> Vec<Extent> {
@@ -166,26 +183,29 @@ impl Export for NbdExport {
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<ReadKind, ExportError> {
+        let len = buf.len() as u64;
         let hole = match &self.handle {
-            Handle::Volume(v, _) => v.read_async(offset, buf).await.map_err(nbd_error)?,
-            Handle::Snapshot(s) => s.read_async(offset, buf).await.map_err(nbd_error)?,
+            Handle::Volume(v, _) => counted(v.io(), IoOp::Read, len, v.read_async(offset, buf)).await?,
+            Handle::Snapshot(s) => counted(s.io(), IoOp::SnapshotRead, len, s.read_async(offset, buf)).await?,
         };
         Ok(if hole { ReadKind::Hole } else { ReadKind::Data })
     }
 
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ExportError> {
-        self.volume()?.write_async(offset, data, fua).await.map_err(nbd_error)
+        let v = self.volume()?;
+        counted(v.io(), IoOp::Write, data.len() as u64, v.write_async(offset, data, fua)).await
     }
 
     async fn flush(&self) -> Result<(), ExportError> {
         match &self.handle {
-            Handle::Volume(v, _) => v.flush_async().await.map_err(nbd_error),
+            Handle::Volume(v, _) => counted(v.io(), IoOp::Flush, 0, v.flush_async()).await,
             Handle::Snapshot(_) => Ok(()), // nothing to make durable
         }
     }
 
     async fn trim(&self, offset: u64, length: u64, fua: bool) -> Result<(), ExportError> {
-        self.volume()?.zero_async(offset, length, ZeroMode::Unmap, fua).await.map_err(nbd_error)
+        let v = self.volume()?;
+        counted(v.io(), IoOp::Trim, length, v.zero_async(offset, length, ZeroMode::Unmap, fua)).await
     }
 
     async fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> Result<(), ExportError> {
@@ -195,7 +215,7 @@ impl Export for NbdExport {
         if flags.fast && mode == ZeroMode::Allocate {
             return Err(ExportError::NotFast);
         }
-        v.zero_async(offset, length, mode, flags.fua).await.map_err(nbd_error)
+        counted(v.io(), IoOp::Trim, length, v.zero_async(offset, length, mode, flags.fua)).await
     }
 
     /// Loads the range from the store if it is not local yet (nothing to do otherwise).

@@ -4,10 +4,12 @@
 //! Calls run on the queue's own thread, synchronously: page-cache `pread`/`pwrite` for most
 //! requests, `fdatasync` for FLUSH and FUA (which holds up only that queue).
 
+use std::time::Instant;
+
 use snapblk_ublk::{BlockTarget, TargetError};
 
 use super::{block_error, BlockError};
-use crate::engine::{EngineError, VolumeHandle, ZeroMode};
+use crate::engine::{EngineError, IoOp, VolumeHandle, ZeroMode};
 
 pub struct UblkTarget {
     handle: VolumeHandle,
@@ -31,26 +33,38 @@ fn ublk_error(e: EngineError) -> TargetError {
     }
 }
 
+impl UblkTarget {
+    /// Runs one request, counting it in the volume's I/O counters (`engine::IoStats`: a few
+    /// relaxed atomic adds) with its latency.
+    fn counted<T>(&self, op: IoOp, bytes: u64, f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, TargetError> {
+        let started = Instant::now();
+        let r = f();
+        self.handle.io().record(op, bytes, started, r.is_ok());
+        r.map_err(ublk_error)
+    }
+}
+
 impl BlockTarget for UblkTarget {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), TargetError> {
-        self.handle.read(offset, buf).map(|_hole| ()).map_err(ublk_error)
+        let len = buf.len() as u64;
+        self.counted(IoOp::Read, len, || self.handle.read(offset, buf)).map(|_hole| ())
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), TargetError> {
-        self.handle.write(offset, data, fua).map_err(ublk_error)
+        self.counted(IoOp::Write, data.len() as u64, || self.handle.write(offset, data, fua))
     }
 
     fn flush(&self) -> Result<(), TargetError> {
-        self.handle.flush().map_err(ublk_error)
+        self.counted(IoOp::Flush, 0, || self.handle.flush())
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<(), TargetError> {
-        self.handle.zero(offset, len, ZeroMode::Unmap, false).map_err(ublk_error)
+        self.counted(IoOp::Trim, len, || self.handle.zero(offset, len, ZeroMode::Unmap, false))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, fua: bool) -> Result<(), TargetError> {
         let mode = if unmap { ZeroMode::Unmap } else { ZeroMode::Allocate };
-        self.handle.zero(offset, len, mode, fua).map_err(ublk_error)
+        self.counted(IoOp::Trim, len, || self.handle.zero(offset, len, mode, fua))
     }
 }
 
@@ -85,5 +99,17 @@ mod tests {
         t.flush().unwrap();
         assert_eq!(t.write(1 << 20, &data, false), Err(TargetError::NoSpace));
         assert_eq!(t.read(u64::MAX - 10, &mut buf), Err(TargetError::Invalid));
+        // Every request is counted in the volume's I/O counters; failed ones move no bytes.
+        let id = engine.volume("v").unwrap().id;
+        let io = engine.volume_io();
+        let ops = &io.iter().find(|(v, _)| *v == id).unwrap().1.ops;
+        let count = |op: IoOp| {
+            let o = &ops[op as usize];
+            (o.requests(), o.bytes, o.errors)
+        };
+        assert_eq!(count(IoOp::Write), (2, 8192, 1));
+        assert_eq!(count(IoOp::Read), (3, 16384, 1));
+        assert_eq!(count(IoOp::Trim), (2, 8192, 0));
+        assert_eq!(count(IoOp::Flush), (1, 0, 0));
     }
 }

@@ -12,6 +12,7 @@ mod events;
 mod exports;
 mod holds;
 mod lifecycle;
+mod metrics;
 mod policies;
 mod quotas;
 mod regions;

@@ -220,6 +220,18 @@ impl StoreService {
         self.regions.iter().filter(|(_, c)| c.initialized()).map(|(n, _)| n.clone()).collect()
     }
 
+    /// Every configured region's request counters since the daemon started; zeros for a
+    /// region not used yet (opening one here would reach out to its store).
+    pub fn region_metrics(&self) -> Vec<(String, objects::MetricsView)> {
+        let mut out: Vec<_> = self
+            .regions
+            .iter()
+            .map(|(name, cell)| (name.clone(), cell.get().map(|r| r.objects.metrics.view()).unwrap_or_default()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// The opened region (opening it on first use; a failure is retried on the next call).
     pub async fn region(&self, name: &str) -> Result<Arc<Region>> {
         self.check_region(name)?;

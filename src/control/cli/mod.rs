@@ -90,6 +90,11 @@ pub struct ServeArgs {
     /// TLS or authentication yet
     #[arg(long, value_name = "HOST:PORT")]
     pub nbd_listen: Option<String>,
+    /// Serve Prometheus metrics (GET /metrics) over HTTP on this loopback address (e.g.
+    /// 127.0.0.1:9100). Default: off. Other addresses are refused: the endpoint has no TLS or
+    /// authentication. See docs/METRICS.md
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_listen: Option<String>,
     /// Most NBD client connections at once, over all listeners; more are closed at once
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
