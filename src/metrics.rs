@@ -44,6 +44,9 @@ pub struct Scrape {
     /// Object-store counters per region.
     pub regions: Vec<(String, MetricsView)>,
     pub policies: Vec<PolicySample>,
+    /// Snapshots in the recycle bin, and its retention in seconds (0: off).
+    pub bin_snapshots: u64,
+    pub bin_retention: u64,
 }
 
 #[derive(Debug, Default)]
@@ -60,6 +63,12 @@ pub struct VolumeSample {
     /// Snapshots per upload state, in [`UPLOAD_STATES`] order.
     pub uploads: [u64; 3],
     pub io: IoView,
+    /// `max_snapshots_manual`, `max_snapshots_auto`; snapshot creates and uploads in flight and
+    /// `max_concurrent_tasks`.
+    pub manual_limit: u64,
+    pub auto_limit: u64,
+    pub tasks: u64,
+    pub tasks_limit: u64,
     /// Set while the volume is loading from the object store.
     pub hydration: Option<HydrationSample>,
 }
@@ -131,6 +140,17 @@ pub fn gather(service: &Service, now: u64) -> Scrape {
         .collect();
     // By id: a deleted volume's snapshots may stay, and its name go to a new volume.
     let index: HashMap<String, usize> = volumes.iter().enumerate().map(|(i, v)| (v.id.clone(), i)).collect();
+    for v in &mut volumes {
+        match service.volume_quota(&caller, &v.id) {
+            Ok(q) => {
+                v.manual_limit = q.quotas.max_snapshots_manual.into();
+                v.auto_limit = q.quotas.max_snapshots_auto.into();
+                v.tasks = q.tasks.into();
+                v.tasks_limit = q.quotas.max_concurrent_tasks.into();
+            }
+            Err(e) => tracing::warn!(volume = %v.name, error = %e, "metrics: cannot collect a volume's quotas"),
+        }
+    }
     let mut uploads = Vec::new();
     for s in part("snapshots", service.list_snapshots(&caller, None)) {
         // An upload in flight counts even when its volume is gone (deleted, its snapshots kept).
@@ -171,7 +191,19 @@ pub fn gather(service: &Service, now: u64) -> Scrape {
             name: p.policy.spec.name,
         })
         .collect();
-    Scrape { now, volumes, uploads, regions: part("store", service.store_metrics(&caller)), policies }
+    let (bin_snapshots, bin_retention) = match service.recycle_bin(&caller) {
+        Ok(b) => (b.snapshots.len() as u64, b.retention),
+        Err(_) => (0, 0),
+    };
+    Scrape {
+        now,
+        volumes,
+        uploads,
+        regions: part("store", service.store_metrics(&caller)),
+        policies,
+        bin_snapshots,
+        bin_retention,
+    }
 }
 
 /// How many coming firings [`policy_interval`] looks at.
@@ -342,6 +374,41 @@ impl Collector for Scrape {
                     .map(move |((_, state), n)| ([("volume", name), ("state", *state)], n))
             }),
         )?;
+        gauges(
+            e,
+            "snapblk_volume_snapshot_limit",
+            "The volume's quota of snapshots by kind (max_snapshots_manual, max_snapshots_auto).",
+            self.volumes.iter().flat_map(|v| {
+                [("manual", v.manual_limit), ("auto", v.auto_limit)]
+                    .map(|(kind, n)| ([("volume", v.name.as_str()), ("kind", kind)], n))
+            }),
+        )?;
+        gauges(
+            e,
+            "snapblk_volume_tasks",
+            "Snapshot creates and uploads of the volume in flight.",
+            self.volume_gauge(|v| v.tasks),
+        )?;
+        gauges(
+            e,
+            "snapblk_volume_tasks_limit",
+            "The volume's max_concurrent_tasks.",
+            self.volume_gauge(|v| v.tasks_limit),
+        )?;
+        e.encode_descriptor(
+            "snapblk_recycle_bin_snapshots",
+            "Deleted snapshots waiting in the recycle bin.",
+            None,
+            MetricType::Gauge,
+        )?
+        .encode_gauge(&self.bin_snapshots)?;
+        e.encode_descriptor(
+            "snapblk_recycle_bin_retention_seconds",
+            "How long the recycle bin keeps a deleted snapshot (0: the bin is off).",
+            None,
+            MetricType::Gauge,
+        )?
+        .encode_gauge(&self.bin_retention)?;
         // Uploads and hydration.
         e.encode_descriptor(
             "snapblk_uploads_in_flight",
@@ -528,6 +595,10 @@ mod tests {
                 auto_snapshots: 3,
                 uploads: [1, 4, 0],
                 io: io.view(),
+                manual_limit: 256,
+                auto_limit: 1000,
+                tasks: 1,
+                tasks_limit: 10,
                 hydration: Some(HydrationSample { loaded_bytes: 100, size_bytes: 1 << 30, retrying: true }),
             }],
             uploads: vec![UploadSample {
@@ -551,6 +622,8 @@ mod tests {
                     PolicyVolumeSample { volume: "new".into(), last_success: None, last_attempt: None },
                 ],
             }],
+            bin_snapshots: 2,
+            bin_retention: 604_800,
         }
     }
 
@@ -570,6 +643,11 @@ mod tests {
             "snapblk_volume_snapshots{volume=\"db\",kind=\"manual\"} 2",
             "snapblk_volume_snapshots{volume=\"db\",kind=\"auto\"} 3",
             "snapblk_volume_snapshot_uploads{volume=\"db\",state=\"available\"} 4",
+            "snapblk_volume_snapshot_limit{volume=\"db\",kind=\"auto\"} 1000",
+            "snapblk_volume_tasks{volume=\"db\"} 1",
+            "snapblk_volume_tasks_limit{volume=\"db\"} 10",
+            "snapblk_recycle_bin_snapshots 2",
+            "snapblk_recycle_bin_retention_seconds 604800",
             "snapblk_uploads_in_flight 1",
             "snapblk_upload_scanned_bytes{volume=\"db\",snapshot=\"s1\",region=\"local\"} 50",
             "snapblk_upload_size_bytes{volume=\"db\",snapshot=\"s1\",region=\"local\"} 200",
@@ -622,8 +700,16 @@ mod tests {
     fn an_empty_daemon_renders_every_family_with_no_samples() {
         let text = render(Scrape::default()).unwrap();
         assert!(text.contains("# TYPE snapblk_volume_requests_total counter"));
-        assert!(text.lines().any(|l| l == "snapblk_uploads_in_flight 0"));
-        assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 1, "{text}");
+        let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            samples,
+            [
+                "snapblk_recycle_bin_snapshots 0",
+                "snapblk_recycle_bin_retention_seconds 0",
+                "snapblk_uploads_in_flight 0"
+            ],
+            "only the daemon-wide gauges have a sample"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
