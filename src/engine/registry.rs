@@ -3,7 +3,7 @@
 //! and at recovery (replaying the journal over the checkpoint). Also what a dropped map frees
 //! (`release_dropped`), start-up ownership, and the checkpoint image.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -302,6 +302,10 @@ pub(crate) struct Lineage {
 pub(super) struct Registry {
     pub(super) volumes: HashMap<u64, Arc<Volume>>,
     pub(super) snapshots: HashMap<u64, Arc<Snapshot>>,
+    /// Volume → its snapshots' ids by sequence number: a volume's snapshots without a scan
+    /// of every snapshot (200 volumes × 1,000 snapshots). Kept with `snapshots` by
+    /// [`Registry::add_snapshot`] and the delete.
+    by_volume: HashMap<u64, BTreeMap<u64, u64>>,
     pub(super) slot_files: HashMap<u32, Arc<SlotFile>>,
     pub(super) next_seq: u64,
 }
@@ -366,10 +370,23 @@ impl Registry {
     }
 
     /// Snapshots of a volume, oldest first.
+    /// A volume's snapshots, oldest first.
     pub(super) fn snapshots_of(&self, volume: u64) -> Vec<Arc<Snapshot>> {
-        let mut v: Vec<_> = self.snapshots.values().filter(|s| s.volume == volume).cloned().collect();
-        v.sort_by_key(|s| s.seq);
-        v
+        self.by_volume
+            .get(&volume)
+            .into_iter()
+            .flat_map(|of| of.values())
+            .filter_map(|id| self.snapshots.get(id).cloned())
+            .collect()
+    }
+
+    pub(super) fn snapshot_count(&self, volume: u64) -> u64 {
+        self.by_volume.get(&volume).map_or(0, |of| of.len() as u64)
+    }
+
+    fn add_snapshot(&mut self, snap: Snapshot) {
+        self.by_volume.entry(snap.volume).or_default().insert(snap.seq, snap.id);
+        self.snapshots.insert(snap.id, Arc::new(snap));
     }
 
     /// Volumes loading clusters from the store copy of snapshot `id`, and snapshots taken
@@ -531,11 +548,17 @@ impl Registry {
                 st.parent = Some(*snapshot);
                 drop(st);
                 self.next_seq = self.next_seq.max(seq + 1);
-                self.snapshots.insert(*snapshot, Arc::new(snap));
+                self.add_snapshot(snap);
                 Ok(None)
             }
             Record::SnapshotDelete { snapshot } => {
                 let s = self.snapshots.remove(snapshot).ok_or_else(|| missing("snapshot", *snapshot))?;
+                if let Some(of) = self.by_volume.get_mut(&s.volume) {
+                    of.remove(&s.seq);
+                    if of.is_empty() {
+                        self.by_volume.remove(&s.volume);
+                    }
+                }
                 s.revoker.revoke();
                 let (parent, changed) = {
                     let l = s.lineage.lock();
@@ -797,7 +820,7 @@ impl Registry {
                 allocated: s.allocated,
             };
             let lineage = Lineage { parent: s.parent, changed: s.changed, anchor: s.anchor };
-            reg.snapshots.insert(meta.id, Arc::new(Snapshot::new(meta, lineage, data)));
+            reg.add_snapshot(Snapshot::new(meta, lineage, data));
         }
         Ok(reg)
     }
@@ -821,7 +844,7 @@ pub(super) fn volume_info(reg: &Registry, v: &Volume) -> VolumeInfo {
         allocated_bytes: st.allocated * v.cluster_size as u64,
         dirty_clusters: st.dirty.len(),
         dirty_bitmap_bytes: st.dirty.serialized_size() as u64,
-        snapshots: reg.snapshots.values().filter(|s| s.volume == v.id).count() as u64,
+        snapshots: reg.snapshot_count(v.id),
         origin,
         writers: v.writers.load(Ordering::Acquire),
         hydration: st.remote.as_ref().map(|r| HydrationInfo {

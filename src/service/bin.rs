@@ -108,18 +108,19 @@ impl Service {
         hidden
     }
 
-    /// Snapshot ids in the bin.
-    pub(super) fn binned_ids(&self) -> HashSet<String> {
-        self.lifecycle.lock().bin.keys().cloned().collect()
-    }
-
     /// Moves a snapshot to the bin if the bin is on; false if it is off (delete it for good).
-    pub(super) fn to_bin(&self, caller: &Caller, snap: &SnapshotInfo) -> Result<bool> {
+    ///
+    /// `later` (retention's deletes): with the bin off too, the snapshot is hidden at once and
+    /// deleted for good by the next sweep, off the tick — a delete costs the engine a walk of
+    /// every snapshot's map (to free the slots none references any more). And the state is
+    /// not saved here: the tick saves it when it ends (a crash before undoes the delete, which
+    /// the next tick's retention does again).
+    pub(super) fn to_bin(&self, caller: &Caller, snap: &SnapshotInfo, later: bool) -> Result<bool> {
         let now = self.engine.clock().now();
         {
             let mut st = self.lifecycle.lock();
             let retention = self.bin_retention(&st);
-            if retention == 0 {
+            if retention == 0 && !later {
                 return Ok(false);
             }
             let entry = Binned {
@@ -129,12 +130,18 @@ impl Service {
                 deleted_at: now,
                 expires_at: now + retention,
                 by: caller.to_string(),
+                deleting: retention == 0,
             };
             st.bin.insert(snap.id.clone(), entry);
             st.touch(Key::Bin(snap.id.clone()));
             // It leaves the policies' books: a restored snapshot is nobody's to prune.
-            st.unbook(&snap.id);
-            self.save_lifecycle(&mut st)?;
+            st.unbook(&snap.id, &snap.volume_id);
+            if !later {
+                self.save_lifecycle(&mut st)?;
+            }
+            if retention == 0 {
+                return Ok(false);
+            }
         }
         tracing::info!(snapshot = %snap.id, volume = %snap.volume, name = %snap.name, by = %caller, "snapshot moved to the recycle bin");
         Ok(true)
@@ -146,7 +153,12 @@ impl Service {
         Ok(BinView {
             retention: self.bin_retention(&st),
             lock: st.bin_lock.clone(),
-            snapshots: st.bin.iter().map(|(id, e)| BinnedView { id: id.clone(), entry: e.clone() }).collect(),
+            snapshots: st
+                .bin
+                .iter()
+                .filter(|(_, e)| !e.deleting)
+                .map(|(id, e)| BinnedView { id: id.clone(), entry: e.clone() })
+                .collect(),
         })
     }
 
@@ -156,9 +168,10 @@ impl Service {
         let snap = self.engine.snapshot(r).map_err(|_| self.not_in_bin(r))?;
         {
             let mut st = self.lifecycle.lock();
-            if st.bin.remove(&snap.id).is_none() {
+            if st.bin.get(&snap.id).is_none_or(|b| b.deleting) {
                 return Err(self.not_in_bin(r));
             }
+            st.bin.remove(&snap.id);
             st.deleted_volumes.remove(&snap.volume_id);
             st.touch(Key::Bin(snap.id.clone()));
             st.touch(Key::DeletedVolume(snap.volume_id.clone()));
@@ -196,10 +209,10 @@ impl Service {
                 )));
             }
             match &req.snapshot {
-                None => st.bin.keys().cloned().collect(),
+                None => st.bin.iter().filter(|(_, b)| !b.deleting).map(|(id, _)| id.clone()).collect(),
                 Some(r) => {
                     let id = self.engine.snapshot(r).map_err(|_| self.not_in_bin(r))?.id;
-                    if !st.bin.contains_key(&id) {
+                    if st.bin.get(&id).is_none_or(|b| b.deleting) {
                         return Err(self.not_in_bin(r));
                     }
                     vec![id]
@@ -274,14 +287,16 @@ impl Service {
                     tracing::warn!("recycle bin unlocked");
                 }
             }
-            let expired: Vec<String> =
-                st.bin.iter().filter(|(_, b)| b.expires_at <= now).map(|(id, _)| id.clone()).collect();
+            let expired: Vec<(String, bool)> =
+                st.bin.iter().filter(|(_, b)| b.expires_at <= now).map(|(id, b)| (id.clone(), b.deleting)).collect();
             (expired, st.deleted_volumes.keys().cloned().collect::<Vec<_>>())
         };
         let caller = Caller::Daemon("recycle bin");
-        for id in expired {
+        for (id, deleting) in expired {
             let Ok(snap) = self.engine.snapshot(&id) else { continue };
             match self.delete_for_good(&caller, &snap).await {
+                // (Retention's deletes were told when retention decided them.)
+                Ok(()) if deleting => {}
                 Ok(()) => self.event(Event::SnapshotExpired {
                     volume: snap.volume,
                     snapshot: snap.name,
@@ -339,8 +354,8 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use crate::engine::ErrorKind;
-    use crate::policy::{OnVolumeDelete, Retention, Schedule};
-    use crate::service::testing::{service, ts, volume};
+    use crate::policy::OnVolumeDelete;
+    use crate::service::testing::{hourly, service, ts, volume};
     use crate::service::{CreatePolicy, CreateSnapshot, PolicyTarget, PolicyVolumes};
 
     fn snap(name: &str) -> CreateSnapshot {
@@ -450,17 +465,7 @@ mod tests {
         let clock = ManualClock::new(ts("2026-12-01T00:00:00Z"));
         let svc = service(dir.path(), clock.clone(), "[recycle_bin]\nretention = \"1d\"\n");
         let me = Caller::Local;
-        let policy = |name: &str, on_volume_delete| CreatePolicy {
-            name: name.into(),
-            schedule: Schedule::Every { every: 3600, start: "00:00".into() },
-            tz: "UTC".into(),
-            retention: Retention { keep_last: Some(10), ..Default::default() },
-            overlap: Default::default(),
-            missed: Default::default(),
-            skip_if_unchanged: false,
-            after_upload: false,
-            on_volume_delete,
-        };
+        let policy = |name: &str, on_volume_delete| CreatePolicy { on_volume_delete, ..hourly(name, 10) };
         svc.create_policy(&me, policy("keep", OnVolumeDelete::Keep)).unwrap();
         svc.create_policy(&me, policy("apply", OnVolumeDelete::Apply)).unwrap();
         for (v, p) in [("a", "keep"), ("b", "apply")] {

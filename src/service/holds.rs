@@ -58,13 +58,13 @@ impl Service {
 impl Service {
     /// A snapshot deleted for good leaves the policies' books and the recycle bin (a hold
     /// cannot be on it: it was refused).
-    pub(super) fn forget_snapshot(&self, id: &str) {
+    pub(super) fn forget_snapshot(&self, id: &str, volume_id: &str) {
         let mut st = self.lifecycle.lock();
         let binned = st.bin.remove(id).is_some();
         if binned {
             st.touch(Key::Bin(id.to_string()));
         }
-        let changed = st.unbook(id) || binned;
+        let changed = st.unbook(id, volume_id) || binned;
         if changed {
             if let Err(e) = self.save_lifecycle(&mut st) {
                 tracing::warn!(snapshot = id, error = %e, "cannot record a deleted snapshot in the policies' books; fixed at the next start");

@@ -69,6 +69,10 @@ pub struct Binned {
     pub expires_at: u64,
     /// Who deleted it (a client, or retention).
     pub by: String,
+    /// Not in the bin, only waiting for the sweep to delete it for good (a delete by
+    /// retention with the bin off): hidden, not restorable.
+    #[serde(default)]
+    pub deleting: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -196,15 +200,15 @@ impl LifecycleState {
         self.books.entry(policy.to_string()).or_default().entry(volume.to_string()).or_default()
     }
 
-    /// Removes snapshot `id` from every book; whether it was in one.
-    pub fn unbook(&mut self, id: &str) -> bool {
+    /// Removes snapshot `id` of volume `volume` from every book; whether it was in one.
+    pub fn unbook(&mut self, id: &str, volume: &str) -> bool {
         let mut touched = Vec::new();
         for (p, books) in self.books.iter_mut() {
-            for (v, book) in books.iter_mut() {
+            if let Some(book) = books.get_mut(volume) {
                 let before = book.snapshots.len();
                 book.snapshots.retain(|s| s != id);
                 if book.snapshots.len() != before {
-                    touched.push(Key::Book(p.clone(), v.clone()));
+                    touched.push(Key::Book(p.clone(), volume.to_string()));
                 }
             }
         }

@@ -300,6 +300,8 @@ impl Service {
             }
             out.extend(verdicts);
         }
+        // (Retention's deletes are saved by the caller: here.)
+        self.save_lifecycle(&mut self.lifecycle.lock())?;
         Ok(out)
     }
 
@@ -488,14 +490,12 @@ impl Service {
             durable: false,
         };
         let created = self.take_snapshot(&Caller::Daemon("policy"), v, req, Taker::Policy).await;
+        // Saved when the tick ends: a crash before leaves `creating`, settled at start.
         let mut st = self.lifecycle.lock();
         let book = st.book(&p.id, v);
         book.creating = None;
         if let Ok(s) = &created {
             book.snapshots.push(s.info.id.clone());
-        }
-        if let Err(e) = self.save_lifecycle(&mut st) {
-            tracing::error!(policy = %p.name, error = %e, "cannot record a policy's snapshot");
         }
         Ok(created?.info)
     }
@@ -512,11 +512,8 @@ impl Service {
             (s.created / 60 == now / 60 && !binned.contains_key(&s.id)).then(|| (q.clone(), s))
         })?;
         let other = st.policies.get(&other).map_or(other.clone(), |q| q.name.clone());
+        // Saved when the tick ends (a crash before: the next tick takes its own).
         st.book(&p.id, v).snapshots.push(snap.id.clone());
-        if let Err(e) = self.save_lifecycle(&mut st) {
-            tracing::error!(policy = %p.name, error = %e, "cannot record a policy's shared snapshot");
-            return None;
-        }
         Some((snap, Some(other)))
     }
 
@@ -603,10 +600,8 @@ impl Service {
             .iter()
             .any(|(q, books)| q != &p.id && books.get(v).is_some_and(|b| b.snapshots.iter().any(|s| s == id)));
         if shared {
+            // Saved by the caller (the tick, or `policy prune`) when it ends.
             st.book(&p.id, v).snapshots.retain(|s| s != id);
-            if let Err(e) = self.save_lifecycle(&mut st) {
-                tracing::error!(policy = %p.name, error = %e, "cannot record a policy letting go of a shared snapshot");
-            }
         }
         shared
     }
@@ -660,21 +655,7 @@ mod tests {
     use crate::clock::ManualClock;
     use crate::policy::{Retention, Schedule};
 
-    use crate::service::testing::{service, ts};
-
-    fn policy(name: &str, schedule: Schedule, retention: Retention) -> CreatePolicy {
-        CreatePolicy {
-            name: name.into(),
-            schedule,
-            tz: "UTC".into(),
-            retention,
-            overlap: Overlap::Skip,
-            missed: Missed::Skip,
-            skip_if_unchanged: false,
-            after_upload: false,
-            on_volume_delete: Default::default(),
-        }
-    }
+    use crate::service::testing::{policy, service, ts};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_month_of_hourly_ticks_keeps_what_retention_says_and_no_manual_snapshot() {
@@ -792,8 +773,7 @@ mod tests {
 mod shared_tests {
     use super::*;
     use crate::clock::ManualClock;
-    use crate::policy::{Retention, Schedule};
-    use crate::service::testing::{service, ts, volume};
+    use crate::service::testing::{hourly, service, ts, volume};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn policies_firing_in_the_same_minute_share_one_snapshot_kept_until_the_last_lets_go() {
@@ -802,22 +782,10 @@ mod shared_tests {
         let svc = service(dir.path(), clock.clone(), "");
         let me = Caller::Local;
         volume(&svc, "v").await;
-        let every_hour = Schedule::Every { every: 3600, start: "00:00".into() };
-        let spec = |name: &str, keep_last| PolicySpec {
-            name: name.into(),
-            schedule: every_hour.clone(),
-            tz: "UTC".into(),
-            retention: Retention { keep_last: Some(keep_last), ..Default::default() },
-            overlap: Default::default(),
-            missed: Default::default(),
-            skip_if_unchanged: false,
-            after_upload: false,
-            on_volume_delete: Default::default(),
-        };
         // "short" keeps 1, "long" keeps 3: after three hours, "long" keeps all three, and the
         // two "short" let go of stay for it.
         for (p, keep) in [("short", 1), ("long", 3)] {
-            svc.create_policy(&me, spec(p, keep)).unwrap();
+            svc.create_policy(&me, hourly(p, keep)).unwrap();
             svc.apply_policy(&me, p, PolicyVolumes { volumes: vec!["v".into()] }).unwrap();
         }
         for _ in 0..3 {

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::events::Event;
 use super::{Access, Caller, Error, Result, Service};
-use crate::engine::{SnapshotInfo, VolumeInfo};
+use crate::engine::VolumeInfo;
 use crate::store::{OnLimit, Quotas, UploadState};
 use crate::units::duration_text;
 
@@ -54,10 +54,10 @@ impl Drop for CreateSlot<'_> {
     }
 }
 
-/// A volume's live snapshots split by taker, oldest first.
+/// A volume's live snapshots split by taker, oldest first: (id, created).
 struct Counted {
-    manual: Vec<SnapshotInfo>,
-    auto: Vec<SnapshotInfo>,
+    manual: Vec<(String, u64)>,
+    auto: Vec<(String, u64)>,
 }
 
 impl Service {
@@ -67,17 +67,13 @@ impl Service {
     }
 
     fn counted(&self, info: &VolumeInfo) -> Counted {
-        let (binned, auto): (HashSet<String>, HashSet<String>) = {
-            let st = self.lifecycle.lock();
-            let auto = st.books.values().filter_map(|b| b.get(&info.id)).flat_map(|b| b.snapshots.iter().cloned());
-            (st.bin.keys().cloned().collect(), auto.collect())
-        };
+        let all = self.engine.snapshot_times(&info.id).unwrap_or_default();
+        let st = self.lifecycle.lock();
+        let auto: HashSet<&String> =
+            st.books.values().filter_map(|b| b.get(&info.id)).flat_map(|b| &b.snapshots).collect();
         let (mut a, mut m) = (Vec::new(), Vec::new());
-        for s in self.engine.list_snapshots(Some(&info.id)).unwrap_or_default() {
-            if binned.contains(&s.id) {
-                continue;
-            }
-            if auto.contains(&s.id) {
+        for s in all.into_iter().filter(|(id, _)| !st.bin.contains_key(id)) {
+            if auto.contains(&s.0) {
                 a.push(s);
             } else {
                 m.push(s);
@@ -88,7 +84,7 @@ impl Service {
 
     /// Uploads of the volume's snapshots in flight.
     fn uploads_in_flight(&self, snaps: &Counted) -> u32 {
-        let uploading = |s: &&SnapshotInfo| self.store.status(&s.id).is_some_and(|r| r.state == UploadState::Uploading);
+        let uploading = |s: &&(String, u64)| self.store.status(&s.0).is_some_and(|r| r.state == UploadState::Uploading);
         snaps.manual.iter().chain(&snaps.auto).filter(uploading).count() as u32
     }
 
@@ -124,7 +120,7 @@ impl Service {
             Err(Error::Limit { message, retry_after })
         };
         if q.min_snapshot_interval > 0 {
-            let newest = counted.manual.iter().chain(&counted.auto).map(|s| s.created).max();
+            let newest = counted.manual.iter().chain(&counted.auto).map(|s| s.1).max();
             let now = self.engine.clock().now();
             if let Some(wait) = newest.map(|t| (t + q.min_snapshot_interval).saturating_sub(now)).filter(|w| *w > 0) {
                 return refused(
@@ -183,11 +179,11 @@ impl Service {
                 }
                 let over = counted.auto.len() + 1 - q.max_snapshots_auto as usize;
                 let mut deleted = 0;
-                for s in &counted.auto {
+                for (id, _) in &counted.auto {
                     if deleted == over {
                         break;
                     }
-                    if self.delete_snapshot(&Caller::Daemon("quota"), &s.id).await.is_ok() {
+                    if self.delete_snapshot(&Caller::Daemon("quota"), id).await.is_ok() {
                         deleted += 1;
                     }
                 }
@@ -213,10 +209,8 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use crate::engine::ErrorKind;
-    use crate::policy::{Retention, Schedule};
-    use crate::service::testing::{service, ts, volume};
-    use crate::service::Outcome;
-    use crate::service::{CreatePolicy, CreateSnapshot, PolicyVolumes};
+    use crate::service::testing::{hourly, service, ts, volume};
+    use crate::service::{CreateSnapshot, Outcome, PolicyVolumes};
 
     fn snap(name: &str) -> CreateSnapshot {
         CreateSnapshot { name: name.into(), description: String::new(), durable: false }
@@ -241,17 +235,7 @@ mod tests {
         assert!(err.to_string().contains("max_snapshots_manual") && err.to_string().contains("[quotas"), "{err}");
 
         // Policies: their own count; at the limit the oldest automatic one goes (delete-oldest-auto).
-        let policy = CreatePolicy {
-            name: "p".into(),
-            schedule: Schedule::Every { every: 3600, start: "00:00".into() },
-            tz: "UTC".into(),
-            retention: Retention { keep_last: Some(100), ..Default::default() },
-            overlap: Default::default(),
-            missed: Default::default(),
-            skip_if_unchanged: false,
-            after_upload: false,
-            on_volume_delete: Default::default(),
-        };
+        let policy = hourly("p", 100);
         svc.create_policy(&me, policy).unwrap();
         svc.apply_policy(&me, "p", PolicyVolumes { volumes: vec!["v".into(), "strict".into()] }).unwrap();
         for _ in 0..3 {

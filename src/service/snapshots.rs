@@ -63,26 +63,33 @@ pub struct SnapshotView {
     pub volume_deleted: bool,
 }
 
-/// Holds, policy books and deleted volumes, looked up once for a list of snapshots.
+/// Holds, policy books, the recycle bin and deleted volumes, looked up once for a list of
+/// snapshots (of one volume: only its part, so a volume's list does not cost every volume's
+/// books).
 struct Marks {
     holds: HashMap<String, Hold>,
     taken_by: HashMap<String, Vec<String>>,
+    binned: std::collections::HashSet<String>,
     deleted_volumes: std::collections::HashSet<String>,
 }
 
 impl Service {
-    fn marks(&self) -> Marks {
+    /// The marks of the snapshots of volume `volume_id`, or of every volume.
+    fn marks(&self, volume_id: Option<&str>) -> Marks {
         let st = self.lifecycle.lock();
         let mut taken_by: HashMap<String, Vec<String>> = HashMap::new();
         for (policy, books) in &st.books {
             let name = st.policies.get(policy).map_or(policy.as_str(), |p| p.name.as_str());
-            for id in books.values().flat_map(|b| &b.snapshots) {
+            let of_volume = |v: &&String| volume_id.is_none_or(|id| id == v.as_str());
+            for id in books.iter().filter(|(v, _)| of_volume(v)).flat_map(|(_, b)| &b.snapshots) {
                 taken_by.entry(id.clone()).or_default().push(name.to_string());
             }
         }
+        let binned = st.bin.iter().filter(|(_, b)| volume_id.is_none_or(|id| id == b.volume_id));
         Marks {
             holds: st.holds.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             taken_by,
+            binned: binned.map(|(id, _)| id.clone()).collect(),
             deleted_volumes: st.deleted_volumes.keys().cloned().collect(),
         }
     }
@@ -98,7 +105,8 @@ impl Service {
     }
 
     fn snapshot_view(&self, info: SnapshotInfo) -> SnapshotView {
-        self.snapshot_view_with(info, &self.marks())
+        let marks = self.marks(Some(&info.volume_id));
+        self.snapshot_view_with(info, &marks)
     }
 
     /// Takes a snapshot of volume `r` by hand; its upload starts in the background.
@@ -161,13 +169,13 @@ impl Service {
     /// The snapshots of volume `volume`, or of every volume (not those in the recycle bin).
     pub fn list_snapshots(&self, caller: &Caller, volume: Option<&str>) -> Result<Vec<SnapshotView>> {
         caller.may(Access::Read)?;
-        let marks = self.marks();
-        let binned = self.binned_ids();
+        let volume_id = volume.map(|v| self.engine.volume(v).map(|i| i.id)).transpose()?;
+        let marks = self.marks(volume_id.as_deref());
         Ok(self
             .engine
             .list_snapshots(volume)?
             .into_iter()
-            .filter(|s| !binned.contains(&s.id))
+            .filter(|s| !marks.binned.contains(&s.id))
             .map(|s| self.snapshot_view_with(s, &marks))
             .collect())
     }
@@ -183,14 +191,15 @@ impl Service {
         caller.may(Access::Write)?;
         let snap = self.live_snapshot(r)?;
         self.check_not_held(&snap.id, &format!("{}@{}", snap.volume, snap.name))?;
-        let to_bin = self.to_bin(caller, &snap)?;
-        if !to_bin {
+        let by_retention = matches!(caller, Caller::Daemon("retention" | "quota"));
+        let to_bin = self.to_bin(caller, &snap, by_retention)?;
+        if !to_bin && !by_retention {
             self.delete_for_good(caller, &snap).await?;
         }
         let (volume, snapshot, id, by) = (snap.volume, snap.name, snap.id, caller.to_string());
-        self.event(match caller {
-            Caller::Daemon("retention" | "quota") => Event::SnapshotExpired { volume, snapshot, id, by, to_bin },
-            _ => Event::SnapshotDeleted { volume, snapshot, id, by, to_bin },
+        self.event(match by_retention {
+            true => Event::SnapshotExpired { volume, snapshot, id, by, to_bin },
+            false => Event::SnapshotDeleted { volume, snapshot, id, by, to_bin },
         });
         Ok(())
     }
@@ -208,7 +217,7 @@ impl Service {
             }
             return Err(refused);
         }
-        self.forget_snapshot(&snap.id);
+        self.forget_snapshot(&snap.id, &snap.volume_id);
         tracing::debug!(snapshot = %snap.id, by = %caller, "snapshot deleted for good");
         self.store.snapshot_deleted(&snap.id).await?;
         self.volume_gone_if_empty(&snap.volume_id).await;

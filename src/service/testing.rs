@@ -6,6 +6,7 @@ use std::sync::Arc;
 use super::{Caller, CreateVolume, Service, Status};
 use crate::clock::ManualClock;
 use crate::engine::Engine;
+use crate::policy::{PolicySpec, Retention, Schedule};
 
 pub fn ts(s: &str) -> u64 {
     s.parse::<jiff::Timestamp>().unwrap().as_second() as u64
@@ -37,4 +38,25 @@ pub async fn volume(svc: &Service, name: &str) {
     let req =
         CreateVolume { name: name.into(), size: Some(1 << 20), cluster_size: None, region: None, from_snapshot: None };
     svc.create_volume(&Caller::Local, req).await.unwrap();
+}
+
+/// A policy with the defaults but its schedule and retention.
+pub fn policy(name: &str, schedule: Schedule, retention: Retention) -> PolicySpec {
+    PolicySpec {
+        name: name.into(),
+        schedule,
+        tz: "UTC".into(),
+        retention,
+        overlap: Default::default(),
+        missed: Default::default(),
+        skip_if_unchanged: false,
+        after_upload: false,
+        on_volume_delete: Default::default(),
+    }
+}
+
+/// An hourly policy keeping the last `keep_last`.
+pub fn hourly(name: &str, keep_last: u32) -> PolicySpec {
+    let every_hour = Schedule::Every { every: 3600, start: "00:00".into() };
+    policy(name, every_hour, Retention { keep_last: Some(keep_last), ..Default::default() })
 }
