@@ -90,6 +90,9 @@ impl Service {
         let info = self.engine.snapshot(r)?;
         match self.lifecycle.lock().bin.get(&info.id) {
             None => Ok(info),
+            Some(b) if b.deleting => {
+                Err(Error::NotFound(format!("snapshot {}@{} was deleted (by {})", b.volume, b.name, b.by)))
+            }
             Some(b) => Err(Error::NotFound(format!(
                 "snapshot {}@{} is in the recycle bin (deleted {}); restore it with: snapblk snapshot restore-deleted {}",
                 b.volume,
