@@ -647,6 +647,12 @@ impl Engine {
     }
 
     /// Flushes, writes a final checkpoint and revokes every open handle (connections close).
+    /// Whether [`Engine::shutdown`] has begun: handles are being revoked, so their errors
+    /// mean "stopping", not "deleted".
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
     pub fn shutdown(&self) {
         if self.shutting_down.swap(true, Ordering::AcqRel) {
             return;

@@ -483,6 +483,9 @@ impl StoreService {
                     rec.reason = None;
                 }
                 Err(_) if progress.cancelled.load(Ordering::Acquire) => return,
+                // The daemon is stopping (it revoked the snapshot's handle): the upload stays
+                // `uploading` and the next start resumes it.
+                Err(_) if self.engine.is_shutting_down() => return,
                 Err(e) => {
                     tracing::warn!(snapshot = %id, error = %e, "upload failed; retry with: snapblk snapshot upload");
                     rec.state = UploadState::Failed;
