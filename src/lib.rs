@@ -19,5 +19,6 @@ pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod service;
+pub mod statelog;
 pub mod store;
 pub mod units;

@@ -1,24 +1,23 @@
 //! The lifecycle's state: policies, their books (which snapshots each took of each volume),
 //! when each fires next, their history, holds, the recycle bin and deleted volumes.
 //!
-//! Kept in two files: `DIR/meta/lifecycle.json`, the whole state as of its `epoch`, and
-//! `DIR/meta/lifecycle.log`, one line per save since, holding only what that save changed —
-//! appended and synced, so a save costs what it changed, not the size of the state (200
-//! volumes with 1,000 snapshots each make a 5 MB state). When the log outgrows the state, both
-//! are rewritten as a new snapshot of the next epoch (log lines of an older epoch are
-//! ignored, so a crash between the two steps replays nothing twice). A kill -9 or a power loss
-//! leaves the state before or after a save; what a tick was doing when it stopped is settled
-//! at start ([`LifecycleState::settle`]).
+//! Kept as `DIR/meta/lifecycle.json` plus a log of changes (`lifecycle.log`, one synced line
+//! per save holding only what that save changed: [`crate::statelog`]), so a save costs what it
+//! changed, not the size of the state (200 volumes with 1,000 snapshots each make a 5 MB
+//! state). A kill -9 or a power loss leaves the state before or after a save; what a tick was
+//! doing when it stopped is settled at start ([`LifecycleState::settle`]).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+#[cfg(test)]
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 use super::{Error, Result};
 use crate::engine::Engine;
 use crate::policy::Policy;
+use crate::statelog::StateLog;
 
 /// History entries kept per policy (the oldest go first).
 pub const HISTORY_KEPT: usize = 200;
@@ -47,9 +46,6 @@ pub struct LifecycleState {
     pub deleted_volumes: BTreeMap<String, DeletedVolume>,
     #[serde(default)]
     pub bin_lock: Option<BinLock>,
-    /// Which log lines apply to this state (see the module's comment).
-    #[serde(default)]
-    pub epoch: u64,
     /// What changed since the last save.
     #[serde(skip)]
     touched: BTreeSet<Key>,
@@ -176,13 +172,6 @@ enum Change {
     BinLock { value: Option<BinLock> },
 }
 
-/// One line of the log: the changes of one save, for the snapshot of epoch `epoch`.
-#[derive(Debug, Serialize, Deserialize)]
-struct LogLine {
-    epoch: u64,
-    changes: Vec<Change>,
-}
-
 impl LifecycleState {
     /// Marks a part of the state changed: the next save writes it.
     pub fn touch(&mut self, key: Key) {
@@ -276,7 +265,11 @@ impl LifecycleState {
         out
     }
 
-    fn apply(&mut self, c: Change) {
+    fn apply(st: &mut LifecycleState, c: Change) {
+        st.apply_change(c)
+    }
+
+    fn apply_change(&mut self, c: Change) {
         fn put<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, value: Option<V>) {
             match value {
                 Some(v) => map.insert(key, v),
@@ -350,133 +343,55 @@ fn push_history(h: &mut VecDeque<HistoryEntry>, entry: HistoryEntry) {
     h.push_back(entry);
 }
 
-/// The log is folded into a new snapshot once it is this much larger than the snapshot.
-const COMPACT_RATIO: u64 = 2;
-/// ... and at least this large.
-const COMPACT_MIN: u64 = 1 << 20;
-
+/// The lifecycle state's files (`meta/lifecycle.json` and `meta/lifecycle.log`; see
+/// [`crate::statelog`]).
 pub struct StateFile {
-    path: PathBuf,
-    log_path: PathBuf,
-    log: parking_lot::Mutex<Log>,
-}
-
-#[derive(Default)]
-struct Log {
-    file: Option<std::fs::File>,
-    bytes: u64,
-    snapshot_bytes: u64,
-    /// A write failed: the next save compacts.
-    broken: bool,
+    log: StateLog<Change>,
+    #[cfg(test)]
+    dir: PathBuf,
 }
 
 impl StateFile {
-    pub fn new(dir: &Path) -> StateFile {
-        StateFile {
-            path: dir.join("meta").join("lifecycle.json"),
-            log_path: dir.join("meta").join("lifecycle.log"),
-            log: parking_lot::Mutex::new(Log::default()),
-        }
-    }
-
-    /// The snapshot, then the log lines of its epoch up to the first that does not read (a
-    /// torn last write).
-    pub fn load(&self) -> Result<LifecycleState> {
-        let damaged = |path: &Path, e: &dyn std::fmt::Display| {
+    /// Opens the files and reads the state.
+    pub fn open(dir: &Path) -> Result<(StateFile, LifecycleState)> {
+        let (log, st) = StateLog::open(dir, "lifecycle", LifecycleState::apply).map_err(|e| {
             Error::Internal(format!(
-                "{} is damaged ({e}); restore it from a backup, or remove lifecycle.json and lifecycle.log to start without policies and holds",
-                path.display()
+                "{e}; restore meta/lifecycle.json and lifecycle.log from a backup, or remove both to start without policies and holds"
             ))
-        };
-        let mut st: LifecycleState = match std::fs::read(&self.path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| damaged(&self.path, &e))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => LifecycleState::default(),
-            Err(e) => return Err(Error::Internal(format!("cannot read {}: {e}", self.path.display()))),
-        };
-        let log = match std::fs::read(&self.log_path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(Error::Internal(format!("cannot read {}: {e}", self.log_path.display()))),
-        };
-        for line in log.split(|b| *b == b'\n') {
-            let Ok(line) = serde_json::from_slice::<LogLine>(line) else { break };
-            if line.epoch != st.epoch {
-                break;
-            }
-            for c in line.changes {
-                st.apply(c);
-            }
-        }
-        Ok(st)
+        })?;
+        Ok((
+            StateFile {
+                log,
+                #[cfg(test)]
+                dir: dir.to_path_buf(),
+            },
+            st,
+        ))
     }
 
     /// Writes what changed since the last save: one log line, synced.
     pub fn save(&self, st: &mut LifecycleState) -> Result<()> {
         let changes = st.changes();
-        if changes.is_empty() {
-            return Ok(());
+        if self.log.append(&changes, true).map_err(Error::Internal)? {
+            self.compact(st)?;
         }
-        if self.log.lock().broken {
-            return self.compact(st);
-        }
-        let mut line =
-            serde_json::to_vec(&LogLine { epoch: st.epoch, changes }).map_err(|e| Error::Internal(e.to_string()))?;
-        line.push(b'\n');
-        let mut log = self.log.lock();
-        let io = |e: std::io::Error| Error::Internal(format!("cannot write {}: {e}", self.log_path.display()));
-        if log.file.is_none() {
-            log.file = Some(crate::fsutil::open_append(&self.log_path).map_err(io)?);
-            // The file may be new: its directory entry must survive too.
-            crate::fsutil::sync_parent(&self.log_path).map_err(io)?;
-        }
-        let file = log.file.as_mut().expect("opened above");
-        if let Err(e) = file.write_all(&line).and_then(|()| file.sync_data()) {
-            // A part of the line may be in the file: lines after it would not be read, so
-            // the next save folds everything into a new snapshot instead.
-            log.broken = true;
-            return Err(io(e));
-        }
-        log.bytes += line.len() as u64;
-        if log.broken || log.bytes > COMPACT_MIN.max(COMPACT_RATIO * log.snapshot_bytes) {
-            self.compact_locked(st, &mut log)?;
-        }
-        drop(log);
         #[cfg(test)]
         self.check_reads_back(st);
         Ok(())
     }
 
-    /// Writes the whole state as the snapshot of the next epoch and empties the log.
+    /// Writes the whole state as a new snapshot and empties the log.
     pub fn compact(&self, st: &mut LifecycleState) -> Result<()> {
-        self.compact_locked(st, &mut self.log.lock())
-    }
-
-    fn compact_locked(&self, st: &mut LifecycleState, log: &mut Log) -> Result<()> {
         st.touched.clear();
         st.appended.clear();
-        st.epoch += 1;
-        let bytes = serde_json::to_vec(&*st).map_err(|e| Error::Internal(e.to_string()))?;
-        crate::fsutil::replace_file(&self.path, &bytes, true)
-            .map_err(|e| Error::Internal(format!("cannot write {}: {e}", self.path.display())))?;
-        // The old lines are of the old epoch now (ignored); emptied, durably, so that lines of
-        // the new epoch never follow them.
-        let emptied = crate::fsutil::open_append(&self.log_path).and_then(|f| {
-            f.set_len(0)?;
-            f.sync_all()
-        });
-        emptied.map_err(|e| Error::Internal(format!("cannot empty {}: {e}", self.log_path.display())))?;
-        log.file = None;
-        log.bytes = 0;
-        log.snapshot_bytes = bytes.len() as u64;
-        log.broken = false;
-        Ok(())
+        self.log.compact(&*st).map_err(Error::Internal)
     }
 
     /// Tests: what the files say is the state in memory (a mutation whose part was not
     /// marked changed fails here).
     #[cfg(test)]
     fn check_reads_back(&self, st: &LifecycleState) {
-        let read = self.load().unwrap();
+        let (_, read) = StateFile::open(&self.dir).unwrap();
         assert_eq!(
             serde_json::to_value(&read).unwrap(),
             serde_json::to_value(st).unwrap(),
@@ -501,12 +416,10 @@ mod tests {
     }
 
     #[test]
-    fn saves_append_what_changed_and_compaction_starts_a_new_epoch() {
+    fn a_save_appends_what_changed_and_a_compaction_replays_no_history_twice() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("meta")).unwrap();
-        let file = StateFile::new(dir.path());
-        let mut st = file.load().unwrap();
-        file.compact(&mut st).unwrap();
+        let (file, mut st) = StateFile::open(dir.path()).unwrap();
         for n in 0..300 {
             st.book("p", "v").snapshots.push(format!("s{n}"));
             st.record("p", entry(n));
@@ -515,26 +428,14 @@ mod tests {
         let log = std::fs::read_to_string(dir.path().join("meta/lifecycle.log")).unwrap();
         assert_eq!(log.lines().count(), 300, "one line per save");
         assert!(log.lines().last().unwrap().len() < 16 << 10, "a line holds what changed, not the state");
-        assert_eq!(file.load().unwrap().history["p"].len(), HISTORY_KEPT);
-
-        // A torn last line is ignored.
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(dir.path().join("meta/lifecycle.log"))
-            .unwrap()
-            .write_all(b"{\"epoch\":1,\"changes\":[{\"op\":\"hold\",")
-            .unwrap();
-        assert_eq!(file.load().unwrap().books["p"]["v"].snapshots.len(), 300);
-
-        // Compaction: the state in the snapshot, the log empty; lines of the old epoch (a
-        // crash before the log was emptied) are never replayed on the new snapshot.
-        let old_log = std::fs::read(dir.path().join("meta/lifecycle.log")).unwrap();
+        let (_, read) = StateFile::open(dir.path()).unwrap();
+        assert_eq!(read.history["p"].len(), HISTORY_KEPT);
+        // Changes pending at a compaction are in the snapshot, and not appended again.
+        st.record("p", entry(300));
         file.compact(&mut st).unwrap();
-        assert_eq!(std::fs::metadata(dir.path().join("meta/lifecycle.log")).unwrap().len(), 0);
-        std::fs::write(dir.path().join("meta/lifecycle.log"), &old_log).unwrap();
-        let read = file.load().unwrap();
-        assert_eq!(read.epoch, st.epoch);
-        assert_eq!(read.history["p"].len(), HISTORY_KEPT, "no history entry replayed twice");
-        assert_eq!(serde_json::to_value(&read).unwrap(), serde_json::to_value(&st).unwrap());
+        file.save(&mut st).unwrap();
+        let (_, read) = StateFile::open(dir.path()).unwrap();
+        assert_eq!(read.history["p"].back().unwrap().at, 300);
+        assert_eq!(read.history["p"].iter().filter(|e| e.at == 300).count(), 1);
     }
 }

@@ -174,8 +174,7 @@ impl Service {
         status: Status,
     ) -> Result<Arc<Service>> {
         let jobs = Jobs::new(tokio::runtime::Handle::current());
-        let lifecycle_file = lifecycle::StateFile::new(engine.dir());
-        let mut state = lifecycle_file.load()?;
+        let (lifecycle_file, mut state) = lifecycle::StateFile::open(engine.dir())?;
         state.settle(&engine);
         if state.lock_bin_at_start(&store.config.recycle_bin, engine.clock().now()) {
             tracing::info!("recycle bin locked (lock = true)");

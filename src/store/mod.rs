@@ -39,7 +39,7 @@ use crate::engine::{Anchor, Engine, SnapshotInfo};
 use hydrate::Hydration;
 use objects::RateLimiter;
 use region::Region;
-use state::{RemoteState, SnapshotRecord, StateFile};
+use state::{RemoteKey, RemoteState, SnapshotRecord, StateFile};
 use upload::{Base, Progress};
 
 /// How often local copies due for release are looked at.
@@ -110,8 +110,7 @@ impl StoreService {
                 )));
             }
         }
-        let state_file = StateFile::new(dir);
-        let mut state = state_file.load()?;
+        let (state_file, mut state) = StateFile::open(dir)?;
         // Records of snapshots and volumes that no longer exist locally are dropped.
         let snaps: std::collections::HashSet<String> = engine.list_snapshots(None)?.into_iter().map(|s| s.id).collect();
         let vols: std::collections::HashSet<String> = engine.list_volumes().into_iter().map(|v| v.id).collect();
@@ -146,7 +145,9 @@ impl StoreService {
             upload_failed: std::sync::OnceLock::new(),
         });
         svc.engine.set_cluster_source(svc.hydration.clone());
-        svc.save()?;
+        // What the start dropped, and the log, folded into a new remote.json.
+        let whole = svc.state.lock().clone();
+        svc.state_file.compact(&whole)?;
         Ok(svc)
     }
 
@@ -193,10 +194,24 @@ impl StoreService {
         self.save_with(true)
     }
 
+    /// Removes a record (marked changed); whether it was there.
+    fn forget(&self, key: RemoteKey) -> bool {
+        let mut st = self.state.lock();
+        let gone = match &key {
+            RemoteKey::Volume(id) => st.volumes.remove(id).is_some(),
+            RemoteKey::Snapshot(id) => st.snapshots.remove(id).is_some(),
+            RemoteKey::DeferredDelete(id) => st.deferred_deletes.remove(id).is_some(),
+        };
+        st.touch(key);
+        gone
+    }
+
+    /// Writes what changed in the state (the records marked with `touch`). Saves run one at a
+    /// time, each taking the changes made before it, so the log's lines are in order.
     fn save_with(&self, sync: bool) -> Result<()> {
         let _saving = self.saving.lock();
-        let st = self.state.lock().clone();
-        self.state_file.save(&st, sync)
+        let changes = self.state.lock().changes();
+        self.state_file.save(&changes, sync, || self.state.lock().clone())
     }
 
     pub fn check_region(&self, name: &str) -> Result<()> {
@@ -248,12 +263,15 @@ impl StoreService {
 
     pub fn set_volume_region(&self, volume_id: &str, region: &str) -> Result<()> {
         self.check_region(region)?;
-        self.state.lock().volumes.insert(volume_id.to_string(), region.to_string());
+        let mut st = self.state.lock();
+        st.volumes.insert(volume_id.to_string(), region.to_string());
+        st.touch(RemoteKey::Volume(volume_id.to_string()));
+        drop(st);
         self.save()
     }
 
     pub fn volume_deleted(&self, volume_id: &str) -> Result<()> {
-        self.state.lock().volumes.remove(volume_id);
+        self.forget(RemoteKey::Volume(volume_id.to_string()));
         self.save()
     }
 
@@ -269,7 +287,8 @@ impl StoreService {
     /// resumes it).
     fn start_upload(&self, snap: &SnapshotInfo) -> Result<()> {
         let region = self.volume_region(&snap.volume_id);
-        self.state.lock().snapshots.insert(
+        let mut st = self.state.lock();
+        st.snapshots.insert(
             snap.id.clone(),
             SnapshotRecord {
                 region,
@@ -280,6 +299,8 @@ impl StoreService {
                 base: None,
             },
         );
+        st.touch(RemoteKey::Snapshot(snap.id.clone()));
+        drop(st);
         // Not synced here (a snapshot create answers at once): the upload syncs it before it
         // starts, once the snapshot itself is durable; until then a kill keeps both.
         self.save_with(false)?;
@@ -304,7 +325,9 @@ impl StoreService {
                     rec.reason = None;
                 }
             }
-            rec.region.clone()
+            let region = rec.region.clone();
+            st.touch(RemoteKey::Snapshot(snap.id.clone()));
+            region
         };
         tracing::info!(snapshot = %snap.id, region, "upload queued again");
         self.save()?;
@@ -457,9 +480,12 @@ impl StoreService {
 
     /// Counts (persistently) bytes a snapshot's upload stored.
     fn add_bytes(&self, id: &str, len: u64) {
-        if let Some(rec) = self.state.lock().snapshots.get_mut(id) {
+        let mut st = self.state.lock();
+        if let Some(rec) = st.snapshots.get_mut(id) {
             rec.added_bytes += len;
+            st.touch(RemoteKey::Snapshot(id.to_string()));
         }
+        drop(st);
         if let Err(e) = self.save() {
             tracing::warn!(error = %e, "cannot record upload progress");
         }
@@ -493,6 +519,7 @@ impl StoreService {
                     failed = rec.reason.clone();
                 }
             }
+            st.touch(RemoteKey::Snapshot(id.to_string()));
         }
         if let Err(e) = self.save() {
             tracing::error!(error = %e, "cannot record the upload status");
@@ -546,7 +573,10 @@ impl StoreService {
             configured
         });
         let Some(region) = region else { return Ok(false) };
-        self.state.lock().deferred_deletes.insert(snap.id.clone(), region);
+        let mut st = self.state.lock();
+        st.deferred_deletes.insert(snap.id.clone(), region);
+        st.touch(RemoteKey::DeferredDelete(snap.id.clone()));
+        drop(st);
         self.save()?;
         Ok(true)
     }
@@ -554,7 +584,7 @@ impl StoreService {
     /// The local delete was refused (or the snapshot went meanwhile): a snapshot still here
     /// keeps its store copy.
     pub fn delete_refused(&self, id: &str) -> Result<()> {
-        if self.engine.snapshot(id).is_ok() && self.state.lock().deferred_deletes.remove(id).is_some() {
+        if self.engine.snapshot(id).is_ok() && self.forget(RemoteKey::DeferredDelete(id.to_string())) {
             self.save()?;
         }
         Ok(())
@@ -568,7 +598,7 @@ impl StoreService {
         if let Some(p) = self.uploads.lock().get(id) {
             p.cancelled.store(true, Ordering::Release);
         }
-        self.state.lock().snapshots.remove(id);
+        self.forget(RemoteKey::Snapshot(id.to_string()));
         self.save()?;
         let waiting = self.engine.store_dependents(id);
         if !waiting.is_empty() {
@@ -596,7 +626,7 @@ impl StoreService {
             region.objects.delete(&format::manifest_key(id)).await?;
             region.forget_manifest(id);
         }
-        self.state.lock().deferred_deletes.remove(id);
+        self.forget(RemoteKey::DeferredDelete(id.to_string()));
         self.save()?;
         tracing::info!(snapshot = %id, region = %region_name, "snapshot's manifest deleted from the store");
         Ok(true)

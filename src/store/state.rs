@@ -1,14 +1,15 @@
 //! What this node knows about the store side of its volumes and snapshots: each volume's home
-//! region and each snapshot's upload status. Small and rarely changed, so it is one JSON file
-//! (`meta/remote.json`) replaced atomically (`fsutil::replace_file`; synced, except for the
-//! queue entry a snapshot create adds, which its upload syncs).
+//! region and each snapshot's upload status. `meta/remote.json` plus a log of changes
+//! (`remote.log`: a save appends only the records it changed, see [`crate::statelog`]; synced,
+//! except for the queue entry a snapshot create adds, which its upload syncs).
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use super::error::{Result, StoreError};
+use crate::statelog::StateLog;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -47,35 +48,93 @@ pub struct RemoteState {
     /// succeeds (a crash or an unreachable store never leaves a manifest behind).
     #[serde(default)]
     pub deferred_deletes: BTreeMap<String, String>,
+    /// What changed since the last save.
+    #[serde(skip)]
+    touched: BTreeSet<RemoteKey>,
 }
 
+/// What changed in a [`RemoteState`]: the new value of one record (`None`: gone), a line of
+/// `meta/remote.log` (see [`crate::statelog`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum RemoteChange {
+    Volume { id: String, region: Option<String> },
+    Snapshot { id: String, record: Option<SnapshotRecord> },
+    DeferredDelete { id: String, region: Option<String> },
+}
+
+/// A record of [`RemoteState`] that changed since the last save.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RemoteKey {
+    Volume(String),
+    Snapshot(String),
+    DeferredDelete(String),
+}
+
+impl RemoteState {
+    /// Marks a record changed: the next save writes it.
+    pub fn touch(&mut self, key: RemoteKey) {
+        self.touched.insert(key);
+    }
+
+    /// What changed since the last save, with the current values; forgets the marks.
+    pub fn changes(&mut self) -> Vec<RemoteChange> {
+        std::mem::take(&mut self.touched)
+            .into_iter()
+            .map(|k| match k {
+                RemoteKey::Volume(id) => RemoteChange::Volume { region: self.volumes.get(&id).cloned(), id },
+                RemoteKey::Snapshot(id) => RemoteChange::Snapshot { record: self.snapshots.get(&id).cloned(), id },
+                RemoteKey::DeferredDelete(id) => {
+                    RemoteChange::DeferredDelete { region: self.deferred_deletes.get(&id).cloned(), id }
+                }
+            })
+            .collect()
+    }
+
+    pub fn apply(&mut self, c: RemoteChange) {
+        fn put<V>(map: &mut BTreeMap<String, V>, key: String, value: Option<V>) {
+            match value {
+                Some(v) => map.insert(key, v),
+                None => map.remove(&key),
+            };
+        }
+        match c {
+            RemoteChange::Volume { id, region } => put(&mut self.volumes, id, region),
+            RemoteChange::Snapshot { id, record } => put(&mut self.snapshots, id, record),
+            RemoteChange::DeferredDelete { id, region } => put(&mut self.deferred_deletes, id, region),
+        }
+    }
+}
+
+/// `meta/remote.json` and its log of changes.
 pub struct StateFile {
-    path: PathBuf,
+    log: StateLog<RemoteChange>,
 }
 
 impl StateFile {
-    pub fn new(dir: &Path) -> StateFile {
-        StateFile { path: dir.join("meta").join("remote.json") }
+    /// Opens the files and reads the state.
+    pub fn open(dir: &Path) -> Result<(StateFile, RemoteState)> {
+        let (log, state) = StateLog::open(dir, "remote", RemoteState::apply).map_err(|e| {
+            StoreError::Config(format!(
+                "{e}; restore meta/remote.json and remote.log from a backup or remove both (snapshots then show no upload status and upload again)"
+            ))
+        })?;
+        Ok((StateFile { log }, state))
     }
 
-    pub fn load(&self) -> Result<RemoteState> {
-        match std::fs::read(&self.path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-                StoreError::Config(format!(
-                    "{} is damaged ({e}); restore it from a backup or remove it (snapshots then show no upload status and upload again)",
-                    self.path.display()
-                ))
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(RemoteState::default()),
-            Err(e) => Err(StoreError::io(format!("reading {}", self.path.display()))(e)),
+    /// Appends what changed (synced with `sync`: without, it survives the process but maybe
+    /// not a power loss); `snapshot` gives the whole state when the log is due to be folded
+    /// into a new `remote.json`.
+    pub fn save(&self, changes: &[RemoteChange], sync: bool, snapshot: impl FnOnce() -> RemoteState) -> Result<()> {
+        let fail = |e: String| StoreError::io(e)(std::io::Error::other("state file"));
+        if self.log.append(changes, sync).map_err(fail)? {
+            self.log.compact(&snapshot()).map_err(fail)?;
         }
+        Ok(())
     }
 
-    /// Replaces the file atomically. With `sync`, durably (fsync of the file and the
-    /// directory); without, it survives the process but maybe not a power loss.
-    pub fn save(&self, state: &RemoteState, sync: bool) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(state).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        crate::fsutil::replace_file(&self.path, &bytes, sync)
-            .map_err(StoreError::io(format!("writing {}", self.path.display())))
+    /// Writes the whole state as a new `remote.json` and empties the log.
+    pub fn compact(&self, state: &RemoteState) -> Result<()> {
+        self.log.compact(state).map_err(|e| StoreError::io(e)(std::io::Error::other("state file")))
     }
 }
