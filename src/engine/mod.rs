@@ -327,7 +327,7 @@ impl Engine {
         }
         let mut reg = self.registry.write();
         let v = reg.find_volume(volume)?.clone();
-        if reg.snapshots_of(v.id).iter().any(|s| s.name == name) {
+        if reg.snapshot_named(v.id, name).is_some() {
             return Err(EngineError::AlreadyExists(format!(
                 "volume '{}' already has a snapshot named '{name}'",
                 v.name
@@ -384,6 +384,13 @@ impl Engine {
     pub fn snapshot_times(&self, volume: &str) -> Result<Vec<(String, u64)>> {
         let reg = self.registry.read();
         Ok(reg.snapshots_of(reg.find_volume(volume)?.id).iter().map(|s| (snapshot_id(s.id), s.created)).collect())
+    }
+
+    /// How many snapshots a volume has, and when its newest was taken.
+    pub fn snapshot_count_and_newest(&self, volume: &str) -> Result<(u64, Option<u64>)> {
+        let reg = self.registry.read();
+        let v = reg.find_volume(volume)?.id;
+        Ok((reg.snapshot_count(v), reg.newest_snapshot(v).map(|s| s.created)))
     }
 
     pub fn snapshot(&self, r: &str) -> Result<SnapshotInfo> {

@@ -380,6 +380,16 @@ impl Registry {
             .collect()
     }
 
+    /// A volume's snapshot named `name` (no list built: creates check every name).
+    pub(super) fn snapshot_named(&self, volume: u64, name: &str) -> Option<&Arc<Snapshot>> {
+        let of = self.by_volume.get(&volume)?;
+        of.values().filter_map(|id| self.snapshots.get(id)).find(|s| s.name == name)
+    }
+
+    pub(super) fn newest_snapshot(&self, volume: u64) -> Option<&Arc<Snapshot>> {
+        self.by_volume.get(&volume)?.values().next_back().and_then(|id| self.snapshots.get(id))
+    }
+
     pub(super) fn snapshot_count(&self, volume: u64) -> u64 {
         self.by_volume.get(&volume).map_or(0, |of| of.len() as u64)
     }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::events::Event;
 use super::{Access, Caller, Error, Result, Service};
 use crate::engine::VolumeInfo;
-use crate::store::{OnLimit, Quotas, UploadState};
+use crate::store::{OnLimit, Quotas};
 use crate::units::duration_text;
 
 /// Who takes a snapshot: the count it goes to.
@@ -54,10 +54,12 @@ impl Drop for CreateSlot<'_> {
     }
 }
 
-/// A volume's live snapshots split by taker, oldest first: (id, created).
+/// A volume's live snapshots counted by taker (not those in the recycle bin), and when its
+/// newest was taken (in the bin or not).
 struct Counted {
-    manual: Vec<(String, u64)>,
-    auto: Vec<(String, u64)>,
+    manual: usize,
+    auto: usize,
+    newest: Option<u64>,
 }
 
 impl Service {
@@ -66,26 +68,41 @@ impl Service {
         c.quota_overrides.get(volume).unwrap_or(&c.quotas)
     }
 
+    /// Counts without listing the volume's snapshots (a volume may have thousands): the
+    /// engine's count, the policies' books of the volume, its entries in the bin.
     fn counted(&self, info: &VolumeInfo) -> Counted {
-        let all = self.engine.snapshot_times(&info.id).unwrap_or_default();
+        let (total, newest) = self.engine.snapshot_count_and_newest(&info.id).unwrap_or((0, None));
         let st = self.lifecycle.lock();
         let auto: HashSet<&String> =
             st.books.values().filter_map(|b| b.get(&info.id)).flat_map(|b| &b.snapshots).collect();
-        let (mut a, mut m) = (Vec::new(), Vec::new());
-        for s in all.into_iter().filter(|(id, _)| !st.bin.contains_key(id)) {
-            if auto.contains(&s.0) {
-                a.push(s);
-            } else {
-                m.push(s);
-            }
-        }
-        Counted { manual: m, auto: a }
+        let binned = st.bin.values().filter(|b| b.volume_id == info.id).count();
+        let manual = (total as usize).saturating_sub(binned + auto.len());
+        Counted { manual, auto: auto.len(), newest }
     }
 
-    /// Uploads of the volume's snapshots in flight.
-    fn uploads_in_flight(&self, snaps: &Counted) -> u32 {
-        let uploading = |s: &&(String, u64)| self.store.status(&s.0).is_some_and(|r| r.state == UploadState::Uploading);
-        snaps.manual.iter().chain(&snaps.auto).filter(uploading).count() as u32
+    /// The volume's automatic snapshots, oldest first (at `max_snapshots_auto`, to delete).
+    fn oldest_auto(&self, info: &VolumeInfo) -> Vec<String> {
+        let ids: HashSet<String> = {
+            let st = self.lifecycle.lock();
+            st.books.values().filter_map(|b| b.get(&info.id)).flat_map(|b| b.snapshots.iter().cloned()).collect()
+        };
+        let mut auto: Vec<(u64, String)> = self
+            .engine
+            .snapshot_times(&info.id)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(id, _)| ids.contains(id))
+            .map(|(id, created)| (created, id))
+            .collect();
+        auto.sort();
+        auto.into_iter().map(|(_, id)| id).collect()
+    }
+
+    /// Uploads of the volume's snapshots in flight (queued or running: few, while a volume
+    /// may have thousands of snapshots).
+    fn uploads_in_flight(&self, info: &VolumeInfo) -> u32 {
+        let of_volume = |id: &String| self.engine.snapshot(id).is_ok_and(|s| s.volume_id == info.id);
+        self.store.uploads_in_flight().iter().filter(|id| of_volume(id)).count() as u32
     }
 
     pub fn volume_quota(&self, caller: &Caller, r: &str) -> Result<QuotaView> {
@@ -96,9 +113,9 @@ impl Service {
         Ok(QuotaView {
             volume: info.name.clone(),
             quotas: self.quotas_of(&info.name).clone(),
-            manual_snapshots: counted.manual.len() as u32,
-            auto_snapshots: counted.auto.len() as u32,
-            tasks: creating + self.uploads_in_flight(&counted),
+            manual_snapshots: counted.manual as u32,
+            auto_snapshots: counted.auto as u32,
+            tasks: creating + self.uploads_in_flight(&info),
         })
     }
 
@@ -120,7 +137,7 @@ impl Service {
             Err(Error::Limit { message, retry_after })
         };
         if q.min_snapshot_interval > 0 {
-            let newest = counted.manual.iter().chain(&counted.auto).map(|s| s.1).max();
+            let newest = counted.newest;
             let now = self.engine.clock().now();
             if let Some(wait) = newest.map(|t| (t + q.min_snapshot_interval).saturating_sub(now)).filter(|w| *w > 0) {
                 return refused(
@@ -137,7 +154,7 @@ impl Service {
         }
         let slot = {
             let mut creating = self.creating.0.lock();
-            let tasks = creating.get(&info.id).copied().unwrap_or(0) + self.uploads_in_flight(&counted);
+            let tasks = creating.get(&info.id).copied().unwrap_or(0) + self.uploads_in_flight(info);
             if tasks >= q.max_concurrent_tasks {
                 drop(creating);
                 return refused(
@@ -153,20 +170,19 @@ impl Service {
             CreateSlot { creating: &self.creating, volume: info.id.clone() }
         };
         match taker {
-            Taker::Hand if counted.manual.len() as u32 >= q.max_snapshots_manual => refused(
+            Taker::Hand if counted.manual as u32 >= q.max_snapshots_manual => refused(
                 format!(
                     "volume '{}' has {} snapshots taken by hand, its max_snapshots_manual; delete some first, or {}",
                     info.name,
-                    counted.manual.len(),
+                    counted.manual,
                     how("max_snapshots_manual")
                 ),
                 None,
             ),
-            Taker::Policy if counted.auto.len() as u32 >= q.max_snapshots_auto => {
+            Taker::Policy if counted.auto as u32 >= q.max_snapshots_auto => {
                 let at_limit = format!(
                     "volume '{}' has {} snapshots taken by policies, its max_snapshots_auto",
-                    info.name,
-                    counted.auto.len()
+                    info.name, counted.auto
                 );
                 if q.on_limit == OnLimit::Reject {
                     return refused(
@@ -177,9 +193,9 @@ impl Service {
                         None,
                     );
                 }
-                let over = counted.auto.len() + 1 - q.max_snapshots_auto as usize;
+                let over = counted.auto + 1 - q.max_snapshots_auto as usize;
                 let mut deleted = 0;
-                for (id, _) in &counted.auto {
+                for id in &self.oldest_auto(info) {
                     if deleted == over {
                         break;
                     }

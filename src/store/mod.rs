@@ -365,6 +365,11 @@ impl StoreService {
         })
     }
 
+    /// Ids of the snapshots whose upload is queued or running.
+    pub fn uploads_in_flight(&self) -> Vec<String> {
+        self.uploads.lock().keys().cloned().collect()
+    }
+
     async fn upload_worker(self: Arc<Self>, mut rx: tokio::sync::mpsc::UnboundedReceiver<String>) {
         while let Some(id) = rx.recv().await {
             let Some(progress) = self.uploads.lock().get(&id).cloned() else { continue };
