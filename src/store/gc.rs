@@ -217,8 +217,20 @@ impl StoreService {
             stored.push((id, blobs));
         }
         // 3. Manifests (overwritten in place: same snapshot, same content, new locations),
-        //    then the old packs.
+        //    then the old packs. Each under the publish lock, and only while the manifest is
+        //    still there: a snapshot this node deleted since mark (its manifest is deleted
+        //    under that lock) must not come back. (Its old packs may then go: nothing else
+        //    references them — and a deleted snapshot's blobs the copies hold are left to the
+        //    next GC.)
         for m in rewritten {
+            let _publishing = self.publish.lock().await;
+            match region.objects.get(&manifest_key(&m.snapshot_id)).await {
+                Err(StoreError::Missing(_)) => {
+                    region.forget_manifest(&m.snapshot_id);
+                    continue;
+                }
+                other => other?,
+            };
             region.put_manifest(m).await?;
             report.manifests_rewritten += 1;
         }
