@@ -624,3 +624,41 @@ fn a_daemon_whose_stderr_nobody_reads_keeps_answering_and_stops() {
     };
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn every_route_with_a_body_refuses_a_malformed_one_with_400_and_a_sentence() {
+    let (_t, d) = daemon_with_volume("16M");
+    d.cli_ok(&["snapshot", "create", "vol", "--name", "s1"]);
+    d.cli_ok(&["policy", "create", "p", "--every", "1h", "--keep-last", "1"]);
+    let routes = [
+        "/v1/volumes",
+        "/v1/volumes/vol/snapshots",
+        "/v1/volumes/vol/attach",
+        "/v1/snapshots/vol@s1/clone",
+        "/v1/snapshots/vol@s1/rollback",
+        "/v1/snapshots/vol@s1/export",
+        "/v1/snapshots/vol@s1/hold",
+        "/v1/policies",
+        "/v1/policies/p/apply",
+        "/v1/policies/p/remove",
+        "/v1/policies/p/run",
+        "/v1/policies/p/prune",
+        "/v1/regions/local/gc",
+        "/v1/recycle-bin/purge",
+    ];
+    for route in routes {
+        for body in ["[]", "3", "\"x\"", "null", "{not json", "[{}]"] {
+            let (status, _, answer) = control_http(&d.dir, "POST", route, body);
+            assert!(status.contains(" 400 "), "POST {route} {body}: {status} {answer}");
+            let v: serde_json::Value =
+                serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{route}: {e}: {answer}"));
+            assert!(v["error"].as_str().unwrap().starts_with("bad request body"), "{route} {body}: {answer}");
+            assert_eq!(v["kind"], "invalid");
+        }
+    }
+    let (status, _, answer) = control_http(&d.dir, "POST", "/v1/snapshots/vol@s1/rollback", r#"{"force": "yes"}"#);
+    assert!(status.contains(" 400 ") && answer.contains("bad request body"), "{status} {answer}");
+    // Nothing happened: the snapshot is still there, not rolled back, not held.
+    let s = d.cli_json(&["snapshot", "show", "vol@s1"]);
+    assert!(s["hold"].is_null(), "{s}");
+}

@@ -81,6 +81,9 @@ fn files_are_private_and_sockets_group_only_whatever_the_umask() {
         assert!(!other("nbdinfo", &[&nbd]).status.success(), "user nobody read volume v over NBD");
         let out = other(BIN, &["--dir", &dir.display().to_string(), "volume", "list"]);
         assert!(!out.status.success(), "user nobody used the control API");
+        // ... and is told why, not that no daemon runs (which would send them to start one).
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("permission denied on"), "{}", text(&out.stderr));
 
         // `--socket-group`: that group's members may use the sockets, and only the sockets.
         drop(daemon);
@@ -152,4 +155,20 @@ fn a_daemon_refuses_store_fault_injection_outside_tests() {
     assert!(!out.status.success(), "the daemon started with fault injection");
     let err = text(&out.stderr);
     assert!(err.contains("faults") && err.contains("SNAPBLK_TEST_FAULTS"), "{err}");
+}
+
+#[test]
+fn a_bad_key_file_stops_the_daemon_at_start_with_a_sentence() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    std::fs::create_dir_all(dir.join("keys")).unwrap();
+    std::fs::write(dir.join("snapblk.toml"), "[regions.local]\nkind = \"fs\"\nkey_file = \"keys/local.key\"\n")
+        .unwrap();
+    let err = common::Daemon::try_start(&dir, &[]).err().expect("started without its key file");
+    assert!(err.contains("key_file") && err.contains("does not exist"), "{err}");
+    let key = dir.join("keys/local.key");
+    std::fs::write(&key, "not a key\n").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let err = common::Daemon::try_start(&dir, &[]).err().expect("started with a file that is no key");
+    assert!(err.contains("is not a snapblk key file"), "{err}");
 }

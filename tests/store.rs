@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::store::*;
-use common::{ok, Daemon};
+use common::{control_http, ok, Daemon};
 use serde_json::Value;
 
 #[test]
@@ -815,4 +815,35 @@ fn an_interrupted_snapshot_delete_never_deletes_the_manifest_of_a_snapshot_that_
     verify_ok(&d, "vol@s1");
     let listed = d.cli_json(&["snapshot", "list", "--region", region.name]);
     assert!(listed.as_array().unwrap().iter().any(|s| s["id"] == id.as_str()), "{listed}");
+}
+
+#[test]
+fn verify_progress_counts_the_bytes_it_reads() {
+    if !tools() {
+        return;
+    }
+    let region = &regions()[0]; // local
+    let (_tmp, dir, d) = start_with_volume(region, "", "16M");
+    fill(&d, "vol", 0, 8 * MIB, 3);
+    snapshot(&d, "vol", "s1");
+    wait_available(&d, "vol@s1");
+    let (status, _, body) = control_http(&dir, "POST", "/v1/snapshots/vol@s1/verify", "");
+    assert!(status.contains(" 20"), "{status}: {body}");
+    let id = serde_json::from_str::<Value>(&body).unwrap()["id"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let job = loop {
+        let (_, _, body) = control_http(&dir, "GET", &format!("/v1/jobs/{id}"), "");
+        let job: Value = serde_json::from_str(&body).unwrap();
+        if job["state"] != "running" {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "verify still running: {job}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(job["state"], "done", "{job}");
+    let (done, total) = (job["done"].as_u64().unwrap(), job["total"].as_u64().unwrap());
+    assert_eq!(done, total, "{job}");
+    // 8 MiB of random data is about 8 MiB stored (it does not compress), 128 blobs of 64 KiB:
+    // a count of blobs would be 128.
+    assert!((7 * MIB..=9 * MIB).contains(&total), "verify's total is not its bytes: {job}");
 }

@@ -62,8 +62,15 @@ impl Client {
         body: Option<&impl Serialize>,
     ) -> Result<Option<T>, ClientError> {
         let transport = |e: &dyn std::fmt::Display| ClientError::Transport(e.to_string());
-        let stream =
-            tokio::net::UnixStream::connect(&self.socket).await.map_err(|_| ClientError::NoDaemon(self.dir.clone()))?;
+        let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(|e| match e.kind() {
+            // The daemon runs, but this user may not talk to it: saying "no daemon" would send
+            // them to start a second one.
+            std::io::ErrorKind::PermissionDenied => ClientError::Api(format!(
+                "permission denied on {}: the daemon's sockets are its user's (or its --socket-group's); run as that user or join the group",
+                self.socket.display()
+            )),
+            _ => ClientError::NoDaemon(self.dir.clone()),
+        })?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| transport(&e))?;
         tokio::spawn(conn);

@@ -160,6 +160,26 @@ pub fn check_private(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Checks a region's key file at start, before anything needs it: readable by no other user,
+/// and a key file (a bad one is otherwise found by the first upload). One named in the config
+/// must exist (a missing one would be generated, and open no existing repository); the
+/// default one may be missing (generated on first use).
+pub fn check_key_file(path: &Path, configured: bool, region: &str) -> Result<()> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            check_private(path)?;
+            parse_key_file(&text, path).map(|_| ())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !configured => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StoreError::Config(format!(
+            "the key_file {} of region '{region}' does not exist: restore it from its backup, or (for a new, empty region) create one with: snapblk key generate > {}",
+            path.display(),
+            path.display()
+        ))),
+        Err(e) => Err(StoreError::Config(format!("cannot read the key_file {} of region '{region}': {e}", path.display()))),
+    }
+}
+
 /// Loads the key-encryption key, generating the file (0600) when it does not exist.
 /// Returns whether it was generated, so the caller can warn that it must be backed up.
 pub fn load_or_create_kek(path: &Path) -> Result<([u8; 32], bool)> {
@@ -630,6 +650,23 @@ mod tests {
         assert!(unwrap_master(&[1; 32], &relabel(1), "r", Path::new("k")).is_err());
         let err = unwrap_master(&[1; 32], &relabel(3), "r", Path::new("k")).unwrap_err().to_string();
         assert!(err.contains("version 3") && err.contains("upgrade"), "{err}");
+    }
+
+    #[test]
+    fn key_files_are_checked_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.key");
+        assert!(check_key_file(&path, false, "r").is_ok(), "the default one is generated later");
+        let err = check_key_file(&path, true, "r").unwrap_err().to_string();
+        assert!(err.contains("does not exist") && err.contains("region 'r'"), "{err}");
+        std::fs::write(&path, "snapblk-kek 1234\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let err = check_key_file(&path, true, "r").unwrap_err().to_string();
+        assert!(err.contains("is not a snapblk key file"), "{err}");
+        std::fs::write(&path, new_key_file_text()).unwrap();
+        assert!(check_key_file(&path, true, "r").is_ok());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(check_key_file(&path, true, "r").unwrap_err().to_string().contains("chmod 600"));
     }
 
     #[test]

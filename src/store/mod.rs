@@ -100,7 +100,7 @@ impl StoreService {
         // Key files are read when a region is first used: refuse to start with one that any
         // user can read rather than serve for hours and fail then.
         for r in config.regions.values() {
-            crypto::check_private(&r.key_file)?;
+            crypto::check_key_file(&r.key_file, r.key_file_configured, &r.name)?;
             // Fault injection is a test harness, not a setting: a stray table in a production
             // config must not make the store fail on purpose.
             if r.faults.any() && std::env::var("SNAPBLK_TEST_FAULTS").as_deref() != Ok("1") {

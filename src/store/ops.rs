@@ -143,12 +143,13 @@ impl StoreService {
         };
         report.pages = m.pages.len() as u64;
         let blobs = data_blobs(&region, &m, &mut report.problems).await?;
-        job.total.store(blobs.len() as u64, Ordering::Relaxed);
+        // Progress in stored bytes (what is read), as every job counts it: the CLI shows bytes.
+        job.total.store(blobs.keys().map(|b| u64::from(b.len)).sum(), Ordering::Relaxed);
         let mut bad_objects: HashMap<String, u64> = HashMap::new();
         let mut other = Vec::new();
         region
             .fetch_blobs(blobs.into_keys().map(|b| (b, ())).collect(), READ_CONCURRENCY, |(), b, res| {
-                job.done.fetch_add(1, Ordering::Relaxed);
+                job.done.fetch_add(u64::from(b.len), Ordering::Relaxed);
                 report.blobs += 1;
                 match res {
                     Ok(plain) => report.bytes += plain.len() as u64,

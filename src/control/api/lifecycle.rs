@@ -7,7 +7,7 @@ use axum::extract::{Path, Query, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use super::{ApiResult, Body, Svc};
+use super::{ApiResult, Body, Object, Svc};
 use crate::service::{BinView, Caller, EventQuery, EventRecord, PurgeRequest, QuotaView, Service, SnapshotView};
 
 pub(super) fn routes() -> Router<Arc<Service>> {
@@ -26,7 +26,7 @@ async fn bin(State(s): Svc, caller: Caller) -> ApiResult<Json<BinView>> {
 }
 
 async fn purge(State(s): Svc, caller: Caller, body: Body<PurgeRequest>) -> ApiResult<Json<Vec<String>>> {
-    let Json(req) = body?;
+    let Object(req) = body?;
     Ok(Json(s.purge_bin(&caller, req).await?))
 }
 

@@ -81,8 +81,26 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// The JSON body of a request, with a malformed one answered as a 400 in our error format.
-type Body<T> = Result<Json<T>, JsonRejection>;
+/// The JSON body of a request: an object (`[]` or `3` is not a request, even where every
+/// field has a default), answered with a 400 in our error format when malformed.
+type Body<T> = Result<Object<T>, ApiError>;
+
+/// Extracts a JSON object body as `T` (see [`Body`]).
+pub struct Object<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for Object<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Object<T>, ApiError> {
+        let Json(value) = Json::<serde_json::Value>::from_request(req, state).await?;
+        if !value.is_object() {
+            return Err(
+                Error::Invalid("bad request body: expected a JSON object, like {\"name\": \"...\"}".into()).into()
+            );
+        }
+        serde_json::from_value(value).map(Object).map_err(|e| Error::Invalid(format!("bad request body: {e}")).into())
+    }
+}
 
 /// Who is calling: every client of the control socket is [`Caller::Local`] (the socket is
 /// the daemon user's, or its `--socket-group`'s); accounts will authenticate callers here.

@@ -8,7 +8,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use super::{ApiResult, Body, Svc};
+use super::{ApiResult, Body, Object, Svc};
 use crate::service::{Caller, CreatePolicy, HistoryEntry, PolicyTarget, PolicyView, PolicyVolumes, PruneView, Service};
 
 pub(super) fn routes() -> Router<Arc<Service>> {
@@ -32,7 +32,7 @@ async fn list(State(s): Svc, caller: Caller) -> ApiResult<Json<Vec<PolicyView>>>
 }
 
 async fn create(State(s): Svc, caller: Caller, body: Body<CreatePolicy>) -> ApiResult<(StatusCode, Json<PolicyView>)> {
-    let Json(req) = body?;
+    let Object(req) = body?;
     Ok((StatusCode::CREATED, Json(s.create_policy(&caller, req)?)))
 }
 
@@ -51,7 +51,7 @@ async fn apply(
     Path(p): Path<String>,
     body: Body<PolicyVolumes>,
 ) -> ApiResult<Json<PolicyView>> {
-    let Json(req) = body?;
+    let Object(req) = body?;
     Ok(Json(s.apply_policy(&caller, &p, req)?))
 }
 
@@ -61,7 +61,7 @@ async fn remove(
     Path(p): Path<String>,
     body: Body<PolicyVolumes>,
 ) -> ApiResult<Json<PolicyView>> {
-    let Json(req) = body?;
+    let Object(req) = body?;
     Ok(Json(s.remove_policy(&caller, &p, req)?))
 }
 
@@ -71,7 +71,7 @@ async fn run(
     Path(p): Path<String>,
     body: Body<PolicyTarget>,
 ) -> ApiResult<Json<Vec<HistoryEntry>>> {
-    let Json(req) = body?;
+    let Object(req) = body?;
     Ok(Json(s.run_policy_now(&caller, &p, req).await?))
 }
 
@@ -81,7 +81,7 @@ async fn prune(
     Path(p): Path<String>,
     body: Body<PolicyTarget>,
 ) -> ApiResult<Json<Vec<PruneView>>> {
-    let Json(req) = body?;
+    let Object(req) = body?;
     Ok(Json(s.prune_policy(&caller, &p, req).await?))
 }
 

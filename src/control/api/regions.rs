@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use super::{ApiResult, Body, Svc};
+use super::{ApiResult, Body, Object, Svc};
 use crate::jobs::JobView;
 use crate::service::{Caller, GcRequest, KeyFile, Service};
 use crate::store::{RegionInfo, RegionSnapshot};
@@ -39,7 +39,7 @@ async fn gc(
     Path(r): Path<String>,
     body: Body<GcRequest>,
 ) -> ApiResult<(StatusCode, Json<JobView>)> {
-    let Json(req) = body?;
+    let Object(req) = body?;
     Ok((StatusCode::ACCEPTED, Json(s.start_gc(&caller, &r, req)?)))
 }
 

@@ -9,7 +9,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use super::{ApiResult, Body, Svc};
+use super::{ApiResult, Body, Object, Svc};
 use crate::jobs::JobView;
 use crate::service::{
     Caller, CloneSnapshot, CreateSnapshot, ExportRequest, HoldRequest, Rollback, Service, SnapshotView, VolumeView,
@@ -44,7 +44,7 @@ async fn create(
     Path(r): Path<String>,
     body: Body<CreateSnapshot>,
 ) -> ApiResult<(StatusCode, Json<SnapshotView>)> {
-    let Json(req) = body?;
+    let Object(req) = body?;
     Ok((StatusCode::CREATED, Json(s.create_snapshot(&caller, &r, req).await?)))
 }
 
@@ -67,7 +67,7 @@ async fn clone(
     Path(r): Path<String>,
     body: Body<CloneSnapshot>,
 ) -> ApiResult<(StatusCode, Json<VolumeView>)> {
-    let Json(req) = body?;
+    let Object(req) = body?;
     Ok((StatusCode::CREATED, Json(s.clone_snapshot(&caller, &r, req).await?)))
 }
 
@@ -77,7 +77,7 @@ async fn rollback(
     Path(r): Path<String>,
     body: Body<Rollback>,
 ) -> ApiResult<Json<VolumeView>> {
-    let Json(req) = body?;
+    let Object(req) = body?;
     Ok(Json(s.rollback(&caller, &r, req).await?))
 }
 
@@ -100,7 +100,7 @@ async fn export(
     Path(r): Path<String>,
     body: Body<ExportRequest>,
 ) -> ApiResult<(StatusCode, Json<JobView>)> {
-    let Json(req) = body?;
+    let Object(req) = body?;
     Ok((StatusCode::ACCEPTED, Json(s.export_snapshot(&caller, &r, req)?)))
 }
 
@@ -110,7 +110,7 @@ async fn hold(
     Path(r): Path<String>,
     body: Body<HoldRequest>,
 ) -> ApiResult<Json<SnapshotView>> {
-    let Json(req) = body?;
+    let Object(req) = body?;
     Ok(Json(s.hold_snapshot(&caller, &r, req)?))
 }
 

@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use super::{ApiResult, Body, Svc};
+use super::{ApiResult, Body, Object, Svc};
 use crate::attach::{AttachRequest, Attachment};
 use crate::service::{Caller, CreateVolume, Service, VolumeView};
 
@@ -26,7 +26,7 @@ async fn list(State(s): Svc, caller: Caller) -> ApiResult<Json<Vec<VolumeView>>>
 }
 
 async fn create(State(s): Svc, caller: Caller, body: Body<CreateVolume>) -> ApiResult<(StatusCode, Json<VolumeView>)> {
-    let Json(req) = body?;
+    let Object(req) = body?;
     Ok((StatusCode::CREATED, Json(s.create_volume(&caller, req).await?)))
 }
 
@@ -49,7 +49,7 @@ async fn attach(
     Path(r): Path<String>,
     body: Body<AttachRequest>,
 ) -> ApiResult<(StatusCode, Json<Attachment>)> {
-    let Json(req) = body?;
+    let Object(req) = body?;
     Ok((StatusCode::CREATED, Json(s.attach(&caller, &r, req).await?)))
 }
 
