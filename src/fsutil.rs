@@ -16,8 +16,8 @@ pub fn replace_file(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent().filter(|_| sync) {
-        std::fs::File::open(dir)?.sync_all()?;
+    if sync {
+        sync_parent(path)?;
     }
     Ok(())
 }

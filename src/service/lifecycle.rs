@@ -265,11 +265,7 @@ impl LifecycleState {
         out
     }
 
-    fn apply(st: &mut LifecycleState, c: Change) {
-        st.apply_change(c)
-    }
-
-    fn apply_change(&mut self, c: Change) {
+    fn apply(&mut self, c: Change) {
         fn put<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, value: Option<V>) {
             match value {
                 Some(v) => map.insert(key, v),

@@ -125,7 +125,7 @@ impl Service {
     /// held (through the delete operation: into the recycle bin, when it is on).
     pub(super) async fn snapshot_allowed(&self, info: &VolumeInfo, taker: Taker) -> Result<CreateSlot<'_>> {
         let q = self.quotas_of(&info.name).clone();
-        let counted = self.counted(&info.clone());
+        let counted = self.counted(info);
         let how = |key: &str| {
             format!(
                 "raise {key} in snapblk.toml ([quotas], or [quotas.volumes.{}] for this volume) and restart",
