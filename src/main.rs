@@ -1,12 +1,22 @@
 //! The `snapblk` binary: `serve` runs the daemon; every other command is an API client.
 
 use clap::Parser;
-use snapblk::control::cli::{exit_code, run, Cli, Command, KeyCommand};
+use snapblk::control::cli::{fail, run, Cli, Command, KeyCommand};
+use snapblk::control::client::ClientError;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::EnvFilter;
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Usage errors are exit code 2, and with --json a JSON error like every other.
+        Err(e) if e.use_stderr() && std::env::args().any(|a| a == "--json") => {
+            let first = e.to_string();
+            let sentence = first.lines().next().unwrap_or("bad usage").trim_start_matches("error: ");
+            fail(true, &ClientError::Usage(format!("{sentence} (see snapblk --help)")));
+        }
+        Err(e) => e.exit(),
+    };
     // The daemon logs through a thread of its own (see `logging`); CLI commands as they go.
     let queued = if matches!(cli.command, Command::Serve(_)) { snapblk::logging::start().ok() } else { None };
     let (writer, log_writer) = match queued {
@@ -22,10 +32,7 @@ fn main() {
         Some(d) => d,
         // `key generate` talks to no daemon.
         None if matches!(cli.command, Command::Key(KeyCommand::Generate)) => Default::default(),
-        None => {
-            eprintln!("error: no daemon dir: pass --dir DIR or set SNAPBLK_DIR");
-            std::process::exit(1);
-        }
+        None => fail(cli.json, &ClientError::Usage("no daemon dir: pass --dir DIR or set SNAPBLK_DIR".into())),
     };
     if let Command::Serve(args) = &cli.command {
         // Closed by default, whatever the caller's umask: everything the daemon creates (its
@@ -48,7 +55,6 @@ fn main() {
         }
     };
     if let Err(e) = runtime.block_on(run(&dir, cli.json, cli.command)) {
-        eprintln!("error: {e}");
-        std::process::exit(exit_code(&e));
+        fail(cli.json, &e);
     }
 }

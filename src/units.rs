@@ -59,6 +59,15 @@ pub fn duration_text(secs: u64) -> String {
 }
 
 /// `10737418240` → `10.0 GiB`.
+/// `1 page`, `2 pages`.
+pub fn plural(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 pub fn human(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut v = bytes as f64;

@@ -429,10 +429,10 @@ fn cli_errors_are_one_clear_sentence_with_a_nonzero_exit() {
     );
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("another snapblk daemon already owns"), "{}", text(&out.stderr));
-    // No daemon at all: exit code 2 and what to do.
+    // No daemon at all: exit code 3 and what to do.
     let empty = tempfile::tempdir().unwrap();
     let out = run(Command::new(BIN).arg("--dir").arg(empty.path()).args(["volume", "list"]), Duration::from_secs(30));
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(3));
     assert!(text(&out.stderr).contains("snapblk serve --dir"), "{}", text(&out.stderr));
 }
 

@@ -82,7 +82,7 @@ fn files_are_private_and_sockets_group_only_whatever_the_umask() {
         let out = other(BIN, &["--dir", &dir.display().to_string(), "volume", "list"]);
         assert!(!out.status.success(), "user nobody used the control API");
         // ... and is told why, not that no daemon runs (which would send them to start one).
-        assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+        assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
         assert!(text(&out.stderr).contains("permission denied on"), "{}", text(&out.stderr));
 
         // `--socket-group`: that group's members may use the sockets, and only the sockets.

@@ -10,16 +10,87 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::api::ErrorBody;
+use crate::engine::ErrorKind;
 
+/// What went wrong with a CLI command; each class has its own exit code
+/// ([`ClientError::exit_code`], README "Exit codes").
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("no snapblk daemon is running on {0} (start one with: snapblk serve --dir {0})")]
     NoDaemon(String),
-    /// The daemon refused the request; the message is its sentence.
+    /// The daemon's socket exists but this user may not use it.
     #[error("{0}")]
-    Api(String),
+    Denied(String),
+    /// The command as typed cannot be run (a bad value, a missing option).
+    #[error("{0}")]
+    Usage(String),
+    /// The daemon refused or failed the request; the message is its sentence.
+    #[error("{message}")]
+    Refused { kind: Option<ErrorKind>, message: String },
+    /// The command ran and its outcome is a failure (e.g. a verify that found problems).
+    #[error("{0}")]
+    Failed(String),
     #[error("talking to the daemon failed: {0}")]
     Transport(String),
+}
+
+impl ClientError {
+    /// The exit code of each class: 1 failed, 2 usage, 3 no daemon, 4 not found, 5 refused
+    /// (conflict, busy, quota, locked), 6 object store unavailable, 7 permission denied.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ClientError::Failed(_) | ClientError::Transport(_) => 1,
+            ClientError::Usage(_) => 2,
+            ClientError::NoDaemon(_) => 3,
+            ClientError::Denied(_) => 7,
+            ClientError::Refused { kind, .. } => match kind {
+                Some(ErrorKind::Invalid) => 2,
+                Some(ErrorKind::NotFound | ErrorKind::Gone) => 4,
+                Some(
+                    ErrorKind::AlreadyExists
+                    | ErrorKind::Busy
+                    | ErrorKind::NotLocal
+                    | ErrorKind::Quota
+                    | ErrorKind::Throttled
+                    | ErrorKind::ReadOnly,
+                ) => 5,
+                Some(ErrorKind::Unavailable) => 6,
+                Some(ErrorKind::NoSpace | ErrorKind::Io | ErrorKind::Corrupt) | None => 1,
+            },
+        }
+    }
+
+    /// The class as a word, for `--json` error objects.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ClientError::NoDaemon(_) => "no_daemon",
+            ClientError::Denied(_) => "permission_denied",
+            ClientError::Usage(_) => "usage",
+            ClientError::Failed(_) => "failed",
+            ClientError::Transport(_) => "transport",
+            ClientError::Refused { kind, .. } => match kind {
+                Some(ErrorKind::NotFound) => "not_found",
+                Some(ErrorKind::AlreadyExists) => "already_exists",
+                Some(ErrorKind::Invalid) => "invalid",
+                Some(ErrorKind::Busy) => "busy",
+                Some(ErrorKind::ReadOnly) => "read_only",
+                Some(ErrorKind::NoSpace) => "no_space",
+                Some(ErrorKind::Io) => "io",
+                Some(ErrorKind::Corrupt) => "corrupt",
+                Some(ErrorKind::Gone) => "gone",
+                Some(ErrorKind::Unavailable) => "store_unavailable",
+                Some(ErrorKind::NotLocal) => "not_local",
+                Some(ErrorKind::Quota) => "quota",
+                Some(ErrorKind::Throttled) => "throttled",
+                None => "failed",
+            },
+        }
+    }
+
+    /// A failure the daemon reported, classified by its kind.
+    pub fn refused(kind: Option<ErrorKind>, message: String) -> ClientError {
+        ClientError::Refused { kind, message }
+    }
 }
 
 pub struct Client {
@@ -65,7 +136,7 @@ impl Client {
         let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(|e| match e.kind() {
             // The daemon runs, but this user may not talk to it: saying "no daemon" would send
             // them to start a second one.
-            std::io::ErrorKind::PermissionDenied => ClientError::Api(format!(
+            std::io::ErrorKind::PermissionDenied => ClientError::Denied(format!(
                 "permission denied on {}: the daemon's sockets are its user's (or its --socket-group's); run as that user or join the group",
                 self.socket.display()
             )),
@@ -89,10 +160,10 @@ impl Client {
         let status = resp.status();
         let body = resp.into_body().collect().await.map_err(|e| transport(&e))?.to_bytes();
         if !status.is_success() {
-            let msg = serde_json::from_slice::<ErrorBody>(&body)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| format!("the daemon answered {status}"));
-            return Err(ClientError::Api(msg));
+            return Err(match serde_json::from_slice::<ErrorBody>(&body) {
+                Ok(e) => ClientError::refused(serde_json::from_value(serde_json::Value::String(e.kind)).ok(), e.error),
+                Err(_) => ClientError::refused(None, format!("the daemon answered {status}")),
+            });
         }
         if status == StatusCode::NO_CONTENT {
             return Ok(None);

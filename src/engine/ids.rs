@@ -48,7 +48,11 @@ pub(super) fn check_geometry(size: u64, cluster_size: u32) -> std::result::Resul
         return Err(format!("invalid cluster size {cluster_size}: use a power of two from 4K to 1M (default 64K)"));
     }
     if size == 0 || size % 4096 != 0 || size > MAX_VOLUME_SIZE {
-        return Err(format!("invalid volume size {size}: use a non-zero multiple of 4 KiB up to 64 TiB"));
+        return Err(format!(
+            "invalid volume size {} ({size} bytes): use a non-zero multiple of 4 KiB up to {}",
+            crate::units::human(size),
+            crate::units::human(MAX_VOLUME_SIZE)
+        ));
     }
     Ok(())
 }

@@ -882,6 +882,7 @@ pub(super) fn snapshot_info(reg: &Registry, s: &Snapshot, durable: bool) -> Snap
         cluster_size: s.cluster_size,
         changed_clusters: l.changed.len(),
         parent: l.parent.map(snapshot_id),
+        parent_name: l.parent.and_then(|p| reg.snapshots.get(&p)).map(|p| p.name.clone()),
         clones,
         allocated_bytes: s.allocated * s.cluster_size as u64,
         local: !s.is_released(),

@@ -60,6 +60,9 @@ pub struct SnapshotInfo {
     pub changed_clusters: u64,
     /// Id of the snapshot this one's changed set is relative to (none for the first one).
     pub parent: Option<String>,
+    /// Its name (in the same volume, or the snapshot a clone was made from).
+    #[serde(default)]
+    pub parent_name: Option<String>,
     /// Names of volumes cloned from this snapshot.
     pub clones: Vec<String>,
     /// Bytes of clusters holding data (not zeros) in this snapshot.

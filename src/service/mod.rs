@@ -136,7 +136,7 @@ impl crate::jobs::HasKind for Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// What `GET /v1/status` reports.
+/// What the daemon is: fixed when it starts.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     pub version: String,
@@ -144,6 +144,18 @@ pub struct Status {
     pub pid: u32,
     pub nbd_socket: PathBuf,
     pub nbd_tcp: Option<String>,
+}
+
+/// What `GET /v1/status` reports: the daemon, and the state of its work with the store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusView {
+    #[serde(flatten)]
+    pub daemon: Status,
+    /// Snapshots are uploaded when taken (`[upload] enabled`).
+    pub upload: bool,
+    /// Store copies of deleted snapshots still to be deleted (retried every second while their
+    /// region is unreachable or volumes still load from them), by region.
+    pub store_deletes_pending: std::collections::BTreeMap<String, u64>,
 }
 
 /// The control handle of the daemon's operations.
@@ -227,9 +239,13 @@ impl Service {
         });
     }
 
-    pub fn status(&self, caller: &Caller) -> Result<Status> {
+    pub fn status(&self, caller: &Caller) -> Result<StatusView> {
         caller.may(Access::Read)?;
-        Ok(self.status.clone())
+        Ok(StatusView {
+            daemon: self.status.clone(),
+            upload: self.store.uploads_enabled(),
+            store_deletes_pending: self.store.pending_deletes(),
+        })
     }
 
     pub fn job(&self, caller: &Caller, id: u64) -> Result<JobView> {

@@ -113,11 +113,20 @@ impl Service {
                     .await?;
                 (info, home)
             }
-            // Not on this node (one in the recycle bin is: its error stands).
-            Err(Error::Engine(e)) if e.kind() == ErrorKind::NotFound && parse_snapshot_id(r).is_some() => {
-                let (region, m) = self.store.find_remote(r, region).await?;
+            // Not on this node (one in the recycle bin is: its error stands): an id, or
+            // VOLUME@SNAPSHOT as another node uploaded it.
+            Err(Error::Engine(e))
+                if e.kind() == ErrorKind::NotFound
+                    && (parse_snapshot_id(r).is_some()
+                        || r.split_once('@').is_some_and(|(v, _)| self.engine.volume(v).is_err())) =>
+            {
+                let id = match parse_snapshot_id(r) {
+                    Some(_) => r.to_string(),
+                    None => self.store.find_remote_by_name(r, region).await?,
+                };
+                let (region, m) = self.store.find_remote(&id, region).await?;
                 let source =
-                    RemoteSource { region: region.name.clone(), snapshot: parse_snapshot_id(r).unwrap_or_default() };
+                    RemoteSource { region: region.name.clone(), snapshot: parse_snapshot_id(&id).unwrap_or_default() };
                 let (e, n2) = (self.engine.clone(), name.to_string());
                 let info = blocking(move || e.create_volume_from_remote(&n2, m.size, m.cluster_size, &source)).await?;
                 (info, region.name.clone())

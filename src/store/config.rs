@@ -33,7 +33,7 @@ read_timeout = "20s"             # a read that needs the store fails (EIO) after
 readahead = "1M"                 # prefetched after sequential reads; "0" = none
 
 [gc]
-interval = "1h"                  # background GC period per region; "0s" = only `snapblk gc`
+interval = "1h"                  # background GC period per region; "0s" = only `snapblk gc` (a region shared by nodes: "0s" on all but one)
 grace = "1h"                     # never delete unreferenced packs younger than this
 
 [recycle_bin]                    # deleted snapshots (by hand or by retention) wait here, restorable

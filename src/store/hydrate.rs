@@ -164,6 +164,8 @@ pub struct HydrationView {
     pub state: String,
     pub clusters_total: u64,
     pub clusters_loaded: u64,
+    /// The snapshot's data (once its manifest is read; the volume's size before), and how
+    /// much of it is loaded.
     pub bytes_total: u64,
     pub bytes_loaded: u64,
     /// Bytes per second fetched from the store by this run.
@@ -560,14 +562,24 @@ impl Hydration {
         };
         // Holes are found (and loaded) as pages are read, so what remains is mostly data.
         let remaining = (h.clusters_total - h.clusters_loaded) * cs;
+        // What has to be loaded is the snapshot's data, not the volume's size (a 256 MiB
+        // snapshot of a 100 GiB volume loads 256 MiB): known once its manifest is read.
+        let data = engine::parse_snapshot_id(&h.source)
+            .map(|snapshot| RemoteSource { region: h.region.clone(), snapshot })
+            .and_then(|source| self.sources.lock().get(&source).and_then(|cell| cell.get().cloned()))
+            .map(|view| (view.manifest.allocated_clusters * cs).min(info.size));
+        let (bytes_total, bytes_loaded) = match data {
+            Some(total) => (total, total - remaining.min(total)),
+            None => (info.size, (h.clusters_loaded * cs).min(info.size)),
+        };
         Some(HydrationView {
             source: h.source.clone(),
             region: h.region.clone(),
             state: state.into(),
             clusters_total: h.clusters_total,
             clusters_loaded: h.clusters_loaded,
-            bytes_total: info.size,
-            bytes_loaded: (h.clusters_loaded * cs).min(info.size),
+            bytes_total,
+            bytes_loaded,
             rate,
             eta_secs: (rate > 0).then(|| remaining / rate),
             bytes_fetched: fetched,

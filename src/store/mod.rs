@@ -470,7 +470,7 @@ impl StoreService {
             snapshot = %id,
             region = %region_name,
             added_bytes = added,
-            scanned = progress.done.load(Ordering::Relaxed),
+            scanned = progress.total.load(Ordering::Relaxed),
             secs,
             "upload done"
         );
@@ -646,6 +646,20 @@ impl StoreService {
                 tracing::debug!(snapshot = %id, error = %e, "deleting a deleted snapshot's manifest failed; will retry");
             }
         }
+    }
+
+    /// Whether snapshots are uploaded when taken.
+    pub fn uploads_enabled(&self) -> bool {
+        self.config.upload_enabled
+    }
+
+    /// Store copies of deleted snapshots not deleted yet, counted by region.
+    pub fn pending_deletes(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut by_region = std::collections::BTreeMap::new();
+        for region in self.state.lock().deferred_deletes.values() {
+            *by_region.entry(region.clone()).or_default() += 1;
+        }
+        by_region
     }
 
     /// A snapshot id in the store: in `region`, or the first configured region holding it.

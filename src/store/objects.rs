@@ -117,9 +117,24 @@ impl From<object_store::Error> for Attempt {
             | object_store::Error::Unauthenticated { .. }
             | object_store::Error::InvalidPath { .. }
             | object_store::Error::NotSupported { .. }
-            | object_store::Error::NotImplemented => Attempt::Fatal(e.to_string()),
-            other => Attempt::Transient(other.to_string()),
+            | object_store::Error::NotImplemented => Attempt::Fatal(with_root_cause(&e)),
+            other => Attempt::Transient(with_root_cause(&other)),
         }
+    }
+}
+
+/// An error's message with its root cause (e.g. "Connection refused (os error 111)"), which
+/// the object store client's top-level message ("error sending request") leaves out; each
+/// sentence once.
+fn with_root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let top = e.to_string();
+    let mut root = e.source();
+    while let Some(next) = root.and_then(|r| r.source()) {
+        root = Some(next);
+    }
+    match root.map(|r| r.to_string()) {
+        Some(cause) if !cause.is_empty() && !top.contains(&cause) => format!("{top} (cause: {cause})"),
+        _ => top,
     }
 }
 

@@ -123,7 +123,13 @@ impl StoreService {
         let (region, located) = match self.locate(r, region).await {
             Ok(x) => x,
             Err(e @ (StoreError::Corrupt { .. } | StoreError::Missing(_))) => {
-                return Ok(VerifyReport { snapshot: r.into(), problems: vec![e.to_string()], ..Default::default() })
+                let region = region.unwrap_or_default().into();
+                return Ok(VerifyReport {
+                    snapshot: r.into(),
+                    region,
+                    problems: vec![e.to_string()],
+                    ..Default::default()
+                });
             }
             Err(e) => return Err(e),
         };
@@ -261,6 +267,40 @@ impl StoreService {
         }
         out.sort_by_key(|s| (s.volume.clone(), s.created, s.name.clone()));
         Ok(out)
+    }
+}
+
+impl StoreService {
+    /// The id of snapshot `VOLUME@SNAPSHOT` as stored in `region` (or any configured region)
+    /// by whichever node: what a node that does not have the volume resolves names with.
+    pub async fn find_remote_by_name(&self, r: &str, region: Option<&str>) -> Result<String> {
+        let Some((volume, snapshot)) = r.split_once('@') else {
+            return Err(StoreError::NotFound(format!("no snapshot '{r}' here or in the store")));
+        };
+        let names: Vec<String> = match region {
+            Some(r) => vec![r.to_string()],
+            None => self.region_names(),
+        };
+        let mut found: Vec<(String, String)> = Vec::new();
+        for name in &names {
+            for s in self.region_snapshots(name).await? {
+                if (s.volume == volume || s.volume_id == volume) && s.name == snapshot {
+                    found.push((s.id, name.clone()));
+                }
+            }
+        }
+        match found.as_slice() {
+            [(id, _)] => Ok(id.clone()),
+            [] => Err(StoreError::NotFound(format!(
+                "no snapshot '{r}' on this node or in region(s) {}; list them with: snapblk snapshot list --region REGION",
+                names.join(", ")
+            ))),
+            many => Err(StoreError::Invalid(format!(
+                "'{r}' names {} snapshots in the store (volumes of the same name on different nodes): use one of their ids ({})",
+                many.len(),
+                many.iter().map(|(id, region)| format!("{id} in {region}")).collect::<Vec<_>>().join(", ")
+            ))),
+        }
     }
 }
 

@@ -34,7 +34,10 @@ use crate::engine::{Engine, SnapshotHandle, SnapshotInfo};
 /// Live progress of one upload (shown by `snapshot show` and `--wait`).
 pub struct Progress {
     pub started: Instant,
-    /// Logical bytes to scan, and scanned so far.
+    /// Logical bytes to upload, and how many of them are in the store: a cluster counts once
+    /// the pack holding it (or, for zeros and blobs the store had, the pack being filled when
+    /// it was scanned) is acknowledged — not when it is read, which with a bandwidth limit
+    /// runs far ahead of the PUTs.
     pub total: AtomicU64,
     pub done: AtomicU64,
     /// Bytes PUT so far (sealed packs).
@@ -69,7 +72,8 @@ pub struct Base {
     pub changed: RoaringTreemap,
 }
 
-type FinishedPack = (PackId, Vec<Bytes>, Vec<PackEntry>);
+/// A sealed pack, and the logical bytes it completes (see [`Progress::done`]).
+type FinishedPack = ((PackId, Vec<Bytes>, Vec<PackEntry>), u64);
 
 /// Called with the size of each pack once it is stored (to persist the bytes added).
 pub type OnStored = Arc<dyn Fn(u64) + Send + Sync>;
@@ -120,7 +124,7 @@ pub async fn upload(
     let mut puts: JoinSet<Result<u64>> = JoinSet::new();
     let mut failure: Option<StoreError> = None;
     let mut added = 0u64;
-    while let Some((pack, parts, entries)) = rx.recv().await {
+    while let Some(((pack, parts, entries), scanned)) = rx.recv().await {
         let Ok(permit) = sem.clone().acquire_owned().await else { break };
         let (region, sent, on_stored) = (region.clone(), progress.clone(), on_stored.clone());
         puts.spawn(async move {
@@ -131,6 +135,7 @@ pub async fn upload(
                 let blobs: Vec<_> = entries.iter().map(|(id, off, len, _)| (*id, *off, *len)).collect();
                 region.index.add_pack(pack, &blobs)?;
                 sent.sent.fetch_add(len, Ordering::Relaxed);
+                sent.done.fetch_add(scanned, Ordering::Relaxed);
                 on_stored(len);
                 drop(permit);
                 Ok(len)
@@ -162,6 +167,8 @@ pub async fn upload(
         return Err(e);
     }
     let (pages, allocated_clusters) = produced?;
+    // Scanned after the last pack was sent (all zeros, or all in the store already).
+    progress.done.store(progress.total.load(Ordering::Relaxed), Ordering::Relaxed);
     Ok(Manifest {
         format: FORMAT_VERSION,
         snapshot_id: snap.id.clone(),
@@ -383,12 +390,14 @@ fn produce(
     let capacity = 1 << 20;
     let mut pack = PackBuilder::new(capacity);
     let mut pending: HashMap<BlobId, BlobRef> = HashMap::new();
+    // Logical bytes scanned since the last pack went out: they are done when the next is stored.
+    let scanned = std::cell::Cell::new(0u64);
     let send = |pack: &mut PackBuilder, force: bool| -> Result<()> {
         if pack.is_empty() || (!force && pack.len() < pack_size) {
             return Ok(());
         }
         let full = std::mem::replace(pack, PackBuilder::new(capacity));
-        tx.blocking_send(full.finish(keys))
+        tx.blocking_send((full.finish(keys), scanned.take()))
             .map_err(|_| StoreError::Unavailable("the upload stopped (a PUT failed)".into()))
     };
     let finish_page = |current: Option<(u64, BTreeMap<u32, BlobRef>)>,
@@ -435,7 +444,7 @@ fn produce(
             *current = Some((sealed.page, entries));
         }
         let Some((_, entries)) = current.as_mut() else { return Ok(()) };
-        progress.done.fetch_add(sealed.scanned, Ordering::Relaxed);
+        scanned.set(scanned.get() + sealed.scanned);
         place_job(sealed, pack, pending, entries);
         send(pack, false)
     };

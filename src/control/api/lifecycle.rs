@@ -1,24 +1,20 @@
 //! `/v1/recycle-bin` (list, purge, lock, unlock), `POST /v1/snapshots/{r}/restore-deleted`,
 //! `GET /v1/volumes/{r}/quota` and `GET /v1/events`.
 
-use std::sync::Arc;
-
 use axum::extract::{Path, Query, State};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 
-use super::{ApiResult, Body, Object, Svc};
-use crate::service::{BinView, Caller, EventQuery, EventRecord, PurgeRequest, QuotaView, Service, SnapshotView};
+use super::{ApiResult, Body, Object, Routes, Svc};
+use crate::service::{BinView, Caller, EventQuery, EventRecord, PurgeRequest, QuotaView, SnapshotView};
 
-pub(super) fn routes() -> Router<Arc<Service>> {
-    Router::new()
-        .route("/v1/recycle-bin", get(bin))
-        .route("/v1/recycle-bin/purge", post(purge))
-        .route("/v1/recycle-bin/lock", post(lock))
-        .route("/v1/recycle-bin/unlock", post(unlock))
-        .route("/v1/snapshots/{r}/restore-deleted", post(restore_deleted))
-        .route("/v1/volumes/{r}/quota", get(quota))
-        .route("/v1/events", get(events))
+pub(super) fn routes(r: Routes) -> Routes {
+    r.get("/v1/recycle-bin", "The recycle bin: deleted snapshots and its lock", bin)
+        .post("/v1/recycle-bin/purge", "Delete snapshots in the bin for good", purge)
+        .post("/v1/recycle-bin/lock", "Lock the recycle bin", lock)
+        .post("/v1/recycle-bin/unlock", "Ask to unlock the recycle bin (after its unlock delay)", unlock)
+        .post("/v1/snapshots/{r}/restore-deleted", "Take a deleted snapshot back out of the bin", restore_deleted)
+        .get("/v1/volumes/{r}/quota", "A volume's quotas and usage", quota)
+        .get("/v1/events", "The event log (?after=ID&limit=N&wait=SECONDS)", events)
 }
 
 async fn bin(State(s): Svc, caller: Caller) -> ApiResult<Json<BinView>> {

@@ -12,16 +12,16 @@ use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequestParts, Path, State};
+use axum::handler::Handler;
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::ErrorKind;
 use crate::jobs::JobView;
-use crate::service::{Caller, Error, Service, Status};
+use crate::service::{Caller, Error, Service, StatusView};
 
 /// The error body: `{"error": "<sentence>", "kind": "not_found"}`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -114,18 +114,208 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 
 type Svc = State<Arc<Service>>;
 
+/// One route of the API, as the OpenAPI document describes it.
+#[derive(Debug, Clone)]
+struct RouteDoc {
+    method: &'static str,
+    path: &'static str,
+    summary: &'static str,
+    /// The handler's name (`volumes::create`), the operation's id.
+    operation: String,
+    /// The type of its JSON body, when it takes one.
+    body: Option<String>,
+}
+
+/// The API's routes, each added with its method, path and what it does: the router and the
+/// OpenAPI document (`GET /v1/openapi.json`, docs/openapi.json) come from this one list, so
+/// the document cannot miss a route or name a method the router does not serve.
+pub(super) struct Routes {
+    router: Router<Arc<Service>>,
+    docs: Vec<RouteDoc>,
+}
+
+impl Routes {
+    fn new() -> Routes {
+        Routes { router: Router::new(), docs: Vec::new() }
+    }
+
+    fn add<H, T>(
+        mut self,
+        method: &'static str,
+        path: &'static str,
+        summary: &'static str,
+        route: axum::routing::MethodRouter<Arc<Service>>,
+    ) -> Routes
+    where
+        H: Handler<T, Arc<Service>>,
+        T: 'static,
+    {
+        let handler = std::any::type_name::<H>();
+        let operation = handler.trim_start_matches("snapblk::control::api::").replace("::", "_");
+        let body = inner_type(std::any::type_name::<T>(), "::Object<");
+        self.docs.push(RouteDoc { method, path, summary, operation, body });
+        self.router = self.router.route(path, route);
+        self
+    }
+
+    pub(super) fn get<H: Handler<T, Arc<Service>>, T: 'static>(
+        self,
+        path: &'static str,
+        summary: &'static str,
+        h: H,
+    ) -> Routes {
+        self.add::<H, T>("get", path, summary, axum::routing::get(h))
+    }
+
+    pub(super) fn post<H: Handler<T, Arc<Service>>, T: 'static>(
+        self,
+        path: &'static str,
+        summary: &'static str,
+        h: H,
+    ) -> Routes {
+        self.add::<H, T>("post", path, summary, axum::routing::post(h))
+    }
+
+    pub(super) fn delete<H: Handler<T, Arc<Service>>, T: 'static>(
+        self,
+        path: &'static str,
+        summary: &'static str,
+        h: H,
+    ) -> Routes {
+        self.add::<H, T>("delete", path, summary, axum::routing::delete(h))
+    }
+}
+
+/// The last path segment of the type argument after `marker` in a type's name:
+/// `Result<snapblk::control::api::Object<snapblk::service::CreateVolume>, …>` → `CreateVolume`.
+fn inner_type(type_name: &str, marker: &str) -> Option<String> {
+    let rest = &type_name[type_name.find(marker)? + marker.len()..];
+    let mut depth = 0;
+    let end = rest.char_indices().find(|&(_, c)| {
+        match c {
+            '<' => depth += 1,
+            '>' if depth == 0 => return true,
+            '>' => depth -= 1,
+            _ => {}
+        }
+        false
+    })?;
+    let inner = &rest[..end.0];
+    let base = inner.split('<').next().unwrap_or(inner);
+    Some(base.rsplit("::").next().unwrap_or(base).to_string())
+}
+
+/// Every route of the API, by resource.
+fn routes() -> Routes {
+    let r = Routes::new()
+        .get("/v1/status", "The daemon: version, sockets, upload setting, pending store deletes", status)
+        .get("/v1/jobs/{id}", "A job's state and progress (verify, export, gc)", show_job)
+        .get("/v1/openapi.json", "This document", openapi_doc);
+    let r = volumes::routes(r);
+    let r = snapshots::routes(r);
+    let r = regions::routes(r);
+    let r = policies::routes(r);
+    lifecycle::routes(r)
+}
+
+/// The OpenAPI 3.0 document of the routes.
+fn openapi(routes: &Routes) -> serde_json::Value {
+    use serde_json::{json, Map, Value};
+    let mut paths = Map::new();
+    for d in &routes.docs {
+        let params: Vec<Value> = d
+            .path
+            .split('/')
+            .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+            .map(|name| json!({ "name": name, "in": "path", "required": true, "schema": { "type": "string" } }))
+            .collect();
+        let mut op = json!({
+            "operationId": d.operation,
+            "summary": d.summary,
+            "responses": {
+                "2XX": { "description": "the result, as JSON (204: no body)" },
+                "default": {
+                    "description": "an error: a sentence and its kind",
+                    "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } }
+                }
+            }
+        });
+        if !params.is_empty() {
+            op["parameters"] = Value::Array(params);
+        }
+        if let Some(body) = &d.body {
+            op["requestBody"] = json!({
+                "required": true,
+                "content": { "application/json": { "schema": { "type": "object", "title": body } } }
+            });
+        }
+        let entry = paths.entry(d.path.to_string()).or_insert_with(|| Value::Object(Map::new()));
+        entry[d.method] = op;
+    }
+    json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "snapblk control API",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "HTTP/JSON over the daemon's unix socket DIR/control.sock. Generated from the daemon's route list (src/control/api)."
+        },
+        "paths": paths,
+        "components": { "schemas": { "Error": {
+            "type": "object",
+            "required": ["error", "kind"],
+            "properties": {
+                "error": { "type": "string", "description": "what failed and what to do" },
+                "kind": { "type": "string", "description": "not_found, already_exists, invalid, busy, quota, throttled, unavailable, ..." }
+            }
+        } } }
+    })
+}
+
 pub fn router(service: Arc<Service>) -> Router {
-    Router::new()
-        .route("/v1/status", get(status))
-        .route("/v1/jobs/{id}", get(show_job))
-        .merge(volumes::routes())
-        .merge(snapshots::routes())
-        .merge(regions::routes())
-        .merge(policies::routes())
-        .merge(lifecycle::routes())
-        .fallback(|| async { ApiError::from(Error::NotFound("no such API route".into())) })
+    let routes = routes();
+    let doc = Arc::new(openapi(&routes));
+    routes
+        .router
+        .fallback(|| async {
+            ApiError::from(Error::NotFound("no such API route; the routes are listed by GET /v1/openapi.json".into()))
+        })
         .with_state(service)
+        .layer(axum::Extension(doc))
+        .layer(axum::middleware::from_fn(json_errors))
         .layer(axum::middleware::from_fn(server_timing))
+}
+
+async fn openapi_doc(axum::Extension(doc): axum::Extension<Arc<serde_json::Value>>) -> Json<serde_json::Value> {
+    Json((*doc).clone())
+}
+
+/// Errors the router answers by itself (a method the route does not serve, a body too large)
+/// get the same JSON body as every other error.
+async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let method = req.method().clone();
+    let res = next.run(req).await;
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return res;
+    }
+    let (kind, error) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => {
+            let allowed = res.headers().get(axum::http::header::ALLOW).and_then(|v| v.to_str().ok()).unwrap_or("");
+            ("invalid", format!("{method} is not served on this route; use {allowed}"))
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => ("invalid", "the request body is too large".to_string()),
+        s if s.is_server_error() => ("io", format!("the daemon failed the request ({s})")),
+        s => ("invalid", format!("the request was refused ({s})")),
+    };
+    let mut out = (status, Json(ErrorBody { error, kind: kind.into() })).into_response();
+    if let Some(allow) = res.headers().get(axum::http::header::ALLOW) {
+        out.headers_mut().insert(axum::http::header::ALLOW, allow.clone());
+    }
+    out
 }
 
 /// Every answer says how long the daemon spent on it (`Server-Timing: handler;dur=MS`), so a
@@ -140,7 +330,7 @@ async fn server_timing(req: axum::extract::Request, next: axum::middleware::Next
     res
 }
 
-async fn status(State(s): Svc, caller: Caller) -> ApiResult<Json<Status>> {
+async fn status(State(s): Svc, caller: Caller) -> ApiResult<Json<StatusView>> {
     Ok(Json(s.status(&caller)?))
 }
 
@@ -159,6 +349,30 @@ mod tests {
         assert_eq!(status_of(ErrorKind::Busy), StatusCode::CONFLICT);
         assert_eq!(status_of(ErrorKind::Invalid), StatusCode::BAD_REQUEST);
         assert!(status_of(ErrorKind::Corrupt).is_server_error());
+    }
+
+    /// docs/openapi.json is what the daemon serves: regenerate it after changing a route.
+    #[test]
+    fn the_published_openapi_document_is_the_route_list() {
+        let doc = serde_json::to_string_pretty(&openapi(&routes())).unwrap() + "\n";
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json");
+        if std::env::var_os("SNAPBLK_WRITE_OPENAPI").is_some() {
+            std::fs::write(path, &doc).unwrap();
+        }
+        let published = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            published == doc,
+            "docs/openapi.json is not the route list; regenerate it: SNAPBLK_WRITE_OPENAPI=1 cargo test --lib openapi"
+        );
+    }
+
+    #[test]
+    fn a_body_type_is_read_from_the_handler_arguments() {
+        let t = "(axum_core::extract::private::ViaParts, core::result::Result<snapblk::control::api::Object<snapblk::service::volumes::CreateVolume>, snapblk::control::api::ApiError>)";
+        assert_eq!(inner_type(t, "::Object<").as_deref(), Some("CreateVolume"));
+        assert_eq!(inner_type("(Path<String>,)", "::Object<"), None);
+        let nested = "x::Object<alloc::vec::Vec<a::B>>";
+        assert_eq!(inner_type(nested, "::Object<").as_deref(), Some("Vec"));
     }
 
     #[test]

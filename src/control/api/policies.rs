@@ -1,25 +1,23 @@
 //! `/v1/policies`: create, list, show, delete, apply, remove, run now, prune, history.
 
-use std::sync::Arc;
-
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde::Deserialize;
 
-use super::{ApiResult, Body, Object, Svc};
-use crate::service::{Caller, CreatePolicy, HistoryEntry, PolicyTarget, PolicyView, PolicyVolumes, PruneView, Service};
+use super::{ApiResult, Body, Object, Routes, Svc};
+use crate::service::{Caller, CreatePolicy, HistoryEntry, PolicyTarget, PolicyView, PolicyVolumes, PruneView};
 
-pub(super) fn routes() -> Router<Arc<Service>> {
-    Router::new()
-        .route("/v1/policies", get(list).post(create))
-        .route("/v1/policies/{p}", get(show).delete(delete))
-        .route("/v1/policies/{p}/apply", post(apply))
-        .route("/v1/policies/{p}/remove", post(remove))
-        .route("/v1/policies/{p}/run", post(run))
-        .route("/v1/policies/{p}/prune", post(prune))
-        .route("/v1/policies/{p}/history", get(history))
+pub(super) fn routes(r: Routes) -> Routes {
+    r.get("/v1/policies", "List snapshot policies", list)
+        .post("/v1/policies", "Create a snapshot policy", create)
+        .get("/v1/policies/{p}", "Show a policy", show)
+        .delete("/v1/policies/{p}", "Delete a policy (its snapshots stay)", delete)
+        .post("/v1/policies/{p}/apply", "Apply a policy to volumes", apply)
+        .post("/v1/policies/{p}/remove", "Remove volumes from a policy", remove)
+        .post("/v1/policies/{p}/run", "Run a policy now (on one volume, or all of its volumes)", run)
+        .post("/v1/policies/{p}/prune", "Apply a policy's retention now (or show what it would delete)", prune)
+        .get("/v1/policies/{p}/history", "A policy's recent ticks (?volume=NAME for one volume's)", history)
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,24 +1,20 @@
 //! `/v1/regions`: list, show, the snapshots a region holds, GC, key export.
 
-use std::sync::Arc;
-
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 
-use super::{ApiResult, Body, Object, Svc};
+use super::{ApiResult, Body, Object, Routes, Svc};
 use crate::jobs::JobView;
-use crate::service::{Caller, GcRequest, KeyFile, Service};
+use crate::service::{Caller, GcRequest, KeyFile};
 use crate::store::{RegionInfo, RegionSnapshot};
 
-pub(super) fn routes() -> Router<Arc<Service>> {
-    Router::new()
-        .route("/v1/regions", get(list))
-        .route("/v1/regions/{r}", get(show))
-        .route("/v1/regions/{r}/snapshots", get(snapshots))
-        .route("/v1/regions/{r}/gc", post(gc))
-        .route("/v1/regions/{r}/key", get(key))
+pub(super) fn routes(r: Routes) -> Routes {
+    r.get("/v1/regions", "List the configured regions", list)
+        .get("/v1/regions/{r}", "Show a region: store, usage, reachability", show)
+        .get("/v1/regions/{r}/snapshots", "List the snapshots stored in a region (by any node)", snapshots)
+        .post("/v1/regions/{r}/gc", "Start a job reclaiming unreferenced store space", gc)
+        .get("/v1/regions/{r}/key", "A region's key file", key)
 }
 
 async fn list(State(s): Svc, caller: Caller) -> ApiResult<Json<Vec<String>>> {

@@ -1,31 +1,29 @@
 //! `/v1/snapshots` (and `POST /v1/volumes/{volume}/snapshots`): create, list, show, delete,
 //! clone, roll back, upload, verify, export.
 
-use std::sync::Arc;
-
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde::Deserialize;
 
-use super::{ApiResult, Body, Object, Svc};
+use super::{ApiResult, Body, Object, Routes, Svc};
 use crate::jobs::JobView;
 use crate::service::{
-    Caller, CloneSnapshot, CreateSnapshot, ExportRequest, HoldRequest, Rollback, Service, SnapshotView, VolumeView,
+    Caller, CloneSnapshot, CreateSnapshot, ExportRequest, HoldRequest, Rollback, SnapshotView, VolumeView,
 };
 
-pub(super) fn routes() -> Router<Arc<Service>> {
-    Router::new()
-        .route("/v1/volumes/{r}/snapshots", post(create))
-        .route("/v1/snapshots", get(list))
-        .route("/v1/snapshots/{r}", get(show).delete(delete))
-        .route("/v1/snapshots/{r}/clone", post(clone))
-        .route("/v1/snapshots/{r}/rollback", post(rollback))
-        .route("/v1/snapshots/{r}/upload", post(upload))
-        .route("/v1/snapshots/{r}/verify", post(verify))
-        .route("/v1/snapshots/{r}/export", post(export))
-        .route("/v1/snapshots/{r}/hold", post(hold).delete(release_hold))
+pub(super) fn routes(r: Routes) -> Routes {
+    r.post("/v1/volumes/{r}/snapshots", "Take a snapshot of a volume", create)
+        .get("/v1/snapshots", "List snapshots (?volume=NAME for one volume's)", list)
+        .get("/v1/snapshots/{r}", "Show a snapshot (VOLUME@SNAPSHOT or id)", show)
+        .delete("/v1/snapshots/{r}", "Delete a snapshot (to the recycle bin when it is on)", delete)
+        .post("/v1/snapshots/{r}/clone", "Create a volume from a snapshot", clone)
+        .post("/v1/snapshots/{r}/rollback", "Roll a volume back to one of its snapshots", rollback)
+        .post("/v1/snapshots/{r}/upload", "Upload a snapshot now, or retry a failed upload", upload)
+        .post("/v1/snapshots/{r}/verify", "Start a job re-reading a snapshot from the store (?region=R)", verify)
+        .post("/v1/snapshots/{r}/export", "Start a job writing a snapshot to a file", export)
+        .post("/v1/snapshots/{r}/hold", "Hold a snapshot: nothing deletes it until released", hold)
+        .delete("/v1/snapshots/{r}/hold", "Release a snapshot's hold", release_hold)
 }
 
 #[derive(Debug, Deserialize)]

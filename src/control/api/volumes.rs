@@ -1,24 +1,22 @@
 //! `/v1/volumes`: create, list, show, delete, hydrate, attach, detach; `/v1/attachments`.
 
-use std::sync::Arc;
-
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 
-use super::{ApiResult, Body, Object, Svc};
+use super::{ApiResult, Body, Object, Routes, Svc};
 use crate::attach::{AttachRequest, Attachment};
-use crate::service::{Caller, CreateVolume, Service, VolumeView};
+use crate::service::{Caller, CreateVolume, VolumeView};
 
-pub(super) fn routes() -> Router<Arc<Service>> {
-    Router::new()
-        .route("/v1/volumes", get(list).post(create))
-        .route("/v1/volumes/{r}", get(show).delete(delete))
-        .route("/v1/volumes/{r}/attach", post(attach))
-        .route("/v1/volumes/{r}/detach", post(detach))
-        .route("/v1/volumes/{r}/hydrate", post(hydrate))
-        .route("/v1/attachments", get(attachments))
+pub(super) fn routes(r: Routes) -> Routes {
+    r.get("/v1/volumes", "List volumes", list)
+        .post("/v1/volumes", "Create a volume (empty, or from a snapshot in a region)", create)
+        .get("/v1/volumes/{r}", "Show a volume (name or id)", show)
+        .delete("/v1/volumes/{r}", "Delete a volume", delete)
+        .post("/v1/volumes/{r}/attach", "Attach a volume to the kernel (ublk or nbd)", attach)
+        .post("/v1/volumes/{r}/detach", "Detach a volume from the kernel", detach)
+        .post("/v1/volumes/{r}/hydrate", "Load everything a volume still loads from the store now", hydrate)
+        .get("/v1/attachments", "List kernel attachments", attachments)
 }
 
 async fn list(State(s): Svc, caller: Caller) -> ApiResult<Json<Vec<VolumeView>>> {

@@ -31,7 +31,7 @@ pub(super) async fn bin(c: &Client, command: BinCommand) -> Result<Printed, Clie
         BinCommand::List => get(c, &p(&["recycle-bin"])).await?,
         BinCommand::Purge { snapshot, all } => {
             if snapshot.is_none() && !all {
-                return Err(ClientError::Api(
+                return Err(ClientError::Usage(
                     "name the snapshot to purge (VOLUME@SNAPSHOT or id), or purge everything with --all".into(),
                 ));
             }

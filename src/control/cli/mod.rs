@@ -22,7 +22,7 @@ pub use volumes::VolumeCommand;
 
 use super::client::{Client, ClientError};
 use crate::jobs::JobView;
-use crate::service::Status;
+use crate::service::StatusView;
 use crate::units::{human, parse_size};
 
 #[derive(Parser, Debug)]
@@ -110,12 +110,16 @@ pub struct ServeArgs {
     pub socket_group: Option<String>,
 }
 
-/// Exit codes: 1 for a refused or failed command, 2 when no daemon answers.
-pub fn exit_code(e: &ClientError) -> i32 {
-    match e {
-        ClientError::NoDaemon(_) => 2,
-        _ => 1,
+/// Reports a failed command and exits with its class's code: `error: SENTENCE` on stderr, or
+/// with `--json` the object `{"error": {"code", "message"}}` on stdout (and the sentence on
+/// stderr too, for a person watching).
+pub fn fail(json: bool, e: &ClientError) -> ! {
+    if json {
+        let doc = serde_json::json!({ "error": { "code": e.code(), "message": e.to_string() } });
+        out(&format!("{}\n", serde_json::to_string_pretty(&doc).unwrap_or_default()));
     }
+    eprintln!("error: {e}");
+    std::process::exit(e.exit_code())
 }
 
 /// Left-aligned columns.
@@ -163,25 +167,72 @@ async fn delete(c: &Client, path: &str) -> Result<(), ClientError> {
 }
 
 fn size_arg(s: &str) -> Result<u64, ClientError> {
-    parse_size(s).map_err(ClientError::Api)
+    parse_size(s).map_err(ClientError::Usage)
 }
 
-/// One progress line on stderr (`\r`-rewritten), or a JSON line on stdout with `--json`.
-fn show_progress(json: bool, label: &str, done: u64, total: u64, rate: u64) {
-    use std::io::Write;
-    if json {
-        out(&format!("{}\n", serde_json::json!({ "progress": label, "done": done, "total": total, "rate": rate })));
-        return;
+/// Progress of a long command, on stderr (stdout holds only the result):
+/// - on a terminal, one line rewritten in place (`\r`);
+/// - otherwise (a log, a pipe), a line when the work starts or ends and at most one every
+///   [`Progress::EVERY`] in between, never the same line twice;
+/// - with `--json`, the same lines as JSON objects (`{"progress", "done", "total", "rate"}`).
+struct Progress {
+    label: String,
+    json: bool,
+    tty: bool,
+    last: Option<(std::time::Instant, u64, u64)>,
+}
+
+impl Progress {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+    fn new(json: bool, label: impl Into<String>) -> Progress {
+        let tty = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+        Progress { label: label.into(), json, tty, last: None }
     }
-    if total == 0 {
-        eprint!("\r{label}: starting   ");
+
+    fn show(&mut self, done: u64, total: u64, rate: u64) {
+        // Off a terminal: a line when something changed and (after the first) EVERY has passed.
+        if let (false, Some((at, d, t))) = (self.tty, self.last) {
+            if (d, t) == (done, total) || at.elapsed() < Self::EVERY {
+                return;
+            }
+        }
+        self.emit(done, total, rate);
+    }
+
+    fn emit(&mut self, done: u64, total: u64, rate: u64) {
+        use std::io::Write;
+        self.last = Some((std::time::Instant::now(), done, total));
+        let line = match (self.json, (done.min(total) * 100).checked_div(total)) {
+            (true, _) => {
+                serde_json::json!({ "progress": self.label, "done": done, "total": total, "rate": rate }).to_string()
+            }
+            (false, None) => format!("{}: starting", self.label),
+            (false, Some(pct)) => {
+                let bar: String = (0..30).map(|i| if i * 100 < pct * 30 { '#' } else { '.' }).collect();
+                format!("{} [{bar}] {pct:3}% {} of {} ({}/s)", self.label, human(done), human(total), human(rate))
+            }
+        };
+        if self.tty {
+            eprint!("\r{line}   ");
+        } else {
+            eprintln!("{line}");
+        }
         let _ = std::io::stderr().flush();
-        return;
     }
-    let pct = (done.min(total) * 100 / total) as usize;
-    let bar: String = (0..30).map(|i| if i * 100 < pct * 30 { '#' } else { '.' }).collect();
-    eprint!("\r{label} [{bar}] {pct:3}% {} of {} ({}/s)   ", human(done), human(total), human(rate));
-    let _ = std::io::stderr().flush();
+
+    /// The work ended: its last line (if it changed), and the end of the rewritten line.
+    fn finish(mut self, done: u64, total: u64, rate: u64) {
+        if self.last.is_none() {
+            return; // ended before anything was shown: the result says it all
+        }
+        if self.last.is_some_and(|(_, d, t)| (d, t) != (done, total)) {
+            self.emit(done, total, rate);
+        }
+        if self.tty {
+            eprintln!();
+        }
+    }
 }
 
 const POLL: std::time::Duration = std::time::Duration::from_millis(250);
@@ -193,29 +244,20 @@ async fn wait_job<T: DeserializeOwned>(
     mut job: JobView,
     label: &str,
 ) -> Result<T, ClientError> {
-    loop {
-        match job.state.as_str() {
-            "running" => {
-                // With --json, stdout carries only the result.
-                if !json {
-                    show_progress(json, label, job.done, job.total, job.rate);
-                }
-                tokio::time::sleep(POLL).await;
-                job = get(c, &Client::path(&["jobs", &job.id.to_string()])).await?;
-            }
-            state => {
-                if !json {
-                    if state == "done" {
-                        show_progress(json, label, job.total, job.total, job.rate);
-                    }
-                    eprintln!();
-                }
-                return match (job.result, job.error) {
-                    (Some(v), _) => serde_json::from_value(v).map_err(|e| ClientError::Transport(e.to_string())),
-                    (None, e) => Err(ClientError::Api(e.unwrap_or_else(|| format!("{label} failed")))),
-                };
-            }
-        }
+    let mut progress = Progress::new(json, label);
+    while job.state == "running" {
+        progress.show(job.done, job.total, job.rate);
+        tokio::time::sleep(POLL).await;
+        job = get(c, &Client::path(&["jobs", &job.id.to_string()])).await?;
+    }
+    if job.state == "done" {
+        progress.finish(job.total, job.total, job.rate);
+    } else {
+        progress.finish(job.done, job.total, job.rate);
+    }
+    match (job.result, job.error) {
+        (Some(v), _) => serde_json::from_value(v).map_err(|e| ClientError::Transport(e.to_string())),
+        (None, e) => Err(ClientError::refused(job.error_kind, e.unwrap_or_else(|| format!("{label} failed")))),
     }
 }
 
@@ -230,14 +272,9 @@ impl Printed {
         Printed { json: serde_json::to_string_pretty(value).unwrap_or_default() + "\n", text }
     }
 
-    /// A sentence, and no JSON (the command has no result but its exit code).
-    fn message(sentence: String) -> Printed {
-        Printed { json: String::new(), text: sentence + "\n" }
-    }
-
-    /// Printed already.
-    fn nothing() -> Printed {
-        Printed { json: String::new(), text: String::new() }
+    /// A sentence, or with `--json` the same facts as an object.
+    fn message(sentence: String, value: serde_json::Value) -> Printed {
+        Printed { json: serde_json::to_string_pretty(&value).unwrap_or_default() + "\n", text: sentence + "\n" }
     }
 
     fn print(self, json: bool) {
@@ -249,24 +286,31 @@ impl Printed {
 pub async fn run(dir: &std::path::Path, json: bool, command: Command) -> Result<(), ClientError> {
     let c = Client::new(dir);
     let printed = match command {
-        Command::Serve(_) => return Err(ClientError::Api("serve is not a client command".into())),
+        Command::Serve(_) => return Err(ClientError::Usage("serve is not a client command".into())),
         Command::Status => {
-            let s: Status = get(&c, &Client::path(&["status"])).await?;
-            let text = format!(
-                "version:    {}\ndir:        {}\npid:        {}\nnbd socket: {}\nnbd tcp:    {}\n",
-                s.version,
-                s.dir.display(),
-                s.pid,
-                s.nbd_socket.display(),
-                s.nbd_tcp.as_deref().unwrap_or("off")
+            let s: StatusView = get(&c, &Client::path(&["status"])).await?;
+            let d = &s.daemon;
+            let mut text = format!(
+                "version:    {}\ndir:        {}\npid:        {}\nnbd socket: {}\nnbd tcp:    {}\nupload:     {}\n",
+                d.version,
+                d.dir.display(),
+                d.pid,
+                d.nbd_socket.display(),
+                d.nbd_tcp.as_deref().unwrap_or("off"),
+                if s.upload { "on (every snapshot when taken)" } else { "off ([upload] enabled = false)" }
             );
+            for (region, n) in &s.store_deletes_pending {
+                text.push_str(&format!(
+                    "pending:    {n} deleted snapshot(s) still to delete from region {region} (retried every second)\n"
+                ));
+            }
             Printed::new(&s, text)
         }
         Command::Volume(v) => volumes::run(&c, json, v).await?,
         Command::Snapshot(s) => snapshots::run(&c, json, s).await?,
         Command::Region(r) => regions::run(&c, r).await?,
         Command::Gc { region, grace } => regions::gc(&c, json, region, grace).await?,
-        Command::Key(k) => regions::key(&c, json, k).await?,
+        Command::Key(k) => regions::key(&c, k).await?,
         Command::Policy(p) => policies::run(&c, p).await?,
         Command::RecycleBin(b) => lifecycle::bin(&c, b).await?,
         Command::Events { follow, limit } => lifecycle::events(&c, json, follow, limit).await?,

@@ -134,7 +134,7 @@ pub struct RetentionArgs {
 impl RetentionArgs {
     fn retention(&self) -> Result<Retention, ClientError> {
         let keep_within = match &self.keep_within {
-            Some(d) => Some(parse_duration(d).map_err(ClientError::Api)?.as_secs()),
+            Some(d) => Some(parse_duration(d).map_err(ClientError::Usage)?.as_secs()),
             None => None,
         };
         Ok(Retention {
@@ -171,7 +171,7 @@ pub(super) async fn run(c: &Client, command: PolicyCommand) -> Result<Printed, C
         } => {
             let schedule = match (every, cron) {
                 (Some(e), _) => {
-                    let every = parse_duration(&e).map_err(ClientError::Api)?.as_secs();
+                    let every = parse_duration(&e).map_err(ClientError::Usage)?.as_secs();
                     Schedule::Every { every, start }
                 }
                 (None, Some(expr)) => Schedule::Cron { expr },
@@ -220,7 +220,10 @@ pub(super) async fn run(c: &Client, command: PolicyCommand) -> Result<Printed, C
         PolicyCommand::Show { policy: name } => policy(get(c, &p(&["policies", &name])).await?),
         PolicyCommand::Delete { policy } => {
             delete(c, &p(&["policies", &policy])).await?;
-            Printed::message(format!("deleted policy {policy}; the snapshots it took stay"))
+            Printed::message(
+                format!("deleted policy {policy}; the snapshots it took stay"),
+                serde_json::json!({ "deleted": policy }),
+            )
         }
         PolicyCommand::RunNow { policy, volume } => {
             let body = PolicyTarget { volume, dry_run: false };
@@ -260,7 +263,7 @@ pub(super) async fn run(c: &Client, command: PolicyCommand) -> Result<Printed, C
 /// The prune simulator: a series of `count` snapshots from `from`, one every `every`; what
 /// retention keeps of it (relative to the last one), and why.
 fn simulate(args: &RetentionArgs, from: &str, every: &str, count: u32, tz: &str) -> Result<Printed, ClientError> {
-    let bad = |e: String| ClientError::Api(e);
+    let bad = ClientError::Usage;
     let start = from
         .parse::<jiff::Timestamp>()
         .map_err(|e| bad(format!("--from '{from}' is not a time such as 2026-01-01T00:00:00Z ({e})")))?

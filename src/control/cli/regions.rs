@@ -3,7 +3,7 @@
 use clap::Subcommand;
 use hyper::Method;
 
-use super::{get, out, send, wait_job, Client, ClientError, Printed};
+use super::{get, send, wait_job, Client, ClientError, Printed};
 use crate::service::{GcRequest, KeyFile};
 use crate::store::{GcReport, RegionInfo};
 use crate::units::human;
@@ -62,19 +62,21 @@ pub(super) async fn gc(
     Ok(Printed::new(&reports, text))
 }
 
-/// `snapblk key ...`: prints the key file itself (JSON or not), a note on stderr.
-pub(super) async fn key(c: &Client, json: bool, command: KeyCommand) -> Result<Printed, ClientError> {
-    match command {
-        KeyCommand::Generate => out(&crate::store::crypto::new_key_file_text()),
+/// `snapblk key ...`: prints the key file itself (with `--json`, inside an object), a note on
+/// stderr.
+pub(super) async fn key(c: &Client, command: KeyCommand) -> Result<Printed, ClientError> {
+    Ok(match command {
+        KeyCommand::Generate => {
+            let content = crate::store::crypto::new_key_file_text();
+            Printed::new(&serde_json::json!({ "content": content }), content)
+        }
         KeyCommand::Export { region } => {
             let k: KeyFile = get(c, &Client::path(&["regions", &region, "key"])).await?;
-            if !json {
-                eprintln!("key file {} of region {}: keep this copy somewhere safe", k.path.display(), k.region);
-            }
-            out(&k.content);
+            eprintln!("key file {} of region {}: keep this copy somewhere safe", k.path.display(), k.region);
+            let text = k.content.clone();
+            Printed::new(&k, text)
         }
-    }
-    Ok(Printed::nothing())
+    })
 }
 
 fn region_lines(r: &RegionInfo) -> String {

@@ -7,10 +7,10 @@ use clap::Subcommand;
 use hyper::Method;
 
 use super::volumes::volume;
-use super::{delete, get, send, show_progress, table, wait_job, Client, ClientError, Printed, POLL};
-use crate::service::{CreateSnapshot, ExportRequest, HoldRequest, Rollback, SnapshotView};
+use super::{delete, get, out, send, table, wait_job, Client, ClientError, Printed, Progress, POLL};
+use crate::service::{CreateSnapshot, ExportRequest, HoldRequest, Rollback, SnapshotView, StatusView};
 use crate::store::{ExportFormat, RegionSnapshot, UploadState, VerifyReport};
-use crate::units::{human, utc};
+use crate::units::{human, plural, utc};
 
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCommand {
@@ -120,7 +120,7 @@ pub(super) async fn run(c: &Client, json: bool, command: SnapshotCommand) -> Res
         SnapshotCommand::Show { snapshot: s } => snapshot(get(c, &p(&["snapshots", &s])).await?),
         SnapshotCommand::Delete { snapshot } => {
             delete(c, &p(&["snapshots", &snapshot])).await?;
-            Printed::message(format!("deleted snapshot {snapshot}"))
+            Printed::message(format!("deleted snapshot {snapshot}"), serde_json::json!({ "deleted": snapshot }))
         }
         SnapshotCommand::Rollback { snapshot, force } => {
             let body = Rollback { force };
@@ -138,14 +138,17 @@ pub(super) async fn run(c: &Client, json: bool, command: SnapshotCommand) -> Res
             let job = send(c, Method::POST, &path, None::<&()>).await?;
             let report: VerifyReport = wait_job(c, json, job, &format!("verifying {snapshot}")).await?;
             let problems = report.problems.len();
-            let text = verify_lines(&report);
-            Printed::new(&report, text).print(json);
             if problems > 0 {
-                return Err(ClientError::Api(format!(
-                    "snapshot {snapshot} has {problems} problem(s) in the store (listed above); its data cannot be fully restored"
+                if !json {
+                    out(&verify_lines(&report));
+                }
+                return Err(ClientError::Failed(format!(
+                    "snapshot {snapshot} has {problems} problem(s) in the store{}; its data cannot be fully restored",
+                    if json { "" } else { " (listed above)" }
                 )));
             }
-            Printed::nothing()
+            let text = verify_lines(&report);
+            Printed::new(&report, text)
         }
         SnapshotCommand::Hold { snapshot: s, reason } => {
             let body = HoldRequest { reason };
@@ -159,15 +162,16 @@ pub(super) async fn run(c: &Client, json: bool, command: SnapshotCommand) -> Res
         }
         SnapshotCommand::Export { snapshot, output, format, region, force } => {
             let output = std::path::absolute(&output)
-                .map_err(|e| ClientError::Api(format!("bad output path {}: {e}", output.display())))?;
+                .map_err(|e| ClientError::Usage(format!("bad output path {}: {e}", output.display())))?;
             let format = match format {
                 FormatArg::Raw => ExportFormat::Raw,
                 FormatArg::Qcow2 => ExportFormat::Qcow2,
             };
             let body = ExportRequest { output: output.clone(), format, region, force };
             let job = send(c, Method::POST, &p(&["snapshots", &snapshot, "export"]), Some(&body)).await?;
-            let _: serde_json::Value = wait_job(c, json, job, &format!("exporting {snapshot}")).await?;
-            Printed::message(format!("exported {snapshot} to {}", output.display()))
+            let result: serde_json::Value = wait_job(c, json, job, &format!("exporting {snapshot}")).await?;
+            let text = format!("exported {snapshot} to {}", output.display());
+            Printed::message(text, serde_json::json!({ "exported": snapshot, "output": output, "result": result }))
         }
     })
 }
@@ -211,7 +215,7 @@ fn snapshot_lines(v: &SnapshotView) -> String {
         s.size,
         human(s.allocated_bytes),
         s.changed_clusters,
-        s.parent.as_deref().unwrap_or("the beginning"),
+        s.parent_name.as_deref().or(s.parent.as_deref()).unwrap_or("the beginning"),
         if s.clones.is_empty() { "-".to_string() } else { s.clones.join(", ") },
         if s.local { "yes" } else { "no (released after upload)" },
         if s.durable { "yes" } else { "not yet (committing)" },
@@ -267,14 +271,16 @@ fn region_snapshot_table(ss: &[RegionSnapshot]) -> String {
 }
 
 fn verify_lines(v: &VerifyReport) -> String {
-    let mut t = format!(
-        "snapshot {} in region {}: {} pages, {} blobs, {} checked\n",
-        v.snapshot,
-        v.region,
-        v.pages,
-        v.blobs,
-        human(v.bytes)
-    );
+    let mut t = match v.region.as_str() {
+        "" => format!("snapshot {}: its copy in the store could not be found\n", v.snapshot),
+        region => format!(
+            "snapshot {} in region {region}: {}, {}, {} checked\n",
+            v.snapshot,
+            plural(v.pages, "page"),
+            plural(v.blobs, "blob"),
+            human(v.bytes)
+        ),
+    };
     for p in &v.problems {
         t.push_str(&format!("PROBLEM: {p}\n"));
     }
@@ -287,25 +293,30 @@ fn verify_lines(v: &VerifyReport) -> String {
 /// Waits for a snapshot's upload to end, showing progress; fails if the upload failed.
 async fn wait_upload(c: &Client, json: bool, mut view: SnapshotView) -> Result<SnapshotView, ClientError> {
     let name = format!("{}@{}", view.info.volume, view.info.name);
+    let mut progress = Progress::new(json, format!("uploading {name}"));
     loop {
-        let Some(u) = &view.upload else { return Ok(view) };
+        let Some(u) = &view.upload else {
+            let status: StatusView = get(c, &Client::path(&["status"])).await?;
+            if !status.upload {
+                eprintln!(
+                    "{name} is not uploaded: automatic upload is off ([upload] enabled = false in snapblk.toml); upload it with: snapblk snapshot upload {name} --wait"
+                );
+            }
+            return Ok(view);
+        };
         match u.state {
             UploadState::Uploading => {
-                show_progress(json, &format!("uploading {name}"), u.bytes_done, u.bytes_total, u.rate);
+                progress.show(u.bytes_done, u.bytes_total, u.rate);
                 tokio::time::sleep(POLL).await;
                 view = get(c, &Client::path(&["snapshots", &view.info.id])).await?;
             }
             UploadState::Available => {
-                if !json {
-                    eprintln!();
-                }
+                progress.finish(u.bytes_total, u.bytes_total, u.rate);
                 return Ok(view);
             }
             UploadState::Failed => {
-                if !json {
-                    eprintln!();
-                }
-                return Err(ClientError::Api(format!(
+                progress.finish(u.bytes_done, u.bytes_total, u.rate);
+                return Err(ClientError::Failed(format!(
                     "the upload of {name} failed: {}; retry with: snapblk snapshot upload {name}",
                     u.reason.as_deref().unwrap_or("unknown reason")
                 )));

@@ -3,8 +3,9 @@
 use clap::Subcommand;
 use hyper::Method;
 
-use super::{delete, get, send, show_progress, size_arg, table, Client, ClientError, Printed, POLL};
+use super::{delete, get, send, size_arg, table, Client, ClientError, Printed, Progress, POLL};
 use crate::attach::{AttachKind, AttachRequest, Attachment};
+use crate::engine::MAX_VOLUME_SIZE;
 use crate::service::{CloneSnapshot, CreateVolume, VolumeView};
 use crate::units::{human, utc};
 
@@ -78,11 +79,21 @@ pub(super) async fn run(c: &Client, json: bool, command: VolumeCommand) -> Resul
             let cluster_size = match cluster_size {
                 Some(cs) => Some(
                     u32::try_from(size_arg(&cs)?)
-                        .map_err(|_| ClientError::Api(format!("cluster size {cs} is too large; use at most 1M")))?,
+                        .map_err(|_| ClientError::Usage(format!("cluster size {cs} is too large; use at most 1M")))?,
                 ),
                 None => None,
             };
-            let size = size.as_deref().map(size_arg).transpose()?;
+            let size = match size.as_deref() {
+                Some(typed) => Some(size_arg(typed).and_then(|bytes| match bytes {
+                    0 => Err(ClientError::Usage(format!("--size {typed}: a volume needs at least 4 KiB"))),
+                    b if b > MAX_VOLUME_SIZE => Err(ClientError::Usage(format!(
+                        "--size {typed} is too large: the largest volume is {}",
+                        human(MAX_VOLUME_SIZE)
+                    ))),
+                    b => Ok(b),
+                })?),
+                None => None,
+            };
             let body = CreateVolume { name, size, cluster_size, region, from_snapshot };
             volume(send(c, Method::POST, &p(&["volumes"]), Some(&body)).await?)
         }
@@ -99,24 +110,25 @@ pub(super) async fn run(c: &Client, json: bool, command: VolumeCommand) -> Resul
         VolumeCommand::Quota { volume } => super::lifecycle::quota(c, &volume).await?,
         VolumeCommand::Delete { volume } => {
             delete(c, &p(&["volumes", &volume])).await?;
-            Printed::message(format!("deleted volume {volume}"))
+            Printed::message(format!("deleted volume {volume}"), serde_json::json!({ "deleted": volume }))
         }
         VolumeCommand::Clone { snapshot, new_name } => {
             let body = CloneSnapshot { name: new_name };
             volume(send(c, Method::POST, &p(&["snapshots", &snapshot, "clone"]), Some(&body)).await?)
         }
         VolumeCommand::Attach { volume, ublk, nbd, queues, depth, logical_block_size } => {
-            let logical_block_size =
-                match logical_block_size {
-                    Some(s) => Some(u32::try_from(size_arg(&s)?).map_err(|_| {
-                        ClientError::Api(format!("logical block size {s} is too large; use 512 to 4096"))
-                    })?),
-                    None => None,
-                };
+            let logical_block_size = match logical_block_size {
+                Some(s) => Some(u32::try_from(size_arg(&s)?).map_err(|_| {
+                    ClientError::Usage(format!("logical block size {s} is too large; use 512 to 4096"))
+                })?),
+                None => None,
+            };
             let (kind, device) = match (ublk, nbd) {
                 (true, _) => (AttachKind::Ublk, None),
                 (false, Some(dev)) => (AttachKind::Nbd, Some(dev).filter(|d| !d.is_empty())),
-                (false, None) => return Err(ClientError::Api("say how to attach: --ublk or --nbd [/dev/nbdN]".into())),
+                (false, None) => {
+                    return Err(ClientError::Usage("say how to attach: --ublk or --nbd [/dev/nbdN]".into()))
+                }
             };
             let body = AttachRequest { kind: Some(kind), device, queues, depth, logical_block_size };
             let a: Attachment = send(c, Method::POST, &p(&["volumes", &volume, "attach"]), Some(&body)).await?;
@@ -125,7 +137,10 @@ pub(super) async fn run(c: &Client, json: bool, command: VolumeCommand) -> Resul
         }
         VolumeCommand::Detach { volume } => {
             let a: Attachment = send(c, Method::POST, &p(&["volumes", &volume, "detach"]), None::<&()>).await?;
-            Printed::message(format!("detached volume {volume} from {}", a.device.display()))
+            Printed::message(
+                format!("detached volume {volume} from {}", a.device.display()),
+                serde_json::to_value(&a).unwrap_or_default(),
+            )
         }
     })
 }
@@ -181,15 +196,20 @@ fn volume_lines(view: &VolumeView) -> String {
         s.push_str(&format!("attached:     {}\n", attachment_summary(a)));
     }
     if let Some(h) = &view.hydration {
-        let eta = h.eta_secs.map_or(String::new(), |e| format!(", about {e}s left"));
+        let how = match h.state.as_str() {
+            "loading" => {
+                let eta = h.eta_secs.map_or(String::new(), |e| format!(", about {e}s left"));
+                format!("loading in the background at {}/s{eta}", human(h.rate))
+            }
+            "retrying" => "retrying: the store is failing".to_string(),
+            _ => "loading only what is read; load the rest with: snapblk volume hydrate NAME".to_string(),
+        };
         s.push_str(&format!(
-            "loading:      {} of {} from {} in region {} ({}, {}/s{eta})\n",
+            "loading:      {} of {} from snapshot {} in region {} ({how})\n",
             human(h.bytes_loaded),
             human(h.bytes_total),
             h.source,
             h.region,
-            h.state,
-            human(h.rate)
         ));
         if let Some(e) = &h.last_error {
             s.push_str(&format!("store error:  {e}\n"));
@@ -218,17 +238,14 @@ fn attachment_summary(a: &Attachment) -> String {
 
 /// Waits until a volume has loaded all its data from the store, showing progress.
 async fn wait_hydration(c: &Client, json: bool, mut view: VolumeView) -> Result<VolumeView, ClientError> {
-    let label = format!("loading {}", view.info.name);
-    let mut shown = false;
+    let mut progress = Progress::new(json, format!("loading {}", view.info.name));
+    let mut last = (0, 0);
     while let Some(h) = &view.hydration {
-        show_progress(json, &label, h.bytes_loaded, h.bytes_total, h.rate);
-        shown = true;
+        progress.show(h.bytes_loaded, h.bytes_total, h.rate);
+        last = (h.bytes_total, h.rate);
         tokio::time::sleep(POLL).await;
         view = get(c, &Client::path(&["volumes", &view.info.id])).await?;
     }
-    if shown && !json {
-        show_progress(json, &label, view.info.size, view.info.size, 0);
-        eprintln!();
-    }
+    progress.finish(last.0, last.0, last.1);
     Ok(view)
 }
