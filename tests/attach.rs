@@ -20,7 +20,7 @@ fn attach_with_ublk_on_a_host_without_the_driver_names_the_module_and_fails() {
     let d = Daemon::start(&tmp.path().join("d"));
     d.cli_ok(&["volume", "create", "vol", "--size", "64M"]);
     let (code, err) = d.cli_err(&["volume", "attach", "vol", "--ublk"]);
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(code, 2, "{err}");
     assert_one_sentence(&err);
     assert!(err.contains("ublk_drv"), "the error should name the module: {err}");
     let v = d.cli_json(&["volume", "show", "vol"]);
@@ -41,7 +41,7 @@ fn attach_with_kernel_nbd_on_a_host_without_the_driver_names_the_module_and_fail
     d.cli_ok(&["volume", "create", "vol", "--size", "64M"]);
     for args in [&["volume", "attach", "vol", "--nbd"][..], &["volume", "attach", "vol", "--nbd", "/dev/nbd3"]] {
         let (code, err) = d.cli_err(args);
-        assert_eq!(code, 1, "{err}");
+        assert_eq!(code, 2, "{err}");
         assert_one_sentence(&err);
         assert!(err.contains("modprobe nbd"), "the error should name the module: {err}");
     }
@@ -58,16 +58,17 @@ fn attach_arguments_are_checked_before_anything_is_attached() {
     assert_eq!(code, 2);
     let (code, _) = d.cli_err(&["volume", "attach", "vol", "--ublk", "--nbd"]);
     assert_eq!(code, 2);
-    let cases: [(&[&str], &str); 5] = [
-        (&["volume", "attach", "nosuch", "--ublk"], "nosuch"),
-        (&["volume", "attach", "vol", "--ublk", "--logical-block-size", "8K"], "logical block size"),
-        (&["volume", "attach", "vol", "--nbd", "/dev/sda"], "not an NBD device"),
-        (&["volume", "attach", "vol", "--nbd", "--depth", "8"], "ublk only"),
-        (&["volume", "detach", "vol"], "not attached"),
+    // (exit codes: 2 usage, 4 not found, 5 refused)
+    let cases: [(&[&str], &str, i32); 5] = [
+        (&["volume", "attach", "nosuch", "--ublk"], "nosuch", 4),
+        (&["volume", "attach", "vol", "--ublk", "--logical-block-size", "8K"], "logical block size", 2),
+        (&["volume", "attach", "vol", "--nbd", "/dev/sda"], "not an NBD device", 2),
+        (&["volume", "attach", "vol", "--nbd", "--depth", "8"], "ublk only", 2),
+        (&["volume", "detach", "vol"], "not attached", 4),
     ];
-    for (args, says) in cases {
+    for (args, says, expected) in cases {
         let (code, err) = d.cli_err(args);
-        assert_eq!(code, 1, "{args:?}: {err}");
+        assert_eq!(code, expected, "{args:?}: {err}");
         assert_one_sentence(&err);
         assert!(err.contains(says), "{args:?}: expected '{says}' in: {err}");
     }

@@ -321,7 +321,7 @@ fn clone_and_origin_never_see_each_others_writes() {
     qemu_io(&d.nbd_uri("vol"), &["read -P 0xa1 0 64k", "read -P 0xc3 64k 4k", "read -P 0xa1 69632 188k"]);
     qemu_io(&d.nbd_uri("vol@base"), &["read -P 0xa1 0 256k"]);
     let (code, err) = d.cli_err(&["volume", "delete", "vol"]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 5);
     assert!(err.contains("vol@base"), "the refusal names the snapshot: {err}");
     // Deleting the origin volume's data does not touch the clone: drop the clone first, then
     // the snapshot, and the volume can go; the clone kept its data until it was deleted.
@@ -364,7 +364,7 @@ fn rollback_is_refused_while_a_writer_is_connected_and_forced_rollback_disconnec
     let mut reader = hold("vol@good");
     assert_eq!(d.cli_json(&["volume", "show", "vol"])["writers"], 1);
     let (code, err) = d.cli_err(&["snapshot", "rollback", "vol@good"]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 5);
     assert!(err.contains("--force"), "{err}");
     assert_one_sentence(&err);
     assert!(writer.0.try_wait().unwrap().is_none(), "a refused rollback must not disconnect the writer");
@@ -394,7 +394,7 @@ fn rollback_is_refused_while_a_writer_is_connected_and_forced_rollback_disconnec
 fn cli_errors_are_one_clear_sentence_with_a_nonzero_exit() {
     let (_t, d) = daemon_with_volume("8M");
     let (code, err) = d.cli_err(&["volume", "show", "nope"]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 4);
     assert!(err.contains("no volume named 'nope'"), "{err}");
     assert_one_sentence(&err);
     let (_, err) = d.cli_err(&["snapshot", "create", "nope", "--name", "s"]);

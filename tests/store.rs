@@ -274,7 +274,7 @@ fn a_flipped_byte_fails_verify_naming_the_object_and_export_fails_loudly() {
         let link = tmp.path().join("link.raw");
         std::os::unix::fs::symlink(&existing, &link).unwrap();
         let (code, err) = d.cli_err(&["snapshot", "export", "vol@s1", "--output", &link.display().to_string()]);
-        assert_eq!(code, 1);
+        assert_eq!(code, 2, "refused: needs --force");
         assert!(err.contains("symbolic link") && err.contains("--force"), "{err}");
         let (code, _) =
             d.cli_err(&["snapshot", "export", "vol@s1", "--output", &link.display().to_string(), "--force"]);
@@ -282,7 +282,7 @@ fn a_flipped_byte_fails_verify_naming_the_object_and_export_fails_loudly() {
         assert_eq!(std::fs::read(&existing).unwrap(), b"keep me", "an export wrote through a symlink");
         assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
         let (code, err) = d.cli_err(&["snapshot", "export", "vol@s1", "--output", "/dev/null"]);
-        assert_eq!(code, 1);
+        assert_eq!(code, 2, "refused: needs --force");
         assert!(err.contains("device node"), "{err}");
         let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
             .unwrap()
@@ -703,7 +703,7 @@ fn a_region_with_objects_but_no_repository_key_is_refused_not_reinitialized() {
         rt.block_on(o.delete("keys/repository")).unwrap();
         let d = Daemon::start(&dir);
         let (code, err) = d.cli_err(&["region", "show", region.name]);
-        assert_eq!(code, 1, "{err}");
+        assert_eq!(code, 2, "a configuration error: {err}");
         assert!(err.contains("no repository key") && err.contains("refusing"), "{err}");
         assert!(
             matches!(rt.block_on(o.get("keys/repository")), Err(snapblk::store::error::StoreError::Missing(_))),

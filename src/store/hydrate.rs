@@ -564,10 +564,11 @@ impl Hydration {
         let remaining = (h.clusters_total - h.clusters_loaded) * cs;
         // What has to be loaded is the snapshot's data, not the volume's size (a 256 MiB
         // snapshot of a 100 GiB volume loads 256 MiB): known once its manifest is read.
-        let data = engine::parse_snapshot_id(&h.source)
-            .map(|snapshot| RemoteSource { region: h.region.clone(), snapshot })
-            .and_then(|source| self.sources.lock().get(&source).and_then(|cell| cell.get().cloned()))
-            .map(|view| (view.manifest.allocated_clusters * cs).min(info.size));
+        let data = self
+            .svc
+            .upgrade()
+            .and_then(|svc| svc.cached_manifest(&h.region, &h.source))
+            .map(|m| (m.allocated_clusters * cs).min(info.size));
         let (bytes_total, bytes_loaded) = match data {
             Some(total) => (total, total - remaining.min(total)),
             None => (info.size, (h.clusters_loaded * cs).min(info.size)),

@@ -257,6 +257,11 @@ impl StoreService {
             .cloned()
     }
 
+    /// A manifest this daemon has read already (without I/O: for views).
+    pub fn cached_manifest(&self, region: &str, snapshot_id: &str) -> Option<Arc<format::Manifest>> {
+        self.regions.get(region)?.get()?.cached_manifest(snapshot_id)
+    }
+
     pub fn volume_region(&self, volume_id: &str) -> String {
         self.state.lock().volumes.get(volume_id).cloned().unwrap_or_else(|| "local".into())
     }

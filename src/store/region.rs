@@ -108,6 +108,10 @@ impl Region {
         Ok(m)
     }
 
+    pub fn cached_manifest(&self, snapshot_id: &str) -> Option<Arc<Manifest>> {
+        self.manifests.lock().get(snapshot_id).cloned()
+    }
+
     pub fn forget_manifest(&self, snapshot_id: &str) {
         self.manifests.lock().remove(snapshot_id);
     }

@@ -274,6 +274,8 @@ fn openapi(routes: &Routes) -> serde_json::Value {
 pub fn router(service: Arc<Service>) -> Router {
     let routes = routes();
     let doc = Arc::new(openapi(&routes));
+    let table: Arc<Vec<(&'static str, &'static str)>> =
+        Arc::new(routes.docs.iter().map(|d| (d.method, d.path)).collect());
     routes
         .router
         .fallback(|| async {
@@ -281,7 +283,7 @@ pub fn router(service: Arc<Service>) -> Router {
         })
         .with_state(service)
         .layer(axum::Extension(doc))
-        .layer(axum::middleware::from_fn(json_errors))
+        .layer(axum::middleware::from_fn_with_state(table, json_errors))
         .layer(axum::middleware::from_fn(server_timing))
 }
 
@@ -289,10 +291,27 @@ async fn openapi_doc(axum::Extension(doc): axum::Extension<Arc<serde_json::Value
     Json((*doc).clone())
 }
 
+/// The methods the route of `path` serves, upper case (`GET, DELETE`).
+fn allowed_methods(table: &[(&'static str, &'static str)], path: &str) -> String {
+    let matches = |template: &str| {
+        let (t, p): (Vec<_>, Vec<_>) = (template.split('/').collect(), path.split('/').collect());
+        t.len() == p.len() && t.iter().zip(&p).all(|(t, p)| t == p || (t.starts_with('{') && !p.is_empty()))
+    };
+    let methods: Vec<String> =
+        table.iter().filter(|(_, template)| matches(template)).map(|(m, _)| m.to_ascii_uppercase()).collect();
+    methods.join(", ")
+}
+
 /// Errors the router answers by itself (a method the route does not serve, a body too large)
-/// get the same JSON body as every other error.
-async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+/// get the same JSON body as every other error; a 405 says which methods the route serves
+/// (`Allow`).
+async fn json_errors(
+    State(table): State<Arc<Vec<(&'static str, &'static str)>>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
     let method = req.method().clone();
+    let path = req.uri().path().to_string();
     let res = next.run(req).await;
     let status = res.status();
     let is_json = res
@@ -304,16 +323,18 @@ async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) 
     }
     let (kind, error) = match status {
         StatusCode::METHOD_NOT_ALLOWED => {
-            let allowed = res.headers().get(axum::http::header::ALLOW).and_then(|v| v.to_str().ok()).unwrap_or("");
-            ("invalid", format!("{method} is not served on this route; use {allowed}"))
+            let allowed = allowed_methods(&table, &path);
+            ("invalid", format!("{method} is not served on {path}; use {allowed}"))
         }
         StatusCode::PAYLOAD_TOO_LARGE => ("invalid", "the request body is too large".to_string()),
         s if s.is_server_error() => ("io", format!("the daemon failed the request ({s})")),
         s => ("invalid", format!("the request was refused ({s})")),
     };
     let mut out = (status, Json(ErrorBody { error, kind: kind.into() })).into_response();
-    if let Some(allow) = res.headers().get(axum::http::header::ALLOW) {
-        out.headers_mut().insert(axum::http::header::ALLOW, allow.clone());
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        if let Ok(allow) = axum::http::HeaderValue::from_str(&allowed_methods(&table, &path)) {
+            out.headers_mut().insert(axum::http::header::ALLOW, allow);
+        }
     }
     out
 }
