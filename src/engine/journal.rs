@@ -30,8 +30,9 @@ pub const CHECKPOINT_MAGIC: &[u8; 8] = b"SNAPBLKC";
 /// version 3 added hydration (`RemoteHead`, `Hydrate`, `LoadedRange` records and each map's
 /// remote part in checkpoints). Older files are still read.
 /// Version 4 added the journal's `Boot` and `Synced` frames (checkpoints are unchanged);
-/// version 5 the `Base` frame and the previous checkpoint kept beside the current one.
-pub const FORMAT_VERSION: u32 = 5;
+/// version 5 the `Base` frame and the previous checkpoint kept beside the current one;
+/// version 6 the `GroupSnapshot` record.
+pub const FORMAT_VERSION: u32 = 6;
 const JOURNAL_HEADER_LEN: u64 = 8 + 4 + 8;
 /// A frame larger than this is corrupt (no record is anywhere near it).
 const MAX_FRAME: u32 = 1 << 20;
@@ -102,6 +103,16 @@ pub enum Record {
         start: u64,
         end: u64,
     },
+    /// One snapshot of each member volume, taken at one instant (a consistency group's cut):
+    /// `(volume, snapshot)` pairs, the snapshots numbered `seq`, `seq + 1`, ... in this order.
+    /// One frame, so recovery sees every member's snapshot or none.
+    GroupSnapshot {
+        members: Vec<(u64, u64)>,
+        seq: u64,
+        name: String,
+        description: String,
+        created: u64,
+    },
 }
 
 const T_MAP_SET: u8 = 1;
@@ -115,6 +126,9 @@ const T_SNAPSHOT_RELEASE: u8 = 8;
 const T_REMOTE_HEAD: u8 = 9;
 const T_HYDRATE: u8 = 10;
 const T_LOADED_RANGE: u8 = 11;
+const T_GROUP_SNAPSHOT: u8 = 15;
+/// Most volumes in one group snapshot (`GroupSnapshot`).
+pub const MAX_GROUP_MEMBERS: usize = 64;
 /// Journal frames about the journal itself (not records): the writer's boot id, and the
 /// offset up to which every record's slot data was synced.
 const T_BOOT: u8 = 12;
@@ -206,6 +220,18 @@ impl Record {
                 out.put_str(description);
                 out.put_u64(*created);
             }
+            Record::GroupSnapshot { members, seq, name, description, created } => {
+                out.put_u8(T_GROUP_SNAPSHOT);
+                out.put_u32(members.len() as u32);
+                for (volume, snapshot) in members {
+                    out.put_u64(*volume);
+                    out.put_u64(*snapshot);
+                }
+                out.put_u64(*seq);
+                out.put_str(name);
+                out.put_str(description);
+                out.put_u64(*created);
+            }
             Record::SnapshotDelete { snapshot } => {
                 out.put_u8(T_SNAPSHOT_DELETE);
                 out.put_u64(*snapshot);
@@ -268,6 +294,20 @@ impl Record {
                 description: r.str()?,
                 created: r.u64()?,
             },
+            T_GROUP_SNAPSHOT => {
+                let n = r.u32()? as usize;
+                if n == 0 || n > MAX_GROUP_MEMBERS {
+                    return Err(Short);
+                }
+                let members = (0..n).map(|_| Ok((r.u64()?, r.u64()?))).collect::<Result<Vec<_>, Short>>()?;
+                Record::GroupSnapshot {
+                    members,
+                    seq: r.u64()?,
+                    name: r.str()?,
+                    description: r.str()?,
+                    created: r.u64()?,
+                }
+            }
             T_SNAPSHOT_DELETE => Record::SnapshotDelete { snapshot: r.u64()? },
             T_ROLLBACK => Record::Rollback { volume: r.u64()?, snapshot: r.u64()? },
             T_DIRTY_RANGE => Record::DirtyRange { volume: r.u64()?, start: r.u64()?, end: r.u64()? },
@@ -602,6 +642,13 @@ mod tests {
 
     fn sample() -> Vec<Record> {
         vec![
+            Record::GroupSnapshot {
+                members: vec![(1, 10), (2, 11)],
+                seq: 7,
+                name: "cut".into(),
+                description: "db and log".into(),
+                created: 9,
+            },
             Record::VolumeCreate {
                 volume: 1,
                 name: "disk0".into(),

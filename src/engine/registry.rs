@@ -538,27 +538,50 @@ impl Registry {
                     ))
                 })?;
                 drain(v);
-                let meta = SnapshotMeta {
-                    id: *snapshot,
-                    volume: *volume,
-                    seq: *seq,
-                    name: name.clone(),
-                    description: description.clone(),
-                    created: *created,
-                    size: v.size,
-                    cluster_size: v.cluster_size,
-                    allocated: st.allocated,
-                };
-                let lineage =
-                    Lineage { parent: st.parent, changed: std::mem::take(&mut st.dirty), anchor: st.anchor.clone() };
-                let data = SnapshotData::Local { map: st.head.clone(), remote: st.remote.clone(), seal };
-                let snap = Snapshot::new(meta, lineage, data);
-                st.owned.clear();
-                st.seal = seal;
-                st.parent = Some(*snapshot);
+                let snap =
+                    cut(v, &mut st, Taken { id: *snapshot, seq: *seq, name, description, created: *created }, seal);
                 drop(st);
                 self.next_seq = self.next_seq.max(seq + 1);
                 self.add_snapshot(snap);
+                Ok(None)
+            }
+            Record::GroupSnapshot { members, seq, name, description, created } => {
+                let vols = members
+                    .iter()
+                    .map(|(v, _)| self.volumes.get(v).cloned().ok_or_else(|| missing("volume", *v)))
+                    .collect::<Result<Vec<_>>>()?;
+                // Every member's state lock, taken in volume-id order, is held across all the
+                // cuts: no write is looked up (hence acknowledged) on any member between two
+                // members' cuts, so the group is write-order consistent.
+                let mut order: Vec<usize> = (0..vols.len()).collect();
+                order.sort_by_key(|&i| vols[i].id);
+                let mut guards: Vec<_> = order.iter().map(|&i| (i, vols[i].state.write())).collect();
+                guards.sort_by_key(|(i, _)| *i);
+                // Seal points first: a member with writes stuck refuses the group before any
+                // member changes.
+                let seals = vols
+                    .iter()
+                    .map(|v| {
+                        v.slots.gate.advance().ok_or_else(|| {
+                            EngineError::Busy(format!(
+                                "writes to volume '{}' have been in flight for too long (is the disk under the data directory hung?); try again",
+                                v.name
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let mut snaps = Vec::with_capacity(vols.len());
+                for (k, ((v, (_, st)), seal)) in vols.iter().zip(guards.iter_mut()).zip(seals).enumerate() {
+                    drain(v);
+                    let id = members[k].1;
+                    let taken = Taken { id, seq: seq + k as u64, name, description, created: *created };
+                    snaps.push(cut(v, st, taken, seal));
+                }
+                drop(guards);
+                self.next_seq = self.next_seq.max(seq + vols.len() as u64);
+                for snap in snaps {
+                    self.add_snapshot(snap);
+                }
                 Ok(None)
             }
             Record::SnapshotDelete { snapshot } => {
@@ -864,6 +887,40 @@ pub(super) fn volume_info(reg: &Registry, v: &Volume) -> VolumeInfo {
             clusters_loaded: r.loaded.len(),
         }),
     }
+}
+
+/// What a snapshot record names: its id, sequence number and words.
+struct Taken<'a> {
+    id: u64,
+    seq: u64,
+    name: &'a str,
+    description: &'a str,
+    created: u64,
+}
+
+/// A snapshot of volume `v` as it is now (its state locked by the caller, its pending records
+/// drained): the head's map shared (O(1)), the changes since the previous snapshot taken as
+/// its changed set; the head owns nothing any more (its next writes redirect).
+fn cut(v: &Volume, st: &mut VolumeState, t: Taken<'_>, seal: u64) -> Snapshot {
+    let id = t.id;
+    let meta = SnapshotMeta {
+        id,
+        volume: v.id,
+        seq: t.seq,
+        name: t.name.to_string(),
+        description: t.description.to_string(),
+        created: t.created,
+        size: v.size,
+        cluster_size: v.cluster_size,
+        allocated: st.allocated,
+    };
+    let lineage = Lineage { parent: st.parent, changed: std::mem::take(&mut st.dirty), anchor: st.anchor.clone() };
+    let data = SnapshotData::Local { map: st.head.clone(), remote: st.remote.clone(), seal };
+    let snap = Snapshot::new(meta, lineage, data);
+    st.owned.clear();
+    st.seal = seal;
+    st.parent = Some(id);
+    snap
 }
 
 pub(super) fn snapshot_info(reg: &Registry, s: &Snapshot, durable: bool) -> SnapshotInfo {
