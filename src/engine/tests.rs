@@ -1059,3 +1059,19 @@ fn a_damaged_checkpoint_rebuild_applies_records_written_during_its_rotation_once
     let v = read_all(&e, "v", 2 * 65536);
     assert!(v[..65536].iter().all(|&b| b == 2) && v[65536..].iter().all(|&b| b == 3));
 }
+
+#[test]
+fn a_snapshot_is_found_by_volume_at_its_id_only_on_its_own_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    engine.create_volume("a", 1 << 20, None).unwrap();
+    engine.create_volume("b", 1 << 20, None).unwrap();
+    let s = engine.create_snapshot("a", "s1", "").unwrap();
+    let a = engine.volume("a").unwrap();
+    for r in [format!("a@{}", s.id), format!("{}@{}", a.id, s.id), s.id.clone(), format!("{}@s1", a.id)] {
+        assert_eq!(engine.snapshot(&r).unwrap().id, s.id, "{r}");
+    }
+    let e = engine.snapshot(&format!("b@{}", s.id)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    assert!(e.to_string().contains("volume 'b' has no snapshot with id"), "{e}");
+}

@@ -1,0 +1,87 @@
+//! Operator experience of the daemon (issue 25): export names take ids, a rollback right after
+//! a client disconnects, start-up failures that leave nothing behind, host names for the
+//! listeners, logs that name volumes, and `scripts/garage` without registry access. Each test
+//! drives the real binary (and real NBD clients).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::store::{configure, regions, wait_available, wait_released};
+use common::*;
+
+const MIB: u64 = 1 << 20;
+
+/// A daemon in `TMP/d` whose snapshots stay local, with a 16 MiB volume `vol`.
+fn local_daemon(tmp: &Path) -> Daemon {
+    let dir = tmp.join("d");
+    keep_snapshots_local(&dir);
+    let d = Daemon::start(&dir);
+    d.cli_ok(&["volume", "create", "vol", "--size", "16M"]);
+    d
+}
+
+/// `nbdinfo --json` of one export: (size, read-only).
+fn export_info(uri: &str) -> (u64, bool) {
+    let v: serde_json::Value = serde_json::from_str(&ok("nbdinfo", &["--json", uri])).expect("nbdinfo JSON");
+    let e = &v["exports"][0];
+    (e["export-size"].as_u64().unwrap(), e["is_read_only"].as_bool().unwrap())
+}
+
+/// Every way of naming snapshot `vol@s1` (ids included) is a read-only export with its
+/// content; a snapshot id after another volume's name is refused.
+fn check_snapshot_exports(d: &Daemon, tmp: &Path) {
+    let snap = d.cli_json(&["snapshot", "show", "vol@s1"]);
+    let (sid, vid) = (snap["id"].as_str().unwrap(), snap["volume_id"].as_str().unwrap());
+    let by_name = tmp.join("by-name.raw");
+    ok("qemu-img", &["convert", "-f", "raw", "-O", "raw", &d.nbd_uri("vol@s1"), &by_name.display().to_string()]);
+    for export in [format!("vol@{sid}"), format!("{vid}@{sid}"), sid.to_string()] {
+        let uri = d.nbd_uri(&export);
+        assert_eq!(export_info(&uri), (16 * MIB, true), "{export}");
+        let out = ok("qemu-io", &["-r", "-f", "raw", "-c", "read -P 0xab 0 1M", "-c", "read -P 0 1M 1M", &uri]);
+        assert!(!out.contains("fail"), "{export}: {out}");
+        ok("qemu-img", &["compare", "-q", "-f", "raw", "-F", "raw", &uri, &by_name.display().to_string()]);
+    }
+    let other = run(Command::new("nbdinfo").arg(d.nbd_uri(&format!("other@{sid}"))), TOOL_TIMEOUT);
+    assert!(!other.status.success(), "other@{sid} was served: {}", text(&other.stdout));
+    let (_, err) = d.cli_err(&["snapshot", "show", &format!("other@{sid}")]);
+    assert!(err.contains("volume 'other' has no snapshot with id"), "{err}");
+}
+
+#[test]
+fn snapshot_exports_accept_the_snapshot_id_after_the_volume_and_alone() {
+    if !require_tool("nbdinfo") || !require_tool("qemu-io") || !require_tool("qemu-img") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = local_daemon(tmp.path());
+    d.cli_ok(&["volume", "create", "other", "--size", "16M"]);
+    qemu_io(&d.nbd_uri("vol"), &["write -P 0xab 0 1M"]);
+    d.cli_ok(&["snapshot", "create", "vol", "--name", "s1"]);
+    // Written after the snapshot: the snapshot exports must not show it.
+    qemu_io(&d.nbd_uri("vol"), &["write -P 0xcd 1M 1M"]);
+    check_snapshot_exports(&d, tmp.path());
+}
+
+#[test]
+fn snapshot_exports_accept_the_snapshot_id_once_the_snapshot_is_released() {
+    if !require_tool("nbdinfo") || !require_tool("qemu-io") || !require_tool("qemu-img") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    // The default upload settings: released right after its upload.
+    configure(&dir, &regions()[0], "", "");
+    let d = Daemon::start(&dir);
+    for v in ["vol", "other"] {
+        d.cli_ok(&["volume", "create", v, "--size", "16M", "--region", "local"]);
+    }
+    qemu_io(&d.nbd_uri("vol"), &["write -P 0xab 0 1M"]);
+    d.cli_ok(&["snapshot", "create", "vol", "--name", "s1"]);
+    qemu_io(&d.nbd_uri("vol"), &["write -P 0xcd 1M 1M"]);
+    wait_available(&d, "vol@s1");
+    wait_released(&d, "vol@s1");
+    check_snapshot_exports(&d, tmp.path());
+}
