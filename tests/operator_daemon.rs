@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::store::{configure, regions, wait_available, wait_released};
 use common::*;
@@ -84,4 +84,52 @@ fn snapshot_exports_accept_the_snapshot_id_once_the_snapshot_is_released() {
     wait_available(&d, "vol@s1");
     wait_released(&d, "vol@s1");
     check_snapshot_exports(&d, tmp.path());
+}
+
+#[test]
+fn rollback_right_after_a_writer_disconnects_succeeds_every_time() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = local_daemon(tmp.path());
+    let uri = d.nbd_uri("vol");
+    qemu_io(&uri, &["write -P 0x11 0 64k"]);
+    d.cli_ok(&["snapshot", "create", "vol", "--name", "s1"]);
+    let mut refused = Vec::new();
+    for i in 0..50 {
+        // qemu-io sends NBD_CMD_DISC and exits without waiting for the server to close.
+        qemu_io(&uri, &[&format!("write -P {} 0 64k", 0x20 + i)]);
+        let out = d.cli(&["snapshot", "rollback", "vol@s1"]);
+        if !out.status.success() {
+            refused.push(format!("iteration {i}: {}", text(&out.stderr).trim()));
+        }
+    }
+    assert!(refused.is_empty(), "{} of 50 rollbacks refused:\n{}", refused.len(), refused.join("\n"));
+    qemu_io(&uri, &["read -P 0x11 0 64k"]);
+}
+
+#[test]
+fn rollback_still_refuses_a_writer_that_stays_connected() {
+    if !require_libnbd() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = local_daemon(tmp.path());
+    d.cli_ok(&["snapshot", "create", "vol", "--name", "s1"]);
+    let mut holder = std::process::Command::new(PYTHON)
+        .args([&py("hold.py"), &d.nbd_uri("vol"), "60"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run hold.py");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.stdout.take().unwrap()), &mut line).unwrap();
+    let _holder = Guard(holder);
+    assert_eq!(line.trim(), "connected");
+    let started = Instant::now();
+    let (_, err) = d.cli_err(&["snapshot", "rollback", "vol@s1"]);
+    assert!(err.contains("has 1 writable client(s) connected"), "{err}");
+    // The grace for disconnecting clients is short: a connected one is refused within it.
+    assert!(started.elapsed() < Duration::from_secs(5), "refused after {:?}", started.elapsed());
 }

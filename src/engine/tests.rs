@@ -1075,3 +1075,25 @@ fn a_snapshot_is_found_by_volume_at_its_id_only_on_its_own_volume() {
     assert_eq!(e.kind(), ErrorKind::NotFound);
     assert!(e.to_string().contains("volume 'b' has no snapshot with id"), "{e}");
 }
+
+#[test]
+fn rollback_waits_briefly_for_a_writer_that_is_disconnecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    engine.create_volume("v", 1 << 20, None).unwrap();
+    engine.create_snapshot("v", "s", "").unwrap();
+    // A connection closing: its handle goes a moment after the rollback is asked for.
+    let closing = engine.open_volume("v").unwrap();
+    let dropper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        drop(closing);
+    });
+    rt().block_on(engine.rollback("v@s", false, None)).expect("rollback once the writer is gone");
+    dropper.join().unwrap();
+    // One that stays is refused once the grace is over.
+    let _staying = engine.open_volume("v").unwrap();
+    let started = std::time::Instant::now();
+    let e = rt().block_on(engine.rollback("v@s", false, None)).unwrap_err();
+    assert!(e.to_string().contains("has 1 writable client(s) connected"), "{e}");
+    assert!(started.elapsed() >= CLOSING_GRACE && started.elapsed() < CLOSING_GRACE * 3, "{:?}", started.elapsed());
+}
