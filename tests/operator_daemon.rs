@@ -133,3 +133,91 @@ fn rollback_still_refuses_a_writer_that_stays_connected() {
     // The grace for disconnecting clients is short: a connected one is refused within it.
     assert!(started.elapsed() < Duration::from_secs(5), "refused after {:?}", started.elapsed());
 }
+
+/// `snapblk serve` with `args`, which must fail at start; returns its stderr.
+fn serve_fails(dir: &Path, args: &[&str]) -> String {
+    let out = run(
+        Command::new(BIN).args(["serve", "--dir"]).arg(dir).args(args).env_remove("SNAPBLK_DIR"),
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success(), "serve {args:?} started");
+    text(&out.stderr)
+}
+
+#[test]
+fn a_busy_tcp_port_fails_the_start_naming_the_address_and_leaves_the_directory_untouched() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    for flag in ["--nbd-listen", "--metrics-listen"] {
+        let fresh = tmp.path().join(format!("fresh{flag}"));
+        let err = serve_fails(&fresh, &[flag, &addr, "--default-volume", "d:1M"]);
+        assert_one_sentence(&err);
+        assert!(err.contains(&format!("cannot listen on {addr} ({flag})")) && err.contains("in use"), "{err}");
+        assert!(!fresh.exists(), "{flag}: the directory was created");
+
+        let empty = tmp.path().join(format!("empty{flag}"));
+        std::fs::create_dir(&empty).unwrap();
+        serve_fails(&empty, &[flag, &addr, "--default-volume", "d:1M"]);
+        let left: Vec<_> = std::fs::read_dir(&empty).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.is_empty(), "{flag}: files were created: {left:?}");
+    }
+}
+
+#[test]
+fn a_directory_path_too_long_for_the_sockets_fails_before_anything_is_created() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("x".repeat(120));
+    let err = serve_fails(&dir, &["--nbd-listen", "none", "--default-volume", "d:1M"]);
+    assert_one_sentence(&err);
+    assert!(err.contains("too long for its sockets") && err.contains("shorter --dir"), "{err}");
+    assert!(!dir.exists());
+}
+
+#[test]
+fn a_second_daemon_on_the_same_directory_is_refused_and_the_first_keeps_serving() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = local_daemon(tmp.path());
+    qemu_io(&d.nbd_uri("vol"), &["write -P 0x5a 0 64k"]);
+    let files = |dir: &Path| {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "snapblk-test.log")
+            .collect();
+        v.sort();
+        v
+    };
+    let before = files(&d.dir);
+    let err = serve_fails(&d.dir, &["--nbd-listen", "none", "--default-volume", "second:1M"]);
+    assert_one_sentence(&err);
+    assert!(err.contains("another snapblk daemon already owns") && err.contains(&d.pid().to_string()), "{err}");
+    assert_eq!(files(&d.dir), before);
+    let volumes = d.cli_json(&["volume", "list"]).to_string();
+    assert!(volumes.contains("\"vol\"") && !volumes.contains("second"), "{volumes}");
+    qemu_io(&d.nbd_uri("vol"), &["read -P 0x5a 0 64k"]);
+}
+
+#[test]
+fn listeners_accept_a_host_name_that_resolves_to_loopback_only() {
+    if !require_tool("nbdinfo") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let d = Daemon::start_with(&dir, &["--nbd-listen", "localhost:0", "--metrics-listen", "localhost:0"]);
+    d.cli_ok(&["volume", "create", "vol", "--size", "1M"]);
+    let status = d.cli_json(&["status"]);
+    let tcp = status["nbd_tcp"].as_str().unwrap_or_else(|| panic!("no TCP listener: {status}"));
+    let ip: std::net::SocketAddr = tcp.parse().unwrap();
+    assert!(ip.ip().is_loopback(), "{tcp}");
+    assert_eq!(export_info(&format!("nbd://{tcp}/vol")), (MIB, false));
+    assert!(d.log().contains("metrics: http://127.0.0.1:") || d.log().contains("metrics: http://[::1]:"));
+
+    let err = serve_fails(&tmp.path().join("e"), &["--nbd-listen", "no-such-host.invalid:10809"]);
+    assert_one_sentence(&err);
+    assert!(err.contains("cannot resolve 'no-such-host.invalid'"), "{err}");
+}
