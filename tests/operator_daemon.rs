@@ -221,3 +221,41 @@ fn listeners_accept_a_host_name_that_resolves_to_loopback_only() {
     assert_one_sentence(&err);
     assert!(err.contains("cannot resolve 'no-such-host.invalid'"), "{err}");
 }
+
+#[test]
+fn hydration_log_lines_name_the_volume_not_its_number() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let outage = tmp.path().join("outage");
+    let extra = format!("retries = 1\n\n[regions.local.faults]\noutage_file = \"{}\"\n", outage.display());
+    configure(&dir, &regions()[0], "", &extra);
+    let d = Daemon::start(&dir);
+    d.cli_ok(&["volume", "create", "vol", "--size", "16M", "--region", "local"]);
+    qemu_io(&d.nbd_uri("vol"), &["write -P 0xab 0 1M"]);
+    d.cli_ok(&["snapshot", "create", "vol", "--name", "s1"]);
+    wait_available(&d, "vol@s1");
+    wait_released(&d, "vol@s1");
+    // The store is out before the hydration starts: its first step (the manifest) fails.
+    std::fs::write(&outage, "").unwrap();
+    let restored = d.cli_json(&["volume", "create", "restored", "--from-snapshot", "vol@s1"]);
+    let id = restored["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let failed = loop {
+        if let Some(line) = d.log().lines().find(|l| l.contains("background hydration failed")) {
+            break line.to_string();
+        }
+        assert!(Instant::now() < deadline, "no hydration failure logged during the outage:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(failed.contains("volume=restored") && failed.contains(&format!("id={id}")), "{failed}");
+    std::fs::remove_file(&outage).unwrap();
+    for line in d.log().lines() {
+        for key in ["volume=", "snapshot="] {
+            let raw = line.split(key).skip(1).any(|rest| rest.starts_with(|c: char| c.is_ascii_digit()));
+            assert!(!raw, "a raw number where a name belongs: {line}");
+        }
+    }
+}

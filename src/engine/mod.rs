@@ -318,7 +318,7 @@ impl Engine {
             )));
         }
         self.run(reg, &[Record::VolumeDelete { volume: v.id }], |_| ())?;
-        tracing::info!(name = %v.name, "volume deleted");
+        tracing::info!(name = %v.name, id = %volume_id(v.id), "volume deleted");
         Ok(())
     }
 
@@ -546,7 +546,7 @@ impl Engine {
             None => Record::Rollback { volume: v.id, snapshot: s.id },
         };
         let info = self.run(reg, &[rec], |reg| volume_info(reg, &v))?;
-        tracing::info!(volume = %v.name, snapshot = %s.name, "volume rolled back");
+        tracing::info!(volume = %v.name, snapshot = %s.name, id = %snapshot_id(s.id), "volume rolled back");
         Ok(info)
     }
 
@@ -617,10 +617,10 @@ impl Engine {
         if s.is_released() || Arc::strong_count(&s) > 2 {
             return Ok(false);
         }
-        let id = s.id;
+        let (id, shown) = (s.id, format!("{}@{}", reg.volumes.get(&s.volume).map_or("?", |v| v.name.as_str()), s.name));
         drop(s);
         self.run(reg, &[Record::SnapshotRelease { snapshot: id }], |_| ())?;
-        tracing::info!(snapshot = r, "snapshot data released (now only in the object store)");
+        tracing::info!(snapshot = %shown, id = %snapshot_id(id), "snapshot data released (now only in the object store)");
         Ok(true)
     }
 
