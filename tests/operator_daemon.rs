@@ -259,3 +259,48 @@ fn hydration_log_lines_name_the_volume_not_its_number() {
         }
     }
 }
+
+#[test]
+fn garage_start_without_registry_access_fails_in_seconds_and_caches_nothing() {
+    // A registry that accepts connections and never answers: the hang to time out.
+    let registry = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = registry.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let held: Vec<_> = registry.incoming().collect();
+        drop(held);
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let cargo_home = tmp.path().join("cargo-home");
+    std::fs::create_dir(&cargo_home).unwrap();
+    std::fs::write(
+        cargo_home.join("config.toml"),
+        format!(
+            "[source.crates-io]\nreplace-with = \"unreachable\"\n[source.unreachable]\nregistry = \"sparse+http://127.0.0.1:{port}/index/\"\n"
+        ),
+    )
+    .unwrap();
+    let cache = tmp.path().join("cache");
+    let garage_dir = tmp.path().join("garage");
+    let started = Instant::now();
+    let out = run(
+        Command::new(format!("{}/scripts/garage", env!("CARGO_MANIFEST_DIR")))
+            .arg("start")
+            .arg(&garage_dir)
+            .env("SNAPBLK_CACHE", &cache)
+            .env("CARGO_HOME", &cargo_home)
+            .env("GARAGE_NET_TIMEOUT", "2")
+            .env("GARAGE_NET_RETRY", "0"),
+        Duration::from_secs(120),
+    );
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+    assert!(stdout.contains("garage: downloading garage"), "no step line:\n{stdout}");
+    let last = stderr.lines().last().unwrap_or("");
+    assert!(
+        last.contains("downloading garage from crates.io failed") && last.contains("nothing was cached"),
+        "the last line should say what failed and what to do:\n{stderr}"
+    );
+    assert!(!cache.exists(), "a cache folder was left: {:?}", std::fs::read_dir(&cache).map(|d| d.count()));
+    assert!(!garage_dir.exists(), "the garage directory was created");
+}
