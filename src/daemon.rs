@@ -4,7 +4,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -69,14 +69,16 @@ fn parse_default_volume(spec: &str) -> anyhow::Result<(String, u64)> {
 /// Binds a unix socket, replacing a stale socket file (safe: we hold the directory lock). It is
 /// created under the daemon's umask (077: its user only), then opened to `group` (mode 0660)
 /// — its user's group when none is given, which DIR's 0700 keeps out anyway.
-fn bind_unix(path: &Path, group: Option<nix::unistd::Gid>) -> anyhow::Result<UnixListener> {
+fn bind_unix(path: &Path, group: Option<nix::unistd::Gid>) -> anyhow::Result<std::os::unix::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("cannot remove stale socket {}", path.display())),
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    let listener =
+        std::os::unix::net::UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    listener.set_nonblocking(true)?;
     if let Some(gid) = group {
         nix::unistd::chown(path, None, Some(gid))
             .with_context(|| format!("cannot give {} to group {gid}", path.display()))?;
@@ -120,54 +122,115 @@ fn secure_dir(dir: &Path, group: Option<nix::unistd::Gid>) -> anyhow::Result<()>
     Ok(())
 }
 
-/// `--FLAG HOST:PORT` (or `localhost:PORT`) as an address; `None` when absent or `none`.
-fn listen_address(flag: &str, listen: Option<&str>, example_port: u16) -> anyhow::Result<Option<SocketAddr>> {
+/// What `--FLAG HOST:PORT` asks to listen on: the argument as given, and every address HOST
+/// (an IP address or a host name) resolves to.
+#[derive(Debug)]
+struct Listen {
+    arg: String,
+    addrs: Vec<SocketAddr>,
+}
+
+/// `--FLAG HOST:PORT` resolved, with every address checked to be loopback (`refusal` says why
+/// anything else is refused, given what was asked for); `None` when absent or `none`.
+fn listen_address(
+    flag: &str,
+    listen: Option<&str>,
+    example_port: u16,
+    refusal: impl Fn(&str) -> String,
+) -> anyhow::Result<Option<Listen>> {
     let Some(listen) = listen.map(str::trim).filter(|a| *a != "none") else {
         return Ok(None);
     };
-    let parsed = match listen.strip_prefix("localhost:") {
-        Some(port) => port.parse().map(|port| SocketAddr::from(([127, 0, 0, 1], port))).ok(),
-        None => listen.parse().ok(),
+    let usage = || {
+        anyhow!("{flag} takes HOST:PORT, e.g. 127.0.0.1:{example_port} or localhost:{example_port} (got '{listen}')")
     };
-    match parsed {
-        Some(addr) => Ok(Some(addr)),
-        None => bail!("{flag} takes a loopback address and a port, e.g. 127.0.0.1:{example_port} (got '{listen}')"),
+    let Some((host, port)) = listen.rsplit_once(':') else { return Err(usage()) };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(usage());
     }
+    let addrs: Vec<SocketAddr> = match listen.parse::<SocketAddr>() {
+        Ok(addr) => vec![addr],
+        Err(_) => listen
+            .to_socket_addrs()
+            .map_err(|e| anyhow!("{flag} {listen}: cannot resolve '{host}' ({e}); give a loopback address, e.g. 127.0.0.1:{example_port}"))?
+            .collect(),
+    };
+    if addrs.is_empty() {
+        bail!(
+            "{flag} {listen}: '{host}' resolves to no address; give a loopback address, e.g. 127.0.0.1:{example_port}"
+        );
+    }
+    loopback_only(Listen { arg: listen.to_string(), addrs }, refusal).map(Some)
+}
+
+/// The addresses, if all are loopback; else `refusal` of the argument (and of the address it
+/// resolved to, for a host name).
+fn loopback_only(listen: Listen, refusal: impl Fn(&str) -> String) -> anyhow::Result<Listen> {
+    if let Some(outside) = listen.addrs.iter().find(|a| !a.ip().is_loopback()) {
+        let asked =
+            if outside.to_string() == listen.arg { listen.arg.clone() } else { format!("{} ({outside})", listen.arg) };
+        bail!("{}", refusal(&asked));
+    }
+    Ok(listen)
 }
 
 /// The TCP address to serve NBD on (`--nbd-listen`), if any: loopback addresses only. NBD is
 /// served without TLS or authentication, so anyone who can connect can read and write every
 /// volume; on loopback that is this machine's users (and SSH tunnels), as with the unix socket.
-fn nbd_tcp_address(listen: Option<&str>, dir: &Path) -> anyhow::Result<Option<SocketAddr>> {
-    let Some(addr) = listen_address("--nbd-listen", listen, 10809)? else {
-        return Ok(None);
-    };
-    if !addr.ip().is_loopback() {
-        bail!(
-            "refusing --nbd-listen {addr}: NBD is served without TLS or authentication yet, so a listener on a \
+fn nbd_tcp_address(listen: Option<&str>, dir: &Path) -> anyhow::Result<Option<Listen>> {
+    listen_address("--nbd-listen", listen, 10809, |asked| {
+        format!(
+            "refusing --nbd-listen {asked}: NBD is served without TLS or authentication yet, so a listener on a \
              non-loopback address would give every host that can reach it full read/write access to every volume; \
              use the unix socket {}, or a loopback address (127.0.0.1:PORT) reached through an SSH tunnel",
             dir.join("nbd.sock").display()
-        );
-    }
-    Ok(Some(addr))
+        )
+    })
 }
 
 /// The address to serve metrics on (`--metrics-listen`), if any: loopback addresses only, for
 /// the same reason as NBD: the endpoint has no TLS or authentication, and it names every
 /// volume, snapshot and policy and shows how busy each is.
-fn metrics_address(listen: Option<&str>) -> anyhow::Result<Option<SocketAddr>> {
-    let Some(addr) = listen_address("--metrics-listen", listen, 9100)? else {
-        return Ok(None);
-    };
-    if !addr.ip().is_loopback() {
-        bail!(
-            "refusing --metrics-listen {addr}: the metrics endpoint is served without TLS or authentication and \
+fn metrics_address(listen: Option<&str>) -> anyhow::Result<Option<Listen>> {
+    listen_address("--metrics-listen", listen, 9100, |asked| {
+        format!(
+            "refusing --metrics-listen {asked}: the metrics endpoint is served without TLS or authentication and \
              names every volume, snapshot and policy, so it listens on loopback addresses only; use one \
              (e.g. 127.0.0.1:9100) and scrape it from this machine or through an SSH tunnel"
+        )
+    })
+}
+
+/// Binds a TCP listener on the first of the addresses that works.
+fn bind_tcp(flag: &str, listen: &Listen) -> anyhow::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(listen.addrs.as_slice()).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            "; another program (another snapblk daemon?) listens there: stop it or choose another port"
+        } else {
+            ""
+        };
+        anyhow!("cannot listen on {} ({flag}): {e}{hint}", listen.arg)
+    })?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Longest path a unix socket can be bound to (`sun_path` holds 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// The unix sockets `DIR/nbd.sock` and `DIR/control.sock` must fit in `sun_path`; checked
+/// before the directory is created, so a daemon that cannot bind them leaves nothing behind.
+fn check_socket_paths(dir: &Path) -> anyhow::Result<()> {
+    let path = std::path::absolute(dir)?.join("control.sock");
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        bail!(
+            "the daemon directory's path is too long for its sockets: {} is {len} bytes, a unix socket path \
+             takes at most {MAX_SOCKET_PATH}; use a shorter --dir",
+            path.display()
         );
     }
-    Ok(Some(addr))
+    Ok(())
 }
 
 fn handshake_timeout(arg: &str) -> anyhow::Result<Duration> {
@@ -186,22 +249,63 @@ pub fn serve(dir: &Path, args: &ServeArgs) -> anyhow::Result<()> {
         ServerConfig { handshake_timeout: handshake_timeout(&args.handshake_timeout)?, ..ServerConfig::default() };
     let slots = Arc::new(ConnectionSlots::new(args.max_connections));
     let group = socket_group(args.socket_group.as_deref())?;
+    // Everything that can fail without the directory fails before it is touched: a daemon
+    // that cannot serve (a port in use) leaves no volume, socket or file behind.
+    check_socket_paths(dir)?;
+    let listeners = Listeners {
+        nbd_tcp: tcp.map(|l| bind_tcp("--nbd-listen", &l)).transpose()?,
+        metrics: metrics.map(|l| bind_tcp("--metrics-listen", &l)).transpose()?,
+    };
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = dir.canonicalize()?;
-    secure_dir(&dir, group)?;
+    // Locked first: a second daemon on this directory changes nothing of the first's.
     let _lock = lock_dir(&dir)?;
+    secure_dir(&dir, group)?;
+    let sockets = UnixSockets::bind(&dir, group)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(run(dir, tcp, metrics, default_volume, config, slots, group))
+    runtime.block_on(run(dir, listeners, sockets, default_volume, config, slots))
+}
+
+/// The TCP listeners, bound before anything else.
+struct Listeners {
+    nbd_tcp: Option<std::net::TcpListener>,
+    metrics: Option<std::net::TcpListener>,
+}
+
+/// The unix sockets `DIR/nbd.sock` and `DIR/control.sock`, bound before the engine opens; their
+/// files are removed when the daemon stops or fails to start.
+struct UnixSockets {
+    nbd: Option<std::os::unix::net::UnixListener>,
+    control: Option<std::os::unix::net::UnixListener>,
+    nbd_path: PathBuf,
+    control_path: PathBuf,
+}
+
+impl UnixSockets {
+    fn bind(dir: &Path, group: Option<nix::unistd::Gid>) -> anyhow::Result<UnixSockets> {
+        let (nbd_path, control_path) = (dir.join("nbd.sock"), dir.join("control.sock"));
+        let mut sockets = UnixSockets { nbd: None, control: None, nbd_path, control_path };
+        sockets.nbd = Some(bind_unix(&sockets.nbd_path, group)?);
+        sockets.control = Some(bind_unix(&sockets.control_path, group)?);
+        Ok(sockets)
+    }
+}
+
+impl Drop for UnixSockets {
+    fn drop(&mut self) {
+        for p in [&self.nbd_path, &self.control_path] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 async fn run(
     dir: PathBuf,
-    tcp: Option<SocketAddr>,
-    metrics: Option<SocketAddr>,
+    listeners: Listeners,
+    mut sockets: UnixSockets,
     default_volume: Option<(String, u64)>,
     config: ServerConfig,
     slots: Arc<ConnectionSlots>,
-    group: Option<nix::unistd::Gid>,
 ) -> anyhow::Result<()> {
     let engine = Engine::open(&dir).with_context(|| format!("cannot open the engine in {}", dir.display()))?;
     if let Some((name, size)) = default_volume {
@@ -232,30 +336,21 @@ async fn run(
         let a = attachments.clone();
         tokio::task::spawn_blocking(move || a.restore()).await?;
     }
-    let nbd_path = dir.join("nbd.sock");
-    let control_path = dir.join("control.sock");
-    let nbd_unix = bind_unix(&nbd_path, group)?;
-    let nbd_tcp = match tcp {
-        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?),
-        None => None,
-    };
+    let (nbd_path, control_path) = (sockets.nbd_path.clone(), sockets.control_path.clone());
+    let nbd_unix = UnixListener::from_std(sockets.nbd.take().expect("bound"))?;
+    let nbd_tcp = listeners.nbd_tcp.map(TcpListener::from_std).transpose()?;
     // The bound address (a requested port 0 becomes the actual port).
     let tcp = match &nbd_tcp {
         Some(l) => Some(l.local_addr()?),
         None => None,
     };
-    let metrics = match metrics {
-        Some(addr) => {
-            Some(TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))?)
-        }
-        None => None,
-    };
+    let metrics = listeners.metrics.map(TcpListener::from_std).transpose()?;
     // Shown in the ready line: a requested port 0 becomes the actual port.
     let metrics_note = match &metrics {
         Some(l) => format!("; metrics: http://{}/metrics", l.local_addr()?),
         None => String::new(),
     };
-    let control = bind_unix(&control_path, group)?.into_std()?;
+    let control = sockets.control.take().expect("bound");
     let status = Status {
         version: env!("CARGO_PKG_VERSION").into(),
         dir: dir.clone(),
@@ -327,9 +422,7 @@ async fn run(
     tasks.abort_all();
     let e = engine.clone();
     tokio::task::spawn_blocking(move || e.shutdown()).await?;
-    for p in [&nbd_path, &control_path] {
-        let _ = std::fs::remove_file(p);
-    }
+    drop(sockets);
     let attached = attachments.list();
     if !attached.is_empty() {
         let devices: Vec<String> = attached.iter().map(|a| a.device.display().to_string()).collect();
@@ -466,36 +559,59 @@ async fn accept_failed(e: std::io::Error) {
 mod tests {
     use super::*;
 
+    /// The addresses a `--FLAG` argument resolved to (None: off).
+    fn addrs(listen: anyhow::Result<Option<Listen>>) -> Option<Vec<SocketAddr>> {
+        listen.unwrap().map(|l| l.addrs)
+    }
+
     #[test]
     fn nbd_tcp_is_off_by_default_and_loopback_only() {
         let dir = Path::new("/srv/d");
-        assert_eq!(nbd_tcp_address(None, dir).unwrap(), None);
-        assert_eq!(nbd_tcp_address(Some("none"), dir).unwrap(), None);
-        for (arg, want) in [
-            ("127.0.0.1:10809", "127.0.0.1:10809"),
-            ("127.1.2.3:0", "127.1.2.3:0"),
-            ("[::1]:10809", "[::1]:10809"),
-            ("localhost:10809", "127.0.0.1:10809"),
-        ] {
-            assert_eq!(nbd_tcp_address(Some(arg), dir).unwrap(), Some(want.parse().unwrap()), "{arg}");
+        assert_eq!(addrs(nbd_tcp_address(None, dir)), None);
+        assert_eq!(addrs(nbd_tcp_address(Some("none"), dir)), None);
+        for (arg, want) in
+            [("127.0.0.1:10809", "127.0.0.1:10809"), ("127.1.2.3:0", "127.1.2.3:0"), ("[::1]:10809", "[::1]:10809")]
+        {
+            assert_eq!(addrs(nbd_tcp_address(Some(arg), dir)), Some(vec![want.parse().unwrap()]), "{arg}");
         }
         for arg in ["0.0.0.0:10809", "[::]:10809", "10.0.0.5:10809", "[::ffff:10.0.0.5]:10809"] {
             let e = nbd_tcp_address(Some(arg), dir).unwrap_err().to_string();
-            assert!(e.contains("TLS") && e.contains("/srv/d/nbd.sock") && !e.contains('\n'), "{arg}: {e}");
+            assert!(
+                e.contains(arg) && e.contains("TLS") && e.contains("/srv/d/nbd.sock") && !e.contains('\n'),
+                "{arg}: {e}"
+            );
         }
-        for arg in ["10809", "example.com:10809", "127.0.0.1"] {
-            assert!(nbd_tcp_address(Some(arg), dir).unwrap_err().to_string().contains("e.g. 127.0.0.1:10809"), "{arg}");
+        for arg in ["10809", "127.0.0.1", ":10809", "localhost:port", "localhost:70000"] {
+            let e = nbd_tcp_address(Some(arg), dir).unwrap_err().to_string();
+            assert!(e.contains("--nbd-listen takes HOST:PORT, e.g. 127.0.0.1:10809"), "{arg}: {e}");
         }
+        let e = nbd_tcp_address(Some("no-such-host.invalid:10809"), dir).unwrap_err().to_string();
+        assert!(e.contains("cannot resolve 'no-such-host.invalid'") && !e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn a_host_name_is_accepted_when_every_address_it_resolves_to_is_loopback() {
+        let dir = Path::new("/srv/d");
+        // Whatever this machine's resolver says localhost is, it is loopback only.
+        let resolved = addrs(nbd_tcp_address(Some("localhost:10812"), dir)).unwrap();
+        assert!(!resolved.is_empty() && resolved.iter().all(|a| a.ip().is_loopback() && a.port() == 10812));
+        let resolved = addrs(metrics_address(Some("localhost:9100"))).unwrap();
+        assert!(!resolved.is_empty() && resolved.iter().all(|a| a.ip().is_loopback() && a.port() == 9100));
+        // A name with any address outside loopback is refused, naming that address.
+        let listen = Listen {
+            arg: "db-host:10809".into(),
+            addrs: vec!["127.0.0.1:10809".parse().unwrap(), "10.0.0.5:10809".parse().unwrap()],
+        };
+        let e = loopback_only(listen, |asked| format!("refusing --nbd-listen {asked}")).unwrap_err().to_string();
+        assert_eq!(e, "refusing --nbd-listen db-host:10809 (10.0.0.5:10809)");
     }
 
     #[test]
     fn metrics_are_off_by_default_and_loopback_only() {
-        assert_eq!(metrics_address(None).unwrap(), None);
-        assert_eq!(metrics_address(Some("none")).unwrap(), None);
-        for (arg, want) in
-            [("127.0.0.1:9100", "127.0.0.1:9100"), ("[::1]:0", "[::1]:0"), ("localhost:9100", "127.0.0.1:9100")]
-        {
-            assert_eq!(metrics_address(Some(arg)).unwrap(), Some(want.parse().unwrap()), "{arg}");
+        assert_eq!(addrs(metrics_address(None)), None);
+        assert_eq!(addrs(metrics_address(Some("none"))), None);
+        for (arg, want) in [("127.0.0.1:9100", "127.0.0.1:9100"), ("[::1]:0", "[::1]:0")] {
+            assert_eq!(addrs(metrics_address(Some(arg))), Some(vec![want.parse().unwrap()]), "{arg}");
         }
         for arg in ["0.0.0.0:9100", "[::]:9100", "192.168.1.5:9100"] {
             let e = metrics_address(Some(arg)).unwrap_err().to_string();
@@ -505,7 +621,7 @@ mod tests {
             );
         }
         let e = metrics_address(Some("9100")).unwrap_err().to_string();
-        assert!(e.contains("--metrics-listen takes") && e.contains("e.g. 127.0.0.1:9100"), "{e}");
+        assert!(e.contains("--metrics-listen takes HOST:PORT") && e.contains("e.g. 127.0.0.1:9100"), "{e}");
     }
 
     #[test]

@@ -520,8 +520,8 @@ where
     let mut writer = tokio::spawn(write_replies(wr, reply_rx, recycle_tx, budget.clone()));
     let tasks = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
     let size = shared.export.info().size;
-    let revoked = shared.export.revoked();
-    tokio::pin!(revoked);
+    // Boxed, not pinned on the stack: it borrows the export, which is dropped before the end.
+    let mut revoked = Box::pin(shared.export.revoked());
     let mut was_revoked = false;
     let result = async {
         loop {
@@ -605,7 +605,7 @@ where
     let all_tasks = config.max_in_flight.max(1) as u32;
     let drained = async {
         let _ = tasks.acquire_many(all_tasks).await;
-        let _ = (&mut writer).await;
+        (&mut writer).await.ok().flatten()
     };
     let give_up = async {
         if !was_revoked {
@@ -613,17 +613,30 @@ where
         }
         tokio::time::sleep(REVOKED_DRAIN).await;
     };
-    let dropped = tokio::select! {
+    let written = tokio::select! {
         biased;
-        _ = drained => false,
-        _ = give_up => true,
+        wr = drained => Some(wr),
+        _ = give_up => None,
     };
-    if dropped {
-        tracing::info!("export revoked and the client reads no replies; dropping them and closing the NBD connection");
-        writer.abort();
-        let _ = writer.await;
-        // Their replies now go nowhere: the tasks end as soon as their requests do.
-        let _ = tasks.acquire_many(all_tasks).await;
+    let wr = match written {
+        Some(wr) => wr,
+        None => {
+            tracing::info!(
+                "export revoked and the client reads no replies; dropping them and closing the NBD connection"
+            );
+            writer.abort();
+            let _ = writer.await;
+            // Their replies now go nowhere: the tasks end as soon as their requests do.
+            let _ = tasks.acquire_many(all_tasks).await;
+            None
+        }
+    };
+    // The export (a volume handle counts as a writable client) goes before the client can see
+    // the connection close: a rollback right after a client's disconnect finds it gone.
+    drop(revoked);
+    drop(shared);
+    if let Some(mut wr) = wr {
+        let _ = wr.shutdown().await;
     }
     result
 }
@@ -827,13 +840,14 @@ async fn block_status<E: Export>(
 }
 
 /// Writes replies as they come, flushing when no more are queued; gives each reply's charge
-/// back to the budget and its buffer back to the reader.
+/// back to the budget and its buffer back to the reader. Returns the stream once every reply
+/// is written, for `transmission` to close (None when writing failed).
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: mpsc::Receiver<Reply>,
     recycle: mpsc::UnboundedSender<Vec<u8>>,
     budget: Arc<Budget>,
-) {
+) -> Option<W> {
     let result: std::io::Result<()> = async {
         while let Some(reply) = rx.recv().await {
             write_reply(&mut wr, reply, &recycle, &budget).await?;
@@ -842,13 +856,17 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             }
             wr.flush().await?;
         }
-        wr.shutdown().await
+        Ok(())
     }
     .await;
     // Nothing more will be written: a reader waiting for room must not wait for ever.
     budget.permits.close();
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "NBD reply writer stopped");
+    match result {
+        Ok(()) => Some(wr),
+        Err(e) => {
+            tracing::debug!(error = %e, "NBD reply writer stopped");
+            None
+        }
     }
 }
 

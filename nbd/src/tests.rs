@@ -24,10 +24,19 @@ struct Mem {
     revoked: tokio::sync::Notify,
     /// READ requests the export has run.
     reads: AtomicUsize,
+    /// How long a handle takes to let go (see `MemExport`'s drop).
+    drop_delay: Duration,
 }
 
 #[derive(Clone)]
 struct MemExport(Arc<Mem>);
+
+impl Drop for MemExport {
+    fn drop(&mut self) {
+        // A handle slow to let go, as one that still has accounting to do when dropped.
+        std::thread::sleep(self.0.drop_delay);
+    }
+}
 
 impl Export for MemExport {
     fn info(&self) -> &ExportInfo {
@@ -98,6 +107,10 @@ impl ExportCatalog for Catalog {
 }
 
 fn catalog() -> Arc<Catalog> {
+    catalog_with_drop_delay(Duration::ZERO)
+}
+
+fn catalog_with_drop_delay(drop_delay: Duration) -> Arc<Catalog> {
     let mem = |name: &str, read_only: bool| {
         Arc::new(Mem {
             data: Mutex::new(vec![0; SIZE as usize]),
@@ -115,6 +128,7 @@ fn catalog() -> Arc<Catalog> {
             flushes: Mutex::new(0),
             revoked: tokio::sync::Notify::new(),
             reads: AtomicUsize::new(0),
+            drop_delay,
         })
     };
     Arc::new(Catalog(HashMap::from([("rw".into(), mem("rw", false)), ("ro".into(), mem("ro", true))])))
@@ -760,4 +774,21 @@ async fn block_status_describes_at_most_65536_extents_per_context_and_leaves_the
     let extents: Vec<(u32, u32)> = p[4..].chunks(8).map(|e| (be32(e), be32(&e[4..]))).collect();
     assert_eq!(extents.len(), 1 << 16);
     assert!(extents.iter().enumerate().all(|(i, &e)| e == (1, i as u32 % 2)));
+}
+
+/// A rollback right after a client disconnects counts on this: once the client sees the
+/// connection close, the server holds no handle on the export, however slow it is to let go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_export_is_dropped_before_the_client_sees_the_connection_close() {
+    let cat = catalog_with_drop_delay(Duration::from_millis(300));
+    let mut c = Client::connect(cat.clone(), 3).await;
+    c.go("rw", false, &[]).await;
+    // Still running when DISC comes: the connection ends after it.
+    c.request(CMD_READ, 0, 1, SLOW, 8, &[]).await;
+    c.request(CMD_DISC, 0, 2, 0, 0, &[]).await;
+    assert_eq!(c.simple().await, (0, 1));
+    c.bytes(8).await;
+    assert!(c.closed().await);
+    assert_eq!(Arc::strong_count(&cat.0["rw"]), 1, "the export outlived the connection's close");
+    assert!(c.server.await.unwrap().is_ok());
 }

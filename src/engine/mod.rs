@@ -70,6 +70,8 @@ pub const DEFAULT_CLUSTER_SIZE: u32 = 64 << 10;
 pub const MAX_VOLUME_SIZE: u64 = 64 << 40;
 /// How long `rollback --force` waits for disconnected clients to go away.
 const FORCE_DISCONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a rollback without `--force` waits for writable clients that are disconnecting.
+const CLOSING_GRACE: Duration = Duration::from_secs(1);
 
 pub struct Engine {
     dir: PathBuf,
@@ -316,7 +318,7 @@ impl Engine {
             )));
         }
         self.run(reg, &[Record::VolumeDelete { volume: v.id }], |_| ())?;
-        tracing::info!(name = %v.name, "volume deleted");
+        tracing::info!(name = %v.name, id = %volume_id(v.id), "volume deleted");
         Ok(())
     }
 
@@ -508,25 +510,24 @@ impl Engine {
         tokio::time::timeout(volume::SEAL_TIMEOUT, s.wait_sealed_async(&v))
             .await
             .map_err(|_| volume::seal_timeout(&v.name))?;
-        let writers = v.writers.load(Ordering::Acquire);
-        if writers > 0 {
-            if !force {
+        // A client that has just disconnected may not be accounted yet (qemu-io sends its
+        // DISC and exits without waiting for the server): connections closing get a moment.
+        if !force {
+            let writers = writers_left(&v, CLOSING_GRACE).await;
+            if writers > 0 {
                 return Err(EngineError::Busy(format!(
                     "volume '{}' has {writers} writable client(s) connected; disconnect them or pass --force",
                     v.name
                 )));
             }
+        } else if v.writers.load(Ordering::Acquire) > 0 {
             v.revoker.revoke();
-            let deadline = tokio::time::Instant::now() + FORCE_DISCONNECT_TIMEOUT;
-            while v.writers.load(Ordering::Acquire) > 0 {
-                if tokio::time::Instant::now() > deadline {
-                    return Err(EngineError::Busy(format!(
-                        "clients of volume '{}' did not disconnect within {}s; try again",
-                        v.name,
-                        FORCE_DISCONNECT_TIMEOUT.as_secs()
-                    )));
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+            if writers_left(&v, FORCE_DISCONNECT_TIMEOUT).await > 0 {
+                return Err(EngineError::Busy(format!(
+                    "clients of volume '{}' did not disconnect within {}s; try again",
+                    v.name,
+                    FORCE_DISCONNECT_TIMEOUT.as_secs()
+                )));
             }
         }
         let reg = self.registry.write();
@@ -545,7 +546,7 @@ impl Engine {
             None => Record::Rollback { volume: v.id, snapshot: s.id },
         };
         let info = self.run(reg, &[rec], |reg| volume_info(reg, &v))?;
-        tracing::info!(volume = %v.name, snapshot = %s.name, "volume rolled back");
+        tracing::info!(volume = %v.name, snapshot = %s.name, id = %snapshot_id(s.id), "volume rolled back");
         Ok(info)
     }
 
@@ -616,10 +617,10 @@ impl Engine {
         if s.is_released() || Arc::strong_count(&s) > 2 {
             return Ok(false);
         }
-        let id = s.id;
+        let (id, shown) = (s.id, format!("{}@{}", reg.volumes.get(&s.volume).map_or("?", |v| v.name.as_str()), s.name));
         drop(s);
         self.run(reg, &[Record::SnapshotRelease { snapshot: id }], |_| ())?;
-        tracing::info!(snapshot = r, "snapshot data released (now only in the object store)");
+        tracing::info!(snapshot = %shown, id = %snapshot_id(id), "snapshot data released (now only in the object store)");
         Ok(true)
     }
 
@@ -678,6 +679,18 @@ impl Engine {
                 tracing::error!(error = %e, "final checkpoint failed; the journal will be replayed at the next start");
             }
         }
+    }
+}
+
+/// Waits until the volume has no writable client, for at most `within`; how many are left.
+async fn writers_left(v: &Volume, within: Duration) -> u64 {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let writers = v.writers.load(Ordering::Acquire);
+        if writers == 0 || tokio::time::Instant::now() >= deadline {
+            return writers;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

@@ -353,7 +353,16 @@ impl Registry {
             )));
         };
         let volume = self.find_volume(vol)?;
-        self.snapshots.values().find(|s| s.volume == volume.id && s.name == snap).ok_or_else(|| {
+        // `VOLUME@s-…`: names cannot be shaped like ids, so this is the id, of this volume only.
+        if let Some(id) = parse_id(snap, "s-") {
+            return self.snapshots.get(&id).filter(|s| s.volume == volume.id).ok_or_else(|| {
+                EngineError::NotFound(format!(
+                    "volume '{}' has no snapshot with id {snap}; list them with: snapblk snapshot list {}",
+                    volume.name, volume.name
+                ))
+            });
+        }
+        self.snapshot_named(volume.id, snap).ok_or_else(|| {
             EngineError::NotFound(format!(
                 "volume '{}' has no snapshot named '{snap}'; list them with: snapblk snapshot list {}",
                 volume.name, volume.name

@@ -1059,3 +1059,41 @@ fn a_damaged_checkpoint_rebuild_applies_records_written_during_its_rotation_once
     let v = read_all(&e, "v", 2 * 65536);
     assert!(v[..65536].iter().all(|&b| b == 2) && v[65536..].iter().all(|&b| b == 3));
 }
+
+#[test]
+fn a_snapshot_is_found_by_volume_at_its_id_only_on_its_own_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    engine.create_volume("a", 1 << 20, None).unwrap();
+    engine.create_volume("b", 1 << 20, None).unwrap();
+    let s = engine.create_snapshot("a", "s1", "").unwrap();
+    let a = engine.volume("a").unwrap();
+    for r in [format!("a@{}", s.id), format!("{}@{}", a.id, s.id), s.id.clone(), format!("{}@s1", a.id)] {
+        assert_eq!(engine.snapshot(&r).unwrap().id, s.id, "{r}");
+    }
+    let e = engine.snapshot(&format!("b@{}", s.id)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    assert!(e.to_string().contains("volume 'b' has no snapshot with id"), "{e}");
+}
+
+#[test]
+fn rollback_waits_briefly_for_a_writer_that_is_disconnecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    engine.create_volume("v", 1 << 20, None).unwrap();
+    engine.create_snapshot("v", "s", "").unwrap();
+    // A connection closing: its handle goes a moment after the rollback is asked for.
+    let closing = engine.open_volume("v").unwrap();
+    let dropper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        drop(closing);
+    });
+    rt().block_on(engine.rollback("v@s", false, None)).expect("rollback once the writer is gone");
+    dropper.join().unwrap();
+    // One that stays is refused once the grace is over.
+    let _staying = engine.open_volume("v").unwrap();
+    let started = std::time::Instant::now();
+    let e = rt().block_on(engine.rollback("v@s", false, None)).unwrap_err();
+    assert!(e.to_string().contains("has 1 writable client(s) connected"), "{e}");
+    assert!(started.elapsed() >= CLOSING_GRACE && started.elapsed() < CLOSING_GRACE * 3, "{:?}", started.elapsed());
+}

@@ -3,10 +3,11 @@
 //! it got, without coming back here.
 
 use super::{Access, Caller, Error, Result, Service};
-use crate::engine::{ErrorKind, SnapshotHandle, VolumeHandle};
+use crate::engine::{parse_snapshot_id, ErrorKind, SnapshotHandle, VolumeHandle};
 
 /// An opened export: `VOLUME` (read-write) or `VOLUME@SNAPSHOT` (read-only; a released
-/// snapshot reads from the region it went to, through the same handle).
+/// snapshot reads from the region it went to, through the same handle). Ids work as names:
+/// `v-…`, `VOLUME@s-…`, and `s-…` alone for the snapshot.
 pub enum ExportHandle {
     Volume(VolumeHandle),
     Snapshot(SnapshotHandle),
@@ -37,7 +38,7 @@ impl Service {
         } else {
             name.to_string()
         };
-        if name.contains('@') {
+        if name.contains('@') || parse_snapshot_id(&name).is_some() {
             caller.may(Access::Read)?;
             self.live_snapshot(&name)?;
             // Released after upload (now, or any moment): read from the region it went to.

@@ -356,7 +356,7 @@ impl Hydration {
             return;
         }
         for (id, name, _) in self.engine.hydrating_volumes() {
-            tracing::info!(volume = %name, "resuming hydration");
+            tracing::info!(volume = %name, id = %engine::volume_id(id), "resuming hydration");
             self.start(id);
         }
     }
@@ -383,8 +383,8 @@ impl Hydration {
         };
         let Some(this) = self.self_ref.upgrade() else { return };
         self.runtime.spawn(async move {
-            tracing::info!(volume = %name, source = %source, "hydration started");
-            this.run_volume(volume, &source, &progress).await;
+            tracing::info!(volume = %name, id = %engine::volume_id(volume), source = %source, "hydration started");
+            this.run_volume(volume, &name, &source, &progress).await;
             progress.done.store(true, Ordering::Release);
             {
                 let mut vols = this.volumes.lock();
@@ -400,6 +400,7 @@ impl Hydration {
             if finished {
                 tracing::info!(
                     volume = %name,
+                    id = %engine::volume_id(volume),
                     secs = progress.started.elapsed().as_secs_f64(),
                     fetched = progress.fetched.load(Ordering::Relaxed),
                     "hydration complete"
@@ -410,7 +411,7 @@ impl Hydration {
 
     /// Loads every pending cluster of the volume, page by page, until none is left or the
     /// volume stops loading from `source` (deleted, rolled back).
-    async fn run_volume(&self, volume: u64, source: &RemoteSource, progress: &Arc<VolumeProgress>) {
+    async fn run_volume(&self, volume: u64, name: &str, source: &RemoteSource, progress: &Arc<VolumeProgress>) {
         let mut backoff = BACKOFF_MIN;
         loop {
             let failed = match self.pass(volume, source, progress).await {
@@ -419,7 +420,7 @@ impl Hydration {
                     if matches!(e, StoreError::Missing(_)) {
                         self.forget(source);
                     }
-                    tracing::warn!(volume, source = %source, error = %e, "background hydration failed; retrying");
+                    tracing::warn!(volume = %name, id = %engine::volume_id(volume), source = %source, error = %e, "background hydration failed; retrying");
                     *progress.last_error.lock() = Some(e.to_string());
                     true
                 }
