@@ -50,6 +50,7 @@ pub use error::{EngineError, ErrorKind, Result};
 pub(crate) use hydration::no_store;
 pub use ids::{parse_snapshot_id, parse_volume_id, snapshot_id, validate_name, volume_id};
 pub use iostats::{IoOp, IoStats, IoView, OpView, BUCKETS, LATENCY_BOUNDS_NS};
+pub use journal::MAX_GROUP_MEMBERS;
 pub use remote::{ClusterSource, Priority, RemoteSource};
 pub use types::{HydrationInfo, SnapshotInfo, VolumeInfo};
 pub use volume::{Extent, SnapshotHandle, VolumeHandle, ZeroMode, STATE_HOLE, STATE_ZERO};
@@ -364,6 +365,69 @@ impl Engine {
         drop(reg);
         tracing::info!(volume = %v.name, name, id = %snapshot_id(id), "snapshot created");
         Ok(info)
+    }
+
+    /// One snapshot named `name` of each volume in `volumes`, all taken at one instant (a
+    /// consistency group's cut): every write acknowledged before the call is in its volume's
+    /// snapshot, none acknowledged after is in any, and a crash leaves all of them or none
+    /// (one journal frame). In `volumes`' order.
+    pub fn create_group_snapshot(
+        &self,
+        volumes: &[String],
+        name: &str,
+        description: &str,
+    ) -> Result<Vec<SnapshotInfo>> {
+        validate_name("snapshot", name)?;
+        if description.len() > 4096 {
+            return Err(EngineError::Invalid("snapshot description is longer than 4096 bytes".into()));
+        }
+        if volumes.is_empty() || volumes.len() > journal::MAX_GROUP_MEMBERS {
+            return Err(EngineError::Invalid(format!(
+                "a group snapshot takes 1 to {} volumes, not {}",
+                journal::MAX_GROUP_MEMBERS,
+                volumes.len()
+            )));
+        }
+        let mut reg = self.registry.write();
+        let mut vols: Vec<Arc<Volume>> = Vec::with_capacity(volumes.len());
+        for r in volumes {
+            let v = reg.find_volume(r)?.clone();
+            if vols.iter().any(|o| o.id == v.id) {
+                return Err(EngineError::Invalid(format!("volume '{}' is named twice", v.name)));
+            }
+            if reg.snapshot_named(v.id, name).is_some() {
+                return Err(EngineError::AlreadyExists(format!(
+                    "volume '{}' already has a snapshot named '{name}'",
+                    v.name
+                )));
+            }
+            vols.push(v);
+        }
+        let members: Vec<(u64, u64)> = vols.iter().map(|v| (v.id, reg.new_id())).collect();
+        let rec = Record::GroupSnapshot {
+            members: members.clone(),
+            seq: reg.next_seq,
+            name: name.into(),
+            description: description.into(),
+            created: self.clock.now(),
+        };
+        // As `create_snapshot`: taken now, durable with the commit started at once.
+        let (ticket, _) = self.stage(&mut reg, &[rec], true)?;
+        let mut infos = Vec::with_capacity(vols.len());
+        for (v, (_, id)) in vols.iter().zip(&members) {
+            let snap = &reg.snapshots[id];
+            if snap.is_sealed(v) {
+                snap.durable_ticket.store(ticket, Ordering::Release);
+            } else {
+                snap.durable_ticket.store(UNSEALED, Ordering::Release);
+                self.unsealed.lock().push(Unsealed { snap: snap.clone(), vol: v.clone(), ticket });
+            }
+            infos.push(self.snapshot_info(&reg, snap));
+        }
+        self.request_commit();
+        drop(reg);
+        tracing::info!(name, volumes = %volumes.join(", "), "group snapshot created");
+        Ok(infos)
     }
 
     fn snapshot_info(&self, reg: &Registry, s: &Snapshot) -> SnapshotInfo {

@@ -46,6 +46,11 @@ pub struct LifecycleState {
     pub deleted_volumes: BTreeMap<String, DeletedVolume>,
     #[serde(default)]
     pub bin_lock: Option<BinLock>,
+    /// Consistency groups by name, and their group snapshots by id (`g-…`).
+    #[serde(default)]
+    pub groups: BTreeMap<String, GroupRecord>,
+    #[serde(default)]
+    pub group_snapshots: BTreeMap<String, GroupSnapshotRecord>,
     /// What changed since the last save.
     #[serde(skip)]
     touched: BTreeSet<Key>,
@@ -69,6 +74,29 @@ pub struct Binned {
     /// retention with the bin off): hidden, not restorable.
     #[serde(default)]
     pub deleting: bool,
+}
+
+/// A consistency group: its member volumes (ids), in the order they were added.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GroupRecord {
+    pub members: Vec<String>,
+    pub created: u64,
+}
+
+/// A group snapshot: `(volume id, snapshot id)` per member (snapshot ids empty while
+/// `pending`: recorded before the cut, see `service::groups`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GroupSnapshotRecord {
+    pub group: String,
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub created: u64,
+    pub members: Vec<(String, String)>,
+    #[serde(default)]
+    pub degraded: bool,
+    #[serde(default)]
+    pub pending: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -153,6 +181,8 @@ pub enum Key {
     Bin(String),
     DeletedVolume(String),
     BinLock,
+    Group(String),
+    GroupSnapshot(String),
 }
 
 /// One entry of `meta/lifecycle.log`: the new value of a part of the state (`None`: gone), or
@@ -170,6 +200,8 @@ enum Change {
     Bin { snapshot: String, value: Option<Binned> },
     DeletedVolume { volume: String, value: Option<DeletedVolume> },
     BinLock { value: Option<BinLock> },
+    Group { name: String, value: Option<GroupRecord> },
+    GroupSnapshot { id: String, value: Option<GroupSnapshotRecord> },
 }
 
 impl LifecycleState {
@@ -245,6 +277,8 @@ impl LifecycleState {
                     Change::DeletedVolume { value: self.deleted_volumes.get(&volume).cloned(), volume }
                 }
                 Key::BinLock => Change::BinLock { value: self.bin_lock.clone() },
+                Key::Group(name) => Change::Group { value: self.groups.get(&name).cloned(), name },
+                Key::GroupSnapshot(id) => Change::GroupSnapshot { value: self.group_snapshots.get(&id).cloned(), id },
             })
             .collect();
         // Appends after the whole-history puts: a put carries the entries appended before it
@@ -289,6 +323,8 @@ impl LifecycleState {
             Change::Bin { snapshot, value } => put(&mut self.bin, snapshot, value),
             Change::DeletedVolume { volume, value } => put(&mut self.deleted_volumes, volume, value),
             Change::BinLock { value } => self.bin_lock = value,
+            Change::Group { name, value } => put(&mut self.groups, name, value),
+            Change::GroupSnapshot { id, value } => put(&mut self.group_snapshots, id, value),
         }
     }
 

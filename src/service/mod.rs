@@ -10,6 +10,7 @@
 mod bin;
 mod events;
 mod exports;
+mod groups;
 mod holds;
 mod lifecycle;
 mod metrics;
@@ -29,6 +30,7 @@ use serde::{Deserialize, Serialize};
 pub use bin::{BinView, BinnedView, PurgeRequest};
 pub use events::{Event, EventQuery, EventRecord};
 pub use exports::ExportHandle;
+pub use groups::{CreateGroup, CreateGroupSnapshot, GroupMemberRequest, GroupSnapshotView, GroupView};
 pub use holds::HoldRequest;
 pub use lifecycle::{BinLock, Binned, HistoryEntry, Hold, Outcome};
 pub use policies::{CreatePolicy, PolicyTarget, PolicyView, PolicyVolumeView, PolicyVolumes, PruneView};
@@ -188,6 +190,7 @@ impl Service {
         let jobs = Jobs::new(tokio::runtime::Handle::current());
         let (lifecycle_file, mut state) = lifecycle::StateFile::open(engine.dir())?;
         state.settle(&engine);
+        state.settle_groups(&engine);
         if state.lock_bin_at_start(&store.config.recycle_bin, engine.clock().now()) {
             tracing::info!("recycle bin locked (lock = true)");
         }

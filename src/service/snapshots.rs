@@ -188,7 +188,29 @@ impl Service {
     /// Deletes a snapshot — every delete, by hand or by retention, comes here. A held one is
     /// refused. With the recycle bin on, it goes there; else it is deleted for good.
     pub async fn delete_snapshot(&self, caller: &Caller, r: &str) -> Result<()> {
+        self.delete_snapshot_forced(caller, r, false).await
+    }
+
+    /// Deletes a snapshot; a member of a group snapshot only with `force`, which leaves the
+    /// group snapshot degraded.
+    pub async fn delete_snapshot_forced(&self, caller: &Caller, r: &str, force: bool) -> Result<()> {
         caller.may(Access::Write)?;
+        let snap = self.live_snapshot(r)?;
+        if let Some((group_snapshot, name)) = self.group_of_snapshot(&snap.id) {
+            if !force {
+                return Err(Error::Engine(crate::engine::EngineError::Busy(format!(
+                    "snapshot {}@{} is a member of group snapshot {name}: delete the whole group snapshot (snapblk group snapshot delete {name}), or this member alone with --force (the group snapshot is then degraded)",
+                    snap.volume, snap.name
+                ))));
+            }
+            self.delete_member_snapshot(caller, &snap.id).await?;
+            return self.mark_degraded(&group_snapshot);
+        }
+        self.delete_member_snapshot(caller, &snap.id).await
+    }
+
+    /// Deletes a snapshot, whatever group snapshot it belongs to (the caller sees to that).
+    pub(super) async fn delete_member_snapshot(&self, caller: &Caller, r: &str) -> Result<()> {
         let snap = self.live_snapshot(r)?;
         self.check_not_held(&snap.id, &format!("{}@{}", snap.volume, snap.name))?;
         let by_retention = matches!(caller, Caller::Daemon("retention" | "quota"));

@@ -2,6 +2,7 @@
 //! operations layer ([`crate::service`]) → answer; its errors map to HTTP status in one place
 //! ([`status_of`]). Routes are grouped per resource, one file each.
 
+mod groups;
 mod lifecycle;
 mod policies;
 mod regions;
@@ -215,6 +216,7 @@ fn routes() -> Routes {
     let r = snapshots::routes(r);
     let r = regions::routes(r);
     let r = policies::routes(r);
+    let r = groups::routes(r);
     lifecycle::routes(r)
 }
 

@@ -16,7 +16,11 @@ pub(super) fn routes(r: Routes) -> Routes {
     r.post("/v1/volumes/{r}/snapshots", "Take a snapshot of a volume", create)
         .get("/v1/snapshots", "List snapshots (?volume=NAME for one volume's)", list)
         .get("/v1/snapshots/{r}", "Show a snapshot (VOLUME@SNAPSHOT or id)", show)
-        .delete("/v1/snapshots/{r}", "Delete a snapshot (to the recycle bin when it is on)", delete)
+        .delete(
+            "/v1/snapshots/{r}",
+            "Delete a snapshot (to the recycle bin when it is on; ?force=true for a group snapshot's member)",
+            delete,
+        )
         .post("/v1/snapshots/{r}/clone", "Create a volume from a snapshot", clone)
         .post("/v1/snapshots/{r}/rollback", "Roll a volume back to one of its snapshots", rollback)
         .post("/v1/snapshots/{r}/upload", "Upload a snapshot now, or retry a failed upload", upload)
@@ -54,8 +58,19 @@ async fn show(State(s): Svc, caller: Caller, Path(r): Path<String>) -> ApiResult
     Ok(Json(s.snapshot(&caller, &r)?))
 }
 
-async fn delete(State(s): Svc, caller: Caller, Path(r): Path<String>) -> ApiResult<StatusCode> {
-    s.delete_snapshot(&caller, &r).await?;
+#[derive(Debug, Deserialize)]
+struct ForceQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn delete(
+    State(s): Svc,
+    caller: Caller,
+    Path(r): Path<String>,
+    Query(q): Query<ForceQuery>,
+) -> ApiResult<StatusCode> {
+    s.delete_snapshot_forced(&caller, &r, q.force).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

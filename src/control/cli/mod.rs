@@ -8,12 +8,14 @@ use hyper::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+mod groups;
 mod lifecycle;
 mod policies;
 mod regions;
 mod snapshots;
 mod volumes;
 
+pub use groups::GroupCommand;
 pub use lifecycle::BinCommand;
 pub use policies::PolicyCommand;
 pub use regions::{KeyCommand, RegionCommand};
@@ -65,6 +67,9 @@ pub enum Command {
     /// Key files (the key-encryption keys of regions)
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Consistency groups: snapshots of several volumes taken at one instant
+    #[command(subcommand)]
+    Group(GroupCommand),
     /// Automatic snapshot policies: schedules and retention
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -312,6 +317,7 @@ pub async fn run(dir: &std::path::Path, json: bool, command: Command) -> Result<
         Command::Gc { region, grace } => regions::gc(&c, json, region, grace).await?,
         Command::Key(k) => regions::key(&c, k).await?,
         Command::Policy(p) => policies::run(&c, p).await?,
+        Command::Group(g) => groups::run(&c, g).await?,
         Command::RecycleBin(b) => lifecycle::bin(&c, b).await?,
         Command::Events { follow, limit } => lifecycle::events(&c, json, follow, limit).await?,
     };

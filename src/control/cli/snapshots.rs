@@ -38,7 +38,12 @@ pub enum SnapshotCommand {
     /// Show a snapshot (VOLUME@SNAPSHOT or id)
     Show { snapshot: String },
     /// Delete a snapshot
-    Delete { snapshot: String },
+    Delete {
+        snapshot: String,
+        /// Delete a member of a group snapshot on its own (the group snapshot is then degraded)
+        #[arg(long)]
+        force: bool,
+    },
     /// Roll a volume back to one of its snapshots
     Rollback {
         snapshot: String,
@@ -118,8 +123,9 @@ pub(super) async fn run(c: &Client, json: bool, command: SnapshotCommand) -> Res
             Printed::new(&ss, text)
         }
         SnapshotCommand::Show { snapshot: s } => snapshot(get(c, &p(&["snapshots", &s])).await?),
-        SnapshotCommand::Delete { snapshot } => {
-            delete(c, &p(&["snapshots", &snapshot])).await?;
+        SnapshotCommand::Delete { snapshot, force } => {
+            let path = p(&["snapshots", &snapshot]);
+            delete(c, &if force { format!("{path}?force=true") } else { path }).await?;
             Printed::message(format!("deleted snapshot {snapshot}"), serde_json::json!({ "deleted": snapshot }))
         }
         SnapshotCommand::Rollback { snapshot, force } => {

@@ -1,0 +1,419 @@
+//! Consistency groups: named sets of volumes whose snapshots are taken at one instant — every
+//! member's snapshot holds every write acknowledged before the cut and none acknowledged
+//! after it (the engine takes them in one journal record, under every member's lock).
+//!
+//! A group snapshot is recorded in the lifecycle state twice: as a pending intent (synced)
+//! before the engine cut, and complete (with its members' snapshot ids) after. A crash in
+//! between is settled at start ([`LifecycleState::settle_groups`]): the engine has every
+//! member's snapshot or none, so the intent is completed or dropped.
+
+use serde::{Deserialize, Serialize};
+
+use super::lifecycle::{GroupRecord, GroupSnapshotRecord, Key, LifecycleState};
+use super::quotas::Taker;
+use super::{Access, Caller, Error, Result, Service};
+use crate::engine::{validate_name, Engine, MAX_GROUP_MEMBERS};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CreateGroup {
+    pub name: String,
+    pub volumes: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GroupMemberRequest {
+    pub volume: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct CreateGroupSnapshot {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+/// A member volume, by name and id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberView {
+    pub volume: String,
+    pub volume_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupView {
+    pub name: String,
+    pub created: u64,
+    pub members: Vec<MemberView>,
+    /// Names of its group snapshots, oldest first.
+    pub snapshots: Vec<String>,
+}
+
+/// One member's snapshot of a group snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupSnapshotMember {
+    pub volume: String,
+    pub volume_id: String,
+    pub snapshot_id: String,
+    /// `false` once it was deleted on its own (`snapshot delete --force`).
+    pub present: bool,
+    pub size: u64,
+    /// Its upload: `uploading`, `available`, `failed`, or none.
+    pub upload: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupSnapshotView {
+    pub id: String,
+    pub group: String,
+    pub name: String,
+    pub description: String,
+    pub created: u64,
+    /// `crash`: taken without a quiesce hook (what a power cut at that instant would leave on
+    /// every member at once).
+    pub consistency: String,
+    /// A member's snapshot was deleted on its own: the group snapshot is no longer whole.
+    pub degraded: bool,
+    pub members: Vec<GroupSnapshotMember>,
+}
+
+impl Service {
+    /// The group `name`, or an error naming the command that lists them.
+    fn group_record(st: &LifecycleState, name: &str) -> Result<GroupRecord> {
+        st.groups
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("no group named '{name}' (list them with: snapblk group list)")))
+    }
+
+    /// Member volumes by id, checked to exist, distinct, and at most [`MAX_GROUP_MEMBERS`].
+    fn member_ids(&self, volumes: &[String]) -> Result<Vec<String>> {
+        let mut ids: Vec<String> = Vec::with_capacity(volumes.len());
+        for r in volumes {
+            let v = self.live_volume(r)?;
+            if ids.contains(&v.id) {
+                return Err(Error::Invalid(format!("volume '{}' is named twice", v.name)));
+            }
+            ids.push(v.id);
+        }
+        if ids.is_empty() || ids.len() > MAX_GROUP_MEMBERS {
+            return Err(Error::Invalid(format!("a group has 1 to {MAX_GROUP_MEMBERS} volumes, not {}", ids.len())));
+        }
+        Ok(ids)
+    }
+
+    fn group_view(&self, name: &str, g: &GroupRecord, st: &LifecycleState) -> GroupView {
+        let mut snapshots: Vec<&GroupSnapshotRecord> =
+            st.group_snapshots.values().filter(|s| s.group == name && !s.pending).collect();
+        snapshots.sort_by_key(|s| s.created);
+        GroupView {
+            name: name.to_string(),
+            created: g.created,
+            members: g.members.iter().map(|id| self.member_view(id)).collect(),
+            snapshots: snapshots.into_iter().map(|s| s.name.clone()).collect(),
+        }
+    }
+
+    fn member_view(&self, volume_id: &str) -> MemberView {
+        let volume = self.engine.volume(volume_id).map(|v| v.name).unwrap_or_else(|_| "(deleted)".into());
+        MemberView { volume, volume_id: volume_id.to_string() }
+    }
+
+    pub fn create_group(&self, caller: &Caller, req: CreateGroup) -> Result<GroupView> {
+        caller.may(Access::Write)?;
+        validate_name("group", &req.name)?;
+        let members = self.member_ids(&req.volumes)?;
+        let mut st = self.lifecycle.lock();
+        if st.groups.contains_key(&req.name) {
+            return Err(Error::Engine(crate::engine::EngineError::AlreadyExists(format!(
+                "a group named '{}' exists already",
+                req.name
+            ))));
+        }
+        let g = GroupRecord { members, created: self.engine.clock().now() };
+        st.groups.insert(req.name.clone(), g.clone());
+        st.touch(Key::Group(req.name.clone()));
+        self.save_lifecycle(&mut st)?;
+        tracing::info!(group = %req.name, by = %caller, "group created");
+        Ok(self.group_view(&req.name, &g, &st))
+    }
+
+    pub fn list_groups(&self, caller: &Caller) -> Result<Vec<GroupView>> {
+        caller.may(Access::Read)?;
+        let st = self.lifecycle.lock();
+        Ok(st.groups.iter().map(|(n, g)| self.group_view(n, g, &st)).collect())
+    }
+
+    pub fn group(&self, caller: &Caller, name: &str) -> Result<GroupView> {
+        caller.may(Access::Read)?;
+        let st = self.lifecycle.lock();
+        let g = Self::group_record(&st, name)?;
+        Ok(self.group_view(name, &g, &st))
+    }
+
+    /// Adds (`add`) or removes a member; its group snapshots keep the members they were taken of.
+    pub fn change_group_member(&self, caller: &Caller, name: &str, volume: &str, add: bool) -> Result<GroupView> {
+        caller.may(Access::Write)?;
+        let id = match (add, self.live_volume(volume)) {
+            (_, Ok(v)) => v.id,
+            // A deleted member can still be taken out.
+            (false, Err(_)) => volume.to_string(),
+            (true, Err(e)) => return Err(e),
+        };
+        let mut st = self.lifecycle.lock();
+        let mut g = Self::group_record(&st, name)?;
+        let present = g.members.contains(&id);
+        match (add, present) {
+            (true, true) => return Err(Error::Invalid(format!("volume '{volume}' is in group '{name}' already"))),
+            (false, false) => return Err(Error::NotFound(format!("volume '{volume}' is not in group '{name}'"))),
+            (true, false) if g.members.len() >= MAX_GROUP_MEMBERS => {
+                return Err(Error::Invalid(format!(
+                    "group '{name}' has {MAX_GROUP_MEMBERS} volumes, the most a group can have"
+                )));
+            }
+            (false, true) if g.members.len() == 1 => {
+                return Err(Error::Invalid(format!(
+                    "volume '{volume}' is the last member of group '{name}'; delete the group instead (snapblk group delete {name})"
+                )));
+            }
+            (true, false) => g.members.push(id),
+            (false, true) => g.members.retain(|m| *m != id),
+        }
+        st.groups.insert(name.to_string(), g.clone());
+        st.touch(Key::Group(name.to_string()));
+        self.save_lifecycle(&mut st)?;
+        Ok(self.group_view(name, &g, &st))
+    }
+
+    /// Deletes the group object; its volumes stay. Refused while it has group snapshots.
+    pub fn delete_group(&self, caller: &Caller, name: &str) -> Result<()> {
+        caller.may(Access::Write)?;
+        let mut st = self.lifecycle.lock();
+        Self::group_record(&st, name)?;
+        if let Some(s) = st.group_snapshots.values().find(|s| s.group == name) {
+            return Err(Error::Engine(crate::engine::EngineError::Busy(format!(
+                "group '{name}' still has group snapshots (e.g. {name}@{}); delete them first with: snapblk group snapshot delete {name}@SNAPSHOT",
+                s.name
+            ))));
+        }
+        st.groups.remove(name);
+        st.touch(Key::Group(name.to_string()));
+        self.save_lifecycle(&mut st)?;
+        tracing::info!(group = name, by = %caller, "group deleted (its volumes stay)");
+        Ok(())
+    }
+
+    /// One snapshot of every member, taken at one instant (see the module's comment).
+    pub async fn create_group_snapshot(
+        &self,
+        caller: &Caller,
+        group: &str,
+        req: CreateGroupSnapshot,
+    ) -> Result<GroupSnapshotView> {
+        caller.may(Access::Write)?;
+        validate_name("snapshot", &req.name)?;
+        let members = {
+            let st = self.lifecycle.lock();
+            let g = Self::group_record(&st, group)?;
+            if st.group_snapshots.values().any(|s| s.group == group && s.name == req.name) {
+                return Err(Error::Engine(crate::engine::EngineError::AlreadyExists(format!(
+                    "group '{group}' already has a snapshot named '{}'",
+                    req.name
+                ))));
+            }
+            g.members
+        };
+        // Each member's snapshot counts toward its volume's quotas and task limits.
+        let mut slots = Vec::with_capacity(members.len());
+        for m in &members {
+            let info = self.live_volume(m)?;
+            slots.push(self.snapshot_allowed(&info, Taker::Hand).await?);
+        }
+        let id = format!("g-{:016x}", rand::random::<u64>());
+        let now = self.engine.clock().now();
+        let mut record = GroupSnapshotRecord {
+            group: group.to_string(),
+            name: req.name.clone(),
+            description: req.description.clone(),
+            created: now,
+            members: members.iter().map(|m| (m.clone(), String::new())).collect(),
+            degraded: false,
+            pending: true,
+        };
+        // The intent first (synced): a crash after the cut is completed at start, not lost.
+        {
+            let mut st = self.lifecycle.lock();
+            st.group_snapshots.insert(id.clone(), record.clone());
+            st.touch(Key::GroupSnapshot(id.clone()));
+            self.save_lifecycle(&mut st)?;
+        }
+        let e = self.engine.clone();
+        let (vols, name, description) = (members.clone(), req.name.clone(), req.description.clone());
+        let cut = super::blocking(move || e.create_group_snapshot(&vols, &name, &description)).await;
+        drop(slots);
+        let snaps = match cut {
+            Ok(s) => s,
+            Err(err) => {
+                let mut st = self.lifecycle.lock();
+                st.group_snapshots.remove(&id);
+                st.touch(Key::GroupSnapshot(id.clone()));
+                self.save_lifecycle(&mut st)?;
+                return Err(err);
+            }
+        };
+        record.members = snaps.iter().map(|s| (s.volume_id.clone(), s.id.clone())).collect();
+        record.pending = false;
+        {
+            let mut st = self.lifecycle.lock();
+            st.group_snapshots.insert(id.clone(), record.clone());
+            st.touch(Key::GroupSnapshot(id.clone()));
+            self.save_lifecycle(&mut st)?;
+        }
+        for s in &snaps {
+            self.store.snapshot_created(s)?;
+            self.event(super::Event::SnapshotTaken {
+                volume: s.volume.clone(),
+                snapshot: s.name.clone(),
+                id: s.id.clone(),
+                by: format!("{caller} (group {group})"),
+            });
+        }
+        tracing::info!(group, name = %req.name, id = %id, members = snaps.len(), by = %caller, "group snapshot taken");
+        Ok(self.group_snapshot_view(&id, &record))
+    }
+
+    fn group_snapshot_view(&self, id: &str, r: &GroupSnapshotRecord) -> GroupSnapshotView {
+        let members = r
+            .members
+            .iter()
+            .map(|(volume_id, snapshot_id)| {
+                let snap = self.engine.snapshot(snapshot_id).ok();
+                GroupSnapshotMember {
+                    volume: self.member_view(volume_id).volume,
+                    volume_id: volume_id.clone(),
+                    snapshot_id: snapshot_id.clone(),
+                    present: snap.is_some(),
+                    size: snap.as_ref().map_or(0, |s| s.size),
+                    upload: self
+                        .store
+                        .status(snapshot_id)
+                        .and_then(|u| serde_json::to_value(u.state).ok())
+                        .and_then(|v| v.as_str().map(String::from)),
+                }
+            })
+            .collect();
+        GroupSnapshotView {
+            id: id.to_string(),
+            group: r.group.clone(),
+            name: r.name.clone(),
+            description: r.description.clone(),
+            created: r.created,
+            consistency: "crash".into(),
+            degraded: r.degraded,
+            members,
+        }
+    }
+
+    /// A group snapshot by `GROUP@SNAPSHOT` or id (`g-…`).
+    fn find_group_snapshot(st: &LifecycleState, r: &str) -> Result<(String, GroupSnapshotRecord)> {
+        let found = match r.split_once('@') {
+            Some((g, s)) => st.group_snapshots.iter().find(|(_, x)| x.group == g && x.name == s && !x.pending),
+            None => st.group_snapshots.get_key_value(r).filter(|(_, x)| !x.pending),
+        };
+        found.map(|(id, x)| (id.clone(), x.clone())).ok_or_else(|| {
+            Error::NotFound(format!("no group snapshot '{r}' (list them with: snapblk group snapshot list GROUP)"))
+        })
+    }
+
+    pub fn list_group_snapshots(&self, caller: &Caller, group: &str) -> Result<Vec<GroupSnapshotView>> {
+        caller.may(Access::Read)?;
+        let st = self.lifecycle.lock();
+        Self::group_record(&st, group)?;
+        let mut out: Vec<GroupSnapshotView> = st
+            .group_snapshots
+            .iter()
+            .filter(|(_, s)| s.group == group && !s.pending)
+            .map(|(id, s)| self.group_snapshot_view(id, s))
+            .collect();
+        out.sort_by_key(|s| s.created);
+        Ok(out)
+    }
+
+    pub fn group_snapshot(&self, caller: &Caller, r: &str) -> Result<GroupSnapshotView> {
+        caller.may(Access::Read)?;
+        let (id, s) = Self::find_group_snapshot(&self.lifecycle.lock(), r)?;
+        Ok(self.group_snapshot_view(&id, &s))
+    }
+
+    /// Deletes every member's snapshot (each as `snapshot delete` would: to the recycle bin
+    /// when it is on), then the group snapshot.
+    pub async fn delete_group_snapshot(&self, caller: &Caller, r: &str) -> Result<()> {
+        caller.may(Access::Write)?;
+        let (id, s) = Self::find_group_snapshot(&self.lifecycle.lock(), r)?;
+        // Holds first: a held member refuses the whole delete before anything goes.
+        for (_, snapshot_id) in &s.members {
+            if let Ok(snap) = self.live_snapshot(snapshot_id) {
+                self.check_not_held(&snap.id, &format!("{}@{}", snap.volume, snap.name))?;
+            }
+        }
+        for (_, snapshot_id) in &s.members {
+            if self.live_snapshot(snapshot_id).is_ok() {
+                self.delete_member_snapshot(caller, snapshot_id).await?;
+            }
+        }
+        let mut st = self.lifecycle.lock();
+        st.group_snapshots.remove(&id);
+        st.touch(Key::GroupSnapshot(id.clone()));
+        self.save_lifecycle(&mut st)?;
+        tracing::info!(group_snapshot = r, id = %id, by = %caller, "group snapshot deleted");
+        Ok(())
+    }
+
+    /// The group snapshot snapshot `snapshot_id` is a member of, if any: (id, `GROUP@NAME`).
+    pub(super) fn group_of_snapshot(&self, snapshot_id: &str) -> Option<(String, String)> {
+        let st = self.lifecycle.lock();
+        st.group_snapshots
+            .iter()
+            .find(|(_, g)| g.members.iter().any(|(_, s)| s == snapshot_id))
+            .map(|(id, g)| (id.clone(), format!("{}@{}", g.group, g.name)))
+    }
+
+    /// A member's snapshot was deleted on its own (with `--force`): its group snapshot is
+    /// degraded from now on.
+    pub(super) fn mark_degraded(&self, group_snapshot: &str) -> Result<()> {
+        let mut st = self.lifecycle.lock();
+        if let Some(g) = st.group_snapshots.get_mut(group_snapshot) {
+            g.degraded = true;
+            st.touch(Key::GroupSnapshot(group_snapshot.to_string()));
+            self.save_lifecycle(&mut st)?;
+        }
+        Ok(())
+    }
+}
+
+impl LifecycleState {
+    /// After a start: an intent whose cut happened gets its members' ids; one whose cut did
+    /// not is dropped (the engine's cut is one record: all members or none).
+    pub fn settle_groups(&mut self, engine: &Engine) {
+        let pending: Vec<String> =
+            self.group_snapshots.iter().filter(|(_, g)| g.pending).map(|(id, _)| id.clone()).collect();
+        for id in pending {
+            let Some(g) = self.group_snapshots.get_mut(&id) else { continue };
+            let found: Option<Vec<String>> =
+                g.members.iter().map(|(v, _)| engine.snapshot(&format!("{v}@{}", g.name)).ok().map(|s| s.id)).collect();
+            match found {
+                Some(ids) => {
+                    for ((_, s), found) in g.members.iter_mut().zip(ids) {
+                        *s = found;
+                    }
+                    g.pending = false;
+                    tracing::info!(group_snapshot = %id, "a group snapshot interrupted after its cut is complete");
+                }
+                None => {
+                    self.group_snapshots.remove(&id);
+                    tracing::info!(group_snapshot = %id, "a group snapshot interrupted before its cut was dropped");
+                }
+            }
+            self.touch(Key::GroupSnapshot(id));
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Consistency groups with real clients: one cut across volumes is write-order consistent
+//! (a libnbd client writing sequence numbers to two volumes in turn), a kill -9 during a group
+//! snapshot leaves every member's snapshot or none, and membership and member deletes behave.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{py, require_libnbd, run, text, Daemon, Guard, BIN, PYTHON};
+
+/// The sequence number at offset 0 of an export (`VOLUME@SNAPSHOT`).
+fn seq(d: &Daemon, export: &str) -> u64 {
+    let script =
+        "import nbd,struct,sys; h=nbd.NBD(); h.connect_uri(sys.argv[1]); print(struct.unpack('<Q', h.pread(8, 0))[0])";
+    let out = run(Command::new(PYTHON).args(["-c", script, &d.nbd_uri(export)]), Duration::from_secs(30));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout).trim().parse().unwrap()
+}
+
+/// Runs the writer on volumes a and b while `cut(i)` takes snapshot `i` 50 times; returns the
+/// (seq(a), seq(b)) of each snapshot.
+fn under_load(d: &Daemon, dir: &Path, cut: impl Fn(usize)) -> Vec<(u64, u64)> {
+    let stop = dir.join("stop");
+    let mut writer = Guard(
+        Command::new(PYTHON)
+            .arg(py("seqwriter.py"))
+            .args([&d.nbd_uri("a"), &d.nbd_uri("b"), &stop.display().to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..50 {
+        cut(i);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::fs::write(&stop, b"").unwrap();
+    let mut written = String::new();
+    std::io::Read::read_to_string(&mut writer.0.stdout.take().unwrap(), &mut written).unwrap();
+    assert!(writer.0.wait().unwrap().success(), "the writer failed");
+    assert!(written.trim().parse::<u64>().unwrap() > 50, "the writer barely ran: {written}");
+    (0..50).map(|i| (seq(d, &format!("a@c{i}")), seq(d, &format!("b@c{i}")))).collect()
+}
+
+#[test]
+fn a_group_snapshot_is_write_order_consistent_and_separate_snapshots_are_not() {
+    if !require_libnbd() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    // 100 snapshots a volume in seconds: no uploads (their task limit is not under test).
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("snapblk.toml"), "[upload]\nenabled = false\n").unwrap();
+    let d = Daemon::start(&dir);
+    d.cli_ok(&["volume", "create", "a", "--size", "16M"]);
+    d.cli_ok(&["volume", "create", "b", "--size", "16M"]);
+    d.cli_ok(&["group", "create", "g", "a", "b"]);
+    let seqs = under_load(&d, tmp.path(), |i| {
+        d.cli_ok(&["group", "snapshot", "g", "--name", &format!("c{i}")]);
+    });
+    for (i, &(a, b)) in seqs.iter().enumerate() {
+        // B's write n follows A's write n's acknowledgement, and A's n+1 follows B's n's.
+        assert!(b <= a && a <= b + 1, "group snapshot c{i}: seq(a) = {a}, seq(b) = {b}: not one instant");
+    }
+    assert!(seqs.last().unwrap().0 > seqs[0].0, "the writes did not progress during the cuts: {seqs:?}");
+
+    // The same check catches snapshots taken one volume after the other.
+    let _ = std::fs::remove_file(tmp.path().join("stop"));
+    for v in ["a", "b"] {
+        for i in 0..50 {
+            d.cli_ok(&["snapshot", "delete", &format!("{v}@c{i}"), "--force"]);
+        }
+    }
+    let seqs = under_load(&d, tmp.path(), |i| {
+        d.cli_ok(&["snapshot", "create", "a", "--name", &format!("c{i}")]);
+        std::thread::sleep(Duration::from_millis(20));
+        d.cli_ok(&["snapshot", "create", "b", "--name", &format!("c{i}")]);
+    });
+    let bad = seqs.iter().filter(|&&(a, b)| !(b <= a && a <= b + 1)).count();
+    assert!(bad > 0, "separate snapshots passed the check every time: it cannot tell a bad cut: {seqs:?}");
+}
+
+#[test]
+fn kill_9_during_group_snapshots_leaves_every_member_or_none() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    common::keep_snapshots_local(&dir);
+    let mut d = Daemon::start(&dir);
+    let vols = ["v0", "v1", "v2", "v3"];
+    for v in vols {
+        d.cli_ok(&["volume", "create", v, "--size", "16M"]);
+    }
+    let mut args = vec!["group", "create", "g"];
+    args.extend(vols);
+    d.cli_ok(&args);
+    for i in 0..20u64 {
+        // A burst of group snapshots, killed at a moment that moves through them.
+        let mut cli: Vec<Guard> = (0..4)
+            .map(|k| {
+                Guard(
+                    Command::new(BIN)
+                        .arg("--dir")
+                        .arg(&dir)
+                        .args(["group", "snapshot", "g", "--name", &format!("k{i}-{k}")])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .unwrap(),
+                )
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(2 + (i * 7) % 40));
+        d.kill9();
+        cli.clear();
+        d = Daemon::start(&dir);
+        let listed: Vec<String> = d
+            .cli_json(&["group", "snapshot", "list", "g"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect();
+        for k in 0..4 {
+            let name = format!("k{i}-{k}");
+            let present =
+                vols.iter().filter(|v| d.cli(&["snapshot", "show", &format!("{v}@{name}")]).status.success()).count();
+            assert!(present == 0 || present == vols.len(), "{name}: {present} of {} members after kill -9", vols.len());
+            assert_eq!(present == vols.len(), listed.contains(&name), "{name}: members {present}, listed {listed:?}");
+        }
+    }
+}
+
+#[test]
+fn membership_changes_member_deletes_and_refusals_say_what_to_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    common::keep_snapshots_local(&dir);
+    let d = Daemon::start(&dir);
+    for v in ["a", "b", "c"] {
+        d.cli_ok(&["volume", "create", v, "--size", "8M"]);
+    }
+    d.cli_ok(&["group", "create", "g", "a", "b"]);
+    let (code, err) = d.cli_err(&["group", "create", "g2", "a", "a"]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _) = d.cli_err(&["group", "create", "g", "c"]);
+    assert_eq!(code, 5);
+    d.cli_ok(&["group", "add", "g", "c"]);
+    let s = d.cli_json(&["group", "snapshot", "g", "--name", "s1", "--description", "three"]);
+    assert_eq!(s["members"].as_array().unwrap().len(), 3, "{s}");
+    assert_eq!(s["consistency"], "crash");
+    // Member snapshots are ordinary snapshots named like the group snapshot.
+    for v in ["a", "b", "c"] {
+        assert_eq!(d.cli_json(&["snapshot", "show", &format!("{v}@s1")])["description"], "three");
+    }
+    d.cli_ok(&["group", "remove", "g", "c"]);
+    assert_eq!(d.cli_json(&["group", "show", "g"])["members"].as_array().unwrap().len(), 2);
+    // The group snapshot keeps the members it was taken of.
+    assert_eq!(d.cli_json(&["group", "snapshot", "show", "g@s1"])["members"].as_array().unwrap().len(), 3);
+    // A member alone: refused, then with --force, and the group snapshot is degraded.
+    let (code, err) = d.cli_err(&["snapshot", "delete", "a@s1"]);
+    assert_eq!(code, 5);
+    assert!(err.contains("group snapshot delete g@s1") && err.contains("--force"), "{err}");
+    d.cli_ok(&["snapshot", "delete", "a@s1", "--force"]);
+    let s = d.cli_json(&["group", "snapshot", "show", "g@s1"]);
+    assert_eq!(s["degraded"], true, "{s}");
+    // The group object cannot go while it has group snapshots; then it can, and volumes stay.
+    let (code, err) = d.cli_err(&["group", "delete", "g"]);
+    assert_eq!(code, 5, "{err}");
+    d.cli_ok(&["group", "snapshot", "delete", "g@s1"]);
+    for v in ["b", "c"] {
+        assert_eq!(d.cli(&["snapshot", "show", &format!("{v}@s1")]).status.code(), Some(4));
+    }
+    d.cli_ok(&["group", "delete", "g"]);
+    assert_eq!(d.cli_json(&["volume", "list"]).as_array().unwrap().len(), 3);
+    let (code, _) = d.cli_err(&["group", "show", "g"]);
+    assert_eq!(code, 4);
+}
