@@ -127,7 +127,15 @@ impl From<object_store::Error> for Attempt {
 /// the object store client's top-level message ("error sending request") leaves out; each
 /// sentence once.
 fn with_root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let top = e.to_string();
+    // The client nests its sources' messages in its own ("X: X"): each part once.
+    let mut parts: Vec<&str> = Vec::new();
+    let full = e.to_string();
+    for part in full.split(": ") {
+        if !parts.contains(&part) {
+            parts.push(part);
+        }
+    }
+    let top = parts.join(": ");
     let mut root = e.source();
     while let Some(next) = root.and_then(|r| r.source()) {
         root = Some(next);
@@ -418,4 +426,30 @@ fn sync_path(file: &std::path::Path) -> std::io::Result<()> {
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug)]
+    struct Nested(&'static str, Option<Box<Nested>>);
+    impl std::fmt::Display for Nested {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl std::error::Error for Nested {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|n| n as _)
+        }
+    }
+
+    #[test]
+    fn a_store_error_says_each_part_once_and_its_root_cause() {
+        let root = Nested("Connection refused (os error 111)", None);
+        let e = Nested("DELETE x failed: error sending request: error sending request", Some(Box::new(root)));
+        assert_eq!(
+            super::with_root_cause(&e),
+            "DELETE x failed: error sending request (cause: Connection refused (os error 111))"
+        );
+    }
 }
