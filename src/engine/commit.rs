@@ -372,7 +372,7 @@ impl Engine {
         let mut t = self.tail.lock();
         let mut dropped = Vec::new();
         for rec in recs {
-            dropped.extend(reg.apply(rec, &self.data_dir, Some(&mut t.staged))?);
+            dropped.extend(reg.apply_all(rec, &self.data_dir, Some(&mut t.staged))?);
             rec.encode(&mut t.staged);
         }
         if write {

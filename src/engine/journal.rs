@@ -31,7 +31,7 @@ pub const CHECKPOINT_MAGIC: &[u8; 8] = b"SNAPBLKC";
 /// remote part in checkpoints). Older files are still read.
 /// Version 4 added the journal's `Boot` and `Synced` frames (checkpoints are unchanged);
 /// version 5 the `Base` frame and the previous checkpoint kept beside the current one;
-/// version 6 the `GroupSnapshot` record.
+/// version 6 the `GroupSnapshot` and `Batch` records.
 pub const FORMAT_VERSION: u32 = 6;
 const JOURNAL_HEADER_LEN: u64 = 8 + 4 + 8;
 /// A frame larger than this is corrupt (no record is anywhere near it).
@@ -113,6 +113,9 @@ pub enum Record {
         description: String,
         created: u64,
     },
+    /// Records applied together or not at all (one frame): a group rollback's `Rollback` and
+    /// `RemoteHead` records. Only those two kinds nest.
+    Batch(Vec<Record>),
 }
 
 const T_MAP_SET: u8 = 1;
@@ -127,6 +130,7 @@ const T_REMOTE_HEAD: u8 = 9;
 const T_HYDRATE: u8 = 10;
 const T_LOADED_RANGE: u8 = 11;
 const T_GROUP_SNAPSHOT: u8 = 15;
+const T_BATCH: u8 = 16;
 /// Most volumes in one group snapshot (`GroupSnapshot`).
 pub const MAX_GROUP_MEMBERS: usize = 64;
 /// Journal frames about the journal itself (not records): the writer's boot id, and the
@@ -232,6 +236,16 @@ impl Record {
                 out.put_str(description);
                 out.put_u64(*created);
             }
+            Record::Batch(records) => {
+                out.put_u8(T_BATCH);
+                out.put_u32(records.len() as u32);
+                for r in records {
+                    let mut inner = Vec::new();
+                    r.encode_payload(&mut inner);
+                    out.put_u32(inner.len() as u32);
+                    out.extend_from_slice(&inner);
+                }
+            }
             Record::SnapshotDelete { snapshot } => {
                 out.put_u8(T_SNAPSHOT_DELETE);
                 out.put_u64(*snapshot);
@@ -307,6 +321,22 @@ impl Record {
                     description: r.str()?,
                     created: r.u64()?,
                 }
+            }
+            T_BATCH => {
+                let n = r.u32()? as usize;
+                if n == 0 || n > MAX_GROUP_MEMBERS {
+                    return Err(Short);
+                }
+                let mut records = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let len = r.u32()? as usize;
+                    let inner = Record::decode(r.bytes(len)?)?;
+                    if !matches!(inner, Record::Rollback { .. } | Record::RemoteHead { .. }) {
+                        return Err(Short);
+                    }
+                    records.push(inner);
+                }
+                Record::Batch(records)
             }
             T_SNAPSHOT_DELETE => Record::SnapshotDelete { snapshot: r.u64()? },
             T_ROLLBACK => Record::Rollback { volume: r.u64()?, snapshot: r.u64()? },
@@ -642,6 +672,10 @@ mod tests {
 
     fn sample() -> Vec<Record> {
         vec![
+            Record::Batch(vec![
+                Record::Rollback { volume: 1, snapshot: 10 },
+                Record::RemoteHead { volume: 2, parent: Some(11), region: "r".into(), snapshot: 11 },
+            ]),
             Record::GroupSnapshot {
                 members: vec![(1, 10), (2, 11)],
                 seq: 7,

@@ -166,7 +166,7 @@ impl Engine {
         }
         let replayed = records.len();
         for rec in &records {
-            reg.apply(rec, &data_dir, None)?;
+            reg.apply_all(rec, &data_dir, None)?;
         }
         reg.recompute_ownership_and_free_slots()?;
         // Records kept from a killed process may point at data it never synced: sync it
@@ -563,55 +563,99 @@ impl Engine {
     /// A released snapshot needs `released_region` (where it was uploaded): the volume then
     /// loads its data from there, usable at once.
     pub async fn rollback(&self, snap: &str, force: bool, released_region: Option<&str>) -> Result<VolumeInfo> {
-        let (v, s, remote) = {
+        let target = [(snap.to_string(), released_region.map(String::from))];
+        Ok(self.rollback_all(&target, force).await?.remove(0))
+    }
+
+    /// Rolls several volumes back, each to one of its snapshots (`(snapshot, released_region)`
+    /// as for [`Engine::rollback`]), all or none: one journal frame, applied once every volume
+    /// is free of writers (a consistency group's rollback).
+    pub async fn rollback_group(&self, targets: &[(String, Option<String>)], force: bool) -> Result<Vec<VolumeInfo>> {
+        if targets.is_empty() || targets.len() > journal::MAX_GROUP_MEMBERS {
+            return Err(EngineError::Invalid(format!(
+                "a group rollback takes 1 to {} snapshots, not {}",
+                journal::MAX_GROUP_MEMBERS,
+                targets.len()
+            )));
+        }
+        self.rollback_all(targets, force).await
+    }
+
+    async fn rollback_all(&self, targets: &[(String, Option<String>)], force: bool) -> Result<Vec<VolumeInfo>> {
+        let mut found = Vec::with_capacity(targets.len());
+        {
             let reg = self.registry.read();
-            let s = reg.find_snapshot(snap)?.clone();
-            let v = reg.volume_of(&s, snap)?;
-            let remote = remote_of_released(&s, snap, released_region)?;
-            (v, s, remote)
-        };
-        // The head will share the snapshot's slots: writes still landing there end first.
-        tokio::time::timeout(volume::SEAL_TIMEOUT, s.wait_sealed_async(&v))
-            .await
-            .map_err(|_| volume::seal_timeout(&v.name))?;
+            for (snap, region) in targets {
+                let s = reg.find_snapshot(snap)?.clone();
+                let v = reg.volume_of(&s, snap)?;
+                if found.iter().any(|(o, _, _, _): &(Arc<Volume>, _, _, _)| o.id == v.id) {
+                    return Err(EngineError::Invalid(format!("volume '{}' is rolled back twice", v.name)));
+                }
+                let remote = remote_of_released(&s, snap, region.as_deref())?;
+                found.push((v, s, remote, snap.clone()));
+            }
+        }
+        for (v, s, _, _) in &found {
+            // The head will share the snapshot's slots: writes still landing there end first.
+            tokio::time::timeout(volume::SEAL_TIMEOUT, s.wait_sealed_async(v))
+                .await
+                .map_err(|_| volume::seal_timeout(&v.name))?;
+        }
         // A client that has just disconnected may not be accounted yet (qemu-io sends its
         // DISC and exits without waiting for the server): connections closing get a moment.
+        // Every volume is checked before any client is disconnected: all or none.
         if !force {
-            let writers = writers_left(&v, CLOSING_GRACE).await;
-            if writers > 0 {
-                return Err(EngineError::Busy(format!(
-                    "volume '{}' has {writers} writable client(s) connected; disconnect them or pass --force",
-                    v.name
-                )));
+            for (v, _, _, _) in &found {
+                let writers = writers_left(v, CLOSING_GRACE).await;
+                if writers > 0 {
+                    return Err(EngineError::Busy(format!(
+                        "volume '{}' has {writers} writable client(s) connected; disconnect them or pass --force",
+                        v.name
+                    )));
+                }
             }
-        } else if v.writers.load(Ordering::Acquire) > 0 {
-            v.revoker.revoke();
-            if writers_left(&v, FORCE_DISCONNECT_TIMEOUT).await > 0 {
-                return Err(EngineError::Busy(format!(
-                    "clients of volume '{}' did not disconnect within {}s; try again",
-                    v.name,
-                    FORCE_DISCONNECT_TIMEOUT.as_secs()
-                )));
+        } else {
+            for (v, _, _, _) in &found {
+                if v.writers.load(Ordering::Acquire) > 0 {
+                    v.revoker.revoke();
+                }
+            }
+            for (v, _, _, _) in &found {
+                if writers_left(v, FORCE_DISCONNECT_TIMEOUT).await > 0 {
+                    return Err(EngineError::Busy(format!(
+                        "clients of volume '{}' did not disconnect within {}s; try again",
+                        v.name,
+                        FORCE_DISCONNECT_TIMEOUT.as_secs()
+                    )));
+                }
             }
         }
         let reg = self.registry.write();
-        if !reg.snapshots.contains_key(&s.id) || !reg.volumes.contains_key(&v.id) {
-            return Err(EngineError::NotFound(format!("snapshot '{snap}' was deleted meanwhile")));
+        let mut recs = Vec::with_capacity(found.len());
+        for (v, s, remote, snap) in &found {
+            if !reg.snapshots.contains_key(&s.id) || !reg.volumes.contains_key(&v.id) {
+                return Err(EngineError::NotFound(format!("snapshot '{snap}' was deleted meanwhile")));
+            }
+            // Handles are opened under the registry read lock, so this count is now stable.
+            if v.writers.load(Ordering::Acquire) > 0 {
+                return Err(EngineError::Busy(format!(
+                    "a client connected to volume '{}' while it was being rolled back; try again",
+                    v.name
+                )));
+            }
+            recs.push(match remote {
+                Some(src) => {
+                    Record::RemoteHead { volume: v.id, parent: Some(s.id), region: src.region.clone(), snapshot: s.id }
+                }
+                None => Record::Rollback { volume: v.id, snapshot: s.id },
+            });
         }
-        // Handles are opened under the registry read lock, so this count is now stable.
-        if v.writers.load(Ordering::Acquire) > 0 {
-            return Err(EngineError::Busy(format!(
-                "a client connected to volume '{}' while it was being rolled back; try again",
-                v.name
-            )));
+        let rec = if recs.len() == 1 { recs.remove(0) } else { Record::Batch(recs) };
+        let infos = self.run(reg, &[rec], |reg| found.iter().map(|(v, _, _, _)| volume_info(reg, v)).collect::<Vec<_>>())?;
+        for (v, s, _, _) in &found {
+            tracing::info!(volume = %v.name, snapshot = %s.name, id = %snapshot_id(s.id), "volume rolled back");
         }
-        let rec = match remote {
-            Some(src) => Record::RemoteHead { volume: v.id, parent: Some(s.id), region: src.region, snapshot: s.id },
-            None => Record::Rollback { volume: v.id, snapshot: s.id },
-        };
-        let info = self.run(reg, &[rec], |reg| volume_info(reg, &v))?;
-        tracing::info!(volume = %v.name, snapshot = %s.name, id = %snapshot_id(s.id), "volume rolled back");
-        Ok(info)
+        Ok(infos)
     }
 
     /// Opens a volume for reading and writing (one per NBD connection).

@@ -473,6 +473,27 @@ impl Registry {
     /// callers can release its slots. Live callers pass `staged`: the volume's earlier
     /// data-path records are moved there under the same state lock that applies `rec`, so in
     /// the journal they precede it exactly as they did in memory.
+    /// Applies a record — a batch's records in turn — and returns the maps it dropped.
+    /// Callers check beforehand that every record of a batch applies (under the registry
+    /// lock they hold), so none fails halfway.
+    pub(super) fn apply_all(
+        &mut self,
+        rec: &Record,
+        data_dir: &Path,
+        mut staged: Option<&mut Vec<u8>>,
+    ) -> Result<Vec<(ClusterMap, u32)>> {
+        match rec {
+            Record::Batch(records) => {
+                let mut dropped = Vec::new();
+                for r in records {
+                    dropped.extend(self.apply(r, data_dir, staged.as_deref_mut())?);
+                }
+                Ok(dropped)
+            }
+            _ => Ok(self.apply(rec, data_dir, staged)?.into_iter().collect()),
+        }
+    }
+
     pub(super) fn apply(
         &mut self,
         rec: &Record,
@@ -593,6 +614,9 @@ impl Registry {
                 }
                 Ok(None)
             }
+            Record::Batch(_) => Err(EngineError::Corrupt(
+                "journal nests a batch of records in another; the metadata is damaged, restore the daemon directory from a backup".into(),
+            )),
             Record::SnapshotDelete { snapshot } => {
                 let s = self.snapshots.remove(snapshot).ok_or_else(|| missing("snapshot", *snapshot))?;
                 if let Some(of) = self.by_volume.get_mut(&s.volume) {
