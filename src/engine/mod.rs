@@ -165,6 +165,7 @@ impl Engine {
         for rec in &records {
             reg.apply(rec, &data_dir, None)?;
         }
+        reg.recompute_families();
         reg.recompute_ownership_and_free_slots()?;
         // Records kept from a killed process may point at data it never synced: sync it
         // before the checkpoint below makes those records final.
