@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 use roaring::RoaringTreemap;
+use smallvec::SmallVec;
 
 use super::checkpoint::{SnapshotImage, State, VolumeImage};
 use super::commit::Regain;
@@ -327,7 +328,12 @@ pub(super) struct Registry {
     /// Snapshot → the snapshots and heads whose lineage parent it is: a delete re-parents
     /// them without a scan of every snapshot. Kept by `link` and `unlink` wherever a parent
     /// is set.
-    children: HashMap<u64, HashSet<Child>>,
+    /// (Most snapshots have one child: a small vector each, not a set, at 200,000 of them.)
+    children: HashMap<u64, SmallVec<[Child; 2]>>,
+    /// Store snapshot → the local snapshots taken of a volume while it was loading from it
+    /// (their unloaded clusters come from it): `store_dependents` without a scan of every
+    /// snapshot under a delete's registry lock.
+    by_store_source: HashMap<u64, BTreeSet<u64>>,
     /// Volume → its family; family → its volumes. Maps of different families never share a
     /// slot, so what a dropped map frees is decided by its family's maps alone, not by every
     /// snapshot's (docs/ARCHITECTURE.md, "Rollback, clone, delete"): sharing starts only
@@ -435,19 +441,36 @@ impl Registry {
         self.by_volume.entry(snap.volume).or_default().insert(snap.seq, snap.id);
         let parent = snap.lineage.lock().parent;
         self.link(parent, Child::Snapshot(snap.id));
+        if let Some(r) = snap.remote() {
+            self.by_store_source.entry(r.source.snapshot).or_default().insert(snap.id);
+        }
         self.snapshots.insert(snap.id, Arc::new(snap));
+    }
+
+    /// Drops a snapshot that is deleted or released from `by_store_source`.
+    fn forget_store_source(&mut self, s: &Snapshot) {
+        let Some(source) = s.remote().map(|r| r.source.snapshot) else { return };
+        if let Some(of) = self.by_store_source.get_mut(&source) {
+            of.remove(&s.id);
+            if of.is_empty() {
+                self.by_store_source.remove(&source);
+            }
+        }
     }
 
     fn link(&mut self, parent: Option<u64>, child: Child) {
         if let Some(p) = parent {
-            self.children.entry(p).or_default().insert(child);
+            let of = self.children.entry(p).or_default();
+            if !of.contains(&child) {
+                of.push(child);
+            }
         }
     }
 
     fn unlink(&mut self, parent: Option<u64>, child: Child) {
         let Some(p) = parent else { return };
         if let Some(of) = self.children.get_mut(&p) {
-            of.remove(&child);
+            of.retain(|c| *c != child);
             if of.is_empty() {
                 self.children.remove(&p);
             }
@@ -492,7 +515,8 @@ impl Registry {
             .filter(|v| from(v.state.read().remote.as_ref()))
             .map(|v| format!("volume {}", v.name))
             .collect();
-        out.extend(self.snapshots.values().filter(|s| from(s.remote())).map(|s| {
+        let snaps = self.by_store_source.get(&id).into_iter().flatten().filter_map(|s| self.snapshots.get(s));
+        out.extend(snaps.map(|s| {
             let vol = self.volumes.get(&s.volume).map_or("?", |v| v.name.as_str());
             format!("snapshot {vol}@{}", s.name)
         }));
@@ -656,6 +680,7 @@ impl Registry {
                 let s = self.snapshots.get(snapshot).ok_or_else(|| missing("snapshot", *snapshot))?;
                 let family = self.family(s.volume)?;
                 let s = self.snapshots.remove(snapshot).ok_or_else(|| missing("snapshot", *snapshot))?;
+                self.forget_store_source(&s);
                 if let Some(of) = self.by_volume.get_mut(&s.volume) {
                     of.remove(&s.seq);
                     if of.is_empty() {
@@ -671,7 +696,11 @@ impl Registry {
                 self.unlink(parent, Child::Snapshot(*snapshot));
                 let children = self.children.remove(snapshot).unwrap_or_default();
                 #[cfg(test)]
-                assert_eq!(children, self.children_by_scan(*snapshot), "the child index differs from a scan");
+                assert_eq!(
+                    children.iter().copied().collect::<HashSet<_>>(),
+                    self.children_by_scan(*snapshot),
+                    "the child index differs from a scan"
+                );
                 for child in &children {
                     match child {
                         Child::Snapshot(id) => {
@@ -710,6 +739,9 @@ impl Registry {
                 s.revoker.revoke();
                 let released = Arc::new(s.released());
                 let old = self.snapshots.insert(*snapshot, released);
+                if let Some(o) = &old {
+                    self.forget_store_source(o);
+                }
                 Ok(old.and_then(|o| {
                     o.map().map(|m| Dropped { map: m.clone(), cluster_size: o.cluster_size, family, near })
                 }))
@@ -1093,7 +1125,17 @@ impl Registry {
                 scanned.entry(p).or_default().insert(Child::Head(v.id));
             }
         }
-        assert_eq!(self.children, scanned, "the child index differs from a scan");
+        let indexed: HashMap<u64, HashSet<Child>> =
+            self.children.iter().map(|(p, of)| (*p, of.iter().copied().collect())).collect();
+        assert_eq!(indexed, scanned, "the child index differs from a scan");
+        assert!(self.children.values().all(|of| of.len() == of.iter().collect::<HashSet<_>>().len()));
+        let mut loading: HashMap<u64, BTreeSet<u64>> = HashMap::new();
+        for s in self.snapshots.values() {
+            if let Some(r) = s.remote() {
+                loading.entry(r.source.snapshot).or_default().insert(s.id);
+            }
+        }
+        assert_eq!(self.by_store_source, loading, "the store-source index differs from a scan");
         let ids: BTreeSet<u64> = self.volumes.keys().copied().collect();
         assert_eq!(self.family_of.keys().copied().collect::<BTreeSet<_>>(), ids, "volumes without a family");
         for (f, members) in &self.families {

@@ -839,6 +839,7 @@ fn hydrate_case(ops: Vec<(u8, u64, u64)>) {
             _ => {}
         }
         check(&engine, &model, &snaps);
+        engine.registry.read().check_indexes();
     }
     // Loading everything leaves a volume that no longer needs the store.
     let vol = parse_volume_id(&engine.volume("v").unwrap().id).unwrap();
@@ -893,7 +894,14 @@ fn deleting_a_snapshot_volumes_still_load_from_is_refused() {
     assert!(err.to_string().contains("volume w still load"), "{err}");
     // With the store copy kept (the store service defers its deletion), the snapshot goes and
     // the volume goes on loading from the store.
+    // A snapshot of w taken while it loads needs the store copy too, until it is deleted.
+    engine.create_snapshot("w", "t", "").unwrap();
+    let both = vec!["snapshot w@t".to_string(), "volume w".to_string()];
+    assert_eq!(engine.store_dependents(&snapshot_id(id)), both);
+    engine.registry.read().check_indexes();
+    engine.delete_snapshot("w@t", false).unwrap();
     assert_eq!(engine.store_dependents(&snapshot_id(id)), vec!["volume w".to_string()]);
+    engine.registry.read().check_indexes();
     engine.delete_snapshot("v@s", true).unwrap();
     assert_eq!(engine.snapshot("v@s").unwrap_err().kind(), ErrorKind::NotFound);
     assert!(read_all(&engine, "w", 1 << 20).iter().all(|&b| b == 1));
