@@ -13,8 +13,7 @@ use parking_lot::{Mutex, RwLockWriteGuard};
 use super::checkpoint;
 use super::error::{EngineError, Result};
 use super::journal::{Journal, Record};
-use super::map::ClusterMap;
-use super::registry::{Registry, Snapshot, Volume};
+use super::registry::{Dropped, Registry, Snapshot, Volume};
 use super::slots::{Frees, SlotFile};
 use super::Engine;
 
@@ -348,8 +347,7 @@ impl Engine {
         let (ticket, dropped) = self.stage(&mut reg, recs, false)?;
         // Under the same registry lock as the records, so no other operation can drop (and
         // free) a slot these maps hold in between.
-        let regained: Vec<Regain> =
-            dropped.iter().flat_map(|(map, cluster_size)| reg.release_dropped(map, *cluster_size)).collect();
+        let regained: Vec<Regain> = dropped.iter().flat_map(|d| reg.release_dropped(d)).collect();
         let out = then(&reg);
         drop(reg);
         self.commit_through(ticket)?;
@@ -362,12 +360,7 @@ impl Engine {
     /// everything staged to the journal now (crash-safe once written, power-safe once
     /// committed). Returns the commit number that makes them durable, and the maps they
     /// dropped.
-    pub(super) fn stage(
-        &self,
-        reg: &mut Registry,
-        recs: &[Record],
-        write: bool,
-    ) -> Result<(u64, Vec<(ClusterMap, u32)>)> {
+    pub(super) fn stage(&self, reg: &mut Registry, recs: &[Record], write: bool) -> Result<(u64, Vec<Dropped>)> {
         self.check_writable()?;
         let mut t = self.tail.lock();
         let mut dropped = Vec::new();

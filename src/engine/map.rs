@@ -9,6 +9,8 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 const FANOUT_BITS: u32 = 9;
 const FANOUT: usize = 1 << FANOUT_BITS;
 const MASK: u64 = FANOUT as u64 - 1;
@@ -174,6 +176,94 @@ impl ClusterMap {
         }
     }
 
+    /// Calls `f(cluster, entry)` for every non-zero entry of `self` that none of `others`
+    /// (maps of the same size) holds at that cluster. Subtrees one of them shares are skipped
+    /// unread, so this costs the pages `self` does not share with them.
+    pub(crate) fn for_each_unshared(&self, others: &[&ClusterMap], mut f: impl FnMut(u64, u64)) {
+        fn walk(node: &Arc<Node>, others: &[Option<&Arc<Node>>], level: u32, base: u64, f: &mut dyn FnMut(u64, u64)) {
+            if others.iter().flatten().any(|o| Arc::ptr_eq(o, node)) {
+                return;
+            }
+            match &**node {
+                Node::Leaf(entries) => {
+                    for (i, &e) in entries.iter().enumerate() {
+                        let held = |o: &Option<&Arc<Node>>| matches!(o.map(|n| &**n), Some(Node::Leaf(x)) if x[i] == e);
+                        if e != ZERO && !others.iter().any(held) {
+                            f(base + i as u64, e);
+                        }
+                    }
+                }
+                Node::Inner(children) => {
+                    for (i, child) in children.iter().enumerate() {
+                        let Some(c) = child else { continue };
+                        let theirs: SmallVec<[Option<&Arc<Node>>; 4]> = others
+                            .iter()
+                            .map(|o| match o.map(|n| &**n) {
+                                Some(Node::Inner(x)) => x[i].as_ref(),
+                                _ => None,
+                            })
+                            .collect();
+                        walk(c, &theirs, level - 1, base + i as u64 * span(level), f);
+                    }
+                }
+            }
+        }
+        if let Some(root) = &self.root {
+            let theirs: SmallVec<[_; 4]> =
+                others.iter().filter(|o| o.height == self.height).map(|o| o.root.as_ref()).collect();
+            walk(root, &theirs, self.height, 0, &mut f);
+        }
+    }
+
+    /// Calls `f(i, entry)` with the entry at `clusters[i]` (sorted, distinct) when it is
+    /// non-zero, reading only the pages on their paths, and none already in `seen` (a page
+    /// at one position shared with a map probed before for the same clusters): probing many
+    /// snapshots of one volume costs their distinct pages around `clusters`.
+    pub(crate) fn probe_distinct(
+        &self,
+        clusters: &[u64],
+        seen: &mut HashSet<(*const Node, u64)>,
+        mut f: impl FnMut(usize, u64),
+    ) {
+        fn walk(
+            node: &Arc<Node>,
+            level: u32,
+            base: u64,
+            clusters: &[u64],
+            first: usize,
+            seen: &mut HashSet<(*const Node, u64)>,
+            f: &mut dyn FnMut(usize, u64),
+        ) {
+            if !seen.insert((Arc::as_ptr(node), base)) {
+                return;
+            }
+            match &**node {
+                Node::Leaf(entries) => {
+                    for (k, &c) in clusters.iter().enumerate() {
+                        let e = entries[index_at(c, 1)];
+                        if e != ZERO {
+                            f(first + k, e);
+                        }
+                    }
+                }
+                Node::Inner(children) => {
+                    let mut k = 0;
+                    while k < clusters.len() {
+                        let i = index_at(clusters[k], level);
+                        let n = clusters[k..].iter().take_while(|&&c| index_at(c, level) == i).count();
+                        if let Some(c) = &children[i] {
+                            walk(c, level - 1, base + i as u64 * span(level), &clusters[k..k + n], first + k, seen, f);
+                        }
+                        k += n;
+                    }
+                }
+            }
+        }
+        if let Some(root) = &self.root {
+            walk(root, self.height, 0, clusters, 0, seen, &mut f);
+        }
+    }
+
     pub(crate) fn root(&self) -> Option<&Arc<Node>> {
         self.root.as_ref()
     }
@@ -293,6 +383,45 @@ mod tests {
             let want: Vec<_> = set.iter().filter(|&&c| c >= start && c < end).map(|&c| (c, c + 1)).collect();
             assert_eq!(seen, want, "range {start}..{end}");
         }
+    }
+
+    #[test]
+    fn unshared_entries_are_those_no_other_map_holds_at_that_cluster() {
+        let mut a = ClusterMap::new(1 << 20);
+        for c in (0..1 << 20).step_by(1021) {
+            a.set(c, c + 1);
+        }
+        let mut b = a.clone();
+        let mut c = a.clone();
+        b.set(0, 500_000_000); // a's entry at 0 stays in c
+        b.set(1021, 0); // a's entry at 1021 is in neither
+        c.set(1021, 7);
+        a.set(300_000, 9); // only in a
+        let mut seen = vec![];
+        a.for_each_unshared(&[&b, &c], |cl, e| seen.push((cl, e)));
+        assert_eq!(seen, vec![(1021, 1022), (300_000, 9)]);
+        seen.clear();
+        a.for_each_unshared(&[&b, &a.clone()], |cl, e| seen.push((cl, e)));
+        assert!(seen.is_empty(), "a copy holds everything");
+    }
+
+    #[test]
+    fn probing_reads_the_entries_at_the_clusters_and_skips_pages_probed_before() {
+        let mut a = ClusterMap::new(1 << 20);
+        for c in [3u64, 600, 700_000] {
+            a.set(c, c + 1);
+        }
+        let mut b = a.clone();
+        b.set(600, 42);
+        let clusters = [3u64, 4, 600, 700_000];
+        let mut seen = HashSet::new();
+        let mut got = vec![];
+        a.probe_distinct(&clusters, &mut seen, |i, e| got.push((i, e)));
+        assert_eq!(got, vec![(0, 4), (2, 601), (3, 700_001)]);
+        got.clear();
+        // b shares the pages of clusters 3 and 700_000 with a: only its new page is read.
+        b.probe_distinct(&clusters, &mut seen, |i, e| got.push((i, e)));
+        assert_eq!(got, vec![(2, 42)]);
     }
 
     #[test]

@@ -168,6 +168,7 @@ impl Engine {
         for rec in &records {
             reg.apply_all(rec, &data_dir, None)?;
         }
+        reg.recompute_families();
         reg.recompute_ownership_and_free_slots()?;
         // Records kept from a killed process may point at data it never synced: sync it
         // before the checkpoint below makes those records final.
@@ -651,7 +652,8 @@ impl Engine {
             });
         }
         let rec = if recs.len() == 1 { recs.remove(0) } else { Record::Batch(recs) };
-        let infos = self.run(reg, &[rec], |reg| found.iter().map(|(v, _, _, _)| volume_info(reg, v)).collect::<Vec<_>>())?;
+        let infos =
+            self.run(reg, &[rec], |reg| found.iter().map(|(v, _, _, _)| volume_info(reg, v)).collect::<Vec<_>>())?;
         for (v, s, _, _) in &found {
             tracing::info!(volume = %v.name, snapshot = %s.name, id = %snapshot_id(s.id), "volume rolled back");
         }

@@ -3,13 +3,14 @@
 //! and at recovery (replaying the journal over the checkpoint). Also what a dropped map frees
 //! (`release_dropped`), start-up ownership, and the checkpoint image.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 use roaring::RoaringTreemap;
+use smallvec::SmallVec;
 
 use super::checkpoint::{SnapshotImage, State, VolumeImage};
 use super::commit::Regain;
@@ -298,6 +299,24 @@ pub(crate) struct Lineage {
     pub(crate) anchor: Option<RemoteSource>,
 }
 
+/// A node whose lineage parent is a snapshot (see `Registry::children`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub(super) enum Child {
+    Snapshot(u64),
+    /// The head of this volume.
+    Head(u64),
+}
+
+/// A map a record dropped, for `Registry::release_dropped`: the other maps that may still
+/// hold its slots are those of `family`; `near` are the snapshots next to it in the lineage,
+/// which hold most of what it shares.
+pub(super) struct Dropped {
+    pub(super) map: ClusterMap,
+    pub(super) cluster_size: u32,
+    pub(super) family: u64,
+    pub(super) near: Vec<u64>,
+}
+
 #[derive(Default)]
 pub(super) struct Registry {
     pub(super) volumes: HashMap<u64, Arc<Volume>>,
@@ -306,6 +325,25 @@ pub(super) struct Registry {
     /// of every snapshot (200 volumes × 1,000 snapshots). Kept with `snapshots` by
     /// [`Registry::add_snapshot`] and the delete.
     by_volume: HashMap<u64, BTreeMap<u64, u64>>,
+    /// Snapshot → the snapshots and heads whose lineage parent it is: a delete re-parents
+    /// them without a scan of every snapshot. Kept by `link` and `unlink` wherever a parent
+    /// is set.
+    /// (Most snapshots have one child: a small vector each, not a set, at 200,000 of them.)
+    children: HashMap<u64, SmallVec<[Child; 2]>>,
+    /// Store snapshot → the local snapshots taken of a volume while it was loading from it
+    /// (their unloaded clusters come from it): `store_dependents` without a scan of every
+    /// snapshot under a delete's registry lock.
+    by_store_source: HashMap<u64, BTreeSet<u64>>,
+    /// Volume → its family; family → its volumes. Maps of different families never share a
+    /// slot, so what a dropped map frees is decided by its family's maps alone, not by every
+    /// snapshot's (docs/ARCHITECTURE.md, "Rollback, clone, delete"): sharing starts only
+    /// within a volume (snapshot, rollback) or with a clone, which joins its origin's
+    /// family; every other map change installs a fresh slot. Families only grow while the
+    /// daemon runs (a volume leaves when deleted); start-up recomputes them from what the
+    /// maps share (`recompute_families`).
+    family_of: HashMap<u64, u64>,
+    families: HashMap<u64, BTreeSet<u64>>,
+    next_family: u64,
     pub(super) slot_files: HashMap<u32, Arc<SlotFile>>,
     pub(super) next_seq: u64,
 }
@@ -403,9 +441,77 @@ impl Registry {
         self.by_volume.get(&volume).map_or(0, |of| of.len() as u64)
     }
 
+    /// A volume's snapshots, oldest first, without building a list.
+    fn snapshots_iter(&self, volume: u64) -> impl Iterator<Item = &Arc<Snapshot>> + '_ {
+        self.by_volume.get(&volume).into_iter().flat_map(|of| of.values()).filter_map(|id| self.snapshots.get(id))
+    }
+
     fn add_snapshot(&mut self, snap: Snapshot) {
         self.by_volume.entry(snap.volume).or_default().insert(snap.seq, snap.id);
+        let parent = snap.lineage.lock().parent;
+        self.link(parent, Child::Snapshot(snap.id));
+        if let Some(r) = snap.remote() {
+            self.by_store_source.entry(r.source.snapshot).or_default().insert(snap.id);
+        }
         self.snapshots.insert(snap.id, Arc::new(snap));
+    }
+
+    /// Drops a snapshot that is deleted or released from `by_store_source`.
+    fn forget_store_source(&mut self, s: &Snapshot) {
+        let Some(source) = s.remote().map(|r| r.source.snapshot) else { return };
+        if let Some(of) = self.by_store_source.get_mut(&source) {
+            of.remove(&s.id);
+            if of.is_empty() {
+                self.by_store_source.remove(&source);
+            }
+        }
+    }
+
+    fn link(&mut self, parent: Option<u64>, child: Child) {
+        if let Some(p) = parent {
+            let of = self.children.entry(p).or_default();
+            if !of.contains(&child) {
+                of.push(child);
+            }
+        }
+    }
+
+    fn unlink(&mut self, parent: Option<u64>, child: Child) {
+        let Some(p) = parent else { return };
+        if let Some(of) = self.children.get_mut(&p) {
+            of.retain(|c| *c != child);
+            if of.is_empty() {
+                self.children.remove(&p);
+            }
+        }
+    }
+
+    /// Puts a volume in `family`, or in a new one of its own.
+    fn join_family(&mut self, volume: u64, family: Option<u64>) {
+        let f = family.unwrap_or_else(|| {
+            self.next_family += 1;
+            self.next_family
+        });
+        self.family_of.insert(volume, f);
+        self.families.entry(f).or_default().insert(volume);
+    }
+
+    fn leave_family(&mut self, volume: u64) {
+        let Some(f) = self.family_of.remove(&volume) else { return };
+        if let Some(members) = self.families.get_mut(&f) {
+            members.remove(&volume);
+            if members.is_empty() {
+                self.families.remove(&f);
+            }
+        }
+    }
+
+    fn family(&self, volume: u64) -> Result<u64> {
+        self.family_of.get(&volume).copied().ok_or_else(|| {
+            EngineError::Corrupt(format!(
+                "volume {volume:016x} belongs to no family; the metadata is damaged, restore the daemon directory from a backup"
+            ))
+        })
     }
 
     /// Volumes loading clusters from the store copy of snapshot `id`, and snapshots taken
@@ -418,7 +524,8 @@ impl Registry {
             .filter(|v| from(v.state.read().remote.as_ref()))
             .map(|v| format!("volume {}", v.name))
             .collect();
-        out.extend(self.snapshots.values().filter(|s| from(s.remote())).map(|s| {
+        let snaps = self.by_store_source.get(&id).into_iter().flatten().filter_map(|s| self.snapshots.get(s));
+        out.extend(snaps.map(|s| {
             let vol = self.volumes.get(&s.volume).map_or("?", |v| v.name.as_str());
             format!("snapshot {vol}@{}", s.name)
         }));
@@ -481,7 +588,7 @@ impl Registry {
         rec: &Record,
         data_dir: &Path,
         mut staged: Option<&mut Vec<u8>>,
-    ) -> Result<Vec<(ClusterMap, u32)>> {
+    ) -> Result<Vec<Dropped>> {
         match rec {
             Record::Batch(records) => {
                 let mut dropped = Vec::new();
@@ -499,7 +606,7 @@ impl Registry {
         rec: &Record,
         data_dir: &Path,
         mut staged: Option<&mut Vec<u8>>,
-    ) -> Result<Option<(ClusterMap, u32)>> {
+    ) -> Result<Option<Dropped>> {
         let mut drain = |v: &Volume| {
             if let Some(out) = staged.as_deref_mut() {
                 let mut p = v.pending.lock();
@@ -526,15 +633,16 @@ impl Registry {
             Record::VolumeCreate { volume, name, size, cluster_size, created, origin } => {
                 let slots = self.slot_file(data_dir, *cluster_size)?;
                 let clusters = size.div_ceil(*cluster_size as u64);
-                let (head, allocated, remote) = match origin {
+                // A clone shares its origin's slots: it joins the origin volume's family.
+                let (head, allocated, remote, family) = match origin {
                     Some(s) => match &**self.snapshots.get(s).ok_or_else(|| missing("snapshot", *s))? {
-                        Snapshot { data: SnapshotData::Local { map, remote, .. }, allocated, .. } => {
-                            (map.clone(), *allocated, remote.clone())
+                        Snapshot { data: SnapshotData::Local { map, remote, .. }, allocated, volume, .. } => {
+                            (map.clone(), *allocated, remote.clone(), Some(self.family(*volume)?))
                         }
                         // A clone of a released snapshot: its head comes with `RemoteHead`.
-                        Snapshot { data: SnapshotData::Released, .. } => (ClusterMap::new(clusters), 0, None),
+                        Snapshot { data: SnapshotData::Released, .. } => (ClusterMap::new(clusters), 0, None, None),
                     },
-                    None => (ClusterMap::new(clusters), 0, None),
+                    None => (ClusterMap::new(clusters), 0, None, None),
                 };
                 let meta = VolumeMeta {
                     id: *volume,
@@ -546,15 +654,20 @@ impl Registry {
                 };
                 let state = VolumeState::new(head, clusters, allocated, remote);
                 self.volumes.insert(*volume, Arc::new(Volume::new(meta, slots, state)));
+                self.join_family(*volume, family);
                 Ok(None)
             }
             Record::VolumeDelete { volume } => {
+                let family = self.family(*volume)?;
                 let v = self.volumes.remove(volume).ok_or_else(|| missing("volume", *volume))?;
                 v.revoker.revoke();
                 let st = v.state.write();
                 drain(&v);
-                let head = st.head.clone();
-                Ok(Some((head, v.cluster_size)))
+                let (map, parent) = (st.head.clone(), st.parent);
+                drop(st);
+                self.unlink(parent, Child::Head(*volume));
+                self.leave_family(*volume);
+                Ok(Some(Dropped { map, cluster_size: v.cluster_size, family, near: parent.into_iter().collect() }))
             }
             Record::SnapshotCreate { volume, snapshot, seq, name, description, created } => {
                 let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
@@ -568,10 +681,12 @@ impl Registry {
                     ))
                 })?;
                 drain(v);
-                let snap =
+                let (snap, old_parent) =
                     cut(v, &mut st, Taken { id: *snapshot, seq: *seq, name, description, created: *created }, seal);
                 drop(st);
                 self.next_seq = self.next_seq.max(seq + 1);
+                self.unlink(old_parent, Child::Head(*volume));
+                self.link(Some(*snapshot), Child::Head(*volume));
                 self.add_snapshot(snap);
                 Ok(None)
             }
@@ -605,11 +720,13 @@ impl Registry {
                     drain(v);
                     let id = members[k].1;
                     let taken = Taken { id, seq: seq + k as u64, name, description, created: *created };
-                    snaps.push(cut(v, st, taken, seal));
+                    snaps.push((v.id, cut(v, st, taken, seal)));
                 }
                 drop(guards);
                 self.next_seq = self.next_seq.max(seq + vols.len() as u64);
-                for snap in snaps {
+                for (volume, (snap, old_parent)) in snaps {
+                    self.unlink(old_parent, Child::Head(volume));
+                    self.link(Some(snap.id), Child::Head(volume));
                     self.add_snapshot(snap);
                 }
                 Ok(None)
@@ -618,7 +735,10 @@ impl Registry {
                 "journal nests a batch of records in another; the metadata is damaged, restore the daemon directory from a backup".into(),
             )),
             Record::SnapshotDelete { snapshot } => {
+                let s = self.snapshots.get(snapshot).ok_or_else(|| missing("snapshot", *snapshot))?;
+                let family = self.family(s.volume)?;
                 let s = self.snapshots.remove(snapshot).ok_or_else(|| missing("snapshot", *snapshot))?;
+                self.forget_store_source(&s);
                 if let Some(of) = self.by_volume.get_mut(&s.volume) {
                     of.remove(&s.seq);
                     if of.is_empty() {
@@ -631,32 +751,63 @@ impl Registry {
                     (l.parent, l.changed.clone())
                 };
                 // Whatever was relative to the deleted snapshot is now relative to its parent.
-                for other in self.snapshots.values() {
-                    let mut l = other.lineage.lock();
-                    if l.parent == Some(*snapshot) {
-                        l.parent = parent;
-                        l.changed |= &changed;
+                self.unlink(parent, Child::Snapshot(*snapshot));
+                let children = self.children.remove(snapshot).unwrap_or_default();
+                #[cfg(test)]
+                assert_eq!(
+                    children.iter().copied().collect::<HashSet<_>>(),
+                    self.children_by_scan(*snapshot),
+                    "the child index differs from a scan"
+                );
+                for child in &children {
+                    match child {
+                        Child::Snapshot(id) => {
+                            if let Some(other) = self.snapshots.get(id) {
+                                let mut l = other.lineage.lock();
+                                l.parent = parent;
+                                l.changed |= &changed;
+                            }
+                        }
+                        Child::Head(id) => {
+                            if let Some(v) = self.volumes.get(id) {
+                                let mut st = v.state.write();
+                                st.parent = parent;
+                                st.dirty |= &changed;
+                            }
+                        }
                     }
                 }
-                for v in self.volumes.values() {
-                    let mut st = v.state.write();
-                    if st.parent == Some(*snapshot) {
-                        st.parent = parent;
-                        st.dirty |= &changed;
+                let mut near: Vec<u64> = parent.into_iter().collect();
+                for c in children {
+                    if let Child::Snapshot(id) = c {
+                        near.push(id);
                     }
+                    self.link(parent, c);
                 }
-                Ok(s.map().map(|m| (m.clone(), s.cluster_size)))
+                Ok(s.map().map(|m| Dropped { map: m.clone(), cluster_size: s.cluster_size, family, near }))
             }
             Record::SnapshotRelease { snapshot } => {
                 let s = self.snapshots.get(snapshot).ok_or_else(|| missing("snapshot", *snapshot))?;
+                let family = self.family(s.volume)?;
+                let mut near: Vec<u64> = s.lineage.lock().parent.into_iter().collect();
+                near.extend(self.children.get(snapshot).into_iter().flatten().filter_map(|c| match c {
+                    Child::Snapshot(id) => Some(*id),
+                    Child::Head(_) => None,
+                }));
                 s.revoker.revoke();
                 let released = Arc::new(s.released());
                 let old = self.snapshots.insert(*snapshot, released);
-                Ok(old.and_then(|o| o.map().map(|m| (m.clone(), o.cluster_size))))
+                if let Some(o) = &old {
+                    self.forget_store_source(o);
+                }
+                Ok(old.and_then(|o| {
+                    o.map().map(|m| Dropped { map: m.clone(), cluster_size: o.cluster_size, family, near })
+                }))
             }
             Record::Rollback { volume, snapshot } => {
                 let s = self.snapshots.get(snapshot).ok_or_else(|| missing("snapshot", *snapshot))?;
-                let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
+                let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?.clone();
+                let family = self.family(*volume)?;
                 // (A rollback to a released snapshot is a `RemoteHead` record.)
                 let SnapshotData::Local { map, remote, .. } = &s.data else {
                     return Err(EngineError::Corrupt(format!(
@@ -664,18 +815,23 @@ impl Registry {
                     )));
                 };
                 let mut st = v.state.write();
-                drain(v);
+                drain(&v);
                 let old = std::mem::replace(&mut st.head, map.clone());
                 st.dirty.clear();
                 st.owned.clear();
-                st.parent = Some(*snapshot);
+                let old_parent = st.parent.replace(*snapshot);
                 st.allocated = s.allocated;
                 st.remote = remote.clone();
                 st.anchor = s.lineage.lock().anchor.clone();
-                Ok(Some((old, v.cluster_size)))
+                drop(st);
+                self.unlink(old_parent, Child::Head(*volume));
+                self.link(Some(*snapshot), Child::Head(*volume));
+                let near = old_parent.into_iter().chain([*snapshot]).collect();
+                Ok(Some(Dropped { map: old, cluster_size: v.cluster_size, family, near }))
             }
             Record::RemoteHead { volume, parent, region, snapshot } => {
-                let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
+                let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?.clone();
+                let family = self.family(*volume)?;
                 let source = RemoteSource { region: region.clone(), snapshot: *snapshot };
                 // Rolling back to a released snapshot keeps its lineage's anchor; a volume
                 // created from a remote snapshot is anchored at it.
@@ -686,16 +842,24 @@ impl Registry {
                     None => Some(source.clone()),
                 };
                 let mut st = v.state.write();
-                drain(v);
+                drain(&v);
                 let fresh = ClusterMap::new(st.clusters);
                 let old = std::mem::replace(&mut st.head, fresh);
                 st.dirty.clear();
                 st.owned.clear();
-                st.parent = *parent;
+                let old_parent = std::mem::replace(&mut st.parent, *parent);
                 st.allocated = 0;
                 st.remote = Some(Remote::new(source));
                 st.anchor = anchor;
-                Ok(Some((old, v.cluster_size)))
+                drop(st);
+                self.unlink(old_parent, Child::Head(*volume));
+                self.link(*parent, Child::Head(*volume));
+                Ok(Some(Dropped {
+                    map: old,
+                    cluster_size: v.cluster_size,
+                    family,
+                    near: old_parent.into_iter().collect(),
+                }))
             }
             Record::Hydrate { volume, cluster, entry } => {
                 let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
@@ -714,26 +878,10 @@ impl Registry {
         }
     }
 
-    /// Slots referenced by any snapshot map of this cluster size (shared nodes visited once).
-    pub(super) fn snapshot_slots(&self, cluster_size: u32) -> RoaringTreemap {
-        let mut live = RoaringTreemap::new();
-        let mut seen = std::collections::HashSet::new();
-        for s in self.snapshots.values().filter(|s| s.cluster_size == cluster_size) {
-            let Some(map) = s.map() else { continue };
-            map.for_each_distinct_leaf(&mut seen, |_, e| {
-                live.insert(e - 1);
-            });
-        }
-        live
-    }
-
     /// Heads of all volumes of this cluster size (O(1) clones taken under each read lock).
-    pub(super) fn heads(&self, cluster_size: u32) -> Vec<(Arc<Volume>, ClusterMap)> {
-        self.volumes
-            .values()
-            .filter(|v| v.cluster_size == cluster_size)
-            .map(|v| (v.clone(), v.state.read().head.clone()))
-            .collect()
+    fn heads(&self, cluster_size: u32) -> Vec<(Arc<Volume>, ClusterMap)> {
+        let of_size = self.volumes.values().filter(|v| v.cluster_size == cluster_size);
+        of_size.map(|v| (v.clone(), v.state.read().head.clone())).collect()
     }
 
     /// After a map was dropped (snapshot delete, release, rollback, volume delete), under the
@@ -742,33 +890,113 @@ impl Registry {
     /// the commit that takes them, and every commit writes every record staged or pending
     /// before it takes its frees (`Engine::commit_begin`), so the record is durable first.
     ///
+    /// A slot stays while a snapshot map holds it; else it is freed if no head holds it,
+    /// regained if exactly one does. Slots keep their cluster in every map that shares them
+    /// (maps share slots only by being copies), so "holds" means "at the same cluster".
+    /// The cost is the dropped map's pages that its lineage neighbours do not share, plus,
+    /// for the entries none of them holds, their pages in the maps of its family — the only
+    /// maps that can hold its slots (see `family_of`) — not every snapshot's whole map.
+    ///
     /// Returns the slots a single head is now the only holder of: the head may write them in
     /// place again, but only once the record is durable (see `Regain`).
-    pub(super) fn release_dropped(&self, dropped: &ClusterMap, cluster_size: u32) -> Vec<Regain> {
-        let Some(slots) = self.slot_files.get(&cluster_size) else { return Vec::new() };
-        let in_snapshots = self.snapshot_slots(cluster_size);
-        let heads = self.heads(cluster_size);
-        let mut regained = Vec::new();
-        dropped.for_each_nonzero(|cluster, entry| {
-            if in_snapshots.contains(entry - 1) {
-                return;
-            }
-            let mut holders = heads.iter().filter(|(_, h)| h.get(cluster) == entry);
-            match (holders.next(), holders.next()) {
-                (None, _) => slots.release(entry - 1),
-                (Some((vol, _)), None) => {
-                    regained.push(Regain { vol: vol.clone(), cluster, entry, seal: vol.state.read().seal })
-                }
-                _ => {}
-            }
-        });
+    pub(super) fn release_dropped(&self, dropped: &Dropped) -> Vec<Regain> {
+        let Some(slots) = self.slot_files.get(&dropped.cluster_size) else { return Vec::new() };
+        // Writers change heads meanwhile (only ever dropping a shared slot, never taking one):
+        // the check against the full walk needs both to see the same heads.
+        #[cfg(test)]
+        let heads: HashMap<u64, ClusterMap> =
+            self.volumes.values().map(|v| (v.id, v.state.read().head.clone())).collect();
+        #[cfg(test)]
+        let head_of = |v: &Volume| heads[&v.id].clone();
+        #[cfg(not(test))]
+        let head_of = |v: &Volume| v.state.read().head.clone();
+        let (freed, regained) = self.fate(dropped, head_of);
+        #[cfg(test)]
+        self.assert_fate_matches_full_walk(dropped, head_of, &freed, &regained);
+        freed.into_iter().for_each(|slot| slots.release(slot));
         regained
+    }
+
+    /// The decision of `release_dropped`, with each head's map from `head_of`.
+    fn fate(&self, dropped: &Dropped, head_of: impl Fn(&Volume) -> ClusterMap) -> (Vec<u64>, Vec<Regain>) {
+        let near: Vec<&ClusterMap> = dropped.near.iter().filter_map(|id| self.snapshots.get(id)?.map()).collect();
+        let mut candidates = Vec::new();
+        dropped.map.for_each_unshared(&near, |cluster, entry| candidates.push((cluster, entry)));
+        if candidates.is_empty() {
+            return (Vec::new(), Vec::new());
+        }
+        let members: Vec<&Arc<Volume>> =
+            self.families.get(&dropped.family).into_iter().flatten().filter_map(|v| self.volumes.get(v)).collect();
+        let clusters: Vec<u64> = candidates.iter().map(|&(c, _)| c).collect();
+        let mut in_snapshot = vec![false; candidates.len()];
+        let mut seen = HashSet::new();
+        for map in members.iter().flat_map(|v| self.snapshots_iter(v.id)).filter_map(|s| s.map()) {
+            map.probe_distinct(&clusters, &mut seen, |i, e| in_snapshot[i] |= e == candidates[i].1);
+        }
+        let unheld = candidates.into_iter().zip(in_snapshot).filter(|(_, held)| !held).map(|(c, _)| c);
+        let heads: Vec<_> = members.into_iter().map(|v| (v.clone(), head_of(v))).collect();
+        settle(unheld, &heads)
+    }
+
+    /// Startup: families from what the maps share now. (The journal and the checkpoint do
+    /// not say which volumes a deleted origin snapshot joined; volumes that share nothing any
+    /// more may part.) Volumes sharing a slot, directly or through others, form one family.
+    pub(super) fn recompute_families(&mut self) {
+        self.family_of.clear();
+        self.families.clear();
+        let mut by_size: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        for v in self.volumes.values() {
+            by_size.entry(v.cluster_size).or_default().push(v.id);
+        }
+        for mut ids in by_size.into_values() {
+            ids.sort_unstable();
+            // Families so far with the union of their slots, and the union of all of those.
+            let mut groups: Vec<(Vec<u64>, RoaringTreemap)> = Vec::new();
+            let mut all = RoaringTreemap::new();
+            for id in ids {
+                let mut mine = self.volume_slots(id);
+                let mut members = vec![id];
+                let shares = !mine.is_disjoint(&all);
+                all |= &mine;
+                if shares {
+                    let mut i = 0;
+                    while i < groups.len() {
+                        if groups[i].1.is_disjoint(&mine) {
+                            i += 1;
+                        } else {
+                            let (m, slots) = groups.swap_remove(i);
+                            members.extend(m);
+                            mine |= slots;
+                        }
+                    }
+                }
+                groups.push((members, mine));
+            }
+            for (members, _) in groups {
+                self.next_family += 1;
+                for &v in &members {
+                    self.family_of.insert(v, self.next_family);
+                }
+                self.families.insert(self.next_family, members.into_iter().collect());
+            }
+        }
+    }
+
+    /// Slots a volume's head and local snapshots reference.
+    fn volume_slots(&self, volume: u64) -> RoaringTreemap {
+        let mut out = slots_in(self.snapshots_iter(volume));
+        if let Some(v) = self.volumes.get(&volume) {
+            v.state.read().head.for_each_nonzero(|_, e| {
+                out.insert(e - 1);
+            });
+        }
+        out
     }
 
     /// Startup: exact ownership for every head and the free list of every slot file.
     pub(super) fn recompute_ownership_and_free_slots(&self) -> Result<()> {
         for (&cluster_size, slots) in &self.slot_files {
-            let mut live = self.snapshot_slots(cluster_size);
+            let mut live = slots_in(self.snapshots.values().filter(|s| s.cluster_size == cluster_size));
             let heads = self.heads(cluster_size);
             let (mut in_heads, mut shared) = (RoaringTreemap::new(), RoaringTreemap::new());
             for (_, head) in &heads {
@@ -860,7 +1088,11 @@ impl Registry {
                 created: v.created,
                 origin: v.origin,
             };
-            reg.volumes.insert(meta.id, Arc::new(Volume::new(meta, slots, st)));
+            let (id, parent) = (meta.id, st.parent);
+            reg.volumes.insert(id, Arc::new(Volume::new(meta, slots, st)));
+            reg.link(parent, Child::Head(id));
+            // One family each until start-up recomputes them (`recompute_families`).
+            reg.join_family(id, None);
         }
         for s in state.snapshots {
             let v = reg.volumes.get(&s.volume).ok_or_else(|| {
@@ -889,6 +1121,94 @@ impl Registry {
             reg.add_snapshot(Snapshot::new(meta, lineage, data));
         }
         Ok(reg)
+    }
+}
+
+/// The full walks the indexes replace, kept as oracles: every engine test checks each delete's
+/// re-parenting and each dropped map's frees against them.
+#[cfg(test)]
+impl Registry {
+    /// Children of snapshot `id` by a scan of every snapshot and head.
+    pub(super) fn children_by_scan(&self, id: u64) -> HashSet<Child> {
+        let snaps =
+            self.snapshots.values().filter(|s| s.lineage.lock().parent == Some(id)).map(|s| Child::Snapshot(s.id));
+        let heads = self.volumes.values().filter(|v| v.state.read().parent == Some(id)).map(|v| Child::Head(v.id));
+        snaps.chain(heads).collect()
+    }
+
+    /// What a dropped map frees and regains, decided against every map of its cluster size.
+    fn assert_fate_matches_full_walk(
+        &self,
+        dropped: &Dropped,
+        head_of: impl Fn(&Volume) -> ClusterMap,
+        freed: &[u64],
+        regained: &[Regain],
+    ) {
+        let cs = dropped.cluster_size;
+        let in_snapshots = slots_in(self.snapshots.values().filter(|s| s.cluster_size == cs));
+        let mut entries = Vec::new();
+        dropped.map.for_each_nonzero(|c, e| {
+            if !in_snapshots.contains(e - 1) {
+                entries.push((c, e));
+            }
+        });
+        let heads: Vec<_> =
+            self.volumes.values().filter(|v| v.cluster_size == cs).map(|v| (v.clone(), head_of(v))).collect();
+        let (want_freed, want_regained) = settle(entries.into_iter(), &heads);
+        let key = |r: &[Regain]| {
+            let mut k: Vec<_> = r.iter().map(|g| (g.vol.id, g.cluster, g.entry)).collect();
+            k.sort_unstable();
+            k
+        };
+        let sorted = |f: &[u64]| {
+            let mut f = f.to_vec();
+            f.sort_unstable();
+            f
+        };
+        assert_eq!(sorted(freed), sorted(&want_freed), "slots freed differ from the full walk's");
+        assert_eq!(key(regained), key(&want_regained), "slots regained differ from the full walk's");
+    }
+
+    /// The child index equals a scan, every volume is in exactly one family, and volumes of
+    /// different families share no slot.
+    pub(super) fn check_indexes(&self) {
+        let mut scanned: HashMap<u64, HashSet<Child>> = HashMap::new();
+        for s in self.snapshots.values() {
+            if let Some(p) = s.lineage.lock().parent {
+                scanned.entry(p).or_default().insert(Child::Snapshot(s.id));
+            }
+        }
+        for v in self.volumes.values() {
+            if let Some(p) = v.state.read().parent {
+                scanned.entry(p).or_default().insert(Child::Head(v.id));
+            }
+        }
+        let indexed: HashMap<u64, HashSet<Child>> =
+            self.children.iter().map(|(p, of)| (*p, of.iter().copied().collect())).collect();
+        assert_eq!(indexed, scanned, "the child index differs from a scan");
+        assert!(self.children.values().all(|of| of.len() == of.iter().collect::<HashSet<_>>().len()));
+        let mut loading: HashMap<u64, BTreeSet<u64>> = HashMap::new();
+        for s in self.snapshots.values() {
+            if let Some(r) = s.remote() {
+                loading.entry(r.source.snapshot).or_default().insert(s.id);
+            }
+        }
+        assert_eq!(self.by_store_source, loading, "the store-source index differs from a scan");
+        let ids: BTreeSet<u64> = self.volumes.keys().copied().collect();
+        assert_eq!(self.family_of.keys().copied().collect::<BTreeSet<_>>(), ids, "volumes without a family");
+        for (f, members) in &self.families {
+            assert!(!members.is_empty(), "empty family {f}");
+            assert!(members.iter().all(|v| self.family_of.get(v) == Some(f)), "family {f} lists a volume of another");
+        }
+        let slots: Vec<(u64, u32, RoaringTreemap)> =
+            self.volumes.values().map(|v| (v.id, v.cluster_size, self.volume_slots(v.id))).collect();
+        for (i, (a, cs_a, sa)) in slots.iter().enumerate() {
+            for (b, cs_b, sb) in &slots[i + 1..] {
+                if cs_a == cs_b && self.family_of[a] != self.family_of[b] {
+                    assert!(sa.is_disjoint(sb), "volumes {a:016x} and {b:016x} share slots across families");
+                }
+            }
+        }
     }
 }
 
@@ -934,7 +1254,8 @@ struct Taken<'a> {
 /// A snapshot of volume `v` as it is now (its state locked by the caller, its pending records
 /// drained): the head's map shared (O(1)), the changes since the previous snapshot taken as
 /// its changed set; the head owns nothing any more (its next writes redirect).
-fn cut(v: &Volume, st: &mut VolumeState, t: Taken<'_>, seal: u64) -> Snapshot {
+/// Returns it with the head's previous parent.
+fn cut(v: &Volume, st: &mut VolumeState, t: Taken<'_>, seal: u64) -> (Snapshot, Option<u64>) {
     let id = t.id;
     let meta = SnapshotMeta {
         id,
@@ -952,8 +1273,8 @@ fn cut(v: &Volume, st: &mut VolumeState, t: Taken<'_>, seal: u64) -> Snapshot {
     let snap = Snapshot::new(meta, lineage, data);
     st.owned.clear();
     st.seal = seal;
-    st.parent = Some(id);
-    snap
+    let old_parent = st.parent.replace(id);
+    (snap, old_parent)
 }
 
 pub(super) fn snapshot_info(reg: &Registry, s: &Snapshot, durable: bool) -> SnapshotInfo {
@@ -978,4 +1299,34 @@ pub(super) fn snapshot_info(reg: &Registry, s: &Snapshot, durable: bool) -> Snap
         local: !s.is_released(),
         durable,
     }
+}
+
+/// Slots referenced by these snapshots' maps (shared nodes visited once).
+fn slots_in<'a>(snapshots: impl Iterator<Item = &'a Arc<Snapshot>>) -> RoaringTreemap {
+    let mut live = RoaringTreemap::new();
+    let mut seen = HashSet::new();
+    for s in snapshots {
+        let Some(map) = s.map() else { continue };
+        map.for_each_distinct_leaf(&mut seen, |_, e| {
+            live.insert(e - 1);
+        });
+    }
+    live
+}
+
+/// Of dropped entries `(cluster, entry)` no snapshot holds: the slots to free (no head holds
+/// them either) and the regained ones (exactly one head does).
+fn settle(entries: impl Iterator<Item = (u64, u64)>, heads: &[(Arc<Volume>, ClusterMap)]) -> (Vec<u64>, Vec<Regain>) {
+    let (mut freed, mut regained) = (Vec::new(), Vec::new());
+    for (cluster, entry) in entries {
+        let mut holders = heads.iter().filter(|(_, h)| h.get(cluster) == entry);
+        match (holders.next(), holders.next()) {
+            (None, _) => freed.push(entry - 1),
+            (Some((vol, _)), None) => {
+                regained.push(Regain { vol: vol.clone(), cluster, entry, seal: vol.state.read().seal })
+            }
+            _ => {}
+        }
+    }
+    (freed, regained)
 }
