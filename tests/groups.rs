@@ -178,3 +178,152 @@ fn membership_changes_member_deletes_and_refusals_say_what_to_do() {
     let (code, _) = d.cli_err(&["group", "show", "g"]);
     assert_eq!(code, 4);
 }
+
+/// Writes sequence number `n` at offset 0 of each export, flushed.
+fn write_seq(d: &Daemon, exports: &[&str], n: u64) {
+    for e in exports {
+        let script = "import nbd,struct,sys; h=nbd.NBD(); h.connect_uri(sys.argv[1]); h.pwrite(struct.pack('<Q', int(sys.argv[2])) + bytes(4088), 0); h.flush(); h.shutdown()";
+        let out =
+            run(Command::new(PYTHON).args(["-c", script, &d.nbd_uri(e), &n.to_string()]), Duration::from_secs(30));
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+}
+
+#[test]
+fn group_rollback_is_all_or_none_and_refuses_changed_members_and_writers() {
+    if !require_libnbd() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    common::keep_snapshots_local(&dir);
+    let d = Daemon::start(&dir);
+    for v in ["a", "b", "c"] {
+        d.cli_ok(&["volume", "create", v, "--size", "8M"]);
+    }
+    d.cli_ok(&["group", "create", "g", "a", "b"]);
+    write_seq(&d, &["a", "b"], 1);
+    d.cli_ok(&["group", "snapshot", "g", "--name", "s1"]);
+    write_seq(&d, &["a", "b"], 2);
+    // A writer on one member: refused, and neither member changed.
+    let mut holder = Guard(
+        Command::new(PYTHON).args([&py("hold.py"), &d.nbd_uri("b"), "30"]).stdout(Stdio::piped()).spawn().unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.0.stdout.as_mut().unwrap()), &mut line).unwrap();
+    let (code, err) = d.cli_err(&["group", "rollback", "g@s1"]);
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("'b'") && err.contains("--force"), "{err}");
+    assert_eq!((seq(&d, "a"), seq(&d, "b")), (2, 2));
+    // --force disconnects it, and both go back.
+    let vs = d.cli_json(&["group", "rollback", "g@s1", "--force"]);
+    assert_eq!(vs.as_array().unwrap().len(), 2);
+    assert!(holder.0.wait().unwrap().success(), "the writer was not disconnected");
+    assert_eq!((seq(&d, "a"), seq(&d, "b")), (1, 1));
+    // Other members than the snapshot's: refused, naming the difference.
+    d.cli_ok(&["group", "add", "g", "c"]);
+    let (code, err) = d.cli_err(&["group", "rollback", "g@s1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("added since: c"), "{err}");
+    d.cli_ok(&["group", "remove", "g", "c"]);
+    d.cli_ok(&["group", "rollback", "g@s1"]);
+}
+
+#[test]
+fn kill_9_during_group_rollbacks_never_leaves_a_mix() {
+    if !require_libnbd() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    common::keep_snapshots_local(&dir);
+    let mut d = Daemon::start(&dir);
+    let vols = ["v0", "v1", "v2", "v3"];
+    for v in vols {
+        d.cli_ok(&["volume", "create", v, "--size", "8M"]);
+    }
+    let mut args = vec!["group", "create", "g"];
+    args.extend(vols);
+    d.cli_ok(&args);
+    d.cli_ok(&["group", "snapshot", "g", "--name", "base"]);
+    for i in 1..=20u64 {
+        write_seq(&d, &vols, i);
+        let cli = Guard(
+            Command::new(BIN)
+                .arg("--dir")
+                .arg(&dir)
+                .args(["group", "rollback", "g@base"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        std::thread::sleep(Duration::from_millis(1 + (i * 5) % 30));
+        d.kill9();
+        drop(cli);
+        d = Daemon::start(&dir);
+        let seqs: Vec<u64> = vols.iter().map(|v| seq(&d, v)).collect();
+        assert!(seqs.iter().all(|&s| s == seqs[0]), "iteration {i}: members differ after kill -9: {seqs:?}");
+        assert!(seqs[0] == 0 || seqs[0] == i, "iteration {i}: {seqs:?}");
+    }
+}
+
+/// A quiesce hook that logs its calls to LOG and behaves as MODE says (ok, fail, hang).
+fn hook(dir: &Path, mode: &str) -> (String, std::path::PathBuf) {
+    let log = dir.join(format!("hook-{mode}.log"));
+    let path = dir.join(format!("hook-{mode}.sh"));
+    let body = match mode {
+        "fail" => "[ \"$1\" = freeze ] && exit 3",
+        "hang" => "[ \"$1\" = freeze ] && sleep 30",
+        _ => "true",
+    };
+    std::fs::write(&path, format!("#!/bin/sh\necho \"$@\" >> {}\n{body}\nexit 0\n", log.display())).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
+    (path.display().to_string(), log)
+}
+
+#[test]
+fn the_quiesce_hook_freezes_and_thaws_around_the_cut_and_its_failure_or_timeout_aborts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    common::keep_snapshots_local(&dir);
+    let d = Daemon::start(&dir);
+    for v in ["a", "b"] {
+        d.cli_ok(&["volume", "create", v, "--size", "8M"]);
+    }
+    d.cli_ok(&["group", "create", "g", "a", "b"]);
+    let (ok_hook, ok_log) = hook(tmp.path(), "ok");
+    let s = d.cli_json(&["group", "snapshot", "g", "--name", "app", "--quiesce-hook", &ok_hook]);
+    assert_eq!(s["consistency"], "application", "{s}");
+    assert_eq!(std::fs::read_to_string(&ok_log).unwrap(), "freeze a b\nthaw a b\n");
+    // A failing freeze: no group snapshot, exit 1, and what froze is thawed.
+    let (fail_hook, fail_log) = hook(tmp.path(), "fail");
+    let (code, err) = d.cli_err(&["group", "snapshot", "g", "--name", "f", "--quiesce-hook", &fail_hook]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("freeze failed") && err.contains("--ignore-hook-errors"), "{err}");
+    assert_eq!(std::fs::read_to_string(&fail_log).unwrap(), "freeze a b\nthaw a b\n");
+    assert_eq!(d.cli(&["snapshot", "show", "a@f"]).status.code(), Some(4));
+    // ... unless told to go on: then crash-consistent.
+    let s =
+        d.cli_json(&["group", "snapshot", "g", "--name", "f", "--quiesce-hook", &fail_hook, "--ignore-hook-errors"]);
+    assert_eq!(s["consistency"], "crash", "{s}");
+    // A freeze that hangs: aborted at the timeout.
+    let (hang_hook, _) = hook(tmp.path(), "hang");
+    let t = std::time::Instant::now();
+    let (code, err) = d.cli_err(&[
+        "group",
+        "snapshot",
+        "g",
+        "--name",
+        "h",
+        "--quiesce-hook",
+        &hang_hook,
+        "--freeze-timeout",
+        "500ms",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("did not finish within"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(10), "the hook's timeout did not apply: {:?}", t.elapsed());
+    assert_eq!(d.cli(&["snapshot", "show", "b@h"]).status.code(), Some(4));
+}

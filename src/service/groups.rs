@@ -30,6 +30,10 @@ pub struct CreateGroupSnapshot {
     pub name: String,
     #[serde(default)]
     pub description: String,
+    /// `application` when the caller quiesced the members (a hook froze their filesystems
+    /// around the cut); `crash` (the default) otherwise.
+    #[serde(default)]
+    pub consistency: Option<String>,
 }
 
 /// A member volume, by name and id.
@@ -69,7 +73,7 @@ pub struct GroupSnapshotView {
     pub description: String,
     pub created: u64,
     /// `crash`: taken without a quiesce hook (what a power cut at that instant would leave on
-    /// every member at once).
+    /// every member at once); `application`: with the members quiesced by a hook.
     pub consistency: String,
     /// A member's snapshot was deleted on its own: the group snapshot is no longer whole.
     pub degraded: bool,
@@ -211,6 +215,13 @@ impl Service {
     ) -> Result<GroupSnapshotView> {
         caller.may(Access::Write)?;
         validate_name("snapshot", &req.name)?;
+        let consistency = match req.consistency.as_deref() {
+            None | Some("crash") => "crash",
+            Some("application") => "application",
+            Some(other) => {
+                return Err(Error::Invalid(format!("consistency '{other}' is neither 'crash' nor 'application'")))
+            }
+        };
         let members = {
             let st = self.lifecycle.lock();
             let g = Self::group_record(&st, group)?;
@@ -236,6 +247,7 @@ impl Service {
             description: req.description.clone(),
             created: now,
             members: members.iter().map(|m| (m.clone(), String::new())).collect(),
+            consistency: consistency.into(),
             degraded: false,
             pending: true,
         };
@@ -307,7 +319,7 @@ impl Service {
             name: r.name.clone(),
             description: r.description.clone(),
             created: r.created,
-            consistency: "crash".into(),
+            consistency: r.consistency.clone(),
             degraded: r.degraded,
             members,
         }
@@ -366,6 +378,75 @@ impl Service {
         self.save_lifecycle(&mut st)?;
         tracing::info!(group_snapshot = r, id = %id, by = %caller, "group snapshot deleted");
         Ok(())
+    }
+
+    /// Rolls every member back to its snapshot of group snapshot `r`, all or none. Refused
+    /// when the group's members are not the snapshot's (saying which differ), when a member's
+    /// snapshot was deleted (degraded), and while a member has a writer or is attached,
+    /// unless `force` (which disconnects and detaches them first).
+    pub async fn rollback_group(&self, caller: &Caller, r: &str, force: bool) -> Result<Vec<super::VolumeView>> {
+        caller.may(Access::Write)?;
+        let (g, members) = {
+            let st = self.lifecycle.lock();
+            let (_, s) = Self::find_group_snapshot(&st, r)?;
+            (Self::group_record(&st, &s.group)?, s)
+        };
+        if members.degraded {
+            return Err(Error::Invalid(format!(
+                "group snapshot {r} is degraded (a member's snapshot was deleted on its own): roll the remaining members back one by one (snapblk snapshot rollback VOLUME@{})",
+                members.name
+            )));
+        }
+        let taken: Vec<&String> = members.members.iter().map(|(v, _)| v).collect();
+        let added: Vec<String> =
+            g.members.iter().filter(|v| !taken.contains(v)).map(|v| self.member_view(v).volume).collect();
+        let removed: Vec<String> =
+            taken.iter().filter(|v| !g.members.contains(v)).map(|v| self.member_view(v).volume).collect();
+        if !added.is_empty() || !removed.is_empty() {
+            let mut diff = Vec::new();
+            if !added.is_empty() {
+                diff.push(format!("added since: {}", added.join(", ")));
+            }
+            if !removed.is_empty() {
+                diff.push(format!("removed since: {}", removed.join(", ")));
+            }
+            return Err(Error::Invalid(format!(
+                "group '{}' has other members than when {r} was taken ({}); make them the same (snapblk group add/remove) or roll members back one by one",
+                members.group,
+                diff.join("; ")
+            )));
+        }
+        // Attached members: all refused before any is detached (or, with force, all detached).
+        let mut targets = Vec::with_capacity(members.members.len());
+        for (volume_id, snapshot_id) in &members.members {
+            self.live_volume(volume_id)?;
+            let snap = self.live_snapshot(snapshot_id)?;
+            if !force {
+                if let Some(a) = self.attachments.of_volume(volume_id) {
+                    return Err(Error::Engine(crate::engine::EngineError::Busy(format!(
+                        "volume '{}' is attached to {}; unmount it and detach it first, or pass --force",
+                        a.volume,
+                        a.device.display()
+                    ))));
+                }
+            }
+            targets.push((snapshot_id.clone(), self.store.region_if_released(&snap)?));
+        }
+        for (volume_id, _) in &members.members {
+            let (a, v) = (self.attachments.clone(), volume_id.clone());
+            if let Some(gone) = super::blocking(move || a.before_rollback(&v, force)).await? {
+                tracing::warn!(volume = gone.volume, device = %gone.device.display(), "detached for a forced group rollback");
+            }
+        }
+        let infos = self.engine.rollback_group(&targets, force).await?;
+        tracing::info!(group_snapshot = r, volumes = infos.len(), by = %caller, "group rolled back");
+        Ok(infos
+            .into_iter()
+            .map(|info| {
+                self.volume_loading(&info);
+                self.volume_view(info)
+            })
+            .collect())
     }
 
     /// The group snapshot snapshot `snapshot_id` is a member of, if any: (id, `GROUP@NAME`).

@@ -76,6 +76,10 @@ pub struct Binned {
     pub deleting: bool,
 }
 
+fn crash() -> String {
+    "crash".into()
+}
+
 /// A consistency group: its member volumes (ids), in the order they were added.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct GroupRecord {
@@ -93,6 +97,8 @@ pub struct GroupSnapshotRecord {
     pub description: String,
     pub created: u64,
     pub members: Vec<(String, String)>,
+    #[serde(default = "crash")]
+    pub consistency: String,
     #[serde(default)]
     pub degraded: bool,
     #[serde(default)]

@@ -5,7 +5,9 @@ use axum::http::StatusCode;
 use axum::Json;
 
 use super::{ApiResult, Body, Object, Routes, Svc};
-use crate::service::{Caller, CreateGroup, CreateGroupSnapshot, GroupMemberRequest, GroupSnapshotView, GroupView};
+use crate::service::{
+    Caller, CreateGroup, CreateGroupSnapshot, GroupMemberRequest, GroupSnapshotView, GroupView, Rollback, VolumeView,
+};
 
 pub(super) fn routes(r: Routes) -> Routes {
     r.get("/v1/groups", "List consistency groups", list)
@@ -18,6 +20,7 @@ pub(super) fn routes(r: Routes) -> Routes {
         .post("/v1/groups/{g}/snapshots", "Take a snapshot of every member at one instant", create_snapshot)
         .get("/v1/group-snapshots/{r}", "Show a group snapshot (GROUP@SNAPSHOT or id)", show_snapshot)
         .delete("/v1/group-snapshots/{r}", "Delete a group snapshot (every member's snapshot)", delete_snapshot)
+        .post("/v1/group-snapshots/{r}/rollback", "Roll every member back to the group snapshot, all or none", rollback)
 }
 
 async fn list(State(s): Svc, caller: Caller) -> ApiResult<Json<Vec<GroupView>>> {
@@ -77,4 +80,14 @@ async fn show_snapshot(State(s): Svc, caller: Caller, Path(r): Path<String>) -> 
 async fn delete_snapshot(State(s): Svc, caller: Caller, Path(r): Path<String>) -> ApiResult<StatusCode> {
     s.delete_group_snapshot(&caller, &r).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn rollback(
+    State(s): Svc,
+    caller: Caller,
+    Path(r): Path<String>,
+    body: Body<Rollback>,
+) -> ApiResult<Json<Vec<VolumeView>>> {
+    let Object(req) = body?;
+    Ok(Json(s.rollback_group(&caller, &r, req.force).await?))
 }

@@ -4,8 +4,10 @@ use clap::{Args, Subcommand};
 use hyper::Method;
 
 use super::{delete, get, send, table, Client, ClientError, Printed};
-use crate::service::{CreateGroup, CreateGroupSnapshot, GroupMemberRequest, GroupSnapshotView, GroupView};
-use crate::units::{human, utc};
+use crate::service::{
+    CreateGroup, CreateGroupSnapshot, GroupMemberRequest, GroupSnapshotView, GroupView, Rollback, VolumeView,
+};
+use crate::units::{human, parse_duration, utc};
 
 #[derive(Subcommand, Debug)]
 pub enum GroupCommand {
@@ -28,6 +30,13 @@ pub enum GroupCommand {
     /// Take a snapshot of every member at one instant (GROUP --name NAME), or list, show
     /// and delete group snapshots
     Snapshot(GroupSnapshotArgs),
+    /// Roll every member back to a group snapshot (GROUP@SNAPSHOT), all or none
+    Rollback {
+        snapshot: String,
+        /// Disconnect writers and detach attached members first
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -42,6 +51,16 @@ pub struct GroupSnapshotArgs {
     name: Option<String>,
     #[arg(long, default_value = "")]
     description: String,
+    /// Run `PATH freeze VOLUME...` before the cut and `PATH thaw VOLUME...` after (e.g. a
+    /// script doing fsfreeze in each guest): the group snapshot is then application-consistent
+    #[arg(long, value_name = "PATH")]
+    quiesce_hook: Option<std::path::PathBuf>,
+    /// Time the hook has for each call; a freeze that takes longer aborts the group snapshot
+    #[arg(long, value_name = "DURATION", default_value = "5s")]
+    freeze_timeout: String,
+    /// Take the group snapshot (crash-consistent) even when the freeze hook fails
+    #[arg(long)]
+    ignore_hook_errors: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -78,6 +97,13 @@ pub(super) async fn run(c: &Client, command: GroupCommand) -> Result<Printed, Cl
                 .collect();
             let text = table(&["GROUP", "VOLUMES", "SNAPSHOTS"], rows);
             Printed::new(&gs, text)
+        }
+        GroupCommand::Rollback { snapshot, force } => {
+            let path = p(&["group-snapshots", &snapshot, "rollback"]);
+            let vs: Vec<VolumeView> = send(c, Method::POST, &path, Some(&Rollback { force })).await?;
+            let names: Vec<&str> = vs.iter().map(|v| v.info.name.as_str()).collect();
+            let text = format!("rolled back {} to {snapshot}\n", names.join(", "));
+            Printed::new(&vs, text)
         }
         GroupCommand::Show { group } => group_printed(get(c, &p(&["groups", &group])).await?),
         GroupCommand::Delete { group } => {
@@ -116,8 +142,44 @@ pub(super) async fn run(c: &Client, command: GroupCommand) -> Result<Printed, Cl
                 )
             }
             (None, Some(group), Some(name)) => {
-                let body = CreateGroupSnapshot { name, description: args.description };
-                snapshot_printed(send(c, Method::POST, &p(&["groups", &group, "snapshots"]), Some(&body)).await?)
+                let Some(hook) = args.quiesce_hook else {
+                    let body = CreateGroupSnapshot { name, description: args.description, consistency: None };
+                    return Ok(snapshot_printed(
+                        send(c, Method::POST, &p(&["groups", &group, "snapshots"]), Some(&body)).await?,
+                    ));
+                };
+                let timeout = parse_duration(&args.freeze_timeout).map_err(ClientError::Usage)?;
+                let g: GroupView = get(c, &p(&["groups", &group])).await?;
+                let volumes: Vec<String> = g.members.into_iter().map(|m| m.volume).collect();
+                let consistency = match run_hook(&hook, "freeze", &volumes, timeout).await {
+                    Ok(()) => "application",
+                    Err(why) => {
+                        // Whatever it froze before failing is thawed.
+                        if let Err(e) = run_hook(&hook, "thaw", &volumes, timeout).await {
+                            eprintln!(
+                                "warning: the quiesce hook's thaw failed too ({e}): check the members' filesystems"
+                            );
+                        }
+                        if !args.ignore_hook_errors {
+                            return Err(ClientError::Failed(format!(
+                                "the quiesce hook's freeze failed ({why}); no group snapshot was taken (--ignore-hook-errors takes a crash-consistent one anyway)"
+                            )));
+                        }
+                        eprintln!("warning: the quiesce hook's freeze failed ({why}); taking a crash-consistent group snapshot");
+                        "crash"
+                    }
+                };
+                let body =
+                    CreateGroupSnapshot { name, description: args.description, consistency: Some(consistency.into()) };
+                let taken = send(c, Method::POST, &p(&["groups", &group, "snapshots"]), Some(&body)).await;
+                if consistency == "application" {
+                    if let Err(why) = run_hook(&hook, "thaw", &volumes, timeout).await {
+                        eprintln!(
+                            "warning: the quiesce hook's thaw failed ({why}): thaw the members' filesystems by hand"
+                        );
+                    }
+                }
+                snapshot_printed(taken?)
             }
             (None, _, _) => {
                 return Err(ClientError::Usage(
@@ -160,4 +222,34 @@ fn snapshot_printed(s: GroupSnapshotView) -> Printed {
         text.push_str(&format!("  {}@{} ({}): {state}\n", m.volume, s.name, m.snapshot_id));
     }
     Printed::new(&s, text)
+}
+
+/// Runs the quiesce hook (`PATH ACTION VOLUME...`) with a time limit; the reason when it fails.
+async fn run_hook(
+    hook: &std::path::Path,
+    action: &str,
+    volumes: &[String],
+    limit: std::time::Duration,
+) -> Result<(), String> {
+    // In a process group of its own, so a hook that times out goes with everything it started.
+    let mut child = tokio::process::Command::new(hook)
+        .arg(action)
+        .args(volumes)
+        .stdin(std::process::Stdio::null())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", hook.display()))?;
+    match tokio::time::timeout(limit, child.wait()).await {
+        Ok(Ok(status)) if status.success() => Ok(()),
+        Ok(Ok(status)) => Err(format!("{} {action} exited with {status}", hook.display())),
+        Ok(Err(e)) => Err(format!("{} {action}: {e}", hook.display())),
+        Err(_) => {
+            if let Some(pid) = child.id() {
+                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
+            }
+            let _ = child.kill().await;
+            Err(format!("{} {action} did not finish within {}", hook.display(), format!("{:?}", limit)))
+        }
+    }
 }
