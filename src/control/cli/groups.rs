@@ -249,7 +249,7 @@ async fn run_hook(
                 let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
             }
             let _ = child.kill().await;
-            Err(format!("{} {action} did not finish within {}", hook.display(), format!("{:?}", limit)))
+            Err(format!("{} {action} did not finish within {limit:?}", hook.display()))
         }
     }
 }
