@@ -327,3 +327,77 @@ fn the_quiesce_hook_freezes_and_thaws_around_the_cut_and_its_failure_or_timeout_
     assert!(t.elapsed() < Duration::from_secs(10), "the hook's timeout did not apply: {:?}", t.elapsed());
     assert_eq!(d.cli(&["snapshot", "show", "b@h"]).status.code(), Some(4));
 }
+
+/// The group snapshots a region lists, as `GROUP@NAME`.
+fn region_groups(d: &Daemon, region: &str) -> Vec<String> {
+    d.cli_json(&["group", "snapshot", "list", "--region", region])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| format!("{}@{}", g["group"].as_str().unwrap(), g["name"].as_str().unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_group_snapshot_is_published_whole_and_restored_on_another_node() {
+    use common::store::{compare, configure, fill, nbd_to_file, rand_u64, regions, tools, write_key_file, MIB};
+    if !tools() {
+        return;
+    }
+    for region in regions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a_dir = tmp.path().join("a");
+        // Slow uploads (4 MiB at 2 MiB/s per member): the cut is long published after it is taken.
+        configure(&a_dir, &region, "bandwidth_limit = \"2M\"\ninstant_access_retention = \"1h\"\n", "");
+        let a = Daemon::start(&a_dir);
+        for v in ["data", "log"] {
+            a.cli_ok(&["volume", "create", v, "--size", "16M", "--region", region.name]);
+            fill(&a, v, 0, 4 * MIB, rand_u64());
+        }
+        a.cli_ok(&["group", "create", "db", "data", "log"]);
+        a.cli_ok(&["group", "snapshot", "db", "--name", "s1"]);
+        // Not listed while a member is still uploading.
+        assert!(region_groups(&a, region.name).is_empty(), "{}: listed before its members were stored", region.name);
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while region_groups(&a, region.name).is_empty() {
+            let members = a.cli_json(&["group", "snapshot", "show", "db@s1"]);
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}: the group snapshot was not published: {members}",
+                region.name
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // Node B shares the region: it lists the group snapshot and restores it.
+        let b_dir = tmp.path().join("b");
+        std::fs::create_dir_all(&b_dir).unwrap();
+        let a_text = std::fs::read_to_string(a_dir.join("snapblk.toml")).unwrap();
+        let store = a_dir.join("store").display().to_string();
+        std::fs::write(b_dir.join("snapblk.toml"), a_text.replace("path = \"store\"", &format!("path = \"{store}\"")))
+            .unwrap();
+        let key = std::fs::read(a_dir.join("keys").join(format!("{}.key", region.name))).unwrap();
+        write_key_file(&b_dir.join("keys").join(format!("{}.key", region.name)), key);
+        let b = Daemon::start(&b_dir);
+        assert_eq!(region_groups(&b, region.name), ["db@s1"]);
+        let vs = b.cli_json(&["group", "restore", "db@s1", "--prefix", "r-", "--region", region.name]);
+        assert_eq!(vs.as_array().unwrap().len(), 2, "{vs}");
+        for v in ["data", "log"] {
+            let restored = format!("r-{v}");
+            b.cli_ok(&["volume", "hydrate", &restored, "--wait"]);
+            let (x, y) = (tmp.path().join(format!("{v}.src")), tmp.path().join(format!("{v}.dst")));
+            nbd_to_file(&a, &format!("{v}@s1"), &x);
+            nbd_to_file(&b, &restored, &y);
+            compare(&x, &y);
+        }
+        // A prefix that collides: refused before anything is made.
+        let (code, err) = b.cli_err(&["group", "restore", "db@s1", "--prefix", "r-", "--region", region.name]);
+        assert_eq!(code, 5, "{err}");
+        // Deleted on A: the region stops listing it.
+        a.cli_ok(&["group", "snapshot", "delete", "db@s1"]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !region_groups(&b, region.name).is_empty() {
+            assert!(std::time::Instant::now() < deadline, "{}: still listed after its delete", region.name);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}

@@ -107,7 +107,7 @@ impl Service {
 
     fn group_view(&self, name: &str, g: &GroupRecord, st: &LifecycleState) -> GroupView {
         let mut snapshots: Vec<&GroupSnapshotRecord> =
-            st.group_snapshots.values().filter(|s| s.group == name && !s.pending).collect();
+            st.group_snapshots.values().filter(|s| s.group == name && s.listed()).collect();
         snapshots.sort_by_key(|s| s.created);
         GroupView {
             name: name.to_string(),
@@ -250,6 +250,8 @@ impl Service {
             consistency: consistency.into(),
             degraded: false,
             pending: true,
+            published: None,
+            deleting: false,
         };
         // The intent first (synced): a crash after the cut is completed at start, not lost.
         {
@@ -328,8 +330,8 @@ impl Service {
     /// A group snapshot by `GROUP@SNAPSHOT` or id (`g-…`).
     fn find_group_snapshot(st: &LifecycleState, r: &str) -> Result<(String, GroupSnapshotRecord)> {
         let found = match r.split_once('@') {
-            Some((g, s)) => st.group_snapshots.iter().find(|(_, x)| x.group == g && x.name == s && !x.pending),
-            None => st.group_snapshots.get_key_value(r).filter(|(_, x)| !x.pending),
+            Some((g, s)) => st.group_snapshots.iter().find(|(_, x)| x.group == g && x.name == s && x.listed()),
+            None => st.group_snapshots.get_key_value(r).filter(|(_, x)| x.listed()),
         };
         found.map(|(id, x)| (id.clone(), x.clone())).ok_or_else(|| {
             Error::NotFound(format!("no group snapshot '{r}' (list them with: snapblk group snapshot list GROUP)"))
@@ -343,7 +345,7 @@ impl Service {
         let mut out: Vec<GroupSnapshotView> = st
             .group_snapshots
             .iter()
-            .filter(|(_, s)| s.group == group && !s.pending)
+            .filter(|(_, s)| s.group == group && s.listed())
             .map(|(id, s)| self.group_snapshot_view(id, s))
             .collect();
         out.sort_by_key(|s| s.created);
@@ -372,11 +374,21 @@ impl Service {
                 self.delete_member_snapshot(caller, snapshot_id).await?;
             }
         }
-        let mut st = self.lifecycle.lock();
-        st.group_snapshots.remove(&id);
-        st.touch(Key::GroupSnapshot(id.clone()));
-        self.save_lifecycle(&mut st)?;
+        {
+            let mut st = self.lifecycle.lock();
+            // A published one leaves the region in the background (see `sweep_group_manifests`).
+            if s.published.is_some() {
+                if let Some(g) = st.group_snapshots.get_mut(&id) {
+                    g.deleting = true;
+                }
+            } else {
+                st.group_snapshots.remove(&id);
+            }
+            st.touch(Key::GroupSnapshot(id.clone()));
+            self.save_lifecycle(&mut st)?;
+        }
         tracing::info!(group_snapshot = r, id = %id, by = %caller, "group snapshot deleted");
+        self.sweep_group_manifests().await;
         Ok(())
     }
 
@@ -454,7 +466,7 @@ impl Service {
         let st = self.lifecycle.lock();
         st.group_snapshots
             .iter()
-            .find(|(_, g)| g.members.iter().any(|(_, s)| s == snapshot_id))
+            .find(|(_, g)| g.listed() && g.members.iter().any(|(_, s)| s == snapshot_id))
             .map(|(id, g)| (id.clone(), format!("{}@{}", g.group, g.name)))
     }
 
@@ -468,6 +480,191 @@ impl Service {
             self.save_lifecycle(&mut st)?;
         }
         Ok(())
+    }
+}
+
+impl GroupSnapshotRecord {
+    /// Shown and usable: its cut happened and it is not being deleted.
+    fn listed(&self) -> bool {
+        !self.pending && !self.deleting
+    }
+}
+
+/// Where to restore a group snapshot: volumes named PREFIX + each member volume's name.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RestoreGroup {
+    pub prefix: String,
+    /// Where to find a group snapshot this node does not have (default: every region).
+    #[serde(default)]
+    pub region: Option<String>,
+}
+
+impl Service {
+    /// Publishes the group manifest of each group snapshot whose members have all been
+    /// uploaded (to one region), and deletes those of deleted group snapshots. Runs with the
+    /// scheduler's look; a failure is retried at the next.
+    pub(super) async fn sweep_group_manifests(&self) {
+        let work: Vec<(String, GroupSnapshotRecord)> = self
+            .lifecycle
+            .lock()
+            .group_snapshots
+            .iter()
+            .filter(|(_, g)| !g.pending && (g.deleting || (g.published.is_none() && !g.degraded)))
+            .map(|(id, g)| (id.clone(), g.clone()))
+            .collect();
+        for (id, g) in work {
+            let done = if g.deleting { self.unpublish(&id, &g).await } else { self.publish(&id, &g).await };
+            match done {
+                Ok(true) => {
+                    let region = self.store.status(&g.members[0].1).map(|u| u.region);
+                    let deleted_meanwhile = {
+                        let mut st = self.lifecycle.lock();
+                        let gone = match (g.deleting, st.group_snapshots.get_mut(&id)) {
+                            (true, _) => {
+                                st.group_snapshots.remove(&id);
+                                false
+                            }
+                            (false, Some(r)) => {
+                                r.published = region.clone();
+                                false
+                            }
+                            (false, None) => true,
+                        };
+                        st.touch(Key::GroupSnapshot(id.clone()));
+                        if let Err(e) = self.save_lifecycle(&mut st) {
+                            tracing::warn!(group_snapshot = %id, error = %e, "cannot record a group manifest's state; retried");
+                        }
+                        gone
+                    };
+                    // Deleted while its manifest was being written: it goes again at once.
+                    if deleted_meanwhile {
+                        let gone = GroupSnapshotRecord { published: region, ..g };
+                        if let Err(e) = self.unpublish(&id, &gone).await {
+                            tracing::warn!(group_snapshot = %id, error = %e, "cannot delete the group manifest of a deleted group snapshot");
+                        }
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => tracing::debug!(group_snapshot = %id, error = %e, "group manifest not written yet; retried"),
+            }
+        }
+    }
+
+    /// Writes the group manifest once every member is stored in one region (`Ok(false)`: not yet).
+    async fn publish(&self, id: &str, g: &GroupSnapshotRecord) -> Result<bool> {
+        let mut region = None;
+        let mut members = Vec::with_capacity(g.members.len());
+        for (volume_id, snapshot_id) in &g.members {
+            let Some(u) = self.store.status(snapshot_id) else { return Ok(false) };
+            if u.state != crate::store::UploadState::Available || region.get_or_insert(u.region.clone()) != &u.region {
+                return Ok(false);
+            }
+            let snap = self.engine.snapshot(snapshot_id)?;
+            members.push(crate::store::format::GroupMemberJson {
+                volume_id: volume_id.clone(),
+                volume_name: snap.volume,
+                snapshot_id: snapshot_id.clone(),
+            });
+        }
+        let Some(region) = region else { return Ok(false) };
+        let manifest = crate::store::format::GroupManifest {
+            format: crate::store::format::FORMAT_VERSION,
+            id: id.to_string(),
+            group: g.group.clone(),
+            name: g.name.clone(),
+            description: g.description.clone(),
+            created: g.created,
+            consistency: g.consistency.clone(),
+            members,
+        };
+        self.store.region(&region).await?.put_group_manifest(&manifest).await?;
+        tracing::info!(group_snapshot = %id, %region, "group snapshot published in the store");
+        Ok(true)
+    }
+
+    async fn unpublish(&self, id: &str, g: &GroupSnapshotRecord) -> Result<bool> {
+        if let Some(region) = &g.published {
+            if self.store.check_region(region).is_ok() {
+                self.store.region(region).await?.delete_group_manifest(id).await?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Group snapshots published in a region, by any node.
+    pub async fn region_group_snapshots(
+        &self,
+        caller: &Caller,
+        region: &str,
+    ) -> Result<Vec<crate::store::format::GroupManifest>> {
+        caller.may(Access::Read)?;
+        Ok(self.store.region(region).await?.group_manifests().await?)
+    }
+
+    /// One volume per member of group snapshot `r` (`GROUP@SNAPSHOT` or `g-…`), named
+    /// `prefix` + the member volume's name, each usable at once and loading as
+    /// `volume create --from-snapshot` does. A group snapshot this node does not have is
+    /// looked up in `region` (or every region). All or none: names are checked first, and
+    /// volumes made before a failure are deleted.
+    pub async fn restore_group(&self, caller: &Caller, r: &str, req: RestoreGroup) -> Result<Vec<super::VolumeView>> {
+        caller.may(Access::Write)?;
+        let local = Self::find_group_snapshot(&self.lifecycle.lock(), r);
+        let (members, region): (Vec<(String, String)>, Option<String>) = match local {
+            Ok((_, g)) => {
+                let mut out = Vec::new();
+                for (_, snapshot_id) in &g.members {
+                    let snap = self.live_snapshot(snapshot_id)?;
+                    out.push((snap.volume, snapshot_id.clone()));
+                }
+                (out, req.region.clone())
+            }
+            Err(_) => {
+                let names: Vec<String> = match &req.region {
+                    Some(r) => vec![r.clone()],
+                    None => self.store.region_names(),
+                };
+                let mut found = None;
+                for name in names {
+                    let gs = self.store.region(&name).await?.group_manifests().await?;
+                    if let Some(g) = gs.into_iter().find(|g| g.id == r || format!("{}@{}", g.group, g.name) == r) {
+                        found = Some((g, name));
+                        break;
+                    }
+                }
+                let Some((g, name)) = found else {
+                    return Err(Error::NotFound(format!(
+                        "no group snapshot '{r}' here or in the store (list them with: snapblk group snapshot list --region REGION)"
+                    )));
+                };
+                (g.members.into_iter().map(|m| (m.volume_name, m.snapshot_id)).collect(), Some(name))
+            }
+        };
+        for (volume, _) in &members {
+            let name = format!("{}{volume}", req.prefix);
+            validate_name("volume", &name)?;
+            if self.engine.volume(&name).is_ok() {
+                return Err(Error::Engine(crate::engine::EngineError::AlreadyExists(format!(
+                    "volume '{name}' exists already; choose another --prefix"
+                ))));
+            }
+        }
+        let mut made: Vec<super::VolumeView> = Vec::new();
+        for (volume, snapshot_id) in &members {
+            let name = format!("{}{volume}", req.prefix);
+            match self.create_from_snapshot(&name, snapshot_id, region.as_deref()).await {
+                Ok(v) => made.push(v),
+                Err(e) => {
+                    for v in &made {
+                        if let Err(e) = self.delete_volume(caller, &v.info.id).await {
+                            tracing::warn!(volume = %v.info.name, error = %e, "cannot delete a volume of a failed group restore");
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        tracing::info!(group_snapshot = r, prefix = %req.prefix, volumes = made.len(), by = %caller, "group snapshot restored");
+        Ok(made)
     }
 }
 

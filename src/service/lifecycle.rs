@@ -103,6 +103,12 @@ pub struct GroupSnapshotRecord {
     pub degraded: bool,
     #[serde(default)]
     pub pending: bool,
+    /// The region its group manifest was published in (every member uploaded there).
+    #[serde(default)]
+    pub published: Option<String>,
+    /// Deleted: its members are gone, its group manifest is still to delete.
+    #[serde(default)]
+    pub deleting: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

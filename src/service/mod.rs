@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 pub use bin::{BinView, BinnedView, PurgeRequest};
 pub use events::{Event, EventQuery, EventRecord};
 pub use exports::ExportHandle;
-pub use groups::{CreateGroup, CreateGroupSnapshot, GroupMemberRequest, GroupSnapshotView, GroupView};
+pub use groups::{CreateGroup, CreateGroupSnapshot, GroupMemberRequest, GroupSnapshotView, GroupView, RestoreGroup};
 pub use holds::HoldRequest;
 pub use lifecycle::{BinLock, Binned, HistoryEntry, Hold, Outcome};
 pub use policies::{CreatePolicy, PolicyTarget, PolicyView, PolicyVolumeView, PolicyVolumes, PruneView};

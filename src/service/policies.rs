@@ -383,6 +383,7 @@ impl Service {
                 tokio::time::sleep(POLL).await;
                 let Some(s) = svc.upgrade() else { return };
                 s.sweep_bin().await;
+                s.sweep_group_manifests().await;
                 // Ticks run on their own; the next look does not wait for them.
                 tokio::spawn(async move { s.run_due_policies().await });
             }

@@ -20,6 +20,7 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const PACK_MAGIC: &[u8; 8] = b"SNAPBLKP";
 const PACK_TRAILER_MAGIC: &[u8; 8] = b"SNAPBLKT";
 pub const MANIFEST_MAGIC: &[u8; 8] = b"SNAPBLKM";
+pub const GROUP_MAGIC: &[u8; 8] = b"SNAPBLKG";
 const PAGE_MAGIC: &[u8; 4] = b"SBPG";
 /// Clusters per map page (256 MiB of volume at the default 64 KiB clusters).
 pub const PAGE_CLUSTERS: u64 = 4096;
@@ -38,6 +39,10 @@ pub fn pack_id_of_key(key: &str) -> Option<PackId> {
 
 pub fn manifest_key(snapshot_id: &str) -> String {
     format!("snapshots/{snapshot_id}")
+}
+
+pub fn group_key(group_snapshot_id: &str) -> String {
+    format!("groups/{group_snapshot_id}")
 }
 
 pub const REPO_KEY_OBJECT: &str = "keys/repository";
@@ -348,6 +353,59 @@ impl Manifest {
             return Err(StoreError::corrupt(&object, "manifest has an invalid geometry"));
         }
         Ok(m)
+    }
+}
+
+/// A group snapshot in the store: which member snapshots make it. Written only after every
+/// member's manifest, so a region never shows a group snapshot with a member missing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GroupManifest {
+    pub format: u32,
+    pub id: String,
+    pub group: String,
+    pub name: String,
+    pub description: String,
+    pub created: u64,
+    pub consistency: String,
+    pub members: Vec<GroupMemberJson>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GroupMemberJson {
+    pub volume_id: String,
+    pub volume_name: String,
+    pub snapshot_id: String,
+}
+
+fn group_aad(id: &str) -> Vec<u8> {
+    format!("snapblk group {id}").into_bytes()
+}
+
+impl GroupManifest {
+    pub fn seal(&self, keys: &RepoKeys) -> Vec<u8> {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        let mut out = GROUP_MAGIC.to_vec();
+        out.put_u32(FORMAT_VERSION);
+        out.extend_from_slice(&keys.seal_meta(&group_aad(&self.id), &json));
+        out
+    }
+
+    pub fn open(keys: &RepoKeys, bytes: &[u8], id: &str) -> Result<GroupManifest> {
+        let object = group_key(id);
+        let body = bytes
+            .strip_prefix(GROUP_MAGIC.as_slice())
+            .ok_or_else(|| StoreError::corrupt(&object, "not a snapblk group manifest"))?;
+        let (version, sealed) = body.split_at_checked(4).ok_or_else(|| StoreError::corrupt(&object, "truncated"))?;
+        if version != FORMAT_VERSION.to_le_bytes() {
+            return Err(StoreError::corrupt(&object, "unsupported group manifest version; upgrade snapblk"));
+        }
+        let json = keys.open_meta(&group_aad(id), sealed, &object)?;
+        let g: GroupManifest = serde_json::from_slice(&json)
+            .map_err(|e| StoreError::corrupt(&object, format!("bad group manifest: {e}")))?;
+        if g.id != id || g.members.is_empty() {
+            return Err(StoreError::corrupt(&object, "group manifest does not describe this group snapshot"));
+        }
+        Ok(g)
     }
 }
 

@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use super::config::RegionConfig;
 use super::crypto::{self, Plaintext, RepoKeys};
 use super::error::{Result, StoreError};
-use super::format::{manifest_key, pack_key, BlobRef, Manifest, Page, REPO_KEY_OBJECT};
+use super::format::{group_key, manifest_key, pack_key, BlobRef, GroupManifest, Manifest, Page, REPO_KEY_OBJECT};
 use super::index::BlobIndex;
 use super::objects::{Objects, RateLimiter};
 
@@ -122,6 +122,31 @@ impl Region {
         self.objects.put(&manifest_key(&m.snapshot_id), sealed).await?;
         self.manifests.lock().insert(m.snapshot_id.clone(), Arc::new(m));
         Ok(n)
+    }
+
+    /// Publishes a group snapshot (its members' manifests are already there).
+    pub async fn put_group_manifest(&self, g: &GroupManifest) -> Result<()> {
+        self.objects.put(&group_key(&g.id), Bytes::from(g.seal(&self.keys))).await
+    }
+
+    /// Every group snapshot published in the region, whichever node took it.
+    pub async fn group_manifests(&self) -> Result<Vec<GroupManifest>> {
+        let mut out = Vec::new();
+        for o in self.objects.list("groups").await? {
+            let Some(id) = o.key.strip_prefix("groups/") else { continue };
+            match self.objects.get(&o.key).await {
+                Ok(bytes) => out.push(GroupManifest::open(&self.keys, &bytes, id)?),
+                // Deleted since the listing.
+                Err(StoreError::Missing(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        out.sort_by(|a, b| (a.group.as_str(), a.created).cmp(&(b.group.as_str(), b.created)));
+        Ok(out)
+    }
+
+    pub async fn delete_group_manifest(&self, id: &str) -> Result<()> {
+        self.objects.delete(&group_key(id)).await
     }
 
     /// Ids of every snapshot stored in the region (LIST: for discovery only).

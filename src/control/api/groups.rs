@@ -6,7 +6,8 @@ use axum::Json;
 
 use super::{ApiResult, Body, Object, Routes, Svc};
 use crate::service::{
-    Caller, CreateGroup, CreateGroupSnapshot, GroupMemberRequest, GroupSnapshotView, GroupView, Rollback, VolumeView,
+    Caller, CreateGroup, CreateGroupSnapshot, GroupMemberRequest, GroupSnapshotView, GroupView, RestoreGroup, Rollback,
+    VolumeView,
 };
 
 pub(super) fn routes(r: Routes) -> Routes {
@@ -21,6 +22,16 @@ pub(super) fn routes(r: Routes) -> Routes {
         .get("/v1/group-snapshots/{r}", "Show a group snapshot (GROUP@SNAPSHOT or id)", show_snapshot)
         .delete("/v1/group-snapshots/{r}", "Delete a group snapshot (every member's snapshot)", delete_snapshot)
         .post("/v1/group-snapshots/{r}/rollback", "Roll every member back to the group snapshot, all or none", rollback)
+        .post(
+            "/v1/group-snapshots/{r}/restore",
+            "New volumes (PREFIX + member name) from a group snapshot, here or in a region",
+            restore,
+        )
+        .get(
+            "/v1/regions/{r}/group-snapshots",
+            "List the group snapshots published in a region (by any node)",
+            region_list,
+        )
 }
 
 async fn list(State(s): Svc, caller: Caller) -> ApiResult<Json<Vec<GroupView>>> {
@@ -90,4 +101,22 @@ async fn rollback(
 ) -> ApiResult<Json<Vec<VolumeView>>> {
     let Object(req) = body?;
     Ok(Json(s.rollback_group(&caller, &r, req.force).await?))
+}
+
+async fn restore(
+    State(s): Svc,
+    caller: Caller,
+    Path(r): Path<String>,
+    body: Body<RestoreGroup>,
+) -> ApiResult<(StatusCode, Json<Vec<VolumeView>>)> {
+    let Object(req) = body?;
+    Ok((StatusCode::CREATED, Json(s.restore_group(&caller, &r, req).await?)))
+}
+
+async fn region_list(
+    State(s): Svc,
+    caller: Caller,
+    Path(r): Path<String>,
+) -> ApiResult<Json<Vec<crate::store::format::GroupManifest>>> {
+    Ok(Json(s.region_group_snapshots(&caller, &r).await?))
 }

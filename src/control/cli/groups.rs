@@ -5,8 +5,10 @@ use hyper::Method;
 
 use super::{delete, get, send, table, Client, ClientError, Printed};
 use crate::service::{
-    CreateGroup, CreateGroupSnapshot, GroupMemberRequest, GroupSnapshotView, GroupView, Rollback, VolumeView,
+    CreateGroup, CreateGroupSnapshot, GroupMemberRequest, GroupSnapshotView, GroupView, RestoreGroup, Rollback,
+    VolumeView,
 };
+use crate::store::format::GroupManifest;
 use crate::units::{human, parse_duration, utc};
 
 #[derive(Subcommand, Debug)]
@@ -30,6 +32,15 @@ pub enum GroupCommand {
     /// Take a snapshot of every member at one instant (GROUP --name NAME), or list, show
     /// and delete group snapshots
     Snapshot(GroupSnapshotArgs),
+    /// New volumes from a group snapshot (GROUP@SNAPSHOT or g-…), one per member, named
+    /// PREFIX + the member's name; from a region when this node does not have it
+    Restore {
+        snapshot: String,
+        #[arg(long)]
+        prefix: String,
+        #[arg(long)]
+        region: Option<String>,
+    },
     /// Roll every member back to a group snapshot (GROUP@SNAPSHOT), all or none
     Rollback {
         snapshot: String,
@@ -65,8 +76,13 @@ pub struct GroupSnapshotArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum GroupSnapshotCommand {
-    /// List a group's snapshots
-    List { group: String },
+    /// List a group's snapshots (or, with --region, those published in a region by any node)
+    List {
+        #[arg(required_unless_present = "region")]
+        group: Option<String>,
+        #[arg(long, conflicts_with = "group")]
+        region: Option<String>,
+    },
     /// Show a group snapshot (GROUP@SNAPSHOT or id)
     Show { snapshot: String },
     /// Delete a group snapshot: every member's snapshot
@@ -98,6 +114,14 @@ pub(super) async fn run(c: &Client, command: GroupCommand) -> Result<Printed, Cl
             let text = table(&["GROUP", "VOLUMES", "SNAPSHOTS"], rows);
             Printed::new(&gs, text)
         }
+        GroupCommand::Restore { snapshot, prefix, region } => {
+            let path = p(&["group-snapshots", &snapshot, "restore"]);
+            let vs: Vec<VolumeView> = send(c, Method::POST, &path, Some(&RestoreGroup { prefix, region })).await?;
+            let names: Vec<&str> = vs.iter().map(|v| v.info.name.as_str()).collect();
+            let text =
+                format!("restored {snapshot} as {} (loading on demand and in the background)\n", names.join(", "));
+            Printed::new(&vs, text)
+        }
         GroupCommand::Rollback { snapshot, force } => {
             let path = p(&["group-snapshots", &snapshot, "rollback"]);
             let vs: Vec<VolumeView> = send(c, Method::POST, &path, Some(&Rollback { force })).await?;
@@ -114,7 +138,26 @@ pub(super) async fn run(c: &Client, command: GroupCommand) -> Result<Printed, Cl
             )
         }
         GroupCommand::Snapshot(args) => match (args.command, args.group, args.name) {
-            (Some(GroupSnapshotCommand::List { group }), _, _) => {
+            (Some(GroupSnapshotCommand::List { region: Some(region), .. }), _, _) => {
+                let gs: Vec<GroupManifest> = get(c, &p(&["regions", &region, "group-snapshots"])).await?;
+                let rows = gs
+                    .iter()
+                    .map(|g| {
+                        let members: Vec<&str> = g.members.iter().map(|m| m.volume_name.as_str()).collect();
+                        vec![
+                            format!("{}@{}", g.group, g.name),
+                            g.id.clone(),
+                            utc(g.created),
+                            members.join(","),
+                            g.consistency.clone(),
+                        ]
+                    })
+                    .collect();
+                let text = table(&["GROUP SNAPSHOT", "ID", "CREATED", "VOLUMES", "CONSISTENCY"], rows);
+                Printed::new(&gs, text)
+            }
+            (Some(GroupSnapshotCommand::List { group, .. }), _, _) => {
+                let group = group.unwrap_or_default();
                 let ss: Vec<GroupSnapshotView> = get(c, &p(&["groups", &group, "snapshots"])).await?;
                 let rows = ss
                     .iter()
