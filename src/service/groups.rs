@@ -280,7 +280,9 @@ impl Service {
             let mut st = self.lifecycle.lock();
             st.group_snapshots.insert(id.clone(), record.clone());
             st.touch(Key::GroupSnapshot(id.clone()));
-            self.save_lifecycle(&mut st)?;
+            // Not synced: if a power loss takes this line, the synced intent completes it at
+            // start from the engine's snapshots (`settle_groups`).
+            self.lifecycle_file.save_unsynced(&mut st)?;
         }
         for s in &snaps {
             self.store.snapshot_created(s)?;

@@ -415,8 +415,19 @@ impl StateFile {
 
     /// Writes what changed since the last save: one log line, synced.
     pub fn save(&self, st: &mut LifecycleState) -> Result<()> {
+        self.save_with(st, true)
+    }
+
+    /// Saves without waiting for the disk: the line survives a kill -9 (it is in the page
+    /// cache) and is made durable by the next synced save or the kernel's writeback; a power
+    /// loss before may lose it. For what a restart can settle without it.
+    pub fn save_unsynced(&self, st: &mut LifecycleState) -> Result<()> {
+        self.save_with(st, false)
+    }
+
+    fn save_with(&self, st: &mut LifecycleState, sync: bool) -> Result<()> {
         let changes = st.changes();
-        if self.log.append(&changes, true).map_err(Error::Internal)? {
+        if self.log.append(&changes, sync).map_err(Error::Internal)? {
             self.compact(st)?;
         }
         #[cfg(test)]

@@ -401,7 +401,10 @@ impl Service {
             book.last_success = Some(now);
         }
         st.record(&p.id, entry.clone());
-        if let Err(e) = self.save_lifecycle(&mut st) {
+        // Not synced (one sync per tick, the intent's): a power loss that loses this line
+        // leaves the intent, which books the snapshot at start (`LifecycleState::settle`);
+        // retention decides again at the next tick.
+        if let Err(e) = self.lifecycle_file.save_unsynced(&mut st) {
             tracing::error!(policy = %p.name, error = %e, "cannot record a policy tick");
         }
         drop(st);
