@@ -83,19 +83,26 @@ fn a_group_snapshot_is_write_order_consistent_and_separate_snapshots_are_not() {
     assert!(bad > 0, "separate snapshots passed the check every time: it cannot tell a bad cut: {seqs:?}");
 }
 
-#[test]
-fn kill_9_during_group_snapshots_leaves_every_member_or_none() {
+const VOLS: [&str; 4] = ["v0", "v1", "v2", "v3"];
+
+/// A daemon with volumes `VOLS` in group `g`.
+fn group_of_four() -> (tempfile::TempDir, std::path::PathBuf, Daemon) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("d");
     common::keep_snapshots_local(&dir);
-    let mut d = Daemon::start(&dir);
-    let vols = ["v0", "v1", "v2", "v3"];
-    for v in vols {
-        d.cli_ok(&["volume", "create", v, "--size", "16M"]);
+    let d = Daemon::start(&dir);
+    for v in VOLS {
+        d.cli_ok(&["volume", "create", v, "--size", "8M"]);
     }
     let mut args = vec!["group", "create", "g"];
-    args.extend(vols);
+    args.extend(VOLS);
     d.cli_ok(&args);
+    (tmp, dir, d)
+}
+
+#[test]
+fn kill_9_during_group_snapshots_leaves_every_member_or_none() {
+    let (tmp, dir, mut d) = group_of_four();
     for i in 0..20u64 {
         // A burst of group snapshots, killed at a moment that moves through them.
         let mut cli: Vec<Guard> = (0..4)
@@ -126,9 +133,9 @@ fn kill_9_during_group_snapshots_leaves_every_member_or_none() {
         for k in 0..4 {
             let name = format!("k{i}-{k}");
             let present =
-                vols.iter().filter(|v| d.cli(&["snapshot", "show", &format!("{v}@{name}")]).status.success()).count();
-            assert!(present == 0 || present == vols.len(), "{name}: {present} of {} members after kill -9", vols.len());
-            assert_eq!(present == vols.len(), listed.contains(&name), "{name}: members {present}, listed {listed:?}");
+                VOLS.iter().filter(|v| d.cli(&["snapshot", "show", &format!("{v}@{name}")]).status.success()).count();
+            assert!(present == 0 || present == VOLS.len(), "{name}: {present} of {} members after kill -9", VOLS.len());
+            assert_eq!(present == VOLS.len(), listed.contains(&name), "{name}: members {present}, listed {listed:?}");
         }
     }
 }
@@ -234,20 +241,10 @@ fn kill_9_during_group_rollbacks_never_leaves_a_mix() {
     if !require_libnbd() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("d");
-    common::keep_snapshots_local(&dir);
-    let mut d = Daemon::start(&dir);
-    let vols = ["v0", "v1", "v2", "v3"];
-    for v in vols {
-        d.cli_ok(&["volume", "create", v, "--size", "8M"]);
-    }
-    let mut args = vec!["group", "create", "g"];
-    args.extend(vols);
-    d.cli_ok(&args);
+    let (tmp, dir, mut d) = group_of_four();
     d.cli_ok(&["group", "snapshot", "g", "--name", "base"]);
     for i in 1..=20u64 {
-        write_seq(&d, &vols, i);
+        write_seq(&d, &VOLS, i);
         let cli = Guard(
             Command::new(BIN)
                 .arg("--dir")
@@ -262,7 +259,7 @@ fn kill_9_during_group_rollbacks_never_leaves_a_mix() {
         d.kill9();
         drop(cli);
         d = Daemon::start(&dir);
-        let seqs: Vec<u64> = vols.iter().map(|v| seq(&d, v)).collect();
+        let seqs: Vec<u64> = VOLS.iter().map(|v| seq(&d, v)).collect();
         assert!(seqs.iter().all(|&s| s == seqs[0]), "iteration {i}: members differ after kill -9: {seqs:?}");
         assert!(seqs[0] == 0 || seqs[0] == i, "iteration {i}: {seqs:?}");
     }

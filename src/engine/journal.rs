@@ -309,10 +309,7 @@ impl Record {
                 created: r.u64()?,
             },
             T_GROUP_SNAPSHOT => {
-                let n = r.u32()? as usize;
-                if n == 0 || n > MAX_GROUP_MEMBERS {
-                    return Err(Short);
-                }
+                let n = group_size(&mut r)?;
                 let members = (0..n).map(|_| Ok((r.u64()?, r.u64()?))).collect::<Result<Vec<_>, Short>>()?;
                 Record::GroupSnapshot {
                     members,
@@ -323,10 +320,7 @@ impl Record {
                 }
             }
             T_BATCH => {
-                let n = r.u32()? as usize;
-                if n == 0 || n > MAX_GROUP_MEMBERS {
-                    return Err(Short);
-                }
+                let n = group_size(&mut r)?;
                 let mut records = Vec::with_capacity(n);
                 for _ in 0..n {
                     let len = r.u32()? as usize;
@@ -354,6 +348,15 @@ impl Record {
         }
         Ok(rec)
     }
+}
+
+/// The member count of a group record: 1 to [`MAX_GROUP_MEMBERS`].
+fn group_size(r: &mut Reader<'_>) -> Result<usize, Short> {
+    let n = r.u32()? as usize;
+    if n == 0 || n > MAX_GROUP_MEMBERS {
+        return Err(Short);
+    }
+    Ok(n)
 }
 
 /// Decodes frames from `buf` until the first torn or corrupt one (records, `Boot` and

@@ -446,11 +446,13 @@ impl Engine {
         Ok(snaps.iter().map(|s| self.snapshot_info(&reg, s)).collect())
     }
 
-    /// The ids and creation times of a volume's snapshots, oldest first: what counting them
-    /// needs, without building a [`SnapshotInfo`] each.
-    pub fn snapshot_times(&self, volume: &str) -> Result<Vec<(String, u64)>> {
+    /// The ids, names and creation times of a volume's snapshots, oldest first: what counting
+    /// them or applying retention needs, without building a [`SnapshotInfo`] each (whose
+    /// list of clones costs a look at every volume).
+    pub fn snapshot_times(&self, volume: &str) -> Result<Vec<(String, String, u64)>> {
         let reg = self.registry.read();
-        Ok(reg.snapshots_of(reg.find_volume(volume)?.id).iter().map(|s| (snapshot_id(s.id), s.created)).collect())
+        let of = reg.snapshots_of(reg.find_volume(volume)?.id);
+        Ok(of.iter().map(|s| (snapshot_id(s.id), s.name.clone(), s.created)).collect())
     }
 
     /// How many snapshots a volume has, and when its newest was taken.

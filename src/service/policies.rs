@@ -530,25 +530,28 @@ impl Service {
             let book: Book = st.books.get(&p.id).and_then(|b| b.get(v)).cloned().unwrap_or_default();
             (book.snapshots, st.holds.clone())
         };
+        let volume = self.engine.volume(v)?.name;
+        let mut of_volume: HashMap<String, (String, u64)> =
+            self.engine.snapshot_times(v)?.into_iter().map(|(id, name, created)| (id, (name, created))).collect();
         let mut infos = HashMap::new();
         let mut failed_upload = None;
         for id in &ids {
-            let Ok(s) = self.engine.snapshot(id) else { continue };
+            let Some((name, created)) = of_volume.remove(id) else { continue };
             if let Some(status) = self.store.status(id).filter(|r| r.state == UploadState::Failed) {
                 failed_upload = Some(format!(
-                    "the upload of {}@{} failed ({}); retry it with: snapblk snapshot upload {}@{}",
-                    s.volume,
-                    s.name,
+                    "the upload of {volume}@{name} failed ({}); retry it with: snapblk snapshot upload {volume}@{name}",
                     status.reason.unwrap_or_default(),
-                    s.volume,
-                    s.name
                 ));
             }
-            infos.insert(s.id.clone(), s);
+            infos.insert(id.clone(), (name, created));
         }
         let candidates: Vec<Candidate> = infos
-            .values()
-            .map(|s| Candidate { id: s.id.clone(), created: s.created as i64, held: holds.contains_key(&s.id) })
+            .iter()
+            .map(|(id, (_, created))| Candidate {
+                id: id.clone(),
+                created: *created as i64,
+                held: holds.contains_key(id),
+            })
             .collect();
         let now = self.engine.clock().now() as i64;
         let verdicts = p
@@ -556,12 +559,12 @@ impl Service {
             .select(&candidates, now, |t| compiled.local(t))
             .into_iter()
             .map(|(c, verdict)| {
-                let s = &infos[&c.id];
+                let (name, created) = &infos[&c.id];
                 PruneView {
-                    volume: s.volume.clone(),
-                    snapshot: s.name.clone(),
-                    id: s.id.clone(),
-                    created: s.created,
+                    volume: volume.clone(),
+                    snapshot: name.clone(),
+                    id: c.id.clone(),
+                    created: *created,
                     verdict,
                 }
             })

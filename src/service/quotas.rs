@@ -91,8 +91,8 @@ impl Service {
             .snapshot_times(&info.id)
             .unwrap_or_default()
             .into_iter()
-            .filter(|(id, _)| ids.contains(id))
-            .map(|(id, created)| (created, id))
+            .filter(|(id, _, _)| ids.contains(id))
+            .map(|(id, _, created)| (created, id))
             .collect();
         auto.sort();
         auto.into_iter().map(|(_, id)| id).collect()
