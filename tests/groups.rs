@@ -102,7 +102,7 @@ fn group_of_four() -> (tempfile::TempDir, std::path::PathBuf, Daemon) {
 
 #[test]
 fn kill_9_during_group_snapshots_leaves_every_member_or_none() {
-    let (tmp, dir, mut d) = group_of_four();
+    let (_tmp, dir, mut d) = group_of_four();
     for i in 0..20u64 {
         // A burst of group snapshots, killed at a moment that moves through them.
         let mut cli: Vec<Guard> = (0..4)
@@ -241,7 +241,7 @@ fn kill_9_during_group_rollbacks_never_leaves_a_mix() {
     if !require_libnbd() {
         return;
     }
-    let (tmp, dir, mut d) = group_of_four();
+    let (_tmp, dir, mut d) = group_of_four();
     d.cli_ok(&["group", "snapshot", "g", "--name", "base"]);
     for i in 1..=20u64 {
         write_seq(&d, &VOLS, i);
