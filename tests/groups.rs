@@ -158,9 +158,12 @@ fn membership_changes_member_deletes_and_refusals_say_what_to_do() {
     let s = d.cli_json(&["group", "snapshot", "g", "--name", "s1", "--description", "three"]);
     assert_eq!(s["members"].as_array().unwrap().len(), 3, "{s}");
     assert_eq!(s["consistency"], "crash");
-    // Member snapshots are ordinary snapshots named like the group snapshot.
+    // Member snapshots are ordinary snapshots named like the group snapshot, and say so.
     for v in ["a", "b", "c"] {
-        assert_eq!(d.cli_json(&["snapshot", "show", &format!("{v}@s1")])["description"], "three");
+        let m = d.cli_json(&["snapshot", "show", &format!("{v}@s1")]);
+        assert_eq!(m["description"], "three");
+        assert_eq!(m["group_snapshot"]["id"], s["id"], "{m}");
+        assert_eq!(m["group_snapshot"]["name"], "g@s1", "{m}");
     }
     d.cli_ok(&["group", "remove", "g", "c"]);
     assert_eq!(d.cli_json(&["group", "show", "g"])["members"].as_array().unwrap().len(), 2);

@@ -36,7 +36,7 @@ pub use lifecycle::{BinLock, Binned, HistoryEntry, Hold, Outcome};
 pub use policies::{CreatePolicy, PolicyTarget, PolicyView, PolicyVolumeView, PolicyVolumes, PruneView};
 pub use quotas::QuotaView;
 pub use regions::{GcRequest, KeyFile};
-pub use snapshots::{CloneSnapshot, CreateSnapshot, ExportRequest, Rollback, SnapshotView};
+pub use snapshots::{CloneSnapshot, CreateSnapshot, ExportRequest, MemberOf, Rollback, SnapshotView};
 pub use volumes::{CreateVolume, VolumeView};
 
 use crate::attach::Attachments;

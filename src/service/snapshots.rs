@@ -61,6 +61,16 @@ pub struct SnapshotView {
     /// Its volume was deleted (the snapshot stays until deleted itself).
     #[serde(default)]
     pub volume_deleted: bool,
+    /// The group snapshot it is a member of.
+    #[serde(default)]
+    pub group_snapshot: Option<MemberOf>,
+}
+
+/// A group snapshot, by id (`g-…`) and `GROUP@NAME`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberOf {
+    pub id: String,
+    pub name: String,
 }
 
 /// Holds, policy books, the recycle bin and deleted volumes, looked up once for a list of
@@ -71,6 +81,7 @@ struct Marks {
     taken_by: HashMap<String, Vec<String>>,
     binned: std::collections::HashSet<String>,
     deleted_volumes: std::collections::HashSet<String>,
+    groups: HashMap<String, MemberOf>,
 }
 
 impl Service {
@@ -86,11 +97,18 @@ impl Service {
             }
         }
         let binned = st.bin.iter().filter(|(_, b)| volume_id.is_none_or(|id| id == b.volume_id));
+        let mut groups = HashMap::new();
+        for (id, g) in st.group_snapshots.iter().filter(|(_, g)| !g.pending && !g.deleting) {
+            for (_, s) in g.members.iter().filter(|(v, _)| volume_id.is_none_or(|id| id == v)) {
+                groups.insert(s.clone(), MemberOf { id: id.clone(), name: format!("{}@{}", g.group, g.name) });
+            }
+        }
         Marks {
             holds: st.holds.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             taken_by,
             binned: binned.map(|(id, _)| id.clone()).collect(),
             deleted_volumes: st.deleted_volumes.keys().cloned().collect(),
+            groups,
         }
     }
 
@@ -100,6 +118,7 @@ impl Service {
             hold: marks.holds.get(&info.id).cloned(),
             policies: marks.taken_by.get(&info.id).cloned().unwrap_or_default(),
             volume_deleted: marks.deleted_volumes.contains(&info.volume_id),
+            group_snapshot: marks.groups.get(&info.id).cloned(),
             info,
         }
     }

@@ -234,6 +234,9 @@ fn snapshot_lines(v: &SnapshotView) -> String {
     if !v.policies.is_empty() {
         text.push_str(&format!("policies:    {}\n", v.policies.join(", ")));
     }
+    if let Some(g) = &v.group_snapshot {
+        text.push_str(&format!("group:       {} ({})\n", g.name, g.id));
+    }
     text
 }
 
