@@ -556,7 +556,13 @@ mod tests {
             on_volume_delete: OnVolumeDelete::Keep,
         };
         // Created 2026-01-01T00:00:00Z, a Thursday.
-        Policy { id: "p-0000000000000001".into(), spec, volumes: Vec::new(), created: 1_767_225_600 }
+        Policy {
+            id: "p-0000000000000001".into(),
+            spec,
+            volumes: Vec::new(),
+            groups: Vec::new(),
+            created: 1_767_225_600,
+        }
     }
 
     #[test]
@@ -758,7 +764,7 @@ mod tests {
             on_volume_delete: OnVolumeDelete::Keep,
         };
         svc.create_policy(&me, hourly).unwrap();
-        svc.apply_policy(&me, "hourly", PolicyVolumes { volumes: vec!["v".into()] }).unwrap();
+        svc.apply_policy(&me, "hourly", PolicyVolumes { volumes: vec!["v".into()], groups: vec![] }).unwrap();
         clock.advance(3600);
         svc.run_due_policies().await;
 

@@ -176,6 +176,14 @@ fn membership_changes_member_deletes_and_refusals_say_what_to_do() {
     d.cli_ok(&["snapshot", "delete", "a@s1", "--force"]);
     let s = d.cli_json(&["group", "snapshot", "show", "g@s1"]);
     assert_eq!(s["degraded"], true, "{s}");
+    // A policy on the group: shown, and the group cannot go while it is applied.
+    d.cli_ok(&["policy", "create", "p", "--every", "1h", "--keep-last", "3"]);
+    d.cli_ok(&["policy", "apply", "p", "--group", "g"]);
+    assert_eq!(d.cli_json(&["policy", "show", "p"])["groups"][0], "g");
+    let (code, err) = d.cli_err(&["group", "delete", "g"]);
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("policy remove p --group g"), "{err}");
+    d.cli_ok(&["policy", "remove", "p", "--group", "g"]);
     // The group object cannot go while it has group snapshots; then it can, and volumes stay.
     let (code, err) = d.cli_err(&["group", "delete", "g"]);
     assert_eq!(code, 5, "{err}");

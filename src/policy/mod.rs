@@ -53,6 +53,10 @@ pub struct Policy {
     /// Volume ids.
     #[serde(default)]
     pub volumes: Vec<String>,
+    /// Consistency groups (names): each tick takes a group snapshot of the group, and
+    /// retention keeps or deletes group snapshots whole.
+    #[serde(default)]
+    pub groups: Vec<String>,
     pub created: u64,
 }
 

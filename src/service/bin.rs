@@ -473,7 +473,7 @@ mod tests {
         svc.create_policy(&me, policy("apply", OnVolumeDelete::Apply)).unwrap();
         for (v, p) in [("a", "keep"), ("b", "apply")] {
             volume(&svc, v).await;
-            svc.apply_policy(&me, p, PolicyVolumes { volumes: vec![v.into()] }).unwrap();
+            svc.apply_policy(&me, p, PolicyVolumes { volumes: vec![v.into()], groups: vec![] }).unwrap();
             svc.run_policy_now(&me, p, PolicyTarget::default()).await.unwrap();
         }
         // A snapshot taken by hand blocks the delete, as before.

@@ -193,6 +193,12 @@ impl Service {
         caller.may(Access::Write)?;
         let mut st = self.lifecycle.lock();
         Self::group_record(&st, name)?;
+        if let Some(p) = st.policies.values().find(|p| p.groups.iter().any(|g| g == name)) {
+            return Err(Error::Engine(crate::engine::EngineError::Busy(format!(
+                "policy '{}' is applied to group '{name}'; remove it first (snapblk policy remove {} --group {name})",
+                p.name, p.name
+            ))));
+        }
         if let Some(s) = st.group_snapshots.values().find(|s| s.group == name) {
             return Err(Error::Engine(crate::engine::EngineError::Busy(format!(
                 "group '{name}' still has group snapshots (e.g. {name}@{}); delete them first with: snapblk group snapshot delete {name}@SNAPSHOT",
@@ -214,6 +220,17 @@ impl Service {
         req: CreateGroupSnapshot,
     ) -> Result<GroupSnapshotView> {
         caller.may(Access::Write)?;
+        self.take_group_snapshot(caller, group, req, Taker::Hand).await
+    }
+
+    /// A group snapshot by hand or by a policy (`taker`: whose quotas it counts toward).
+    pub(super) async fn take_group_snapshot(
+        &self,
+        caller: &Caller,
+        group: &str,
+        req: CreateGroupSnapshot,
+        taker: Taker,
+    ) -> Result<GroupSnapshotView> {
         validate_name("snapshot", &req.name)?;
         let consistency = match req.consistency.as_deref() {
             None | Some("crash") => "crash",
@@ -237,7 +254,7 @@ impl Service {
         let mut slots = Vec::with_capacity(members.len());
         for m in &members {
             let info = self.live_volume(m)?;
-            slots.push(self.snapshot_allowed(&info, Taker::Hand).await?);
+            slots.push(self.snapshot_allowed(&info, taker).await?);
         }
         let id = format!("g-{:016x}", rand::random::<u64>());
         let now = self.engine.clock().now();
@@ -694,6 +711,26 @@ impl LifecycleState {
                 }
             }
             self.touch(Key::GroupSnapshot(id));
+        }
+        // Policies' books of groups: a group snapshot a tick was creating is booked if its
+        // cut happened; ids of group snapshots that are gone are dropped.
+        // (Saved whole by the compaction that follows at start.)
+        let LifecycleState { books, group_snapshots, groups, policies, .. } = self;
+        for p in policies.values_mut() {
+            p.groups.retain(|g| groups.contains_key(g));
+        }
+        for books in books.values_mut() {
+            books.retain(|key, _| key.strip_prefix("group:").is_none_or(|g| groups.contains_key(g)));
+            for (key, book) in books.iter_mut() {
+                let Some(group) = key.strip_prefix("group:") else { continue };
+                if let Some(name) = book.creating.take() {
+                    let found = group_snapshots.iter().find(|(_, g)| g.group == group && g.name == name && !g.pending);
+                    if let Some((id, _)) = found.filter(|(id, _)| !book.snapshots.contains(id)) {
+                        book.snapshots.push(id.clone());
+                    }
+                }
+                book.snapshots.retain(|id| group_snapshots.contains_key(id));
+            }
         }
     }
 }

@@ -352,8 +352,9 @@ impl LifecycleState {
         }
         let mut recovered = Vec::new();
         for (policy, books) in self.books.iter_mut() {
-            books.retain(|v, _| volumes.contains(v));
-            for (volume, book) in books.iter_mut() {
+            // Books of groups are settled with the groups (`settle_groups`).
+            books.retain(|v, _| volumes.contains(v) || v.starts_with("group:"));
+            for (volume, book) in books.iter_mut().filter(|(v, _)| !v.starts_with("group:")) {
                 if let Some(name) = book.creating.take() {
                     if let Ok(s) = engine.snapshot(&format!("{volume}@{name}")) {
                         if !book.snapshots.contains(&s.id) {

@@ -32,10 +32,18 @@ const POLL: Duration = Duration::from_millis(500);
 /// `policy create`: the policy's spec.
 pub type CreatePolicy = PolicySpec;
 
-/// Volumes to apply a policy to, or remove it from (names or ids).
+/// Volumes (names or ids) and consistency groups to apply a policy to, or remove it from.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PolicyVolumes {
+    #[serde(default)]
     pub volumes: Vec<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+/// The book key of a policy's group snapshots of group `name` (volumes are keyed by id).
+pub(super) fn group_book(name: &str) -> String {
+    format!("group:{name}")
 }
 
 /// `policy run-now` / `policy prune`: one volume, or every volume of the policy.
@@ -107,6 +115,17 @@ impl Service {
                     snapshots: book.snapshots.len(),
                 }
             })
+            .chain(p.groups.iter().map(|g| {
+                let key = group_book(g);
+                let book = st.books.get(&p.id).and_then(|b| b.get(&key)).cloned().unwrap_or_default();
+                PolicyVolumeView {
+                    volume: format!("group {g}"),
+                    volume_id: key,
+                    last_attempt: book.last_attempt,
+                    last_success: book.last_success,
+                    snapshots: book.snapshots.len(),
+                }
+            }))
             .collect();
         PolicyView {
             schedule_text: p.schedule.describe(&p.tz),
@@ -134,8 +153,13 @@ impl Service {
             return Err(Error::Invalid(format!("a policy name has at most {MAX_POLICY_NAME} characters")));
         }
         let now = self.engine.clock().now();
-        let policy =
-            Policy { id: format!("p-{:016x}", rand::random::<u64>()), spec: req, volumes: Vec::new(), created: now };
+        let policy = Policy {
+            id: format!("p-{:016x}", rand::random::<u64>()),
+            spec: req,
+            volumes: Vec::new(),
+            groups: Vec::new(),
+            created: now,
+        };
         let next = policy.compile().map_err(Error::Invalid)?.next_after(now as i64).map(|t| t as u64);
         {
             let mut st = self.lifecycle.lock();
@@ -209,6 +233,15 @@ impl Service {
             }
             st.touch(Key::Policy(p.id.clone()));
         }
+        for g in &req.groups {
+            if !st.groups.contains_key(g) {
+                return Err(Error::NotFound(format!("no group named '{g}' (list them with: snapblk group list)")));
+            }
+            if let Some(q) = st.policies.get_mut(&p.id).filter(|q| !q.groups.contains(g)) {
+                q.groups.push(g.clone());
+            }
+            st.touch(Key::Policy(p.id.clone()));
+        }
         self.save_lifecycle(&mut st)?;
         let p = st.policies[&p.id].clone();
         drop(st);
@@ -222,13 +255,15 @@ impl Service {
         let p = self.find_policy(r)?;
         let ids = req.volumes.iter().map(|v| Ok(self.live_volume(v)?.id)).collect::<Result<Vec<_>>>()?;
         let mut st = self.lifecycle.lock();
+        let keys: Vec<String> = ids.iter().cloned().chain(req.groups.iter().map(|g| group_book(g))).collect();
         if let Some(q) = st.policies.get_mut(&p.id) {
             q.volumes.retain(|v| !ids.contains(v));
+            q.groups.retain(|g| !req.groups.contains(g));
         }
         st.touch(Key::Policy(p.id.clone()));
         st.touch(Key::Books(p.id.clone()));
         if let Some(books) = st.books.get_mut(&p.id) {
-            books.retain(|v, _| !ids.contains(v));
+            books.retain(|v, _| !keys.contains(v));
         }
         self.save_lifecycle(&mut st)?;
         let p = st.policies[&p.id].clone();
@@ -368,6 +403,17 @@ impl Service {
                             break;
                         }
                     }
+                });
+            }
+            for g in p.groups.clone() {
+                let key = group_book(&g);
+                if !self.running.begin(&p.id, &key, false) {
+                    continue;
+                }
+                let (svc, p) = (self.clone(), p.clone());
+                ticks.spawn(async move {
+                    svc.tick_group(&p, &g).await;
+                    svc.running.end(&p.id, &key);
                 });
             }
         }
@@ -665,6 +711,43 @@ mod tests {
     use crate::service::testing::{policy, service, ts};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_policy_on_a_group_takes_group_snapshots_and_retention_deletes_them_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(ts("2026-11-01T00:00:00Z"));
+        let svc = service(dir.path(), clock.clone(), "");
+        let me = Caller::Local;
+        for v in ["a", "b"] {
+            crate::service::testing::volume(&svc, v).await;
+        }
+        let group = crate::service::CreateGroup { name: "g".into(), volumes: vec!["a".into(), "b".into()] };
+        svc.create_group(&me, group).unwrap();
+        svc.create_policy(&me, crate::service::testing::hourly("hourly", 3)).unwrap();
+        svc.apply_policy(&me, "hourly", PolicyVolumes { volumes: vec![], groups: vec!["g".into()] }).unwrap();
+        // A group with a policy on it cannot be deleted.
+        assert!(svc.delete_group(&me, "g").is_err());
+        for _ in 0..6 {
+            clock.advance(3600);
+            svc.run_due_policies().await;
+        }
+        // Three group snapshots, each whole: both members, same name; nothing else left.
+        let kept = svc.list_group_snapshots(&me, "g").unwrap();
+        assert_eq!(kept.len(), 3, "{kept:?}");
+        for g in &kept {
+            assert!(g.members.iter().all(|m| m.present), "{g:?}");
+            assert!(g.name.starts_with("auto-hourly-"), "{g:?}");
+        }
+        let binned = svc.recycle_bin(&me).unwrap();
+        let live: Vec<_> = svc.list_snapshots(&me, None).unwrap();
+        assert_eq!(live.len(), 6, "members of deleted group snapshots must be gone: {live:?} {binned:?}");
+        let history = svc.policy_history(&me, "hourly", None).unwrap();
+        assert_eq!(history.len(), 6);
+        assert!(history.iter().all(|e| e.volume == "group g" && e.outcome == Outcome::Taken), "{history:?}");
+        // The books survive a restart with their group snapshots.
+        let view = svc.policy(&me, "hourly").unwrap();
+        assert!(view.on.iter().any(|o| o.volume == "group g" && o.snapshots == 3), "{:?}", view.on);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_month_of_hourly_ticks_keeps_what_retention_says_and_no_manual_snapshot() {
         let dir = tempfile::tempdir().unwrap();
         let clock = ManualClock::new(ts("2026-11-01T00:00:00Z"));
@@ -688,7 +771,7 @@ mod tests {
             Retention { keep_last: Some(5), keep_daily: Some(7), keep_weekly: Some(3), ..Default::default() };
         let every_hour = Schedule::At { times: (0..24).map(|h| format!("{h:02}:00")).collect(), weekdays: vec![] };
         svc.create_policy(&me, policy("hourly", every_hour, retention.clone())).unwrap();
-        svc.apply_policy(&me, "hourly", PolicyVolumes { volumes: vec!["v".into()] }).unwrap();
+        svc.apply_policy(&me, "hourly", PolicyVolumes { volumes: vec!["v".into()], groups: vec![] }).unwrap();
 
         // The model: retention applied after every tick to the series so far.
         let mut model: Vec<Candidate> = Vec::new();
@@ -743,7 +826,7 @@ mod tests {
         };
         svc.create_volume(&me, vol("v")).await.unwrap();
         for p in ["skip", "once"] {
-            svc.apply_policy(&me, p, PolicyVolumes { volumes: vec!["v".into()] }).unwrap();
+            svc.apply_policy(&me, p, PolicyVolumes { volumes: vec!["v".into()], groups: vec![] }).unwrap();
         }
         // Ten intervals pass with no tick (the daemon was down).
         clock.advance(6000);
@@ -757,7 +840,7 @@ mod tests {
         assert_eq!(outcomes("once").len(), 1);
         // A tick that fails (its snapshot name is taken) does not advance last_success. (Alone:
         // "once", firing in the same minute, would take a snapshot "skip" then shares.)
-        svc.remove_policy(&me, "once", PolicyVolumes { volumes: vec!["v".into()] }).unwrap();
+        svc.remove_policy(&me, "once", PolicyVolumes { volumes: vec!["v".into()], groups: vec![] }).unwrap();
         let before = svc.policy(&me, "skip").unwrap().on[0].last_success;
         clock.advance(600);
         let name = svc.find_policy("skip").unwrap().snapshot_name(clock_now(&svc));
@@ -793,7 +876,7 @@ mod shared_tests {
         // two "short" let go of stay for it.
         for (p, keep) in [("short", 1), ("long", 3)] {
             svc.create_policy(&me, hourly(p, keep)).unwrap();
-            svc.apply_policy(&me, p, PolicyVolumes { volumes: vec!["v".into()] }).unwrap();
+            svc.apply_policy(&me, p, PolicyVolumes { volumes: vec!["v".into()], groups: vec![] }).unwrap();
         }
         for _ in 0..3 {
             clock.advance(3600);
@@ -809,12 +892,115 @@ mod shared_tests {
         // "long" removed from the volume: the two only it kept are nobody's now and stay
         // (retention only removes what a policy keeps); the third, shared, is short's alone,
         // and its next tick replaces it.
-        svc.remove_policy(&me, "long", PolicyVolumes { volumes: vec!["v".into()] }).unwrap();
+        svc.remove_policy(&me, "long", PolicyVolumes { volumes: vec!["v".into()], groups: vec![] }).unwrap();
         clock.advance(3600);
         svc.run_due_policies().await;
         let snaps = svc.list_snapshots(&me, Some("v")).unwrap();
         assert_eq!(snaps.len(), 3, "{snaps:?}");
         assert_eq!(snaps.iter().filter(|s| s.policies.is_empty()).count(), 2);
         svc.engine.stop_background();
+    }
+}
+
+impl Service {
+    /// One tick of policy `p` on consistency group `group`: a group snapshot (its name
+    /// recorded first, synced, as a volume tick's), then retention over the policy's group
+    /// snapshots of the group, each kept or deleted whole.
+    pub(super) async fn tick_group(&self, p: &Policy, group: &str) -> HistoryEntry {
+        let now = self.engine.clock().now();
+        let key = group_book(group);
+        let label = format!("group {group}");
+        let name = p.snapshot_name(now);
+        let taken = async {
+            {
+                let mut st = self.lifecycle.lock();
+                st.book(&p.id, &key).creating = Some(name.clone());
+                self.save_lifecycle(&mut st)?;
+            }
+            let req = super::CreateGroupSnapshot {
+                name: name.clone(),
+                description: format!("taken by policy {} ({})", p.name, p.id),
+                consistency: None,
+            };
+            let created = self.take_group_snapshot(&Caller::Daemon("policy"), group, req, Taker::Policy).await;
+            let mut st = self.lifecycle.lock();
+            let book = st.book(&p.id, &key);
+            book.creating = None;
+            if let Ok(g) = &created {
+                book.snapshots.push(g.id.clone());
+            }
+            created
+        }
+        .await;
+        let mut entry = match taken {
+            Ok(_) => HistoryEntry {
+                at: now,
+                volume: label,
+                outcome: Outcome::Taken,
+                snapshot: Some(name),
+                reason: None,
+                removed: Vec::new(),
+            },
+            Err(e) => failed(now, label, None, format!("{e}; nothing was pruned")),
+        };
+        if entry.outcome == Outcome::Taken {
+            match self.prune_group(p, group).await {
+                Ok(removed) => entry.removed = removed,
+                Err(e) => entry.reason = Some(format!("nothing pruned: {e}")),
+            }
+        }
+        let mut st = self.lifecycle.lock();
+        let book = st.book(&p.id, &key);
+        book.last_attempt = Some(now);
+        if entry.outcome != Outcome::Failed {
+            book.last_success = Some(now);
+        }
+        st.record(&p.id, entry.clone());
+        // Not synced, as a volume tick's outcome (see `tick`).
+        if let Err(e) = self.lifecycle_file.save_unsynced(&mut st) {
+            tracing::error!(policy = %p.name, error = %e, "cannot record a policy tick");
+        }
+        drop(st);
+        tracing::info!(policy = %p.name, group, outcome = ?entry.outcome, removed = entry.removed.len(), "policy tick");
+        entry
+    }
+
+    /// Retention over the policy's group snapshots of `group`: a group snapshot with a held
+    /// member is held; one retention lets go is deleted whole (`delete_group_snapshot`).
+    async fn prune_group(&self, p: &Policy, group: &str) -> Result<Vec<String>> {
+        let compiled = p.compile().map_err(Error::Invalid)?;
+        let key = group_book(group);
+        let (candidates, mut names) = {
+            let st = self.lifecycle.lock();
+            let ids = st.books.get(&p.id).and_then(|b| b.get(&key)).map(|b| b.snapshots.clone()).unwrap_or_default();
+            let mut candidates = Vec::new();
+            let mut names = HashMap::new();
+            for id in ids {
+                let Some(g) = st.group_snapshots.get(&id).filter(|g| !g.pending && !g.deleting) else { continue };
+                let held = g.members.iter().any(|(_, s)| st.holds.contains_key(s));
+                candidates.push(Candidate { id: id.clone(), created: g.created as i64, held });
+                names.insert(id, g.name.clone());
+            }
+            (candidates, names)
+        };
+        let now = self.engine.clock().now() as i64;
+        let mut removed = Vec::new();
+        for (c, verdict) in p.retention.select(&candidates, now, |t| compiled.local(t)) {
+            if verdict.keeps() {
+                continue;
+            }
+            match self.delete_group_snapshot(&Caller::Daemon("retention"), &c.id).await {
+                Ok(()) => {
+                    let mut st = self.lifecycle.lock();
+                    st.book(&p.id, &key).snapshots.retain(|s| s != &c.id);
+                    removed.push(names.remove(&c.id).unwrap_or(c.id));
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(policy = %p.name, group_snapshot = %c.id, error = %e, "retention could not delete a group snapshot; it stays")
+                }
+            }
+        }
+        Ok(removed)
     }
 }

@@ -253,7 +253,8 @@ mod tests {
         // Policies: their own count; at the limit the oldest automatic one goes (delete-oldest-auto).
         let policy = hourly("p", 100);
         svc.create_policy(&me, policy).unwrap();
-        svc.apply_policy(&me, "p", PolicyVolumes { volumes: vec!["v".into(), "strict".into()] }).unwrap();
+        svc.apply_policy(&me, "p", PolicyVolumes { volumes: vec!["v".into(), "strict".into()], groups: vec![] })
+            .unwrap();
         for _ in 0..3 {
             clock.advance(3600);
             svc.run_due_policies().await;

@@ -52,17 +52,22 @@ pub enum PolicyCommand {
         #[arg(long, value_enum, default_value = "keep")]
         on_volume_delete: OnVolumeDelete,
     },
-    /// Apply a policy to volumes
+    /// Apply a policy to volumes, or to consistency groups (a group snapshot per tick)
     Apply {
         policy: String,
-        #[arg(required = true)]
+        #[arg(required_unless_present = "groups")]
         volumes: Vec<String>,
+        /// A consistency group (repeatable)
+        #[arg(long = "group", value_name = "GROUP")]
+        groups: Vec<String>,
     },
-    /// Remove a policy from volumes (the snapshots it took stay)
+    /// Remove a policy from volumes or groups (the snapshots it took stay)
     Remove {
         policy: String,
-        #[arg(required = true)]
+        #[arg(required_unless_present = "groups")]
         volumes: Vec<String>,
+        #[arg(long = "group", value_name = "GROUP")]
+        groups: Vec<String>,
     },
     /// List policies
     List,
@@ -190,12 +195,12 @@ pub(super) async fn run(c: &Client, command: PolicyCommand) -> Result<Printed, C
             };
             policy(send(c, Method::POST, &p(&["policies"]), Some(&body)).await?)
         }
-        PolicyCommand::Apply { policy: name, volumes } => {
-            let body = PolicyVolumes { volumes };
+        PolicyCommand::Apply { policy: name, volumes, groups } => {
+            let body = PolicyVolumes { volumes, groups };
             policy(send(c, Method::POST, &p(&["policies", &name, "apply"]), Some(&body)).await?)
         }
-        PolicyCommand::Remove { policy: name, volumes } => {
-            let body = PolicyVolumes { volumes };
+        PolicyCommand::Remove { policy: name, volumes, groups } => {
+            let body = PolicyVolumes { volumes, groups };
             policy(send(c, Method::POST, &p(&["policies", &name, "remove"]), Some(&body)).await?)
         }
         PolicyCommand::List => {
