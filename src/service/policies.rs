@@ -440,20 +440,7 @@ impl Service {
     async fn tick(&self, p: &Policy, v: &str) -> HistoryEntry {
         let now = self.engine.clock().now();
         let entry = self.tick_steps(p, v, now).await;
-        let mut st = self.lifecycle.lock();
-        let book = st.book(&p.id, v);
-        book.last_attempt = Some(now);
-        if entry.outcome != Outcome::Failed {
-            book.last_success = Some(now);
-        }
-        st.record(&p.id, entry.clone());
-        // Not synced (one sync per tick, the intent's): a power loss that loses this line
-        // leaves the intent, which books the snapshot at start (`LifecycleState::settle`);
-        // retention decides again at the next tick.
-        if let Err(e) = self.lifecycle_file.save_unsynced(&mut st) {
-            tracing::error!(policy = %p.name, error = %e, "cannot record a policy tick");
-        }
-        drop(st);
+        self.record_tick(p, v, now, &entry);
         let (policy, volume, reason) = (p.name.clone(), entry.volume.clone(), entry.reason.clone().unwrap_or_default());
         match entry.outcome {
             Outcome::Skipped => self.event(Event::PolicySkipped { policy, volume, reason }),
@@ -903,6 +890,23 @@ mod shared_tests {
 }
 
 impl Service {
+    /// Records a tick's outcome in the book of `target` (a volume id or a group's book key)
+    /// and the history. Not synced (one sync per tick, the intent's): a power loss that loses
+    /// this line leaves the intent, which books the snapshot at start (`settle`,
+    /// `settle_groups`); retention decides again at the next tick.
+    fn record_tick(&self, p: &Policy, target: &str, now: u64, entry: &HistoryEntry) {
+        let mut st = self.lifecycle.lock();
+        let book = st.book(&p.id, target);
+        book.last_attempt = Some(now);
+        if entry.outcome != Outcome::Failed {
+            book.last_success = Some(now);
+        }
+        st.record(&p.id, entry.clone());
+        if let Err(e) = self.lifecycle_file.save_unsynced(&mut st) {
+            tracing::error!(policy = %p.name, error = %e, "cannot record a policy tick");
+        }
+    }
+
     /// One tick of policy `p` on consistency group `group`: a group snapshot (its name
     /// recorded first, synced, as a volume tick's), then retention over the policy's group
     /// snapshots of the group, each kept or deleted whole.
@@ -949,18 +953,7 @@ impl Service {
                 Err(e) => entry.reason = Some(format!("nothing pruned: {e}")),
             }
         }
-        let mut st = self.lifecycle.lock();
-        let book = st.book(&p.id, &key);
-        book.last_attempt = Some(now);
-        if entry.outcome != Outcome::Failed {
-            book.last_success = Some(now);
-        }
-        st.record(&p.id, entry.clone());
-        // Not synced, as a volume tick's outcome (see `tick`).
-        if let Err(e) = self.lifecycle_file.save_unsynced(&mut st) {
-            tracing::error!(policy = %p.name, error = %e, "cannot record a policy tick");
-        }
-        drop(st);
+        self.record_tick(p, &key, now, &entry);
         tracing::info!(policy = %p.name, group, outcome = ?entry.outcome, removed = entry.removed.len(), "policy tick");
         entry
     }

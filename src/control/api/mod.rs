@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::ErrorKind;
 use crate::jobs::JobView;
-use crate::service::{Caller, Error, Service, StatusView};
+use crate::service::{Access, Caller, Error, Service, StatusView};
 
 /// The error body: `{"error": "<sentence>", "kind": "not_found"}`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -289,8 +289,12 @@ pub fn router(service: Arc<Service>) -> Router {
         .layer(axum::middleware::from_fn(server_timing))
 }
 
-async fn openapi_doc(axum::Extension(doc): axum::Extension<Arc<serde_json::Value>>) -> Json<serde_json::Value> {
-    Json((*doc).clone())
+async fn openapi_doc(
+    caller: Caller,
+    axum::Extension(doc): axum::Extension<Arc<serde_json::Value>>,
+) -> ApiResult<Json<serde_json::Value>> {
+    caller.may(Access::Read)?;
+    Ok(Json((*doc).clone()))
 }
 
 /// The methods the route of `path` serves, upper case (`GET, DELETE`).
