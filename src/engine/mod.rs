@@ -498,6 +498,13 @@ impl Engine {
         }
     }
 
+    /// Every snapshot in the store this node's volumes and snapshots still load data from
+    /// (`s-…` id and region), with what depends on it.
+    pub fn store_sources(&self) -> Vec<(RemoteSource, Vec<String>)> {
+        let sources = self.registry.read().store_sources();
+        sources.into_iter().map(|((region, snapshot), of)| (RemoteSource { region, snapshot }, of)).collect()
+    }
+
     /// A new volume with the snapshot's content, sharing its data (copy on write). A released
     /// snapshot needs `released_region` (where it was uploaded): the clone then loads its data
     /// from there.

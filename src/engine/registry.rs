@@ -533,6 +533,28 @@ impl Registry {
         out
     }
 
+    /// Every snapshot in the store that volumes or snapshots here still load data from, with
+    /// what depends on it.
+    pub(super) fn store_sources(&self) -> BTreeMap<(String, u64), Vec<String>> {
+        let mut out: BTreeMap<(String, u64), Vec<String>> = BTreeMap::new();
+        for v in self.volumes.values() {
+            if let Some(rm) = v.state.read().remote.as_ref() {
+                out.entry((rm.source.region.clone(), rm.source.snapshot))
+                    .or_default()
+                    .push(format!("volume {}", v.name));
+            }
+        }
+        for s in self.by_store_source.values().flatten().filter_map(|s| self.snapshots.get(s)) {
+            if let Some(r) = s.remote() {
+                let vol = self.volumes.get(&s.volume).map_or("?", |v| v.name.as_str());
+                out.entry((r.source.region.clone(), r.source.snapshot))
+                    .or_default()
+                    .push(format!("snapshot {vol}@{}", s.name));
+            }
+        }
+        out
+    }
+
     /// Clusters that may differ between snapshot `base` and `target` (a snapshot id, or a
     /// volume's head with `Some(volume)`): the changed sets along both lineages back to their
     /// newest common snapshot, plus the head's dirty set. A superset of the clusters whose

@@ -764,6 +764,37 @@ impl VolumeHandle {
         }))
     }
 
+    /// `allocation`, with clusters still in the store described by the store (from the
+    /// source snapshot's map pages): a volume still loading reports the source's holes as
+    /// holes, not as data.
+    pub async fn allocation_async(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(self.vol.size, offset, len, false)?;
+        let shift = shift_of(&self.vol.slots);
+        let (first, end) = (offset >> shift, (offset + len).div_ceil(1 << shift));
+        let source = {
+            let st = self.vol.state.read();
+            match st.remote.as_ref() {
+                Some(r) if count_in(&r.loaded, first, end) < end - first => r.source.clone(),
+                _ => return self.allocation(offset, len),
+            }
+        };
+        let src = self.engine.cluster_source().ok_or_else(super::no_store)?;
+        let runs = src.data_runs(&source, first, end).await?;
+        let Some(known_end) = runs.last().map(|r| r.1.min(end)) else { return self.allocation(offset, len) };
+        let len = ((known_end << shift).min(offset + len) - offset).max(1);
+        let in_store = |c: u64| {
+            let i = runs.partition_point(|r| r.1 <= c);
+            runs.get(i).is_none_or(|r| r.2)
+        };
+        // Loaded meanwhile or not, each cluster is answered from what the volume says now.
+        let st = self.vol.state.read();
+        Ok(status(offset, len, shift, |c| match st.is_pending(c) {
+            true if in_store(c) => 0,
+            true => STATE_HOLE | STATE_ZERO,
+            false => allocation_flags(st.head.get(c)),
+        }))
+    }
+
     /// The live dirty bitmap: clusters written, trimmed or zeroed since the last snapshot.
     pub fn dirty(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         check_range(self.vol.size, offset, len, false)?;

@@ -229,7 +229,7 @@ impl Export for NbdExport {
     async fn block_status(&self, context: usize, offset: u64, length: u32) -> Result<Vec<Extent>, ExportError> {
         let len = length as u64;
         let result = match (&self.handle, context) {
-            (Handle::Volume(v, _), 0) => v.allocation(offset, len),
+            (Handle::Volume(v, _), 0) => v.allocation_async(offset, len).await,
             (Handle::Volume(v, _), 1) => v.dirty(offset, len),
             (Handle::Volume(v, bases), n) => match bases.get(n - 2) {
                 Some(&base) => v.changed_since_snapshot(base, offset, len),

@@ -11,7 +11,7 @@ use super::quotas::Taker;
 use super::{blocking, Access, Caller, Error, Hold, Result, Service, VolumeView};
 use crate::engine::{ErrorKind, SnapshotInfo};
 use crate::jobs::JobView;
-use crate::store::{ExportFormat, RemoteStatus};
+use crate::store::{ExportFormat, RemoteStatus, StoreError};
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CreateSnapshot {
@@ -215,6 +215,18 @@ impl Service {
     pub async fn delete_snapshot_forced(&self, caller: &Caller, r: &str, force: bool) -> Result<()> {
         caller.may(Access::Write)?;
         let snap = self.live_snapshot(r)?;
+        // Refused up front while other nodes load from it, so the user hears of it; when the
+        // store cannot be asked now, the delete goes on (its store copy waits for holds anyway).
+        // Retention and quotas delete on: their store copies wait the same way.
+        if !force && !matches!(caller, Caller::Daemon(_)) {
+            match self.store.check_not_held_elsewhere(&snap).await {
+                Err(e @ StoreError::Busy(_)) => return Err(e.into()),
+                Err(e) => {
+                    tracing::warn!(snapshot = %snap.id, error = %e, "cannot look for other nodes' holds; deleting (the store copy waits for them)")
+                }
+                Ok(()) => {}
+            }
+        }
         if let Some((group_snapshot, name)) = self.group_of_snapshot(&snap.id) {
             if !force {
                 return Err(Error::Engine(crate::engine::EngineError::Busy(format!(

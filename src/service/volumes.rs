@@ -124,12 +124,19 @@ impl Service {
                     Some(_) => r.to_string(),
                     None => self.store.find_remote_by_name(r, region).await?,
                 };
-                let (region, m) = self.store.find_remote(&id, region).await?;
+                let (region, _) = self.store.find_remote(&id, region).await?;
+                // Held in the region before the volume exists: its owner cannot delete it now.
+                let m = self.store.hold_for_load(&region.name, &id, &format!("volume {name} loads from it")).await?;
                 let source =
                     RemoteSource { region: region.name.clone(), snapshot: parse_snapshot_id(&id).unwrap_or_default() };
                 let (e, n2) = (self.engine.clone(), name.to_string());
-                let info = blocking(move || e.create_volume_from_remote(&n2, m.size, m.cluster_size, &source)).await?;
-                (info, region.name.clone())
+                match blocking(move || e.create_volume_from_remote(&n2, m.size, m.cluster_size, &source)).await {
+                    Ok(info) => (info, region.name.clone()),
+                    Err(e) => {
+                        self.store.renew_holds().await;
+                        return Err(e);
+                    }
+                }
             }
             Err(e) => return Err(e),
         };

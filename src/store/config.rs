@@ -31,10 +31,13 @@ concurrency = 4                  # parallel background GETs
 bandwidth_limit = "0"            # bytes per second for background loading; "0" = unlimited
 read_timeout = "20s"             # a read that needs the store fails (EIO) after this long without it (below the kernel NBD timeout, 30s)
 readahead = "1M"                 # prefetched after sequential reads; "0" = none
+hold = "15m"                     # while it loads from a snapshot in a region, this node holds it there (renewed every third of this): its owner cannot delete it meanwhile
 
 [gc]
-interval = "1h"                  # background GC period per region; "0s" = only `snapblk gc` (a region shared by nodes: "0s" on all but one)
+interval = "1h"                  # background GC period per region; "0s" = only `snapblk gc`
 grace = "1h"                     # never delete unreferenced packs younger than this
+delete_delay = "1h"              # a pack found unreferenced is deleted by a later GC, this long after (other nodes' dedup indexes let go of it meanwhile)
+lease = "10m"                    # GC runs on one node of a region at a time: it holds the region's lease this long, renewed while it runs
 
 [recycle_bin]                    # deleted snapshots (by hand or by retention) wait here, restorable
 retention = "0s"                 # how long; "0s" = off (a delete is final), e.g. "7d"
@@ -122,6 +125,7 @@ struct RawHydrate {
     bandwidth_limit: Option<String>,
     read_timeout: Option<String>,
     readahead: Option<String>,
+    hold: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -139,6 +143,8 @@ struct RawUpload {
 struct RawGc {
     interval: Option<String>,
     grace: Option<String>,
+    delete_delay: Option<String>,
+    lease: Option<String>,
 }
 
 #[derive(Clone, Deserialize)]
@@ -249,6 +255,10 @@ pub struct Config {
     /// 0 = no background GC.
     pub gc_interval: Duration,
     pub gc_grace: Duration,
+    /// Between a GC condemning an unreferenced pack and a later one deleting it.
+    pub gc_delete_delay: Duration,
+    /// How long the GC lease lasts unless renewed.
+    pub gc_lease: Duration,
     pub recycle_bin: RecycleBinConfig,
     /// The quotas of volumes not named in `quota_overrides`.
     pub quotas: Quotas,
@@ -338,6 +348,8 @@ pub struct HydrateConfig {
     /// How long a read waits for the store before failing.
     pub read_timeout: Duration,
     pub readahead: u64,
+    /// How long a hold on a snapshot this node loads from lasts unless renewed.
+    pub hold: Duration,
 }
 
 fn bytes_or_zero(s: &str) -> std::result::Result<u64, String> {
@@ -387,7 +399,11 @@ impl Config {
             read_timeout: dur(&raw.hydrate.read_timeout, "hydrate.read_timeout", "20s")?,
             readahead: bytes_or_zero(raw.hydrate.readahead.as_deref().unwrap_or("1M"))
                 .map_err(|e| format!("hydrate.readahead: {e}"))?,
+            hold: dur(&raw.hydrate.hold, "hydrate.hold", "15m")?,
         };
+        if hydrate.hold < Duration::from_secs(3) {
+            return Err("hydrate.hold must be at least 3s (it is renewed every third of it)".into());
+        }
         if !(1..=256).contains(&hydrate.concurrency) {
             return Err("hydrate.concurrency must be between 1 and 256".into());
         }
@@ -455,6 +471,8 @@ impl Config {
             hydrate,
             gc_interval: dur(&raw.gc.interval, "gc.interval", "1h")?,
             gc_grace: dur(&raw.gc.grace, "gc.grace", "1h")?,
+            gc_delete_delay: dur(&raw.gc.delete_delay, "gc.delete_delay", "1h")?,
+            gc_lease: dur(&raw.gc.lease, "gc.lease", "10m")?,
             recycle_bin,
             quotas,
             quota_overrides,

@@ -327,25 +327,12 @@ fn manifest_aad(snapshot_id: &str) -> Vec<u8> {
 
 impl Manifest {
     pub fn seal(&self, keys: &RepoKeys) -> Vec<u8> {
-        let json = serde_json::to_vec(self).unwrap_or_default();
-        let mut out = MANIFEST_MAGIC.to_vec();
-        out.put_u32(FORMAT_VERSION);
-        out.extend_from_slice(&keys.seal_meta(&manifest_aad(&self.snapshot_id), &json));
-        out
+        seal_json(keys, MANIFEST_MAGIC, &manifest_aad(&self.snapshot_id), self)
     }
 
     pub fn open(keys: &RepoKeys, bytes: &[u8], snapshot_id: &str) -> Result<Manifest> {
         let object = manifest_key(snapshot_id);
-        let body = bytes
-            .strip_prefix(MANIFEST_MAGIC.as_slice())
-            .ok_or_else(|| StoreError::corrupt(&object, "not a snapblk manifest"))?;
-        let (version, sealed) = body.split_at_checked(4).ok_or_else(|| StoreError::corrupt(&object, "truncated"))?;
-        if version != FORMAT_VERSION.to_le_bytes() {
-            return Err(StoreError::corrupt(&object, "unsupported manifest version; upgrade snapblk"));
-        }
-        let json = keys.open_meta(&manifest_aad(snapshot_id), sealed, &object)?;
-        let m: Manifest =
-            serde_json::from_slice(&json).map_err(|e| StoreError::corrupt(&object, format!("bad manifest: {e}")))?;
+        let m: Manifest = open_json(keys, MANIFEST_MAGIC, &manifest_aad(snapshot_id), bytes, &object, "manifest")?;
         if m.snapshot_id != snapshot_id || m.format != FORMAT_VERSION {
             return Err(StoreError::corrupt(&object, "manifest does not describe this snapshot"));
         }
@@ -354,6 +341,37 @@ impl Manifest {
         }
         Ok(m)
     }
+}
+
+/// Seals a small metadata object: `magic | version | AEAD(JSON)`, the AAD naming the object,
+/// so one object's body cannot be passed off as another's.
+pub fn seal_json<T: Serialize>(keys: &RepoKeys, magic: &[u8; 8], aad: &[u8], value: &T) -> Vec<u8> {
+    // Serializing plain structs of strings and numbers cannot fail.
+    let json = serde_json::to_vec(value).unwrap_or_default();
+    let mut out = magic.to_vec();
+    out.put_u32(FORMAT_VERSION);
+    out.extend_from_slice(&keys.seal_meta(aad, &json));
+    out
+}
+
+/// Opens what [`seal_json`] sealed; `what` names the kind of object in errors.
+pub fn open_json<T: serde::de::DeserializeOwned>(
+    keys: &RepoKeys,
+    magic: &[u8; 8],
+    aad: &[u8],
+    bytes: &[u8],
+    object: &str,
+    what: &str,
+) -> Result<T> {
+    let body = bytes
+        .strip_prefix(magic.as_slice())
+        .ok_or_else(|| StoreError::corrupt(object, format!("not a snapblk {what}")))?;
+    let (version, sealed) = body.split_at_checked(4).ok_or_else(|| StoreError::corrupt(object, "truncated"))?;
+    if version != FORMAT_VERSION.to_le_bytes() {
+        return Err(StoreError::corrupt(object, format!("unsupported {what} version; upgrade snapblk")));
+    }
+    let json = keys.open_meta(aad, sealed, object)?;
+    serde_json::from_slice(&json).map_err(|e| StoreError::corrupt(object, format!("bad {what}: {e}")))
 }
 
 /// A group snapshot in the store: which member snapshots make it. Written only after every
@@ -383,25 +401,12 @@ fn group_aad(id: &str) -> Vec<u8> {
 
 impl GroupManifest {
     pub fn seal(&self, keys: &RepoKeys) -> Vec<u8> {
-        let json = serde_json::to_vec(self).unwrap_or_default();
-        let mut out = GROUP_MAGIC.to_vec();
-        out.put_u32(FORMAT_VERSION);
-        out.extend_from_slice(&keys.seal_meta(&group_aad(&self.id), &json));
-        out
+        seal_json(keys, GROUP_MAGIC, &group_aad(&self.id), self)
     }
 
     pub fn open(keys: &RepoKeys, bytes: &[u8], id: &str) -> Result<GroupManifest> {
         let object = group_key(id);
-        let body = bytes
-            .strip_prefix(GROUP_MAGIC.as_slice())
-            .ok_or_else(|| StoreError::corrupt(&object, "not a snapblk group manifest"))?;
-        let (version, sealed) = body.split_at_checked(4).ok_or_else(|| StoreError::corrupt(&object, "truncated"))?;
-        if version != FORMAT_VERSION.to_le_bytes() {
-            return Err(StoreError::corrupt(&object, "unsupported group manifest version; upgrade snapblk"));
-        }
-        let json = keys.open_meta(&group_aad(id), sealed, &object)?;
-        let g: GroupManifest = serde_json::from_slice(&json)
-            .map_err(|e| StoreError::corrupt(&object, format!("bad group manifest: {e}")))?;
+        let g: GroupManifest = open_json(keys, GROUP_MAGIC, &group_aad(id), bytes, &object, "group manifest")?;
         if g.id != id || g.members.is_empty() {
             return Err(StoreError::corrupt(&object, "group manifest does not describe this group snapshot"));
         }

@@ -13,12 +13,14 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use super::crypto::{hex, unhex};
 use super::error::{Result, StoreError};
 use super::format::{
     manifest_key, pack_id_of_key, pack_key, BlobKind, BlobRef, Manifest, PackBuilder, PackId, Page, PageRefJson,
     RefJson,
 };
 use super::region::Region;
+use super::shared::{Condemned, Lease};
 use super::StoreService;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -30,6 +32,13 @@ pub struct GcReport {
     pub bytes_deleted: u64,
     /// Unreferenced packs kept because they are younger than the grace period.
     pub packs_young: u64,
+    /// Packs found unreferenced (or repacked) by this GC: deleted by a GC after
+    /// `gc.delete_delay`, if still unreferenced then.
+    #[serde(default)]
+    pub packs_condemned: u64,
+    /// Condemned packs whose delay has not passed yet.
+    #[serde(default)]
+    pub packs_waiting: u64,
     pub live_bytes: u64,
     pub stored_bytes: u64,
     /// Packs less than half live that were rewritten, the live bytes copied, and the
@@ -82,22 +91,57 @@ async fn mark(region: &Region, report: &mut GcReport) -> Result<Marked> {
 }
 
 impl StoreService {
-    /// Mark, sweep and repack one region (see the module doc).
+    /// Mark, sweep and repack one region (see the module doc), under the region's GC lease.
+    /// `grace` overrides both `gc.grace` and `gc.delete_delay` (e.g. "0s": delete now).
     pub async fn gc(&self, region_name: &str, grace: Option<Duration>) -> Result<GcReport> {
+        let delay = grace.unwrap_or(self.config.gc_delete_delay).as_secs();
         let grace = grace.unwrap_or(self.config.gc_grace);
         let region = self.region(region_name).await?;
         let _exclusive = region.gc_lock.write().await;
-        let mut report = GcReport { region: region_name.into(), ..Default::default() };
-        let marked = mark(&region, &mut report).await?;
+        let lease = self.acquire_gc_lease(&region).await?;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let renewing = self.renew_gc_lease(&region, lease.clone(), stopped);
+        let run = self.gc_leased(&region, grace, delay, &lease);
+        let report = tokio::select! {
+            r = run => r,
+            () = renewing => Err(StoreError::Busy(format!("GC of region '{region_name}' lost its lease; stopped"))),
+        };
+        let _ = stop.send(true);
+        if let Err(e) = self.release_gc_lease(&region, &lease).await {
+            tracing::warn!(region = region_name, error = %e, "cannot release the GC lease; it expires by itself");
+        }
+        let report = report?;
+        tracing::info!(
+            region = region_name,
+            deleted = report.packs_deleted,
+            condemned = report.packs_condemned,
+            repacked = report.packs_repacked,
+            bytes = report.bytes_deleted,
+            "GC done"
+        );
+        Ok(report)
+    }
+
+    async fn gc_leased(&self, region: &Region, grace: Duration, delay: u64, lease: &Lease) -> Result<GcReport> {
+        let mut report = GcReport { region: region.name.clone(), ..Default::default() };
+        let marked = mark(region, &mut report).await?;
         let now = SystemTime::now();
+        let now_secs = self.engine.clock().now();
+        let mut condemned = region.condemned().await?;
+        let before = condemned.clone();
+        let mut listed = HashSet::new();
         let mut sparse = Vec::new();
+        let mut doomed = Vec::new();
         for obj in region.objects.list("packs").await? {
             let Some(pack) = pack_id_of_key(&obj.key) else { continue };
+            listed.insert(hex(&pack));
             let old_enough = now.duration_since(obj.modified).unwrap_or_default() >= grace;
             report.packs += 1;
             report.stored_bytes += obj.size;
             match marked.live.get(&pack) {
                 Some(blobs) => {
+                    // Referenced again (by a node that deduplicated against it meanwhile).
+                    condemned.packs.remove(&hex(&pack));
                     let live: u64 = blobs.values().map(|b| b.len as u64).sum();
                     report.live_bytes += live;
                     if live * 2 < obj.size && old_enough {
@@ -106,27 +150,49 @@ impl StoreService {
                 }
                 None if !old_enough => report.packs_young += 1,
                 None => {
-                    // The index first (synced): uploads deduplicate against it, so it must
-                    // never name a pack that is gone. A crash in between leaves an orphan
-                    // pack, which the next GC deletes.
-                    region.index.delete_pack(pack)?;
-                    region.objects.delete(&obj.key).await?;
-                    report.packs_deleted += 1;
-                    report.bytes_deleted += obj.size;
-                    report.stored_bytes -= obj.size;
+                    let since = *condemned.packs.entry(hex(&pack)).or_insert_with(|| {
+                        report.packs_condemned += 1;
+                        now_secs
+                    });
+                    if region.index.has_pack(&pack) {
+                        // Uploads here deduplicate against the index: it lets go at once.
+                        region.index.delete_pack(pack)?;
+                    }
+                    if since + delay <= now_secs {
+                        doomed.push((pack, obj));
+                    } else {
+                        report.packs_waiting += 1;
+                    }
                 }
             }
         }
-        if !sparse.is_empty() {
-            self.repack(&region, &marked, &sparse, &mut report).await?;
+        // Packs gone meanwhile (another node's GC) leave the list.
+        let gone: Vec<PackId> =
+            condemned.packs.keys().filter(|p| !listed.contains(*p)).filter_map(|p| unhex::<16>(p)).collect();
+        for pack in gone {
+            condemned.deleted(&pack, now_secs);
         }
-        tracing::info!(
-            region = region_name,
-            deleted = report.packs_deleted,
-            repacked = report.packs_repacked,
-            bytes = report.bytes_deleted,
-            "GC done"
-        );
+        // The list first: a crash after the deletes leaves entries of gone packs, dropped above.
+        if condemned != before {
+            region.put_condemned(&condemned).await?;
+        }
+        if !doomed.is_empty() {
+            self.check_gc_lease(region, lease).await?;
+        }
+        for (pack, obj) in doomed {
+            region.objects.delete(&obj.key).await?;
+            condemned.deleted(&pack, now_secs);
+            report.packs_deleted += 1;
+            report.bytes_deleted += obj.size;
+            report.stored_bytes -= obj.size;
+        }
+        if !sparse.is_empty() {
+            self.check_gc_lease(region, lease).await?;
+            self.repack(region, &marked, &sparse, delay, &mut condemned, &mut report).await?;
+        }
+        if report.packs_deleted > 0 || report.packs_repacked > 0 {
+            region.put_condemned(&condemned).await?;
+        }
         Ok(report)
     }
 
@@ -135,6 +201,8 @@ impl StoreService {
         region: &Region,
         marked: &Marked,
         sparse: &[(PackId, u64)],
+        delay: u64,
+        condemned: &mut Condemned,
         report: &mut GcReport,
     ) -> Result<()> {
         let keys = &region.keys;
@@ -234,13 +302,22 @@ impl StoreService {
             region.put_manifest(m).await?;
             report.manifests_rewritten += 1;
         }
+        // The old packs: condemned like unreferenced ones — other nodes' indexes may still
+        // name their blobs — and deleted by a later GC; at once only with no delay ("0s":
+        // nothing else uses the region).
+        let now_secs = self.engine.clock().now();
         for (old, size) in sparse {
-            // The index first, as above.
             region.index.delete_pack(*old)?;
-            region.objects.delete(&pack_key(old)).await?;
             report.packs_repacked += 1;
-            report.bytes_deleted += size;
-            report.stored_bytes -= size;
+            if delay == 0 {
+                region.objects.delete(&pack_key(old)).await?;
+                condemned.deleted(old, now_secs);
+                report.bytes_deleted += size;
+                report.stored_bytes -= size;
+            } else {
+                condemned.packs.entry(hex(old)).or_insert(now_secs);
+                report.packs_condemned += 1;
+            }
         }
         // The copies take over in the index from the blobs the old packs held.
         for (id, blobs) in stored {

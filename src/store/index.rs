@@ -70,7 +70,6 @@ impl BlobIndex {
         self.inner.lock().blobs.get(id).copied()
     }
 
-    #[cfg(test)]
     pub fn packs(&self) -> Vec<PackId> {
         self.inner.lock().packs.keys().copied().collect()
     }
@@ -93,7 +92,11 @@ impl BlobIndex {
         self.append(&payload)
     }
 
-    /// Forgets a pack (deleted by GC).
+    pub fn has_pack(&self, pack: &PackId) -> bool {
+        self.inner.lock().packs.contains_key(pack)
+    }
+
+    /// Forgets a pack (deleted, or condemned, by GC).
     pub fn delete_pack(&self, pack: PackId) -> Result<()> {
         let mut payload = vec![DELETE];
         payload.extend_from_slice(&pack);

@@ -16,6 +16,7 @@ pub mod index;
 pub mod objects;
 mod ops;
 pub mod region;
+pub mod shared;
 pub mod state;
 pub mod upload;
 
@@ -44,6 +45,8 @@ use upload::{Base, Progress};
 
 /// How often local copies due for release are looked at.
 const RETENTION_SWEEP: Duration = Duration::from_secs(1);
+/// How often a deleted snapshot's manifest that other nodes hold is looked at again.
+const HELD_RECHECK: Duration = Duration::from_secs(5);
 
 /// A snapshot's store-side status, as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -87,6 +90,14 @@ pub struct StoreService {
     self_ref: std::sync::Weak<StoreService>,
     /// Told of each failed upload (snapshot id, error), for the event log.
     upload_failed: std::sync::OnceLock<UploadFailedHook>,
+    /// This daemon as other nodes of a region see it (holds, the GC lease).
+    pub node: shared::Node,
+    /// Holds this node has put: (region, snapshot id) → expiry.
+    held: Mutex<HashMap<(String, String), u64>>,
+    /// Deleted snapshots whose manifest waits for other nodes' holds: when to look again.
+    held_elsewhere: Mutex<HashMap<String, Instant>>,
+    /// When each region's blob index was last checked against the region's pack list.
+    index_checked: Mutex<HashMap<String, u64>>,
 }
 
 type UploadFailedHook = Box<dyn Fn(&str, &str) + Send + Sync>;
@@ -110,6 +121,7 @@ impl StoreService {
                 )));
             }
         }
+        let node = shared::Node::load_or_create(dir)?;
         let (state_file, mut state) = StateFile::open(dir)?;
         // Records of snapshots and volumes that no longer exist locally are dropped.
         let snaps: std::collections::HashSet<String> = engine.list_snapshots(None)?.into_iter().map(|s| s.id).collect();
@@ -143,6 +155,10 @@ impl StoreService {
             ),
             self_ref: self_ref.clone(),
             upload_failed: std::sync::OnceLock::new(),
+            node,
+            held: Mutex::new(HashMap::new()),
+            held_elsewhere: Mutex::new(HashMap::new()),
+            index_checked: Mutex::new(HashMap::new()),
         });
         svc.engine.set_cluster_source(svc.hydration.clone());
         // What the start dropped, and the log, folded into a new remote.json.
@@ -184,6 +200,16 @@ impl StoreService {
                 let Some(s) = svc.upgrade() else { return };
                 s.release_due();
                 s.sweep_deferred_deletes().await;
+            }
+        });
+        let svc = Arc::downgrade(self);
+        let period = self.config.hydrate.hold / 3;
+        tokio::spawn(async move {
+            loop {
+                let Some(s) = svc.upgrade() else { return };
+                s.renew_holds().await;
+                drop(s);
+                tokio::time::sleep(period).await;
             }
         });
     }
@@ -387,7 +413,29 @@ impl StoreService {
         }
     }
 
+    /// Uploads a snapshot; again (up to `CONDEMNED_ATTEMPTS` times) when GC on another node
+    /// condemned a pack the upload reused while it ran.
     async fn upload_one(&self, id: &str, progress: Arc<Progress>) -> Result<Option<String>> {
+        let mut attempt = 1;
+        loop {
+            match self.upload_attempt(id, progress.clone()).await? {
+                Some(base) => return Ok(base),
+                None if attempt < shared::CONDEMNED_ATTEMPTS => {
+                    attempt += 1;
+                    progress.done.store(0, Ordering::Relaxed);
+                    progress.total.store(0, Ordering::Relaxed);
+                }
+                None => {
+                    return Err(StoreError::Unavailable(format!(
+                        "GC on another node kept deleting packs this upload reused ({attempt} attempts); retry with: snapblk snapshot upload {id}"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// One attempt; `Ok(None)` when it must be made again (see [`Self::upload_one`]).
+    async fn upload_attempt(&self, id: &str, progress: Arc<Progress>) -> Result<Option<Option<String>>> {
         // Only a durable snapshot goes to the store: one a crash could still undo must never
         // exist there. Usually the commit started by the create is done by now.
         let engine = self.engine.clone();
@@ -403,6 +451,7 @@ impl StoreService {
             self.state.lock().snapshots.get(id).map(|r| r.region.clone()).unwrap_or_else(|| "local".into());
         let region = self.region(&region_name).await?;
         let _uploading = region.gc_lock.read().await;
+        let condemned_since = self.drop_condemned_from_index(&region).await?;
         // The base: the newest ancestor uploaded to this region whose manifest is readable.
         let lineage = self.engine.snapshot_lineage(id)?;
         let mut changed = roaring::RoaringTreemap::new();
@@ -465,6 +514,9 @@ impl StoreService {
         .await?;
         let _publishing = self.publish.lock().await;
         progress.check(id)?;
+        if self.reuses_condemned(&region, &manifest, condemned_since).await? {
+            return Ok(None);
+        }
         // Bytes added over every attempt (an upload resumed after a crash counts its first part).
         manifest.added_bytes = self.state.lock().snapshots.get(id).map_or(0, |r| r.added_bytes);
         let manifest_bytes = region.put_manifest(manifest).await?;
@@ -479,7 +531,7 @@ impl StoreService {
             secs,
             "upload done"
         );
-        Ok(base_id)
+        Ok(Some(base_id))
     }
 
     /// Whether a snapshot of this node is stored (complete) in `region`.
@@ -629,12 +681,19 @@ impl StoreService {
             return Ok(false);
         }
         if self.check_region(&region_name).is_ok() {
+            if self.held_elsewhere.lock().get(id).is_some_and(|next| *next > Instant::now()) {
+                return Ok(false);
+            }
             // Under the publish lock: an upload of the snapshot still running cannot publish
             // its manifest after this.
             let _publishing = self.publish.lock().await;
             let region = self.region(&region_name).await?;
-            region.objects.delete(&format::manifest_key(id)).await?;
-            region.forget_manifest(id);
+            if !self.delete_manifest_unless_held(&region, id).await? {
+                // Another node loads from it: look again in a while.
+                self.held_elsewhere.lock().insert(id.to_string(), Instant::now() + HELD_RECHECK);
+                return Ok(false);
+            }
+            self.held_elsewhere.lock().remove(id);
         }
         self.forget(RemoteKey::DeferredDelete(id.to_string()));
         self.save()?;

@@ -92,6 +92,15 @@ impl RateLimiter {
     }
 }
 
+/// What a conditional PUT requires of the object it replaces.
+#[derive(Debug, Clone)]
+pub enum Condition {
+    /// That there is none.
+    Absent,
+    /// That it is still the version with this e-tag.
+    Version(String),
+}
+
 /// One listed object.
 #[derive(Debug, Clone)]
 pub struct Listed {
@@ -328,6 +337,64 @@ impl Objects {
         }
         self.metrics.put_ops.fetch_add(1, Ordering::Relaxed);
         Ok(created)
+    }
+
+    /// A conditional PUT: create-only, or replace only the version read before (its e-tag).
+    /// `Ok(Some(true))` written, `Ok(Some(false))` refused by the store (the object exists, or
+    /// changed since), `Ok(None)` the store does not do conditional writes (nothing written).
+    pub async fn put_if(&self, key: &str, data: Bytes, condition: Condition) -> Result<Option<bool>> {
+        let path = ObjPath::from(key);
+        let outcome = self
+            .retry("PUT (conditional)", key, || {
+                let (path, payload) = (path.clone(), PutPayload::from(data.clone()));
+                let mode = match &condition {
+                    Condition::Absent => object_store::PutMode::Create,
+                    Condition::Version(e_tag) => object_store::PutMode::Update(object_store::UpdateVersion {
+                        e_tag: Some(e_tag.clone()),
+                        version: None,
+                    }),
+                };
+                async move {
+                    self.inject(false).await?;
+                    let opts = object_store::PutOptions { mode, ..Default::default() };
+                    match self.inner.put_opts(&path, payload, opts).await {
+                        Ok(_) => Ok(Some(true)),
+                        Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
+                            Ok(Some(false))
+                        }
+                        Err(object_store::Error::NotImplemented | object_store::Error::NotSupported { .. }) => Ok(None),
+                        Err(e) => Err(e.into()),
+                    }
+                }
+            })
+            .await?;
+        if outcome == Some(true) {
+            self.sync_fs_object(key).await?;
+            self.metrics.put_ops.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(outcome)
+    }
+
+    /// A whole object and its e-tag (for a later [`Condition::Version`]), if the store gives one.
+    pub async fn get_versioned(&self, key: &str) -> Result<(Bytes, Option<String>)> {
+        let path = ObjPath::from(key);
+        let (body, e_tag) = self
+            .retry("GET", key, || {
+                let path = path.clone();
+                async move {
+                    self.inject(true).await?;
+                    let r = self.inner.get_opts(&path, GetOptions::default()).await?;
+                    let (size, e_tag) = (r.meta.size, r.meta.e_tag.clone());
+                    let body = r.bytes().await?;
+                    if body.len() as u64 != size {
+                        return Err(Attempt::Transient(format!("short body: {} of {size} bytes", body.len())));
+                    }
+                    Ok((body, e_tag))
+                }
+            })
+            .await?;
+        self.count_get(body.len());
+        Ok((body, e_tag))
     }
 
     pub async fn get(&self, key: &str) -> Result<Bytes> {

@@ -63,6 +63,17 @@ pub struct RegionInfo {
     pub indexed_blobs: u64,
     /// Requests and bytes since the daemon started.
     pub metrics: MetricsView,
+    /// Whether the store enforces conditional writes (probed when the region was opened):
+    /// the GC lease is taken with them where it does.
+    pub conditional_writes: super::shared::ConditionalWrites,
+    /// The GC lease, if a node holds one.
+    #[serde(default)]
+    pub gc_lease: Option<super::shared::Lease>,
+    /// Packs GC found unreferenced, waiting for `gc.delete_delay` before a GC deletes them.
+    #[serde(default)]
+    pub packs_condemned: u64,
+    /// This node, as holds and leases name it.
+    pub node: String,
 }
 
 /// A snapshot stored in a region (from its manifest), possibly made by another node.
@@ -240,6 +251,10 @@ impl StoreService {
             stored_bytes: packs.iter().map(|p| p.size).sum(),
             indexed_blobs: region.index.blob_count() as u64,
             metrics: region.objects.metrics.view(),
+            conditional_writes: region.conditional,
+            gc_lease: region.lease().await?.map(|(l, _)| l).filter(|l| l.expires > self.engine.clock().now()),
+            packs_condemned: region.condemned().await?.packs.len() as u64,
+            node: self.node.id.clone(),
         })
     }
 

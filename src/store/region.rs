@@ -37,12 +37,14 @@ pub struct Region {
     /// Uploads hold it shared, GC exclusively: GC never runs while an upload may reference a
     /// blob it is about to delete.
     pub gc_lock: tokio::sync::RwLock<()>,
+    /// Whether the store enforces conditional writes (probed at open; `region show`).
+    pub conditional: super::shared::ConditionalWrites,
     manifests: Mutex<HashMap<String, Arc<Manifest>>>,
 }
 
 /// Whether a key names an object snapblk writes (packs, snapshots, keys).
 fn is_snapblk_object(key: &str) -> bool {
-    ["packs/", "snapshots/", "keys/"].iter().any(|p| key.starts_with(p))
+    ["packs/", "snapshots/", "keys/", "groups/", "holds/", "gc/"].iter().any(|p| key.starts_with(p))
 }
 
 impl Region {
@@ -86,14 +88,17 @@ impl Region {
         };
         let (master, repo_cipher) = crypto::unwrap_master(&kek, &wrapped, &cfg.name, &cfg.key_file)?;
         let index = BlobIndex::open(&dir.join("meta").join("store").join(format!("{}.index", cfg.name)))?;
-        Ok(Region {
+        let mut region = Region {
             name: cfg.name.clone(),
             objects,
             keys: RepoKeys::new(&master, repo_cipher),
             index,
             gc_lock: tokio::sync::RwLock::new(()),
+            conditional: super::shared::ConditionalWrites::NotEnforced,
             manifests: Mutex::new(HashMap::new()),
-        })
+        };
+        region.conditional = region.probe_conditional_writes().await?;
+        Ok(region)
     }
 
     /// A snapshot's manifest (cached: manifests never change, except for their locations after

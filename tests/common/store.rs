@@ -42,7 +42,7 @@ pub fn configure(dir: &Path, region: &TestRegion, upload: &str, region_extra: &s
     let prefix = format!("t-{:016x}/", rand_u64());
     let prefix_line = if region.name == "local" { String::new() } else { format!("prefix = \"{prefix}\"\n") };
     let text = format!(
-        "[upload]\nconcurrency = 4\npack_size = \"1M\"\n{upload}\n[gc]\ninterval = \"0s\"\ngrace = \"0s\"\n\n{}\n{prefix_line}request_timeout = \"5s\"\n{region_extra}\n",
+        "[upload]\nconcurrency = 4\npack_size = \"1M\"\n{upload}\n[gc]\ninterval = \"0s\"\ngrace = \"0s\"\ndelete_delay = \"0s\"\n\n{}\n{prefix_line}request_timeout = \"5s\"\n{region_extra}\n",
         region.block.trim_end()
     );
     std::fs::write(dir.join("snapblk.toml"), text).unwrap();
@@ -154,4 +154,50 @@ pub fn write_key_file(path: &Path, text: impl AsRef<[u8]>) {
     let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).unwrap();
     std::io::Write::write_all(&mut f, text.as_ref()).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// Bytes of random data node A writes (the rest of the 64 MiB volume stays a hole).
+pub const DATA: u64 = 40 * MIB;
+
+/// Node A and the snapshot it uploaded: `vol@s1`, whose export is in `expected`.
+pub struct Origin {
+    pub tmp: tempfile::TempDir,
+    pub a: Daemon,
+    pub id: String,
+    /// Bytes the snapshot's upload stored (what a full hydration fetches, about).
+    pub stored: u64,
+    pub expected: PathBuf,
+    pub key: String,
+}
+
+pub fn origin(region: &TestRegion) -> Origin {
+    let tmp = tempfile::tempdir().unwrap();
+    let a_dir = tmp.path().join("a");
+    configure(&a_dir, region, "", "");
+    let a = Daemon::start(&a_dir);
+    a.cli_ok(&["volume", "create", "vol", "--size", "64M", "--region", region.name]);
+    fill(&a, "vol", 0, DATA, 11);
+    let id = snapshot(&a, "vol", "s1")["id"].as_str().unwrap().to_string();
+    let s1 = wait_available(&a, "vol@s1");
+    let expected = tmp.path().join("expected.raw");
+    export(&a, "vol@s1", &expected);
+    let key = a.cli_ok(&["key", "export", region.name]);
+    Origin { stored: s1["upload"]["added_bytes"].as_u64().unwrap(), tmp, a, id, expected, key }
+}
+
+/// Starts node `name`, which shares A's region (same store, same key) with its own DIR:
+/// `hydrate` is its `[hydrate]` table, `faults` lines of the region's `faults` table.
+pub fn node(o: &Origin, region: &TestRegion, name: &str, hydrate: &str, faults: &str) -> Daemon {
+    let dir = o.tmp.path().join(name);
+    std::fs::create_dir_all(dir.join("keys")).unwrap();
+    let a_text = std::fs::read_to_string(o.a.dir.join("snapblk.toml")).unwrap();
+    let store = o.a.dir.join("store").display().to_string();
+    let mut text =
+        format!("[hydrate]\n{hydrate}\n{}", a_text.replace("path = \"store\"", &format!("path = \"{store}\"")));
+    if !faults.is_empty() {
+        text.push_str(&format!("\n[regions.{}.faults]\n{faults}\n", region.name));
+    }
+    std::fs::write(dir.join("snapblk.toml"), text).unwrap();
+    write_key_file(&dir.join("keys").join(format!("{}.key", region.name)), &o.key);
+    Daemon::start(&dir)
 }

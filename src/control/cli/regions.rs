@@ -5,6 +5,7 @@ use hyper::Method;
 
 use super::{get, send, wait_job, Client, ClientError, Printed};
 use crate::service::{GcRequest, KeyFile};
+use crate::store::shared::ConditionalWrites;
 use crate::store::{GcReport, RegionInfo};
 use crate::units::human;
 
@@ -80,8 +81,18 @@ pub(super) async fn key(c: &Client, command: KeyCommand) -> Result<Printed, Clie
 }
 
 fn region_lines(r: &RegionInfo) -> String {
+    let conditional = match r.conditional_writes {
+        ConditionalWrites::Enforced => "enforced (the GC lease is taken with a create-only write)",
+        ConditionalWrites::NotEnforced => {
+            "not enforced by this store (the GC lease is read back after a second; see README, \"Nodes sharing a region\")"
+        }
+    };
+    let lease = match &r.gc_lease {
+        Some(l) => format!("GC running on node {} until {}", l.node, crate::units::utc(l.expires)),
+        None => "free".into(),
+    };
     format!(
-        "name:       {}\nkind:       {}\nlocation:   {}\nformat:     {} ({})\nsnapshots:  {}\npacks:      {}\nstored:     {} ({} bytes)\ntraffic:    {} PUT ({}), {} GET ({}), {} retries, {} failures since start\n",
+        "name:       {}\nkind:       {}\nlocation:   {}\nformat:     {} ({})\nsnapshots:  {}\npacks:      {} ({} condemned: deleted by a GC after gc.delete_delay)\nstored:     {} ({} bytes)\ntraffic:    {} PUT ({}), {} GET ({}), {} retries, {} failures since start\nconditional writes: {conditional}\nGC lease:   {lease}\nthis node:  {}\n",
         r.name,
         r.kind,
         r.location,
@@ -89,6 +100,7 @@ fn region_lines(r: &RegionInfo) -> String {
         r.cipher,
         r.snapshots,
         r.packs,
+        r.packs_condemned,
         human(r.stored_bytes),
         r.stored_bytes,
         r.metrics.put_ops,
@@ -96,13 +108,14 @@ fn region_lines(r: &RegionInfo) -> String {
         r.metrics.get_ops,
         human(r.metrics.get_bytes),
         r.metrics.retries,
-        r.metrics.failures
+        r.metrics.failures,
+        r.node
     )
 }
 
 fn gc_line(r: &GcReport) -> String {
     format!(
-        "region {}: {} snapshots, {} packs; deleted {} packs ({}); {} stored, {} live; {} unreferenced packs kept (younger than the grace period)\n",
+        "region {}: {} snapshots, {} packs; deleted {} packs ({}); {} stored, {} live; {} unreferenced packs kept (younger than the grace period); {} newly condemned, {} waiting for gc.delete_delay\n",
         r.region,
         r.manifests,
         r.packs,
@@ -110,6 +123,8 @@ fn gc_line(r: &GcReport) -> String {
         human(r.bytes_deleted),
         human(r.stored_bytes),
         human(r.live_bytes),
-        r.packs_young
+        r.packs_young,
+        r.packs_condemned,
+        r.packs_waiting
     )
 }

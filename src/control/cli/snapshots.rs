@@ -40,7 +40,8 @@ pub enum SnapshotCommand {
     /// Delete a snapshot
     Delete {
         snapshot: String,
-        /// Delete a member of a group snapshot on its own (the group snapshot is then degraded)
+        /// Delete a member of a group snapshot on its own (the group snapshot is then degraded),
+        /// or one other nodes load from (its copy in the store stays until they let go)
         #[arg(long)]
         force: bool,
     },
