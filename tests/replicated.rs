@@ -209,16 +209,18 @@ fn with_two_store_nodes_lost_uploads_and_reads_fail_in_bounded_time_publish_noth
     let Some(mut cluster) = cluster() else { return };
     let region = cluster.region();
     let tmp = tempfile::tempdir().unwrap();
-    // Each request: 2 s, 3 attempts; a read needing the store: 3 s. Background loading at
-    // 512 KiB/s, so the clone below has loaded little when the nodes go.
+    // Each request: 2 s, 3 attempts; a read needing the store: 3 s. Uploads at 4 MiB/s, so
+    // the nodes go in the middle of one; background loading at 512 KiB/s, so the clone
+    // below has loaded little when they go.
     const REQUEST: Duration = Duration::from_secs(2);
     const RETRIES: u32 = 2;
     const READ_TIMEOUT: Duration = Duration::from_secs(3);
+    const NEW: u64 = 32 * MIB;
     let dir = tmp.path().join("a");
     configure_cluster(
         &dir,
         &region,
-        "",
+        "bandwidth_limit = \"4M\"",
         &format!("request_timeout = \"{}s\"\nretries = {RETRIES}\n", REQUEST.as_secs()),
         &format!("read_timeout = \"{}s\"\nbandwidth_limit = \"512K\"", READ_TIMEOUT.as_secs()),
     );
@@ -233,10 +235,43 @@ fn with_two_store_nodes_lost_uploads_and_reads_fail_in_bounded_time_publish_noth
     // A clone of the released snapshot loads it from the store.
     d.cli_ok(&["volume", "clone", "vol@s0", "c"]);
     assert!(hydration(&d, "c").is_object(), "the clone of a released snapshot loads from the store");
-    fill(&d, "vol", 16 * MIB, 8 * MIB, 44);
 
+    // s1 adds 32 MiB (8 s of upload); two nodes go once 4 MiB of it are stored.
+    fill(&d, "vol", 16 * MIB, NEW, 44);
+    let s1 = id_of(&snapshot(&d, "vol", "s1"));
+    let expected1 = tmp.path().join("s1.raw");
+    nbd_to_file(&d, "vol@s1", &expected1);
+    let mut stored_before = 0;
+    wait_for("4 MiB of s1's upload stored", Duration::from_secs(60), || {
+        stored_before = d.cli_json(&["snapshot", "show", "vol@s1"])["upload"]["bytes_sent"].as_u64().unwrap_or(0);
+        stored_before >= 4 * MIB
+    });
     cluster.stop_node(2);
+    let v = d.cli_json(&["snapshot", "show", "vol@s1"]);
+    assert_eq!(v["upload"]["state"], "uploading", "s1's upload ended before the second node was stopped: {v}");
+    // The clock starts before the second node goes (stopping it takes a moment).
+    let t = Instant::now();
     cluster.stop_node(3);
+
+    // The upload fails once its requests have used their attempts, saying which store.
+    let v = wait_upload(&d, "vol@s1", Duration::from_secs(120));
+    let upload_took = t.elapsed();
+    eprintln!(
+        "upload with two nodes down ({stored_before} of {NEW} bytes stored) failed after {upload_took:?}: {}",
+        v["upload"]["reason"]
+    );
+    assert_eq!(v["upload"]["state"], "failed", "{v}");
+    let reason = v["upload"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("object store") && reason.contains("region 'garage'"), "unclear reason: {reason}");
+    // A request in flight when the nodes went waits at most its attempts, each cut at
+    // request_timeout, plus backoff (50, 100 ms, up to half again as jitter); then the
+    // upload stops. Slack for stopping the node and a loaded machine; a hang would take
+    // minutes.
+    let per_request = REQUEST * (RETRIES + 1) + Duration::from_millis(300);
+    let bound = per_request * 2 + Duration::from_secs(10);
+    assert!(upload_took < bound, "upload failed after {upload_took:?}, bound {bound:?}");
+    let show = d.cli_ok(&["snapshot", "show", "vol@s1"]);
+    assert!(show.contains("failed: the object store failed"), "snapshot show:\n{show}");
 
     // A foreground read of a cluster not loaded yet (the background is still near the start)
     // fails with EIO after read_timeout, not later and not with zeros.
@@ -251,12 +286,17 @@ fn with_two_store_nodes_lost_uploads_and_reads_fail_in_bounded_time_publish_noth
         read_took >= READ_TIMEOUT - Duration::from_millis(500) && read_took < READ_TIMEOUT + Duration::from_secs(5),
         "read_timeout is {READ_TIMEOUT:?}, the read failed after {read_took:?}"
     );
+    // The background loading says it is retrying (once its rate limit lets it try).
+    wait_for("the clone's hydration showing the outage", Duration::from_secs(30), || {
+        let h = hydration(&d, "c");
+        h["state"] == "retrying" && h["last_error"].as_str().is_some_and(|e| e.contains("region 'garage'"))
+    });
 
     // The daemon answers everything that does not need the store, and what does fails with
     // a sentence naming the store.
     d.cli_ok(&["status"]);
     d.cli_ok(&["volume", "list"]);
-    qemu_io(&d.nbd_uri("vol"), &["write -P 0x77 40M 1M", "flush", "read -P 0x77 40M 1M"]);
+    qemu_io(&d.nbd_uri("vol"), &["write -P 0x77 56M 1M", "flush", "read -P 0x77 56M 1M"]);
     let l = Instant::now();
     let (code, err) = d.cli_err(&["snapshot", "list", "--region", region.name]);
     eprintln!("snapshot list --region with two nodes down: exit {code} after {:?}: {}", l.elapsed(), err.trim());
@@ -264,37 +304,17 @@ fn with_two_store_nodes_lost_uploads_and_reads_fail_in_bounded_time_publish_noth
     assert_eq!(code, 6, "the store is unavailable: {err}");
     assert!(err.contains("region 'garage'"), "{err}");
 
-    // An upload fails once its requests have used their attempts, saying which store.
-    let t = Instant::now();
-    let s1 = id_of(&snapshot(&d, "vol", "s1"));
-    let v = wait_upload(&d, "vol@s1", Duration::from_secs(120));
-    let upload_took = t.elapsed();
-    eprintln!("upload with two nodes down failed after {upload_took:?}: {}", v["upload"]["reason"]);
-    assert_eq!(v["upload"]["state"], "failed", "{v}");
-    let reason = v["upload"]["reason"].as_str().unwrap_or_default();
-    assert!(reason.contains("object store") && reason.contains("region 'garage'"), "unclear reason: {reason}");
-    // One request's bound is its attempts plus backoff (50, 100 ms, up to half again as
-    // jitter); the upload makes a few in a row at most (the base manifest is cached), and
-    // the machine may be loaded: far below the minutes a hang would take.
-    let per_request = REQUEST * (RETRIES + 1) + Duration::from_millis(300);
-    let bound = per_request * 2 + Duration::from_secs(10);
-    assert!(upload_took < bound, "upload failed after {upload_took:?}, bound {bound:?}");
-    let show = d.cli_ok(&["snapshot", "show", "vol@s1"]);
-    assert!(show.contains("failed: the object store failed"), "snapshot show:\n{show}");
-    let expected1 = tmp.path().join("s1.raw");
-    nbd_to_file(&d, "vol@s1", &expected1);
-    // The background loading says it is retrying (once its rate limit lets it try).
-    wait_for("the clone's hydration showing the outage", Duration::from_secs(30), || {
-        let h = hydration(&d, "c");
-        h["state"] == "retrying" && h["last_error"].as_str().is_some_and(|e| e.contains("region 'garage'"))
-    });
-
     cluster.start_nodes();
-    // Nothing of s1 was published: the store lists only s0.
+    // Nothing of s1 was published: the store lists s0 only.
     assert!(published(&d, &region, &s0));
     assert!(!published(&d, &region, &s1), "a failed upload is listed in the region");
+    // The retry sends only what was not stored before the nodes went.
+    let put_before = region_show(&d, region.name)["metrics"]["put_bytes"].as_u64().unwrap();
     d.cli_ok(&["snapshot", "upload", "vol@s1"]);
     wait_available(&d, "vol@s1");
+    let put = region_show(&d, region.name)["metrics"]["put_bytes"].as_u64().unwrap() - put_before;
+    eprintln!("the retry PUT {put} bytes ({stored_before} were stored before the nodes went)");
+    assert!(put < NEW + MIB - stored_before, "the retry PUT {put} bytes: it sent stored packs again");
     verify_ok(&d, "vol@s1");
     verify_ok(&d, "vol@s0");
     assert!(published(&d, &region, &s1));
