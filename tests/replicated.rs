@@ -157,7 +157,11 @@ fn an_upload_that_loses_one_store_node_completes_verifies_and_restores_equal_dat
     let v = a.cli_json(&["snapshot", "show", "vol@s1"]);
     assert_eq!(v["upload"]["state"], "uploading", "the upload ended before the node was stopped: {v}");
     wait_available(&a, "vol@s1");
-    eprintln!("upload finished {:?} after node 2 was stopped", lost_at.elapsed());
+    let took = lost_at.elapsed();
+    let retries = region_show(&a, region.name)["metrics"]["retries"].clone();
+    eprintln!("upload finished {took:?} after node 2 was stopped ({retries} requests retried)");
+    // About 7 s of upload were left at 4 MiB/s; a stall behind the lost node would show.
+    assert!(took < Duration::from_secs(60), "the upload took {took:?} after a node was lost");
     verify_ok(&a, "vol@s1");
 
     // A fresh node restores it, still with node 2 down: a second copy serves every read.
@@ -197,8 +201,13 @@ fn a_hydration_that_loses_one_store_node_completes_with_equal_data() {
     let got = tmp.path().join("r.raw");
     nbd_to_file(&b, "r", &got);
     compare(&expected, &got);
-    eprintln!("read the whole volume while loading, node 3 down, in {:?}", t.elapsed());
+    let took = t.elapsed();
+    eprintln!("read the whole volume while loading, node 3 down, in {took:?}");
+    assert!(took < Duration::from_secs(30), "reading 64 MiB took {took:?} with a node lost");
+    let t = Instant::now();
     hydrate_wait(&b, "r");
+    let retries = region_show(&b, region.name)["metrics"]["retries"].clone();
+    eprintln!("hydration finished {:?} later, node 3 still down ({retries} requests retried)", t.elapsed());
     nbd_to_file(&b, "r", &got);
     compare(&expected, &got);
     cluster.start_nodes();
