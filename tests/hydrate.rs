@@ -20,16 +20,6 @@ fn create_from(d: &Daemon, name: &str, o: &Origin, region: &TestRegion) -> Durat
     took
 }
 
-fn hydration(d: &Daemon, vol: &str) -> Value {
-    d.cli_json(&["volume", "show", vol])["hydration"].clone()
-}
-
-fn hydrate_wait(d: &Daemon, vol: &str) {
-    d.cli_ok(&["volume", "hydrate", vol, "--wait"]);
-    let h = hydration(d, vol);
-    assert!(h.is_null(), "{vol} still loading after hydrate --wait: {h}");
-}
-
 fn metric(d: &Daemon, region: &TestRegion, name: &str) -> u64 {
     region_show(d, region.name)["metrics"][name].as_u64().unwrap()
 }

@@ -224,6 +224,59 @@ fn an_upload_killed_mid_way_resumes_without_resending_stored_packs() {
     }
 }
 
+/// A store that fails every request part-way through an upload: the upload ends `failed`
+/// (not stuck `uploading`) naming the region, its manifest is not written, and a retry once
+/// the store is back completes it without sending the stored packs again.
+#[test]
+fn an_upload_whose_store_fails_mid_way_is_marked_failed_and_a_retry_completes_it() {
+    if !tools() {
+        return;
+    }
+    for region in regions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        let outage = tmp.path().join("outage");
+        let faults = format!("retries = 2\n[regions.{}.faults]\noutage_file = \"{}\"", region.name, outage.display());
+        configure(&dir, &region, "bandwidth_limit = \"8M\"", &faults);
+        let d = Daemon::start(&dir);
+        d.cli_ok(&["volume", "create", "vol", "--size", "1G", "--region", region.name]);
+        fill(&d, "vol", 0, 32 * MIB, 8);
+        let id = snapshot(&d, "vol", "s1")["id"].as_str().unwrap().to_string();
+        let nbd = tmp.path().join("s1.nbd");
+        nbd_to_file(&d, "vol@s1", &nbd);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let stored = loop {
+            let v = d.cli_json(&["snapshot", "show", "vol@s1"]);
+            let sent = v["upload"]["bytes_sent"].as_u64().unwrap_or(0);
+            if sent >= 4 * MIB {
+                break sent;
+            }
+            assert_eq!(v["upload"]["state"], "uploading", "finished before the outage: {v}");
+            assert!(Instant::now() < deadline, "upload made no progress: {v}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        std::fs::write(&outage, "").unwrap();
+        let v = wait_upload(&d, "vol@s1", Duration::from_secs(60));
+        assert_eq!(v["upload"]["state"], "failed", "{}: {v}", region.name);
+        let reason = v["upload"]["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains(&format!("region '{}'", region.name)), "{}: {reason}", region.name);
+
+        std::fs::remove_file(&outage).unwrap();
+        let listed = d.cli_json(&["snapshot", "list", "--region", region.name]);
+        assert!(!listed.as_array().unwrap().iter().any(|s| s["id"] == id.as_str()), "published: {listed}");
+        let before = region_show(&d, region.name)["metrics"]["put_bytes"].as_u64().unwrap();
+        d.cli_ok(&["snapshot", "upload", "vol@s1"]);
+        wait_available(&d, "vol@s1");
+        let put = region_show(&d, region.name)["metrics"]["put_bytes"].as_u64().unwrap() - before;
+        eprintln!("{}: {stored} bytes stored before the outage; the retry PUT {put}", region.name);
+        assert!(put < 33 * MIB - stored, "{}: the retry sent stored packs again ({put} bytes)", region.name);
+        verify_ok(&d, "vol@s1");
+        let out = tmp.path().join("s1.export");
+        export(&d, "vol@s1", &out);
+        compare(&nbd, &out);
+    }
+}
+
 /// The region's objects, through snapblk's own object layer (same config as the daemon).
 fn objects(dir: &Path, region: &str) -> (tokio::runtime::Runtime, snapblk::store::objects::Objects) {
     let text = std::fs::read_to_string(dir.join("snapblk.toml")).unwrap();

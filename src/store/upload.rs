@@ -42,7 +42,10 @@ pub struct Progress {
     pub done: AtomicU64,
     /// Bytes PUT so far (sealed packs).
     pub sent: AtomicU64,
+    /// The snapshot was deleted: the upload ends and is not recorded as failed.
     pub cancelled: AtomicBool,
+    /// A PUT failed for good: the producer stops early and the upload fails with that error.
+    pub stopped: AtomicBool,
 }
 
 impl Progress {
@@ -53,12 +56,16 @@ impl Progress {
             done: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             cancelled: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
         })
     }
 
     pub fn check(&self, snapshot: &str) -> Result<()> {
         if self.cancelled.load(Ordering::Acquire) {
             return Err(StoreError::NotFound(format!("snapshot {snapshot} was deleted during its upload")));
+        }
+        if self.stopped.load(Ordering::Acquire) {
+            return Err(StoreError::Unavailable("the upload stopped (a PUT failed)".into()));
         }
         Ok(())
     }
@@ -150,8 +157,10 @@ pub async fn upload(
             }
         }
         if failure.is_some() {
-            // Stops the producer (its next send fails).
-            progress.cancelled.store(true, Ordering::Release);
+            // Stops the producer (at its next check, or its next send fails). Not
+            // `cancelled`, which would make the failure look like a deletion and leave the
+            // snapshot `uploading` with nothing uploading it.
+            progress.stopped.store(true, Ordering::Release);
             break;
         }
     }

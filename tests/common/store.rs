@@ -133,6 +133,18 @@ pub fn wait_released(d: &Daemon, snap: &str) {
     }
 }
 
+/// A volume's hydration (`volume show`): an object while it loads from the store, else null.
+pub fn hydration(d: &Daemon, vol: &str) -> Value {
+    d.cli_json(&["volume", "show", vol])["hydration"].clone()
+}
+
+/// Loads the rest of a volume (`volume hydrate --wait`) and checks it is done.
+pub fn hydrate_wait(d: &Daemon, vol: &str) {
+    d.cli_ok(&["volume", "hydrate", vol, "--wait"]);
+    let h = hydration(d, vol);
+    assert!(h.is_null(), "{vol} still loading after hydrate --wait: {h}");
+}
+
 pub fn region_show(d: &Daemon, region: &str) -> Value {
     d.cli_json(&["region", "show", region])
 }
