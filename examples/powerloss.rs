@@ -8,11 +8,16 @@
 //!
 //!   powerloss check --dir D --records DEV           dump every volume and snapshot
 //!   powerloss run --dir D --records DEV --seed S --boot K   workload until killed
+//!   ... run --claim-unflushed                       the soak's self-check (below)
 //!
 //! A record line is written (and drained to the host, `tcdrain`) *before* a request that can
 //! change data is sent (`w`, `f`, `s`, `d`: intent) and again *after* its answer (`W`, `F`,
 //! `S`, `D`: acknowledged), so the host knows every write that may be on the disk and every
 //! acknowledgement it may rely on. A lost tail of records only makes the check weaker.
+//!
+//! `--claim-unflushed` records writes as FUA and FLUSHes as done without asking the daemon for
+//! either: the host must then find flushed writes lost (`scripts/soak --power-loss N
+//! --self-check`), which shows the soak can fail.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -296,7 +301,7 @@ fn check(d: &Daemon, rec: &mut Records) -> Result<()> {
 
 /// Random writes (with and without FUA), FLUSHes, snapshot creates (`--durable` and not)
 /// and deletes on the volumes, until the host kills the VM.
-fn run(d: &Daemon, rec: &mut Records, seed: u64, boot: u64) -> Result<()> {
+fn run(d: &Daemon, rec: &mut Records, seed: u64, boot: u64, claim_unflushed: bool) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(boot));
     let listed: Vec<String> = d.list("volume")?.iter().filter_map(|v| Some(v["name"].as_str()?.to_string())).collect();
     for (name, cluster) in VOLUMES {
@@ -332,7 +337,7 @@ fn run(d: &Daemon, rec: &mut Records, seed: u64, boot: u64) -> Result<()> {
             let count = rng.gen_range(1..=8u64);
             let span = if rng.gen_bool(0.7) { HOT_BLOCKS } else { blocks };
             let first = rng.gen_range(0..span - count);
-            let fua = rng.gen_bool(0.12);
+            let fua = claim_unflushed || rng.gen_bool(0.12);
             let id = next_id;
             next_id += 1;
             let mut data = Vec::with_capacity(count as usize * BLOCK);
@@ -340,11 +345,13 @@ fn run(d: &Daemon, rec: &mut Records, seed: u64, boot: u64) -> Result<()> {
                 data.extend_from_slice(&content(id, b));
             }
             rec.line(&format!("w {id} {vol} {first} {count} {}", u8::from(fua)))?;
-            nbd.write(first * BLOCK as u64, &data, fua)?;
+            nbd.write(first * BLOCK as u64, &data, fua && !claim_unflushed)?;
             rec.line(&format!("W {id}"))?;
         } else if roll < 80 {
             rec.line(&format!("f {vol}"))?;
-            nbd.flush()?;
+            if !claim_unflushed {
+                nbd.flush()?;
+            }
             rec.line(&format!("F {vol}"))?;
         } else if roll < 90 && snaps[i].len() < MAX_SNAPSHOTS {
             let name = format!("b{boot}s{next_snap}");
@@ -397,7 +404,10 @@ fn main_with(args: &[String]) -> Result<()> {
     let mut rec = Records::open(Path::new(opt("--records").context(USAGE)?))?;
     let result = match mode.as_str() {
         "check" => check(&d, &mut rec),
-        "run" => run(&d, &mut rec, number("--seed")?, number("--boot")?),
+        "run" => {
+            let claim_unflushed = args.iter().any(|a| a == "--claim-unflushed");
+            run(&d, &mut rec, number("--seed")?, number("--boot")?, claim_unflushed)
+        }
         _ => bail!("{USAGE}"),
     };
     if let Err(e) = &result {

@@ -1,6 +1,6 @@
 """Power-loss soak of the real snapblk daemon in a VM. Run it via scripts/soak --power-loss N.
 
-  powerloss.py --kernel VMLINUZ --initrd INITRD --power-loss N [--seed S] [--dir D] [--keep]
+  powerloss.py --kernel VMLINUZ --initrd INITRD --power-loss N [--seed S] [--dir D] [--keep] [--self-check]
 
 kill -9 keeps the page cache; a power cut does not. Here the daemon runs in a qemu guest
 (TCG, no network) with its directory on ext4 on a virtio disk. The disk is a raw image on the
@@ -24,6 +24,10 @@ model of boot k-1's records:
     cut must be there after every later cut;
   - the volumes listed are the volumes created.
 Every random choice (the guest's workload and the host's kill plan) comes from the seed.
+
+--self-check: the guest records writes as FUA and FLUSHes as done without sending either; the
+soak must then find flushed writes lost within N cuts (exit 0 when it does, 1 when it does
+not): the check is shown to be able to fail, and the disk to lose unflushed writes.
 """
 
 import argparse
@@ -247,6 +251,8 @@ class Boot:
                 raise Failure("nbdkit did not start (see nbdkit.log in the work directory)")
             time.sleep(0.01)
         append = f"console=ttyS0 quiet panic=-1 powerloss.boot={k} powerloss.seed={args.seed} powerloss.last={int(last)}"
+        if args.self_check:
+            append += " powerloss.claim=1"
         self.qemu = subprocess.Popen(
             ["qemu-system-x86_64", "-accel", "tcg", "-m", "1G", "-smp", "2", "-nic", "none", "-no-reboot",
              "-display", "none", "-monitor", "none", "-serial", f"file:{self.console}", "-serial", f"file:{self.records}",
@@ -399,10 +405,31 @@ def run(args, work):
             totals[key] += s[key]
         cut_note = f"cut {kill_after:.2f} s after the start, during {model.interrupted}"
         print(f"power-loss {k + 1}/{args.power_loss}: boot {k} up in {boot_s:.0f} s; plan {plan_text(plan)}; {cut_note}; "
-              f"{s['writes']} writes ({s['flushed']} flushed or FUA), {s['flushes']} flushes, "
+              f"{s['writes']} writes ({s['flushed']} covered by a FLUSH, FUA or snapshot), {s['flushes']} flushes, "
               f"{s['snaps']} snapshots ({s['durable_snaps']} durable), {s['deletes']} deletes", flush=True)
         model.stats = dict(writes=0, flushed=0, flushes=0, snaps=0, durable_snaps=0, deletes=0)
     return totals, time.monotonic() - t0
+
+
+def self_check(args, work):
+    try:
+        run(args, work)
+    except Failure as e:
+        lost = e.message.endswith("after the power cut") and any(" block " in d for d in e.details)
+        if lost:
+            print(f"self-check passed: the soak found writes claimed flushed but never flushed lost: {e.message}")
+            for d in e.details[:3]:
+                print(f"  {d}")
+            shutil.rmtree(work, ignore_errors=True)
+            return 0
+        print(f"self-check FAILED: the soak stopped for another reason: {e.message}", file=sys.stderr)
+        for d in e.details[:40]:
+            print(f"  {d}", file=sys.stderr)
+        print(f"work dir (kept): {work}", file=sys.stderr)
+        return 1
+    print(f"self-check FAILED: {args.power_loss} power cuts lost none of the writes claimed flushed but never flushed "
+          "(does the disk still lose unflushed writes?)", file=sys.stderr)
+    return 1
 
 
 def main():
@@ -413,6 +440,7 @@ def main():
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--dir", default=None)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--self-check", action="store_true")
     args = ap.parse_args()
     if args.power_loss < 1:
         ap.error("--power-loss N needs N >= 1")
@@ -428,6 +456,8 @@ def main():
     with open(os.path.join(work, "disk.img"), "wb") as f:
         f.truncate(IMAGE_SIZE)
     print(f"power-loss soak: {args.power_loss} power cuts, seed {args.seed}, work dir {work}", flush=True)
+    if args.self_check:
+        sys.exit(self_check(args, work))
     try:
         totals, elapsed = run(args, work)
     except Failure as e:
@@ -440,7 +470,7 @@ def main():
               file=sys.stderr)
         sys.exit(1)
     print(f"power-loss soak passed: seed {args.seed}, {args.power_loss} power cuts in {elapsed:.0f} s; "
-          f"{totals['writes']} writes acknowledged ({totals['flushed']} flushed or FUA), "
+          f"{totals['writes']} writes acknowledged ({totals['flushed']} covered by a FLUSH, FUA or snapshot), "
           f"{totals['snaps']} snapshots ({totals['durable_snaps']} durable); "
           f"checked {totals['blocks']} blocks ({totals['flushed_blocks']} flushed) and {totals['snaps_checked']} snapshots: 0 losses",
           flush=True)
