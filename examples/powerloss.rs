@@ -256,7 +256,9 @@ impl Daemon {
 }
 
 /// Every volume and snapshot, read whole: `VOL`, `SNAP`, then per export a `DUMP` line of
-/// runs `ID*COUNT` (0: zeros, `x`: a block holding no write, with a `BAD` line saying why).
+/// runs `ID*COUNT` (0: zeros, `x`: a block holding no write, with a `BAD` line saying why);
+/// then `snapshot verify` of every snapshot whose upload is complete (`VERIFIED`; a problem,
+/// or an upload in state `failed`, stops the check).
 fn check(d: &Daemon, rec: &mut Records) -> Result<()> {
     let vols: Vec<String> = d.list("volume")?.iter().filter_map(|v| Some(v["name"].as_str()?.to_string())).collect();
     let snaps = d.snapshots()?;
@@ -295,6 +297,21 @@ fn check(d: &Daemon, rec: &mut Records) -> Result<()> {
         }
         let text: Vec<String> = runs.iter().map(|(v, c)| format!("{v}*{c}")).collect();
         rec.line(&format!("DUMP {export} {}", text.join(",")))?;
+    }
+    for s in d.list("snapshot")? {
+        let name = format!("{}@{}", s["volume"].as_str().unwrap_or("?"), s["name"].as_str().unwrap_or("?"));
+        match s["upload"]["state"].as_str() {
+            Some("available") => {
+                let out: serde_json::Value = serde_json::from_str(&d.cli(&["snapshot", "verify", &name])?)
+                    .with_context(|| format!("snapshot verify {name}: not JSON"))?;
+                if out["problems"].as_array().is_some_and(|p| !p.is_empty()) {
+                    bail!("snapshot verify {name} found problems: {}", out["problems"]);
+                }
+                rec.line(&format!("VERIFIED {name}"))?;
+            }
+            Some("failed") => bail!("the upload of {name} failed: {}", s["upload"]),
+            _ => {}
+        }
     }
     rec.line("CHECKED")
 }

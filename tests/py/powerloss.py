@@ -144,11 +144,11 @@ class Model:
 
     def check(self, dump):
         """Checks the next boot's dump; returns counts, and makes the dump the new base."""
-        listed_vols, listed_snaps, contents, bad = dump
+        listed_vols, listed_snaps, contents, bad, verified = dump
         if set(listed_vols) != set(self.base):
             raise Failure("the volumes listed differ from the volumes created",
                           [f"listed: {sorted(listed_vols)}", f"created: {sorted(self.base)}"])
-        counts = dict(blocks=0, flushed_blocks=0, snaps=0, required=0, gone=0)
+        counts = dict(blocks=0, flushed_blocks=0, snaps=0, required=0, gone=0, verified=len(verified))
         problems = []
         for key in listed_snaps:
             s = self.snaps.get(key)
@@ -211,7 +211,7 @@ class Model:
 
 
 def parse_dump(lines):
-    vols, snaps, contents, bad = [], [], {}, []
+    vols, snaps, contents, bad, verified = [], [], {}, [], []
     for line in lines:
         f = line.split(" ", 2)
         if f[0] == "VOL":
@@ -226,9 +226,11 @@ def parse_dump(lines):
                 v, n = run.split("*")
                 values.extend([v if v == "x" else int(v)] * int(n))
             contents[f[1]] = values
+        elif f[0] == "VERIFIED":
+            verified.append(f[1])
         elif f[0] == "ERROR":
             raise Failure(f"the guest stopped: {line[6:]}")
-    return vols, snaps, contents, bad
+    return vols, snaps, contents, bad, verified
 
 
 class Boot:
@@ -346,7 +348,7 @@ def plan_text(plan):
 def run(args, work):
     model = Model()
     t0 = time.monotonic()
-    totals = dict(writes=0, flushed=0, snaps=0, durable_snaps=0, blocks=0, flushed_blocks=0, snaps_checked=0)
+    totals = dict(writes=0, flushed=0, snaps=0, durable_snaps=0, blocks=0, flushed_blocks=0, snaps_checked=0, verified=0)
     for k in range(args.power_loss + 1):
         last = k == args.power_loss
         rng = random.Random(args.seed * 1000003 + k)
@@ -390,8 +392,9 @@ def run(args, work):
             totals["blocks"] += counts["blocks"]
             totals["flushed_blocks"] += counts["flushed_blocks"]
             totals["snaps_checked"] += counts["snaps"]
+            totals["verified"] += counts["verified"]
             print(f"  check at boot {k}: {counts['blocks']} blocks ok ({counts['flushed_blocks']} covered by a FLUSH/FUA/snapshot), "
-                  f"{counts['snaps']} snapshots exact ({counts['required']} required), "
+                  f"{counts['snaps']} snapshots exact ({counts['required']} required, {counts['verified']} verified in the store), "
                   f"{counts['gone']} non-durable snapshot(s) gone", flush=True)
         elif dump[0] or dump[1]:
             raise Failure(f"boot 0 found volumes or snapshots on a new disk: {dump[0]} {dump[1]}")
@@ -473,7 +476,8 @@ def main():
     print(f"power-loss soak passed: seed {args.seed}, {args.power_loss} power cuts in {elapsed:.0f} s; "
           f"{totals['writes']} writes acknowledged ({totals['flushed']} covered by a FLUSH, FUA or snapshot), "
           f"{totals['snaps']} snapshots ({totals['durable_snaps']} durable); "
-          f"checked {totals['blocks']} blocks ({totals['flushed_blocks']} flushed) and {totals['snaps_checked']} snapshots: 0 losses",
+          f"checked {totals['blocks']} blocks ({totals['flushed_blocks']} covered) and {totals['snaps_checked']} snapshots "
+          f"({totals['verified']} verified in the store): 0 losses",
           flush=True)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
