@@ -1,13 +1,13 @@
 //! The guest side of the power-loss soak (`scripts/soak --power-loss N`, docs/SOAK.md).
 //!
 //! Runs inside the VM next to the real `snapblk serve`, talking NBD over the daemon's unix
-//! socket and the CLI for snapshots, and streams a record of every step to a serial port the
+//! socket, the control API for snapshots and the CLI for listings, and streams a record of every step to a serial port the
 //! host keeps in a file (`--records /dev/ttyS1`). The host kills the VM at a random moment
 //! and checks, from the next boot's `check` output, every write a FLUSH or FUA covered and
 //! every durable snapshot against those records (tests/py/powerloss.py).
 //!
 //!   powerloss check --dir D --records DEV           dump every volume and snapshot
-//!   powerloss run --dir D --records DEV --seed S --boot K   workload until killed
+//!   powerloss run --dir D --records DEV --seed S --boot K --daemon-pid P   workload until killed
 //!   ... run --claim-unflushed                       the soak's self-check (below)
 //!
 //! A record line is written (and drained to the host, `tcdrain`) *before* a request that can
@@ -25,7 +25,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -235,6 +235,27 @@ impl Daemon {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// One request to the control API (what the CLI sends, without starting a process for
+    /// it: under TCG that costs more than the request). Fails unless the answer is 2xx.
+    fn api(&self, method: &str, path: &str, body: &str) -> Result<()> {
+        let what = format!("{method} {path}");
+        let mut sock =
+            UnixStream::connect(self.dir.join("control.sock")).with_context(|| format!("{what}: connecting"))?;
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: snapblk\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        sock.write_all(request.as_bytes()).with_context(|| format!("{what}: sending"))?;
+        let mut answer = Vec::new();
+        sock.read_to_end(&mut answer).with_context(|| format!("{what}: reading the answer"))?;
+        let answer = String::from_utf8_lossy(&answer);
+        let status = answer.split(' ').nth(1).unwrap_or("");
+        if !status.starts_with('2') {
+            bail!("{what} answered: {}", answer.split("\r\n\r\n").nth(1).unwrap_or(&answer).trim());
+        }
+        Ok(())
+    }
+
     fn list(&self, what: &str) -> Result<Vec<serde_json::Value>> {
         let text = self.cli(&[what, "list"])?;
         let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{what} list: not JSON"))?;
@@ -253,6 +274,60 @@ impl Daemon {
     fn socket(&self) -> PathBuf {
         self.dir.join("nbd.sock")
     }
+
+    /// A clean restart: SIGTERM (the daemon makes everything it acknowledged durable and
+    /// writes a checkpoint), then a new `snapblk serve`, our child, logging to our stderr
+    /// (the console). `running` is the daemon to stop: init's (by pid) or an earlier child.
+    fn restart(&self, running: &mut Running) -> Result<()> {
+        match running {
+            Running::Init(pid) => {
+                // SAFETY: sending a signal to a pid.
+                if unsafe { libc::kill(*pid, libc::SIGTERM) } != 0 {
+                    return Err(std::io::Error::last_os_error()).context("SIGTERM to the daemon");
+                }
+                // Not our child: it is gone once /proc says so, or shows a zombie.
+                let stat = format!("/proc/{pid}/stat");
+                for _ in 0..600 {
+                    match std::fs::read_to_string(&stat) {
+                        Ok(text) if !text.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z') => {
+                            std::thread::sleep(Duration::from_millis(100))
+                        }
+                        _ => break,
+                    }
+                }
+            }
+            Running::Child(child) => {
+                // SAFETY: sending a signal to our child's pid.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                let status = child.wait().context("waiting for the daemon to stop")?;
+                if !status.success() {
+                    bail!("the daemon stopped with {status} after SIGTERM");
+                }
+            }
+        }
+        let child = Command::new(&self.bin)
+            .args(["serve", "--nbd-listen", "none", "--dir"])
+            .arg(&self.dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting snapblk serve")?;
+        *running = Running::Child(child);
+        for _ in 0..1200 {
+            if self.cli(&["status"]).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("the restarted daemon did not answer within 120 s")
+    }
+}
+
+/// The daemon the workload talks to.
+enum Running {
+    /// Started by init (scripts/vm/power-init).
+    Init(i32),
+    Child(Child),
 }
 
 /// Every volume and snapshot, read whole: `VOL`, `SNAP`, then per export a `DUMP` line of
@@ -317,8 +392,9 @@ fn check(d: &Daemon, rec: &mut Records) -> Result<()> {
 }
 
 /// Random writes (with and without FUA), FLUSHes, snapshot creates (`--durable` and not)
-/// and deletes on the volumes, until the host kills the VM.
-fn run(d: &Daemon, rec: &mut Records, seed: u64, boot: u64, claim_unflushed: bool) -> Result<()> {
+/// and deletes on the volumes, and now and then a clean restart of the daemon (SIGTERM: it
+/// writes a checkpoint), until the host kills the VM.
+fn run(d: &Daemon, rec: &mut Records, seed: u64, boot: u64, mut running: Running, claim_unflushed: bool) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(boot));
     let listed: Vec<String> = d.list("volume")?.iter().filter_map(|v| Some(v["name"].as_str()?.to_string())).collect();
     for (name, cluster) in VOLUMES {
@@ -330,10 +406,9 @@ fn run(d: &Daemon, rec: &mut Records, seed: u64, boot: u64, claim_unflushed: boo
             rec.line(&format!("NEWVOL {name} {}", nbd.size / BLOCK as u64))?;
         }
     }
-    let mut conns = Vec::new();
-    for (name, _) in VOLUMES {
-        conns.push(Nbd::connect(&d.socket(), name)?);
-    }
+    let connect_all =
+        || -> Result<Vec<Nbd>> { VOLUMES.iter().map(|(name, _)| Nbd::connect(&d.socket(), name)).collect() };
+    let mut conns = connect_all()?;
     let mut snaps: Vec<Vec<String>> = vec![Vec::new(); VOLUMES.len()];
     for (v, s) in d.snapshots()? {
         if let Some(i) = VOLUMES.iter().position(|(name, _)| *name == v) {
@@ -350,7 +425,7 @@ fn run(d: &Daemon, rec: &mut Records, seed: u64, boot: u64, claim_unflushed: boo
         let nbd = &mut conns[i];
         let blocks = nbd.size / BLOCK as u64;
         // (the self-check only writes and "flushes": a snapshot would make its writes durable)
-        let roll = rng.gen_range(0..if claim_unflushed { 80 } else { 100 });
+        let roll = rng.gen_range(0..if claim_unflushed { 82 } else { 100 });
         if roll < 65 {
             let count = rng.gen_range(1..=8u64);
             let span = if rng.gen_bool(0.7) { HOT_BLOCKS } else { blocks };
@@ -365,29 +440,35 @@ fn run(d: &Daemon, rec: &mut Records, seed: u64, boot: u64, claim_unflushed: boo
             rec.line(&format!("w {id} {vol} {first} {count} {}", u8::from(fua)))?;
             nbd.write(first * BLOCK as u64, &data, fua && !claim_unflushed)?;
             rec.line(&format!("W {id}"))?;
-        } else if roll < 80 {
+        } else if roll < 82 {
             rec.line(&format!("f {vol}"))?;
             if !claim_unflushed {
                 nbd.flush()?;
             }
             rec.line(&format!("F {vol}"))?;
-        } else if roll < 90 && snaps[i].len() < MAX_SNAPSHOTS {
+        } else if roll < 89 && snaps[i].len() < MAX_SNAPSHOTS {
             let name = format!("b{boot}s{next_snap}");
             next_snap += 1;
             let durable = rng.gen_bool(0.5);
             rec.line(&format!("s {vol} {name} {}", u8::from(durable)))?;
-            let mut args = vec!["snapshot", "create", vol, "--name", &name];
-            if durable {
-                args.push("--durable");
-            }
-            d.cli(&args)?;
+            d.api(
+                "POST",
+                &format!("/v1/volumes/{vol}/snapshots"),
+                &format!(r#"{{"name": "{name}", "durable": {durable}}}"#),
+            )?;
             rec.line(&format!("S {vol} {name}"))?;
             snaps[i].push(name);
-        } else if roll < 96 && !snaps[i].is_empty() {
+        } else if roll == 94 && !claim_unflushed {
+            rec.line("r")?;
+            drop(std::mem::take(&mut conns));
+            d.restart(&mut running)?;
+            conns = connect_all()?;
+            rec.line("R")?;
+        } else if roll < 94 && !snaps[i].is_empty() {
             let at = rng.gen_range(0..snaps[i].len());
             let name = snaps[i].remove(at);
             rec.line(&format!("d {vol} {name}"))?;
-            d.cli(&["snapshot", "delete", &format!("{vol}@{name}")])?;
+            d.api("DELETE", &format!("/v1/snapshots/{vol}@{name}"), "")?;
             rec.line(&format!("D {vol} {name}"))?;
         } else {
             // idle: background commits, uploads and releases run
@@ -424,7 +505,8 @@ fn main_with(args: &[String]) -> Result<()> {
         "check" => check(&d, &mut rec),
         "run" => {
             let claim_unflushed = args.iter().any(|a| a == "--claim-unflushed");
-            run(&d, &mut rec, number("--seed")?, number("--boot")?, claim_unflushed)
+            let daemon = i32::try_from(number("--daemon-pid")?).context("--daemon-pid: not a pid")?;
+            run(&d, &mut rec, number("--seed")?, number("--boot")?, Running::Init(daemon), claim_unflushed)
         }
         _ => bail!("{USAGE}"),
     };
