@@ -263,10 +263,11 @@ class Boot:
         if os.path.exists(sock):
             os.unlink(sock)
         env = dict(os.environ, TMPDIR=work)  # the cache filter's (volatile) cache file
+        self.logs = [open(os.path.join(work, name), "ab") for name in ("nbdkit.log", "qemu.log")]
         self.nbdkit = subprocess.Popen(
             ["nbdkit", "--foreground", "--exit-with-parent", "--unix", sock, "--filter=cache",
              "file", os.path.join(work, "disk.img"), "cache=writeback"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "nbdkit.log"), "ab"), env=env)
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.logs[0], env=env)
         deadline = time.monotonic() + 10
         while not os.path.exists(sock):
             if self.nbdkit.poll() is not None or time.monotonic() > deadline:
@@ -280,7 +281,7 @@ class Boot:
              "-display", "none", "-monitor", "none", "-serial", f"file:{self.console}", "-serial", f"file:{self.records}",
              "-kernel", args.kernel, "-initrd", args.initrd, "-append", append,
              "-drive", f"file=nbd+unix:///?socket={sock},format=raw,if=virtio,cache=writeback"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "qemu.log"), "ab"))
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.logs[1])
         self.started = time.monotonic()
         self.pos = 0
         self.partial = ""
@@ -328,12 +329,18 @@ class Boot:
         for p in (self.qemu, self.nbdkit):
             p.wait()
         self.poll()
+        self.close_logs()
 
     def stop(self):
         for p in (self.qemu, self.nbdkit):
             if p.poll() is None:
                 os.kill(p.pid, signal.SIGKILL)
             p.wait()
+        self.close_logs()
+
+    def close_logs(self):
+        for f in self.logs:
+            f.close()
 
     def console_tail(self, n=40):
         try:
