@@ -64,6 +64,9 @@ fn decode(blk: &[u8], block: u64) -> std::result::Result<u64, String> {
     if blk.iter().all(|&x| x == 0) {
         return Ok(0);
     }
+    if blk.len() != BLOCK {
+        return Err(format!("a partial block of {} bytes", blk.len()));
+    }
     if &blk[..8] != MAGIC {
         return Err(format!("data no write produced ({:02x?})", &blk[..16]));
     }
