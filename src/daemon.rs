@@ -256,7 +256,7 @@ pub fn serve(dir: &Path, args: &ServeArgs) -> anyhow::Result<()> {
         nbd_tcp: tcp.map(|l| bind_tcp("--nbd-listen", &l)).transpose()?,
         metrics: metrics.map(|l| bind_tcp("--metrics-listen", &l)).transpose()?,
     };
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    crate::fsutil::create_dir_all_durable(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     // Locked first: a second daemon on this directory changes nothing of the first's.
     let _lock = lock_dir(&dir)?;

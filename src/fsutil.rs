@@ -32,7 +32,19 @@ pub fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
 /// loss.
 pub fn sync_parent(path: &Path) -> std::io::Result<()> {
     match path.parent() {
+        // ("name" alone: the current directory)
+        Some(dir) if dir.as_os_str().is_empty() => std::fs::File::open(".")?.sync_all(),
         Some(dir) => std::fs::File::open(dir)?.sync_all(),
         None => Ok(()),
     }
+}
+
+/// `create_dir_all`, durably: every directory it makes is synced into its parent, so a power
+/// loss cannot take it away with what is later created (and synced) in it. Directories that
+/// already exist cost nothing.
+pub fn create_dir_all_durable(dir: &Path) -> std::io::Result<()> {
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.as_os_str().is_empty() && !d.exists()).collect();
+    std::fs::create_dir_all(dir)?;
+    // Outermost first: each entry is durable before the one inside it.
+    missing.iter().rev().try_for_each(|d| sync_parent(d))
 }

@@ -131,7 +131,7 @@ impl Engine {
         let meta = dir.join("meta");
         let data_dir = dir.join("data");
         for d in [&meta, &data_dir] {
-            fs::create_dir_all(d).map_err(EngineError::io(format!("creating {}", d.display())))?;
+            crate::fsutil::create_dir_all_durable(d).map_err(EngineError::io(format!("creating {}", d.display())))?;
         }
         let ckpt_path = meta.join("checkpoint");
         let (state, earlier) = match fs::read(&ckpt_path) {

@@ -55,6 +55,7 @@ struct Allocator {
 
 impl SlotFile {
     pub fn open(path: &Path, cluster_size: u32) -> Result<SlotFile> {
+        let created = !path.exists();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -62,6 +63,11 @@ impl SlotFile {
             .truncate(false)
             .open(path)
             .map_err(EngineError::io(format!("opening slot file {}", path.display())))?;
+        if created {
+            // Syncing the file's data later does not make its directory entry durable.
+            crate::fsutil::sync_parent(path)
+                .map_err(EngineError::io(format!("syncing the directory of {}", path.display())))?;
+        }
         let len = file.metadata().map_err(EngineError::io(format!("reading size of {}", path.display())))?.len();
         let next = len.div_ceil(cluster_size as u64);
         Ok(SlotFile {

@@ -190,7 +190,8 @@ pub fn load_or_create_kek(path: &Path) -> Result<([u8; 32], bool)> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(StoreError::io(format!("creating {}", parent.display())))?;
+                crate::fsutil::create_dir_all_durable(parent)
+                    .map_err(StoreError::io(format!("creating {}", parent.display())))?;
             }
             let text = new_key_file_text();
             let mut f = std::fs::OpenOptions::new()
@@ -199,8 +200,10 @@ pub fn load_or_create_kek(path: &Path) -> Result<([u8; 32], bool)> {
                 .mode(0o600)
                 .open(path)
                 .map_err(StoreError::io(format!("creating key file {}", path.display())))?;
+            // (the store's data is unreadable without it: its directory entry is synced too)
             f.write_all(text.as_bytes())
                 .and_then(|()| f.sync_all())
+                .and_then(|()| crate::fsutil::sync_parent(path))
                 .map_err(StoreError::io(format!("writing key file {}", path.display())))?;
             Ok((parse_key_file(&text, path)?, true))
         }

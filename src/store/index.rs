@@ -42,10 +42,15 @@ pub struct BlobIndex {
 impl BlobIndex {
     pub fn open(path: &Path) -> Result<BlobIndex> {
         if let Some(p) = path.parent() {
-            std::fs::create_dir_all(p).map_err(StoreError::io(format!("creating {}", p.display())))?;
+            crate::fsutil::create_dir_all_durable(p).map_err(StoreError::io(format!("creating {}", p.display())))?;
         }
         let io = |what: &str| StoreError::io(format!("{what} {}", path.display()));
+        let created = !path.exists();
         let mut log = OpenOptions::new().read(true).append(true).create(true).open(path).map_err(io("opening"))?;
+        if created {
+            // Appends are synced with sync_data, which does not make a new file's entry durable.
+            crate::fsutil::sync_parent(path).map_err(io("syncing the directory of"))?;
+        }
         let mut buf = Vec::new();
         log.read_to_end(&mut buf).map_err(io("reading"))?;
         let mut inner = Inner { blobs: HashMap::new(), packs: HashMap::new() };

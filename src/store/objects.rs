@@ -6,8 +6,9 @@
 //! A truncated body is never returned: GETs check the length they received against the length
 //! asked for (or the object size the store reported) and retry on a mismatch.
 
+use std::collections::HashSet;
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -160,6 +161,8 @@ pub struct Objects {
     inner: Arc<dyn ObjectStore>,
     /// For the filesystem backend: its root, to fsync what was put.
     fs_root: Option<PathBuf>,
+    /// Directories under `fs_root` whose own entries (up to the root) are known durable.
+    synced_dirs: Mutex<HashSet<PathBuf>>,
     timeout: Duration,
     retries: u32,
     faults: Faults,
@@ -172,7 +175,8 @@ impl Objects {
         let config_err = |e: object_store::Error| StoreError::Config(format!("region '{}': {e}", cfg.name));
         let (inner, fs_root): (Arc<dyn ObjectStore>, _) = match &cfg.backend {
             Backend::Fs { path } => {
-                std::fs::create_dir_all(path).map_err(StoreError::io(format!("creating {}", path.display())))?;
+                crate::fsutil::create_dir_all_durable(path)
+                    .map_err(StoreError::io(format!("creating {}", path.display())))?;
                 let fs = object_store::local::LocalFileSystem::new_with_prefix(path).map_err(config_err)?;
                 (Arc::new(fs), Some(path.clone()))
             }
@@ -200,6 +204,7 @@ impl Objects {
             region: cfg.name.clone(),
             inner,
             fs_root,
+            synced_dirs: Mutex::default(),
             timeout: cfg.request_timeout,
             retries: cfg.retries,
             faults: cfg.faults.clone(),
@@ -301,10 +306,31 @@ impl Objects {
     async fn sync_fs_object(&self, key: &str) -> Result<()> {
         if let Some(root) = &self.fs_root {
             let file = root.join(key);
-            tokio::task::spawn_blocking(move || sync_path(&file))
-                .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?
-                .map_err(StoreError::io(format!("syncing object {key}")))?;
+            // The put may have made the object's directory (`packs/`, ...): the first time
+            // each is seen, its entry is synced too, up to the root.
+            let new_dir = file
+                .parent()
+                .filter(|dir| *dir != root.as_path() && !self.synced_dirs.lock().contains(*dir))
+                .map(Path::to_path_buf);
+            let root = root.clone();
+            let dir = tokio::task::spawn_blocking(move || {
+                sync_path(&file)?;
+                if let Some(dir) = &new_dir {
+                    for d in dir.ancestors().skip(1) {
+                        std::fs::File::open(d)?.sync_all()?;
+                        if d == root {
+                            break;
+                        }
+                    }
+                }
+                Ok::<_, std::io::Error>(new_dir)
+            })
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+            .map_err(StoreError::io(format!("syncing object {key}")))?;
+            if let Some(dir) = dir {
+                self.synced_dirs.lock().insert(dir);
+            }
         }
         Ok(())
     }
