@@ -1,4 +1,4 @@
-//! Object ids (`v-…`, `s-…`) and the rules for names and geometry.
+//! Object ids (`v-…`, `s-…`, `g-…`) and the rules for names and geometry.
 
 use super::error::{EngineError, Result};
 use super::{MAX_CLUSTER_SIZE, MAX_VOLUME_SIZE, MIN_CLUSTER_SIZE};
@@ -9,6 +9,10 @@ pub fn volume_id(id: u64) -> String {
 
 pub fn snapshot_id(id: u64) -> String {
     format!("s-{id:016x}")
+}
+
+pub fn group_snapshot_id(id: u64) -> String {
+    format!("g-{id:016x}")
 }
 
 /// The number in a `v-…` volume id.

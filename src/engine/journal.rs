@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::error::{EngineError, Result};
+use super::types::GroupTag;
 use crate::codec::{Put, Reader, Short};
 
 pub const JOURNAL_MAGIC: &[u8; 8] = b"SNAPBLKJ";
@@ -31,8 +32,10 @@ pub const CHECKPOINT_MAGIC: &[u8; 8] = b"SNAPBLKC";
 /// remote part in checkpoints). Older files are still read.
 /// Version 4 added the journal's `Boot` and `Synced` frames (checkpoints are unchanged);
 /// version 5 the `Base` frame and the previous checkpoint kept beside the current one;
-/// version 6 the `GroupSnapshot` and `Batch` records.
-pub const FORMAT_VERSION: u32 = 6;
+/// version 6 the `GroupSnapshot` and `Batch` records; version 7 the group snapshot's tag
+/// (id, group, consistency) in the `GroupSnapshot` record (a new record type; the untagged one
+/// is still read) and with each member snapshot in checkpoints.
+pub const FORMAT_VERSION: u32 = 7;
 const JOURNAL_HEADER_LEN: u64 = 8 + 4 + 8;
 /// A frame larger than this is corrupt (no record is anywhere near it).
 const MAX_FRAME: u32 = 1 << 20;
@@ -105,13 +108,15 @@ pub enum Record {
     },
     /// One snapshot of each member volume, taken at one instant (a consistency group's cut):
     /// `(volume, snapshot)` pairs, the snapshots numbered `seq`, `seq + 1`, ... in this order.
-    /// One frame, so recovery sees every member's snapshot or none.
+    /// One frame, so recovery sees every member's snapshot or none. Each member carries
+    /// `group` (none only in records of version 6).
     GroupSnapshot {
         members: Vec<(u64, u64)>,
         seq: u64,
         name: String,
         description: String,
         created: u64,
+        group: Option<GroupTag>,
     },
     /// Records applied together or not at all (one frame): a group rollback's `Rollback` and
     /// `RemoteHead` records. Only those two kinds nest.
@@ -131,6 +136,8 @@ const T_HYDRATE: u8 = 10;
 const T_LOADED_RANGE: u8 = 11;
 const T_GROUP_SNAPSHOT: u8 = 15;
 const T_BATCH: u8 = 16;
+/// `GroupSnapshot` with its group tag (version 7).
+const T_GROUP_SNAPSHOT_TAGGED: u8 = 17;
 /// Most volumes in one group snapshot (`GroupSnapshot`).
 pub const MAX_GROUP_MEMBERS: usize = 64;
 /// Journal frames about the journal itself (not records): the writer's boot id, and the
@@ -224,8 +231,8 @@ impl Record {
                 out.put_str(description);
                 out.put_u64(*created);
             }
-            Record::GroupSnapshot { members, seq, name, description, created } => {
-                out.put_u8(T_GROUP_SNAPSHOT);
+            Record::GroupSnapshot { members, seq, name, description, created, group } => {
+                out.put_u8(if group.is_some() { T_GROUP_SNAPSHOT_TAGGED } else { T_GROUP_SNAPSHOT });
                 out.put_u32(members.len() as u32);
                 for (volume, snapshot) in members {
                     out.put_u64(*volume);
@@ -235,6 +242,9 @@ impl Record {
                 out.put_str(name);
                 out.put_str(description);
                 out.put_u64(*created);
+                if let Some(tag) = group {
+                    put_group_tag(out, tag);
+                }
             }
             Record::Batch(records) => {
                 out.put_u8(T_BATCH);
@@ -308,7 +318,7 @@ impl Record {
                 description: r.str()?,
                 created: r.u64()?,
             },
-            T_GROUP_SNAPSHOT => {
+            kind @ (T_GROUP_SNAPSHOT | T_GROUP_SNAPSHOT_TAGGED) => {
                 let n = group_size(&mut r)?;
                 let members = (0..n).map(|_| Ok((r.u64()?, r.u64()?))).collect::<Result<Vec<_>, Short>>()?;
                 Record::GroupSnapshot {
@@ -317,6 +327,7 @@ impl Record {
                     name: r.str()?,
                     description: r.str()?,
                     created: r.u64()?,
+                    group: if kind == T_GROUP_SNAPSHOT_TAGGED { Some(group_tag(&mut r)?) } else { None },
                 }
             }
             T_BATCH => {
@@ -348,6 +359,24 @@ impl Record {
         }
         Ok(rec)
     }
+}
+
+/// A group tag: `id u64 | group str | consistency u8` (0 = crash, 1 = application). The
+/// checkpoint writes it the same way.
+pub(super) fn put_group_tag(out: &mut Vec<u8>, tag: &GroupTag) {
+    out.put_u64(tag.id);
+    out.put_str(&tag.group);
+    out.put_u8(u8::from(tag.application));
+}
+
+pub(super) fn group_tag(r: &mut Reader<'_>) -> Result<GroupTag, Short> {
+    let (id, group) = (r.u64()?, r.str()?);
+    let application = match r.u8()? {
+        0 => false,
+        1 => true,
+        _ => return Err(Short),
+    };
+    Ok(GroupTag { id, group, application })
 }
 
 /// The member count of a group record: 1 to [`MAX_GROUP_MEMBERS`].
@@ -685,6 +714,16 @@ mod tests {
                 name: "cut".into(),
                 description: "db and log".into(),
                 created: 9,
+                group: Some(GroupTag { id: 0x77, group: "db".into(), application: true }),
+            },
+            // As version 6 wrote it: no tag.
+            Record::GroupSnapshot {
+                members: vec![(3, 12)],
+                seq: 9,
+                name: "old".into(),
+                description: String::new(),
+                created: 10,
+                group: None,
             },
             Record::VolumeCreate {
                 volume: 1,

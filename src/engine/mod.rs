@@ -48,11 +48,11 @@ use roaring::RoaringTreemap;
 
 pub use error::{EngineError, ErrorKind, Result};
 pub(crate) use hydration::no_store;
-pub use ids::{parse_snapshot_id, parse_volume_id, snapshot_id, validate_name, volume_id};
+pub use ids::{group_snapshot_id, parse_snapshot_id, parse_volume_id, snapshot_id, validate_name, volume_id};
 pub use iostats::{IoOp, IoStats, IoView, OpView, BUCKETS, LATENCY_BOUNDS_NS};
 pub use journal::MAX_GROUP_MEMBERS;
 pub use remote::{ClusterSource, Priority, RemoteSource};
-pub use types::{HydrationInfo, SnapshotInfo, VolumeInfo};
+pub use types::{GroupSnapshotInfo, GroupTag, HydrationInfo, SnapshotInfo, VolumeInfo};
 pub use volume::{Extent, SnapshotHandle, VolumeHandle, ZeroMode, STATE_HOLE, STATE_ZERO};
 
 use checkpoint::State;
@@ -371,12 +371,14 @@ impl Engine {
     /// One snapshot named `name` of each volume in `volumes`, all taken at one instant (a
     /// consistency group's cut): every write acknowledged before the call is in its volume's
     /// snapshot, none acknowledged after is in any, and a crash leaves all of them or none
-    /// (one journal frame). In `volumes`' order.
+    /// (one journal frame). In `volumes`' order. Each member carries `group`, so the group
+    /// snapshot is known from the engine alone after any crash ([`Engine::group_snapshots`]).
     pub fn create_group_snapshot(
         &self,
         volumes: &[String],
         name: &str,
         description: &str,
+        group: &GroupTag,
     ) -> Result<Vec<SnapshotInfo>> {
         validate_name("snapshot", name)?;
         if description.len() > 4096 {
@@ -411,6 +413,7 @@ impl Engine {
             name: name.into(),
             description: description.into(),
             created: self.clock.now(),
+            group: Some(group.clone()),
         };
         // As `create_snapshot`: taken now, durable with the commit started at once.
         let (ticket, _) = self.stage(&mut reg, &[rec], true)?;
@@ -429,6 +432,31 @@ impl Engine {
         drop(reg);
         tracing::info!(name, volumes = %volumes.join(", "), "group snapshot created");
         Ok(infos)
+    }
+
+    /// Every group snapshot whose members carry a tag (taken by version 7 or later), with
+    /// the members still there, in the order they were cut. A scan of every snapshot: for
+    /// start-up, not for the data or control paths.
+    pub fn group_snapshots(&self) -> Vec<GroupSnapshotInfo> {
+        let reg = self.registry.read();
+        let mut tagged: Vec<(&GroupTag, &Arc<Snapshot>)> =
+            reg.snapshots.values().filter_map(|s| s.group.as_ref().map(|g| (g, s))).collect();
+        tagged.sort_by_key(|(g, s)| (g.id, s.seq));
+        let mut out: Vec<GroupSnapshotInfo> = Vec::new();
+        for (tag, s) in tagged {
+            let member = (volume_id(s.volume), snapshot_id(s.id));
+            match out.last_mut() {
+                Some(g) if g.tag.id == tag.id => g.members.push(member),
+                _ => out.push(GroupSnapshotInfo {
+                    tag: tag.clone(),
+                    name: s.name.clone(),
+                    description: s.description.clone(),
+                    created: s.created,
+                    members: vec![member],
+                }),
+            }
+        }
+        out
     }
 
     fn snapshot_info(&self, reg: &Registry, s: &Snapshot) -> SnapshotInfo {

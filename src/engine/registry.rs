@@ -22,7 +22,7 @@ use super::map::ClusterMap;
 use super::remote::{self, Remote, RemoteSource};
 use super::revoke::Revoker;
 use super::slots::SlotFile;
-use super::types::{HydrationInfo, SnapshotInfo, VolumeInfo};
+use super::types::{GroupTag, HydrationInfo, SnapshotInfo, VolumeInfo};
 use super::volume;
 
 pub(crate) struct Volume {
@@ -167,6 +167,8 @@ pub(crate) struct Snapshot {
     pub(crate) size: u64,
     pub(crate) cluster_size: u32,
     pub(crate) allocated: u64,
+    /// The group snapshot it was cut in, if any.
+    pub(crate) group: Option<GroupTag>,
     /// Parent and changed set: rewritten when the parent is deleted (its changes fold in).
     pub(crate) lineage: Mutex<Lineage>,
     pub(crate) revoker: Revoker,
@@ -187,6 +189,7 @@ pub(crate) struct SnapshotMeta {
     pub(crate) size: u64,
     pub(crate) cluster_size: u32,
     pub(crate) allocated: u64,
+    pub(crate) group: Option<GroupTag>,
 }
 
 /// Where a snapshot's data is.
@@ -207,7 +210,7 @@ pub(crate) enum SnapshotData {
 impl Snapshot {
     /// A snapshot durable already, unless the caller sets its ticket (see `durable_ticket`).
     pub(crate) fn new(meta: SnapshotMeta, lineage: Lineage, data: SnapshotData) -> Snapshot {
-        let SnapshotMeta { id, volume, seq, name, description, created, size, cluster_size, allocated } = meta;
+        let SnapshotMeta { id, volume, seq, name, description, created, size, cluster_size, allocated, group } = meta;
         Snapshot {
             id,
             volume,
@@ -218,6 +221,7 @@ impl Snapshot {
             size,
             cluster_size,
             allocated,
+            group,
             lineage: Mutex::new(lineage),
             revoker: Revoker::new(),
             data,
@@ -278,6 +282,7 @@ impl Snapshot {
             size: self.size,
             cluster_size: self.cluster_size,
             allocated: self.allocated,
+            group: self.group.clone(),
         };
         let lineage = Lineage { parent: l.parent, changed: l.changed.clone(), anchor: l.anchor.clone() };
         Snapshot::new(meta, lineage, SnapshotData::Released)
@@ -704,7 +709,7 @@ impl Registry {
                 })?;
                 drain(v);
                 let (snap, old_parent) =
-                    cut(v, &mut st, Taken { id: *snapshot, seq: *seq, name, description, created: *created }, seal);
+                    cut(v, &mut st, Taken { id: *snapshot, seq: *seq, name, description, created: *created, group: None }, seal);
                 drop(st);
                 self.next_seq = self.next_seq.max(seq + 1);
                 self.unlink(old_parent, Child::Head(*volume));
@@ -712,7 +717,7 @@ impl Registry {
                 self.add_snapshot(snap);
                 Ok(None)
             }
-            Record::GroupSnapshot { members, seq, name, description, created } => {
+            Record::GroupSnapshot { members, seq, name, description, created, group } => {
                 let vols = members
                     .iter()
                     .map(|(v, _)| self.volumes.get(v).cloned().ok_or_else(|| missing("volume", *v)))
@@ -741,7 +746,7 @@ impl Registry {
                 for (k, ((v, (_, st)), seal)) in vols.iter().zip(guards.iter_mut()).zip(seals).enumerate() {
                     drain(v);
                     let id = members[k].1;
-                    let taken = Taken { id, seq: seq + k as u64, name, description, created: *created };
+                    let taken = Taken { id, seq: seq + k as u64, name, description, created: *created, group: group.as_ref() };
                     snaps.push((v.id, cut(v, st, taken, seal)));
                 }
                 drop(guards);
@@ -1088,6 +1093,7 @@ impl Registry {
                     released: s.is_released(),
                     remote: s.remote().cloned(),
                     anchor: l.anchor.clone(),
+                    group: s.group.clone(),
                 }
             })
             .collect();
@@ -1138,6 +1144,7 @@ impl Registry {
                 size: v.size,
                 cluster_size: v.cluster_size,
                 allocated: s.allocated,
+                group: s.group,
             };
             let lineage = Lineage { parent: s.parent, changed: s.changed, anchor: s.anchor };
             reg.add_snapshot(Snapshot::new(meta, lineage, data));
@@ -1271,6 +1278,7 @@ struct Taken<'a> {
     name: &'a str,
     description: &'a str,
     created: u64,
+    group: Option<&'a GroupTag>,
 }
 
 /// A snapshot of volume `v` as it is now (its state locked by the caller, its pending records
@@ -1289,6 +1297,7 @@ fn cut(v: &Volume, st: &mut VolumeState, t: Taken<'_>, seal: u64) -> (Snapshot, 
         size: v.size,
         cluster_size: v.cluster_size,
         allocated: st.allocated,
+        group: t.group.cloned(),
     };
     let lineage = Lineage { parent: st.parent, changed: std::mem::take(&mut st.dirty), anchor: st.anchor.clone() };
     let data = SnapshotData::Local { map: st.head.clone(), remote: st.remote.clone(), seal };

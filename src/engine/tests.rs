@@ -18,6 +18,8 @@ struct ModelSnap {
     allocated: BTreeSet<u64>,
     parent: Option<String>,
     changed: BTreeSet<u64>,
+    /// The id of the group snapshot it was cut in.
+    group: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -94,6 +96,33 @@ fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime")
 }
 
+/// The group snapshots the engine lists are the model's, member by member (`listed`: the
+/// snapshots that exist), and each is whole: every member the model still has, or none.
+fn check_groups(e: &Arc<Engine>, model: &Model, listed: &BTreeSet<String>, what: &str) {
+    let mut got: BTreeMap<String, u64> = BTreeMap::new();
+    for g in e.group_snapshots() {
+        assert_eq!(g.tag.group, "g", "{what}");
+        assert_eq!(g.tag.application, g.tag.id % 2 == 0, "{what}: group snapshot {} consistency", g.tag.id);
+        for (_, id) in &g.members {
+            let s = e.snapshot(id).expect("member");
+            assert_eq!((s.name.as_str(), s.created), (g.name.as_str(), g.created), "{what}");
+            got.insert(format!("{}@{}", s.volume, s.name), g.tag.id);
+        }
+    }
+    let want: BTreeMap<String, u64> = model
+        .snaps
+        .iter()
+        .filter(|(k, _)| listed.contains(*k))
+        .filter_map(|(k, s)| s.group.map(|g| (k.clone(), g)))
+        .collect();
+    assert_eq!(got, want, "{what}: group tags differ from the model");
+    for id in want.values() {
+        let all = model.snaps.values().filter(|s| s.group == Some(*id)).count();
+        let there = want.values().filter(|g| *g == id).count();
+        assert_eq!(there, all, "{what}: group snapshot {id} has {there} of its {all} members");
+    }
+}
+
 fn check(engine: &Arc<Engine>, model: &Model) {
     let infos = engine.list_volumes();
     assert_eq!(
@@ -133,6 +162,7 @@ fn check(engine: &Arc<Engine>, model: &Model) {
     }
     let listed = engine.list_snapshots(None).expect("list");
     assert_eq!(listed.len(), model.snaps.len());
+    check_groups(engine, model, &model.snaps.keys().cloned().collect(), "live");
     for (key, ms) in &model.snaps {
         if model.released.contains(key) {
             assert!(!engine.snapshot(key).expect("snapshot info").local);
@@ -243,10 +273,12 @@ fn step(engine: &mut Arc<Engine>, dir: &Path, model: &mut Model, op: (u8, u64, u
             }
             model.next_name += 1;
             let snap = format!("g{}", model.next_name);
-            let infos = engine.create_group_snapshot(&vol_names, &snap, "group").unwrap();
+            let tag = GroupTag { id: model.next_name, group: "g".into(), application: model.next_name % 2 == 0 };
+            let infos = engine.create_group_snapshot(&vol_names, &snap, "group", &tag).unwrap();
             assert_eq!(infos.len(), vol_names.len());
             for name in &vol_names {
                 model_snapshot(model, name, &snap);
+                model.snaps.get_mut(&format!("{name}@{snap}")).unwrap().group = Some(tag.id);
             }
         }
         // a group rollback to the members of a group snapshot still all there and local
@@ -350,6 +382,7 @@ fn model_snapshot(model: &mut Model, name: &str, snap: &str) {
             allocated: mv.allocated.clone(),
             parent: mv.parent.replace(key),
             changed: std::mem::take(&mut mv.dirty),
+            group: None,
         },
     );
 }
@@ -409,6 +442,7 @@ fn check_recovered(e: &Arc<Engine>, model: &Model, required: &BTreeSet<String>, 
         e.list_snapshots(None).unwrap().into_iter().map(|s| format!("{}@{}", s.volume, s.name)).collect();
     assert!(listed.is_subset(&model.snaps.keys().cloned().collect()), "{what}: a deleted snapshot came back");
     assert!(required.is_subset(&listed), "{what}: snapshots lost: {:?}", required.difference(&listed));
+    check_groups(e, model, &listed, what);
     for (name, mv) in &model.vols {
         let data = read_all(e, name, mv.data.len());
         let from = mv.marks.iter().filter(|(k, _)| listed.contains(k)).map(|&(_, i)| i).max().unwrap_or(0);

@@ -73,3 +73,27 @@ pub struct SnapshotInfo {
     /// returns at once) and the commit the daemon starts right away.
     pub durable: bool,
 }
+
+/// The group snapshot a member snapshot belongs to, kept by the engine with the member (in its
+/// cut's journal record and in checkpoints): what the operations layer needs to rebuild its
+/// record of the group snapshot after a crash at any point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupTag {
+    /// The group snapshot's id (`g-…`, see [`super::group_snapshot_id`]).
+    pub id: u64,
+    /// The consistency group's name.
+    pub group: String,
+    /// Taken with the members quiesced by a hook (application-consistent), else crash-consistent.
+    pub application: bool,
+}
+
+/// A group snapshot as the engine has it: the tag its members carry, and the members still
+/// there (`(volume id, snapshot id)`), in the order they were cut.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSnapshotInfo {
+    pub tag: GroupTag,
+    pub name: String,
+    pub description: String,
+    pub created: u64,
+    pub members: Vec<(String, String)>,
+}

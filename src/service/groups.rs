@@ -2,17 +2,22 @@
 //! member's snapshot holds every write acknowledged before the cut and none acknowledged
 //! after it (the engine takes them in one journal record, under every member's lock).
 //!
-//! A group snapshot is recorded in the lifecycle state twice: as a pending intent (synced)
-//! before the engine cut, and complete (with its members' snapshot ids) after. A crash in
-//! between is settled at start ([`LifecycleState::settle_groups`]): the engine has every
-//! member's snapshot or none, so the intent is completed or dropped.
+//! The engine's cut is the durable truth of a group snapshot: its one journal record gives
+//! every member the group snapshot's tag (id, group, consistency), kept with each member in
+//! checkpoints too. The lifecycle state's record of it is written after the cut, unsynced —
+//! durable with a later synced save or the kernel's write-back, as a single create is with
+//! the engine's next commit — so nothing on the create's path waits for a disk. At start
+//! ([`LifecycleState::settle_groups`]) the state is reconciled with the engine: a group
+//! snapshot the engine has and the state lacks (a crash took the unsynced record) is rebuilt
+//! from its members' tags, and a record none of whose members the engine has (a power loss
+//! undid the cut) is dropped.
 
 use serde::{Deserialize, Serialize};
 
 use super::lifecycle::{GroupRecord, GroupSnapshotRecord, Key, LifecycleState};
 use super::quotas::Taker;
 use super::{Access, Caller, Error, Result, Service};
-use crate::engine::{validate_name, Engine, MAX_GROUP_MEMBERS};
+use crate::engine::{group_snapshot_id, validate_name, Engine, GroupTag, MAX_GROUP_MEMBERS};
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CreateGroup {
@@ -34,6 +39,10 @@ pub struct CreateGroupSnapshot {
     /// around the cut); `crash` (the default) otherwise.
     #[serde(default)]
     pub consistency: Option<String>,
+    /// Answer only once every member's snapshot is durable (by default the group snapshot is
+    /// taken and answered at once, durable when the commit started with it ends).
+    #[serde(default)]
+    pub durable: bool,
 }
 
 /// A member volume, by name and id.
@@ -256,49 +265,47 @@ impl Service {
             let info = self.live_volume(m)?;
             slots.push(self.snapshot_allowed(&info, taker).await?);
         }
-        let id = format!("g-{:016x}", rand::random::<u64>());
-        let now = self.engine.clock().now();
-        let mut record = GroupSnapshotRecord {
+        let tag = GroupTag {
+            id: rand::random::<u64>().max(1),
+            group: group.to_string(),
+            application: consistency == "application",
+        };
+        let id = group_snapshot_id(tag.id);
+        // No intent is recorded first: the cut's record carries the tag, and a crash after it
+        // is settled at start from the engine (`settle_groups`).
+        let (vols, name, description) = (members.clone(), req.name.clone(), req.description.clone());
+        let cut = if req.durable {
+            let e = self.engine.clone();
+            super::blocking(move || -> crate::engine::Result<Vec<crate::engine::SnapshotInfo>> {
+                let snaps = e.create_group_snapshot(&vols, &name, &description, &tag)?;
+                snaps.iter().map(|s| e.make_durable(&s.id).and_then(|()| e.snapshot(&s.id))).collect()
+            })
+            .await
+        } else {
+            // Right here, as a single create: it waits for no disk sync, and a hop to a
+            // blocking thread and back costs more than the cut on a loaded machine.
+            self.engine.create_group_snapshot(&vols, &name, &description, &tag).map_err(Error::from)
+        };
+        drop(slots);
+        let snaps: Vec<crate::engine::SnapshotInfo> = cut?;
+        let record = GroupSnapshotRecord {
             group: group.to_string(),
             name: req.name.clone(),
             description: req.description.clone(),
-            created: now,
-            members: members.iter().map(|m| (m.clone(), String::new())).collect(),
+            created: snaps.first().map_or_else(|| self.engine.clock().now(), |s| s.created),
+            members: snaps.iter().map(|s| (s.volume_id.clone(), s.id.clone())).collect(),
             consistency: consistency.into(),
             degraded: false,
-            pending: true,
+            pending: false,
             published: None,
             deleting: false,
         };
-        // The intent first (synced): a crash after the cut is completed at start, not lost.
         {
             let mut st = self.lifecycle.lock();
             st.group_snapshots.insert(id.clone(), record.clone());
             st.touch(Key::GroupSnapshot(id.clone()));
-            self.save_lifecycle(&mut st)?;
-        }
-        let e = self.engine.clone();
-        let (vols, name, description) = (members.clone(), req.name.clone(), req.description.clone());
-        let cut = super::blocking(move || e.create_group_snapshot(&vols, &name, &description)).await;
-        drop(slots);
-        let snaps = match cut {
-            Ok(s) => s,
-            Err(err) => {
-                let mut st = self.lifecycle.lock();
-                st.group_snapshots.remove(&id);
-                st.touch(Key::GroupSnapshot(id.clone()));
-                self.save_lifecycle(&mut st)?;
-                return Err(err);
-            }
-        };
-        record.members = snaps.iter().map(|s| (s.volume_id.clone(), s.id.clone())).collect();
-        record.pending = false;
-        {
-            let mut st = self.lifecycle.lock();
-            st.group_snapshots.insert(id.clone(), record.clone());
-            st.touch(Key::GroupSnapshot(id.clone()));
-            // Not synced: if a power loss takes this line, the synced intent completes it at
-            // start from the engine's snapshots (`settle_groups`).
+            // Not synced: a crash that takes this line is settled at start from the engine's
+            // tags (`settle_groups`).
             self.lifecycle_file.save_unsynced(&mut st)?;
         }
         for s in &snaps {
@@ -400,10 +407,10 @@ impl Service {
                 if let Some(g) = st.group_snapshots.get_mut(&id) {
                     g.deleting = true;
                 }
+                st.touch(Key::GroupSnapshot(id.clone()));
             } else {
-                st.group_snapshots.remove(&id);
+                st.remove_group_snapshot(&id);
             }
-            st.touch(Key::GroupSnapshot(id.clone()));
             self.save_lifecycle(&mut st)?;
         }
         tracing::info!(group_snapshot = r, id = %id, by = %caller, "group snapshot deleted");
@@ -540,16 +547,16 @@ impl Service {
                         let mut st = self.lifecycle.lock();
                         let gone = match (g.deleting, st.group_snapshots.get_mut(&id)) {
                             (true, _) => {
-                                st.group_snapshots.remove(&id);
+                                st.remove_group_snapshot(&id);
                                 false
                             }
                             (false, Some(r)) => {
                                 r.published = region.clone();
+                                st.touch(Key::GroupSnapshot(id.clone()));
                                 false
                             }
                             (false, None) => true,
                         };
-                        st.touch(Key::GroupSnapshot(id.clone()));
                         if let Err(e) = self.save_lifecycle(&mut st) {
                             tracing::warn!(group_snapshot = %id, error = %e, "cannot record a group manifest's state; retried");
                         }
@@ -688,9 +695,64 @@ impl Service {
 }
 
 impl LifecycleState {
-    /// After a start: an intent whose cut happened gets its members' ids; one whose cut did
-    /// not is dropped (the engine's cut is one record: all members or none).
+    /// After a start, reconciles the group snapshots with the engine, whose cut records are
+    /// the truth (all members or none, each carrying the group snapshot's tag):
+    /// - one the engine has and this state lacks (the unsynced record was lost) is rebuilt
+    ///   from its members' tags, unless it was deleted here (members in the recycle bin);
+    /// - a record none of whose members the engine has (a power loss undid its cut, or every
+    ///   member was deleted on its own) is dropped — or, published, left to the sweep to
+    ///   delete from the region;
+    /// - an intent of a daemon before journal version 7 (`pending`) gets its members' ids if
+    ///   its cut happened and is dropped if not.
     pub fn settle_groups(&mut self, engine: &Engine) {
+        let tagged = engine.group_snapshots();
+        let snapshots: std::collections::HashSet<String> =
+            engine.list_snapshots(None).unwrap_or_default().into_iter().map(|s| s.id).collect();
+        let carried: std::collections::HashSet<String> = tagged.iter().map(|g| group_snapshot_id(g.tag.id)).collect();
+        for g in tagged {
+            let id = group_snapshot_id(g.tag.id);
+            if self.group_snapshots.contains_key(&id) || self.deleted_group_snapshots.contains(&id) {
+                continue;
+            }
+            tracing::info!(group_snapshot = %id, group = %g.tag.group, name = %g.name, "a group snapshot taken just before the daemon stopped is recorded from the engine");
+            let record = GroupSnapshotRecord {
+                group: g.tag.group,
+                name: g.name,
+                description: g.description,
+                created: g.created,
+                members: g.members,
+                consistency: if g.tag.application { "application" } else { "crash" }.into(),
+                degraded: false,
+                pending: false,
+                published: None,
+                deleting: false,
+            };
+            self.group_snapshots.insert(id.clone(), record);
+            self.touch(Key::GroupSnapshot(id));
+        }
+        let forgotten: Vec<String> =
+            self.deleted_group_snapshots.iter().filter(|id| !carried.contains(*id)).cloned().collect();
+        for id in forgotten {
+            self.deleted_group_snapshots.remove(&id);
+            self.touch(Key::DeletedGroupSnapshot(id));
+        }
+        let undone: Vec<String> = self
+            .group_snapshots
+            .iter()
+            .filter(|(_, g)| !g.pending && !g.deleting && !g.members.iter().any(|(_, s)| snapshots.contains(s)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in undone {
+            if let Some(g) = self.group_snapshots.get_mut(&id) {
+                if g.published.is_some() {
+                    g.deleting = true;
+                } else {
+                    self.group_snapshots.remove(&id);
+                }
+            }
+            tracing::info!(group_snapshot = %id, "a group snapshot none of whose members exist is dropped");
+            self.touch(Key::GroupSnapshot(id));
+        }
         let pending: Vec<String> =
             self.group_snapshots.iter().filter(|(_, g)| g.pending).map(|(id, _)| id.clone()).collect();
         for id in pending {

@@ -51,6 +51,11 @@ pub struct LifecycleState {
     pub groups: BTreeMap<String, GroupRecord>,
     #[serde(default)]
     pub group_snapshots: BTreeMap<String, GroupSnapshotRecord>,
+    /// Ids of group snapshots deleted here: never rebuilt at start from the group tags their
+    /// members keep in the engine (members deleted into the recycle bin, or restored from it,
+    /// still carry it). Forgotten at start once no snapshot carries the id.
+    #[serde(default)]
+    pub deleted_group_snapshots: BTreeSet<String>,
     /// What changed since the last save.
     #[serde(skip)]
     touched: BTreeSet<Key>,
@@ -87,8 +92,9 @@ pub struct GroupRecord {
     pub created: u64,
 }
 
-/// A group snapshot: `(volume id, snapshot id)` per member (snapshot ids empty while
-/// `pending`: recorded before the cut, see `service::groups`).
+/// A group snapshot: `(volume id, snapshot id)` per member. (`pending`, with member snapshot
+/// ids empty, is an intent recorded before the cut by daemons before journal version 7; see
+/// `service::groups`.)
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct GroupSnapshotRecord {
     pub group: String,
@@ -195,6 +201,7 @@ pub enum Key {
     BinLock,
     Group(String),
     GroupSnapshot(String),
+    DeletedGroupSnapshot(String),
 }
 
 /// One entry of `meta/lifecycle.log`: the new value of a part of the state (`None`: gone), or
@@ -214,6 +221,7 @@ enum Change {
     BinLock { value: Option<BinLock> },
     Group { name: String, value: Option<GroupRecord> },
     GroupSnapshot { id: String, value: Option<GroupSnapshotRecord> },
+    DeletedGroupSnapshot { id: String, deleted: bool },
 }
 
 impl LifecycleState {
@@ -231,6 +239,15 @@ impl LifecycleState {
     pub fn book(&mut self, policy: &str, volume: &str) -> &mut Book {
         self.touch(Key::Book(policy.to_string(), volume.to_string()));
         self.books.entry(policy.to_string()).or_default().entry(volume.to_string()).or_default()
+    }
+
+    /// Removes group snapshot `id` for good (its members are deleted or binned), remembering
+    /// that it was deleted (`deleted_group_snapshots`).
+    pub fn remove_group_snapshot(&mut self, id: &str) {
+        self.group_snapshots.remove(id);
+        self.deleted_group_snapshots.insert(id.to_string());
+        self.touch(Key::GroupSnapshot(id.to_string()));
+        self.touch(Key::DeletedGroupSnapshot(id.to_string()));
     }
 
     /// Removes snapshot `id` of volume `volume` from every book; whether it was in one.
@@ -291,6 +308,9 @@ impl LifecycleState {
                 Key::BinLock => Change::BinLock { value: self.bin_lock.clone() },
                 Key::Group(name) => Change::Group { value: self.groups.get(&name).cloned(), name },
                 Key::GroupSnapshot(id) => Change::GroupSnapshot { value: self.group_snapshots.get(&id).cloned(), id },
+                Key::DeletedGroupSnapshot(id) => {
+                    Change::DeletedGroupSnapshot { deleted: self.deleted_group_snapshots.contains(&id), id }
+                }
             })
             .collect();
         // Appends after the whole-history puts: a put carries the entries appended before it
@@ -337,6 +357,13 @@ impl LifecycleState {
             Change::BinLock { value } => self.bin_lock = value,
             Change::Group { name, value } => put(&mut self.groups, name, value),
             Change::GroupSnapshot { id, value } => put(&mut self.group_snapshots, id, value),
+            Change::DeletedGroupSnapshot { id, deleted } => {
+                if deleted {
+                    self.deleted_group_snapshots.insert(id);
+                } else {
+                    self.deleted_group_snapshots.remove(&id);
+                }
+            }
         }
     }
 

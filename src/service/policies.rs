@@ -925,6 +925,7 @@ impl Service {
                 name: name.clone(),
                 description: format!("taken by policy {} ({})", p.name, p.id),
                 consistency: None,
+                durable: false,
             };
             let created = self.take_group_snapshot(&Caller::Daemon("policy"), group, req, Taker::Policy).await;
             let mut st = self.lifecycle.lock();

@@ -72,6 +72,10 @@ pub struct GroupSnapshotArgs {
     /// Take the group snapshot (crash-consistent) even when the freeze hook fails
     #[arg(long)]
     ignore_hook_errors: bool,
+    /// Return only once every member's snapshot is durable (survives a power loss; by default
+    /// durable a moment later, when the commit the daemon starts at once ends)
+    #[arg(long)]
+    durable: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -186,7 +190,12 @@ pub(super) async fn run(c: &Client, command: GroupCommand) -> Result<Printed, Cl
             }
             (None, Some(group), Some(name)) => {
                 let Some(hook) = args.quiesce_hook else {
-                    let body = CreateGroupSnapshot { name, description: args.description, consistency: None };
+                    let body = CreateGroupSnapshot {
+                        name,
+                        description: args.description,
+                        consistency: None,
+                        durable: args.durable,
+                    };
                     return Ok(snapshot_printed(
                         send(c, Method::POST, &p(&["groups", &group, "snapshots"]), Some(&body)).await?,
                     ));
@@ -212,8 +221,12 @@ pub(super) async fn run(c: &Client, command: GroupCommand) -> Result<Printed, Cl
                         "crash"
                     }
                 };
-                let body =
-                    CreateGroupSnapshot { name, description: args.description, consistency: Some(consistency.into()) };
+                let body = CreateGroupSnapshot {
+                    name,
+                    description: args.description,
+                    consistency: Some(consistency.into()),
+                    durable: args.durable,
+                };
                 let taken = send(c, Method::POST, &p(&["groups", &group, "snapshots"]), Some(&body)).await;
                 if consistency == "application" {
                     if let Err(why) = run_hook(&hook, "thaw", &volumes, timeout).await {
