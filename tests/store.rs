@@ -919,7 +919,19 @@ fn concurrent_creates_deletes_and_gc_leave_the_region_list_exact() {
             s.spawn(move || {
                 for i in 0..24u64 {
                     fill(d, "vol", (i % 8) * MIB, 256 << 10, seed ^ i);
-                    snapshot(d, "vol", &format!("c{i}"));
+                    // A slow store can keep max_concurrent_tasks uploads in flight; a
+                    // create refused for that (exit 5) is retried, as a client would.
+                    let name = format!("c{i}");
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    loop {
+                        let out = d.cli(&["snapshot", "create", "vol", "--name", &name]);
+                        if out.status.success() {
+                            break;
+                        }
+                        assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+                        assert!(Instant::now() < deadline, "vol@{name}: create refused for 60 s");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
                 }
             });
             s.spawn(move || {
@@ -927,7 +939,7 @@ fn concurrent_creates_deletes_and_gc_leave_the_region_list_exact() {
                     // Right after its create, or a little later (during or after its upload).
                     std::thread::sleep(Duration::from_millis((seed >> (i % 32)) % 300));
                     if i % 3 != 2 {
-                        let deadline = Instant::now() + Duration::from_secs(60);
+                        let deadline = Instant::now() + Duration::from_secs(120);
                         while !d.cli(&["snapshot", "delete", &format!("vol@c{i}")]).status.success() {
                             assert!(Instant::now() < deadline, "vol@c{i} never deletable");
                             std::thread::sleep(Duration::from_millis(20));
