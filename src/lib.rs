@@ -13,6 +13,8 @@ pub mod control;
 pub mod daemon;
 pub mod engine;
 pub mod frontend;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod fsutil;
 pub mod jobs;
 pub mod logging;

@@ -179,7 +179,7 @@ impl PackBuilder {
     }
 }
 
-fn index_aad(pack: &PackId) -> Vec<u8> {
+pub(crate) fn index_aad(pack: &PackId) -> Vec<u8> {
     let mut a = b"snapblk pack index ".to_vec();
     a.extend_from_slice(pack);
     a
@@ -321,7 +321,7 @@ pub struct Manifest {
     pub pages: Vec<PageRefJson>,
 }
 
-fn manifest_aad(snapshot_id: &str) -> Vec<u8> {
+pub(crate) fn manifest_aad(snapshot_id: &str) -> Vec<u8> {
     format!("snapblk manifest {snapshot_id}").into_bytes()
 }
 
@@ -377,7 +377,7 @@ pub struct GroupMemberJson {
     pub snapshot_id: String,
 }
 
-fn group_aad(id: &str) -> Vec<u8> {
+pub(crate) fn group_aad(id: &str) -> Vec<u8> {
     format!("snapblk group {id}").into_bytes()
 }
 

@@ -48,17 +48,7 @@ impl BlobIndex {
         let mut log = OpenOptions::new().read(true).append(true).create(true).open(path).map_err(io("opening"))?;
         let mut buf = Vec::new();
         log.read_to_end(&mut buf).map_err(io("reading"))?;
-        let mut inner = Inner { blobs: HashMap::new(), packs: HashMap::new() };
-        let mut pos = 0;
-        while let Some(h) = buf.get(pos..pos + 8) {
-            let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
-            let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-            let Some(payload) = buf.get(pos + 8..pos + 8 + len) else { break };
-            if crc32c::crc32c(payload) != crc || inner.apply(payload).is_none() {
-                break;
-            }
-            pos += 8 + len;
-        }
+        let (inner, pos) = Inner::replay(&buf);
         if pos < buf.len() {
             tracing::warn!(file = %path.display(), dropped = buf.len() - pos, "blob index has a torn tail; ignoring it");
             log.set_len(pos as u64).map_err(io("truncating"))?;
@@ -115,7 +105,30 @@ impl BlobIndex {
     }
 }
 
+/// Replays an index log's bytes: how many blobs it knows and where its valid frames end.
+pub(crate) fn replay_log(log: &[u8]) -> (usize, usize) {
+    let (inner, valid) = Inner::replay(log);
+    (inner.blobs.len(), valid)
+}
+
 impl Inner {
+    /// The index a log's frames describe, and where the valid frames end (a torn or corrupt
+    /// frame ends the log).
+    fn replay(log: &[u8]) -> (Inner, usize) {
+        let mut inner = Inner { blobs: HashMap::new(), packs: HashMap::new() };
+        let mut pos = 0;
+        while let Some(h) = log.get(pos..pos + 8) {
+            let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+            let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+            let Some(payload) = log.get(pos + 8..pos + 8 + len) else { break };
+            if crc32c::crc32c(payload) != crc || inner.apply(payload).is_none() {
+                break;
+            }
+            pos += 8 + len;
+        }
+        (inner, pos)
+    }
+
     fn apply(&mut self, payload: &[u8]) -> Option<()> {
         let mut r = Reader::new(payload);
         let kind = r.u8().ok()?;
