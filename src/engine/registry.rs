@@ -15,7 +15,7 @@ use smallvec::SmallVec;
 use super::checkpoint::{SnapshotImage, State, VolumeImage};
 use super::commit::Regain;
 use super::error::{EngineError, Result};
-use super::ids::{parse_id, snapshot_id, volume_id};
+use super::ids::{check_geometry, parse_id, snapshot_id, volume_id};
 use super::iostats::IoStats;
 use super::journal::Record;
 use super::map::ClusterMap;
@@ -631,6 +631,12 @@ impl Registry {
                 Ok(None)
             }
             Record::VolumeCreate { volume, name, size, cluster_size, created, origin } => {
+                // Checked when the volume was made; a record that fails it is damaged.
+                check_geometry(*size, *cluster_size).map_err(|why| {
+                    EngineError::Corrupt(format!(
+                        "journal creates volume {volume:016x} with {why}; the metadata is damaged, restore the daemon directory from a backup"
+                    ))
+                })?;
                 let slots = self.slot_file(data_dir, *cluster_size)?;
                 let clusters = size.div_ceil(*cluster_size as u64);
                 // A clone shares its origin's slots: it joins the origin volume's family.
