@@ -13,9 +13,9 @@ pub mod control;
 pub mod daemon;
 pub mod engine;
 pub mod frontend;
+pub mod fsutil;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod fsutil;
 pub mod jobs;
 pub mod logging;
 pub mod metrics;

@@ -211,10 +211,14 @@ fn decode_body(r: &mut Reader, generation: u64, version: u32) -> Result<State, &
     let count = r.u64().map_err(short)?;
     // (node, level) by id; children always precede parents.
     let mut nodes: Vec<(Arc<Node>, u32)> = Vec::new();
+    // Leaves with no entry share one node: each takes 3 bytes of the file and would
+    // otherwise take 4 KiB of memory (maps copy a shared node before changing it).
+    let empty_leaf = Arc::new(Node::Leaf(Box::new([0u64; 512])));
     for _ in 0..count {
         let kind = r.u8().map_err(short)?;
         let n = r.u16().map_err(short)? as usize;
         let node = match kind {
+            LEAF if n == 0 => (empty_leaf.clone(), 1),
             LEAF => {
                 let mut entries = Box::new([0u64; 512]);
                 for _ in 0..n {

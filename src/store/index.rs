@@ -136,7 +136,8 @@ impl Inner {
         match kind {
             ADD => {
                 let n = r.u32().ok()?;
-                let mut ids = Vec::with_capacity((n as usize).min(1 << 16));
+                // No more ids than the bytes can hold (32 + 8 + 4 each), whatever `n` says.
+                let mut ids = Vec::with_capacity((n as usize).min(r.remaining() / 44));
                 for _ in 0..n {
                     let id = BlobId(r.bytes(32).ok()?.try_into().ok()?);
                     let offset = r.u64().ok()?;
