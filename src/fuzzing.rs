@@ -795,39 +795,67 @@ mod tests {
         assert!(!ok::<Rollback>("[]"), "a body that is not an object is refused");
     }
 
+    /// Opens an engine on a journal of `records` (generation 0, no checkpoint), with a
+    /// `Synced` mark (type 13) after them so they are trusted whatever the boot.
+    fn open_journal(records: &[journal::Record]) -> crate::engine::Result<()> {
+        let dir = ScratchDir::new();
+        let meta = dir.0.join("meta");
+        std::fs::create_dir_all(&meta).unwrap();
+        let mut bytes = journal::JOURNAL_MAGIC.to_vec();
+        bytes.extend_from_slice(&journal::FORMAT_VERSION.to_le_bytes());
+        bytes.extend_from_slice(&0u64.to_le_bytes());
+        for rec in records {
+            rec.encode(&mut bytes);
+        }
+        let mut mark = vec![13u8];
+        mark.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&(mark.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&crc32c::crc32c(&mark).to_le_bytes());
+        bytes.extend_from_slice(&mark);
+        std::fs::write(journal::journal_path(&meta, 0), &bytes).unwrap();
+        crate::engine::Engine::open(&dir.0).map(|e| e.shutdown())
+    }
+
+    fn assert_damaged(result: crate::engine::Result<()>, what: &str) {
+        let Err(err) = result else { panic!("{what}: the engine opened") };
+        assert!(matches!(err, crate::engine::EngineError::Corrupt(_)), "{what}: {err}");
+        assert!(err.to_string().contains("restore the daemon directory from a backup"), "{what}: {err}");
+    }
+
+    fn create(size: u64, cluster_size: u32) -> journal::Record {
+        journal::Record::VolumeCreate { volume: 1, name: "v".into(), size, cluster_size, created: 0, origin: None }
+    }
+
     /// Fuzzing found: a journal record creating a volume with cluster size 0 made recovery
     /// divide by zero opening its slot file. Replay now rejects a geometry `volume create`
     /// would have refused, as damaged metadata.
     #[test]
     fn a_journal_volume_with_an_impossible_geometry_is_corrupt_metadata_not_a_panic() {
         journal_recovery(include_bytes!("../tests/fixtures/fuzz/journal_recovery-cluster-size-zero"));
+        assert!(open_journal(&[create(1 << 20, 65536)]).is_ok(), "a sound journal opens");
         for (size, cluster_size) in [(1 << 20, 0), (1 << 20, 3000), (0, 65536), (u64::MAX, 65536)] {
-            let dir = ScratchDir::new();
-            let meta = dir.0.join("meta");
-            std::fs::create_dir_all(&meta).unwrap();
-            let mut bytes = journal::JOURNAL_MAGIC.to_vec();
-            bytes.extend_from_slice(&journal::FORMAT_VERSION.to_le_bytes());
-            bytes.extend_from_slice(&0u64.to_le_bytes());
-            let rec = journal::Record::VolumeCreate {
-                volume: 1,
-                name: "v".into(),
-                size,
-                cluster_size,
-                created: 0,
-                origin: None,
-            };
-            rec.encode(&mut bytes);
-            // A `Synced` mark (type 13) past it: the record is trusted whatever the boot.
-            let mut mark = vec![13u8];
-            mark.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
-            bytes.extend_from_slice(&(mark.len() as u32).to_le_bytes());
-            bytes.extend_from_slice(&crc32c::crc32c(&mark).to_le_bytes());
-            bytes.extend_from_slice(&mark);
-            std::fs::write(journal::journal_path(&meta, 0), &bytes).unwrap();
-            let Err(err) = crate::engine::Engine::open(&dir.0) else { panic!("{size}/{cluster_size} opened") };
-            assert!(matches!(err, crate::engine::EngineError::Corrupt(_)), "{err}");
-            assert!(err.to_string().contains("restore the daemon directory from a backup"), "{err}");
+            assert_damaged(open_journal(&[create(size, cluster_size)]), &format!("{size}/{cluster_size}"));
         }
+    }
+
+    /// Fuzzing found: a map change for cluster 2^64-1 overflowed computing the loaded range
+    /// after it. Records naming clusters past their volume's end are damaged metadata now.
+    #[test]
+    fn a_journal_record_past_the_end_of_its_volume_is_corrupt_metadata_not_a_panic() {
+        journal_recovery(include_bytes!("../tests/fixtures/fuzz/journal_recovery-cluster-past-the-end"));
+        let clusters = 16; // 1 MiB of 64 KiB clusters
+        let past = [
+            journal::Record::MapSet { volume: 1, cluster: u64::MAX, entry: 1 },
+            journal::Record::MapSet { volume: 1, cluster: clusters, entry: 1 },
+            journal::Record::Hydrate { volume: 1, cluster: u64::MAX, entry: 1 },
+            journal::Record::DirtyRange { volume: 1, start: 3, end: clusters + 1 },
+        ];
+        for rec in past {
+            assert_damaged(open_journal(&[create(1 << 20, 65536), rec.clone()]), &format!("{rec:?}"));
+        }
+        let last = journal::Record::MapSet { volume: 1, cluster: clusters - 1, entry: 1 };
+        let dirty = journal::Record::DirtyRange { volume: 1, start: 0, end: clusters };
+        assert!(open_journal(&[create(1 << 20, 65536), last, dirty]).is_ok(), "the last cluster is inside");
     }
 
     /// Fuzzing found: a checkpoint whose bitmap holds an empty run container decoded, and

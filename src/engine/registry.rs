@@ -614,6 +614,15 @@ impl Registry {
                 p.clear();
             }
         };
+        // Records name clusters of their volume only: one past its end is damaged metadata.
+        let within = |volume: &str, start: u64, count: u64, clusters: u64| -> Result<()> {
+            if start.checked_add(count).is_some_and(|end| end <= clusters) {
+                return Ok(());
+            }
+            Err(EngineError::Corrupt(format!(
+                "journal refers to clusters {start}..+{count} of volume '{volume}', which has {clusters}; the metadata is damaged, restore the daemon directory from a backup"
+            )))
+        };
         let missing = |what: &str, id: u64| {
             EngineError::Corrupt(format!(
                 "journal refers to unknown {what} {id:016x}; the metadata is damaged, restore the daemon directory from a backup"
@@ -622,12 +631,16 @@ impl Registry {
         match rec {
             Record::MapSet { volume, cluster, entry } => {
                 let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
-                v.state.write().set_entry(*cluster, *entry);
+                let mut st = v.state.write();
+                within(&v.name, *cluster, 1, st.clusters)?;
+                st.set_entry(*cluster, *entry);
                 Ok(None)
             }
             Record::DirtyRange { volume, start, end } => {
                 let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
-                v.state.write().dirty.insert_range(*start..*end);
+                let mut st = v.state.write();
+                within(&v.name, *start, end.saturating_sub(*start), st.clusters)?;
+                st.dirty.insert_range(*start..*end);
                 Ok(None)
             }
             Record::VolumeCreate { volume, name, size, cluster_size, created, origin } => {
@@ -870,6 +883,7 @@ impl Registry {
             Record::Hydrate { volume, cluster, entry } => {
                 let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
                 let mut st = v.state.write();
+                within(&v.name, *cluster, 1, st.clusters)?;
                 st.set_clean(*cluster, *entry);
                 if *entry != 0 {
                     st.owned.insert(*cluster);
