@@ -21,7 +21,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -29,6 +28,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::termios;
+use nix::unistd::Pid;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -92,19 +94,17 @@ impl Records {
     fn open(path: &Path) -> Result<Self> {
         let f = OpenOptions::new()
             .write(true)
-            .custom_flags(libc::O_NOCTTY)
+            .custom_flags(nix::fcntl::OFlag::O_NOCTTY.bits())
             .open(path)
             .with_context(|| format!("opening the record port {}", path.display()))?;
         // Raw mode: no newline translation, no echo; bytes go out as written.
-        // SAFETY: termios is plain data; the fd is open for the duration of the calls.
-        let tty = unsafe {
-            let mut t: libc::termios = std::mem::zeroed();
-            let tty = libc::tcgetattr(f.as_raw_fd(), &mut t) == 0;
-            if tty {
-                libc::cfmakeraw(&mut t);
-                libc::tcsetattr(f.as_raw_fd(), libc::TCSANOW, &t);
+        let tty = match termios::tcgetattr(&f) {
+            Ok(mut t) => {
+                termios::cfmakeraw(&mut t);
+                termios::tcsetattr(&f, termios::SetArg::TCSANOW, &t).context("setting the record port raw")?;
+                true
             }
-            tty
+            Err(_) => false,
         };
         Ok(Records { file: f, tty })
     }
@@ -112,9 +112,8 @@ impl Records {
     fn line(&mut self, text: &str) -> Result<()> {
         self.file.write_all(format!("{text}\n").as_bytes()).context("writing a record")?;
         // Until the UART is empty: the host has the line before anything it describes happens.
-        // SAFETY: a valid open fd.
-        if self.tty && unsafe { libc::tcdrain(self.file.as_raw_fd()) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("draining the record port");
+        if self.tty {
+            termios::tcdrain(&self.file).context("draining the record port")?;
         }
         Ok(())
     }
@@ -284,10 +283,7 @@ impl Daemon {
     fn restart(&self, running: &mut Running) -> Result<()> {
         match running {
             Running::Init(pid) => {
-                // SAFETY: sending a signal to a pid.
-                if unsafe { libc::kill(*pid, libc::SIGTERM) } != 0 {
-                    return Err(std::io::Error::last_os_error()).context("SIGTERM to the daemon");
-                }
+                kill(Pid::from_raw(*pid), Signal::SIGTERM).context("SIGTERM to the daemon")?;
                 // Not our child: it is gone once /proc says so, or shows a zombie.
                 let stat = format!("/proc/{pid}/stat");
                 for _ in 0..600 {
@@ -300,8 +296,7 @@ impl Daemon {
                 }
             }
             Running::Child(child) => {
-                // SAFETY: sending a signal to our child's pid.
-                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).context("SIGTERM to the daemon")?;
                 let status = child.wait().context("waiting for the daemon to stop")?;
                 if !status.success() {
                     bail!("the daemon stopped with {status} after SIGTERM");

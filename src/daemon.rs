@@ -468,11 +468,9 @@ fn serve_control(
 /// a CPU: the control thread runs at a higher priority than the rest of the daemon, when the
 /// daemon may raise it (root, or CAP_SYS_NICE); otherwise at the same one.
 fn raise_priority() {
-    const CONTROL_NICE: libc::c_int = -10;
-    // SAFETY: gettid has no arguments; setpriority takes plain integers (the thread's own id).
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, CONTROL_NICE) };
-    if rc != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "control thread keeps the default priority");
+    const CONTROL_NICE: i32 = -10;
+    if let Err(error) = snapblk_ublk::sys::set_thread_nice(CONTROL_NICE) {
+        tracing::debug!(%error, "control thread keeps the default priority");
     }
 }
 

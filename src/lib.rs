@@ -14,6 +14,8 @@ pub mod daemon;
 pub mod engine;
 pub mod frontend;
 pub mod fsutil;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod jobs;
 pub mod logging;
 pub mod metrics;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use roaring::RoaringTreemap;
 
 use super::error::{EngineError, Result};
+use super::ids::check_geometry;
 use super::journal::{check_header, group_tag, put_group_tag, CHECKPOINT_MAGIC, FORMAT_VERSION};
 use super::map::{ClusterMap, Node};
 use super::remote::{Remote, RemoteSource};
@@ -220,10 +221,14 @@ fn decode_body(r: &mut Reader, generation: u64, version: u32) -> Result<State, &
     let count = r.u64().map_err(short)?;
     // (node, level) by id; children always precede parents.
     let mut nodes: Vec<(Arc<Node>, u32)> = Vec::new();
+    // Leaves with no entry share one node: each takes 3 bytes of the file and would
+    // otherwise take 4 KiB of memory (maps copy a shared node before changing it).
+    let empty_leaf = Arc::new(Node::Leaf(Box::new([0u64; 512])));
     for _ in 0..count {
         let kind = r.u8().map_err(short)?;
         let n = r.u16().map_err(short)? as usize;
         let node = match kind {
+            LEAF if n == 0 => (empty_leaf.clone(), 1),
             LEAF => {
                 let mut entries = Box::new([0u64; 512]);
                 for _ in 0..n {
@@ -253,19 +258,26 @@ fn decode_body(r: &mut Reader, generation: u64, version: u32) -> Result<State, &
     let map = |r: &mut Reader| -> Result<ClusterMap, &'static str> {
         let root = r.u64().map_err(short)?;
         let height = r.u32().map_err(short)?;
-        if root == NO_NODE {
-            return Ok(ClusterMap::from_parts(None, height));
-        }
-        let (node, level) = nodes.get(root as usize).ok_or("root out of range")?;
-        if *level != height {
-            return Err("map height mismatch");
-        }
-        Ok(ClusterMap::from_parts(Some(node.clone()), height))
+        let root = match root {
+            NO_NODE => None,
+            root => {
+                let (node, level) = nodes.get(root as usize).ok_or("root out of range")?;
+                if *level != height {
+                    return Err("map height mismatch");
+                }
+                Some(node.clone())
+            }
+        };
+        ClusterMap::from_parts(root, height).ok_or("bad map height")
     };
     let bitmap = |r: &mut Reader| -> Result<RoaringTreemap, &'static str> {
         let n = r.u64().map_err(short)?;
         let bytes = r.bytes(usize::try_from(n).map_err(|_| "bitmap too large")?).map_err(short)?;
-        RoaringTreemap::deserialize_from(bytes).map_err(|_| "bad bitmap")
+        let decoded = RoaringTreemap::deserialize_from(bytes).map_err(|_| "bad bitmap")?;
+        // roaring's decoder accepts containers out of order and empty run containers, which
+        // break its own invariants (encoding such a bitmap again panics): rebuilt from its
+        // values, which must come in order, the bitmap is sound whatever the bytes were.
+        RoaringTreemap::from_sorted_iter(decoded.iter()).map_err(|_| "bad bitmap")
     };
     let source = |r: &mut Reader| -> Result<Option<RemoteSource>, &'static str> {
         if version < 3 {
@@ -285,7 +297,7 @@ fn decode_body(r: &mut Reader, generation: u64, version: u32) -> Result<State, &
     };
     let mut volumes = Vec::new();
     for _ in 0..r.u32().map_err(short)? {
-        volumes.push(VolumeImage {
+        let volume = VolumeImage {
             id: r.u64().map_err(short)?,
             name: r.str().map_err(short)?,
             size: r.u64().map_err(short)?,
@@ -298,7 +310,9 @@ fn decode_body(r: &mut Reader, generation: u64, version: u32) -> Result<State, &
             allocated: r.u64().map_err(short)?,
             remote: remote(r)?,
             anchor: source(r)?,
-        });
+        };
+        check_geometry(volume.size, volume.cluster_size).map_err(|_| "bad volume geometry")?;
+        volumes.push(volume);
     }
     let mut snapshots = Vec::new();
     for _ in 0..r.u32().map_err(short)? {

@@ -36,7 +36,7 @@ pub const CHECKPOINT_MAGIC: &[u8; 8] = b"SNAPBLKC";
 /// (id, group, consistency) in the `GroupSnapshot` record (a new record type; the untagged one
 /// is still read) and with each member snapshot in checkpoints.
 pub const FORMAT_VERSION: u32 = 7;
-const JOURNAL_HEADER_LEN: u64 = 8 + 4 + 8;
+pub(crate) const JOURNAL_HEADER_LEN: u64 = 8 + 4 + 8;
 /// A frame larger than this is corrupt (no record is anywhere near it).
 const MAX_FRAME: u32 = 1 << 20;
 
@@ -172,9 +172,9 @@ pub fn boot_id() -> BootId {
 }
 
 /// What a scan of the journal's frames found.
-struct Scan {
+pub(crate) struct Scan {
     /// Records, each with the file offset where its frame ends.
-    records: Vec<(Record, u64)>,
+    pub(crate) records: Vec<(Record, u64)>,
     /// The boot id of the last process that wrote frames.
     boot: Option<BootId>,
     /// The highest `Synced` mark.
@@ -182,7 +182,7 @@ struct Scan {
     /// The `Base` frame's offset, if any.
     base: Option<u64>,
     /// The end of the last valid frame (where the next write goes).
-    valid: u64,
+    pub(crate) valid: u64,
 }
 
 fn frame(out: &mut Vec<u8>, payload: impl FnOnce(&mut Vec<u8>)) {
@@ -390,7 +390,7 @@ fn group_size(r: &mut Reader<'_>) -> Result<usize, Short> {
 
 /// Decodes frames from `buf` until the first torn or corrupt one (records, `Boot` and
 /// `Synced` frames); `base` is the file offset of `buf`.
-fn scan_frames(buf: &[u8], base: u64) -> Scan {
+pub(crate) fn scan_frames(buf: &[u8], base: u64) -> Scan {
     let mut scan = Scan { records: Vec::new(), boot: None, synced_through: base, base: None, valid: base };
     let mut pos = 0;
     while let Some(header) = buf.get(pos..pos + 8) {

@@ -272,8 +272,10 @@ impl ClusterMap {
         self.height
     }
 
-    pub(crate) fn from_parts(root: Option<Arc<Node>>, height: u32) -> ClusterMap {
-        ClusterMap { root, height }
+    /// A map of `height` levels (from a checkpoint); `None` when no volume has that many
+    /// (a height of 0, or one whose spans would not fit in 64 bits, is corrupt metadata).
+    pub(crate) fn from_parts(root: Option<Arc<Node>>, height: u32) -> Option<ClusterMap> {
+        (1..=height_for(u64::MAX)).contains(&height).then_some(ClusterMap { root, height })
     }
 }
 

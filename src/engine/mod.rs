@@ -17,7 +17,7 @@
 //! `journal.rs`, `checkpoint.rs`, `map.rs`, `slots.rs`, `gate.rs` (what is on disk and how
 //! slots are shared), `ids.rs`, `revoke.rs`. This file: the control operations.
 
-mod checkpoint;
+pub(crate) mod checkpoint;
 mod commit;
 pub mod error;
 mod gate;

@@ -15,7 +15,7 @@ use smallvec::SmallVec;
 use super::checkpoint::{SnapshotImage, State, VolumeImage};
 use super::commit::Regain;
 use super::error::{EngineError, Result};
-use super::ids::{parse_id, snapshot_id, volume_id};
+use super::ids::{check_geometry, parse_id, snapshot_id, volume_id};
 use super::iostats::IoStats;
 use super::journal::Record;
 use super::map::ClusterMap;
@@ -641,6 +641,15 @@ impl Registry {
                 p.clear();
             }
         };
+        // Records name clusters of their volume only: one past its end is damaged metadata.
+        let within = |volume: &str, start: u64, count: u64, clusters: u64| -> Result<()> {
+            if start.checked_add(count).is_some_and(|end| end <= clusters) {
+                return Ok(());
+            }
+            Err(EngineError::Corrupt(format!(
+                "journal refers to clusters {start}..+{count} of volume '{volume}', which has {clusters}; the metadata is damaged, restore the daemon directory from a backup"
+            )))
+        };
         let missing = |what: &str, id: u64| {
             EngineError::Corrupt(format!(
                 "journal refers to unknown {what} {id:016x}; the metadata is damaged, restore the daemon directory from a backup"
@@ -649,15 +658,25 @@ impl Registry {
         match rec {
             Record::MapSet { volume, cluster, entry } => {
                 let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
-                v.state.write().set_entry(*cluster, *entry);
+                let mut st = v.state.write();
+                within(&v.name, *cluster, 1, st.clusters)?;
+                st.set_entry(*cluster, *entry);
                 Ok(None)
             }
             Record::DirtyRange { volume, start, end } => {
                 let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
-                v.state.write().dirty.insert_range(*start..*end);
+                let mut st = v.state.write();
+                within(&v.name, *start, end.saturating_sub(*start), st.clusters)?;
+                st.dirty.insert_range(*start..*end);
                 Ok(None)
             }
             Record::VolumeCreate { volume, name, size, cluster_size, created, origin } => {
+                // Checked when the volume was made; a record that fails it is damaged.
+                check_geometry(*size, *cluster_size).map_err(|why| {
+                    EngineError::Corrupt(format!(
+                        "journal creates volume {volume:016x} with {why}; the metadata is damaged, restore the daemon directory from a backup"
+                    ))
+                })?;
                 let slots = self.slot_file(data_dir, *cluster_size)?;
                 let clusters = size.div_ceil(*cluster_size as u64);
                 // A clone shares its origin's slots: it joins the origin volume's family.
@@ -891,6 +910,7 @@ impl Registry {
             Record::Hydrate { volume, cluster, entry } => {
                 let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
                 let mut st = v.state.write();
+                within(&v.name, *cluster, 1, st.clusters)?;
                 st.set_clean(*cluster, *entry);
                 if *entry != 0 {
                     st.owned.insert(*cluster);

@@ -10,11 +10,13 @@
 //! ended (data-path I/O runs without the volume lock; see `gate.rs`).
 
 use std::fs::{File, OpenOptions};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use nix::errno::Errno;
+use nix::fcntl::{fallocate, FallocateFlags};
 use parking_lot::Mutex;
 use roaring::RoaringTreemap;
 
@@ -236,10 +238,8 @@ impl SlotFile {
     /// only from `sync`.
     pub fn start_writeback(&self) {
         if self.unwritten.swap(false, Ordering::AcqRel) {
-            // SAFETY: sync_file_range on an fd we own, with integer arguments only.
-            let rc = unsafe { libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
-            if rc != 0 {
-                tracing::debug!(error = %std::io::Error::last_os_error(), "background write-back failed");
+            if let Err(error) = snapblk_ublk::sys::start_writeback(self.file.as_fd()) {
+                tracing::debug!(%error, "background write-back failed");
             }
         }
     }
@@ -263,24 +263,16 @@ impl SlotFile {
 
     fn punch(&self, slot: u64, count: u64) -> Result<()> {
         let (off, len) = (self.offset(slot, 0), count << self.shift);
-        // SAFETY: fallocate on an fd we own, with plain integer arguments; no memory is passed.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off as libc::off_t,
-                len as libc::off_t,
-            )
+        let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        let range = i64::try_from(off).and_then(|off| Ok((off, i64::try_from(len)?)));
+        let Ok((off, len)) = range else {
+            return Err(EngineError::Corrupt(format!("slots {slot}..+{count} lie past the largest file offset")));
         };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
+        match fallocate(self.file.as_raw_fd(), punch, off, len) {
+            Ok(()) => Ok(()),
             // Without hole punching a freed slot can't be trusted to read as zeros: zero it.
-            if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-                let zeros = vec![0u8; len as usize];
-                return self.write(slot, 0, &zeros);
-            }
-            return Err(EngineError::io(format!("punching slots {slot}..+{count}"))(e));
+            Err(Errno::EOPNOTSUPP) => self.write(slot, 0, &vec![0u8; len as usize]),
+            Err(e) => Err(EngineError::io(format!("punching slots {slot}..+{count}"))(e.into())),
         }
-        Ok(())
     }
 }

@@ -15,7 +15,7 @@ use crate::units::{parse_duration, parse_size};
 
 pub const CONFIG_FILE: &str = "snapblk.toml";
 
-const DEFAULT_CONFIG: &str = r#"# snapblk daemon configuration (created by `snapblk serve`; edit and restart to change).
+pub(crate) const DEFAULT_CONFIG: &str = r#"# snapblk daemon configuration (created by `snapblk serve`; edit and restart to change).
 # Paths are relative to the daemon directory.
 
 [upload]

@@ -179,7 +179,7 @@ impl PackBuilder {
     }
 }
 
-fn index_aad(pack: &PackId) -> Vec<u8> {
+pub(crate) fn index_aad(pack: &PackId) -> Vec<u8> {
     let mut a = b"snapblk pack index ".to_vec();
     a.extend_from_slice(pack);
     a
@@ -200,7 +200,8 @@ pub fn open_pack_index(keys: &RepoKeys, pack: &PackId, sealed: &[u8], key: &str)
     let bad = || StoreError::corrupt(key, "bad pack index");
     let mut r = Reader::new(&plain);
     let n = r.u32().map_err(|_| bad())?;
-    let mut out = Vec::with_capacity((n as usize).min(1 << 20));
+    // No more entries than the bytes can hold (32 + 8 + 4 + 1 each), whatever the count says.
+    let mut out = Vec::with_capacity((n as usize).min(r.remaining() / 45));
     for _ in 0..n {
         let id = BlobId(r.bytes(32).map_err(|_| bad())?.try_into().map_err(|_| bad())?);
         let offset = r.u64().map_err(|_| bad())?;
@@ -248,7 +249,7 @@ impl Page {
         if n > PAGE_CLUSTERS {
             return Err(bad("too many entries"));
         }
-        let mut entries = Vec::with_capacity(n as usize);
+        let mut entries = Vec::with_capacity((n as usize).min(r.remaining() / (4 + BLOB_REF_LEN)));
         for _ in 0..n {
             let i = r.u32().map_err(|_| bad("truncated"))?;
             let b = BlobRef::get(&mut r).ok_or_else(|| bad("truncated"))?;
@@ -321,7 +322,7 @@ pub struct Manifest {
     pub pages: Vec<PageRefJson>,
 }
 
-fn manifest_aad(snapshot_id: &str) -> Vec<u8> {
+pub(crate) fn manifest_aad(snapshot_id: &str) -> Vec<u8> {
     format!("snapblk manifest {snapshot_id}").into_bytes()
 }
 
@@ -395,7 +396,7 @@ pub struct GroupMemberJson {
     pub snapshot_id: String,
 }
 
-fn group_aad(id: &str) -> Vec<u8> {
+pub(crate) fn group_aad(id: &str) -> Vec<u8> {
     format!("snapblk group {id}").into_bytes()
 }
 

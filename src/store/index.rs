@@ -53,17 +53,7 @@ impl BlobIndex {
         }
         let mut buf = Vec::new();
         log.read_to_end(&mut buf).map_err(io("reading"))?;
-        let mut inner = Inner { blobs: HashMap::new(), packs: HashMap::new() };
-        let mut pos = 0;
-        while let Some(h) = buf.get(pos..pos + 8) {
-            let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
-            let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-            let Some(payload) = buf.get(pos + 8..pos + 8 + len) else { break };
-            if crc32c::crc32c(payload) != crc || inner.apply(payload).is_none() {
-                break;
-            }
-            pos += 8 + len;
-        }
+        let (inner, pos) = Inner::replay(&buf);
         if pos < buf.len() {
             tracing::warn!(file = %path.display(), dropped = buf.len() - pos, "blob index has a torn tail; ignoring it");
             log.set_len(pos as u64).map_err(io("truncating"))?;
@@ -123,7 +113,30 @@ impl BlobIndex {
     }
 }
 
+/// Replays an index log's bytes: how many blobs it knows and where its valid frames end.
+pub(crate) fn replay_log(log: &[u8]) -> (usize, usize) {
+    let (inner, valid) = Inner::replay(log);
+    (inner.blobs.len(), valid)
+}
+
 impl Inner {
+    /// The index a log's frames describe, and where the valid frames end (a torn or corrupt
+    /// frame ends the log).
+    fn replay(log: &[u8]) -> (Inner, usize) {
+        let mut inner = Inner { blobs: HashMap::new(), packs: HashMap::new() };
+        let mut pos = 0;
+        while let Some(h) = log.get(pos..pos + 8) {
+            let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+            let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+            let Some(payload) = log.get(pos + 8..pos + 8 + len) else { break };
+            if crc32c::crc32c(payload) != crc || inner.apply(payload).is_none() {
+                break;
+            }
+            pos += 8 + len;
+        }
+        (inner, pos)
+    }
+
     fn apply(&mut self, payload: &[u8]) -> Option<()> {
         let mut r = Reader::new(payload);
         let kind = r.u8().ok()?;
@@ -131,7 +144,8 @@ impl Inner {
         match kind {
             ADD => {
                 let n = r.u32().ok()?;
-                let mut ids = Vec::with_capacity((n as usize).min(1 << 16));
+                // No more ids than the bytes can hold (32 + 8 + 4 each), whatever `n` says.
+                let mut ids = Vec::with_capacity((n as usize).min(r.remaining() / 44));
                 for _ in 0..n {
                     let id = BlobId(r.bytes(32).ok()?.try_into().ok()?);
                     let offset = r.u64().ok()?;
