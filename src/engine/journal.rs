@@ -415,7 +415,15 @@ pub(crate) fn scan_frames(buf: &[u8], base: u64) -> Scan {
                 _ => break,
             },
             Ok(T_BASE) => match r.u64() {
-                Ok(offset) if r.remaining() == 0 => scan.base = Some(offset),
+                Ok(offset) if r.remaining() == 0 => {
+                    scan.base = Some(offset);
+                    // Written first, by a rotation, and naming no slot data: nothing it relies
+                    // on can be lost with a page cache, so it is trusted as if synced (else a
+                    // journal holding only it would look cut by a restart of the machine).
+                    if scan.synced_through == scan.valid {
+                        scan.synced_through = end;
+                    }
+                }
                 _ => break,
             },
             _ => match Record::decode(payload) {
@@ -821,6 +829,29 @@ mod tests {
         bytes.extend_from_slice(&rest);
         std::fs::write(journal_path(v3.path(), 7), &bytes).unwrap();
         assert_eq!(Journal::open(v3.path(), 7, b).unwrap().1, recs);
+    }
+
+    #[test]
+    fn a_journal_holding_only_its_base_frame_is_kept_whole_in_another_boot() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = ([1u8; 16], [2u8; 16]);
+        let (mut older, _) = Journal::open(dir.path(), 3, a).unwrap();
+        let through = older.write(&{
+            let mut buf = Vec::new();
+            sample()[0].encode(&mut buf);
+            buf
+        });
+        let through = through.unwrap();
+        let next = Journal::create_next(dir.path(), 3, a).unwrap();
+        older.attach_next(next).unwrap();
+        older.switch_to_next();
+        let len = older.len;
+        drop(older);
+        // A clean stop ends with a rotation; the next start (a later boot, or the same one:
+        // the Base frame carries no boot id) keeps the Base frame and says nothing dropped.
+        let t = Journal::read_trusted(dir.path(), 4, b).unwrap().unwrap();
+        assert_eq!((t.len, t.base, t.records.len()), (len, Some(through), 0));
+        assert!(len > JOURNAL_HEADER_LEN);
     }
 
     #[test]
