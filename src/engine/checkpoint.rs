@@ -65,6 +65,10 @@ const INNER: u8 = 1;
 /// Assigns ids to distinct nodes in post-order and encodes each once.
 struct NodeWriter {
     ids: HashMap<*const Node, u64>,
+    /// The one node written for every leaf with no entry (decode shares one such leaf, so
+    /// writing each separately would make the encoding depend on how often it went through
+    /// a checkpoint).
+    empty_leaf: Option<u64>,
     out: Vec<u8>,
     count: u64,
 }
@@ -72,6 +76,11 @@ struct NodeWriter {
 impl NodeWriter {
     fn write(&mut self, node: &Arc<Node>) -> u64 {
         if let Some(&id) = self.ids.get(&Arc::as_ptr(node)) {
+            return id;
+        }
+        let empty = matches!(&**node, Node::Leaf(entries) if entries.iter().all(|&e| e == 0));
+        if let (true, Some(id)) = (empty, self.empty_leaf) {
+            self.ids.insert(Arc::as_ptr(node), id);
             return id;
         }
         let mut body = Vec::new();
@@ -100,6 +109,9 @@ impl NodeWriter {
         let id = self.count;
         self.count += 1;
         self.ids.insert(Arc::as_ptr(node), id);
+        if empty {
+            self.empty_leaf = Some(id);
+        }
         id
     }
 
@@ -136,7 +148,7 @@ fn put_bitmap(out: &mut Vec<u8>, b: &RoaringTreemap) {
 }
 
 pub fn encode(state: &State) -> Vec<u8> {
-    let mut nodes = NodeWriter { ids: HashMap::new(), out: Vec::new(), count: 0 };
+    let mut nodes = NodeWriter { ids: HashMap::new(), empty_leaf: None, out: Vec::new(), count: 0 };
     let vol_roots: Vec<_> = state.volumes.iter().map(|v| nodes.map(&v.head)).collect();
     let snap_roots: Vec<_> = state.snapshots.iter().map(|s| nodes.map(&s.map)).collect();
 

@@ -655,6 +655,14 @@ impl Registry {
                 "journal refers to unknown {what} {id:016x}; the metadata is damaged, restore the daemon directory from a backup"
             ))
         };
+        // A snapshot numbered past the last sequence number cannot have been written.
+        let seq_end = |seq: u64, count: usize| {
+            seq.checked_add(count as u64).ok_or_else(|| {
+                EngineError::Corrupt(format!(
+                    "journal numbers a snapshot {seq}, past the last sequence number; the metadata is damaged, restore the daemon directory from a backup"
+                ))
+            })
+        };
         match rec {
             Record::MapSet { volume, cluster, entry } => {
                 let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
@@ -716,6 +724,7 @@ impl Registry {
                 Ok(Some(Dropped { map, cluster_size: v.cluster_size, family, near: parent.into_iter().collect() }))
             }
             Record::SnapshotCreate { volume, snapshot, seq, name, description, created } => {
+                let end = seq_end(*seq, 1)?;
                 let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
                 let mut st = v.state.write();
                 // Writes looked up before this point may still be landing in slots the
@@ -730,13 +739,14 @@ impl Registry {
                 let (snap, old_parent) =
                     cut(v, &mut st, Taken { id: *snapshot, seq: *seq, name, description, created: *created, group: None }, seal);
                 drop(st);
-                self.next_seq = self.next_seq.max(seq + 1);
+                self.next_seq = self.next_seq.max(end);
                 self.unlink(old_parent, Child::Head(*volume));
                 self.link(Some(*snapshot), Child::Head(*volume));
                 self.add_snapshot(snap);
                 Ok(None)
             }
             Record::GroupSnapshot { members, seq, name, description, created, group } => {
+                let end = seq_end(*seq, members.len())?;
                 let vols = members
                     .iter()
                     .map(|(v, _)| self.volumes.get(v).cloned().ok_or_else(|| missing("volume", *v)))
@@ -769,7 +779,7 @@ impl Registry {
                     snaps.push((v.id, cut(v, st, taken, seal)));
                 }
                 drop(guards);
-                self.next_seq = self.next_seq.max(seq + vols.len() as u64);
+                self.next_seq = self.next_seq.max(end);
                 for (volume, (snap, old_parent)) in snaps {
                     self.unlink(old_parent, Child::Head(volume));
                     self.link(Some(snap.id), Child::Head(volume));
