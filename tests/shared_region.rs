@@ -100,10 +100,12 @@ fn a_snapshot_another_node_loads_from_is_not_deleted_under_it() {
 }
 
 /// Sets `[gc]` keys in a daemon's snapblk.toml (configure() writes single-node values).
-fn gc_config(d: &Daemon, delete_delay: &str) {
+fn gc_config(d: &Daemon, delete_delay: &str, grace: &str) {
     let path = d.dir.join("snapblk.toml");
     let text = std::fs::read_to_string(&path).unwrap();
-    let text = text.replace("delete_delay = \"0s\"", &format!("delete_delay = \"{delete_delay}\""));
+    let text = text
+        .replace("delete_delay = \"0s\"", &format!("delete_delay = \"{delete_delay}\""))
+        .replace("grace = \"0s\"", &format!("grace = \"{grace}\""));
     std::fs::write(&path, text).unwrap();
 }
 
@@ -121,7 +123,7 @@ fn a_pack_condemned_by_another_node_is_not_reused_by_this_nodes_dedup_index() {
         let mut b = node(&o, &region, "b", "", "");
         for d in [&mut o.a, &mut b] {
             d.terminate();
-            gc_config(d, "3s");
+            gc_config(d, "3s", "0s");
             *d = Daemon::try_start(&d.dir, &[]).unwrap();
         }
         let gc = |d: &Daemon| {
@@ -187,7 +189,10 @@ fn gc_from_two_nodes_at_once_never_deletes_a_live_pack() {
         let mut b = node(&o, &region, "b", "", "");
         for d in [&mut o.a, &mut b] {
             d.terminate();
-            gc_config(d, "1s");
+            // A grace longer than an upload here: with none, a mark listing the region between
+            // an upload's pack PUT and its manifest condemns the new pack, and the next upload
+            // based on that snapshot finds it condemned on every attempt (the default is 1 h).
+            gc_config(d, "1s", "3s");
             *d = Daemon::try_start(&d.dir, &[]).unwrap();
         }
         b.cli_ok(&["volume", "create", "vol", "--size", "16M", "--region", region.name]);

@@ -452,14 +452,15 @@ impl StoreService {
         let region = self.region(&region_name).await?;
         let _uploading = region.gc_lock.read().await;
         let condemned_since = self.drop_condemned_from_index(&region).await?;
-        // The base: the newest ancestor uploaded to this region whose manifest is readable.
+        // The base: the newest ancestor uploaded to this region whose manifest is readable,
+        // read afresh (`base_manifest`): the upload reuses its blob references.
         let lineage = self.engine.snapshot_lineage(id)?;
         let mut changed = roaring::RoaringTreemap::new();
         let mut base = None;
         for (i, (sid, ch)) in lineage.iter().enumerate() {
             let sid = crate::engine::snapshot_id(*sid);
             if i > 0 && self.uploaded_to(&sid, &region_name) {
-                match region.manifest(&sid).await {
+                match base_manifest(&region, &sid).await {
                     Ok(m) => {
                         base = Some(Base { snapshot_id: sid, manifest: m, changed: std::mem::take(&mut changed) });
                         break;
@@ -483,7 +484,7 @@ impl StoreService {
                 _ => None,
             };
             if let Some(sid) = anchor {
-                match region.manifest(&sid).await {
+                match base_manifest(&region, &sid).await {
                     Ok(m) => base = Some(Base { snapshot_id: sid, manifest: m, changed: std::mem::take(&mut changed) }),
                     Err(e) => tracing::warn!(snapshot = %sid, error = %e, "cannot use as upload base"),
                 }
@@ -784,4 +785,13 @@ impl StoreService {
             None => Err(StoreError::NotFound(format!("snapshot {}@{} was never uploaded", snap.volume, snap.name))),
         }
     }
+}
+
+/// The manifest of an upload's base, read from the store rather than the cache: GC on
+/// another node may have repacked the base since this node cached it, rewriting its manifest
+/// and condemning the packs the cached copy points into — reusing those would publish a
+/// snapshot whose blobs are about to be deleted (every attempt would find that and fail).
+async fn base_manifest(region: &Region, snapshot_id: &str) -> Result<Arc<format::Manifest>> {
+    region.forget_manifest(snapshot_id);
+    region.manifest(snapshot_id).await
 }
