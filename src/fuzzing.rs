@@ -891,9 +891,10 @@ mod tests {
 
     /// Fuzzing found: a checkpoint whose bitmap holds an empty run container decoded, and
     /// encoding that state again panicked inside roaring (the next checkpoint would have).
-    /// Bitmaps are rebuilt from their values at decode now.
+    /// A bitmap's layout is checked before roaring decodes it now (keys in order, no run
+    /// containers), so the checkpoint is refused as damaged.
     #[test]
-    fn a_checkpoint_bitmap_roaring_accepts_but_cannot_encode_is_rebuilt() {
+    fn a_checkpoint_bitmap_roaring_accepts_but_cannot_encode_is_refused() {
         checkpoint(include_bytes!("../tests/fixtures/fuzz/checkpoint-empty-run-container"));
     }
 

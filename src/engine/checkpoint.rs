@@ -147,6 +147,53 @@ fn put_bitmap(out: &mut Vec<u8>, b: &RoaringTreemap) {
     out.extend_from_slice(&bytes);
 }
 
+/// Checks the layout roaring's decoder leaves unchecked, in time proportional to the bytes
+/// (not to the values they hold): keys in increasing order at both levels, and no run
+/// containers. roaring's encoder never writes run containers, and its decoder accepts empty
+/// or overlapping runs and keys out of order — bitmaps that break its invariants (encoding
+/// one again panics). The containers' contents (arrays sorted, bitmap cardinalities) are
+/// checked by `deserialize_from` itself.
+fn check_bitmap_layout(bytes: &[u8]) -> Result<(), &'static str> {
+    const NO_RUN_CONTAINERS: u32 = 12346;
+    let short = |_: Short| "bitmap truncated";
+    let mut r = Reader::new(bytes);
+    let le32 = |r: &mut Reader| r.array().map(u32::from_le_bytes).map_err(short);
+    let le16 = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]);
+    let inner = u64::from_le_bytes(r.array().map_err(short)?);
+    let mut last_high = None;
+    for _ in 0..inner {
+        let high = le32(&mut r)?;
+        if last_high.is_some_and(|last| high <= last) {
+            return Err("bitmap keys out of order");
+        }
+        last_high = Some(high);
+        if le32(&mut r)? != NO_RUN_CONTAINERS {
+            return Err("bitmap with run containers (never written by snapblk)");
+        }
+        let containers = le32(&mut r)? as usize;
+        if containers > 1 << 16 {
+            return Err("bitmap with too many containers");
+        }
+        let descriptions = r.bytes(containers * 4).map_err(short)?;
+        r.bytes(containers * 4).map_err(short)?; // offsets: not needed to decode
+        let mut last_key = None;
+        for d in descriptions.chunks_exact(4) {
+            let key = le16(d);
+            if last_key.is_some_and(|last| key <= last) {
+                return Err("bitmap containers out of order");
+            }
+            last_key = Some(key);
+            let cardinality = usize::from(le16(&d[2..])) + 1;
+            // An array container below 4,097 values, a 1024-word bitmap above.
+            r.bytes(if cardinality <= 4096 { cardinality * 2 } else { 8192 }).map_err(short)?;
+        }
+    }
+    if r.remaining() != 0 {
+        return Err("bytes after the bitmap");
+    }
+    Ok(())
+}
+
 pub fn encode(state: &State) -> Vec<u8> {
     let mut nodes = NodeWriter { ids: HashMap::new(), empty_leaf: None, out: Vec::new(), count: 0 };
     let vol_roots: Vec<_> = state.volumes.iter().map(|v| nodes.map(&v.head)).collect();
@@ -285,11 +332,8 @@ fn decode_body(r: &mut Reader, generation: u64, version: u32) -> Result<State, &
     let bitmap = |r: &mut Reader| -> Result<RoaringTreemap, &'static str> {
         let n = r.u64().map_err(short)?;
         let bytes = r.bytes(usize::try_from(n).map_err(|_| "bitmap too large")?).map_err(short)?;
-        let decoded = RoaringTreemap::deserialize_from(bytes).map_err(|_| "bad bitmap")?;
-        // roaring's decoder accepts containers out of order and empty run containers, which
-        // break its own invariants (encoding such a bitmap again panics): rebuilt from its
-        // values, which must come in order, the bitmap is sound whatever the bytes were.
-        RoaringTreemap::from_sorted_iter(decoded.iter()).map_err(|_| "bad bitmap")
+        check_bitmap_layout(bytes)?;
+        RoaringTreemap::deserialize_from(bytes).map_err(|_| "bad bitmap")
     };
     let source = |r: &mut Reader| -> Result<Option<RemoteSource>, &'static str> {
         if version < 3 {
@@ -440,5 +484,41 @@ mod tests {
             let Err(err) = decode(&bytes, path) else { panic!("{} damaged bytes decoded", bytes.len()) };
             assert!(err.to_string().contains("/d/meta/checkpoint"), "{err}");
         }
+    }
+
+    #[test]
+    fn bitmaps_decode_by_their_layout_and_refuse_what_roaring_would_choke_on() {
+        let serialize = |b: &RoaringTreemap| {
+            let mut bytes = Vec::new();
+            b.serialize_into(&mut bytes).unwrap();
+            bytes
+        };
+        // Dense and sparse values across two high keys: accepted, equal after decode.
+        let mut good: RoaringTreemap = (0..100_000u64).collect();
+        good.insert(7 << 32);
+        good.insert((7 << 32) + 70_000);
+        let bytes = serialize(&good);
+        check_bitmap_layout(&bytes).unwrap();
+        assert_eq!(RoaringTreemap::deserialize_from(&bytes[..]).unwrap(), good);
+        // A trailing byte, a truncation, and a run-container cookie are refused.
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert!(check_bitmap_layout(&trailing).is_err());
+        assert!(check_bitmap_layout(&bytes[..bytes.len() - 1]).is_err());
+        let mut runs = serialize(&RoaringTreemap::from_iter([1u64]));
+        runs[12..16].copy_from_slice(&12347u32.to_le_bytes());
+        assert_eq!(check_bitmap_layout(&runs), Err("bitmap with run containers (never written by snapblk)"));
+        // Two containers of one inner bitmap, swapped in the descriptions: out of order.
+        let two = serialize(&RoaringTreemap::from_iter([1u64, 1 << 16]));
+        let mut swapped = two.clone();
+        swapped[20..22].copy_from_slice(&1u16.to_le_bytes());
+        swapped[24..26].copy_from_slice(&0u16.to_le_bytes());
+        assert_eq!(check_bitmap_layout(&swapped), Err("bitmap containers out of order"));
+        // The same high key twice.
+        let one = serialize(&RoaringTreemap::from_iter([5u64]));
+        let mut twice = 2u64.to_le_bytes().to_vec();
+        twice.extend_from_slice(&one[8..]);
+        twice.extend_from_slice(&one[8..]);
+        assert_eq!(check_bitmap_layout(&twice), Err("bitmap keys out of order"));
     }
 }
