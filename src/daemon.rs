@@ -138,6 +138,11 @@ fn listen_address(
     example_port: u16,
     refusal: impl Fn(&str) -> String,
 ) -> anyhow::Result<Option<Listen>> {
+    parse_listen(flag, listen, example_port)?.map(|l| loopback_only(l, refusal)).transpose()
+}
+
+/// `--FLAG HOST:PORT` resolved; `None` when absent or `none`.
+fn parse_listen(flag: &str, listen: Option<&str>, example_port: u16) -> anyhow::Result<Option<Listen>> {
     let Some(listen) = listen.map(str::trim).filter(|a| *a != "none") else {
         return Ok(None);
     };
@@ -160,7 +165,7 @@ fn listen_address(
             "{flag} {listen}: '{host}' resolves to no address; give a loopback address, e.g. 127.0.0.1:{example_port}"
         );
     }
-    loopback_only(Listen { arg: listen.to_string(), addrs }, refusal).map(Some)
+    Ok(Some(Listen { arg: listen.to_string(), addrs }))
 }
 
 /// The addresses, if all are loopback; else `refusal` of the argument (and of the address it
@@ -245,6 +250,17 @@ pub fn serve(dir: &Path, args: &ServeArgs) -> anyhow::Result<()> {
     let default_volume = args.default_volume.as_deref().map(parse_default_volume).transpose()?;
     let tcp = nbd_tcp_address(args.nbd_listen.as_deref(), dir)?;
     let metrics = metrics_address(args.metrics_listen.as_deref())?;
+    let api = parse_listen("--api-listen", args.api_listen.as_deref(), 8443)?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::control::https::server_config(cert, key)?),
+        (None, None) => None,
+        _ => bail!("--tls-cert and --tls-key go together: give both (the certificate and its private key, PEM)"),
+    };
+    if api.is_some() && tls.is_none() {
+        bail!(
+            "--api-listen serves the control API over HTTPS only (bearer tokens must not travel in clear): add --tls-cert FILE --tls-key FILE"
+        );
+    }
     let config =
         ServerConfig { handshake_timeout: handshake_timeout(&args.handshake_timeout)?, ..ServerConfig::default() };
     let slots = Arc::new(ConnectionSlots::new(args.max_connections));
@@ -255,6 +271,10 @@ pub fn serve(dir: &Path, args: &ServeArgs) -> anyhow::Result<()> {
     let listeners = Listeners {
         nbd_tcp: tcp.map(|l| bind_tcp("--nbd-listen", &l)).transpose()?,
         metrics: metrics.map(|l| bind_tcp("--metrics-listen", &l)).transpose()?,
+        api: match (api, tls) {
+            (Some(l), Some(tls)) => Some((bind_tcp("--api-listen", &l)?, tls)),
+            _ => None,
+        },
     };
     crate::fsutil::create_dir_all_durable(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = dir.canonicalize()?;
@@ -270,6 +290,8 @@ pub fn serve(dir: &Path, args: &ServeArgs) -> anyhow::Result<()> {
 struct Listeners {
     nbd_tcp: Option<std::net::TcpListener>,
     metrics: Option<std::net::TcpListener>,
+    /// The HTTPS control API, with its TLS configuration.
+    api: Option<(std::net::TcpListener, Arc<rustls::ServerConfig>)>,
 }
 
 /// The unix sockets `DIR/nbd.sock` and `DIR/control.sock`, bound before the engine opens; their
@@ -402,11 +424,20 @@ async fn run(
         tasks.spawn(crate::metrics::serve(listener, service.clone()));
     }
     let app = router(service);
+    let api_note = match listeners.api {
+        Some((listener, tls)) => {
+            let listener = TcpListener::from_std(listener)?;
+            let note = format!("; api: https://{}", listener.local_addr()?);
+            tasks.spawn(crate::control::https::serve(listener, tls, app.clone()));
+            note
+        }
+        None => String::new(),
+    };
     let stop_control = serve_control(control, app)?;
 
     let tcp_note = tcp.map_or(String::new(), |a| format!(", {a}"));
     crate::logging::say(format_args!(
-        "snapblk: serving {} (nbd: {}{tcp_note}; control: {}{metrics_note})",
+        "snapblk: serving {} (nbd: {}{tcp_note}; control: {}{metrics_note}{api_note})",
         dir.display(),
         nbd_path.display(),
         control_path.display()

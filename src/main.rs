@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use snapblk::control::cli::{fail, run, Cli, Command, KeyCommand};
-use snapblk::control::client::ClientError;
+use snapblk::control::client::{Client, ClientError};
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::EnvFilter;
 
@@ -30,6 +30,8 @@ fn main() {
         .init();
     let dir = match cli.dir.clone() {
         Some(d) => d,
+        // A remote daemon is named by --api.
+        None if cli.api.is_some() && !matches!(cli.command, Command::Serve(_)) => Default::default(),
         // `key generate` talks to no daemon.
         None if matches!(cli.command, Command::Key(KeyCommand::Generate)) => Default::default(),
         None => fail(cli.json, &ClientError::Usage("no daemon dir: pass --dir DIR or set SNAPBLK_DIR".into())),
@@ -54,7 +56,15 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = runtime.block_on(run(&dir, cli.json, cli.command)) {
+    let client = match (&cli.api, &cli.token_file) {
+        (None, _) => Client::new(&dir),
+        (Some(url), Some(token)) => Client::https(url, token, cli.api_ca.as_deref()).unwrap_or_else(|e| fail(cli.json, &e)),
+        (Some(_), None) => fail(
+            cli.json,
+            &ClientError::Usage("--api needs --token-file FILE (or SNAPBLK_TOKEN_FILE): the file holding an API token".into()),
+        ),
+    };
+    if let Err(e) = runtime.block_on(run(client, cli.json, cli.command)) {
         fail(cli.json, &e);
     }
 }

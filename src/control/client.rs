@@ -1,6 +1,7 @@
 //! The CLI's side of the control API: HTTP/1 over the daemon's unix socket.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -44,6 +45,7 @@ impl ClientError {
             ClientError::NoDaemon(_) => 3,
             ClientError::Denied(_) => 7,
             ClientError::Refused { kind, .. } => match kind {
+                Some(ErrorKind::Forbidden | ErrorKind::Unauthenticated) => 7,
                 Some(ErrorKind::Invalid) => 2,
                 Some(ErrorKind::NotFound | ErrorKind::Gone) => 4,
                 Some(
@@ -82,6 +84,8 @@ impl ClientError {
                 Some(ErrorKind::NotLocal) => "not_local",
                 Some(ErrorKind::Quota) => "quota",
                 Some(ErrorKind::Throttled) => "throttled",
+                Some(ErrorKind::Forbidden) => "forbidden",
+                Some(ErrorKind::Unauthenticated) => "unauthenticated",
                 None => "failed",
             },
         }
@@ -93,9 +97,14 @@ impl ClientError {
     }
 }
 
+/// Where the daemon's API is: its control socket, or its HTTPS listener with a token.
+enum Endpoint {
+    Socket { socket: PathBuf, dir: String },
+    Https { host: String, port: u16, token: String, tls: tokio_rustls::TlsConnector },
+}
+
 pub struct Client {
-    socket: PathBuf,
-    dir: String,
+    endpoint: Endpoint,
 }
 
 /// Percent-encodes a path segment (references are validated names, but a user may type anything).
@@ -112,8 +121,60 @@ fn segment(s: &str) -> String {
 }
 
 impl Client {
+    /// The daemon of `dir`, through its control socket.
     pub fn new(dir: &Path) -> Client {
-        Client { socket: dir.join("control.sock"), dir: dir.display().to_string() }
+        Client { endpoint: Endpoint::Socket { socket: dir.join("control.sock"), dir: dir.display().to_string() } }
+    }
+
+    /// A daemon's HTTPS API (`https://HOST:PORT`), as the account of the token in
+    /// `token_file`; the server's certificate is checked against `ca` (PEM), or against the
+    /// system's roots when none is given.
+    pub fn https(url: &str, token_file: &Path, ca: Option<&Path>) -> Result<Client, ClientError> {
+        use rustls_pki_types::pem::PemObject;
+        let usage = |m: String| ClientError::Usage(m);
+        let rest = url
+            .strip_prefix("https://")
+            .ok_or_else(|| usage(format!("--api takes https://HOST:PORT (got '{url}'): the API is served over TLS only")))?;
+        let authority = rest.trim_end_matches('/');
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.is_empty() => {
+                (h, p.parse::<u16>().map_err(|_| usage(format!("bad port in --api '{url}'")))?)
+            }
+            _ => (authority, 443),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        let token = std::fs::read_to_string(token_file)
+            .map_err(|e| usage(format!("cannot read the token file {}: {e}", token_file.display())))?
+            .trim()
+            .to_string();
+        if token.is_empty() {
+            return Err(usage(format!("the token file {} is empty", token_file.display())));
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        match ca {
+            Some(ca) => {
+                let certs = rustls_pki_types::CertificateDer::pem_file_iter(ca)
+                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| usage(format!("cannot read CA certificates from {}: {e}", ca.display())))?;
+                for c in certs {
+                    roots
+                        .add(c)
+                        .map_err(|e| usage(format!("a certificate in {} is not usable: {e}", ca.display())))?;
+                }
+            }
+            None => {
+                for c in rustls_native_certs::load_native_certs().certs {
+                    let _ = roots.add(c);
+                }
+            }
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ClientError::Transport(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
+        Ok(Client { endpoint: Endpoint::Https { host, port, token, tls } })
     }
 
     pub fn path(parts: &[&str]) -> String {
@@ -133,30 +194,44 @@ impl Client {
         body: Option<&impl Serialize>,
     ) -> Result<Option<T>, ClientError> {
         let transport = |e: &dyn std::fmt::Display| ClientError::Transport(e.to_string());
-        let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(|e| match e.kind() {
-            // The daemon runs, but this user may not talk to it: saying "no daemon" would send
-            // them to start a second one.
-            std::io::ErrorKind::PermissionDenied => ClientError::Denied(format!(
-                "permission denied on {}: the daemon's sockets are its user's (or its --socket-group's); run as that user or join the group",
-                self.socket.display()
-            )),
-            _ => ClientError::NoDaemon(self.dir.clone()),
-        })?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| transport(&e))?;
-        tokio::spawn(conn);
         let bytes = match body {
             Some(b) => serde_json::to_vec(b).map_err(|e| transport(&e))?,
             None => Vec::new(),
         };
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(path)
-            .header("host", "snapblk")
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(bytes)))
             .map_err(|e| transport(&e))?;
-        let resp = sender.send_request(req).await.map_err(|e| transport(&e))?;
+        let resp = match &self.endpoint {
+            Endpoint::Socket { socket, dir } => {
+                let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| match e.kind() {
+                    // The daemon runs, but this user may not talk to it: saying "no daemon" would
+                    // send them to start a second one.
+                    std::io::ErrorKind::PermissionDenied => ClientError::Denied(format!(
+                        "permission denied on {}: the daemon's sockets are its user's (or its --socket-group's); run as that user or join the group",
+                        socket.display()
+                    )),
+                    _ => ClientError::NoDaemon(dir.clone()),
+                })?;
+                req.headers_mut().insert("host", hyper::header::HeaderValue::from_static("snapblk"));
+                send(stream, req).await?
+            }
+            Endpoint::Https { host, port, token, tls } => {
+                let unreachable = |e: &dyn std::fmt::Display| {
+                    ClientError::Transport(format!("cannot reach the snapblk API at https://{host}:{port}: {e}"))
+                };
+                let tcp = tokio::net::TcpStream::connect((host.as_str(), *port)).await.map_err(|e| unreachable(&e))?;
+                let name = rustls_pki_types::ServerName::try_from(host.clone()).map_err(|e| unreachable(&e))?;
+                let stream = tls.connect(name, tcp).await.map_err(|e| unreachable(&e))?;
+                let headers = req.headers_mut();
+                headers.insert("host", hyper::header::HeaderValue::from_str(host).map_err(|e| transport(&e))?);
+                let bearer = format!("Bearer {token}");
+                headers.insert("authorization", hyper::header::HeaderValue::from_str(&bearer).map_err(|e| transport(&e))?);
+                send(stream, req).await?
+            }
+        };
         let status = resp.status();
         let body = resp.into_body().collect().await.map_err(|e| transport(&e))?.to_bytes();
         if !status.is_success() {
@@ -170,4 +245,16 @@ impl Client {
         }
         serde_json::from_slice(&body).map(Some).map_err(|e| transport(&e))
     }
+}
+
+/// One HTTP/1 request on a fresh connection.
+async fn send<S>(stream: S, req: Request<Full<Bytes>>) -> Result<hyper::Response<hyper::body::Incoming>, ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let transport = |e: &dyn std::fmt::Display| ClientError::Transport(e.to_string());
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| transport(&e))?;
+    tokio::spawn(conn);
+    sender.send_request(req).await.map_err(|e| transport(&e))
 }

@@ -24,6 +24,10 @@ pub enum ErrorKind {
     Quota,
     /// Over a task limit or rate that waiting lifts (the error says how long).
     Throttled,
+    /// The caller's role lacks the permission the operation needs (see `service::Access`).
+    Forbidden,
+    /// The caller did not prove who it is (no token, or an expired or revoked one).
+    Unauthenticated,
 }
 
 #[derive(Debug, thiserror::Error)]

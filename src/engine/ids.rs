@@ -46,6 +46,19 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
     }
 }
 
+/// A name owned by an account: `NAME` (the built-in `default` account's) or `ACCOUNT/NAME`,
+/// both parts valid names. Volume, policy and group names are stored this way, so who owns
+/// what is in the name itself (see `service::accounts`).
+pub fn validate_owned_name(what: &str, name: &str) -> Result<()> {
+    match name.split_once('/') {
+        None => validate_name(what, name),
+        Some((account, bare)) => {
+            validate_name("account", account)?;
+            validate_name(what, bare)
+        }
+    }
+}
+
 /// Whether a volume of this size and cluster size can exist; the reason when not.
 pub(super) fn check_geometry(size: u64, cluster_size: u32) -> std::result::Result<(), String> {
     if !cluster_size.is_power_of_two() || !(MIN_CLUSTER_SIZE..=MAX_CLUSTER_SIZE).contains(&cluster_size) {

@@ -48,7 +48,7 @@ use roaring::RoaringTreemap;
 
 pub use error::{EngineError, ErrorKind, Result};
 pub(crate) use hydration::no_store;
-pub use ids::{group_snapshot_id, parse_snapshot_id, parse_volume_id, snapshot_id, validate_name, volume_id};
+pub use ids::{group_snapshot_id, parse_snapshot_id, parse_volume_id, snapshot_id, validate_name, validate_owned_name, volume_id};
 pub use iostats::{IoOp, IoStats, IoView, OpView, BUCKETS, LATENCY_BOUNDS_NS};
 pub use journal::MAX_GROUP_MEMBERS;
 pub use remote::{ClusterSource, Priority, RemoteSource};
@@ -258,7 +258,7 @@ impl Engine {
     }
 
     pub fn create_volume(&self, name: &str, size: u64, cluster_size: Option<u32>) -> Result<VolumeInfo> {
-        validate_name("volume", name)?;
+        validate_owned_name("volume", name)?;
         let cluster_size = cluster_size.unwrap_or(DEFAULT_CLUSTER_SIZE);
         check_geometry(size, cluster_size).map_err(EngineError::Invalid)?;
         let reg = self.registry.write();
@@ -537,7 +537,7 @@ impl Engine {
     /// snapshot needs `released_region` (where it was uploaded): the clone then loads its data
     /// from there.
     pub fn clone_snapshot(&self, snap: &str, new_volume: &str, released_region: Option<&str>) -> Result<VolumeInfo> {
-        validate_name("volume", new_volume)?;
+        validate_owned_name("volume", new_volume)?;
         // The clone will share the snapshot's slots: writes still landing there end first.
         {
             let reg = self.registry.read();
@@ -581,7 +581,7 @@ impl Engine {
         cluster_size: u32,
         source: &RemoteSource,
     ) -> Result<VolumeInfo> {
-        validate_name("volume", name)?;
+        validate_owned_name("volume", name)?;
         check_geometry(size, cluster_size)
             .map_err(|e| EngineError::Invalid(format!("snapshot {source} cannot be served by this snapblk: {e}")))?;
         let reg = self.registry.write();

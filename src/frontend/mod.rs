@@ -27,7 +27,11 @@ pub(crate) enum BlockError {
 
 pub(crate) fn block_error(e: &EngineError) -> BlockError {
     match e.kind() {
-        ErrorKind::Invalid | ErrorKind::NotFound | ErrorKind::NotLocal => {
+        ErrorKind::Invalid
+        | ErrorKind::NotFound
+        | ErrorKind::NotLocal
+        | ErrorKind::Forbidden
+        | ErrorKind::Unauthenticated => {
             tracing::debug!(error = %e, "request refused");
             BlockError::Invalid
         }

@@ -105,7 +105,9 @@ impl Policy {
     /// The name of the snapshot a tick at `t` takes: `auto-<policy>-<UTC time>`.
     pub fn snapshot_name(&self, t: u64) -> String {
         let ts = jiff::Timestamp::from_second(t as i64).unwrap_or_default();
-        format!("auto-{}-{}", self.name, ts.strftime("%Y%m%dT%H%M%SZ"))
+        // The name without its account prefix (`acme/daily` takes `auto-daily-…`).
+        let bare = self.name.rsplit('/').next().unwrap_or(&self.name);
+        format!("auto-{bare}-{}", ts.strftime("%Y%m%dT%H%M%SZ"))
     }
 
     pub fn compile(&self) -> Result<Compiled, String> {

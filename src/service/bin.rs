@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::events::Event;
 use super::lifecycle::{BinLock, Binned, DeletedVolume, Key, LifecycleState};
 use super::{blocking, Access, Caller, Error, Result, Service, SnapshotView};
+use crate::engine::EngineError;
 use crate::engine::{SnapshotInfo, VolumeInfo};
 use crate::store::RecycleBinConfig;
 use crate::units::{duration_text, utc};
@@ -76,8 +77,14 @@ impl Service {
     }
 
     /// A volume that exists for its users: not deleted.
-    pub(super) fn live_volume(&self, r: &str) -> Result<VolumeInfo> {
-        let info = self.engine.volume(r)?;
+    pub(super) fn live_volume(&self, caller: &Caller, r: &str) -> Result<VolumeInfo> {
+        let info = self.engine.volume(&caller.qualify_ref(r))?;
+        // Another account's volume is missing, as far as its caller can tell.
+        if !caller.sees(&info.name) {
+            return Err(Error::Engine(EngineError::NotFound(format!(
+                "no volume named '{r}'; list volumes with: snapblk volume list"
+            ))));
+        }
         match self.lifecycle.lock().deleted_volumes.get(&info.id) {
             None => Ok(info),
             Some(_) => Err(Error::NotFound(format!("no volume named '{r}' (it was deleted)"))),
@@ -86,8 +93,14 @@ impl Service {
 
     /// A snapshot that exists for its users: not in the bin. One in the bin is reported with
     /// how to get it back.
-    pub(super) fn live_snapshot(&self, r: &str) -> Result<SnapshotInfo> {
-        let info = self.engine.snapshot(r)?;
+    pub(super) fn live_snapshot(&self, caller: &Caller, r: &str) -> Result<SnapshotInfo> {
+        let info = self.engine.snapshot(&caller.qualify_ref(r))?;
+        if !caller.sees(&info.volume) {
+            return Err(Error::Engine(EngineError::NotFound(match r.split_once('@') {
+                Some((volume, _)) => format!("no volume named '{volume}'; list volumes with: snapblk volume list"),
+                None => format!("no snapshot with id {r}; list them with: snapblk snapshot list"),
+            })));
+        }
         match self.lifecycle.lock().bin.get(&info.id) {
             None => Ok(info),
             Some(b) if b.deleting => {
@@ -159,7 +172,7 @@ impl Service {
             snapshots: st
                 .bin
                 .iter()
-                .filter(|(_, e)| !e.deleting)
+                .filter(|(_, e)| !e.deleting && caller.sees(&e.volume))
                 .map(|(id, e)| BinnedView { id: id.clone(), entry: e.clone() })
                 .collect(),
         })
@@ -167,8 +180,13 @@ impl Service {
 
     /// Takes a snapshot out of the bin, as it was (with its volume, if that was deleted).
     pub fn restore_deleted(&self, caller: &Caller, r: &str) -> Result<SnapshotView> {
-        caller.may(Access::Write)?;
-        let snap = self.engine.snapshot(r).map_err(|_| self.not_in_bin(r))?;
+        caller.may(Access::Manage)?;
+        let snap = self
+            .engine
+            .snapshot(&caller.qualify_ref(r))
+            .ok()
+            .filter(|s| caller.sees(&s.volume))
+            .ok_or_else(|| self.not_in_bin(r))?;
         {
             let mut st = self.lifecycle.lock();
             if st.bin.get(&snap.id).is_none_or(|b| b.deleting) {

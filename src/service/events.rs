@@ -84,6 +84,47 @@ pub enum Event {
         id: String,
         error: String,
     },
+    AccountCreated {
+        account: String,
+        by: String,
+    },
+    AccountDeleted {
+        account: String,
+        by: String,
+    },
+    TokenCreated {
+        account: String,
+        token: String,
+        role: String,
+        by: String,
+    },
+    TokenRevoked {
+        account: String,
+        token: String,
+        by: String,
+    },
+}
+
+impl Event {
+    /// The account the event is about: only its callers (and administrators) see it.
+    pub fn account(&self) -> &str {
+        use super::accounts::owner_of;
+        match self {
+            Event::SnapshotTaken { volume, .. }
+            | Event::SnapshotDeleted { volume, .. }
+            | Event::SnapshotExpired { volume, .. }
+            | Event::SnapshotRestored { volume, .. }
+            | Event::SnapshotPurged { volume, .. }
+            | Event::VolumeDeleted { volume, .. }
+            | Event::QuotaHit { volume, .. }
+            | Event::UploadFailed { volume, .. } => owner_of(volume),
+            Event::PolicySkipped { policy, .. } | Event::PolicyFailed { policy, .. } => owner_of(policy),
+            Event::AccountCreated { account, .. }
+            | Event::AccountDeleted { account, .. }
+            | Event::TokenCreated { account, .. }
+            | Event::TokenRevoked { account, .. } => account,
+        }
+    }
 }
 
 /// One event, numbered (`seq` grows by one per event, across restarts).
@@ -194,9 +235,9 @@ impl EventLog {
         }
     }
 
-    fn after(&self, after: u64, limit: usize) -> Vec<EventRecord> {
+    fn after(&self, after: u64, limit: usize, seen: impl Fn(&Event) -> bool) -> Vec<EventRecord> {
         let inner = self.inner.lock();
-        let newer: Vec<&EventRecord> = inner.recent.iter().filter(|r| r.seq > after).collect();
+        let newer: Vec<&EventRecord> = inner.recent.iter().filter(|r| r.seq > after && seen(&r.event)).collect();
         newer[newer.len().saturating_sub(limit)..].iter().map(|r| (*r).clone()).collect()
     }
 }
@@ -223,13 +264,14 @@ impl Service {
         let after = q.after.unwrap_or(0);
         let limit = q.limit.unwrap_or(100).clamp(1, KEPT);
         let mut newest = self.events.newest.subscribe();
-        let found = self.events.after(after, limit);
+        let seen = |e: &Event| caller.sees_account(e.account());
+        let found = self.events.after(after, limit, seen);
         let wait = Duration::from_secs(q.wait.unwrap_or(0)).min(MAX_WAIT);
         if !found.is_empty() || wait.is_zero() {
             return Ok(found);
         }
         let _ = tokio::time::timeout(wait, newest.wait_for(|seq| *seq > after)).await;
-        Ok(self.events.after(after, limit))
+        Ok(self.events.after(after, limit, seen))
     }
 }
 
@@ -251,10 +293,10 @@ mod tests {
         }
         drop(log);
         let log = EventLog::open(dir.path());
-        let all = log.after(0, 10);
+        let all = log.after(0, 10, |_| true);
         assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
         assert_eq!(all[2].event, quota(2));
-        assert_eq!(log.after(1, 1).iter().map(|r| r.seq).collect::<Vec<_>>(), vec![3], "the newest after 1");
+        assert_eq!(log.after(1, 1, |_| true).iter().map(|r| r.seq).collect::<Vec<_>>(), vec![3], "the newest after 1");
         // A torn last line is skipped.
         std::fs::OpenOptions::new()
             .append(true)
@@ -264,17 +306,17 @@ mod tests {
             .unwrap();
         drop(log);
         let log = EventLog::open(dir.path());
-        assert_eq!(log.after(0, 10).len(), 3);
+        assert_eq!(log.after(0, 10, |_| true).len(), 3);
         for n in 0..2 * KEPT {
             log.append(200, quota(n));
         }
-        let kept = log.after(0, usize::MAX);
+        let kept = log.after(0, usize::MAX, |_| true);
         assert_eq!(kept.len(), KEPT);
         assert_eq!(kept.last().unwrap().seq, 3 + 2 * KEPT as u64);
         let lines = std::fs::read_to_string(dir.path().join("meta/events.jsonl")).unwrap().lines().count();
         assert!(lines <= 2 * KEPT, "the file is bounded: {lines} lines");
         drop(log);
         let log = EventLog::open(dir.path());
-        assert_eq!(log.after(0, usize::MAX).last().unwrap().seq, 3 + 2 * KEPT as u64, "numbering goes on");
+        assert_eq!(log.after(0, usize::MAX, |_| true).last().unwrap().seq, 3 + 2 * KEPT as u64, "numbering goes on");
     }
 }

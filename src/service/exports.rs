@@ -18,15 +18,24 @@ impl Service {
     pub fn export_names(&self, caller: &Caller) -> Result<Vec<(String, String)>> {
         caller.may(Access::Read)?;
         let hidden = self.hidden_exports();
-        Ok(self.engine.export_names().into_iter().filter(|(name, _)| !hidden.contains(name)).collect())
+        Ok(self
+            .engine
+            .export_names()
+            .into_iter()
+            .filter(|(name, _)| !hidden.contains(name) && caller.sees(name.split('@').next().unwrap_or(name)))
+            .collect())
     }
 
     /// Opens export `name`; the empty name is the only volume, when there is exactly one.
     pub fn open_export(&self, caller: &Caller, name: &str) -> Result<ExportHandle> {
         let name = if name.is_empty() {
             let deleted = self.hidden_exports();
-            let volumes: Vec<_> =
-                self.engine.list_volumes().into_iter().filter(|v| !deleted.contains(&v.name)).collect();
+            let volumes: Vec<_> = self
+                .engine
+                .list_volumes()
+                .into_iter()
+                .filter(|v| !deleted.contains(&v.name) && caller.sees(&v.name))
+                .collect();
             match volumes.as_slice() {
                 [only] => only.name.clone(),
                 _ => {
@@ -40,7 +49,7 @@ impl Service {
         };
         if name.contains('@') || parse_snapshot_id(&name).is_some() {
             caller.may(Access::Read)?;
-            self.live_snapshot(&name)?;
+            let name = self.live_snapshot(caller, &name)?.id;
             // Released after upload (now, or any moment): read from the region it went to.
             // Once more if the release sweep released it between the two looks (as in
             // `released_or_not`, which is async).
@@ -54,8 +63,8 @@ impl Service {
             }
         } else {
             caller.may(Access::Write)?;
-            self.live_volume(&name)?;
-            Ok(ExportHandle::Volume(self.engine.open_volume(&name)?))
+            let id = self.live_volume(caller, &name)?.id;
+            Ok(ExportHandle::Volume(self.engine.open_volume(&id)?))
         }
     }
 }

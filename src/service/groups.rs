@@ -91,6 +91,16 @@ pub struct GroupSnapshotView {
 
 impl Service {
     /// The group `name`, or an error naming the command that lists them.
+    /// A group's name as stored, for a caller: qualified with its account; another account's
+    /// group is missing, as far as the caller can tell.
+    fn group_name(caller: &Caller, name: &str) -> Result<String> {
+        let q = caller.qualify(name);
+        match caller.sees(&q) {
+            true => Ok(q),
+            false => Err(Error::NotFound(format!("no group named '{name}' (list them with: snapblk group list)"))),
+        }
+    }
+
     fn group_record(st: &LifecycleState, name: &str) -> Result<GroupRecord> {
         st.groups
             .get(name)
@@ -99,10 +109,10 @@ impl Service {
     }
 
     /// Member volumes by id, checked to exist, distinct, and at most [`MAX_GROUP_MEMBERS`].
-    fn member_ids(&self, volumes: &[String]) -> Result<Vec<String>> {
+    fn member_ids(&self, caller: &Caller, volumes: &[String]) -> Result<Vec<String>> {
         let mut ids: Vec<String> = Vec::with_capacity(volumes.len());
         for r in volumes {
-            let v = self.live_volume(r)?;
+            let v = self.live_volume(caller, r)?;
             if ids.contains(&v.id) {
                 return Err(Error::Invalid(format!("volume '{}' is named twice", v.name)));
             }
@@ -131,10 +141,10 @@ impl Service {
         MemberView { volume, volume_id: volume_id.to_string() }
     }
 
-    pub fn create_group(&self, caller: &Caller, req: CreateGroup) -> Result<GroupView> {
-        caller.may(Access::Write)?;
-        validate_name("group", &req.name)?;
-        let members = self.member_ids(&req.volumes)?;
+    pub fn create_group(&self, caller: &Caller, mut req: CreateGroup) -> Result<GroupView> {
+        caller.may(Access::Manage)?;
+        req.name = self.new_name(caller, "group", &req.name)?;
+        let members = self.member_ids(caller, &req.volumes)?;
         let mut st = self.lifecycle.lock();
         if st.groups.contains_key(&req.name) {
             return Err(Error::Engine(crate::engine::EngineError::AlreadyExists(format!(
@@ -153,11 +163,12 @@ impl Service {
     pub fn list_groups(&self, caller: &Caller) -> Result<Vec<GroupView>> {
         caller.may(Access::Read)?;
         let st = self.lifecycle.lock();
-        Ok(st.groups.iter().map(|(n, g)| self.group_view(n, g, &st)).collect())
+        Ok(st.groups.iter().filter(|(n, _)| caller.sees(n)).map(|(n, g)| self.group_view(n, g, &st)).collect())
     }
 
     pub fn group(&self, caller: &Caller, name: &str) -> Result<GroupView> {
         caller.may(Access::Read)?;
+        let name = &Self::group_name(caller, name)?;
         let st = self.lifecycle.lock();
         let g = Self::group_record(&st, name)?;
         Ok(self.group_view(name, &g, &st))
@@ -165,8 +176,9 @@ impl Service {
 
     /// Adds (`add`) or removes a member; its group snapshots keep the members they were taken of.
     pub fn change_group_member(&self, caller: &Caller, name: &str, volume: &str, add: bool) -> Result<GroupView> {
-        caller.may(Access::Write)?;
-        let id = match (add, self.live_volume(volume)) {
+        caller.may(Access::Manage)?;
+        let name = &Self::group_name(caller, name)?;
+        let id = match (add, self.live_volume(caller, volume)) {
             (_, Ok(v)) => v.id,
             // A deleted member can still be taken out.
             (false, Err(_)) => volume.to_string(),
@@ -199,7 +211,8 @@ impl Service {
 
     /// Deletes the group object; its volumes stay. Refused while it has group snapshots.
     pub fn delete_group(&self, caller: &Caller, name: &str) -> Result<()> {
-        caller.may(Access::Write)?;
+        caller.may(Access::Manage)?;
+        let name = &Self::group_name(caller, name)?;
         let mut st = self.lifecycle.lock();
         Self::group_record(&st, name)?;
         if let Some(p) = st.policies.values().find(|p| p.groups.iter().any(|g| g == name)) {
@@ -208,7 +221,7 @@ impl Service {
                 p.name, p.name
             ))));
         }
-        if let Some(s) = st.group_snapshots.values().find(|s| s.group == name) {
+        if let Some(s) = st.group_snapshots.values().find(|s| s.group == *name) {
             return Err(Error::Engine(crate::engine::EngineError::Busy(format!(
                 "group '{name}' still has group snapshots (e.g. {name}@{}); delete them first with: snapblk group snapshot delete {name}@SNAPSHOT",
                 s.name
@@ -228,7 +241,8 @@ impl Service {
         group: &str,
         req: CreateGroupSnapshot,
     ) -> Result<GroupSnapshotView> {
-        caller.may(Access::Write)?;
+        caller.may(Access::Snapshot)?;
+        let group = &Self::group_name(caller, group)?;
         self.take_group_snapshot(caller, group, req, Taker::Hand).await
     }
 
@@ -262,7 +276,7 @@ impl Service {
         // Each member's snapshot counts toward its volume's quotas and task limits.
         let mut slots = Vec::with_capacity(members.len());
         for m in &members {
-            let info = self.live_volume(m)?;
+            let info = self.live_volume(caller, m)?;
             slots.push(self.snapshot_allowed(&info, taker).await?);
         }
         let tag = GroupTag {
@@ -354,11 +368,15 @@ impl Service {
     }
 
     /// A group snapshot by `GROUP@SNAPSHOT` or id (`g-…`).
-    fn find_group_snapshot(st: &LifecycleState, r: &str) -> Result<(String, GroupSnapshotRecord)> {
+    fn find_group_snapshot(st: &LifecycleState, caller: &Caller, r: &str) -> Result<(String, GroupSnapshotRecord)> {
         let found = match r.split_once('@') {
-            Some((g, s)) => st.group_snapshots.iter().find(|(_, x)| x.group == g && x.name == s && x.listed()),
+            Some((g, s)) => {
+                let g = caller.qualify(g);
+                st.group_snapshots.iter().find(|(_, x)| x.group == g && x.name == s && x.listed())
+            }
             None => st.group_snapshots.get_key_value(r).filter(|(_, x)| x.listed()),
-        };
+        }
+        .filter(|(_, x)| caller.sees(&x.group));
         found.map(|(id, x)| (id.clone(), x.clone())).ok_or_else(|| {
             Error::NotFound(format!("no group snapshot '{r}' (list them with: snapblk group snapshot list GROUP)"))
         })
@@ -366,12 +384,13 @@ impl Service {
 
     pub fn list_group_snapshots(&self, caller: &Caller, group: &str) -> Result<Vec<GroupSnapshotView>> {
         caller.may(Access::Read)?;
+        let group = &Self::group_name(caller, group)?;
         let st = self.lifecycle.lock();
         Self::group_record(&st, group)?;
         let mut out: Vec<GroupSnapshotView> = st
             .group_snapshots
             .iter()
-            .filter(|(_, s)| s.group == group && s.listed())
+            .filter(|(_, s)| s.group == *group && s.listed())
             .map(|(id, s)| self.group_snapshot_view(id, s))
             .collect();
         out.sort_by_key(|s| s.created);
@@ -380,23 +399,23 @@ impl Service {
 
     pub fn group_snapshot(&self, caller: &Caller, r: &str) -> Result<GroupSnapshotView> {
         caller.may(Access::Read)?;
-        let (id, s) = Self::find_group_snapshot(&self.lifecycle.lock(), r)?;
+        let (id, s) = Self::find_group_snapshot(&self.lifecycle.lock(), caller, r)?;
         Ok(self.group_snapshot_view(&id, &s))
     }
 
     /// Deletes every member's snapshot (each as `snapshot delete` would: to the recycle bin
     /// when it is on), then the group snapshot.
     pub async fn delete_group_snapshot(&self, caller: &Caller, r: &str) -> Result<()> {
-        caller.may(Access::Write)?;
-        let (id, s) = Self::find_group_snapshot(&self.lifecycle.lock(), r)?;
+        caller.may(Access::Delete)?;
+        let (id, s) = Self::find_group_snapshot(&self.lifecycle.lock(), caller, r)?;
         // Holds first: a held member refuses the whole delete before anything goes.
         for (_, snapshot_id) in &s.members {
-            if let Ok(snap) = self.live_snapshot(snapshot_id) {
+            if let Ok(snap) = self.live_snapshot(caller, snapshot_id) {
                 self.check_not_held(&snap.id, &format!("{}@{}", snap.volume, snap.name))?;
             }
         }
         for (_, snapshot_id) in &s.members {
-            if self.live_snapshot(snapshot_id).is_ok() {
+            if self.live_snapshot(caller, snapshot_id).is_ok() {
                 self.delete_member_snapshot(caller, snapshot_id).await?;
             }
         }
@@ -423,10 +442,10 @@ impl Service {
     /// snapshot was deleted (degraded), and while a member has a writer or is attached,
     /// unless `force` (which disconnects and detaches them first).
     pub async fn rollback_group(&self, caller: &Caller, r: &str, force: bool) -> Result<Vec<super::VolumeView>> {
-        caller.may(Access::Write)?;
+        caller.may(Access::Delete)?;
         let (g, members) = {
             let st = self.lifecycle.lock();
-            let (_, s) = Self::find_group_snapshot(&st, r)?;
+            let (_, s) = Self::find_group_snapshot(&st, caller, r)?;
             (Self::group_record(&st, &s.group)?, s)
         };
         if members.degraded {
@@ -457,8 +476,8 @@ impl Service {
         // Attached members: all refused before any is detached (or, with force, all detached).
         let mut targets = Vec::with_capacity(members.members.len());
         for (volume_id, snapshot_id) in &members.members {
-            self.live_volume(volume_id)?;
-            let snap = self.live_snapshot(snapshot_id)?;
+            self.live_volume(caller, volume_id)?;
+            let snap = self.live_snapshot(caller, snapshot_id)?;
             if !force {
                 if let Some(a) = self.attachments.of_volume(volume_id) {
                     return Err(Error::Engine(crate::engine::EngineError::Busy(format!(
@@ -624,7 +643,9 @@ impl Service {
         region: &str,
     ) -> Result<Vec<crate::store::format::GroupManifest>> {
         caller.may(Access::Read)?;
-        Ok(self.store.region(region).await?.group_manifests().await?)
+        let mut all = self.store.region(region).await?.group_manifests().await?;
+        all.retain(|g| caller.sees(&g.group));
+        Ok(all)
     }
 
     /// One volume per member of group snapshot `r` (`GROUP@SNAPSHOT` or `g-…`), named
@@ -633,13 +654,13 @@ impl Service {
     /// looked up in `region` (or every region). All or none: names are checked first, and
     /// volumes made before a failure are deleted.
     pub async fn restore_group(&self, caller: &Caller, r: &str, req: RestoreGroup) -> Result<Vec<super::VolumeView>> {
-        caller.may(Access::Write)?;
-        let local = Self::find_group_snapshot(&self.lifecycle.lock(), r);
+        caller.may(Access::Restore)?;
+        let local = Self::find_group_snapshot(&self.lifecycle.lock(), caller, r);
         let (members, region): (Vec<(String, String)>, Option<String>) = match local {
             Ok((_, g)) => {
                 let mut out = Vec::new();
                 for (_, snapshot_id) in &g.members {
-                    let snap = self.live_snapshot(snapshot_id)?;
+                    let snap = self.live_snapshot(caller, snapshot_id)?;
                     out.push((snap.volume, snapshot_id.clone()));
                 }
                 (out, req.region.clone())
@@ -652,7 +673,11 @@ impl Service {
                 let mut found = None;
                 for name in names {
                     let gs = self.store.region(&name).await?.group_manifests().await?;
-                    if let Some(g) = gs.into_iter().find(|g| g.id == r || format!("{}@{}", g.group, g.name) == r) {
+                    let named = caller.qualify_ref(r);
+                    let found_here = gs.into_iter().find(|g| {
+                        (g.id == r || format!("{}@{}", g.group, g.name) == named) && caller.sees(&g.group)
+                    });
+                    if let Some(g) = found_here {
                         found = Some((g, name));
                         break;
                     }
@@ -665,9 +690,14 @@ impl Service {
                 (g.members.into_iter().map(|m| (m.volume_name, m.snapshot_id)).collect(), Some(name))
             }
         };
+        // `PREFIX` + the member's name, in the member's account.
+        let restored_name = |volume: &str| {
+            let bare = volume.rsplit('/').next().unwrap_or(volume);
+            super::accounts::owned_name(super::owner_of(volume), &format!("{}{bare}", req.prefix))
+        };
         for (volume, _) in &members {
-            let name = format!("{}{volume}", req.prefix);
-            validate_name("volume", &name)?;
+            let name = restored_name(volume);
+            crate::engine::validate_owned_name("volume", &name)?;
             if self.engine.volume(&name).is_ok() {
                 return Err(Error::Engine(crate::engine::EngineError::AlreadyExists(format!(
                     "volume '{name}' exists already; choose another --prefix"
@@ -676,12 +706,12 @@ impl Service {
         }
         let mut made: Vec<super::VolumeView> = Vec::new();
         for (volume, snapshot_id) in &members {
-            let name = format!("{}{volume}", req.prefix);
-            match self.create_from_snapshot(&name, snapshot_id, region.as_deref()).await {
+            let name = restored_name(volume);
+            match self.create_from_snapshot(caller, &name, snapshot_id, region.as_deref()).await {
                 Ok(v) => made.push(v),
                 Err(e) => {
                     for v in &made {
-                        if let Err(e) = self.delete_volume(caller, &v.info.id).await {
+                        if let Err(e) = self.delete_volume(&Caller::Daemon("group restore"), &v.info.id).await {
                             tracing::warn!(volume = %v.info.name, error = %e, "cannot delete a volume of a failed group restore");
                         }
                     }

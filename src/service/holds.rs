@@ -15,8 +15,8 @@ pub struct HoldRequest {
 impl Service {
     /// Puts a hold on a snapshot (again: the reason is replaced).
     pub fn hold_snapshot(&self, caller: &Caller, r: &str, req: HoldRequest) -> Result<SnapshotView> {
-        caller.may(Access::Write)?;
-        let snap = self.live_snapshot(r)?;
+        caller.may(Access::Manage)?;
+        let snap = self.live_snapshot(caller, r)?;
         {
             let mut st = self.lifecycle.lock();
             st.holds.insert(snap.id.clone(), Hold { since: self.engine.clock().now(), reason: req.reason });
@@ -29,8 +29,8 @@ impl Service {
 
     /// Releases a snapshot's hold (nothing to do if it has none).
     pub fn release_hold(&self, caller: &Caller, r: &str) -> Result<SnapshotView> {
-        caller.may(Access::Write)?;
-        let snap = self.live_snapshot(r)?;
+        caller.may(Access::Manage)?;
+        let snap = self.live_snapshot(caller, r)?;
         {
             let mut st = self.lifecycle.lock();
             if st.holds.remove(&snap.id).is_some() {

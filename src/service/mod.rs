@@ -7,6 +7,7 @@
 //! One file per resource: a new resource is a new file here, one in `control/api/` and one in
 //! `control/cli/`.
 
+mod accounts;
 mod bin;
 mod events;
 mod exports;
@@ -27,6 +28,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub use accounts::{owner_of, AccountView, CreateAccount, CreateToken, NewToken, Role, TokenView, DEFAULT_ACCOUNT};
 pub use bin::{BinView, BinnedView, PurgeRequest};
 pub use events::{Event, EventQuery, EventRecord};
 pub use exports::ExportHandle;
@@ -44,32 +46,100 @@ use crate::engine::{Engine, EngineError, ErrorKind};
 use crate::jobs::{JobView, Jobs};
 use crate::store::{StoreError, StoreService};
 
-/// Who asks for an operation. Today anyone who can open the daemon's sockets (its user, or
-/// the `--socket-group`) may do everything, so the check ([`Caller::may`]) lets every caller
-/// through; accounts and roles will give callers identities and refuse there.
+/// Who asks for an operation: [`Caller::may`] checks its role, [`Caller::sees`] which
+/// account's resources it may touch (see [`accounts`] for how names carry their owner).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
-    /// A client of the control API or the NBD socket.
+    /// A client of the control socket or the NBD socket: the daemon's user or its
+    /// `--socket-group`, an administrator.
     Local,
     /// The daemon's own background work (e.g. `gc`).
     Daemon(&'static str),
+    /// A client of the HTTPS API, by its bearer token.
+    Account { account: String, role: Role, token: String },
 }
 
-/// What an operation does with what it touches.
+/// What an operation does with what it touches: the permission it needs (each role's set is
+/// [`Role::allows`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
-    /// Looks (lists, shows, reads data).
+    /// Looks (lists, shows, reads data, verifies).
     Read,
-    /// Changes volumes or snapshots (creates, deletes, writes data).
+    /// Takes snapshots and uploads them.
+    Snapshot,
+    /// Makes new volumes from snapshots (restore, clone) and loads them.
+    Restore,
+    /// Creates volumes and writes to them (read-write exports).
     Write,
-    /// Touches the daemon itself (regions' keys, GC).
+    /// Deletes, rolls back, restores from the recycle bin: what can destroy data.
+    Delete,
+    /// Changes what runs by itself or protects data: policies, groups, holds, tokens.
+    Manage,
+    /// Touches the daemon itself or every account (regions' keys, GC, accounts, the bin's lock,
+    /// kernel devices, files of the daemon's machine).
     Admin,
 }
 
+impl Access {
+    fn name(self) -> &'static str {
+        match self {
+            Access::Read => "read",
+            Access::Snapshot => "snapshot",
+            Access::Restore => "restore",
+            Access::Write => "write",
+            Access::Delete => "delete",
+            Access::Manage => "manage",
+            Access::Admin => "admin",
+        }
+    }
+}
+
 impl Caller {
-    pub fn may(&self, _access: Access) -> Result<()> {
+    pub fn may(&self, access: Access) -> Result<()> {
         match self {
             Caller::Local | Caller::Daemon(_) => Ok(()),
+            Caller::Account { role, .. } if role.allows(access) => Ok(()),
+            Caller::Account { role, .. } => {
+                let roles: Vec<&str> = Role::ALL.iter().filter(|r| r.allows(access)).map(|r| r.name()).collect();
+                Err(Error::Forbidden(format!(
+                    "role {role} lacks the '{}' permission this needs (roles with it: {})",
+                    access.name(),
+                    roles.join(", ")
+                )))
+            }
+        }
+    }
+
+    /// Whether the caller may touch account `account`'s resources (administrators: all).
+    pub fn sees_account(&self, account: &str) -> bool {
+        match self {
+            Caller::Account { account: own, role, .. } => *role == Role::Admin || own == account,
+            Caller::Local | Caller::Daemon(_) => true,
+        }
+    }
+
+    /// Whether the caller may touch the resource stored under `name`.
+    pub fn sees(&self, name: &str) -> bool {
+        self.sees_account(accounts::owner_of(name))
+    }
+
+    /// A name as the caller typed it, as stored: a bare name of an account's caller gets its
+    /// account's prefix; administrators name other accounts' resources `ACCOUNT/NAME`.
+    pub fn qualify(&self, name: &str) -> String {
+        match self {
+            Caller::Account { account, .. } if !name.contains('/') => accounts::owned_name(account, name),
+            _ => name.to_string(),
+        }
+    }
+
+    /// A volume or snapshot reference as stored: `NAME`, `NAME@SNAPSHOT`, ids as they are.
+    pub fn qualify_ref(&self, r: &str) -> String {
+        if crate::engine::parse_volume_id(r).is_some() || crate::engine::parse_snapshot_id(r).is_some() {
+            return r.to_string();
+        }
+        match r.split_once('@') {
+            Some((volume, snapshot)) => format!("{}@{snapshot}", self.qualify(volume)),
+            None => self.qualify(r),
         }
     }
 }
@@ -79,6 +149,7 @@ impl std::fmt::Display for Caller {
         match self {
             Caller::Local => f.write_str("local client"),
             Caller::Daemon(what) => write!(f, "daemon ({what})"),
+            Caller::Account { account, role, token } => write!(f, "account {account} ({role}, token {token})"),
         }
     }
 }
@@ -105,6 +176,12 @@ pub enum Error {
     /// A background task failed to finish (it panicked or the daemon is stopping).
     #[error("internal error: {0}")]
     Internal(String),
+    /// The caller's role lacks the permission the operation needs.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The caller did not prove who it is.
+    #[error("{0}")]
+    Unauthenticated(String),
 }
 
 impl Error {
@@ -118,6 +195,8 @@ impl Error {
             Error::Limit { retry_after: None, .. } => ErrorKind::Quota,
             Error::Limit { retry_after: Some(_), .. } => ErrorKind::Throttled,
             Error::Internal(_) => ErrorKind::Io,
+            Error::Forbidden(_) => ErrorKind::Forbidden,
+            Error::Unauthenticated(_) => ErrorKind::Unauthenticated,
         }
     }
 
@@ -176,6 +255,7 @@ pub struct Service {
     tick_locks: policies::TickLocks,
     creating: quotas::Creating,
     events: events::EventLog,
+    accounts: accounts::Accounts,
 }
 
 impl Service {
@@ -196,6 +276,7 @@ impl Service {
         }
         lifecycle_file.compact(&mut state)?;
         let events = events::EventLog::open(engine.dir());
+        let accounts = accounts::Accounts::open(engine.dir())?;
         let svc = Arc::new(Service {
             engine,
             store,
@@ -208,6 +289,7 @@ impl Service {
             tick_locks: policies::TickLocks::default(),
             creating: quotas::Creating::default(),
             events,
+            accounts,
         });
         let weak = Arc::downgrade(&svc);
         svc.store.on_upload_failed(Box::new(move |id, error| {

@@ -136,19 +136,20 @@ impl Service {
     }
 
     /// A policy by name or id.
-    fn find_policy(&self, r: &str) -> Result<Policy> {
+    fn find_policy(&self, caller: &Caller, r: &str) -> Result<Policy> {
+        let name = caller.qualify(r);
         let st = self.lifecycle.lock();
         st.policies
             .values()
-            .find(|p| p.id == r || p.name == r)
+            .find(|p| (p.id == r || p.name == name) && caller.sees(&p.name))
             .cloned()
             .ok_or_else(|| Error::NotFound(format!("no policy named '{r}'; list them with: snapblk policy list")))
     }
 
-    pub fn create_policy(&self, caller: &Caller, req: CreatePolicy) -> Result<PolicyView> {
-        caller.may(Access::Write)?;
-        crate::engine::validate_name("policy", &req.name)?;
-        if req.name.len() > MAX_POLICY_NAME {
+    pub fn create_policy(&self, caller: &Caller, mut req: CreatePolicy) -> Result<PolicyView> {
+        caller.may(Access::Manage)?;
+        req.name = self.new_name(caller, "policy", &req.name)?;
+        if req.name.rsplit('/').next().unwrap_or_default().len() > MAX_POLICY_NAME {
             // Its snapshots are named auto-<policy>-<time>, and a name has at most 64 bytes.
             return Err(Error::Invalid(format!("a policy name has at most {MAX_POLICY_NAME} characters")));
         }
@@ -183,19 +184,20 @@ impl Service {
 
     pub fn list_policies(&self, caller: &Caller) -> Result<Vec<PolicyView>> {
         caller.may(Access::Read)?;
-        let policies: Vec<Policy> = self.lifecycle.lock().policies.values().cloned().collect();
+        let policies: Vec<Policy> =
+            self.lifecycle.lock().policies.values().filter(|p| caller.sees(&p.name)).cloned().collect();
         Ok(policies.iter().map(|p| self.policy_view(p)).collect())
     }
 
     pub fn policy(&self, caller: &Caller, r: &str) -> Result<PolicyView> {
         caller.may(Access::Read)?;
-        Ok(self.policy_view(&self.find_policy(r)?))
+        Ok(self.policy_view(&self.find_policy(caller, r)?))
     }
 
     /// Deletes a policy; the snapshots it took stay (as manual snapshots would).
     pub fn delete_policy(&self, caller: &Caller, r: &str) -> Result<()> {
-        caller.may(Access::Write)?;
-        let p = self.find_policy(r)?;
+        caller.may(Access::Manage)?;
+        let p = self.find_policy(caller, r)?;
         let mut st = self.lifecycle.lock();
         st.policies.remove(&p.id);
         st.books.remove(&p.id);
@@ -215,10 +217,11 @@ impl Service {
     }
 
     /// Applies a policy to volumes (at most [`MAX_POLICIES_PER_VOLUME`] per volume).
-    pub fn apply_policy(&self, caller: &Caller, r: &str, req: PolicyVolumes) -> Result<PolicyView> {
-        caller.may(Access::Write)?;
-        let p = self.find_policy(r)?;
-        let ids = req.volumes.iter().map(|v| Ok(self.live_volume(v)?.id)).collect::<Result<Vec<_>>>()?;
+    pub fn apply_policy(&self, caller: &Caller, r: &str, mut req: PolicyVolumes) -> Result<PolicyView> {
+        caller.may(Access::Manage)?;
+        req.groups = req.groups.iter().map(|g| caller.qualify(g)).collect();
+        let p = self.find_policy(caller, r)?;
+        let ids = req.volumes.iter().map(|v| Ok(self.live_volume(caller, v)?.id)).collect::<Result<Vec<_>>>()?;
         let mut st = self.lifecycle.lock();
         for (id, name) in ids.iter().zip(&req.volumes) {
             let carried = st.policies.values().filter(|q| q.volumes.contains(id)).count();
@@ -234,7 +237,7 @@ impl Service {
             st.touch(Key::Policy(p.id.clone()));
         }
         for g in &req.groups {
-            if !st.groups.contains_key(g) {
+            if !st.groups.contains_key(g) || !caller.sees(g) {
                 return Err(Error::NotFound(format!("no group named '{g}' (list them with: snapblk group list)")));
             }
             if let Some(q) = st.policies.get_mut(&p.id).filter(|q| !q.groups.contains(g)) {
@@ -250,10 +253,11 @@ impl Service {
 
     /// Removes a policy from volumes; the snapshots it took of them stay, kept from then on
     /// by no policy.
-    pub fn remove_policy(&self, caller: &Caller, r: &str, req: PolicyVolumes) -> Result<PolicyView> {
-        caller.may(Access::Write)?;
-        let p = self.find_policy(r)?;
-        let ids = req.volumes.iter().map(|v| Ok(self.live_volume(v)?.id)).collect::<Result<Vec<_>>>()?;
+    pub fn remove_policy(&self, caller: &Caller, r: &str, mut req: PolicyVolumes) -> Result<PolicyView> {
+        caller.may(Access::Manage)?;
+        req.groups = req.groups.iter().map(|g| caller.qualify(g)).collect();
+        let p = self.find_policy(caller, r)?;
+        let ids = req.volumes.iter().map(|v| Ok(self.live_volume(caller, v)?.id)).collect::<Result<Vec<_>>>()?;
         let mut st = self.lifecycle.lock();
         let keys: Vec<String> = ids.iter().cloned().chain(req.groups.iter().map(|g| group_book(g))).collect();
         if let Some(q) = st.policies.get_mut(&p.id) {
@@ -273,19 +277,19 @@ impl Service {
 
     pub fn policy_history(&self, caller: &Caller, r: &str, volume: Option<&str>) -> Result<Vec<HistoryEntry>> {
         caller.may(Access::Read)?;
-        let p = self.find_policy(r)?;
-        let volume = volume.map(|v| self.engine.volume(v).map(|i| i.name)).transpose()?;
+        let p = self.find_policy(caller, r)?;
+        let volume = volume.map(|v| self.live_volume(caller, v).map(|i| i.name)).transpose()?;
         let st = self.lifecycle.lock();
         let all = st.history.get(&p.id).map(|h| h.iter().cloned().collect::<Vec<_>>()).unwrap_or_default();
         Ok(all.into_iter().filter(|e| volume.as_ref().is_none_or(|v| &e.volume == v)).collect())
     }
 
     /// The volumes a request names (one, which must carry the policy), or all of the policy's.
-    fn policy_volumes(&self, p: &Policy, volume: Option<&str>) -> Result<Vec<String>> {
+    fn policy_volumes(&self, caller: &Caller, p: &Policy, volume: Option<&str>) -> Result<Vec<String>> {
         match volume {
             None => Ok(p.volumes.clone()),
             Some(v) => {
-                let info = self.live_volume(v)?;
+                let info = self.live_volume(caller, v)?;
                 if !p.volumes.contains(&info.id) {
                     return Err(Error::Invalid(format!(
                         "policy '{}' is not applied to volume '{}'; apply it with: snapblk policy apply {} {}",
@@ -305,10 +309,10 @@ impl Service {
         r: &str,
         req: PolicyTarget,
     ) -> Result<Vec<HistoryEntry>> {
-        caller.may(Access::Write)?;
-        let p = self.find_policy(r)?;
+        caller.may(Access::Snapshot)?;
+        let p = self.find_policy(caller, r)?;
         let mut done = Vec::new();
-        for v in self.policy_volumes(&p, req.volume.as_deref())? {
+        for v in self.policy_volumes(caller, &p, req.volume.as_deref())? {
             if !self.running.begin(&p.id, &v, false) {
                 return Err(Error::Engine(crate::engine::EngineError::Busy(format!(
                     "a tick of policy '{}' is running on this volume; see: snapblk policy history {}",
@@ -325,10 +329,10 @@ impl Service {
     /// `policy prune`: what retention keeps and removes of the policy's snapshots now; with
     /// `dry_run` nothing is deleted.
     pub async fn prune_policy(&self, caller: &Caller, r: &str, req: PolicyTarget) -> Result<Vec<PruneView>> {
-        caller.may(Access::Write)?;
-        let p = self.find_policy(r)?;
+        caller.may(if req.dry_run { Access::Read } else { Access::Delete })?;
+        let p = self.find_policy(caller, r)?;
         let mut out = Vec::new();
-        for v in self.policy_volumes(&p, req.volume.as_deref())? {
+        for v in self.policy_volumes(caller, &p, req.volume.as_deref())? {
             let (verdicts, _) = self.retention_verdicts(&p, &v)?;
             if !req.dry_run {
                 self.prune(&p, &v).await?;

@@ -107,7 +107,7 @@ impl Service {
 
     pub fn volume_quota(&self, caller: &Caller, r: &str) -> Result<QuotaView> {
         caller.may(Access::Read)?;
-        let info = self.live_volume(r)?;
+        let info = self.live_volume(caller, r)?;
         let counted = self.counted(&info);
         let creating = self.creating.0.lock().get(&info.id).copied().unwrap_or(0);
         Ok(QuotaView {

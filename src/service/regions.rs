@@ -37,7 +37,9 @@ impl Service {
     /// The snapshots stored in a region, by any node.
     pub async fn region_snapshots(&self, caller: &Caller, name: &str) -> Result<Vec<RegionSnapshot>> {
         caller.may(Access::Read)?;
-        Ok(self.store.region_snapshots(name).await?)
+        let mut all = self.store.region_snapshots(name).await?;
+        all.retain(|s| caller.sees(&s.volume));
+        Ok(all)
     }
 
     /// Deletes the packs no snapshot in the region references (older than the grace period).

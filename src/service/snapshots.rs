@@ -130,7 +130,7 @@ impl Service {
 
     /// Takes a snapshot of volume `r` by hand; its upload starts in the background.
     pub async fn create_snapshot(&self, caller: &Caller, r: &str, req: CreateSnapshot) -> Result<SnapshotView> {
-        caller.may(Access::Write)?;
+        caller.may(Access::Snapshot)?;
         self.take_snapshot(caller, r, req, Taker::Hand).await
     }
 
@@ -142,7 +142,7 @@ impl Service {
         req: CreateSnapshot,
         taker: Taker,
     ) -> Result<SnapshotView> {
-        let volume = self.live_volume(r)?;
+        let volume = self.live_volume(caller, r)?;
         let _task = self.snapshot_allowed(&volume, taker).await?;
         let name = req.name.clone();
         let created = if req.durable {
@@ -188,20 +188,20 @@ impl Service {
     /// The snapshots of volume `volume`, or of every volume (not those in the recycle bin).
     pub fn list_snapshots(&self, caller: &Caller, volume: Option<&str>) -> Result<Vec<SnapshotView>> {
         caller.may(Access::Read)?;
-        let volume_id = volume.map(|v| self.engine.volume(v).map(|i| i.id)).transpose()?;
+        let volume_id = volume.map(|v| self.live_volume(caller, v).map(|i| i.id)).transpose()?;
         let marks = self.marks(volume_id.as_deref());
         Ok(self
             .engine
-            .list_snapshots(volume)?
+            .list_snapshots(volume_id.as_deref())?
             .into_iter()
-            .filter(|s| !marks.binned.contains(&s.id))
+            .filter(|s| !marks.binned.contains(&s.id) && caller.sees(&s.volume))
             .map(|s| self.snapshot_view_with(s, &marks))
             .collect())
     }
 
     pub fn snapshot(&self, caller: &Caller, r: &str) -> Result<SnapshotView> {
         caller.may(Access::Read)?;
-        Ok(self.snapshot_view(self.live_snapshot(r)?))
+        Ok(self.snapshot_view(self.live_snapshot(caller, r)?))
     }
 
     /// Deletes a snapshot — every delete, by hand or by retention, comes here. A held one is
@@ -213,8 +213,8 @@ impl Service {
     /// Deletes a snapshot; a member of a group snapshot only with `force`, which leaves the
     /// group snapshot degraded.
     pub async fn delete_snapshot_forced(&self, caller: &Caller, r: &str, force: bool) -> Result<()> {
-        caller.may(Access::Write)?;
-        let snap = self.live_snapshot(r)?;
+        caller.may(Access::Delete)?;
+        let snap = self.live_snapshot(caller, r)?;
         // Refused up front while other nodes load from it, so the user hears of it; when the
         // store cannot be asked now, the delete goes on (its store copy waits for holds anyway).
         // Retention and quotas delete on: their store copies wait the same way.
@@ -242,7 +242,7 @@ impl Service {
 
     /// Deletes a snapshot, whatever group snapshot it belongs to (the caller sees to that).
     pub(super) async fn delete_member_snapshot(&self, caller: &Caller, r: &str) -> Result<()> {
-        let snap = self.live_snapshot(r)?;
+        let snap = self.live_snapshot(caller, r)?;
         self.check_not_held(&snap.id, &format!("{}@{}", snap.volume, snap.name))?;
         let by_retention = matches!(caller, Caller::Daemon("retention" | "quota"));
         let to_bin = self.to_bin(caller, &snap, by_retention)?;
@@ -282,9 +282,10 @@ impl Service {
     /// refused, or with `force` detached first, so the kernel's page cache of the old content
     /// goes away with the device.
     pub async fn rollback(&self, caller: &Caller, r: &str, req: Rollback) -> Result<VolumeView> {
-        caller.may(Access::Write)?;
-        let volume_id = self.live_snapshot(r)?.volume_id;
-        self.live_volume(&volume_id).map_err(|_| {
+        caller.may(Access::Delete)?;
+        let snap = self.live_snapshot(caller, r)?;
+        let volume_id = snap.volume_id;
+        self.live_volume(caller, &volume_id).map_err(|_| {
             Error::Invalid(format!("the volume of snapshot '{r}' was deleted: clone the snapshot to a new volume instead (snapblk volume clone {r} NAME)"))
         })?;
         let (a, force) = (self.attachments.clone(), req.force);
@@ -292,8 +293,9 @@ impl Service {
             tracing::warn!(volume = gone.volume, device = %gone.device.display(), "detached for a forced rollback");
         }
         let info = self
-            .released_or_not(r, |region| async move {
-                self.engine.rollback(r, force, region.as_deref()).await.map_err(Error::from)
+            .released_or_not(&snap.id, |region| {
+                let id = &snap.id;
+                async move { self.engine.rollback(id, force, region.as_deref()).await.map_err(Error::from) }
             })
             .await?;
         self.volume_loading(&info);
@@ -302,33 +304,34 @@ impl Service {
 
     /// A new volume with the snapshot's content (`volume clone`).
     pub async fn clone_snapshot(&self, caller: &Caller, r: &str, req: CloneSnapshot) -> Result<VolumeView> {
-        caller.may(Access::Write)?;
-        self.live_snapshot(r)?;
-        self.create_from_snapshot(&req.name, r, None).await
+        caller.may(Access::Restore)?;
+        let name = self.new_name(caller, "volume", &req.name)?;
+        let snap = self.live_snapshot(caller, r)?;
+        self.create_from_snapshot(caller, &name, &snap.id, None).await
     }
 
     /// Uploads a snapshot never uploaded (automatic upload off, or taken before), or queues a
     /// failed upload again. Nothing to do when uploaded or uploading.
     pub fn upload_snapshot(&self, caller: &Caller, r: &str) -> Result<SnapshotView> {
-        caller.may(Access::Write)?;
-        let snap = self.live_snapshot(r)?;
+        caller.may(Access::Snapshot)?;
+        let snap = self.live_snapshot(caller, r)?;
         self.store.upload(&snap)?;
         Ok(self.snapshot_view(snap))
     }
 
     /// Re-reads everything the snapshot needs from the store and checks it, as a job.
-    pub fn verify_snapshot(&self, caller: &Caller, r: &str, region: Option<String>) -> Result<JobView> {
+    pub async fn verify_snapshot(&self, caller: &Caller, r: &str, region: Option<String>) -> Result<JobView> {
         caller.may(Access::Read)?;
-        self.not_binned(r)?;
-        let (store, r2) = (self.store.clone(), r.to_string());
+        let r2 = self.store_ref(caller, r, region.as_deref()).await?;
+        let store = self.store.clone();
         Ok(self.jobs.spawn("verify", r, move |job| async move { store.verify(&r2, region.as_deref(), &job).await }))
     }
 
     /// Writes the snapshot's content to a file of this machine, reading only from the store,
-    /// as a job.
-    pub fn export_snapshot(&self, caller: &Caller, r: &str, req: ExportRequest) -> Result<JobView> {
-        caller.may(Access::Read)?;
-        self.not_binned(r)?;
+    /// as a job. (Files of the daemon's machine: administrators only.)
+    pub async fn export_snapshot(&self, caller: &Caller, r: &str, req: ExportRequest) -> Result<JobView> {
+        caller.may(Access::Admin)?;
+        let r = &self.store_ref(caller, r, req.region.as_deref()).await?;
         if !req.output.is_absolute() {
             return Err(Error::Invalid(format!("export output '{}' must be an absolute path", req.output.display())));
         }
@@ -338,13 +341,24 @@ impl Service {
         }))
     }
 
-    /// Refuses a snapshot of this node that is in the recycle bin (ids of snapshots only in a
-    /// region pass: the store looks them up).
-    fn not_binned(&self, r: &str) -> Result<()> {
-        match self.engine.snapshot(r) {
-            Ok(s) => self.live_snapshot(&s.id).map(|_| ()),
-            Err(_) => Ok(()),
+    /// A snapshot reference for the store's lookups: a snapshot of this node is the caller's
+    /// and not in the recycle bin (its id is returned); one only in a region, named by id,
+    /// is the caller's account's (by the volume its manifest names); `VOLUME@SNAPSHOT` names
+    /// only the caller's volumes.
+    async fn store_ref(&self, caller: &Caller, r: &str, region: Option<&str>) -> Result<String> {
+        let q = caller.qualify_ref(r);
+        if self.engine.snapshot(&q).is_ok() {
+            return Ok(self.live_snapshot(caller, r)?.id);
         }
+        if crate::engine::parse_snapshot_id(r).is_some() && !matches!(caller, Caller::Local | Caller::Daemon(_)) {
+            let (_, m) = self.store.find_remote(r, region).await?;
+            if !caller.sees(&m.volume_name) {
+                return Err(Error::NotFound(format!(
+                    "no snapshot {r} in the configured regions; list them with: snapblk snapshot list --region REGION"
+                )));
+            }
+        }
+        Ok(q)
     }
 
     /// Runs an operation on snapshot `r` with the region it loads from if released. Once more

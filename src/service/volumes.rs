@@ -41,6 +41,24 @@ pub struct VolumeView {
 }
 
 impl Service {
+    /// A new resource's name as stored: validated, and prefixed with the caller's account
+    /// (administrators may name another existing account's, `ACCOUNT/NAME`).
+    pub(super) fn new_name(&self, caller: &Caller, what: &str, name: &str) -> Result<String> {
+        match name.split_once('/') {
+            Some((account, _)) => {
+                crate::engine::validate_owned_name(what, name)?;
+                if !caller.sees_account(account) || !self.accounts.exists(account) {
+                    return Err(Error::NotFound(format!("no account named '{account}'; list them with: snapblk account list")));
+                }
+                Ok(name.to_string())
+            }
+            None => {
+                crate::engine::validate_name(what, name)?;
+                Ok(caller.qualify(name))
+            }
+        }
+    }
+
     pub(super) fn volume_view(&self, mut info: VolumeInfo) -> VolumeView {
         // Snapshots in the recycle bin are not the volume's any more, for its users.
         let binned = self.lifecycle.lock().bin.values().filter(|b| b.volume_id == info.id).count() as u64;
@@ -61,27 +79,29 @@ impl Service {
             .engine
             .list_volumes()
             .into_iter()
-            .filter(|v| !deleted.contains(&v.id))
+            .filter(|v| !deleted.contains(&v.id) && caller.sees(&v.name))
             .map(|v| self.volume_view(v))
             .collect())
     }
 
     pub fn volume(&self, caller: &Caller, r: &str) -> Result<VolumeView> {
         caller.may(Access::Read)?;
-        Ok(self.volume_view(self.live_volume(r)?))
+        Ok(self.volume_view(self.live_volume(caller, r)?))
     }
 
     /// An empty volume of `size`, or (with `from_snapshot`) one with a snapshot's content.
-    pub async fn create_volume(&self, caller: &Caller, req: CreateVolume) -> Result<VolumeView> {
-        caller.may(Access::Write)?;
+    pub async fn create_volume(&self, caller: &Caller, mut req: CreateVolume) -> Result<VolumeView> {
+        req.name = self.new_name(caller, "volume", &req.name)?;
         if let Some(from) = &req.from_snapshot {
+            caller.may(Access::Restore)?;
             if req.size.is_some() || req.cluster_size.is_some() {
                 return Err(Error::Invalid(
                     "a volume created from a snapshot has the snapshot's size and cluster size: leave them out".into(),
                 ));
             }
-            return self.create_from_snapshot(&req.name, from, req.region.as_deref()).await;
+            return self.create_from_snapshot(caller, &req.name, from, req.region.as_deref()).await;
         }
+        caller.may(Access::Write)?;
         let Some(size) = req.size else {
             return Err(Error::Invalid("a new volume needs a size (or --from-snapshot)".into()));
         };
@@ -97,17 +117,17 @@ impl Service {
     /// data, or loading it from the store once released); a snapshot id that is not local is
     /// looked up in `region` (or every configured region) and the volume loads from there.
     /// Usable at once; data loads on demand and (unless disabled) in the background.
-    pub(super) async fn create_from_snapshot(&self, name: &str, r: &str, region: Option<&str>) -> Result<VolumeView> {
+    pub(super) async fn create_from_snapshot(&self, caller: &Caller, name: &str, r: &str, region: Option<&str>) -> Result<VolumeView> {
         if let Some(reg) = region {
             self.store.check_region(reg)?;
         }
-        let (info, home) = match self.live_snapshot(r) {
+        let (info, home) = match self.live_snapshot(caller, r) {
             Ok(snap) => {
                 // A clone keeps its origin volume's home region.
                 let home = self.store.volume_region(&snap.volume_id);
                 let info = self
-                    .released_or_not(r, |region| {
-                        let (e, r2, n2) = (self.engine.clone(), r.to_string(), name.to_string());
+                    .released_or_not(&snap.id, |region| {
+                        let (e, r2, n2) = (self.engine.clone(), snap.id.clone(), name.to_string());
                         blocking(move || e.clone_snapshot(&r2, &n2, region.as_deref()))
                     })
                     .await?;
@@ -118,13 +138,20 @@ impl Service {
             Err(Error::Engine(e))
                 if e.kind() == ErrorKind::NotFound
                     && (parse_snapshot_id(r).is_some()
-                        || r.split_once('@').is_some_and(|(v, _)| self.engine.volume(v).is_err())) =>
+                        || r.split_once('@').is_some_and(|(v, _)| self.engine.volume(&caller.qualify(v)).is_err())) =>
             {
                 let id = match parse_snapshot_id(r) {
                     Some(_) => r.to_string(),
-                    None => self.store.find_remote_by_name(r, region).await?,
+                    None => self.store.find_remote_by_name(&caller.qualify_ref(r), region).await?,
                 };
-                let (region, _) = self.store.find_remote(&id, region).await?;
+                let (region, m) = self.store.find_remote(&id, region).await?;
+                // Another account's snapshot in a shared region is missing, for this caller.
+                if !caller.sees(&m.volume_name) {
+                    let names = region.name.clone();
+                    return Err(Error::Store(crate::store::StoreError::NotFound(format!(
+                        "no snapshot {id} in region(s) {names}; list them with: snapblk snapshot list --region REGION"
+                    ))));
+                }
                 // Held in the region before the volume exists: its owner cannot delete it now.
                 let m = self.store.hold_for_load(&region.name, &id, &format!("volume {name} loads from it")).await?;
                 let source =
@@ -161,8 +188,8 @@ impl Service {
     /// volume that still has snapshots (kept, or in the recycle bin) is deleted for its users
     /// at once and for good once its last snapshot goes (see `bin.rs`).
     pub async fn delete_volume(&self, caller: &Caller, r: &str) -> Result<()> {
-        caller.may(Access::Write)?;
-        let info = self.live_volume(r)?;
+        caller.may(Access::Delete)?;
+        let info = self.live_volume(caller, r)?;
         self.attachments.before_delete(&info.id)?;
         if info.writers > 0 {
             return Err(Error::Engine(EngineError::Busy(format!(
@@ -222,29 +249,30 @@ impl Service {
 
     /// Starts (or resumes) loading all of a volume's data from the store.
     pub fn hydrate_volume(&self, caller: &Caller, r: &str) -> Result<VolumeView> {
-        caller.may(Access::Write)?;
-        let info = self.live_volume(r)?;
+        caller.may(Access::Restore)?;
+        let info = self.live_volume(caller, r)?;
         if let Some(id) = parse_volume_id(&info.id) {
             self.store.hydration.start(id);
         }
         Ok(self.volume_view(info))
     }
 
+    /// Kernel devices are the daemon machine's: administrators only.
     pub async fn attach(&self, caller: &Caller, r: &str, req: AttachRequest) -> Result<Attachment> {
-        caller.may(Access::Write)?;
-        self.live_volume(r)?;
+        caller.may(Access::Admin)?;
+        self.live_volume(caller, r)?;
         let (a, r) = (self.attachments.clone(), r.to_string());
         blocking(move || a.attach(&r, &req)).await
     }
 
     pub async fn detach(&self, caller: &Caller, r: &str) -> Result<Attachment> {
-        caller.may(Access::Write)?;
+        caller.may(Access::Admin)?;
         let (a, r) = (self.attachments.clone(), r.to_string());
         blocking(move || a.detach(&r)).await
     }
 
     pub fn attachments(&self, caller: &Caller) -> Result<Vec<Attachment>> {
-        caller.may(Access::Read)?;
+        caller.may(Access::Admin)?;
         Ok(self.attachments.list())
     }
 }

@@ -2,6 +2,7 @@
 //! operations layer ([`crate::service`]) → answer; its errors map to HTTP status in one place
 //! ([`status_of`]). Routes are grouped per resource, one file each.
 
+mod accounts;
 mod groups;
 mod lifecycle;
 mod policies;
@@ -45,7 +46,8 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
         ErrorKind::AlreadyExists | ErrorKind::Busy | ErrorKind::NotLocal | ErrorKind::Quota => StatusCode::CONFLICT,
         ErrorKind::Throttled => StatusCode::TOO_MANY_REQUESTS,
         ErrorKind::Invalid => StatusCode::BAD_REQUEST,
-        ErrorKind::ReadOnly => StatusCode::FORBIDDEN,
+        ErrorKind::ReadOnly | ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+        ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
         ErrorKind::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
         ErrorKind::Gone => StatusCode::GONE,
         ErrorKind::Io | ErrorKind::Corrupt => StatusCode::INTERNAL_SERVER_ERROR,
@@ -72,7 +74,12 @@ impl From<JsonRejection> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let unauthenticated = self.status == StatusCode::UNAUTHORIZED;
         let mut res = (self.status, Json(self.body)).into_response();
+        if unauthenticated {
+            res.headers_mut()
+                .insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+        }
         if let Some(secs) = self.retry_after {
             res.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(secs.max(1)));
         }
@@ -103,13 +110,32 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
     }
 }
 
-/// Who is calling: every client of the control socket is [`Caller::Local`] (the socket is
-/// the daemon user's, or its `--socket-group`'s); accounts will authenticate callers here.
-impl<S: Send + Sync> FromRequestParts<S> for Caller {
+/// Set on requests that came over the HTTPS listener (`serve --api-listen`): their callers
+/// prove who they are with a bearer token. Requests of the control socket carry none: its
+/// callers are the daemon's user or its `--socket-group`, administrators.
+#[derive(Debug, Clone, Copy)]
+pub struct OverHttps;
+
+/// Who is calling: [`Caller::Local`] on the control socket; on HTTPS, the account and role
+/// of the request's bearer token (`Authorization: Bearer sbk_…`), checked on every request.
+impl FromRequestParts<Arc<Service>> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(_parts: &mut Parts, _state: &S) -> Result<Caller, ApiError> {
-        Ok(Caller::Local)
+    async fn from_request_parts(parts: &mut Parts, service: &Arc<Service>) -> Result<Caller, ApiError> {
+        if parts.extensions.get::<OverHttps>().is_none() {
+            return Ok(Caller::Local);
+        }
+        let bearer = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                ApiError::from(Error::Unauthenticated(
+                    "this API needs a token: send 'Authorization: Bearer TOKEN' (the CLI: --token-file FILE)".into(),
+                ))
+            })?;
+        Ok(service.authenticate(bearer.trim())?)
     }
 }
 
@@ -212,6 +238,7 @@ fn routes() -> Routes {
         .get("/v1/status", "The daemon: version, sockets, upload setting, pending store deletes", status)
         .get("/v1/jobs/{id}", "A job's state and progress (verify, export, gc)", show_job)
         .get("/v1/openapi.json", "This document", openapi_doc);
+    let r = accounts::routes(r);
     let r = volumes::routes(r);
     let r = snapshots::routes(r);
     let r = regions::routes(r);

@@ -104,7 +104,7 @@ async fn verify(
     Path(r): Path<String>,
     Query(q): Query<RegionQuery>,
 ) -> ApiResult<(StatusCode, Json<JobView>)> {
-    Ok((StatusCode::ACCEPTED, Json(s.verify_snapshot(&caller, &r, q.region)?)))
+    Ok((StatusCode::ACCEPTED, Json(s.verify_snapshot(&caller, &r, q.region).await?)))
 }
 
 async fn export(
@@ -114,7 +114,7 @@ async fn export(
     body: Body<ExportRequest>,
 ) -> ApiResult<(StatusCode, Json<JobView>)> {
     let Object(req) = body?;
-    Ok((StatusCode::ACCEPTED, Json(s.export_snapshot(&caller, &r, req)?)))
+    Ok((StatusCode::ACCEPTED, Json(s.export_snapshot(&caller, &r, req).await?)))
 }
 
 async fn hold(

@@ -36,6 +36,17 @@ pub struct Cli {
     /// Print machine-readable JSON
     #[arg(long, global = true)]
     pub json: bool,
+    /// Talk to a daemon's HTTPS API (https://HOST:PORT, its serve --api-listen) instead of
+    /// the control socket of --dir; needs --token-file
+    #[arg(long, global = true, env = "SNAPBLK_API", value_name = "URL")]
+    pub api: Option<String>,
+    /// The file holding the API token (snapblk token create), for --api
+    #[arg(long, global = true, env = "SNAPBLK_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// CA certificate(s) (PEM) to check the API server's certificate with, for --api.
+    /// Default: the system's trusted roots
+    #[arg(long, global = true, env = "SNAPBLK_API_CA", value_name = "FILE")]
+    pub api_ca: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -113,6 +124,17 @@ pub struct ServeArgs {
     /// GROUP (mode 0660) and DIR group-searchable (0710). Default: the daemon's user only
     #[arg(long, value_name = "GROUP")]
     pub socket_group: Option<String>,
+    /// Also serve the control API over HTTPS on this address (e.g. 127.0.0.1:8443 or
+    /// 0.0.0.0:8443), for callers with an API token (snapblk token create). Needs --tls-cert
+    /// and --tls-key. Default: off, the control socket DIR/control.sock only
+    #[arg(long, value_name = "HOST:PORT")]
+    pub api_listen: Option<String>,
+    /// The server's TLS certificate chain (PEM)
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The TLS certificate's private key (PEM; keep it mode 0600)
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Reports a failed command and exits with its class's code: `error: SENTENCE` on stderr, or
@@ -288,8 +310,7 @@ impl Printed {
 }
 
 /// Runs a client command against the daemon in `dir` and prints its result.
-pub async fn run(dir: &std::path::Path, json: bool, command: Command) -> Result<(), ClientError> {
-    let c = Client::new(dir);
+pub async fn run(c: Client, json: bool, command: Command) -> Result<(), ClientError> {
     let printed = match command {
         Command::Serve(_) => return Err(ClientError::Usage("serve is not a client command".into())),
         Command::Status => {
