@@ -59,7 +59,7 @@ pub fn nbd_tls_mode(asked: Option<NbdTlsMode>, files: &TlsFiles<'_>) -> anyhow::
 }
 
 /// The NBD server's TLS setting: the mode with an acceptor built from the files (read and
-/// checked here, at startup).
+/// checked here, at startup, whatever the mode).
 pub fn nbd_tls(mode: NbdTlsMode, files: &TlsFiles<'_>) -> anyhow::Result<Tls> {
     let acceptor = || -> anyhow::Result<TlsAcceptor> {
         match (files.cert, files.key) {
@@ -68,6 +68,11 @@ pub fn nbd_tls(mode: NbdTlsMode, files: &TlsFiles<'_>) -> anyhow::Result<Tls> {
         }
     };
     Ok(match mode {
+        // Files given are checked all the same: a bad one fails the start, not a later use.
+        NbdTlsMode::Off if files.cert.is_some() => {
+            acceptor()?;
+            Tls::Off
+        }
         NbdTlsMode::Off => Tls::Off,
         NbdTlsMode::On => Tls::On(acceptor()?),
         NbdTlsMode::Require => Tls::Require(acceptor()?),
@@ -192,5 +197,9 @@ mod tests {
         assert!(e.contains("--tls-cert") && e.contains("missing.pem") && e.contains("cannot read"), "{e}");
         let e = server_config(&junk, &junk, None).unwrap_err().to_string();
         assert!(e.contains("--tls-cert") && e.contains("junk.pem") && e.contains("no certificate"), "{e}");
+        // Checked with NBD TLS off too.
+        let files = TlsFiles { cert: Some(&junk), key: Some(&junk), ca: None };
+        let e = nbd_tls(NbdTlsMode::Off, &files).unwrap_err().to_string();
+        assert!(e.contains("junk.pem"), "{e}");
     }
 }
