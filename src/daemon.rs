@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use nix::fcntl::{Flock, FlockArg};
-use snapblk_nbd::{serve_connection, ServerConfig};
+use snapblk_nbd::{serve_connection, ServerConfig, Tls};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -24,6 +24,7 @@ use crate::engine::{Engine, ErrorKind};
 use crate::frontend::{widen_send_buffer, NbdCatalog};
 use crate::service::{Service, Status};
 use crate::store::StoreService;
+use crate::tls::{nbd_tls, nbd_tls_mode, NbdTlsMode, TlsFiles};
 use crate::units::{parse_duration, parse_size};
 
 /// At most one warning about refused NBD connections per this interval.
@@ -136,13 +137,8 @@ fn listen_address(
     flag: &str,
     listen: Option<&str>,
     example_port: u16,
-    refusal: impl Fn(&str) -> String,
+    refusal: Option<&dyn Fn(&str) -> String>,
 ) -> anyhow::Result<Option<Listen>> {
-    parse_listen(flag, listen, example_port)?.map(|l| loopback_only(l, refusal)).transpose()
-}
-
-/// `--FLAG HOST:PORT` resolved; `None` when absent or `none`.
-fn parse_listen(flag: &str, listen: Option<&str>, example_port: u16) -> anyhow::Result<Option<Listen>> {
     let Some(listen) = listen.map(str::trim).filter(|a| *a != "none") else {
         return Ok(None);
     };
@@ -165,7 +161,11 @@ fn parse_listen(flag: &str, listen: Option<&str>, example_port: u16) -> anyhow::
             "{flag} {listen}: '{host}' resolves to no address; give a loopback address, e.g. 127.0.0.1:{example_port}"
         );
     }
-    Ok(Some(Listen { arg: listen.to_string(), addrs }))
+    let listen = Listen { arg: listen.to_string(), addrs };
+    match refusal {
+        Some(refusal) => loopback_only(listen, refusal).map(Some),
+        None => Ok(Some(listen)),
+    }
 }
 
 /// The addresses, if all are loopback; else `refusal` of the argument (and of the address it
@@ -179,31 +179,39 @@ fn loopback_only(listen: Listen, refusal: impl Fn(&str) -> String) -> anyhow::Re
     Ok(listen)
 }
 
-/// The TCP address to serve NBD on (`--nbd-listen`), if any: loopback addresses only. NBD is
-/// served without TLS or authentication, so anyone who can connect can read and write every
-/// volume; on loopback that is this machine's users (and SSH tunnels), as with the unix socket.
-fn nbd_tcp_address(listen: Option<&str>, dir: &Path) -> anyhow::Result<Option<Listen>> {
-    listen_address("--nbd-listen", listen, 10809, |asked| {
+/// The TCP address to serve NBD on (`--nbd-listen`), if any. Without TLS required, loopback
+/// addresses only: anyone who can connect could read and write every volume, which on
+/// loopback means this machine's users (and SSH tunnels), as with the unix socket. With TLS
+/// required (`tls_required`), any address: every client goes through the TLS handshake.
+fn nbd_tcp_address(listen: Option<&str>, dir: &Path, tls_required: bool) -> anyhow::Result<Option<Listen>> {
+    if tls_required {
+        return listen_address("--nbd-listen", listen, 10809, None);
+    }
+    let refusal = |asked: &str| {
         format!(
-            "refusing --nbd-listen {asked}: NBD is served without TLS or authentication yet, so a listener on a \
-             non-loopback address would give every host that can reach it full read/write access to every volume; \
-             use the unix socket {}, or a loopback address (127.0.0.1:PORT) reached through an SSH tunnel",
+            "refusing --nbd-listen {asked}: without TLS required, NBD on a non-loopback address would give every \
+             host that can reach it full read/write access to every volume; configure TLS with --tls-cert FILE \
+             --tls-key FILE (and --tls-ca FILE for client certificates) and --nbd-tls require (the default with \
+             a certificate), or use the unix socket {}, or a loopback address (127.0.0.1:PORT) reached through an \
+             SSH tunnel",
             dir.join("nbd.sock").display()
         )
-    })
+    };
+    listen_address("--nbd-listen", listen, 10809, Some(&refusal))
 }
 
 /// The address to serve metrics on (`--metrics-listen`), if any: loopback addresses only, for
 /// the same reason as NBD: the endpoint has no TLS or authentication, and it names every
 /// volume, snapshot and policy and shows how busy each is.
 fn metrics_address(listen: Option<&str>) -> anyhow::Result<Option<Listen>> {
-    listen_address("--metrics-listen", listen, 9100, |asked| {
+    let refusal = |asked: &str| {
         format!(
             "refusing --metrics-listen {asked}: the metrics endpoint is served without TLS or authentication and \
              names every volume, snapshot and policy, so it listens on loopback addresses only; use one \
              (e.g. 127.0.0.1:9100) and scrape it from this machine or through an SSH tunnel"
         )
-    })
+    };
+    listen_address("--metrics-listen", listen, 9100, Some(&refusal))
 }
 
 /// Binds a TCP listener on the first of the addresses that works.
@@ -248,21 +256,25 @@ fn handshake_timeout(arg: &str) -> anyhow::Result<Duration> {
 
 pub fn serve(dir: &Path, args: &ServeArgs) -> anyhow::Result<()> {
     let default_volume = args.default_volume.as_deref().map(parse_default_volume).transpose()?;
-    let tcp = nbd_tcp_address(args.nbd_listen.as_deref(), dir)?;
+    let tls_files =
+        TlsFiles { cert: args.tls_cert.as_deref(), key: args.tls_key.as_deref(), ca: args.tls_ca.as_deref() };
+    let tls_mode = nbd_tls_mode(args.nbd_tls, &tls_files)?;
+    let tcp = nbd_tcp_address(args.nbd_listen.as_deref(), dir, tls_mode == NbdTlsMode::Require)?;
     let metrics = metrics_address(args.metrics_listen.as_deref())?;
-    let api = parse_listen("--api-listen", args.api_listen.as_deref(), 8443)?;
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(crate::control::https::server_config(cert, key)?),
-        (None, None) => None,
-        _ => bail!("--tls-cert and --tls-key go together: give both (the certificate and its private key, PEM)"),
-    };
-    if api.is_some() && tls.is_none() {
-        bail!(
+    // The HTTPS API: any address (TLS and a token on every request), never without TLS.
+    let api = listen_address("--api-listen", args.api_listen.as_deref(), 8443, None)?;
+    let api_tls = match (&api, tls_files.cert, tls_files.key) {
+        (None, _, _) => None,
+        (Some(_), Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key, None)?),
+        (Some(_), _, _) => bail!(
             "--api-listen serves the control API over HTTPS only (bearer tokens must not travel in clear): add --tls-cert FILE --tls-key FILE"
-        );
-    }
-    let config =
-        ServerConfig { handshake_timeout: handshake_timeout(&args.handshake_timeout)?, ..ServerConfig::default() };
+        ),
+    };
+    let config = ServerConfig {
+        handshake_timeout: handshake_timeout(&args.handshake_timeout)?,
+        tls: nbd_tls(tls_mode, &tls_files)?,
+        ..ServerConfig::default()
+    };
     let slots = Arc::new(ConnectionSlots::new(args.max_connections));
     let group = socket_group(args.socket_group.as_deref())?;
     // Everything that can fail without the directory fails before it is touched: a daemon
@@ -271,7 +283,7 @@ pub fn serve(dir: &Path, args: &ServeArgs) -> anyhow::Result<()> {
     let listeners = Listeners {
         nbd_tcp: tcp.map(|l| bind_tcp("--nbd-listen", &l)).transpose()?,
         metrics: metrics.map(|l| bind_tcp("--metrics-listen", &l)).transpose()?,
-        api: match (api, tls) {
+        api: match (api, api_tls) {
             (Some(l), Some(tls)) => Some((bind_tcp("--api-listen", &l)?, tls)),
             _ => None,
         },
@@ -435,7 +447,12 @@ async fn run(
     };
     let stop_control = serve_control(control, app)?;
 
-    let tcp_note = tcp.map_or(String::new(), |a| format!(", {a}"));
+    let tls_note = match &config.tls {
+        Tls::Off => "",
+        Tls::On(_) => ", TLS on",
+        Tls::Require(_) => ", TLS required",
+    };
+    let tcp_note = tcp.map_or(String::new(), |a| format!(", {a}")) + tls_note;
     crate::logging::say(format_args!(
         "snapblk: serving {} (nbd: {}{tcp_note}; control: {}{metrics_note}{api_note})",
         dir.display(),
@@ -594,35 +611,62 @@ mod tests {
     }
 
     #[test]
-    fn nbd_tcp_is_off_by_default_and_loopback_only() {
+    fn nbd_tcp_is_off_by_default_and_loopback_only_without_tls_required() {
         let dir = Path::new("/srv/d");
-        assert_eq!(addrs(nbd_tcp_address(None, dir)), None);
-        assert_eq!(addrs(nbd_tcp_address(Some("none"), dir)), None);
+        for tls in [false, true] {
+            assert_eq!(addrs(nbd_tcp_address(None, dir, tls)), None);
+            assert_eq!(addrs(nbd_tcp_address(Some("none"), dir, tls)), None);
+        }
         for (arg, want) in
             [("127.0.0.1:10809", "127.0.0.1:10809"), ("127.1.2.3:0", "127.1.2.3:0"), ("[::1]:10809", "[::1]:10809")]
         {
-            assert_eq!(addrs(nbd_tcp_address(Some(arg), dir)), Some(vec![want.parse().unwrap()]), "{arg}");
+            assert_eq!(addrs(nbd_tcp_address(Some(arg), dir, false)), Some(vec![want.parse().unwrap()]), "{arg}");
         }
         for arg in ["0.0.0.0:10809", "[::]:10809", "10.0.0.5:10809", "[::ffff:10.0.0.5]:10809"] {
-            let e = nbd_tcp_address(Some(arg), dir).unwrap_err().to_string();
+            let e = nbd_tcp_address(Some(arg), dir, false).unwrap_err().to_string();
             assert!(
-                e.contains(arg) && e.contains("TLS") && e.contains("/srv/d/nbd.sock") && !e.contains('\n'),
+                e.contains(arg)
+                    && e.contains("--tls-cert FILE --tls-key FILE")
+                    && e.contains("--nbd-tls require")
+                    && e.contains("/srv/d/nbd.sock")
+                    && !e.contains('\n'),
                 "{arg}: {e}"
             );
+            // With TLS required, any address is accepted (not bound here).
+            assert_eq!(addrs(nbd_tcp_address(Some(arg), dir, true)), Some(vec![arg.parse().unwrap()]), "{arg}");
         }
         for arg in ["10809", "127.0.0.1", ":10809", "localhost:port", "localhost:70000"] {
-            let e = nbd_tcp_address(Some(arg), dir).unwrap_err().to_string();
-            assert!(e.contains("--nbd-listen takes HOST:PORT, e.g. 127.0.0.1:10809"), "{arg}: {e}");
+            for tls in [false, true] {
+                let e = nbd_tcp_address(Some(arg), dir, tls).unwrap_err().to_string();
+                assert!(e.contains("--nbd-listen takes HOST:PORT, e.g. 127.0.0.1:10809"), "{arg}: {e}");
+            }
         }
-        let e = nbd_tcp_address(Some("no-such-host.invalid:10809"), dir).unwrap_err().to_string();
+        let e = nbd_tcp_address(Some("no-such-host.invalid:10809"), dir, false).unwrap_err().to_string();
         assert!(e.contains("cannot resolve 'no-such-host.invalid'") && !e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn a_non_loopback_nbd_listen_follows_the_tls_mode_the_flags_give() {
+        // The decision `serve` makes: TLS required (the default with a certificate) allows it.
+        let dir = Path::new("/srv/d");
+        let p = Path::new("/etc/snapblk/cert.pem");
+        let with_cert = TlsFiles { cert: Some(p), key: Some(p), ca: None };
+        let allowed = |mode: Option<NbdTlsMode>, files: &TlsFiles<'_>| {
+            let required = nbd_tls_mode(mode, files).unwrap() == NbdTlsMode::Require;
+            nbd_tcp_address(Some("10.0.0.5:10809"), dir, required).is_ok()
+        };
+        assert!(allowed(None, &with_cert));
+        assert!(allowed(Some(NbdTlsMode::Require), &with_cert));
+        assert!(!allowed(Some(NbdTlsMode::On), &with_cert));
+        assert!(!allowed(Some(NbdTlsMode::Off), &with_cert));
+        assert!(!allowed(None, &TlsFiles::default()));
     }
 
     #[test]
     fn a_host_name_is_accepted_when_every_address_it_resolves_to_is_loopback() {
         let dir = Path::new("/srv/d");
         // Whatever this machine's resolver says localhost is, it is loopback only.
-        let resolved = addrs(nbd_tcp_address(Some("localhost:10812"), dir)).unwrap();
+        let resolved = addrs(nbd_tcp_address(Some("localhost:10812"), dir, false)).unwrap();
         assert!(!resolved.is_empty() && resolved.iter().all(|a| a.ip().is_loopback() && a.port() == 10812));
         let resolved = addrs(metrics_address(Some("localhost:9100"))).unwrap();
         assert!(!resolved.is_empty() && resolved.iter().all(|a| a.ip().is_loopback() && a.port() == 9100));

@@ -344,7 +344,9 @@ mod nbd {
     use std::sync::Arc;
 
     use parking_lot::Mutex;
-    use snapblk_nbd::{Export, ExportCatalog, ExportError, ExportInfo, Extent, ReadKind, ServerConfig, ZeroFlags};
+    use snapblk_nbd::{
+        Export, ExportCatalog, ExportError, ExportInfo, Extent, Peer, ReadKind, ServerConfig, ZeroFlags,
+    };
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Small enough that every request is cheap, large enough for several blocks.
@@ -427,12 +429,12 @@ mod nbd {
 
     impl ExportCatalog for Catalog {
         type Export = MemExport;
-        fn list(&self) -> Vec<(String, String)> {
+        fn list(&self, _peer: &Peer) -> Vec<(String, String)> {
             let mut v: Vec<_> = self.0.values().map(|m| (m.info.name.clone(), m.info.description.clone())).collect();
             v.sort();
             v
         }
-        fn open(&self, name: &str) -> Result<MemExport, String> {
+        fn open(&self, _peer: &Peer, name: &str) -> Result<MemExport, String> {
             self.0.get(name).map(|m| MemExport(m.clone())).ok_or_else(|| format!("no export '{name}'"))
         }
     }

@@ -23,4 +23,5 @@ pub mod policy;
 pub mod service;
 pub mod statelog;
 pub mod store;
+pub mod tls;
 pub mod units;

@@ -15,10 +15,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::export::{Export, ExportCatalog, ExportError, ReadKind, RequestKind, ZeroFlags};
+use crate::tls::{Peer, Tls, TlsAcceptor};
 use crate::wire::*;
 
 /// Per-connection limits.
@@ -37,6 +38,8 @@ pub struct ServerConfig {
     pub max_requests: usize,
     /// Time a client has, from connecting, to finish the handshake ([`serve_connection`]).
     pub handshake_timeout: Duration,
+    /// NBD_OPT_STARTTLS: off, on at the client's choice, or required.
+    pub tls: Tls,
 }
 
 impl Default for ServerConfig {
@@ -47,6 +50,7 @@ impl Default for ServerConfig {
             max_buffered: 64 << 20,
             max_requests: 256,
             handshake_timeout: Duration::from_secs(10),
+            tls: Tls::Off,
         }
     }
 }
@@ -63,6 +67,12 @@ pub enum NbdError {
     UnknownExport(String),
     #[error("client sent an oversized request ({0} bytes of payload); closing the connection")]
     Oversized(u64),
+    #[error("client asked for an export with NBD_OPT_EXPORT_NAME before starting TLS, which this server requires; closing the connection")]
+    TlsRequired,
+    #[error("client sent data after NBD_OPT_STARTTLS before the server's reply; closing the connection")]
+    DataAfterStartTls,
+    #[error("TLS handshake failed: {0}")]
+    TlsHandshake(std::io::Error),
     #[error("client did not finish the handshake within {0:?}; closing the connection")]
     HandshakeTimeout(Duration),
 }
@@ -113,23 +123,59 @@ struct Session<E> {
 }
 
 /// Serves one client connection until it disconnects, aborts, or its export is revoked.
+/// With TLS configured (`config.tls`), a client's NBD_OPT_STARTTLS upgrades the connection:
+/// the option haggling starts again over TLS, and the transmission phase runs over it.
 pub async fn serve_connection<S, C>(stream: S, catalog: Arc<C>, config: &ServerConfig) -> Result<(), NbdError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     C: ExportCatalog,
 {
-    let (rd, wr) = tokio::io::split(stream);
-    let mut rd = BufReader::with_capacity(WRITE_BUFFER, rd);
-    let mut wr = BufWriter::with_capacity(WRITE_BUFFER, wr);
-    // A client that connects and sends nothing (or stalls halfway) must not hold a
-    // connection slot for ever.
-    let negotiated = tokio::time::timeout(config.handshake_timeout, handshake(&mut rd, &mut wr, &*catalog))
-        .await
-        .map_err(|_| NbdError::HandshakeTimeout(config.handshake_timeout))?;
-    let Some(session) = negotiated? else {
-        return Ok(());
+    // A client that connects and sends nothing (or stalls halfway, TLS handshake included)
+    // must not hold a connection slot for ever: one deadline for the whole handshake.
+    let deadline = tokio::time::Instant::now() + config.handshake_timeout;
+    let timed_out = |_| NbdError::HandshakeTimeout(config.handshake_timeout);
+    let (mut rd, mut wr) = buffered(stream);
+    let plain = Peer::default();
+    let first = async {
+        let no_zeroes = greet(&mut rd, &mut wr).await?;
+        let step = negotiate(&mut rd, &mut wr, &*catalog, config, &plain, no_zeroes).await?;
+        Ok::<_, NbdError>((no_zeroes, step))
     };
-    transmission(rd, wr, session, config).await
+    let (no_zeroes, step) = tokio::time::timeout_at(deadline, first).await.map_err(timed_out)??;
+    let acceptor = match step {
+        Step::Session(session) => return transmission(rd, wr, session, config).await,
+        Step::Done => return Ok(()),
+        Step::StartTls(acceptor) => acceptor,
+    };
+    // The client must wait for the ACK before it starts the TLS handshake: bytes already read
+    // past the option are plaintext someone slipped in ahead of TLS.
+    if !rd.buffer().is_empty() {
+        return Err(NbdError::DataAfterStartTls);
+    }
+    let stream = rd.into_inner().unsplit(wr.into_inner());
+    let upgraded = async {
+        let tls = acceptor.accept(stream).await.map_err(NbdError::TlsHandshake)?;
+        let der = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.as_ref());
+        let peer = Peer::over_tls(der);
+        tracing::debug!(client = ?peer.client_names, "NBD connection upgraded to TLS");
+        let (mut rd, mut wr) = buffered(tls);
+        let step = negotiate(&mut rd, &mut wr, &*catalog, config, &peer, no_zeroes).await?;
+        Ok::<_, NbdError>((rd, wr, step))
+    };
+    let (rd, wr, step) = tokio::time::timeout_at(deadline, upgraded).await.map_err(timed_out)??;
+    match step {
+        Step::Session(session) => transmission(rd, wr, session, config).await,
+        // (StartTls cannot come twice: `negotiate` refuses it over TLS.)
+        Step::Done | Step::StartTls(_) => Ok(()),
+    }
+}
+
+type Buffered<S> = (BufReader<ReadHalf<S>>, BufWriter<WriteHalf<S>>);
+
+/// A stream split in buffered halves (the reader and the reply writer run apart).
+fn buffered<S: AsyncRead + AsyncWrite>(stream: S) -> Buffered<S> {
+    let (rd, wr) = tokio::io::split(stream);
+    (BufReader::with_capacity(WRITE_BUFFER, rd), BufWriter::with_capacity(WRITE_BUFFER, wr))
 }
 
 /// Serves the transmission phase only, on a stream whose client skipped the handshake: a
@@ -175,11 +221,21 @@ impl OptionReplies {
     }
 }
 
-async fn handshake<R, W, C>(rd: &mut R, wr: &mut W, catalog: &C) -> Result<Option<Session<C::Export>>, NbdError>
+/// How an option haggling ended.
+enum Step<E> {
+    /// The client chose an export: on to the transmission phase.
+    Session(Session<E>),
+    /// The client aborted (or the connection ends without an error).
+    Done,
+    /// NBD_OPT_STARTTLS was acknowledged: the TLS handshake comes next, then a new haggling.
+    StartTls(TlsAcceptor),
+}
+
+/// The greeting and the client's flags; returns whether the client asked for no zeroes.
+async fn greet<R, W>(rd: &mut R, wr: &mut W) -> Result<bool, NbdError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
-    C: ExportCatalog,
 {
     let mut greeting = Vec::with_capacity(18);
     greeting.extend_from_slice(&NBDMAGIC.to_be_bytes());
@@ -191,9 +247,27 @@ where
     if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
         return Err(NbdError::BadClientFlags(client_flags));
     }
-    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+    Ok(client_flags & CLIENT_NO_ZEROES != 0)
+}
 
-    let mut n = Negotiation { replies: OptionReplies { out: Vec::new() }, structured: false, selected: None };
+/// The option haggling, from the first option (or the first over TLS: no state carries over
+/// an upgrade, as the spec demands) to the option that ends it.
+async fn negotiate<R, W, C>(
+    rd: &mut R,
+    wr: &mut W,
+    catalog: &C,
+    config: &ServerConfig,
+    peer: &Peer,
+    no_zeroes: bool,
+) -> Result<Step<C::Export>, NbdError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    C: ExportCatalog,
+{
+    // Before TLS in require mode, every option but STARTTLS and ABORT is refused.
+    let tls_required = config.tls.required() && !peer.tls;
+    let mut n = Negotiation { replies: OptionReplies { out: Vec::new() }, structured: false, selected: None, peer };
     loop {
         let magic = rd.read_u64().await?;
         if magic != IHAVEOPT {
@@ -206,7 +280,11 @@ where
                 return Err(NbdError::Oversized(len as u64));
             }
             tokio::io::copy(&mut (&mut *rd).take(len as u64), &mut tokio::io::sink()).await?;
-            n.replies.error(option, REP_ERR_TOO_BIG, "option data too long");
+            if tls_required && option != OPT_STARTTLS && option != OPT_ABORT {
+                n.replies.error(option, REP_ERR_TLS_REQD, TLS_REQUIRED);
+            } else {
+                n.replies.error(option, REP_ERR_TOO_BIG, "option data too long");
+            }
             n.replies.send(wr).await?;
             continue;
         }
@@ -214,20 +292,33 @@ where
         rd.read_exact(&mut data).await?;
         tracing::debug!(option, len, "NBD option");
         let outcome = match option {
-            OPT_EXPORT_NAME => {
-                let (session, reply) = n.export_name(catalog, &data, no_zeroes)?;
-                wr.write_all(&reply).await?;
-                wr.flush().await?;
-                return Ok(Some(session));
-            }
-            OPT_INFO | OPT_GO => n.info_or_go(catalog, option, &data),
-            OPT_LIST => n.list(catalog, &data),
+            // NBD_OPT_EXPORT_NAME cannot be answered with an error: the spec says close.
+            OPT_EXPORT_NAME if tls_required => return Err(NbdError::TlsRequired),
+            OPT_STARTTLS => match n.start_tls(&config.tls, &data) {
+                Some(acceptor) => {
+                    n.replies.send(wr).await?;
+                    return Ok(Step::StartTls(acceptor));
+                }
+                None => None,
+            },
             OPT_ABORT => {
                 n.replies.reply(option, REP_ACK, &[]);
                 // The client may already have closed; that is fine.
                 let _ = n.replies.send(wr).await;
-                return Ok(None);
+                return Ok(Step::Done);
             }
+            _ if tls_required => {
+                n.replies.error(option, REP_ERR_TLS_REQD, TLS_REQUIRED);
+                None
+            }
+            OPT_EXPORT_NAME => {
+                let (session, reply) = n.export_name(catalog, &data, no_zeroes)?;
+                wr.write_all(&reply).await?;
+                wr.flush().await?;
+                return Ok(Step::Session(session));
+            }
+            OPT_INFO | OPT_GO => n.info_or_go(catalog, option, &data),
+            OPT_LIST => n.list(catalog, &data),
             OPT_STRUCTURED_REPLY => n.structured_reply(&data),
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => n.meta_context(catalog, option, &data),
             _ => {
@@ -236,22 +327,46 @@ where
             }
         };
         n.replies.send(wr).await?;
-        if outcome.is_some() {
-            return Ok(outcome);
+        if let Some(session) = outcome {
+            return Ok(Step::Session(session));
         }
     }
 }
 
+/// The message sent with NBD_REP_ERR_TLS_REQD.
+const TLS_REQUIRED: &str = "this server requires TLS: start it with NBD_OPT_STARTTLS first";
+
 /// The handshake's state between options; one method per option, each filling `replies`
 /// (sent after it) and returning the session when the option ends the handshake.
-struct Negotiation {
+struct Negotiation<'p> {
     replies: OptionReplies,
+    /// Who the client is (passed to the catalog).
+    peer: &'p Peer,
     structured: bool,
     /// Meta contexts selected by SET_META_CONTEXT, and the export name they were chosen for.
     selected: Option<(String, Vec<u32>)>,
 }
 
-impl Negotiation {
+impl Negotiation<'_> {
+    /// NBD_OPT_STARTTLS: the acceptor to upgrade with once the ACK is sent, or None (with an
+    /// error reply) when TLS is off or already on.
+    fn start_tls(&mut self, tls: &Tls, data: &[u8]) -> Option<TlsAcceptor> {
+        if !data.is_empty() {
+            self.replies.error(OPT_STARTTLS, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+            return None;
+        }
+        if self.peer.tls {
+            self.replies.error(OPT_STARTTLS, REP_ERR_INVALID, "TLS is already on");
+            return None;
+        }
+        let Some(acceptor) = tls.acceptor() else {
+            self.replies.error(OPT_STARTTLS, REP_ERR_POLICY, "this server is not configured for TLS");
+            return None;
+        };
+        self.replies.reply(OPT_STARTTLS, REP_ACK, &[]);
+        Some(acceptor.clone())
+    }
+
     /// NBD_OPT_EXPORT_NAME: the session and the raw reply (size, flags, zeroes). An unknown
     /// export cannot be reported with this option: the spec says close.
     fn export_name<C: ExportCatalog>(
@@ -261,7 +376,7 @@ impl Negotiation {
         no_zeroes: bool,
     ) -> Result<(Session<C::Export>, Vec<u8>), NbdError> {
         let name = String::from_utf8_lossy(data).into_owned();
-        let export = catalog.open(&name).map_err(|_| NbdError::UnknownExport(name.clone()))?;
+        let export = catalog.open(self.peer, &name).map_err(|_| NbdError::UnknownExport(name.clone()))?;
         let info = export.info();
         let mut out = Vec::with_capacity(10 + 124);
         out.extend_from_slice(&info.size.to_be_bytes());
@@ -279,7 +394,7 @@ impl Negotiation {
             self.replies.error(option, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO request");
             return None;
         };
-        let export = match catalog.open(req.name) {
+        let export = match catalog.open(self.peer, req.name) {
             Ok(e) => e,
             Err(msg) => {
                 self.replies.error(option, REP_ERR_UNKNOWN, &msg);
@@ -320,7 +435,7 @@ impl Negotiation {
             self.replies.error(OPT_LIST, REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
             return None;
         }
-        for (name, description) in catalog.list() {
+        for (name, description) in catalog.list(self.peer) {
             let mut d = (name.len() as u32).to_be_bytes().to_vec();
             d.extend_from_slice(name.as_bytes());
             d.extend_from_slice(description.as_bytes());
@@ -355,7 +470,7 @@ impl Negotiation {
             }
             Ok(req) => req,
         };
-        let export = match catalog.open(req.name) {
+        let export = match catalog.open(self.peer, req.name) {
             Ok(e) => e,
             Err(msg) => {
                 self.replies.error(option, REP_ERR_UNKNOWN, &msg);

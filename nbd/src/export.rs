@@ -3,6 +3,8 @@
 
 use std::future::Future;
 
+use crate::tls::Peer;
+
 /// Errors an export reports for one request; the server maps them to NBD error codes in one place
 /// (`conn::errno`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -127,9 +129,10 @@ pub trait Export: Send + Sync + 'static {
 /// Lookup of exports by name, for NBD_OPT_LIST / INFO / GO / EXPORT_NAME.
 pub trait ExportCatalog: Send + Sync + 'static {
     type Export: Export;
-    /// Names and descriptions of all exports.
-    fn list(&self) -> Vec<(String, String)>;
-    /// Open an export by name (the empty name is the default export, if any). `Err` carries a
-    /// human-readable message sent with NBD_REP_ERR_UNKNOWN.
-    fn open(&self, name: &str) -> Result<Self::Export, String>;
+    /// Names and descriptions of the exports `peer` may see.
+    fn list(&self, peer: &Peer) -> Vec<(String, String)>;
+    /// Open an export by name for `peer` (the empty name is the default export, if any).
+    /// `Err` carries a human-readable message sent with NBD_REP_ERR_UNKNOWN (an export the
+    /// peer may not open should read as unknown too).
+    fn open(&self, peer: &Peer, name: &str) -> Result<Self::Export, String>;
 }

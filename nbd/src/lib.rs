@@ -5,6 +5,7 @@
 
 mod conn;
 mod export;
+pub mod tls;
 pub mod wire;
 
 #[cfg(test)]
@@ -12,3 +13,4 @@ mod tests;
 
 pub use conn::{errno, kernel_transmission_flags, serve_connection, serve_transmission, NbdError, ServerConfig};
 pub use export::{Export, ExportCatalog, ExportError, ExportInfo, Extent, ReadKind, RequestKind, ZeroFlags};
+pub use tls::{Peer, Tls};

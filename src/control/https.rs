@@ -2,14 +2,10 @@
 //! for callers elsewhere, who prove an account with a bearer token. TLS is not optional here:
 //! a token sent in clear is a token given away.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context};
 use hyper_util::rt::TokioIo;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
@@ -19,38 +15,6 @@ use super::api::OverHttps;
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most HTTPS connections at once; more wait in the kernel's accept queue.
 const MAX_CONNECTIONS: usize = 256;
-
-/// The server's TLS configuration from PEM files: its certificate chain and private key.
-pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .with_context(|| format!("cannot read the certificate file {}", cert.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| anyhow!("{} is not a PEM certificate chain: {e}", cert.display()))?;
-    if chain.is_empty() {
-        anyhow::bail!("{} holds no certificate (expected PEM 'BEGIN CERTIFICATE' blocks)", cert.display());
-    }
-    let private = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| anyhow!("cannot read a PEM private key from {}: {e}", key.display()))?;
-    warn_if_readable(key);
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| anyhow!("TLS setup: {e}"))?
-        .with_no_client_auth()
-        .with_single_cert(chain, private)
-        .map_err(|e| anyhow!("the key {} does not fit the certificate {}: {e}", key.display(), cert.display()))?;
-    Ok(Arc::new(config))
-}
-
-/// A private key others can read is no longer private: said at start.
-fn warn_if_readable(key: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(m) = std::fs::metadata(key) {
-        if m.permissions().mode() & 0o077 != 0 {
-            tracing::warn!(key = %key.display(), mode = format!("{:o}", m.permissions().mode() & 0o777), "the TLS private key is readable by other users; chmod 600 it");
-        }
-    }
-}
 
 /// Serves `app` on `listener` over TLS until the task is dropped. Every request is marked
 /// [`OverHttps`], so its caller is authenticated by token.

@@ -10,7 +10,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-use snapblk_nbd::{Export, ExportCatalog, ExportError, ExportInfo, Extent, ReadKind, RequestKind, ZeroFlags};
+use snapblk_nbd::{Export, ExportCatalog, ExportError, ExportInfo, Extent, Peer, ReadKind, RequestKind, ZeroFlags};
 
 use super::{block_error, BlockError};
 use crate::engine::{self, EngineError, IoOp, IoStats, Priority, SnapshotHandle, VolumeHandle, ZeroMode};
@@ -91,16 +91,25 @@ pub struct NbdExport {
     info: ExportInfo,
 }
 
+/// Who an NBD client is, for the operations layer. Every client is `Caller::Local` for now:
+/// reaching the socket (or, with TLS required, passing the TLS handshake) is the whole check.
+/// Accounts map client certificates here: `peer.client_names` holds the verified client
+/// certificate's CN and DNS/e-mail SANs (empty without one), `peer.tls` whether TLS is on.
+fn caller_of(peer: &Peer) -> Caller {
+    let _ = peer;
+    Caller::Local
+}
+
 impl ExportCatalog for NbdCatalog {
     type Export = NbdExport;
 
-    fn list(&self) -> Vec<(String, String)> {
-        self.service.export_names(&Caller::Local).unwrap_or_default()
+    fn list(&self, peer: &Peer) -> Vec<(String, String)> {
+        self.service.export_names(&caller_of(peer)).unwrap_or_default()
     }
 
-    fn open(&self, name: &str) -> Result<NbdExport, String> {
+    fn open(&self, peer: &Peer, name: &str) -> Result<NbdExport, String> {
         let block = |cluster_size: u32| (1, 4096.min(cluster_size), MAX_REQUEST);
-        match self.service.open_export(&Caller::Local, name).map_err(|e| e.to_string())? {
+        match self.service.open_export(&caller_of(peer), name).map_err(|e| e.to_string())? {
             ExportHandle::Snapshot(h) => {
                 let mut meta_contexts = vec![BASE_ALLOCATION.to_string()];
                 meta_contexts.extend(h.base_names().map(|b| format!("{DIRTY_BITMAP_PREFIX}{b}")));

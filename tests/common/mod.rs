@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test file uses a different part of the harness
 
 pub mod store;
+pub mod tls;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -101,11 +101,27 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Also serve NBD over TCP, on this loopback address (e.g. 127.0.0.1:10809). Default: none,
-    /// only the unix socket DIR/nbd.sock. Other addresses are refused: NBD is served without
-    /// TLS or authentication yet
+    /// Also serve NBD over TCP, on this address (e.g. 127.0.0.1:10809). Default: none, only the
+    /// unix socket DIR/nbd.sock. Non-loopback addresses are refused unless TLS is required
+    /// (--tls-cert, --tls-key and --nbd-tls require, the default with a certificate)
     #[arg(long, value_name = "HOST:PORT")]
     pub nbd_listen: Option<String>,
+    /// Server certificate (PEM, the chain from the server's own certificate up) for TLS
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// Private key of --tls-cert (PEM; keep it mode 0600)
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// CA certificate(s) (PEM) that sign client certificates: clients may then present one,
+    /// and one not signed by this CA fails the TLS handshake. Without it no client certificate
+    /// is asked for
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// NBD over TLS (NBD_OPT_STARTTLS): off, on (TLS for clients that ask, plaintext too) or
+    /// require (TLS only). Default: require with --tls-cert, off without. Applies to the unix
+    /// socket and --nbd-listen
+    #[arg(long, value_name = "MODE", value_enum)]
+    pub nbd_tls: Option<crate::tls::NbdTlsMode>,
     /// Serve Prometheus metrics (GET /metrics) over HTTP on this loopback address (e.g.
     /// 127.0.0.1:9100). Default: off. Other addresses are refused: the endpoint has no TLS or
     /// authentication. See docs/METRICS.md
@@ -129,12 +145,6 @@ pub struct ServeArgs {
     /// and --tls-key. Default: off, the control socket DIR/control.sock only
     #[arg(long, value_name = "HOST:PORT")]
     pub api_listen: Option<String>,
-    /// The server's TLS certificate chain (PEM)
-    #[arg(long, value_name = "FILE")]
-    pub tls_cert: Option<PathBuf>,
-    /// The TLS certificate's private key (PEM; keep it mode 0600)
-    #[arg(long, value_name = "FILE")]
-    pub tls_key: Option<PathBuf>,
 }
 
 /// Reports a failed command and exits with its class's code: `error: SENTENCE` on stderr, or
