@@ -391,6 +391,7 @@ async fn run(
         pid: std::process::id(),
         nbd_socket: nbd_path.clone(),
         nbd_tcp: tcp.map(|a| a.to_string()),
+        api: listeners.api.as_ref().and_then(|(l, _)| l.local_addr().ok()).map(|a| a.to_string()),
     };
     let service = Service::new(engine.clone(), store.clone(), attachments.clone(), status)?;
     service.start();

@@ -58,10 +58,14 @@ fn main() {
     };
     let client = match (&cli.api, &cli.token_file) {
         (None, _) => Client::new(&dir),
-        (Some(url), Some(token)) => Client::https(url, token, cli.api_ca.as_deref()).unwrap_or_else(|e| fail(cli.json, &e)),
+        (Some(url), Some(token)) => {
+            Client::https(url, token, cli.api_ca.as_deref()).unwrap_or_else(|e| fail(cli.json, &e))
+        }
         (Some(_), None) => fail(
             cli.json,
-            &ClientError::Usage("--api needs --token-file FILE (or SNAPBLK_TOKEN_FILE): the file holding an API token".into()),
+            &ClientError::Usage(
+                "--api needs --token-file FILE (or SNAPBLK_TOKEN_FILE): the file holding an API token".into(),
+            ),
         ),
     };
     if let Err(e) = runtime.block_on(run(client, cli.json, cli.command)) {

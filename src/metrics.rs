@@ -733,8 +733,14 @@ mod tests {
         let config = Arc::new(snapblk_nbd::ServerConfig::default());
         let attachments =
             Arc::new(crate::attach::Attachments::new(engine.clone(), tokio::runtime::Handle::current(), config));
-        let status =
-            Status { version: String::new(), dir: dir.into(), pid: 0, nbd_socket: dir.join("nbd.sock"), nbd_tcp: None };
+        let status = Status {
+            version: String::new(),
+            dir: dir.into(),
+            pid: 0,
+            nbd_socket: dir.join("nbd.sock"),
+            nbd_tcp: None,
+            api: None,
+        };
         let svc = Service::new(engine, store, attachments, status).unwrap();
         let me = Caller::Local;
         let volume = CreateVolume {

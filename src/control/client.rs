@@ -132,9 +132,9 @@ impl Client {
     pub fn https(url: &str, token_file: &Path, ca: Option<&Path>) -> Result<Client, ClientError> {
         use rustls_pki_types::pem::PemObject;
         let usage = |m: String| ClientError::Usage(m);
-        let rest = url
-            .strip_prefix("https://")
-            .ok_or_else(|| usage(format!("--api takes https://HOST:PORT (got '{url}'): the API is served over TLS only")))?;
+        let rest = url.strip_prefix("https://").ok_or_else(|| {
+            usage(format!("--api takes https://HOST:PORT (got '{url}'): the API is served over TLS only"))
+        })?;
         let authority = rest.trim_end_matches('/');
         let (host, port) = match authority.rsplit_once(':') {
             Some((h, p)) if !h.is_empty() => {
@@ -157,9 +157,7 @@ impl Client {
                     .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
                     .map_err(|e| usage(format!("cannot read CA certificates from {}: {e}", ca.display())))?;
                 for c in certs {
-                    roots
-                        .add(c)
-                        .map_err(|e| usage(format!("a certificate in {} is not usable: {e}", ca.display())))?;
+                    roots.add(c).map_err(|e| usage(format!("a certificate in {} is not usable: {e}", ca.display())))?;
                 }
             }
             None => {
@@ -228,7 +226,8 @@ impl Client {
                 let headers = req.headers_mut();
                 headers.insert("host", hyper::header::HeaderValue::from_str(host).map_err(|e| transport(&e))?);
                 let bearer = format!("Bearer {token}");
-                headers.insert("authorization", hyper::header::HeaderValue::from_str(&bearer).map_err(|e| transport(&e))?);
+                headers
+                    .insert("authorization", hyper::header::HeaderValue::from_str(&bearer).map_err(|e| transport(&e))?);
                 send(stream, req).await?
             }
         };

@@ -44,6 +44,7 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: a
                 app.clone().oneshot(req.map(axum::body::Body::new))
             });
             let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(TLS_HANDSHAKE_TIMEOUT)
                 .serve_connection(TokioIo::new(tls), service)
                 .await;

@@ -48,7 +48,9 @@ use roaring::RoaringTreemap;
 
 pub use error::{EngineError, ErrorKind, Result};
 pub(crate) use hydration::no_store;
-pub use ids::{group_snapshot_id, parse_snapshot_id, parse_volume_id, snapshot_id, validate_name, validate_owned_name, volume_id};
+pub use ids::{
+    group_snapshot_id, parse_snapshot_id, parse_volume_id, snapshot_id, validate_name, validate_owned_name, volume_id,
+};
 pub use iostats::{IoOp, IoStats, IoView, OpView, BUCKETS, LATENCY_BOUNDS_NS};
 pub use journal::MAX_GROUP_MEMBERS;
 pub use remote::{ClusterSource, Priority, RemoteSource};

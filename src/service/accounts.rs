@@ -76,9 +76,10 @@ impl std::fmt::Display for Role {
 impl std::str::FromStr for Role {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Role, String> {
-        Role::ALL.into_iter().find(|r| r.name() == s).ok_or_else(|| {
-            format!("unknown role '{s}': use admin, owner, operator, reader or append-only")
-        })
+        Role::ALL
+            .into_iter()
+            .find(|r| r.name() == s)
+            .ok_or_else(|| format!("unknown role '{s}': use admin, owner, operator, reader or append-only"))
     }
 }
 
@@ -196,7 +197,12 @@ impl Accounts {
     /// The caller a bearer token stands for; checked on every request, so an expiry or a
     /// revocation takes effect at once.
     pub(super) fn authenticate(&self, bearer: &str, now: u64) -> Result<Caller> {
-        let refused = || Error::Unauthenticated("the token is unknown, revoked or expired: ask an administrator for a new one (snapblk token create)".into());
+        let refused = || {
+            Error::Unauthenticated(
+                "the token is unknown, revoked or expired: ask an administrator for a new one (snapblk token create)"
+                    .into(),
+            )
+        };
         let (id, _) = bearer.strip_prefix("sbk_").and_then(|t| t.split_once('_')).ok_or_else(refused)?;
         let st = self.state.lock();
         let stored = st.tokens.get(id).ok_or_else(refused)?;
@@ -290,12 +296,8 @@ impl Service {
         }
         let mut st = self.accounts.state.lock();
         let removed = st.accounts.remove(name);
-        let tokens: Vec<String> = st
-            .tokens
-            .iter()
-            .filter(|(_, t)| t.view.account == name)
-            .map(|(id, _)| id.clone())
-            .collect();
+        let tokens: Vec<String> =
+            st.tokens.iter().filter(|(_, t)| t.view.account == name).map(|(id, _)| id.clone()).collect();
         let mut dropped = Vec::new();
         for id in &tokens {
             dropped.extend(st.tokens.remove(id).map(|t| (id.clone(), t)));

@@ -94,12 +94,21 @@ impl Service {
     /// A snapshot that exists for its users: not in the bin. One in the bin is reported with
     /// how to get it back.
     pub(super) fn live_snapshot(&self, caller: &Caller, r: &str) -> Result<SnapshotInfo> {
-        let info = self.engine.snapshot(&caller.qualify_ref(r))?;
-        if !caller.sees(&info.volume) {
-            return Err(Error::Engine(EngineError::NotFound(match r.split_once('@') {
+        let q = caller.qualify_ref(r);
+        let hidden = || {
+            Error::Engine(EngineError::NotFound(match r.split_once('@') {
                 Some((volume, _)) => format!("no volume named '{volume}'; list volumes with: snapblk volume list"),
                 None => format!("no snapshot with id {r}; list them with: snapblk snapshot list"),
-            })));
+            }))
+        };
+        // Looked up only in the caller's volumes: the engine's "no snapshot named ..." of
+        // another account's volume would tell that the volume exists.
+        if q.split_once('@').is_some_and(|(volume, _)| !caller.sees(volume)) {
+            return Err(hidden());
+        }
+        let info = self.engine.snapshot(&q)?;
+        if !caller.sees(&info.volume) {
+            return Err(hidden());
         }
         match self.lifecycle.lock().bin.get(&info.id) {
             None => Ok(info),

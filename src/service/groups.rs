@@ -674,9 +674,9 @@ impl Service {
                 for name in names {
                     let gs = self.store.region(&name).await?.group_manifests().await?;
                     let named = caller.qualify_ref(r);
-                    let found_here = gs.into_iter().find(|g| {
-                        (g.id == r || format!("{}@{}", g.group, g.name) == named) && caller.sees(&g.group)
-                    });
+                    let found_here = gs
+                        .into_iter()
+                        .find(|g| (g.id == r || format!("{}@{}", g.group, g.name) == named) && caller.sees(&g.group));
                     if let Some(g) = found_here {
                         found = Some((g, name));
                         break;

@@ -225,6 +225,9 @@ pub struct Status {
     pub pid: u32,
     pub nbd_socket: PathBuf,
     pub nbd_tcp: Option<String>,
+    /// The HTTPS control API's address (`serve --api-listen`), if served.
+    #[serde(default)]
+    pub api: Option<String>,
 }
 
 /// What `GET /v1/status` reports: the daemon, and the state of its work with the store.

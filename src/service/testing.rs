@@ -29,6 +29,7 @@ pub fn service(dir: &std::path::Path, clock: Arc<ManualClock>, config: &str) -> 
         pid: 0,
         nbd_socket: dir.join("nbd.sock"),
         nbd_tcp: None,
+        api: None,
     };
     Service::new(engine, store, attachments, status).unwrap()
 }

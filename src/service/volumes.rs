@@ -48,7 +48,9 @@ impl Service {
             Some((account, _)) => {
                 crate::engine::validate_owned_name(what, name)?;
                 if !caller.sees_account(account) || !self.accounts.exists(account) {
-                    return Err(Error::NotFound(format!("no account named '{account}'; list them with: snapblk account list")));
+                    return Err(Error::NotFound(format!(
+                        "no account named '{account}'; list them with: snapblk account list"
+                    )));
                 }
                 Ok(name.to_string())
             }
@@ -117,7 +119,13 @@ impl Service {
     /// data, or loading it from the store once released); a snapshot id that is not local is
     /// looked up in `region` (or every configured region) and the volume loads from there.
     /// Usable at once; data loads on demand and (unless disabled) in the background.
-    pub(super) async fn create_from_snapshot(&self, caller: &Caller, name: &str, r: &str, region: Option<&str>) -> Result<VolumeView> {
+    pub(super) async fn create_from_snapshot(
+        &self,
+        caller: &Caller,
+        name: &str,
+        r: &str,
+        region: Option<&str>,
+    ) -> Result<VolumeView> {
         if let Some(reg) = region {
             self.store.check_region(reg)?;
         }

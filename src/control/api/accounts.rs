@@ -27,7 +27,11 @@ async fn list(State(s): Svc, caller: Caller) -> ApiResult<Json<Vec<AccountView>>
     Ok(Json(s.list_accounts(&caller)?))
 }
 
-async fn create(State(s): Svc, caller: Caller, body: Body<CreateAccount>) -> ApiResult<(StatusCode, Json<AccountView>)> {
+async fn create(
+    State(s): Svc,
+    caller: Caller,
+    body: Body<CreateAccount>,
+) -> ApiResult<(StatusCode, Json<AccountView>)> {
     let Object(req) = body?;
     Ok((StatusCode::CREATED, Json(s.create_account(&caller, req)?)))
 }

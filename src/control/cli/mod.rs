@@ -8,6 +8,7 @@ use hyper::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+mod accounts;
 mod groups;
 mod lifecycle;
 mod policies;
@@ -15,6 +16,7 @@ mod regions;
 mod snapshots;
 mod volumes;
 
+pub use accounts::{AccountCommand, TokenCommand};
 pub use groups::GroupCommand;
 pub use lifecycle::BinCommand;
 pub use policies::PolicyCommand;
@@ -63,6 +65,12 @@ pub enum Command {
     Snapshot(SnapshotCommand),
     /// Show the daemon's status
     Status,
+    /// Accounts: owners of volumes, snapshots, policies and groups (see README "Security")
+    #[command(subcommand)]
+    Account(AccountCommand),
+    /// API tokens: what HTTPS API callers (--api) prove their account and role with
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Object-store regions (from DIR/snapblk.toml)
     #[command(subcommand)]
     Region(RegionCommand),
@@ -342,6 +350,8 @@ pub async fn run(c: Client, json: bool, command: Command) -> Result<(), ClientEr
             }
             Printed::new(&s, text)
         }
+        Command::Account(a) => accounts::account(&c, a).await?,
+        Command::Token(t) => accounts::token(&c, t).await?,
         Command::Volume(v) => volumes::run(&c, json, v).await?,
         Command::Snapshot(s) => snapshots::run(&c, json, s).await?,
         Command::Region(r) => regions::run(&c, r).await?,
