@@ -313,3 +313,40 @@ fn the_cli_is_a_client_of_the_https_api_with_a_token_file() {
     let out = run(&mut cmd, Duration::from_secs(60));
     assert!(!out.status.success(), "an untrusted certificate was accepted");
 }
+
+#[test]
+fn an_nbd_client_certificate_acts_for_the_account_that_claims_its_name() {
+    if !tools() || !require_tool("nbdinfo") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = Certs::make(&tmp.path().join("pki"));
+    let args = certs.serve_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let d = Daemon::start_with(&tmp.path().join("d"), &args);
+    // Certificate "alice" (CN) is account acme's TLS identity.
+    d.cli_ok(&["account", "create", "acme", "--tls-identity", "alice"]);
+    d.cli_ok(&["account", "create", "umbrella"]);
+    for account in ["acme", "umbrella"] {
+        d.cli_ok(&["volume", "create", &format!("{account}/db"), "--size", "16M"]);
+    }
+    let client = |who: &str| certs.root.join(format!("client-{who}")).display().to_string();
+    let uri = |export: &str, who: &str| {
+        format!("nbds+unix:///{export}?socket={}&tls-certificates={}", d.socket(), client(who))
+    };
+    let list = |who: &str| {
+        let out = run(Command::new("nbdinfo").args(["--list", &uri("", who)]), Duration::from_secs(60));
+        text(&out.stdout)
+    };
+    let alice = list("alice");
+    assert!(alice.contains("acme/db") && !alice.contains("umbrella"), "alice lists: {alice}");
+    // Its own export by its bare name, read-write; another account's is not there.
+    let out = run(Command::new("nbdinfo").args(["--json", &uri("db", "alice")]), Duration::from_secs(60));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("\"is_read_only\": false"), "{}", text(&out.stdout));
+    let out = run(Command::new("nbdinfo").arg(uri("umbrella/db", "alice")), Duration::from_secs(60));
+    assert!(!out.status.success(), "alice opened umbrella's export");
+    // A client without a certificate keeps the socket's access (the daemon user's socket).
+    let anonymous = list("anonymous");
+    assert!(anonymous.contains("acme/db") && anonymous.contains("umbrella/db"), "{anonymous}");
+}

@@ -14,7 +14,7 @@ use snapblk_nbd::{Export, ExportCatalog, ExportError, ExportInfo, Extent, Peer, 
 
 use super::{block_error, BlockError};
 use crate::engine::{self, EngineError, IoOp, IoStats, Priority, SnapshotHandle, VolumeHandle, ZeroMode};
-use crate::service::{Caller, ExportHandle, Service};
+use crate::service::{ExportHandle, Service};
 
 /// Largest request we accept (NBD_INFO_BLOCK_SIZE maximum).
 const MAX_REQUEST: u32 = 32 << 20;
@@ -91,25 +91,17 @@ pub struct NbdExport {
     info: ExportInfo,
 }
 
-/// Who an NBD client is, for the operations layer. Every client is `Caller::Local` for now:
-/// reaching the socket (or, with TLS required, passing the TLS handshake) is the whole check.
-/// Accounts map client certificates here: `peer.client_names` holds the verified client
-/// certificate's CN and DNS/e-mail SANs (empty without one), `peer.tls` whether TLS is on.
-fn caller_of(peer: &Peer) -> Caller {
-    let _ = peer;
-    Caller::Local
-}
-
 impl ExportCatalog for NbdCatalog {
     type Export = NbdExport;
 
     fn list(&self, peer: &Peer) -> Vec<(String, String)> {
-        self.service.export_names(&caller_of(peer)).unwrap_or_default()
+        self.service.export_names(&self.service.nbd_caller(&peer.client_names)).unwrap_or_default()
     }
 
     fn open(&self, peer: &Peer, name: &str) -> Result<NbdExport, String> {
         let block = |cluster_size: u32| (1, 4096.min(cluster_size), MAX_REQUEST);
-        match self.service.open_export(&caller_of(peer), name).map_err(|e| e.to_string())? {
+        let caller = self.service.nbd_caller(&peer.client_names);
+        match self.service.open_export(&caller, name).map_err(|e| e.to_string())? {
             ExportHandle::Snapshot(h) => {
                 let mut meta_contexts = vec![BASE_ALLOCATION.to_string()];
                 meta_contexts.extend(h.base_names().map(|b| format!("{DIRTY_BITMAP_PREFIX}{b}")));

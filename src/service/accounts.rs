@@ -104,6 +104,10 @@ pub struct AccountView {
     /// Tokens the account has (not their secrets).
     #[serde(default)]
     pub tokens: usize,
+    /// NBD clients presenting a verified certificate with one of these names (its CN, a DNS
+    /// or e-mail SAN) act for this account as operators.
+    #[serde(default)]
+    pub tls_identities: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -131,6 +135,9 @@ pub struct NewToken {
 #[serde(deny_unknown_fields)]
 pub struct CreateAccount {
     pub name: String,
+    /// Client certificate names that act for the account over NBD (see [`AccountView`]).
+    #[serde(default)]
+    pub tls_identities: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -222,6 +229,31 @@ fn ring_compare(a: &str, b: &str) -> bool {
 }
 
 impl Service {
+    /// Who an NBD client is. With a verified client certificate: the account one of its names
+    /// is a TLS identity of, as an operator (read-write exports of its own volumes, read-only
+    /// of its snapshots); a certificate no account claims reaches no export. Without one: the
+    /// socket's own check decided (the unix socket's mode, or TLS on TCP), as before accounts.
+    pub fn nbd_caller(&self, client_names: &[String]) -> Caller {
+        if client_names.is_empty() {
+            return Caller::Local;
+        }
+        let st = self.accounts.state.lock();
+        let found = st.accounts.values().find(|a| a.tls_identities.iter().any(|i| client_names.contains(i)));
+        match found {
+            Some(a) => Caller::Account {
+                account: a.name.clone(),
+                role: Role::Operator,
+                token: format!("tls:{}", client_names[0]),
+            },
+            // An account name no account can have (names are never empty): sees nothing.
+            None => Caller::Account {
+                account: String::new(),
+                role: Role::Reader,
+                token: format!("tls:{}", client_names[0]),
+            },
+        }
+    }
+
     /// Who a bearer token is (the HTTPS API's callers).
     pub fn authenticate(&self, bearer: &str) -> Result<Caller> {
         self.accounts.authenticate(bearer, self.engine.clock().now())
@@ -237,7 +269,21 @@ impl Service {
                 req.name
             ))));
         }
-        let view = AccountView { name: req.name.clone(), created: self.engine.clock().now(), tokens: 0 };
+        if let Some(taken) = req
+            .tls_identities
+            .iter()
+            .find(|i| i.is_empty() || st.accounts.values().any(|a| a.tls_identities.contains(i)))
+        {
+            return Err(Error::Invalid(format!(
+                "TLS identity '{taken}' is empty or another account's already: one certificate name, one account"
+            )));
+        }
+        let view = AccountView {
+            name: req.name.clone(),
+            created: self.engine.clock().now(),
+            tokens: 0,
+            tls_identities: req.tls_identities,
+        };
         st.accounts.insert(req.name.clone(), view.clone());
         if let Err(e) = self.accounts.save(&st) {
             st.accounts.remove(&req.name);
@@ -253,7 +299,12 @@ impl Service {
         caller.may(Access::Read)?;
         let st = self.accounts.state.lock();
         let count = |name: &str| st.tokens.values().filter(|t| t.view.account == name).count();
-        let default = AccountView { name: DEFAULT_ACCOUNT.into(), created: 0, tokens: count(DEFAULT_ACCOUNT) };
+        let default = AccountView {
+            name: DEFAULT_ACCOUNT.into(),
+            created: 0,
+            tokens: count(DEFAULT_ACCOUNT),
+            tls_identities: Vec::new(),
+        };
         Ok(std::iter::once(default)
             .chain(st.accounts.values().map(|a| AccountView { tokens: count(&a.name), ..a.clone() }))
             .filter(|a| caller.sees_account(&a.name))

@@ -78,6 +78,15 @@ impl Service {
 
     /// A volume that exists for its users: not deleted.
     pub(super) fn live_volume(&self, caller: &Caller, r: &str) -> Result<VolumeInfo> {
+        let info = self.own_volume(caller, r)?;
+        match self.lifecycle.lock().deleted_volumes.get(&info.id) {
+            None => Ok(info),
+            Some(_) => Err(Error::NotFound(format!("no volume named '{r}' (it was deleted)"))),
+        }
+    }
+
+    /// A volume of the caller's account (one deleted for its users included).
+    pub(super) fn own_volume(&self, caller: &Caller, r: &str) -> Result<VolumeInfo> {
         let info = self.engine.volume(&caller.qualify_ref(r))?;
         // Another account's volume is missing, as far as its caller can tell.
         if !caller.sees(&info.name) {
@@ -85,10 +94,7 @@ impl Service {
                 "no volume named '{r}'; list volumes with: snapblk volume list"
             ))));
         }
-        match self.lifecycle.lock().deleted_volumes.get(&info.id) {
-            None => Ok(info),
-            Some(_) => Err(Error::NotFound(format!("no volume named '{r}' (it was deleted)"))),
-        }
+        Ok(info)
     }
 
     /// A snapshot that exists for its users: not in the bin. One in the bin is reported with

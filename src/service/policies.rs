@@ -834,7 +834,7 @@ mod tests {
         svc.remove_policy(&me, "once", PolicyVolumes { volumes: vec!["v".into()], groups: vec![] }).unwrap();
         let before = svc.policy(&me, "skip").unwrap().on[0].last_success;
         clock.advance(600);
-        let name = svc.find_policy("skip").unwrap().snapshot_name(clock_now(&svc));
+        let name = svc.find_policy(&Caller::Local, "skip").unwrap().snapshot_name(clock_now(&svc));
         let taken = CreateSnapshot { name, description: String::new(), durable: false };
         svc.create_snapshot(&me, "v", taken).await.unwrap();
         svc.run_due_policies().await;

@@ -188,7 +188,7 @@ impl Service {
     /// The snapshots of volume `volume`, or of every volume (not those in the recycle bin).
     pub fn list_snapshots(&self, caller: &Caller, volume: Option<&str>) -> Result<Vec<SnapshotView>> {
         caller.may(Access::Read)?;
-        let volume_id = volume.map(|v| self.live_volume(caller, v).map(|i| i.id)).transpose()?;
+        let volume_id = volume.map(|v| self.own_volume(caller, v).map(|i| i.id)).transpose()?;
         let marks = self.marks(volume_id.as_deref());
         Ok(self
             .engine

@@ -10,7 +10,13 @@ use crate::units::{parse_duration, utc};
 #[derive(Subcommand, Debug)]
 pub enum AccountCommand {
     /// Create an account (administrators)
-    Create { name: String },
+    Create {
+        name: String,
+        /// A client certificate name (CN, DNS or e-mail SAN) whose NBD connections act for the
+        /// account as an operator; repeat for several
+        #[arg(long = "tls-identity", value_name = "NAME")]
+        tls_identities: Vec<String>,
+    },
     /// List accounts (an account's token sees its own)
     List,
     /// Show an account
@@ -47,8 +53,9 @@ pub enum TokenCommand {
 pub(super) async fn account(c: &Client, command: AccountCommand) -> Result<Printed, ClientError> {
     let p = Client::path;
     Ok(match command {
-        AccountCommand::Create { name } => {
-            let a: AccountView = send(c, Method::POST, &p(&["accounts"]), Some(&CreateAccount { name })).await?;
+        AccountCommand::Create { name, tls_identities } => {
+            let req = CreateAccount { name, tls_identities };
+            let a: AccountView = send(c, Method::POST, &p(&["accounts"]), Some(&req)).await?;
             let text = format!("account {} created\n", a.name);
             Printed::new(&a, text)
         }
@@ -59,7 +66,13 @@ pub(super) async fn account(c: &Client, command: AccountCommand) -> Result<Print
         }
         AccountCommand::Show { name } => {
             let a: AccountView = get(c, &p(&["accounts", &name])).await?;
-            let text = format!("name:    {}\ntokens:  {}\ncreated: {}\n", a.name, a.tokens, created(a.created));
+            let text = format!(
+                "name:          {}\ntokens:        {}\ncreated:       {}\ntls identities: {}\n",
+                a.name,
+                a.tokens,
+                created(a.created),
+                a.tls_identities.join(", ")
+            );
             Printed::new(&a, text)
         }
         AccountCommand::Delete { name } => {
