@@ -229,28 +229,21 @@ fn ring_compare(a: &str, b: &str) -> bool {
 }
 
 impl Service {
-    /// Who an NBD client is. With a verified client certificate: the account one of its names
-    /// is a TLS identity of, as an operator (read-write exports of its own volumes, read-only
-    /// of its snapshots); a certificate no account claims reaches no export. Without one: the
-    /// socket's own check decided (the unix socket's mode, or TLS on TCP), as before accounts.
+    /// Who an NBD client is. With a verified client certificate one of whose names an account
+    /// claims as a TLS identity: that account, as an operator (read-write exports of its own
+    /// volumes, read-only of its snapshots). Otherwise — no certificate, or one no account
+    /// claims (the daemon's CA signed it all the same) — the socket's own check decided (the
+    /// unix socket's mode, or the TLS handshake on TCP), as before accounts.
     pub fn nbd_caller(&self, client_names: &[String]) -> Caller {
-        if client_names.is_empty() {
-            return Caller::Local;
-        }
         let st = self.accounts.state.lock();
-        let found = st.accounts.values().find(|a| a.tls_identities.iter().any(|i| client_names.contains(i)));
-        match found {
+        let claimed = st.accounts.values().find(|a| a.tls_identities.iter().any(|i| client_names.contains(i)));
+        match claimed {
             Some(a) => Caller::Account {
                 account: a.name.clone(),
                 role: Role::Operator,
-                token: format!("tls:{}", client_names[0]),
+                token: format!("tls:{}", client_names.first().map_or("", String::as_str)),
             },
-            // An account name no account can have (names are never empty): sees nothing.
-            None => Caller::Account {
-                account: String::new(),
-                role: Role::Reader,
-                token: format!("tls:{}", client_names[0]),
-            },
+            None => Caller::Local,
         }
     }
 

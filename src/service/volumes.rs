@@ -47,9 +47,14 @@ impl Service {
         match name.split_once('/') {
             Some((account, _)) => {
                 crate::engine::validate_owned_name(what, name)?;
-                if !caller.sees_account(account) || !self.accounts.exists(account) {
-                    return Err(Error::NotFound(format!(
-                        "no account named '{account}'; list them with: snapblk account list"
+                if !caller.sees_account(account) {
+                    return Err(Error::Invalid(format!(
+                        "invalid {what} name '{name}': leave the account prefix out (your account's is added), or use your own"
+                    )));
+                }
+                if !self.accounts.exists(account) {
+                    return Err(Error::Invalid(format!(
+                        "invalid {what} name '{name}': there is no account '{account}' (create it first: snapblk account create {account}); names without an account have no '/'"
                     )));
                 }
                 Ok(name.to_string())
