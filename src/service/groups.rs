@@ -90,7 +90,6 @@ pub struct GroupSnapshotView {
 }
 
 impl Service {
-    /// The group `name`, or an error naming the command that lists them.
     /// A group's name as stored, for a caller: qualified with its account; another account's
     /// group is missing, as far as the caller can tell.
     fn group_name(caller: &Caller, name: &str) -> Result<String> {
@@ -101,6 +100,7 @@ impl Service {
         }
     }
 
+    /// The group `name`, or an error naming the command that lists them.
     fn group_record(st: &LifecycleState, name: &str) -> Result<GroupRecord> {
         st.groups
             .get(name)
