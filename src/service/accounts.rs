@@ -467,6 +467,22 @@ mod tests {
     }
 
     #[test]
+    fn callers_name_their_own_resources_bare_and_the_default_accounts_with_its_prefix() {
+        let acme = Caller::Account { account: "acme".into(), role: Role::Admin, token: "t".into() };
+        assert_eq!(acme.qualify("db"), "acme/db");
+        assert_eq!(acme.qualify("default/db"), "db");
+        assert_eq!(acme.qualify("other/db"), "other/db");
+        assert_eq!(acme.qualify_ref("db@daily"), "acme/db@daily");
+        assert_eq!(acme.qualify_ref("s-0000000000000001"), "s-0000000000000001");
+        assert_eq!(Caller::Local.qualify("db"), "db");
+        let reader = Caller::Account { account: "acme".into(), role: Role::Reader, token: "t".into() };
+        assert!(reader.sees("acme/db") && !reader.sees("db") && !reader.sees("other/db"));
+        assert!(acme.sees("db") && acme.sees("other/db"));
+        let e = reader.may(Access::Delete).unwrap_err().to_string();
+        assert!(e.contains("role reader lacks the 'delete' permission") && e.contains("owner"), "{e}");
+    }
+
+    #[test]
     fn names_carry_their_owner() {
         assert_eq!(owner_of("db"), "default");
         assert_eq!(owner_of("acme/db"), "acme");

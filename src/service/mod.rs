@@ -126,6 +126,10 @@ impl Caller {
     /// A name as the caller typed it, as stored: a bare name of an account's caller gets its
     /// account's prefix; administrators name other accounts' resources `ACCOUNT/NAME`.
     pub fn qualify(&self, name: &str) -> String {
+        // `default/NAME` is how an account's caller names the default account's `NAME`.
+        if let Some(bare) = name.strip_prefix("default/") {
+            return bare.to_string();
+        }
         match self {
             Caller::Account { account, .. } if !name.contains('/') => accounts::owned_name(account, name),
             _ => name.to_string(),

@@ -57,7 +57,7 @@ impl Service {
                         "invalid {what} name '{name}': there is no account '{account}' (create it first: snapblk account create {account}); names without an account have no '/'"
                     )));
                 }
-                Ok(name.to_string())
+                Ok(caller.qualify(name))
             }
             None => {
                 crate::engine::validate_name(what, name)?;
