@@ -395,7 +395,7 @@ async fn run(
     };
     let service = Service::new(engine.clone(), store.clone(), attachments.clone(), status)?;
     service.start();
-    let catalog = Arc::new(NbdCatalog::new(service.clone()));
+    let catalog = Arc::new(NbdCatalog::new(service.clone(), false));
 
     let mut tasks = tokio::task::JoinSet::new();
     {
@@ -417,7 +417,8 @@ async fn run(
         });
     }
     if let Some(listener) = nbd_tcp {
-        let (catalog, config, slots) = (catalog.clone(), config.clone(), slots.clone());
+        let (catalog, config, slots) =
+            (Arc::new(NbdCatalog::new(service.clone(), true)), config.clone(), slots.clone());
         tasks.spawn(async move {
             loop {
                 match listener.accept().await {

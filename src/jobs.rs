@@ -21,6 +21,8 @@ pub struct Job {
     pub id: u64,
     pub kind: String,
     pub target: String,
+    /// The account of who started it: only its callers (and administrators) see it.
+    pub account: String,
     /// Progress, in the job's unit (blobs verified, bytes exported).
     pub done: AtomicU64,
     pub total: AtomicU64,
@@ -34,6 +36,8 @@ pub struct JobView {
     pub id: u64,
     pub kind: String,
     pub target: String,
+    #[serde(default)]
+    pub account: String,
     /// `running`, `done` or `failed`.
     pub state: String,
     pub done: u64,
@@ -57,6 +61,7 @@ impl Job {
             id: self.id,
             kind: self.kind.clone(),
             target: self.target.clone(),
+            account: self.account.clone(),
             state: state.into(),
             done,
             total: self.total.load(Ordering::Relaxed),
@@ -84,9 +89,9 @@ impl Jobs {
         self.jobs.lock().get(&id).map(|j| j.view())
     }
 
-    /// Runs `work` as a job in the background; returns its first view at once. Its error is
-    /// kept as its kind and sentence.
-    pub fn spawn<F, Fut, T, E>(&self, kind: &str, target: &str, work: F) -> JobView
+    /// Runs `work` as a job of `account` in the background; returns its first view at once.
+    /// Its error is kept as its kind and sentence.
+    pub fn spawn<F, Fut, T, E>(&self, kind: &str, target: &str, account: &str, work: F) -> JobView
     where
         F: FnOnce(Arc<Job>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
@@ -97,6 +102,7 @@ impl Jobs {
             id: self.next.fetch_add(1, Ordering::Relaxed),
             kind: kind.into(),
             target: target.into(),
+            account: account.into(),
             done: AtomicU64::new(0),
             total: AtomicU64::new(0),
             started: Instant::now(),
@@ -148,12 +154,12 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn a_job_reports_its_result_or_its_error_and_only_the_last_ones_are_kept() {
         let jobs = Jobs::new(tokio::runtime::Handle::current());
-        let ok = jobs.spawn("count", "x", |job| async move {
+        let ok = jobs.spawn("count", "x", "default", |job| async move {
             job.total.store(2, Ordering::Relaxed);
             job.done.store(2, Ordering::Relaxed);
             Ok::<_, Refused>(7u32)
         });
-        let failed = jobs.spawn("count", "y", |_| async { Err::<u32, _>(Refused) });
+        let failed = jobs.spawn("count", "y", "default", |_| async { Err::<u32, _>(Refused) });
         let ended = |id| loop {
             let v = jobs.get(id).unwrap();
             if v.state != "running" {
@@ -166,7 +172,7 @@ mod tests {
         assert_eq!(failed.state, "failed");
         assert_eq!((failed.error.as_deref(), failed.error_kind), (Some("refused"), Some(ErrorKind::Busy)));
         for _ in 0..KEPT {
-            jobs.spawn("noop", "z", |_| async { Ok::<_, Refused>(()) });
+            jobs.spawn("noop", "z", "default", |_| async { Ok::<_, Refused>(()) });
         }
         assert!(jobs.get(ok.id).is_none(), "the oldest job made room");
     }

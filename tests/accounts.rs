@@ -148,6 +148,21 @@ fn every_role_on_every_route_on_its_own_and_another_accounts_resources() {
             other: [404, 404, 403, 403, 403],
         },
         Cell {
+            // (umbrella's own snapshot cannot be shared with umbrella: 400 for the admin.)
+            method: "POST",
+            path: "/v1/snapshots/{v}@s1/shares",
+            body: Some(r#"{"with": "umbrella"}"#),
+            own: [201, 201, 403, 403, 403],
+            other: [400, 404, 403, 403, 403],
+        },
+        Cell {
+            method: "GET",
+            path: "/v1/snapshots/{v}@s1/shares",
+            body: None,
+            own: [200; 5],
+            other: [200, 404, 404, 404, 404],
+        },
+        Cell {
             method: "GET",
             path: "/v1/volumes/{v}/quota",
             body: None,
@@ -163,7 +178,7 @@ fn every_role_on_every_route_on_its_own_and_another_accounts_resources() {
         },
     ];
     // Routes on no account's resource.
-    let global: [(&str, &str, Option<&str>, [u16; 5]); 8] = [
+    let global: [(&str, &str, Option<&str>, [u16; 5]); 9] = [
         ("GET", "/v1/volumes", None, [200; 5]),
         ("GET", "/v1/snapshots", None, [200; 5]),
         ("GET", "/v1/events", None, [200; 5]),
@@ -172,6 +187,7 @@ fn every_role_on_every_route_on_its_own_and_another_accounts_resources() {
         ("GET", "/v1/tokens", None, [200, 200, 403, 403, 403]),
         ("GET", "/v1/regions/local/key", None, [200, 403, 403, 403, 403]),
         ("GET", "/v1/recycle-bin", None, [200; 5]),
+        ("GET", "/v1/shared-with-me", None, [200; 5]),
     ];
     for (i, role) in ROLES.iter().enumerate() {
         let t = token(&d, "acme", role, &[]);
@@ -216,6 +232,19 @@ fn every_role_on_every_route_on_its_own_and_another_accounts_resources() {
             assert_eq!(other, *role == "admin", "{role} sees another account: {listed}");
         }
     }
+    // A job is seen by its account's callers only (its id is a small number).
+    let (status, job) = api.call(
+        Some(&token(&d, "acme", "owner", &[])),
+        "POST",
+        &restore_slashes("/v1/snapshots/acme/db@s1/verify", "acme/db"),
+        None,
+    );
+    assert_eq!(status, 202, "{job}");
+    let id = serde_json::from_str::<serde_json::Value>(&job).unwrap()["id"].as_u64().unwrap();
+    let path = format!("/v1/jobs/{id}");
+    assert_eq!(api.call(Some(&token(&d, "acme", "reader", &[])), "GET", &path, None).0, 200);
+    let (status, answer) = api.call(Some(&token(&d, "umbrella", "owner", &[])), "GET", &path, None);
+    assert_eq!(status, 404, "another account's job: {answer}");
     // A volume an account's caller creates is its account's.
     let (_, v) = api.call(Some(&token(&d, "acme", "owner", &[])), "GET", "/v1/volumes/new-owner", None);
     assert!(v.contains("\"name\":\"acme/new-owner\""), "{v}");
@@ -321,7 +350,8 @@ fn an_nbd_client_certificate_acts_for_the_account_that_claims_its_name() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let certs = Certs::make(&tmp.path().join("pki"));
-    let args = certs.serve_args();
+    let mut args = certs.serve_args();
+    args.extend(["--nbd-listen".into(), "127.0.0.1:0".into()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let d = Daemon::start_with(&tmp.path().join("d"), &args);
     // Certificate "alice" (CN) is account acme's TLS identity.
@@ -350,4 +380,24 @@ fn an_nbd_client_certificate_acts_for_the_account_that_claims_its_name() {
     // access (the daemon user's socket).
     let all = list("anonymous");
     assert!(all.contains("acme/db") && all.contains("umbrella/db"), "{all}");
+    // Over TCP it is the default account's: its exports only (bare names), no account's.
+    d.cli_ok(&["volume", "create", "plain", "--size", "16M"]);
+    let status = d.cli_json(&["status"]);
+    let tcp = status["nbd_tcp"].as_str().unwrap().to_string();
+    let tcp_list = |who: &str| {
+        let uri = format!("nbds://{tcp}/?tls-certificates={}", client(who));
+        text(&run(Command::new("nbdinfo").args(["--list", &uri]), Duration::from_secs(60)).stdout)
+    };
+    let anonymous = tcp_list("anonymous");
+    assert!(
+        anonymous.contains("plain") && !anonymous.contains("acme/db") && !anonymous.contains("umbrella"),
+        "{anonymous}"
+    );
+    let out = run(
+        Command::new("nbdinfo").arg(format!("nbds://{tcp}/acme/db?tls-certificates={}", client("anonymous"))),
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success(), "an anonymous TCP client opened acme's export");
+    let alice = tcp_list("alice");
+    assert!(alice.contains("acme/db") && !alice.contains("plain"), "{alice}");
 }

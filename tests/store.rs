@@ -724,19 +724,6 @@ fn export_from_region(d: &Daemon, region: &str, (field, value): (&str, &str), ou
     id.to_string()
 }
 
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_tree(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}
-
 /// Issue 18 §3: a region that holds snapblk objects but no `keys/repository` (a lost key
 /// object, a wrong prefix, a transient 404) is an error naming what to do — never a new
 /// repository that would make the stored snapshots unreadable.

@@ -59,6 +59,28 @@ pub fn validate_owned_name(what: &str, name: &str) -> Result<()> {
     }
 }
 
+/// The built-in account: owner of every bare name (and of everything from before accounts).
+pub const DEFAULT_ACCOUNT: &str = "default";
+
+/// The account owning a stored name (`acme/db` → `acme`, `db` → `default`). Regions' names
+/// are owned the same way where they name an account's repository (`acme/local`).
+pub fn owner_of(name: &str) -> &str {
+    name.split_once('/').map_or(DEFAULT_ACCOUNT, |(account, _)| account)
+}
+
+/// `name` as stored for `account`: prefixed, except for the default account.
+pub fn owned_name(account: &str, name: &str) -> String {
+    match account {
+        DEFAULT_ACCOUNT => name.to_string(),
+        _ => format!("{account}/{name}"),
+    }
+}
+
+/// The name without its owner's prefix (`acme/db` → `db`).
+pub fn bare_name(name: &str) -> &str {
+    name.split_once('/').map_or(name, |(_, bare)| bare)
+}
+
 /// Whether a volume of this size and cluster size can exist; the reason when not.
 pub(super) fn check_geometry(size: u64, cluster_size: u32) -> std::result::Result<(), String> {
     if !cluster_size.is_power_of_two() || !(MIN_CLUSTER_SIZE..=MAX_CLUSTER_SIZE).contains(&cluster_size) {

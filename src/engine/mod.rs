@@ -49,7 +49,8 @@ use roaring::RoaringTreemap;
 pub use error::{EngineError, ErrorKind, Result};
 pub(crate) use hydration::no_store;
 pub use ids::{
-    group_snapshot_id, parse_snapshot_id, parse_volume_id, snapshot_id, validate_name, validate_owned_name, volume_id,
+    bare_name, group_snapshot_id, owned_name, owner_of, parse_snapshot_id, parse_volume_id, snapshot_id, validate_name,
+    validate_owned_name, volume_id, DEFAULT_ACCOUNT,
 };
 pub use iostats::{IoOp, IoStats, IoView, OpView, BUCKETS, LATENCY_BOUNDS_NS};
 pub use journal::MAX_GROUP_MEMBERS;

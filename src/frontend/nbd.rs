@@ -39,11 +39,13 @@ pub fn widen_send_buffer(socket: std::os::fd::BorrowedFd<'_>) {
 /// the caller; I/O then goes straight to the engine handle.
 pub struct NbdCatalog {
     service: Arc<Service>,
+    /// Serves the TCP listener (else the unix socket, whose mode already decided who).
+    network: bool,
 }
 
 impl NbdCatalog {
-    pub fn new(service: Arc<Service>) -> NbdCatalog {
-        NbdCatalog { service }
+    pub fn new(service: Arc<Service>, network: bool) -> NbdCatalog {
+        NbdCatalog { service, network }
     }
 }
 
@@ -95,12 +97,12 @@ impl ExportCatalog for NbdCatalog {
     type Export = NbdExport;
 
     fn list(&self, peer: &Peer) -> Vec<(String, String)> {
-        self.service.export_names(&self.service.nbd_caller(&peer.client_names)).unwrap_or_default()
+        self.service.export_names(&self.service.nbd_caller(&peer.client_names, self.network)).unwrap_or_default()
     }
 
     fn open(&self, peer: &Peer, name: &str) -> Result<NbdExport, String> {
         let block = |cluster_size: u32| (1, 4096.min(cluster_size), MAX_REQUEST);
-        let caller = self.service.nbd_caller(&peer.client_names);
+        let caller = self.service.nbd_caller(&peer.client_names, self.network);
         match self.service.open_export(&caller, name).map_err(|e| e.to_string())? {
             ExportHandle::Snapshot(h) => {
                 let mut meta_contexts = vec![BASE_ALLOCATION.to_string()];

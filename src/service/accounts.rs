@@ -21,7 +21,7 @@ use super::{Access, Caller, Error, Result, Service};
 use crate::engine::validate_name;
 
 /// The account that owns resources named without an account prefix.
-pub const DEFAULT_ACCOUNT: &str = "default";
+pub use crate::engine::{owned_name, owner_of, DEFAULT_ACCOUNT};
 /// Most tokens per account (each is checked by hash on every request; revoked ones go).
 const MAX_TOKENS_PER_ACCOUNT: usize = 64;
 
@@ -80,19 +80,6 @@ impl std::str::FromStr for Role {
             .into_iter()
             .find(|r| r.name() == s)
             .ok_or_else(|| format!("unknown role '{s}': use admin, owner, operator, reader or append-only"))
-    }
-}
-
-/// The account owning a stored name (`acme/db` → `acme`, `db` → `default`).
-pub fn owner_of(name: &str) -> &str {
-    name.split_once('/').map_or(DEFAULT_ACCOUNT, |(account, _)| account)
-}
-
-/// `name` as stored for `account`: prefixed, except for the default account.
-pub fn owned_name(account: &str, name: &str) -> String {
-    match account {
-        DEFAULT_ACCOUNT => name.to_string(),
-        _ => format!("{account}/{name}"),
     }
 }
 
@@ -197,6 +184,11 @@ impl Accounts {
             .map_err(|e| Error::Internal(format!("cannot write {}: {e}", self.path.display())))
     }
 
+    /// The accounts besides `default`.
+    pub(super) fn names(&self) -> Vec<String> {
+        self.state.lock().accounts.keys().cloned().collect()
+    }
+
     pub(super) fn exists(&self, name: &str) -> bool {
         name == DEFAULT_ACCOUNT || self.state.lock().accounts.contains_key(name)
     }
@@ -232,17 +224,22 @@ impl Service {
     /// Who an NBD client is. With a verified client certificate one of whose names an account
     /// claims as a TLS identity: that account, as an operator (read-write exports of its own
     /// volumes, read-only of its snapshots). Otherwise — no certificate, or one no account
-    /// claims (the daemon's CA signed it all the same) — the socket's own check decided (the
-    /// unix socket's mode, or the TLS handshake on TCP), as before accounts.
-    pub fn nbd_caller(&self, client_names: &[String]) -> Caller {
+    /// claims — on the unix socket, whose mode decided who may connect, an administrator as
+    /// before accounts; on TCP (`network`), the default account's operator: the exports with
+    /// bare names, as before accounts, and never another account's.
+    pub fn nbd_caller(&self, client_names: &[String], network: bool) -> Caller {
         let st = self.accounts.state.lock();
         let claimed = st.accounts.values().find(|a| a.tls_identities.iter().any(|i| client_names.contains(i)));
+        let operator = |account: &str, token: String| Caller::Account {
+            account: account.to_string(),
+            role: Role::Operator,
+            token,
+        };
         match claimed {
-            Some(a) => Caller::Account {
-                account: a.name.clone(),
-                role: Role::Operator,
-                token: format!("tls:{}", client_names.first().map_or("", String::as_str)),
-            },
+            Some(a) => operator(&a.name, format!("tls:{}", client_names.first().map_or("", String::as_str))),
+            None if network => {
+                operator(DEFAULT_ACCOUNT, format!("tls:{}", client_names.first().map_or("anonymous", String::as_str)))
+            }
             None => Caller::Local,
         }
     }

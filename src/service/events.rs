@@ -57,6 +57,30 @@ pub enum Event {
         id: String,
         by: String,
     },
+    /// Shared with account `with` (`snapshot share`).
+    SnapshotShared {
+        volume: String,
+        snapshot: String,
+        id: String,
+        with: String,
+        by: String,
+    },
+    /// A share ended (`snapshot unshare`): volumes made from it load until `grace_until`.
+    SnapshotUnshared {
+        volume: String,
+        snapshot: String,
+        id: String,
+        with: String,
+        grace_until: u64,
+        by: String,
+    },
+    /// A volume of one account made from a snapshot another account shared with it.
+    SharedVolumeCreated {
+        volume: String,
+        from: String,
+        owner: String,
+        by: String,
+    },
     VolumeDeleted {
         volume: String,
         id: String,
@@ -106,6 +130,16 @@ pub enum Event {
 }
 
 impl Event {
+    /// Whether the event concerns `account`: its owner's, or the other side of a share.
+    pub fn concerns(&self, sees: impl Fn(&str) -> bool) -> bool {
+        let other = match self {
+            Event::SnapshotShared { with, .. } | Event::SnapshotUnshared { with, .. } => Some(with.as_str()),
+            Event::SharedVolumeCreated { owner, .. } => Some(owner.as_str()),
+            _ => None,
+        };
+        sees(self.account()) || other.is_some_and(sees)
+    }
+
     /// The account the event is about: only its callers (and administrators) see it.
     pub fn account(&self) -> &str {
         use super::accounts::owner_of;
@@ -115,6 +149,9 @@ impl Event {
             | Event::SnapshotExpired { volume, .. }
             | Event::SnapshotRestored { volume, .. }
             | Event::SnapshotPurged { volume, .. }
+            | Event::SnapshotShared { volume, .. }
+            | Event::SnapshotUnshared { volume, .. }
+            | Event::SharedVolumeCreated { volume, .. }
             | Event::VolumeDeleted { volume, .. }
             | Event::QuotaHit { volume, .. }
             | Event::UploadFailed { volume, .. } => owner_of(volume),
@@ -264,7 +301,7 @@ impl Service {
         let after = q.after.unwrap_or(0);
         let limit = q.limit.unwrap_or(100).clamp(1, KEPT);
         let mut newest = self.events.newest.subscribe();
-        let seen = |e: &Event| caller.sees_account(e.account());
+        let seen = |e: &Event| e.concerns(|a| caller.sees_account(a));
         let found = self.events.after(after, limit, seen);
         let wait = Duration::from_secs(q.wait.unwrap_or(0)).min(MAX_WAIT);
         if !found.is_empty() || wait.is_zero() {

@@ -643,7 +643,7 @@ impl Service {
         region: &str,
     ) -> Result<Vec<crate::store::format::GroupManifest>> {
         caller.may(Access::Read)?;
-        let mut all = self.store.region(region).await?.group_manifests().await?;
+        let mut all = self.store.region(&caller.repository(region)?).await?.group_manifests().await?;
         all.retain(|g| caller.sees(&g.group));
         Ok(all)
     }
@@ -666,10 +666,8 @@ impl Service {
                 (out, req.region.clone())
             }
             Err(_) => {
-                let names: Vec<String> = match &req.region {
-                    Some(r) => vec![r.clone()],
-                    None => self.store.region_names(),
-                };
+                let repository = req.region.as_deref().map(|reg| caller.repository(reg)).transpose()?;
+                let names = self.store.repositories(caller.account(), repository.as_deref());
                 let mut found = None;
                 for name in names {
                     let gs = self.store.region(&name).await?.group_manifests().await?;

@@ -42,8 +42,9 @@ impl Service {
         self.snapshot(caller, &snap.id)
     }
 
-    /// Refuses to delete a held snapshot, saying how to release it.
+    /// Refuses to delete a held or shared snapshot, saying how to release it.
     pub(super) fn check_not_held(&self, id: &str, name: &str) -> Result<()> {
+        self.check_not_shared(id, name)?;
         match self.lifecycle.lock().holds.get(id) {
             None => Ok(()),
             Some(h) => Err(Error::Held(format!(

@@ -56,6 +56,9 @@ pub struct LifecycleState {
     /// still carry it). Forgotten at start once no snapshot carries the id.
     #[serde(default)]
     pub deleted_group_snapshots: BTreeSet<String>,
+    /// Snapshot id → account → this node's share of it with that account (see `shares.rs`).
+    #[serde(default)]
+    pub shares: BTreeMap<String, BTreeMap<String, LocalShare>>,
     /// What changed since the last save.
     #[serde(skip)]
     touched: BTreeSet<Key>,
@@ -176,6 +179,48 @@ pub struct HistoryEntry {
     pub removed: Vec<String>,
 }
 
+/// A share this node made, as the owner's node keeps it (the store's grant is the one other
+/// nodes read).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LocalShare {
+    pub repository: String,
+    pub granted_at: u64,
+    #[serde(default)]
+    pub expires: Option<u64>,
+    #[serde(default)]
+    pub revoked_at: Option<u64>,
+    #[serde(default)]
+    pub grace_until: Option<u64>,
+}
+
+impl LocalShare {
+    pub fn of(g: &crate::store::shares::ShareGrant) -> LocalShare {
+        LocalShare {
+            repository: g.repository.clone(),
+            granted_at: g.granted_at,
+            expires: g.expires,
+            revoked_at: g.revoked_at,
+            grace_until: g.grace_until,
+        }
+    }
+
+    /// The grant this record stands for, of snapshot `snap` to `with`.
+    pub fn grant(&self, snap: &crate::engine::SnapshotInfo, with: &str) -> crate::store::shares::ShareGrant {
+        crate::store::shares::ShareGrant {
+            snapshot_id: snap.id.clone(),
+            repository: self.repository.clone(),
+            volume: snap.volume.clone(),
+            snapshot: snap.name.clone(),
+            owner: crate::engine::owner_of(&snap.volume).to_string(),
+            recipient: with.to_string(),
+            granted_at: self.granted_at,
+            expires: self.expires,
+            revoked_at: self.revoked_at,
+            grace_until: self.grace_until,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Hold {
     pub since: u64,
@@ -202,6 +247,8 @@ pub enum Key {
     Group(String),
     GroupSnapshot(String),
     DeletedGroupSnapshot(String),
+    /// Every share of a snapshot.
+    Share(String),
 }
 
 /// One entry of `meta/lifecycle.log`: the new value of a part of the state (`None`: gone), or
@@ -222,6 +269,7 @@ enum Change {
     Group { name: String, value: Option<GroupRecord> },
     GroupSnapshot { id: String, value: Option<GroupSnapshotRecord> },
     DeletedGroupSnapshot { id: String, deleted: bool },
+    Share { snapshot: String, value: Option<BTreeMap<String, LocalShare>> },
 }
 
 impl LifecycleState {
@@ -311,6 +359,7 @@ impl LifecycleState {
                 Key::DeletedGroupSnapshot(id) => {
                     Change::DeletedGroupSnapshot { deleted: self.deleted_group_snapshots.contains(&id), id }
                 }
+                Key::Share(snapshot) => Change::Share { value: self.shares.get(&snapshot).cloned(), snapshot },
             })
             .collect();
         // Appends after the whole-history puts: a put carries the entries appended before it
@@ -364,6 +413,7 @@ impl LifecycleState {
                     self.deleted_group_snapshots.remove(&id);
                 }
             }
+            Change::Share { snapshot, value } => put(&mut self.shares, snapshot, value),
         }
     }
 

@@ -18,6 +18,7 @@ mod metrics;
 mod policies;
 mod quotas;
 mod regions;
+mod shares;
 mod snapshots;
 #[cfg(test)]
 mod testing;
@@ -38,6 +39,7 @@ pub use lifecycle::{BinLock, Binned, HistoryEntry, Hold, Outcome};
 pub use policies::{CreatePolicy, PolicyTarget, PolicyView, PolicyVolumeView, PolicyVolumes, PruneView};
 pub use quotas::QuotaView;
 pub use regions::{GcRequest, KeyFile};
+pub use shares::{ShareRequest, ShareView, SharedQuery, UnshareRequest};
 pub use snapshots::{CloneSnapshot, CreateSnapshot, ExportRequest, MemberOf, Rollback, SnapshotView};
 pub use volumes::{CreateVolume, VolumeView};
 
@@ -115,6 +117,26 @@ impl Caller {
         match self {
             Caller::Account { account: own, role, .. } => *role == Role::Admin || own == account,
             Caller::Local | Caller::Daemon(_) => true,
+        }
+    }
+
+    /// The account the caller acts for (administrators of the socket: `default`).
+    pub fn account(&self) -> &str {
+        match self {
+            Caller::Account { account, .. } => account,
+            Caller::Local | Caller::Daemon(_) => accounts::DEFAULT_ACCOUNT,
+        }
+    }
+
+    /// A region as the caller names it, as the repository it means (`local` → the caller's
+    /// account's repository in region `local`; `ACCOUNT/REGION` another account's, for
+    /// administrators); another account's is refused as missing.
+    pub fn repository(&self, region: &str) -> Result<String> {
+        let repo = self.qualify(region);
+        if self.sees(&repo) {
+            Ok(repo)
+        } else {
+            Err(Error::NotFound(format!("no region named '{region}'")))
         }
     }
 
@@ -321,7 +343,12 @@ impl Service {
             loop {
                 tokio::time::sleep(every).await;
                 let Some(s) = svc.upgrade() else { return };
-                for name in s.store.opened_regions() {
+                // Each region once: its GC covers every account's repository there.
+                let mut regions: Vec<String> =
+                    s.store.opened_regions().iter().map(|r| crate::engine::bare_name(r).to_string()).collect();
+                regions.sort();
+                regions.dedup();
+                for name in regions {
                     match s.gc_region(&caller, &name, None).await {
                         Ok(r) => tracing::info!(region = %name, deleted = r.packs_deleted, "background GC done"),
                         Err(e) => tracing::warn!(region = %name, error = %e, "background GC failed"),
@@ -344,6 +371,7 @@ impl Service {
         caller.may(Access::Read)?;
         self.jobs
             .get(id)
+            .filter(|j| caller.sees_account(&j.account))
             .ok_or_else(|| Error::NotFound(format!("no job {id} (jobs are kept until the daemon restarts)")))
     }
 }

@@ -271,6 +271,7 @@ impl Service {
             return Err(refused);
         }
         self.forget_snapshot(&snap.id, &snap.volume_id);
+        self.forget_shares(snap).await;
         tracing::debug!(snapshot = %snap.id, by = %caller, "snapshot deleted for good");
         self.store.snapshot_deleted(&snap.id).await?;
         self.volume_gone_if_empty(&snap.volume_id).await;
@@ -322,21 +323,25 @@ impl Service {
     /// Re-reads everything the snapshot needs from the store and checks it, as a job.
     pub async fn verify_snapshot(&self, caller: &Caller, r: &str, region: Option<String>) -> Result<JobView> {
         caller.may(Access::Read)?;
+        let region = region.map(|reg| caller.repository(&reg)).transpose()?;
         let r2 = self.store_ref(caller, r, region.as_deref()).await?;
         let store = self.store.clone();
-        Ok(self.jobs.spawn("verify", r, move |job| async move { store.verify(&r2, region.as_deref(), &job).await }))
+        Ok(self.jobs.spawn("verify", r, caller.account(), move |job| async move {
+            store.verify(&r2, region.as_deref(), &job).await
+        }))
     }
 
     /// Writes the snapshot's content to a file of this machine, reading only from the store,
     /// as a job. (Files of the daemon's machine: administrators only.)
-    pub async fn export_snapshot(&self, caller: &Caller, r: &str, req: ExportRequest) -> Result<JobView> {
+    pub async fn export_snapshot(&self, caller: &Caller, r: &str, mut req: ExportRequest) -> Result<JobView> {
         caller.may(Access::Admin)?;
+        req.region = req.region.map(|reg| caller.repository(&reg)).transpose()?;
         let r = &self.store_ref(caller, r, req.region.as_deref()).await?;
         if !req.output.is_absolute() {
             return Err(Error::Invalid(format!("export output '{}' must be an absolute path", req.output.display())));
         }
         let (store, r2) = (self.store.clone(), r.to_string());
-        Ok(self.jobs.spawn("export", r, move |job| async move {
+        Ok(self.jobs.spawn("export", r, caller.account(), move |job| async move {
             store.export(&r2, req.region.as_deref(), &req.output, req.format, req.force, &job).await
         }))
     }
@@ -351,7 +356,7 @@ impl Service {
             return Ok(self.live_snapshot(caller, r)?.id);
         }
         if crate::engine::parse_snapshot_id(r).is_some() && !matches!(caller, Caller::Local | Caller::Daemon(_)) {
-            let (_, m) = self.store.find_remote(r, region).await?;
+            let (_, m) = self.store.find_remote(r, caller.account(), region).await?;
             if !caller.sees(&m.volume_name) {
                 return Err(Error::NotFound(format!(
                     "no snapshot {r} in the configured regions; list them with: snapblk snapshot list --region REGION"

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::events::Event;
-use super::{blocking, Access, Caller, Error, Result, Service, SnapshotView};
+use super::{blocking, owner_of, Access, Caller, Error, Result, Service, SnapshotView};
 use crate::attach::{AttachRequest, Attachment};
 use crate::engine::{parse_snapshot_id, parse_volume_id, EngineError, ErrorKind, RemoteSource, VolumeInfo};
 use crate::policy::{OnVolumeDelete, Policy};
@@ -131,9 +131,19 @@ impl Service {
         r: &str,
         region: Option<&str>,
     ) -> Result<VolumeView> {
-        if let Some(reg) = region {
+        // The new volume's account's repository in `region` (an administrator may name
+        // another account's: `ACCOUNT/REGION`).
+        let owner = owner_of(name);
+        let repository = region
+            .map(|reg| match reg.contains('/') {
+                true => caller.repository(reg),
+                false => Ok(super::accounts::owned_name(owner, reg)),
+            })
+            .transpose()?;
+        if let Some(reg) = &repository {
             self.store.check_region(reg)?;
         }
+        let region = repository.as_deref();
         let (info, home) = match self.live_snapshot(caller, r) {
             Ok(snap) => {
                 // A clone keeps its origin volume's home region.
@@ -157,9 +167,21 @@ impl Service {
                     Some(_) => r.to_string(),
                     None => self.store.find_remote_by_name(&caller.qualify_ref(r), region).await?,
                 };
-                let (region, m) = self.store.find_remote(&id, region).await?;
-                // Another account's snapshot in a shared region is missing, for this caller.
-                if !caller.sees(&m.volume_name) {
+                // The new volume's account's repositories, else a snapshot another account
+                // shared with it (by id only: names of other accounts' volumes stay unseen).
+                let recipient = owner;
+                let (region, m, shared) = match self.store.find_remote(&id, recipient, region).await {
+                    Ok((region, m)) => (region, m, None),
+                    Err(e) if e.kind() == ErrorKind::NotFound && parse_snapshot_id(r).is_some() => {
+                        let g = self.share_for_new_volume(recipient, &id, region).await?;
+                        let (region, m) = self.store.find_remote(&id, recipient, Some(&g.repository)).await?;
+                        (region, m, Some(g))
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                // A snapshot of another account in the caller's own repository is missing
+                // for it (an administrator's restore of one names the repository).
+                if shared.is_none() && !caller.sees(&m.volume_name) {
                     let names = region.name.clone();
                     return Err(Error::Store(crate::store::StoreError::NotFound(format!(
                         "no snapshot {id} in region(s) {names}; list them with: snapblk snapshot list --region REGION"
@@ -171,7 +193,19 @@ impl Service {
                     RemoteSource { region: region.name.clone(), snapshot: parse_snapshot_id(&id).unwrap_or_default() };
                 let (e, n2) = (self.engine.clone(), name.to_string());
                 match blocking(move || e.create_volume_from_remote(&n2, m.size, m.cluster_size, &source)).await {
-                    Ok(info) => (info, region.name.clone()),
+                    // The volume's home is the region; its snapshots go to its owner's
+                    // repository there.
+                    Ok(info) => {
+                        if let Some(g) = shared {
+                            self.event(super::Event::SharedVolumeCreated {
+                                volume: info.name.clone(),
+                                from: format!("{} ({}@{})", g.snapshot_id, g.volume, g.snapshot),
+                                owner: g.owner,
+                                by: caller.to_string(),
+                            });
+                        }
+                        (info, crate::engine::bare_name(&region.name).to_string())
+                    }
                     Err(e) => {
                         self.store.renew_holds().await;
                         return Err(e);

@@ -233,6 +233,43 @@ pub struct RegionConfig {
     pub faults: Faults,
 }
 
+impl RegionConfig {
+    /// The repository of `account` in this region (docs/FORMAT.md, "Accounts' repositories"):
+    /// its objects under `accounts/ACCOUNT/` of the region, its repository key wrapped by the
+    /// account's key file, its own blob index — its own key and dedup domain. The default
+    /// account's repository is the region itself.
+    pub fn for_account(&self, account: &str, dir: &Path) -> RegionConfig {
+        if account == crate::engine::DEFAULT_ACCOUNT {
+            return self.clone();
+        }
+        let mut cfg = self.clone();
+        cfg.name = crate::engine::owned_name(account, &self.name);
+        cfg.backend = match &self.backend {
+            Backend::Fs { path } => Backend::Fs { path: path.join("accounts").join(account) },
+            Backend::S3 { endpoint, bucket, prefix, region, access_key_id, secret_access_key } => Backend::S3 {
+                endpoint: endpoint.clone(),
+                bucket: bucket.clone(),
+                prefix: match prefix.trim_matches('/') {
+                    "" => format!("accounts/{account}"),
+                    p => format!("{p}/accounts/{account}"),
+                },
+                region: region.clone(),
+                access_key_id: access_key_id.clone(),
+                secret_access_key: secret_access_key.clone(),
+            },
+        };
+        cfg.key_file = account_key_file(dir, account);
+        cfg.key_file_configured = false;
+        cfg
+    }
+}
+
+/// An account's key file, which wraps its repository keys in every region (generated on
+/// its first upload; `snapblk key export --account ACCOUNT` shows it for a backup).
+pub fn account_key_file(dir: &Path, account: &str) -> PathBuf {
+    dir.join("keys").join("accounts").join(format!("{account}.key"))
+}
+
 impl std::fmt::Debug for RegionConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RegionConfig")

@@ -21,6 +21,9 @@ pub enum StoreError {
     Missing(String),
     #[error("{0}")]
     WrongKey(String),
+    /// Another account's snapshot whose share with this one has ended.
+    #[error("{0}")]
+    ShareEnded(String),
     /// The store kept failing after retries.
     #[error("the object store failed: {0}")]
     Unavailable(String),
@@ -40,6 +43,7 @@ impl StoreError {
             StoreError::NotFound(_) => ErrorKind::NotFound,
             StoreError::Invalid(_) | StoreError::Config(_) => ErrorKind::Invalid,
             StoreError::Busy(_) => ErrorKind::Busy,
+            StoreError::ShareEnded(_) => ErrorKind::Forbidden,
             StoreError::Corrupt { .. } | StoreError::Missing(_) | StoreError::WrongKey(_) => ErrorKind::Corrupt,
             StoreError::Unavailable(_) => ErrorKind::Unavailable,
             StoreError::Io { .. } => ErrorKind::Io,

@@ -48,6 +48,27 @@ pub struct GcReport {
     pub manifests_rewritten: u64,
 }
 
+impl GcReport {
+    /// Two repositories' reports as one (a region's: every account's repository in it).
+    pub fn merged(self, o: GcReport) -> GcReport {
+        GcReport {
+            region: crate::engine::bare_name(&self.region).to_string(),
+            manifests: self.manifests + o.manifests,
+            packs: self.packs + o.packs,
+            packs_deleted: self.packs_deleted + o.packs_deleted,
+            bytes_deleted: self.bytes_deleted + o.bytes_deleted,
+            packs_young: self.packs_young + o.packs_young,
+            packs_condemned: self.packs_condemned + o.packs_condemned,
+            packs_waiting: self.packs_waiting + o.packs_waiting,
+            live_bytes: self.live_bytes + o.live_bytes,
+            stored_bytes: self.stored_bytes + o.stored_bytes,
+            packs_repacked: self.packs_repacked + o.packs_repacked,
+            bytes_repacked: self.bytes_repacked + o.bytes_repacked,
+            manifests_rewritten: self.manifests_rewritten + o.manifests_rewritten,
+        }
+    }
+}
+
 /// A map page of a manifest: its index, where it is stored, and its content.
 type MarkedPage = (u64, BlobRef, Page);
 /// A pack's blobs, as the index records them: id, offset, sealed length.

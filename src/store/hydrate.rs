@@ -29,6 +29,7 @@ use super::error::{Result, StoreError};
 use super::format::{manifest_key, pack_key, BlobRef, Manifest, Page, PAGE_CLUSTERS};
 use super::objects::RateLimiter;
 use super::region::{coalesce, Region, RESTORE_RUN};
+use super::shares::ShareState;
 use super::StoreService;
 use crate::engine::{self, ClusterSource, EngineError, Priority, RemoteSource};
 
@@ -188,8 +189,15 @@ pub struct Hydration {
     foreground: AtomicUsize,
     idle: Notify,
     volumes: Mutex<HashMap<u64, Arc<VolumeProgress>>>,
+    /// Sources whose share with the accounts loading from them has ended (with why), and
+    /// those still readable (`None`), with when that was found (`share_ended`).
+    grants: Mutex<HashMap<RemoteSource, (Instant, Option<String>)>>,
     self_ref: Weak<Hydration>,
 }
+
+/// How long a share grant read from the store is trusted before it is read again: an
+/// unshare's grace period ends within this of its time on every node.
+const SHARE_RECHECK: Duration = Duration::from_secs(5);
 
 /// Counts a foreground fetch while it is in flight.
 struct ForegroundGuard<'a>(&'a Hydration);
@@ -227,6 +235,7 @@ impl Hydration {
             foreground: AtomicUsize::new(0),
             idle: Notify::new(),
             volumes: Mutex::new(HashMap::new()),
+            grants: Mutex::new(HashMap::new()),
             self_ref: self_ref.clone(),
         })
     }
@@ -252,8 +261,64 @@ impl Hydration {
         }
     }
 
+    /// Why `source` may no longer be read, if so: it is another account's snapshot, shared
+    /// with the accounts whose volumes load from it, and the share has ended (revoked or
+    /// expired, then its grace period over). A snapshot with no grant at all (the owner's
+    /// own, or one an administrator restored across accounts) stays readable. The answer is
+    /// kept for `SHARE_RECHECK`: a fetch costs one lookup.
+    pub async fn share_ended(&self, source: &RemoteSource) -> Option<String> {
+        if let Some((at, why)) = self.grants.lock().get(source) {
+            if at.elapsed() < SHARE_RECHECK {
+                return why.clone();
+            }
+        }
+        let why = self.check_share(source).await;
+        self.grants.lock().insert(source.clone(), (Instant::now(), why.clone()));
+        why
+    }
+
+    async fn check_share(&self, source: &RemoteSource) -> Option<String> {
+        let owner = engine::owner_of(&source.region);
+        let loading = self.engine.hydrating_volumes();
+        let recipients: std::collections::BTreeSet<&str> =
+            loading.iter().filter(|(_, _, of)| of == source).map(|(_, name, _)| engine::owner_of(name)).collect();
+        if recipients.contains(owner) {
+            return None;
+        }
+        let svc = self.svc.upgrade()?;
+        let (region, id) = (engine::bare_name(&source.region), engine::snapshot_id(source.snapshot));
+        let now = self.engine.clock().now();
+        for recipient in recipients {
+            // Unreadable now: the last answer stands (none: readable).
+            let grant = match svc.share(region, recipient, &id).await {
+                Ok(g) => g,
+                Err(_) => return self.grants.lock().get(source).and_then(|(_, why)| why.clone()),
+            };
+            match grant.as_ref().map(|g| g.state(now)) {
+                Some(ShareState::Ended) => return grant.map(|g| g.ended_message()),
+                // Revoked, in its grace period: what loads from it loads now, in the
+                // background, before the grace ends.
+                Some(ShareState::Grace) => self.load_dependents(source),
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// Starts the background load of every volume loading from `source` (not running yet).
+    fn load_dependents(&self, source: &RemoteSource) {
+        for (volume, _, of) in self.engine.hydrating_volumes() {
+            if of == *source {
+                self.start(volume);
+            }
+        }
+    }
+
     /// One cluster, read from the store; a location gone after GC is looked up again once.
     async fn fetch_cluster(&self, source: &RemoteSource, c: u64) -> Result<Option<Bytes>> {
+        if let Some(why) = self.share_ended(source).await {
+            return Err(StoreError::ShareEnded(why));
+        }
         let mut again = true;
         loop {
             let view = self.view(source).await?;
@@ -285,9 +350,12 @@ impl Hydration {
             loop {
                 match self.fetch_cluster(&source, c).await {
                     Ok(v) => return Ok(v),
-                    Err(e @ (StoreError::Corrupt { .. } | StoreError::Missing(_) | StoreError::Config(_))) => {
-                        return Err(e)
-                    }
+                    Err(
+                        e @ (StoreError::Corrupt { .. }
+                        | StoreError::Missing(_)
+                        | StoreError::Config(_)
+                        | StoreError::ShareEnded(_)),
+                    ) => return Err(e),
                     Err(e) => {
                         *last_error.lock() = Some(e.to_string());
                         tokio::time::sleep(backoff).await;
@@ -467,6 +535,10 @@ impl Hydration {
             Err(e) => Err(StoreError::Unavailable(format!("a hydration task failed: {e}"))),
         };
         for index in 0..clusters.div_ceil(PAGE_CLUSTERS) {
+            // A share ending stops the load between pages, not only at the next pass.
+            if let Some(why) = self.share_ended(source).await {
+                return Err(StoreError::ShareEnded(why));
+            }
             let start = index * PAGE_CLUSTERS;
             let Some(pending) = self.engine.pending_clusters(volume, source, start..start + PAGE_CLUSTERS) else {
                 return Ok(false);

@@ -17,6 +17,7 @@ pub mod objects;
 mod ops;
 pub mod region;
 pub mod shared;
+pub mod shares;
 pub mod state;
 pub mod upload;
 
@@ -74,7 +75,9 @@ pub struct StoreService {
     engine: Arc<Engine>,
     pub config: Config,
     limiter: Option<Arc<RateLimiter>>,
-    regions: HashMap<String, tokio::sync::OnceCell<Arc<Region>>>,
+    /// Repositories by name (`REGION` is the default account's, `ACCOUNT/REGION` another
+    /// account's: see [`RegionConfig::for_account`]), each opened on first use.
+    repos: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Arc<Region>>>>>,
     state: Mutex<RemoteState>,
     state_file: StateFile,
     saving: Mutex<()>,
@@ -132,14 +135,13 @@ impl StoreService {
         // here, so its manifest must stay (the user may delete it again).
         state.deferred_deletes.retain(|id, _| !snaps.contains(id));
         let (queue, queue_rx) = tokio::sync::mpsc::unbounded_channel();
-        let regions = config.regions.keys().map(|k| (k.clone(), tokio::sync::OnceCell::new())).collect();
         let (engine_for_hydration, hydrate_config) = (engine.clone(), config.hydrate.clone());
         let svc = Arc::new_cyclic(|self_ref| StoreService {
             dir: dir.to_path_buf(),
             engine,
             limiter: RateLimiter::new(config.bandwidth_limit),
             config,
-            regions,
+            repos: Mutex::default(),
             state: Mutex::new(state),
             state_file,
             saving: Mutex::new(()),
@@ -240,52 +242,93 @@ impl StoreService {
         self.state_file.save(&changes, sync, || self.state.lock().clone())
     }
 
+    /// Whether `name` names a configured region, or an account's repository in one
+    /// (`ACCOUNT/REGION`).
     pub fn check_region(&self, name: &str) -> Result<()> {
-        if self.config.regions.contains_key(name) {
+        let region = crate::engine::bare_name(name);
+        let account = crate::engine::owner_of(name);
+        if self.config.regions.contains_key(region) && crate::engine::validate_name("account", account).is_ok() {
             return Ok(());
         }
         let names: Vec<_> = self.config.regions.keys().cloned().collect();
         Err(StoreError::NotFound(format!(
-            "no region named '{name}' (configured: {}); add it to {}",
+            "no region named '{region}' (configured: {}); add it to {}",
             names.join(", "),
             self.dir.join(config::CONFIG_FILE).display()
         )))
+    }
+
+    /// The daemon's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     pub fn region_names(&self) -> Vec<String> {
         self.config.regions.keys().cloned().collect()
     }
 
-    /// The regions opened so far (used since the daemon started).
+    /// The repositories opened so far (used since the daemon started).
     pub fn opened_regions(&self) -> Vec<String> {
-        self.regions.iter().filter(|(_, c)| c.initialized()).map(|(n, _)| n.clone()).collect()
+        let mut out: Vec<String> =
+            self.repos.lock().iter().filter(|(_, c)| c.initialized()).map(|(n, _)| n.clone()).collect();
+        out.sort();
+        out
     }
 
-    /// Every configured region's request counters since the daemon started; zeros for a
-    /// region not used yet (opening one here would reach out to its store).
+    /// Every configured region's request counters since the daemon started (zeros for one
+    /// not used yet: opening it here would reach out to its store), and those of every
+    /// account's repository opened.
     pub fn region_metrics(&self) -> Vec<(String, objects::MetricsView)> {
-        let mut out: Vec<_> = self
-            .regions
-            .iter()
-            .map(|(name, cell)| (name.clone(), cell.get().map(|r| r.objects.metrics.view()).unwrap_or_default()))
-            .collect();
+        let repos = self.repos.lock();
+        let mut out: Vec<_> =
+            self.config
+                .regions
+                .keys()
+                .filter(|name| !repos.contains_key(*name))
+                .map(|name| (name.clone(), objects::MetricsView::default()))
+                .chain(repos.iter().map(|(name, cell)| {
+                    (name.clone(), cell.get().map(|r| r.objects.metrics.view()).unwrap_or_default())
+                }))
+                .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }
 
-    /// The opened region (opening it on first use; a failure is retried on the next call).
+    /// The opened repository `name` — a region (the default account's repository) or
+    /// `ACCOUNT/REGION` — opening it on first use (a failure is retried on the next call).
     pub async fn region(&self, name: &str) -> Result<Arc<Region>> {
         self.check_region(name)?;
-        let cell = &self.regions[name];
-        let cfg = &self.config.regions[name];
-        cell.get_or_try_init(|| async { Region::open(cfg, &self.dir, self.limiter.clone()).await.map(Arc::new) })
+        let cell = self.repos.lock().entry(name.to_string()).or_default().clone();
+        let cfg =
+            self.config.regions[crate::engine::bare_name(name)].for_account(crate::engine::owner_of(name), &self.dir);
+        cell.get_or_try_init(|| async { Region::open(&cfg, &self.dir, self.limiter.clone()).await.map(Arc::new) })
             .await
             .cloned()
     }
 
+    /// Whether account `name`'s repository exists in its region (without creating it).
+    pub async fn repository_exists(&self, name: &str) -> Result<bool> {
+        self.check_region(name)?;
+        if self.repos.lock().get(name).is_some_and(|c| c.initialized()) {
+            return Ok(true);
+        }
+        let cfg =
+            self.config.regions[crate::engine::bare_name(name)].for_account(crate::engine::owner_of(name), &self.dir);
+        match objects::Objects::open(&cfg, None)?.get(format::REPO_KEY_OBJECT).await {
+            Ok(_) => Ok(true),
+            Err(StoreError::Missing(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The repository a volume's snapshots go to: its owner's in its home region.
+    pub fn repository_of(&self, volume_id: &str, volume_name: &str) -> String {
+        crate::engine::owned_name(crate::engine::owner_of(volume_name), &self.volume_region(volume_id))
+    }
+
     /// A manifest this daemon has read already (without I/O: for views).
     pub fn cached_manifest(&self, region: &str, snapshot_id: &str) -> Option<Arc<format::Manifest>> {
-        self.regions.get(region)?.get()?.cached_manifest(snapshot_id)
+        self.repos.lock().get(region)?.get()?.cached_manifest(snapshot_id)
     }
 
     pub fn volume_region(&self, volume_id: &str) -> String {
@@ -317,7 +360,7 @@ impl StoreService {
     /// Queues an upload (its status is `uploading` from now on, persistently, so a restart
     /// resumes it).
     fn start_upload(&self, snap: &SnapshotInfo) -> Result<()> {
-        let region = self.volume_region(&snap.volume_id);
+        let region = self.repository_of(&snap.volume_id, &snap.volume);
         let mut st = self.state.lock();
         st.snapshots.insert(
             snap.id.clone(),
@@ -727,12 +770,24 @@ impl StoreService {
         by_region
     }
 
-    /// A snapshot id in the store: in `region`, or the first configured region holding it.
-    pub async fn find_remote(&self, id: &str, region: Option<&str>) -> Result<(Arc<Region>, Arc<format::Manifest>)> {
-        let names: Vec<String> = match region {
+    /// The repositories to look in: `repository` (a region for the default account, or
+    /// `ACCOUNT/REGION`), or `account`'s in every configured region.
+    pub fn repositories(&self, account: &str, repository: Option<&str>) -> Vec<String> {
+        match repository {
             Some(r) => vec![r.to_string()],
-            None => self.region_names(),
-        };
+            None => self.region_names().iter().map(|r| crate::engine::owned_name(account, r)).collect(),
+        }
+    }
+
+    /// A snapshot id in the store: in `repository`, or the first of `account`'s repositories
+    /// holding it.
+    pub async fn find_remote(
+        &self,
+        id: &str,
+        account: &str,
+        repository: Option<&str>,
+    ) -> Result<(Arc<Region>, Arc<format::Manifest>)> {
+        let names = self.repositories(account, repository);
         let mut problems = Vec::new();
         for name in &names {
             let found = async { self.region(name).await?.manifest(id).await.map(|m| (name, m)) }.await;

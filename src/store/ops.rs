@@ -231,7 +231,7 @@ impl StoreService {
 
     pub async fn region_info(&self, name: &str) -> Result<RegionInfo> {
         let region = self.region(name).await?;
-        let cfg = &self.config.regions[name];
+        let cfg = &self.config.regions[crate::engine::bare_name(name)];
         let (kind, location) = match &cfg.backend {
             Backend::Fs { path } => ("fs", path.display().to_string()),
             Backend::S3 { endpoint, bucket, prefix, .. } => {
@@ -292,10 +292,8 @@ impl StoreService {
         let Some((volume, snapshot)) = r.split_once('@') else {
             return Err(StoreError::NotFound(format!("no snapshot '{r}' here or in the store")));
         };
-        let names: Vec<String> = match region {
-            Some(r) => vec![r.to_string()],
-            None => self.region_names(),
-        };
+        // The volume's owner's repositories (the name says who owns it).
+        let names = self.repositories(crate::engine::owner_of(volume), region);
         let mut found: Vec<(String, String)> = Vec::new();
         for name in &names {
             for s in self.region_snapshots(name).await? {

@@ -284,6 +284,10 @@ impl StoreService {
             if self.engine.snapshot(&id).is_ok() || self.check_region(&source.region).is_err() {
                 continue;
             }
+            // Nothing more can load from a snapshot whose share ended: its owner may delete it.
+            if self.hydration.share_ended(&source).await.is_some() {
+                continue;
+            }
             wanted.entry((source.region, id)).or_default().extend(of);
         }
         for ((region, id), of) in &wanted {

@@ -168,6 +168,24 @@ pub fn write_key_file(path: &Path, text: impl AsRef<[u8]>) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
+/// Copies a directory tree (a fixture) as the daemon keeps its files: directories 0700, files
+/// 0600 (a checkout has them world-readable, which the daemon refuses for key files).
+pub fn copy_tree(from: &Path, to: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(to).unwrap();
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o700)).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+    }
+}
+
 /// Bytes of random data node A writes (the rest of the 64 MiB volume stays a hole).
 pub const DATA: u64 = 40 * MIB;
 

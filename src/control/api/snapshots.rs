@@ -9,7 +9,8 @@ use serde::Deserialize;
 use super::{ApiResult, Body, Object, Routes, Svc};
 use crate::jobs::JobView;
 use crate::service::{
-    Caller, CloneSnapshot, CreateSnapshot, ExportRequest, HoldRequest, Rollback, SnapshotView, VolumeView,
+    Caller, CloneSnapshot, CreateSnapshot, ExportRequest, HoldRequest, Rollback, ShareRequest, ShareView, SharedQuery,
+    SnapshotView, UnshareRequest, VolumeView,
 };
 
 pub(super) fn routes(r: Routes) -> Routes {
@@ -28,6 +29,18 @@ pub(super) fn routes(r: Routes) -> Routes {
         .post("/v1/snapshots/{r}/export", "Start a job writing a snapshot to a file", export)
         .post("/v1/snapshots/{r}/hold", "Hold a snapshot: nothing deletes it until released", hold)
         .delete("/v1/snapshots/{r}/hold", "Release a snapshot's hold", release_hold)
+        .post("/v1/snapshots/{r}/shares", "Share an uploaded snapshot with another account", share)
+        .get("/v1/snapshots/{r}/shares", "The accounts a snapshot is shared with", shares)
+        .delete(
+            "/v1/snapshots/{r}/shares/{account}",
+            "Unshare a snapshot (?grace=24h: how long volumes made from it keep loading)",
+            unshare,
+        )
+        .get(
+            "/v1/shared-with-me",
+            "Snapshots other accounts share with the caller's account (?account=A, ?region=R)",
+            shared_with_me,
+        )
 }
 
 #[derive(Debug, Deserialize)]
@@ -129,4 +142,40 @@ async fn hold(
 
 async fn release_hold(State(s): Svc, caller: Caller, Path(r): Path<String>) -> ApiResult<Json<SnapshotView>> {
     Ok(Json(s.release_hold(&caller, &r)?))
+}
+
+async fn share(
+    State(s): Svc,
+    caller: Caller,
+    Path(r): Path<String>,
+    body: Body<ShareRequest>,
+) -> ApiResult<(StatusCode, Json<ShareView>)> {
+    let Object(req) = body?;
+    Ok((StatusCode::CREATED, Json(s.share_snapshot(&caller, &r, req).await?)))
+}
+
+async fn shares(State(s): Svc, caller: Caller, Path(r): Path<String>) -> ApiResult<Json<Vec<ShareView>>> {
+    Ok(Json(s.snapshot_shares(&caller, &r)?))
+}
+
+#[derive(Debug, Deserialize)]
+struct GraceQuery {
+    grace: Option<String>,
+}
+
+async fn unshare(
+    State(s): Svc,
+    caller: Caller,
+    Path((r, account)): Path<(String, String)>,
+    Query(q): Query<GraceQuery>,
+) -> ApiResult<Json<ShareView>> {
+    Ok(Json(s.unshare_snapshot(&caller, &r, UnshareRequest { with: account, grace: q.grace }).await?))
+}
+
+async fn shared_with_me(
+    State(s): Svc,
+    caller: Caller,
+    Query(q): Query<SharedQuery>,
+) -> ApiResult<Json<Vec<ShareView>>> {
+    Ok(Json(s.shared_with_me(&caller, q).await?))
 }

@@ -21,7 +21,8 @@ pub enum RegionCommand {
 pub enum KeyCommand {
     /// Print the content of a new key file (to share one key between daemons)
     Generate,
-    /// Print a region's key file, to back it up
+    /// Print a region's key file, to back it up; `ACCOUNT/REGION`: the account's key file
+    /// (it wraps the account's repositories' keys; copy it to other nodes serving the account)
     Export { region: String },
 }
 

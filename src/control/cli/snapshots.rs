@@ -8,7 +8,9 @@ use hyper::Method;
 
 use super::volumes::volume;
 use super::{delete, get, out, send, table, wait_job, Client, ClientError, Printed, Progress, POLL};
-use crate::service::{CreateSnapshot, ExportRequest, HoldRequest, Rollback, SnapshotView, StatusView};
+use crate::service::{
+    CreateSnapshot, ExportRequest, HoldRequest, Rollback, ShareRequest, ShareView, SnapshotView, StatusView,
+};
 use crate::store::{ExportFormat, RegionSnapshot, UploadState, VerifyReport};
 use crate::units::{human, plural, utc};
 
@@ -74,6 +76,36 @@ pub enum SnapshotCommand {
     },
     /// Release a snapshot's hold
     ReleaseHold { snapshot: String },
+    /// Share an uploaded snapshot with another account: it can create volumes from it on
+    /// any node serving both accounts (by the snapshot's id)
+    Share {
+        snapshot: String,
+        /// The account to share with
+        #[arg(long)]
+        with: String,
+        /// End the share by itself after this long (e.g. 30d)
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// End a share: no new volumes from it; volumes made from it before keep loading for the
+    /// grace period, then reads of what they have not loaded fail
+    Unshare {
+        snapshot: String,
+        #[arg(long)]
+        with: String,
+        /// How long volumes made from it keep loading
+        #[arg(long, default_value = "24h")]
+        grace: String,
+    },
+    /// The accounts a snapshot is shared with
+    Shares { snapshot: String },
+    /// Snapshots other accounts share with yours (an administrator: --account)
+    SharedWithMe {
+        #[arg(long)]
+        account: Option<String>,
+        #[arg(long)]
+        region: Option<String>,
+    },
     /// Take a deleted snapshot back out of the recycle bin (with its volume, if deleted)
     RestoreDeleted {
         /// Its id (s-...) or VOLUME@SNAPSHOT, as `recycle-bin list` shows
@@ -164,6 +196,32 @@ pub(super) async fn run(c: &Client, json: bool, command: SnapshotCommand) -> Res
         SnapshotCommand::ReleaseHold { snapshot: s } => {
             snapshot(send(c, Method::DELETE, &p(&["snapshots", &s, "hold"]), None::<&()>).await?)
         }
+        SnapshotCommand::Share { snapshot, with, expires } => {
+            let body = ShareRequest { with, expires };
+            shares(vec![send(c, Method::POST, &p(&["snapshots", &snapshot, "shares"]), Some(&body)).await?])
+        }
+        SnapshotCommand::Unshare { snapshot, with, grace } => {
+            let path = format!(
+                "{}?grace={}",
+                p(&["snapshots", &snapshot, "shares", &with]),
+                p(&[&grace]).trim_start_matches("/v1/")
+            );
+            shares(vec![send(c, Method::DELETE, &path, None::<&()>).await?])
+        }
+        SnapshotCommand::Shares { snapshot } => shares(get(c, &p(&["snapshots", &snapshot, "shares"])).await?),
+        SnapshotCommand::SharedWithMe { account, region } => {
+            let mut query = Vec::new();
+            for (k, v) in [("account", account), ("region", region)] {
+                if let Some(v) = v {
+                    query.push(format!("{k}={}", p(&[&v]).trim_start_matches("/v1/")));
+                }
+            }
+            let mut path = p(&["shared-with-me"]);
+            if !query.is_empty() {
+                path = format!("{path}?{}", query.join("&"));
+            }
+            shares(get(c, &path).await?)
+        }
         SnapshotCommand::RestoreDeleted { snapshot: s } => {
             snapshot(send(c, Method::POST, &p(&["snapshots", &s, "restore-deleted"]), None::<&()>).await?)
         }
@@ -181,6 +239,27 @@ pub(super) async fn run(c: &Client, json: bool, command: SnapshotCommand) -> Res
             Printed::message(text, serde_json::json!({ "exported": snapshot, "output": output, "result": result }))
         }
     })
+}
+
+fn shares(views: Vec<ShareView>) -> Printed {
+    let rows: Vec<Vec<String>> = views
+        .iter()
+        .map(|v| {
+            vec![
+                v.snapshot_id.clone(),
+                format!("{}@{}", v.volume, v.snapshot),
+                v.owner.clone(),
+                v.recipient.clone(),
+                match (v.state.as_str(), v.grace_until) {
+                    ("grace", Some(g)) => format!("grace until {}", utc(g)),
+                    (state, _) => state.to_string(),
+                },
+                v.expires.map_or_else(|| "-".into(), utc),
+            ]
+        })
+        .collect();
+    let text = table(&["SNAPSHOT", "NAME", "OWNER", "SHARED WITH", "STATE", "EXPIRES"], rows);
+    Printed::new(&views, text)
 }
 
 fn snapshot(view: SnapshotView) -> Printed {
