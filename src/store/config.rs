@@ -58,6 +58,11 @@ path = "store"
 # cipher = "auto"                # of a new repository: "aes-256-gcm" (auto: where the CPU has AES
                                  # instructions) or "xchacha20-poly1305"; an existing one keeps its own
 
+# The EBS direct API facade (`serve --ebs-listen`): SigV4 access keys, each acting for an account
+# (default: "default") with a role (default: "operator"); secret files mode 0600.
+# [ebs_api]
+# keys = [{ access_key_id = "AKIDBACKUP1", secret_file = "keys/ebs-backup.secret" }]
+
 # An S3-compatible region (AWS S3, Alibaba OSS, MinIO, Garage, Ceph RGW):
 # [regions.garage]
 # kind = "s3"
