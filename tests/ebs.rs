@@ -70,10 +70,16 @@ struct Ebs {
     coldsnap: PathBuf,
     aws: PathBuf,
     home: PathBuf,
+    /// The CA of an HTTPS facade.
+    ca: Option<PathBuf>,
 }
 
 impl Ebs {
     fn start(tmp: &Path, upload: bool) -> Option<Ebs> {
+        Ebs::start_with(tmp, upload, &[], None)
+    }
+
+    fn start_with(tmp: &Path, upload: bool, extra: &[String], ca: Option<PathBuf>) -> Option<Ebs> {
         let (coldsnap, aws) = clients()?;
         let dir = tmp.join("d");
         std::fs::create_dir_all(&dir).unwrap();
@@ -91,7 +97,9 @@ impl Ebs {
         let mut first = Daemon::start(&dir);
         first.cli_ok(&["account", "create", "acme"]);
         assert!(first.terminate());
-        let d = Daemon::start_with(&dir, &["--ebs-listen", "127.0.0.1:0"]);
+        let mut args = vec!["--ebs-listen", "127.0.0.1:0"];
+        args.extend(extra.iter().map(String::as_str));
+        let d = Daemon::start_with(&dir, &args);
         let log = d.log();
         let url = log
             .lines()
@@ -101,7 +109,7 @@ impl Ebs {
             .unwrap_or_else(|| panic!("no ebs address in the ready line:\n{log}"));
         let home = tmp.join("home");
         std::fs::create_dir_all(&home).unwrap();
-        Some(Ebs { d, url, coldsnap, aws, home })
+        Some(Ebs { d, url, coldsnap, aws, home, ca })
     }
 
     fn env<'a>(&self, cmd: &'a mut Command, key: (&str, &str)) -> &'a mut Command {
@@ -134,7 +142,11 @@ impl Ebs {
 
     fn aws_with(&self, key: (&str, &str), args: &[&str]) -> Output {
         let mut cmd = Command::new(&self.aws);
-        cmd.args(["--endpoint-url", &self.url, "--output", "json", "ebs"]).args(args);
+        cmd.args(["--endpoint-url", &self.url, "--output", "json"]);
+        if let Some(ca) = &self.ca {
+            cmd.arg("--ca-bundle").arg(ca);
+        }
+        cmd.arg("ebs").args(args);
         run(self.env(&mut cmd, key), CLIENT_TIMEOUT)
     }
 
@@ -585,4 +597,30 @@ fn the_daemon_refuses_a_readable_secret_file_and_a_plaintext_non_loopback_listen
     .unwrap();
     let e = Daemon::try_start(&dir, &["--ebs-listen", "127.0.0.1:0"]).err().expect("refused");
     assert!(e.contains("account 'nobody'"), "{e}");
+}
+
+#[test]
+fn the_facade_serves_https_with_the_daemons_certificate() {
+    if !require_tool("openssl") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = common::tls::Certs::make(&tmp.path().join("pki"));
+    let args = vec![
+        "--tls-cert".to_string(),
+        certs.server_cert().display().to_string(),
+        "--tls-key".to_string(),
+        certs.server_key().display().to_string(),
+        "--nbd-tls".to_string(),
+        "off".to_string(),
+    ];
+    let Some(e) = Ebs::start_with(tmp.path(), false, &args, Some(certs.ca())) else { return };
+    assert!(e.url.starts_with("https://127.0.0.1:"), "{}", e.url);
+    e.d.cli_ok(&["volume", "create", "db", "--size", "64M"]);
+    qemu_io(&e.d.nbd_uri("db"), &["write -P 0x11 1M 1M"]);
+    e.d.cli_ok(&["snapshot", "create", "db", "--name", "a"]);
+    let listed = e.aws(&["list-snapshot-blocks", "--snapshot-id", "db@a"]);
+    let got: Vec<u64> =
+        listed["Blocks"].as_array().unwrap().iter().map(|b| b["BlockIndex"].as_u64().unwrap()).collect();
+    assert_eq!(got, vec![2, 3]);
 }
