@@ -294,6 +294,28 @@ mod tests {
         assert_eq!(e.code.name(), "AccessDeniedException");
     }
 
+    proptest::proptest! {
+        /// Whatever a client sends as Authorization, x-amz-date and body: an answer (almost
+        /// always a refusal), never a panic.
+        #[test]
+        fn any_authorization_header_is_refused_or_accepted_without_panicking(
+            auth in "(AWS4-HMAC-SHA256 )?(Credential=[A-Za-z0-9/_]{0,60})?(, ?SignedHeaders=[a-z;-]{0,40})?(, ?Signature=[0-9a-f]{0,70})?",
+            date in "[0-9TZ]{0,20}",
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            let mut h = HeaderMap::new();
+            if let Ok(v) = auth.parse() {
+                h.insert("authorization", v);
+            }
+            if let Ok(v) = date.parse() {
+                h.insert("x-amz-date", v);
+            }
+            h.insert("host", "127.0.0.1:9000".parse().unwrap());
+            let _ = parse_amz_date(&date);
+            let _ = keys().verify("GET", "/snapshots/s-1/blocks?maxResults=100", &h, &body, 1_796_000_000);
+        }
+    }
+
     #[test]
     fn amz_dates_parse_as_utc() {
         assert_eq!(parse_amz_date("19700101T000100Z"), Some(60));

@@ -143,6 +143,8 @@ pub(super) struct DirectState {
     /// (account, ClientToken) → the snapshot it started, the request, and when it was forgotten
     /// from `pending` (completed or dropped), for the memory's expiry.
     tokens: parking_lot::Mutex<HashMap<(String, String), Token>>,
+    /// StartSnapshot one at a time: two requests with one ClientToken make one snapshot.
+    starting: tokio::sync::Mutex<()>,
 }
 
 struct Token {
@@ -366,6 +368,7 @@ impl Service {
     pub async fn start_direct(&self, caller: &Caller, req: StartDirect) -> Result<StartedView> {
         caller.may(Access::Snapshot)?;
         let account = account_of(caller);
+        let _one_at_a_time = self.direct.starting.lock().await;
         let now = self.engine.clock().now();
         if let Some(token) = &req.client_token {
             let mut tokens = self.direct.tokens.lock();
@@ -777,9 +780,11 @@ mod tests {
         let clock = ManualClock::new(ts("2026-12-01T00:00:00Z"));
         let svc = service(dir.path(), clock, "");
         let me = Caller::Local;
-        let a = svc.start_direct(&me, start(Some("tok"))).await.unwrap();
-        let b = svc.start_direct(&me, start(Some("tok"))).await.unwrap();
+        // At once, as a client retrying a request it thinks lost would.
+        let (a, b) = tokio::join!(svc.start_direct(&me, start(Some("tok"))), svc.start_direct(&me, start(Some("tok"))));
+        let (a, b) = (a.unwrap(), b.unwrap());
         assert_eq!(a.id, b.id);
+        assert_eq!(svc.engine.list_volumes().len(), 1, "one staging volume");
         let mut other = start(Some("tok"));
         other.volume_size = 2;
         let e = svc.start_direct(&me, other).await.unwrap_err();
