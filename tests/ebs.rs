@@ -563,6 +563,33 @@ fn errors_are_the_aws_shapes_and_leave_nothing_half_created() {
     assert!(all[..7 * BLOCK as usize].iter().all(|&b| b == 0));
     // Completed: it takes no more blocks.
     assert_eq!(e.aws_error(me, &args(&p)), "ValidationException");
+
+    // Incremental, as a backup agent writes one: a parent, and only the blocks that changed.
+    let started = e.aws(&["start-snapshot", "--volume-size", "1", "--timeout", "10", "--parent-snapshot-id", "db@a"]);
+    let inc = started["SnapshotId"].as_str().unwrap().to_string();
+    assert_eq!(started["ParentSnapshotId"].as_str(), Some(snap.as_str()));
+    for index in ["5", "1"] {
+        let mut p = put(index, &sum.0);
+        p[2] = inc.clone();
+        e.aws(&args(&p));
+    }
+    let agg2 = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(ring_sha256(&[sum.1, sum.1].concat()))
+    };
+    e.aws(&["complete-snapshot", "--snapshot-id", &inc, "--changed-blocks-count", "2", "--checksum", &agg2]);
+    let changed = e.aws(&["list-changed-blocks", "--first-snapshot-id", "db@a", "--second-snapshot-id", &inc]);
+    let got: Vec<u64> =
+        changed["ChangedBlocks"].as_array().unwrap().iter().map(|b| b["BlockIndex"].as_u64().unwrap()).collect();
+    assert_eq!(got, vec![1, 5], "exactly the blocks written on top of the parent: {changed}");
+    let (parent, child) = (tmp.path().join("parent"), tmp.path().join("child"));
+    nbd_to_file(&e.d, "db@a", &parent);
+    nbd_to_file(&e.d, &inc, &child);
+    let (mut want, got) = (std::fs::read(&parent).unwrap(), std::fs::read(&child).unwrap());
+    for b in [1usize, 5] {
+        want[b * BLOCK as usize..(b + 1) * BLOCK as usize].copy_from_slice(&data);
+    }
+    assert!(want == got, "the child is the parent with blocks 1 and 5 written");
 }
 
 fn ring_sha256(data: &[u8]) -> [u8; 32] {

@@ -28,7 +28,7 @@ use roaring::RoaringTreemap;
 
 use super::{blocking, Access, Caller, Error, Result, Service};
 use crate::engine::{
-    parse_snapshot_id, snapshot_id, EngineError, ErrorKind, SnapshotHandle, SnapshotInfo, Target, VolumeHandle,
+    parse_snapshot_id, snapshot_id, Anchor, EngineError, ErrorKind, SnapshotHandle, SnapshotInfo, Target, VolumeHandle,
     ZeroMode, STATE_HOLE,
 };
 
@@ -290,8 +290,9 @@ impl Service {
     /// ListChangedBlocks: the blocks that may differ between `first` and `second` (every block
     /// whose content differs is listed; one rewritten with the same bytes may be), from the
     /// changed sets of their lineage. Without `first`, every block of `second` holding data.
-    /// Snapshots whose lineages meet nowhere (another volume, a clone's parent) are compared by
-    /// what either holds.
+    /// A snapshot of a clone (one written with a ParentSnapshotId) is compared with its origin's
+    /// lineage through the clone's changed sets; snapshots whose lineages meet nowhere (of
+    /// unrelated volumes) are compared by what either holds.
     pub async fn changed_blocks(
         &self,
         caller: &Caller,
@@ -315,7 +316,9 @@ impl Service {
                     ));
                 }
                 let (a, b) = (parse_snapshot_id(&info1.id).unwrap_or(0), parse_snapshot_id(&info2.id).unwrap_or(0));
-                match self.engine.changed_between(a, Target::Snapshot(b)) {
+                let across =
+                    || self.changed_across_clone(a, &info2.id).or_else(|| self.changed_across_clone(b, &info1.id));
+                match self.engine.changed_between(a, Target::Snapshot(b)).or_else(across) {
                     Some(set) => set,
                     None => Self::data_clusters(info1, h1).await? | Self::data_clusters(&info2, &h2).await?,
                 }
@@ -341,6 +344,24 @@ impl Service {
             blocks,
             next,
         })
+    }
+
+    /// What may differ between snapshot `base` and `target`, a snapshot of a clone (a snapshot
+    /// written with a ParentSnapshotId is one): the clone's first changed set is relative to
+    /// the snapshot it was cloned from (its origin, which the upload of the clone's first
+    /// snapshot relies on too), so it is the origin's changes since `base` plus every changed
+    /// set of `target`'s lineage. `None` when `target`'s volume is no clone, or its origin and
+    /// `base` share no lineage.
+    fn changed_across_clone(&self, base: u64, target: &str) -> Option<RoaringTreemap> {
+        let Ok(Some(Anchor::Origin(origin))) = self.engine.lineage_anchor(target) else { return None };
+        let mut set = match origin == base {
+            true => RoaringTreemap::new(),
+            false => self.engine.changed_between(base, Target::Snapshot(origin))?,
+        };
+        for (_, changed) in self.engine.snapshot_lineage(target).ok()? {
+            set |= &changed;
+        }
+        Some(set)
     }
 
     /// GetSnapshotBlock: block `index` of snapshot `r`, 512 KiB (past the snapshot's end: zeros).
