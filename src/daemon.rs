@@ -270,6 +270,24 @@ pub fn serve(dir: &Path, args: &ServeArgs) -> anyhow::Result<()> {
             "--api-listen serves the control API over HTTPS only (bearer tokens must not travel in clear): add --tls-cert FILE --tls-key FILE"
         ),
     };
+    // The EBS direct API: over HTTPS with a certificate (any address), else loopback only.
+    let ebs = match (tls_files.cert, tls_files.key) {
+        (Some(_), Some(_)) => listen_address("--ebs-listen", args.ebs_listen.as_deref(), 9000, None)?,
+        _ => {
+            let refusal = |asked: &str| {
+                format!(
+                    "refusing --ebs-listen {asked}: without TLS the EBS API's requests (block data and signed \
+                     headers) would cross the network in clear; add --tls-cert FILE --tls-key FILE for HTTPS, or use a \
+                     loopback address (127.0.0.1:PORT)"
+                )
+            };
+            listen_address("--ebs-listen", args.ebs_listen.as_deref(), 9000, Some(&refusal))?
+        }
+    };
+    let ebs_tls = match (&ebs, tls_files.cert, tls_files.key) {
+        (Some(_), Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key, None)?),
+        _ => None,
+    };
     let config = ServerConfig {
         handshake_timeout: handshake_timeout(&args.handshake_timeout)?,
         tls: nbd_tls(tls_mode, &tls_files)?,
@@ -287,6 +305,7 @@ pub fn serve(dir: &Path, args: &ServeArgs) -> anyhow::Result<()> {
             (Some(l), Some(tls)) => Some((bind_tcp("--api-listen", &l)?, tls)),
             _ => None,
         },
+        ebs: ebs.map(|l| bind_tcp("--ebs-listen", &l)).transpose()?.map(|l| (l, ebs_tls)),
     };
     crate::fsutil::create_dir_all_durable(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = dir.canonicalize()?;
@@ -304,6 +323,8 @@ struct Listeners {
     metrics: Option<std::net::TcpListener>,
     /// The HTTPS control API, with its TLS configuration.
     api: Option<(std::net::TcpListener, Arc<rustls::ServerConfig>)>,
+    /// The EBS direct API, with its TLS configuration if served over HTTPS.
+    ebs: Option<(std::net::TcpListener, Option<Arc<rustls::ServerConfig>>)>,
 }
 
 /// The unix sockets `DIR/nbd.sock` and `DIR/control.sock`, bound before the engine opens; their
@@ -437,12 +458,23 @@ async fn run(
     if let Some(listener) = metrics {
         tasks.spawn(crate::metrics::serve(listener, service.clone()));
     }
-    let app = router(service);
+    let app = router(service.clone());
     let api_note = match listeners.api {
         Some((listener, tls)) => {
             let listener = TcpListener::from_std(listener)?;
             let note = format!("; api: https://{}", listener.local_addr()?);
             tasks.spawn(crate::control::https::serve(listener, tls, app.clone()));
+            note
+        }
+        None => String::new(),
+    };
+    let ebs_note = match listeners.ebs {
+        Some((listener, tls)) => {
+            let api = crate::ebs::EbsApi::new(service.clone(), &store.config.ebs_api).map_err(|e| anyhow!("{e}"))?;
+            let listener = TcpListener::from_std(listener)?;
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let note = format!("; ebs: {scheme}://{}", listener.local_addr()?);
+            tasks.spawn(crate::ebs::serve(listener, tls, Arc::new(api)));
             note
         }
         None => String::new(),
@@ -456,7 +488,7 @@ async fn run(
     };
     let tcp_note = tcp.map_or(String::new(), |a| format!(", {a}")) + tls_note;
     crate::logging::say(format_args!(
-        "snapblk: serving {} (nbd: {}{tcp_note}; control: {}{metrics_note}{api_note})",
+        "snapblk: serving {} (nbd: {}{tcp_note}; control: {}{metrics_note}{api_note}{ebs_note})",
         dir.display(),
         nbd_path.display(),
         control_path.display()

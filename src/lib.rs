@@ -11,6 +11,7 @@ pub mod clock;
 pub mod codec;
 pub mod control;
 pub mod daemon;
+pub mod ebs;
 pub mod engine;
 pub mod frontend;
 pub mod fsutil;

@@ -328,6 +328,25 @@ impl Engine {
     }
 
     pub fn create_snapshot(&self, volume: &str, name: &str, description: &str) -> Result<SnapshotInfo> {
+        self.create_snapshot_as(volume, name, description, None)
+    }
+
+    /// A number for a snapshot id (`s-…`) no volume or snapshot has now, for a snapshot that
+    /// will be created later with it ([`Engine::create_snapshot_as`]): what the EBS facade
+    /// answers StartSnapshot with before the snapshot's data is written.
+    pub fn unused_id(&self) -> u64 {
+        self.registry.read().new_id()
+    }
+
+    /// [`Engine::create_snapshot`], with the id given (`Some`: one from [`Engine::unused_id`];
+    /// refused if something took it since).
+    pub fn create_snapshot_as(
+        &self,
+        volume: &str,
+        name: &str,
+        description: &str,
+        id: Option<u64>,
+    ) -> Result<SnapshotInfo> {
         validate_name("snapshot", name)?;
         if description.len() > 4096 {
             return Err(EngineError::Invalid("snapshot description is longer than 4096 bytes".into()));
@@ -340,7 +359,13 @@ impl Engine {
                 v.name
             )));
         }
-        let id = reg.new_id();
+        let id = match id {
+            Some(id) if id == 0 || reg.volumes.contains_key(&id) || reg.snapshots.contains_key(&id) => {
+                return Err(EngineError::AlreadyExists(format!("id {} is taken", snapshot_id(id))));
+            }
+            Some(id) => id,
+            None => reg.new_id(),
+        };
         let rec = Record::SnapshotCreate {
             volume: v.id,
             snapshot: id,

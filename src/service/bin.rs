@@ -79,6 +79,10 @@ impl Service {
     /// A volume that exists for its users: not deleted.
     pub(super) fn live_volume(&self, caller: &Caller, r: &str) -> Result<VolumeInfo> {
         let info = self.own_volume(caller, r)?;
+        // A snapshot being written through the EBS direct API: its staging volume is no one's.
+        if super::is_staging_name(&info.name) {
+            return Err(Error::NotFound(format!("no volume named '{r}'; list volumes with: snapblk volume list")));
+        }
         match self.lifecycle.lock().deleted_volumes.get(&info.id) {
             None => Ok(info),
             Some(_) => Err(Error::NotFound(format!("no volume named '{r}' (it was deleted)"))),

@@ -23,6 +23,8 @@ impl Service {
             .export_names()
             .into_iter()
             .filter(|(name, _)| !hidden.contains(name) && caller.sees(name.split('@').next().unwrap_or(name)))
+            // A staging volume of the EBS direct API is no export (its completed snapshot is).
+            .filter(|(name, _)| !super::is_staging_name(name))
             .collect())
     }
 
@@ -34,7 +36,7 @@ impl Service {
                 .engine
                 .list_volumes()
                 .into_iter()
-                .filter(|v| !deleted.contains(&v.name) && caller.sees(&v.name))
+                .filter(|v| !deleted.contains(&v.name) && caller.sees(&v.name) && !super::is_staging_name(&v.name))
                 .collect();
             match volumes.as_slice() {
                 [only] => only.name.clone(),

@@ -9,6 +9,7 @@
 
 mod accounts;
 mod bin;
+mod direct;
 mod events;
 mod exports;
 mod groups;
@@ -31,6 +32,10 @@ use serde::{Deserialize, Serialize};
 
 pub use accounts::{owner_of, AccountView, CreateAccount, CreateToken, NewToken, Role, TokenView, DEFAULT_ACCOUNT};
 pub use bin::{BinView, BinnedView, PurgeRequest};
+pub use direct::{
+    is_staging_name, BlockPage, BlockSnapshot, ChangedBlock, ChangedPage, DirectStatus, StartDirect, StartedView,
+    BLOCK_SIZE,
+};
 pub use events::{Event, EventQuery, EventRecord};
 pub use exports::ExportHandle;
 pub use groups::{CreateGroup, CreateGroupSnapshot, GroupMemberRequest, GroupSnapshotView, GroupView, RestoreGroup};
@@ -208,6 +213,10 @@ pub enum Error {
     /// The caller did not prove who it is.
     #[error("{0}")]
     Unauthenticated(String),
+    /// A block-level request (the EBS direct API's) breaks one of its rules; `reason` names
+    /// the rule as that API does (`INVALID_BLOCK`, `INVALID_SNAPSHOT_ID`, ...).
+    #[error("{message}")]
+    Rule { reason: &'static str, message: String },
 }
 
 impl Error {
@@ -223,6 +232,7 @@ impl Error {
             Error::Internal(_) => ErrorKind::Io,
             Error::Forbidden(_) => ErrorKind::Forbidden,
             Error::Unauthenticated(_) => ErrorKind::Unauthenticated,
+            Error::Rule { .. } => ErrorKind::Invalid,
         }
     }
 
@@ -285,6 +295,8 @@ pub struct Service {
     creating: quotas::Creating,
     events: events::EventLog,
     accounts: accounts::Accounts,
+    /// Snapshots being written block by block (the EBS direct API).
+    direct: direct::DirectState,
 }
 
 impl Service {
@@ -319,7 +331,9 @@ impl Service {
             creating: quotas::Creating::default(),
             events,
             accounts,
+            direct: direct::DirectState::default(),
         });
+        svc.settle_direct()?;
         let weak = Arc::downgrade(&svc);
         svc.store.on_upload_failed(Box::new(move |id, error| {
             if let Some(s) = weak.upgrade() {
@@ -333,6 +347,15 @@ impl Service {
     /// sweeps the recycle bin), and periodic GC (`gc_interval`).
     pub fn start(self: &Arc<Self>) {
         self.start_scheduler();
+        // Snapshots started through the EBS direct API and abandoned expire.
+        let direct = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                let Some(s) = direct.upgrade() else { return };
+                s.expire_direct().await;
+            }
+        });
         let every = self.store.config.gc_interval;
         if every.is_zero() {
             return;

@@ -64,6 +64,12 @@ impl Service {
                 Ok(caller.qualify(name))
             }
         }
+        .and_then(|stored| match what == "volume" && super::is_staging_name(&stored) {
+            true => Err(Error::Invalid(format!(
+                "invalid volume name '{name}': names 'ebs-' and 16 hex digits are reserved for snapshots written through the EBS direct API"
+            ))),
+            false => Ok(stored),
+        })
     }
 
     pub(super) fn volume_view(&self, mut info: VolumeInfo) -> VolumeView {
@@ -86,7 +92,7 @@ impl Service {
             .engine
             .list_volumes()
             .into_iter()
-            .filter(|v| !deleted.contains(&v.id) && caller.sees(&v.name))
+            .filter(|v| !deleted.contains(&v.id) && caller.sees(&v.name) && !super::is_staging_name(&v.name))
             .map(|v| self.volume_view(v))
             .collect())
     }

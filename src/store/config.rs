@@ -58,6 +58,11 @@ path = "store"
 # cipher = "auto"                # of a new repository: "aes-256-gcm" (auto: where the CPU has AES
                                  # instructions) or "xchacha20-poly1305"; an existing one keeps its own
 
+# The EBS direct API facade (`serve --ebs-listen`): SigV4 access keys, each acting for an account
+# (default: "default") with a role (default: "operator"); secret files mode 0600.
+# [ebs_api]
+# keys = [{ access_key_id = "AKIDBACKUP1", secret_file = "keys/ebs-backup.secret" }]
+
 # An S3-compatible region (AWS S3, Alibaba OSS, MinIO, Garage, Ceph RGW):
 # [regions.garage]
 # kind = "s3"
@@ -85,6 +90,95 @@ struct RawConfig {
     quotas: RawQuotas,
     #[serde(default)]
     regions: BTreeMap<String, RawRegion>,
+    #[serde(default)]
+    ebs_api: RawEbsApi,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEbsApi {
+    #[serde(default)]
+    keys: Vec<RawEbsKey>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEbsKey {
+    access_key_id: String,
+    secret_file: String,
+    account: Option<String>,
+    role: Option<String>,
+}
+
+/// `[ebs_api]`: the access keys of the EBS direct API facade (`serve --ebs-listen`).
+#[derive(Debug, Clone, Default)]
+pub struct EbsApiConfig {
+    pub keys: Vec<EbsKey>,
+}
+
+/// One access key: requests signed (SigV4) with its secret act for `account` with `role`.
+#[derive(Clone)]
+pub struct EbsKey {
+    pub access_key_id: String,
+    pub secret: String,
+    pub account: String,
+    /// A role name (`service::Role`), checked by the facade when the daemon starts.
+    pub role: String,
+}
+
+impl std::fmt::Debug for EbsKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EbsKey")
+            .field("access_key_id", &self.access_key_id)
+            .field("account", &self.account)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The keys of `[ebs_api]`, each secret read from its file, which no one but the daemon's
+/// user may read (mode 0600 or stricter).
+fn ebs_keys(raw: &RawEbsApi, dir: &Path) -> std::result::Result<Vec<EbsKey>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut keys: Vec<EbsKey> = Vec::new();
+    for k in &raw.keys {
+        let id = k.access_key_id.trim();
+        if id.is_empty() || id.len() > 128 || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(format!("ebs_api.keys: access_key_id '{id}' must be 1-128 letters and digits"));
+        }
+        if keys.iter().any(|o| o.access_key_id == id) {
+            return Err(format!("ebs_api.keys: access_key_id '{id}' is listed twice"));
+        }
+        let path = if Path::new(&k.secret_file).is_absolute() {
+            PathBuf::from(&k.secret_file)
+        } else {
+            dir.join(&k.secret_file)
+        };
+        let meta = std::fs::metadata(&path)
+            .map_err(|e| format!("ebs_api.keys: cannot read the secret_file {} of key {id}: {e}", path.display()))?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "ebs_api.keys: the secret_file {} of key {id} can be read by other users (mode {mode:03o}); restrict it with: chmod 600 {}",
+                path.display(),
+                path.display()
+            ));
+        }
+        let secret = std::fs::read_to_string(&path)
+            .map_err(|e| format!("ebs_api.keys: cannot read the secret_file {} of key {id}: {e}", path.display()))?
+            .trim()
+            .to_string();
+        if secret.is_empty() {
+            return Err(format!("ebs_api.keys: the secret_file {} of key {id} is empty", path.display()));
+        }
+        keys.push(EbsKey {
+            access_key_id: id.to_string(),
+            secret,
+            account: k.account.clone().unwrap_or_else(|| "default".into()),
+            role: k.role.clone().unwrap_or_else(|| "operator".into()),
+        });
+    }
+    Ok(keys)
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -302,6 +396,8 @@ pub struct Config {
     /// Volume name → its quotas (the defaults, with what `[quotas.volumes.NAME]` sets).
     pub quota_overrides: BTreeMap<String, Quotas>,
     pub regions: BTreeMap<String, RegionConfig>,
+    /// The EBS direct API facade's access keys.
+    pub ebs_api: EbsApiConfig,
 }
 
 /// `[recycle_bin]`: where deleted snapshots wait.
@@ -514,6 +610,7 @@ impl Config {
             quotas,
             quota_overrides,
             regions,
+            ebs_api: EbsApiConfig { keys: ebs_keys(&raw.ebs_api, dir)? },
         })
     }
 }

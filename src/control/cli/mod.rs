@@ -153,6 +153,12 @@ pub struct ServeArgs {
     /// and --tls-key. Default: off, the control socket DIR/control.sock only
     #[arg(long, value_name = "HOST:PORT")]
     pub api_listen: Option<String>,
+    /// Serve the EBS direct APIs (ListSnapshotBlocks, ListChangedBlocks, GetSnapshotBlock,
+    /// StartSnapshot, PutSnapshotBlock, CompleteSnapshot; for coldsnap and `aws ebs`) on this
+    /// address, signed with the access keys of snapblk.toml's [ebs_api]. Over HTTPS with
+    /// --tls-cert/--tls-key; without them on a loopback address only. Default: off
+    #[arg(long, value_name = "HOST:PORT")]
+    pub ebs_listen: Option<String>,
 }
 
 /// Reports a failed command and exits with its class's code: `error: SENTENCE` on stderr, or
