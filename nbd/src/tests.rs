@@ -78,7 +78,7 @@ impl Export for MemExport {
         // context 2: one-byte extents alternating.
         Ok(match context {
             0 => (0..4)
-                .map(|i| Extent { length: 4096, flags: if (offset / 4096 + i) % 2 == 0 { 0 } else { 3 } })
+                .map(|i| Extent { length: 4096, flags: if (offset / 4096 + i).is_multiple_of(2) { 0 } else { 3 } })
                 .collect(),
             1 => vec![Extent { length: length * 2, flags: 1 }],
             _ => (0..length).map(|i| Extent { length: 1, flags: i % 2 }).collect(),

@@ -199,7 +199,7 @@ fn directory_string(tag: u8, value: &[u8]) -> Option<String> {
     match tag {
         UTF8_STRING | PRINTABLE_STRING | IA5_STRING => std::str::from_utf8(value).ok().map(str::to_string),
         T61_STRING if value.is_ascii() => std::str::from_utf8(value).ok().map(str::to_string),
-        BMP_STRING if value.len() % 2 == 0 => {
+        BMP_STRING if value.len().is_multiple_of(2) => {
             let units = value.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]]));
             char::decode_utf16(units).collect::<Result<String, _>>().ok()
         }

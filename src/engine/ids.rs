@@ -86,7 +86,7 @@ pub(super) fn check_geometry(size: u64, cluster_size: u32) -> std::result::Resul
     if !cluster_size.is_power_of_two() || !(MIN_CLUSTER_SIZE..=MAX_CLUSTER_SIZE).contains(&cluster_size) {
         return Err(format!("invalid cluster size {cluster_size}: use a power of two from 4K to 1M (default 64K)"));
     }
-    if size == 0 || size % 4096 != 0 || size > MAX_VOLUME_SIZE {
+    if size == 0 || !size.is_multiple_of(4096) || size > MAX_VOLUME_SIZE {
         return Err(format!(
             "invalid volume size {} ({size} bytes): use a non-zero multiple of 4 KiB up to {}",
             crate::units::human(size),

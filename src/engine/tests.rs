@@ -273,7 +273,8 @@ fn step(engine: &mut Arc<Engine>, dir: &Path, model: &mut Model, op: (u8, u64, u
             }
             model.next_name += 1;
             let snap = format!("g{}", model.next_name);
-            let tag = GroupTag { id: model.next_name, group: "g".into(), application: model.next_name % 2 == 0 };
+            let tag =
+                GroupTag { id: model.next_name, group: "g".into(), application: model.next_name.is_multiple_of(2) };
             let infos = engine.create_group_snapshot(&vol_names, &snap, "group", &tag).unwrap();
             assert_eq!(infos.len(), vol_names.len());
             for name in &vol_names {
@@ -418,7 +419,7 @@ fn check_crashes(engine: &Arc<Engine>, dir: &Path, model: &Model) {
     let all: BTreeSet<String> = model.snaps.keys().cloned().collect();
     // The last cut is the whole journal; at most a few others, spread out.
     let step = cuts.len().div_ceil(4).max(1);
-    for (i, &cut) in cuts.iter().enumerate().rev().filter(|(i, _)| (cuts.len() - 1 - i) % step == 0) {
+    for (i, &cut) in cuts.iter().enumerate().rev().filter(|(i, _)| (cuts.len() - 1 - i).is_multiple_of(step)) {
         let whole = i == cuts.len() - 1;
         let cut_copy = tempfile::tempdir().unwrap();
         copy_dir(copy.path(), cut_copy.path());

@@ -42,9 +42,17 @@ impl Service {
         self.snapshot(caller, &snap.id)
     }
 
-    /// Refuses to delete a held or shared snapshot, saying how to release it.
+    /// Refuses to delete a held, shared or image-pinned snapshot, saying how to release it.
     pub(super) fn check_not_held(&self, id: &str, name: &str) -> Result<()> {
         self.check_not_shared(id, name)?;
+        let images = self.images_pinning(id);
+        if !images.is_empty() {
+            return Err(Error::Held(format!(
+                "snapshot {name} is a disk of image(s) {}; delete the image first: snapblk image delete {}",
+                images.join(", "),
+                images[0]
+            )));
+        }
         match self.lifecycle.lock().holds.get(id) {
             None => Ok(()),
             Some(h) => Err(Error::Held(format!(

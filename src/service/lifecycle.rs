@@ -59,6 +59,9 @@ pub struct LifecycleState {
     /// Snapshot id → account → this node's share of it with that account (see `shares.rs`).
     #[serde(default)]
     pub shares: BTreeMap<String, BTreeMap<String, LocalShare>>,
+    /// Images by name (see `images.rs`).
+    #[serde(default)]
+    pub images: BTreeMap<String, super::images::ImageRecord>,
     /// What changed since the last save.
     #[serde(skip)]
     touched: BTreeSet<Key>,
@@ -249,6 +252,7 @@ pub enum Key {
     DeletedGroupSnapshot(String),
     /// Every share of a snapshot.
     Share(String),
+    Image(String),
 }
 
 /// One entry of `meta/lifecycle.log`: the new value of a part of the state (`None`: gone), or
@@ -270,6 +274,7 @@ enum Change {
     GroupSnapshot { id: String, value: Option<GroupSnapshotRecord> },
     DeletedGroupSnapshot { id: String, deleted: bool },
     Share { snapshot: String, value: Option<BTreeMap<String, LocalShare>> },
+    Image { name: String, value: Option<super::images::ImageRecord> },
 }
 
 impl LifecycleState {
@@ -360,6 +365,7 @@ impl LifecycleState {
                     Change::DeletedGroupSnapshot { deleted: self.deleted_group_snapshots.contains(&id), id }
                 }
                 Key::Share(snapshot) => Change::Share { value: self.shares.get(&snapshot).cloned(), snapshot },
+                Key::Image(name) => Change::Image { value: self.images.get(&name).cloned(), name },
             })
             .collect();
         // Appends after the whole-history puts: a put carries the entries appended before it
@@ -414,6 +420,7 @@ impl LifecycleState {
                 }
             }
             Change::Share { snapshot, value } => put(&mut self.shares, snapshot, value),
+            Change::Image { name, value } => put(&mut self.images, name, value),
         }
     }
 

@@ -562,10 +562,23 @@ impl Service {
     /// them has a failed upload (then nothing may be pruned).
     fn retention_verdicts(&self, p: &Policy, v: &str) -> Result<(Vec<PruneView>, Option<String>)> {
         let compiled = p.compile().map_err(Error::Invalid)?;
-        let (ids, holds) = {
+        // Held, shared and image disks are kept whatever retention says.
+        let (ids, held) = {
             let st = self.lifecycle.lock();
             let book: Book = st.books.get(&p.id).and_then(|b| b.get(v)).cloned().unwrap_or_default();
-            (book.snapshots, st.holds.clone())
+            let held: std::collections::HashSet<String> = st
+                .holds
+                .keys()
+                .cloned()
+                .chain(
+                    st.shares
+                        .iter()
+                        .filter(|(_, m)| m.values().any(|s| s.revoked_at.is_none()))
+                        .map(|(id, _)| id.clone()),
+                )
+                .chain(st.images.values().flat_map(|r| r.disks.iter().map(|d| d.snapshot_id.clone())))
+                .collect();
+            (book.snapshots, held)
         };
         let volume = self.engine.volume(v)?.name;
         let mut of_volume: HashMap<String, (String, u64)> =
@@ -584,11 +597,7 @@ impl Service {
         }
         let candidates: Vec<Candidate> = infos
             .iter()
-            .map(|(id, (_, created))| Candidate {
-                id: id.clone(),
-                created: *created as i64,
-                held: holds.contains_key(id),
-            })
+            .map(|(id, (_, created))| Candidate { id: id.clone(), created: *created as i64, held: held.contains(id) })
             .collect();
         let now = self.engine.clock().now() as i64;
         let verdicts = p

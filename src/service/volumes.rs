@@ -10,7 +10,7 @@ use crate::engine::{parse_snapshot_id, parse_volume_id, EngineError, ErrorKind, 
 use crate::policy::{OnVolumeDelete, Policy};
 use crate::store::HydrationView;
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct CreateVolume {
     pub name: String,
     /// Required unless `from_snapshot` is given (the size is then the snapshot's).

@@ -94,7 +94,7 @@ impl UblkConfig {
         if !(512..=4096).contains(&lbs) || !lbs.is_power_of_two() {
             return invalid(format!("logical block size {lbs} is not supported; use 512, 1024, 2048 or 4096"));
         }
-        if self.size == 0 || self.size % u64::from(lbs) != 0 {
+        if self.size == 0 || !self.size.is_multiple_of(u64::from(lbs)) {
             return invalid(format!("device size {} is not a non-zero multiple of the block size {lbs}", self.size));
         }
         if self.queues == 0 || self.queues > MAX_QUEUES {
@@ -103,7 +103,7 @@ impl UblkConfig {
         if self.depth == 0 || self.depth > MAX_DEPTH {
             return invalid(format!("queue depth {} is out of range; use 1 to {MAX_DEPTH}", self.depth));
         }
-        if self.max_io_bytes < 4096 || self.max_io_bytes > (1 << 20) || self.max_io_bytes % 4096 != 0 {
+        if self.max_io_bytes < 4096 || self.max_io_bytes > (1 << 20) || !self.max_io_bytes.is_multiple_of(4096) {
             return invalid(format!("maximum I/O size {} must be a multiple of 4 KiB up to 1 MiB", self.max_io_bytes));
         }
         if !self.discard_granularity.is_power_of_two() || self.discard_granularity < lbs {

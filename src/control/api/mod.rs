@@ -4,6 +4,7 @@
 
 mod accounts;
 mod groups;
+mod images;
 mod lifecycle;
 mod policies;
 mod regions;
@@ -244,6 +245,7 @@ fn routes() -> Routes {
     let r = regions::routes(r);
     let r = policies::routes(r);
     let r = groups::routes(r);
+    let r = images::routes(r);
     lifecycle::routes(r)
 }
 

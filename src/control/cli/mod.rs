@@ -10,6 +10,7 @@ use serde::Serialize;
 
 mod accounts;
 mod groups;
+mod images;
 mod lifecycle;
 mod policies;
 mod regions;
@@ -89,6 +90,10 @@ pub enum Command {
     /// Consistency groups: snapshots of several volumes taken at one instant
     #[command(subcommand)]
     Group(GroupCommand),
+    /// Images: named sets of snapshots (root and data disks) to deploy volumes from, export
+    /// and import
+    #[command(subcommand)]
+    Image(images::ImageCommand),
     /// Automatic snapshot policies: schedules and retention
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -365,6 +370,7 @@ pub async fn run(c: Client, json: bool, command: Command) -> Result<(), ClientEr
         Command::Key(k) => regions::key(&c, k).await?,
         Command::Policy(p) => policies::run(&c, p).await?,
         Command::Group(g) => groups::run(&c, g).await?,
+        Command::Image(i) => images::run(&c, json, i).await?,
         Command::RecycleBin(b) => lifecycle::bin(&c, b).await?,
         Command::Events { follow, limit } => lifecycle::events(&c, json, follow, limit).await?,
     };

@@ -48,6 +48,13 @@ pub enum VolumeCommand {
     Delete { volume: String },
     /// Create a volume from a snapshot, sharing unchanged data
     Clone { snapshot: String, new_name: String },
+    /// Create one volume per disk of an image (PREFIX + disk name: web1-root, web1-data1, ...),
+    /// each usable at once
+    CreateFromImage {
+        image: String,
+        #[arg(long)]
+        prefix: String,
+    },
     /// Attach a volume to the kernel as a block device (/dev/ublkbN or /dev/nbdN)
     #[command(group = clap::ArgGroup::new("how").required(true).args(["ublk", "nbd"]))]
     Attach {
@@ -108,6 +115,7 @@ pub(super) async fn run(c: &Client, json: bool, command: VolumeCommand) -> Resul
         }
         VolumeCommand::Show { volume: name } => volume(get(c, &p(&["volumes", &name])).await?),
         VolumeCommand::Quota { volume } => super::lifecycle::quota(c, &volume).await?,
+        VolumeCommand::CreateFromImage { image, prefix } => super::images::deploy(c, &image, prefix).await?,
         VolumeCommand::Delete { volume } => {
             delete(c, &p(&["volumes", &volume])).await?;
             Printed::message(format!("deleted volume {volume}"), serde_json::json!({ "deleted": volume }))
