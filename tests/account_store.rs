@@ -61,16 +61,8 @@ fn each_account_uploads_into_a_repository_of_its_own() {
         }
         // Node B shares the region, with its key file and acme's (what `key export` shows):
         // a restore by id there reads from acme's repository; the id is in no other.
-        let b_dir = tmp.path().join("b");
-        let a_text = std::fs::read_to_string(dir.join("snapblk.toml")).unwrap();
-        let store = dir.join("store").display().to_string();
-        std::fs::create_dir_all(&b_dir).unwrap();
-        std::fs::write(b_dir.join("snapblk.toml"), a_text.replace("path = \"store\"", &format!("path = \"{store}\"")))
-            .unwrap();
         let acme_repo = owned("acme", region.name);
-        write_key_file(&b_dir.join(format!("keys/{}.key", region.name)), d.cli_ok(&["key", "export", region.name]));
-        write_key_file(&b_dir.join("keys/accounts/acme.key"), d.cli_ok(&["key", "export", &acme_repo]));
-        let b = Daemon::start(&b_dir);
+        let b = node_b(tmp.path(), &d, &region, "");
         b.cli_ok(&["account", "create", "acme"]);
         let expected = tmp.path().join("acme.raw");
         nbd_to_file(&d, "acme/db", &expected);
@@ -176,6 +168,21 @@ fn a_directory_from_before_account_repositories_comes_up_with_nothing_lost() {
     verify_ok(&d, "acme/db@s2");
 }
 
+/// Node B of A's region: the region's key and acme's account key (as `key export` gives
+/// them), `extra` lines before A's configuration.
+fn node_b(tmp: &Path, a: &Daemon, region: &TestRegion, extra: &str) -> Daemon {
+    let b_dir = tmp.join("b");
+    std::fs::create_dir_all(&b_dir).unwrap();
+    let a_text = std::fs::read_to_string(a.dir.join("snapblk.toml")).unwrap();
+    let store = a.dir.join("store").display().to_string();
+    let b_text = a_text.replace("path = \"store\"", &format!("path = \"{store}\""));
+    std::fs::write(b_dir.join("snapblk.toml"), format!("{extra}{b_text}")).unwrap();
+    write_key_file(&b_dir.join(format!("keys/{}.key", region.name)), a.cli_ok(&["key", "export", region.name]));
+    let acme_repo = owned("acme", region.name);
+    write_key_file(&b_dir.join("keys/accounts/acme.key"), a.cli_ok(&["key", "export", &acme_repo]));
+    Daemon::start(&b_dir)
+}
+
 fn wait_until(what: &str, timeout: std::time::Duration, mut done: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + timeout;
     while !done() {
@@ -227,22 +234,12 @@ fn a_snapshot_shared_across_accounts_and_nodes_then_unshared() {
 
         // Node B: the region's key and acme's; background loading slow enough that a volume
         // made from the share is still loading when the grace period ends.
-        let b_dir = tmp.path().join("b");
-        std::fs::create_dir_all(&b_dir).unwrap();
-        let a_text = std::fs::read_to_string(a_dir.join("snapblk.toml")).unwrap();
-        let store = a_dir.join("store").display().to_string();
-        let b_text = a_text.replace("path = \"store\"", &format!("path = \"{store}\""));
-        std::fs::write(
-            b_dir.join("snapblk.toml"),
-            format!(
-                "[hydrate]\nbackground = false\nhold = \"4s\"\nbandwidth_limit = \"16K\"\nreadahead = \"0\"\n{b_text}"
-            ),
-        )
-        .unwrap();
-        write_key_file(&b_dir.join(format!("keys/{}.key", region.name)), a.cli_ok(&["key", "export", region.name]));
-        let acme_repo = owned("acme", region.name);
-        write_key_file(&b_dir.join("keys/accounts/acme.key"), a.cli_ok(&["key", "export", &acme_repo]));
-        let b = Daemon::start(&b_dir);
+        let b = node_b(
+            tmp.path(),
+            &a,
+            &region,
+            "[hydrate]\nbackground = false\nhold = \"4s\"\nbandwidth_limit = \"16K\"\nreadahead = \"0\"\n",
+        );
         b.cli_ok(&["account", "create", "umbrella"]);
         let mine = b.cli_json(&["snapshot", "shared-with-me", "--account", "umbrella"]);
         assert_eq!(mine.as_array().unwrap().len(), 1, "{mine}");
@@ -304,5 +301,52 @@ fn a_snapshot_shared_across_accounts_and_nodes_then_unshared() {
         }
         let b_events = events(&b);
         assert!(b_events.contains("shared_volume_created") && b_events.contains("\"owner\":\"acme\""), "{b_events}");
+    }
+}
+
+/// An image shared with another account: on node B that account finds it, deploys it (its
+/// disk equal to the owner's snapshot); the owner cannot delete the image while it is
+/// shared; after an unshare, B cannot deploy it any more.
+#[test]
+fn an_image_shared_with_another_account_deploys_on_another_node() {
+    if !tools() {
+        return;
+    }
+    for region in regions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a_dir = tmp.path().join("a");
+        configure(&a_dir, &region, "", "");
+        let a = Daemon::start(&a_dir);
+        for account in ["acme", "umbrella"] {
+            a.cli_ok(&["account", "create", account]);
+        }
+        a.cli_ok(&["volume", "create", "acme/root", "--size", "8M", "--region", region.name]);
+        fill(&a, "acme/root", 0, MIB, 41);
+        snapshot(&a, "acme/root", "s1");
+        wait_available(&a, "acme/root@s1");
+        let expected = tmp.path().join("root.raw");
+        nbd_to_file(&a, "acme/root@s1", &expected);
+        a.cli_ok(&["image", "create", "acme/web", "--root", "acme/root@s1"]);
+        a.cli_ok(&["image", "share", "acme/web", "--with", "umbrella"]);
+        let (code, err) = a.cli_err(&["image", "delete", "acme/web"]);
+        assert_eq!(code, 5, "{err}");
+        assert!(err.contains("shared with account(s) umbrella"), "{err}");
+
+        let b = node_b(tmp.path(), &a, &region, "");
+        b.cli_ok(&["account", "create", "umbrella"]);
+        let mine = b.cli_json(&["image", "shared-with-me", "--account", "umbrella"]);
+        assert_eq!(mine.as_array().unwrap().len(), 1, "{mine}");
+        assert_eq!(mine[0]["image"], "acme/web", "{mine}");
+        b.cli_ok(&["volume", "create-from-image", "acme/web", "--prefix", "umbrella/w1-"]);
+        let got = tmp.path().join("w1.raw");
+        nbd_to_file(&b, "umbrella/w1-root", &got);
+        compare(&expected, &got);
+
+        a.cli_ok(&["image", "unshare", "acme/web", "--with", "umbrella", "--grace", "1s"]);
+        let (code, err) = b.cli_err(&["volume", "create-from-image", "acme/web", "--prefix", "umbrella/w2-"]);
+        assert_eq!(code, 7, "{err}");
+        assert!(err.contains("has ended"), "{err}");
+        // Unshared: the image can go.
+        a.cli_ok(&["image", "delete", "acme/web"]);
     }
 }

@@ -52,6 +52,7 @@ fn setup(tmp: &Path) -> (Daemon, Api) {
         d.cli_ok(&["account", "create", account]);
         d.cli_ok(&["volume", "create", &format!("{account}/db"), "--size", "16M"]);
         d.cli_ok(&["snapshot", "create", &format!("{account}/db"), "--name", "s1"]);
+        d.cli_ok(&["image", "create", &format!("{account}/db"), "--root", &format!("{account}/db@s1")]);
     }
     let status = d.cli_json(&["status"]);
     let addr = status["api"].as_str().unwrap_or_else(|| panic!("no API listener: {status}")).to_string();
@@ -162,6 +163,14 @@ fn every_role_on_every_route_on_its_own_and_another_accounts_resources() {
             own: [200; 5],
             other: [200, 404, 404, 404, 404],
         },
+        Cell { method: "GET", path: "/v1/images/{v}", body: None, own: [200; 5], other: [200, 404, 404, 404, 404] },
+        Cell {
+            method: "POST",
+            path: "/v1/images/{v}/volumes",
+            body: Some(r#"{"prefix": "img-{r}-"}"#),
+            own: [201, 201, 201, 201, 403],
+            other: [201, 404, 404, 404, 403],
+        },
         Cell {
             method: "GET",
             path: "/v1/volumes/{v}/quota",
@@ -178,7 +187,7 @@ fn every_role_on_every_route_on_its_own_and_another_accounts_resources() {
         },
     ];
     // Routes on no account's resource.
-    let global: [(&str, &str, Option<&str>, [u16; 5]); 9] = [
+    let global: [(&str, &str, Option<&str>, [u16; 5]); 11] = [
         ("GET", "/v1/volumes", None, [200; 5]),
         ("GET", "/v1/snapshots", None, [200; 5]),
         ("GET", "/v1/events", None, [200; 5]),
@@ -188,6 +197,8 @@ fn every_role_on_every_route_on_its_own_and_another_accounts_resources() {
         ("GET", "/v1/regions/local/key", None, [200, 403, 403, 403, 403]),
         ("GET", "/v1/recycle-bin", None, [200; 5]),
         ("GET", "/v1/shared-with-me", None, [200; 5]),
+        ("GET", "/v1/images", None, [200; 5]),
+        ("GET", "/v1/images-shared-with-me", None, [200; 5]),
     ];
     for (i, role) in ROLES.iter().enumerate() {
         let t = token(&d, "acme", role, &[]);

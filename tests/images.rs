@@ -61,6 +61,14 @@ fn an_image_pins_its_snapshots_and_deploys_many_times() {
     assert_eq!(code, 5, "{err}");
     assert!(err.contains("image(s) web") && err.contains("snapblk image delete web"), "{err}");
     common::assert_one_sentence(&err);
+    // From a group snapshot: its members, the first the root.
+    d.cli_ok(&["group", "create", "g", "root", "data"]);
+    d.cli_ok(&["group", "snapshot", "g", "--name", "gs"]);
+    let from_group = d.cli_json(&["image", "create", "web-g", "--from-group", "g@gs"]);
+    let disks: Vec<&str> =
+        from_group["disks"].as_array().unwrap().iter().map(|x| x["snapshot"].as_str().unwrap()).collect();
+    assert_eq!(disks, ["root@gs", "data@gs"], "{from_group}");
+    d.cli_ok(&["image", "delete", "web-g"]);
     let listed = d.cli_json(&["image", "list"]);
     assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
     d.cli_ok(&["image", "delete", "web"]);

@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::lifecycle::Key;
+use super::shares::{ShareRequest, SharedQuery, UnshareRequest};
 use super::{owner_of, Access, Caller, Error, Result, Service, VolumeView};
 use crate::jobs::{Job, JobView};
+use crate::store::shares::ImageGrant;
 
 /// Most disks an image has (a root and data disks).
 pub const MAX_IMAGE_DISKS: usize = 16;
@@ -23,6 +25,9 @@ pub struct ImageRecord {
     pub created: u64,
     /// `root` first, then `data1`, `data2`, …
     pub disks: Vec<ImageDisk>,
+    /// Accounts it is shared with → the region holding the grant.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub shared_with: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -243,7 +248,12 @@ impl Service {
             }
             disks.push(ImageDisk { name: disk_name(i), snapshot_id: snap.id });
         }
-        let record = ImageRecord { description: req.description, created: self.engine.clock().now(), disks };
+        let record = ImageRecord {
+            description: req.description,
+            created: self.engine.clock().now(),
+            disks,
+            shared_with: Default::default(),
+        };
         {
             let mut st = self.lifecycle.lock();
             if st.images.contains_key(&name) {
@@ -277,7 +287,14 @@ impl Service {
     /// Deletes the image (its snapshots stay, no longer pinned by it).
     pub fn delete_image(&self, caller: &Caller, name: &str) -> Result<()> {
         caller.may(Access::Delete)?;
-        let (name, _) = self.find_image(caller, name)?;
+        let (name, r) = self.find_image(caller, name)?;
+        if !r.shared_with.is_empty() {
+            let with: Vec<&str> = r.shared_with.keys().map(String::as_str).collect();
+            return Err(Error::Held(format!(
+                "image {name} is shared with account(s) {}; unshare it first: snapblk image unshare {name} --with ACCOUNT",
+                with.join(", ")
+            )));
+        }
         let mut st = self.lifecycle.lock();
         st.images.remove(&name);
         st.touch(Key::Image(name.clone()));
@@ -301,12 +318,25 @@ impl Service {
         req: DeployImage,
     ) -> Result<Vec<VolumeView>> {
         caller.may(Access::Restore)?;
-        let (name, r) = self.find_image(caller, name)?;
-        let names: Vec<String> = r
-            .disks
-            .iter()
-            .map(|d| super::accounts::owned_name(owner_of(&name), &format!("{}{}", req.prefix, d.name)))
-            .collect();
+        // The caller's image, or another account's shared with the volumes' account.
+        let (name, disks, names) = match self.find_image(caller, name) {
+            Ok((name, r)) => {
+                let names = r
+                    .disks
+                    .iter()
+                    .map(|d| super::accounts::owned_name(owner_of(&name), &format!("{}{}", req.prefix, d.name)))
+                    .collect();
+                (name, r.disks, names)
+            }
+            Err(e) => {
+                let recipient = owner_of(&caller.qualify(&format!("{}x", req.prefix))).to_string();
+                let g = self.image_shared_with(&recipient, name).await?.ok_or(e)?;
+                let names: Vec<String> =
+                    g.disks.iter().map(|(d, _)| caller.qualify(&format!("{}{d}", req.prefix))).collect();
+                let disks = g.disks.into_iter().map(|(name, snapshot_id)| ImageDisk { name, snapshot_id }).collect();
+                (g.image, disks, names)
+            }
+        };
         for n in &names {
             crate::engine::validate_owned_name("volume", n)?;
             if self.engine.volume(n).is_ok() {
@@ -316,7 +346,7 @@ impl Service {
             }
         }
         let mut made: Vec<VolumeView> = Vec::new();
-        for (d, n) in r.disks.iter().zip(&names) {
+        for (d, n) in disks.iter().zip(&names) {
             match self.create_from_snapshot(caller, n, &d.snapshot_id, None).await {
                 Ok(v) => made.push(v),
                 Err(e) => {
@@ -477,4 +507,105 @@ async fn export_files(view: &ImageView, socket: &Path, req: &ExportImage, job: &
     crate::fsutil::replace_file(&req.output.join("manifest.json"), &bytes, true)
         .map_err(|e| Error::Internal(format!("writing manifest.json: {e}")))?;
     Ok(manifest)
+}
+
+impl Service {
+    /// Shares an image with another account: each disk's snapshot (as `snapshot share`), and
+    /// a grant naming the disks, so the account can deploy it on any node serving both.
+    pub async fn share_image(&self, caller: &Caller, name: &str, req: ShareRequest) -> Result<ImageView> {
+        caller.may(Access::Manage)?;
+        let (name, r) = self.find_image(caller, name)?;
+        let mut region = String::new();
+        for d in &r.disks {
+            let v = self.share_snapshot(caller, &d.snapshot_id, req.clone()).await?;
+            region = crate::engine::bare_name(&v.repository).to_string();
+        }
+        let grant = ImageGrant {
+            image: name.clone(),
+            owner: owner_of(&name).to_string(),
+            recipient: req.with.clone(),
+            description: r.description.clone(),
+            disks: r.disks.iter().map(|d| (d.name.clone(), d.snapshot_id.clone())).collect(),
+            granted_at: self.engine.clock().now(),
+            revoked_at: None,
+        };
+        self.store.put_image_share(&region, &grant).await?;
+        let record = self.image_shared(&name, &req.with, Some(region))?;
+        tracing::info!(image = %name, with = %req.with, by = %caller, "image shared");
+        Ok(self.image_view(&name, &record))
+    }
+
+    /// Ends an image's share: its grant and each disk's (volumes deployed from it before keep
+    /// loading for the grace period, as after `snapshot unshare`).
+    pub async fn unshare_image(&self, caller: &Caller, name: &str, req: UnshareRequest) -> Result<ImageView> {
+        caller.may(Access::Manage)?;
+        let (name, r) = self.find_image(caller, name)?;
+        let Some(region) = r.shared_with.get(&req.with).cloned() else {
+            return Err(Error::NotFound(format!("image {name} is not shared with account '{}'", req.with)));
+        };
+        for d in &r.disks {
+            match self.unshare_snapshot(caller, &d.snapshot_id, req.clone()).await {
+                Err(Error::NotFound(_)) | Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(mut g) = self.store.image_share(&region, &req.with, &name).await? {
+            g.revoked_at = Some(self.engine.clock().now());
+            self.store.put_image_share(&region, &g).await?;
+        }
+        let record = self.image_shared(&name, &req.with, None)?;
+        tracing::info!(image = %name, with = %req.with, by = %caller, "image unshared");
+        Ok(self.image_view(&name, &record))
+    }
+
+    /// Records (or forgets) that image `name` is shared with `with`.
+    fn image_shared(&self, name: &str, with: &str, region: Option<String>) -> Result<ImageRecord> {
+        let mut st = self.lifecycle.lock();
+        let Some(rec) = st.images.get_mut(name) else {
+            return Err(Error::NotFound(format!("no image '{name}'")));
+        };
+        match region {
+            Some(r) => rec.shared_with.insert(with.to_string(), r),
+            None => rec.shared_with.remove(with),
+        };
+        let rec = rec.clone();
+        st.touch(Key::Image(name.to_string()));
+        self.save_lifecycle(&mut st)?;
+        Ok(rec)
+    }
+
+    /// Images other accounts share with the caller's account (or `q.account`'s, for an
+    /// administrator), whichever node shared them.
+    pub async fn images_shared_with_me(&self, caller: &Caller, q: SharedQuery) -> Result<Vec<ImageGrant>> {
+        caller.may(Access::Read)?;
+        let account = match q.account {
+            Some(a) if caller.sees_account(&a) => a,
+            Some(a) => return Err(Error::NotFound(format!("no account '{a}'"))),
+            None => caller.account().to_string(),
+        };
+        let mut out = Vec::new();
+        for region in q.region.map_or_else(|| self.store.region_names(), |r| vec![r]) {
+            out.extend(
+                self.store.image_shares_to(&region, &account).await?.into_iter().filter(|g| g.revoked_at.is_none()),
+            );
+        }
+        Ok(out)
+    }
+
+    /// The grant of image `image` (the owner's full name) to `recipient`, in any region; an
+    /// ended one is refused with the sentence saying so.
+    async fn image_shared_with(&self, recipient: &str, image: &str) -> Result<Option<ImageGrant>> {
+        for region in self.store.region_names() {
+            if let Some(g) = self.store.image_share(&region, recipient, image).await? {
+                if g.revoked_at.is_some() {
+                    return Err(Error::Forbidden(format!(
+                        "the share of image {image} by account {} with account {recipient} has ended; no new volumes can be made from it",
+                        g.owner
+                    )));
+                }
+                return Ok(Some(g));
+            }
+        }
+        Ok(None)
+    }
 }

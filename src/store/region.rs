@@ -44,7 +44,9 @@ pub struct Region {
 
 /// Whether a key names an object snapblk writes (packs, snapshots, keys).
 fn is_snapblk_object(key: &str) -> bool {
-    ["packs/", "snapshots/", "keys/", "groups/", "holds/", "gc/", "shares/"].iter().any(|p| key.starts_with(p))
+    ["packs/", "snapshots/", "keys/", "groups/", "holds/", "gc/", "shares/", "image-shares/"]
+        .iter()
+        .any(|p| key.starts_with(p))
 }
 
 impl Region {

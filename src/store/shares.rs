@@ -137,3 +137,67 @@ impl StoreService {
         self.region(region).await?.objects.delete(&share_key(recipient, snapshot_id)).await
     }
 }
+
+const IMAGE_SHARE_MAGIC: &[u8; 8] = b"SNAPBLKI";
+
+fn image_share_key(recipient: &str, image: &str) -> String {
+    // An image's name is `OWNER/NAME` (or a bare name: the default account's).
+    format!("image-shares/{recipient}/{}/{}", crate::engine::owner_of(image), crate::engine::bare_name(image))
+}
+
+/// A grant of an image to one account: its disks, each a snapshot shared by its own grant.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImageGrant {
+    pub image: String,
+    pub owner: String,
+    pub recipient: String,
+    pub description: String,
+    /// (disk name, snapshot id), root first.
+    pub disks: Vec<(String, String)>,
+    pub granted_at: u64,
+    #[serde(default)]
+    pub revoked_at: Option<u64>,
+}
+
+impl StoreService {
+    pub async fn put_image_share(&self, region: &str, grant: &ImageGrant) -> Result<()> {
+        let repo = self.region(region).await?;
+        let key = image_share_key(&grant.recipient, &grant.image);
+        let sealed = seal_json(&repo.keys, IMAGE_SHARE_MAGIC, key.as_bytes(), grant);
+        repo.objects.put(&key, bytes::Bytes::from(sealed)).await
+    }
+
+    /// The grant of image `image` to `recipient` in `region`, if any.
+    pub async fn image_share(&self, region: &str, recipient: &str, image: &str) -> Result<Option<ImageGrant>> {
+        let repo = self.region(region).await?;
+        let key = image_share_key(recipient, image);
+        let bytes = match repo.objects.get(&key).await {
+            Ok(b) => b,
+            Err(StoreError::Missing(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let g: ImageGrant =
+            open_json(&repo.keys, IMAGE_SHARE_MAGIC, key.as_bytes(), &bytes, &key, "image share grant")?;
+        if g.recipient != recipient || g.image != image {
+            return Err(StoreError::corrupt(&key, "image share grant does not describe this share"));
+        }
+        Ok(Some(g))
+    }
+
+    /// Every image granted to `recipient` in `region` (LIST).
+    pub async fn image_shares_to(&self, region: &str, recipient: &str) -> Result<Vec<ImageGrant>> {
+        let repo = self.region(region).await?;
+        let prefix = format!("image-shares/{recipient}");
+        let mut out = Vec::new();
+        for o in repo.objects.list(&prefix).await? {
+            let Some((owner, name)) = o.key.strip_prefix(&format!("{prefix}/")).and_then(|r| r.split_once('/')) else {
+                continue;
+            };
+            let image = crate::engine::owned_name(owner, name);
+            if let Some(g) = self.image_share(region, recipient, &image).await? {
+                out.push(g);
+            }
+        }
+        Ok(out)
+    }
+}

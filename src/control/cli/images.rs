@@ -8,8 +8,10 @@ use hyper::Method;
 
 use super::{delete, get, send, table, wait_job, Client, ClientError, Printed};
 use crate::service::{
-    CreateImage, DeployImage, ExportImage, ExportManifest, ImageFormat, ImageView, ImportImage, VolumeView,
+    CreateImage, DeployImage, ExportImage, ExportManifest, ImageFormat, ImageView, ImportImage, ShareRequest,
+    VolumeView,
 };
+use crate::store::shares::ImageGrant;
 use crate::units::{human, utc};
 
 #[derive(Subcommand, Debug)]
@@ -60,6 +62,30 @@ pub enum ImageCommand {
         format: String,
         #[arg(long, default_value = "")]
         description: String,
+    },
+    /// Share an image (each disk's snapshot, uploaded) with another account, which can then
+    /// deploy it on any node serving both: volume create-from-image OWNER/IMAGE --prefix P
+    Share {
+        image: String,
+        #[arg(long)]
+        with: String,
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// End an image's share (volumes deployed before keep loading for the grace period)
+    Unshare {
+        image: String,
+        #[arg(long)]
+        with: String,
+        #[arg(long, default_value = "24h")]
+        grace: String,
+    },
+    /// Images other accounts share with yours (an administrator: --account)
+    SharedWithMe {
+        #[arg(long)]
+        account: Option<String>,
+        #[arg(long)]
+        region: Option<String>,
     },
 }
 
@@ -119,6 +145,34 @@ pub(super) async fn run(c: &Client, json: bool, command: ImageCommand) -> Result
                 .collect();
             let text = table(&["DISK", "FILE", "SIZE", "SHA256"], rows);
             Printed::new(&m, text)
+        }
+        ImageCommand::Share { image: i, with, expires } => {
+            image(send(c, Method::POST, &p(&["images", &i, "shares"]), Some(&ShareRequest { with, expires })).await?)
+        }
+        ImageCommand::Unshare { image: i, with, grace } => {
+            let path =
+                format!("{}?grace={}", p(&["images", &i, "shares", &with]), p(&[&grace]).trim_start_matches("/v1/"));
+            image(send(c, Method::DELETE, &path, None::<&()>).await?)
+        }
+        ImageCommand::SharedWithMe { account, region } => {
+            let query: Vec<String> = [("account", account), ("region", region)]
+                .into_iter()
+                .filter_map(|(k, v)| v.map(|v| format!("{k}={}", p(&[&v]).trim_start_matches("/v1/"))))
+                .collect();
+            let mut path = p(&["images-shared-with-me"]);
+            if !query.is_empty() {
+                path = format!("{path}?{}", query.join("&"));
+            }
+            let gs: Vec<ImageGrant> = get(c, &path).await?;
+            let rows = gs
+                .iter()
+                .map(|g| {
+                    let disks: Vec<String> = g.disks.iter().map(|(d, s)| format!("{d}={s}")).collect();
+                    vec![g.image.clone(), g.owner.clone(), utc(g.granted_at), disks.join(" ")]
+                })
+                .collect();
+            let text = table(&["IMAGE", "OWNER", "SHARED", "DISKS"], rows);
+            Printed::new(&gs, text)
         }
         ImageCommand::Import { name, root, data, format, description } => {
             let root = absolute(root)?;
