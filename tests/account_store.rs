@@ -168,6 +168,17 @@ fn a_directory_from_before_account_repositories_comes_up_with_nothing_lost() {
     verify_ok(&d, "acme/db@s2");
 }
 
+/// Node A of a region, with accounts acme and umbrella.
+fn node_a(tmp: &Path, region: &TestRegion) -> Daemon {
+    let dir = tmp.join("a");
+    configure(&dir, region, "", "");
+    let a = Daemon::start(&dir);
+    for account in ["acme", "umbrella"] {
+        a.cli_ok(&["account", "create", account]);
+    }
+    a
+}
+
 /// Node B of A's region: the region's key and acme's account key (as `key export` gives
 /// them), `extra` lines before A's configuration.
 fn node_b(tmp: &Path, a: &Daemon, region: &TestRegion, extra: &str) -> Daemon {
@@ -206,12 +217,7 @@ fn a_snapshot_shared_across_accounts_and_nodes_then_unshared() {
     }
     for region in regions() {
         let tmp = tempfile::tempdir().unwrap();
-        let a_dir = tmp.path().join("a");
-        configure(&a_dir, &region, "", "");
-        let a = Daemon::start(&a_dir);
-        for account in ["acme", "umbrella"] {
-            a.cli_ok(&["account", "create", account]);
-        }
+        let a = node_a(tmp.path(), &region);
         // 64 KiB at the start of each of 8 map pages (4,096 clusters of 4 KiB): a volume
         // loading it in the background with 16 KiB/s loads a page every 4 s.
         a.cli_ok(&["volume", "create", "acme/db", "--size", "128M", "--cluster-size", "4K", "--region", region.name]);
@@ -314,12 +320,7 @@ fn an_image_shared_with_another_account_deploys_on_another_node() {
     }
     for region in regions() {
         let tmp = tempfile::tempdir().unwrap();
-        let a_dir = tmp.path().join("a");
-        configure(&a_dir, &region, "", "");
-        let a = Daemon::start(&a_dir);
-        for account in ["acme", "umbrella"] {
-            a.cli_ok(&["account", "create", account]);
-        }
+        let a = node_a(tmp.path(), &region);
         a.cli_ok(&["volume", "create", "acme/root", "--size", "8M", "--region", region.name]);
         fill(&a, "acme/root", 0, MIB, 41);
         snapshot(&a, "acme/root", "s1");
