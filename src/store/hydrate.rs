@@ -191,7 +191,7 @@ pub struct Hydration {
     volumes: Mutex<HashMap<u64, Arc<VolumeProgress>>>,
     /// Sources whose share with the accounts loading from them has ended (with why), and
     /// those still readable (`None`), with when that was found (`share_ended`).
-    grants: Mutex<HashMap<RemoteSource, (Instant, Option<String>)>>,
+    share_checks: Mutex<HashMap<RemoteSource, (Instant, Option<String>)>>,
     self_ref: Weak<Hydration>,
 }
 
@@ -235,7 +235,7 @@ impl Hydration {
             foreground: AtomicUsize::new(0),
             idle: Notify::new(),
             volumes: Mutex::new(HashMap::new()),
-            grants: Mutex::new(HashMap::new()),
+            share_checks: Mutex::new(HashMap::new()),
             self_ref: self_ref.clone(),
         })
     }
@@ -267,13 +267,13 @@ impl Hydration {
     /// own, or one an administrator restored across accounts) stays readable. The answer is
     /// kept for `SHARE_RECHECK`: a fetch costs one lookup.
     pub async fn share_ended(&self, source: &RemoteSource) -> Option<String> {
-        if let Some((at, why)) = self.grants.lock().get(source) {
+        if let Some((at, why)) = self.share_checks.lock().get(source) {
             if at.elapsed() < SHARE_RECHECK {
                 return why.clone();
             }
         }
         let why = self.check_share(source).await;
-        self.grants.lock().insert(source.clone(), (Instant::now(), why.clone()));
+        self.share_checks.lock().insert(source.clone(), (Instant::now(), why.clone()));
         why
     }
 
@@ -292,7 +292,7 @@ impl Hydration {
             // Unreadable now: the last answer stands (none: readable).
             let grant = match svc.share(region, recipient, &id).await {
                 Ok(g) => g,
-                Err(_) => return self.grants.lock().get(source).and_then(|(_, why)| why.clone()),
+                Err(_) => return self.share_checks.lock().get(source).and_then(|(_, why)| why.clone()),
             };
             match grant.as_ref().map(|g| g.state(now)) {
                 Some(ShareState::Ended) => return grant.map(|g| g.ended_message()),
