@@ -578,11 +578,7 @@ impl Service {
     /// administrator), whichever node shared them.
     pub async fn images_shared_with_me(&self, caller: &Caller, q: SharedQuery) -> Result<Vec<ImageGrant>> {
         caller.may(Access::Read)?;
-        let account = match q.account {
-            Some(a) if caller.sees_account(&a) => a,
-            Some(a) => return Err(Error::NotFound(format!("no account '{a}'"))),
-            None => caller.account().to_string(),
-        };
+        let account = q.recipient(caller)?;
         let mut out = Vec::new();
         for region in q.region.map_or_else(|| self.store.region_names(), |r| vec![r]) {
             out.extend(

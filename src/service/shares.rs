@@ -61,6 +61,18 @@ pub struct ShareView {
     pub grace_until: Option<u64>,
 }
 
+impl SharedQuery {
+    /// The account whose shares are asked for: the caller's, or (an administrator's
+    /// question) `account`; another account's is "not found" for anyone else.
+    pub(super) fn recipient(&self, caller: &Caller) -> Result<String> {
+        match &self.account {
+            Some(a) if caller.sees_account(a) => Ok(a.clone()),
+            Some(a) => Err(Error::NotFound(format!("no account '{a}'"))),
+            None => Ok(caller.account().to_string()),
+        }
+    }
+}
+
 impl ShareView {
     fn of(g: &ShareGrant, now: u64) -> ShareView {
         ShareView {
@@ -205,11 +217,7 @@ impl Service {
     /// administrator, with `q.account`), in one region or all, whichever node shared them.
     pub async fn shared_with_me(&self, caller: &Caller, q: SharedQuery) -> Result<Vec<ShareView>> {
         caller.may(Access::Read)?;
-        let account = match q.account {
-            Some(a) if caller.sees_account(&a) => a,
-            Some(a) => return Err(Error::NotFound(format!("no account '{a}'"))),
-            None => caller.account().to_string(),
-        };
+        let account = q.recipient(caller)?;
         let regions = match q.region {
             Some(r) => vec![bare_name(&r).to_string()],
             None => self.store.region_names(),

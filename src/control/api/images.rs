@@ -83,16 +83,11 @@ async fn share(
     Ok((StatusCode::CREATED, Json(s.share_image(&caller, &i, req).await?)))
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct GraceQuery {
-    grace: Option<String>,
-}
-
 async fn unshare(
     State(s): Svc,
     caller: Caller,
     Path((i, account)): Path<(String, String)>,
-    Query(q): Query<GraceQuery>,
+    Query(q): Query<super::GraceQuery>,
 ) -> ApiResult<Json<ImageView>> {
     Ok(Json(s.unshare_image(&caller, &i, UnshareRequest { with: account, grace: q.grace }).await?))
 }

@@ -233,6 +233,12 @@ fn inner_type(type_name: &str, marker: &str) -> Option<String> {
     Some(base.rsplit("::").next().unwrap_or(base).to_string())
 }
 
+/// `?grace=24h` of an unshare (snapshots and images).
+#[derive(Debug, serde::Deserialize)]
+struct GraceQuery {
+    grace: Option<String>,
+}
+
 /// Every route of the API, by resource.
 fn routes() -> Routes {
     let r = Routes::new()

@@ -158,16 +158,11 @@ async fn shares(State(s): Svc, caller: Caller, Path(r): Path<String>) -> ApiResu
     Ok(Json(s.snapshot_shares(&caller, &r)?))
 }
 
-#[derive(Debug, Deserialize)]
-struct GraceQuery {
-    grace: Option<String>,
-}
-
 async fn unshare(
     State(s): Svc,
     caller: Caller,
     Path((r, account)): Path<(String, String)>,
-    Query(q): Query<GraceQuery>,
+    Query(q): Query<super::GraceQuery>,
 ) -> ApiResult<Json<ShareView>> {
     Ok(Json(s.unshare_snapshot(&caller, &r, UnshareRequest { with: account, grace: q.grace }).await?))
 }
