@@ -537,6 +537,8 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         allocated_clusters: 3,
         added_bytes: pack_bytes.len() as u64,
         pages: vec![format::PageRefJson { index: 0, blob: (&refs[2]).into() }],
+        source: None,
+        retain_until: None,
     };
     add("manifest", "sealed", [&[0u8][..], &manifest.seal(keys())].concat());
     add("manifest", "json", [&[2u8][..], &serde_json::to_vec(&manifest).unwrap_or_default()].concat());

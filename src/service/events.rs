@@ -108,6 +108,29 @@ pub enum Event {
         id: String,
         error: String,
     },
+    /// A copy (`snapshot copy`) or an archive (`snapshot archive`) of snapshot `id` was
+    /// published in `to_region` as `copy_id`; `note` says what became of the standard copy.
+    SnapshotCopied {
+        volume: String,
+        snapshot: String,
+        id: String,
+        to_region: String,
+        copy_id: String,
+        archived: bool,
+        #[serde(default)]
+        note: Option<String>,
+    },
+    /// A snapshot stored only in a region (a copy, an archived one) deleted;
+    /// `before_retention`: forced before its minimum retention (until then).
+    StoredSnapshotDeleted {
+        volume: String,
+        snapshot: String,
+        id: String,
+        region: String,
+        by: String,
+        #[serde(default)]
+        before_retention: Option<u64>,
+    },
     AccountCreated {
         account: String,
         by: String,
@@ -154,7 +177,9 @@ impl Event {
             | Event::SharedVolumeCreated { volume, .. }
             | Event::VolumeDeleted { volume, .. }
             | Event::QuotaHit { volume, .. }
-            | Event::UploadFailed { volume, .. } => owner_of(volume),
+            | Event::UploadFailed { volume, .. }
+            | Event::SnapshotCopied { volume, .. }
+            | Event::StoredSnapshotDeleted { volume, .. } => owner_of(volume),
             Event::PolicySkipped { policy, .. } | Event::PolicyFailed { policy, .. } => owner_of(policy),
             Event::AccountCreated { account, .. }
             | Event::AccountDeleted { account, .. }

@@ -9,6 +9,7 @@
 
 mod accounts;
 mod bin;
+mod copies;
 mod direct;
 mod events;
 mod exports;
@@ -33,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 pub use accounts::{owner_of, AccountView, CreateAccount, CreateToken, NewToken, Role, TokenView, DEFAULT_ACCOUNT};
 pub use bin::{BinView, BinnedView, PurgeRequest};
+pub use copies::{ArchiveAnswer, ArchiveEstimate, ArchiveRequest, CopyRequest};
 pub use direct::{
     is_staging_name, BlockPage, BlockSnapshot, ChangedBlock, ChangedPage, DirectStatus, StartDirect, StartedView,
     BLOCK_SIZE,
@@ -342,6 +344,16 @@ impl Service {
                 s.upload_failed(id, error);
             }
         }));
+        let weak = Arc::downgrade(&svc);
+        svc.store.on_copy_done(Box::new(move |rec| {
+            let weak = weak.clone();
+            Box::pin(async move {
+                match weak.upgrade() {
+                    Some(s) => s.copy_done(rec).await,
+                    None => None,
+                }
+            })
+        }));
         Ok(svc)
     }
 
@@ -349,6 +361,7 @@ impl Service {
     /// sweeps the recycle bin), and periodic GC (`gc_interval`).
     pub fn start(self: &Arc<Self>) {
         self.start_scheduler();
+        self.store.resume_copies();
         // Snapshots started through the EBS direct API and abandoned expire.
         let direct = Arc::downgrade(self);
         tokio::spawn(async move {

@@ -63,7 +63,7 @@ struct Counted {
 }
 
 impl Service {
-    fn quotas_of(&self, volume: &str) -> &Quotas {
+    pub(super) fn quotas_of(&self, volume: &str) -> &Quotas {
         let c = &self.store.config;
         c.quota_overrides.get(volume).unwrap_or(&c.quotas)
     }
@@ -105,6 +105,11 @@ impl Service {
         self.store.uploads_in_flight().iter().filter(|id| of_volume(id)).count() as u32
     }
 
+    /// The volume's tasks in flight besides snapshot creates: uploads and copies.
+    pub(super) fn tasks_in_flight(&self, info: &VolumeInfo) -> u32 {
+        self.uploads_in_flight(info) + self.store.copies_in_flight(&info.id)
+    }
+
     pub fn volume_quota(&self, caller: &Caller, r: &str) -> Result<QuotaView> {
         caller.may(Access::Read)?;
         let info = self.live_volume(caller, r)?;
@@ -115,7 +120,7 @@ impl Service {
             quotas: self.quotas_of(&info.name).clone(),
             manual_snapshots: counted.manual as u32,
             auto_snapshots: counted.auto as u32,
-            tasks: creating + self.uploads_in_flight(&info),
+            tasks: creating + self.tasks_in_flight(&info),
         })
     }
 
@@ -154,12 +159,12 @@ impl Service {
         }
         let slot = {
             let mut creating = self.creating.0.lock();
-            let tasks = creating.get(&info.id).copied().unwrap_or(0) + self.uploads_in_flight(info);
+            let tasks = creating.get(&info.id).copied().unwrap_or(0) + self.tasks_in_flight(info);
             if tasks >= q.max_concurrent_tasks {
                 drop(creating);
                 return refused(
                     format!(
-                        "volume '{}' has {tasks} snapshot creates and uploads in flight, its max_concurrent_tasks; try again when one ends, or {}",
+                        "volume '{}' has {tasks} snapshot creates, uploads and copies in flight, its max_concurrent_tasks; try again when one ends, or {}",
                         info.name,
                         how("max_concurrent_tasks")
                     ),

@@ -73,6 +73,16 @@ path = "store"
 # access_key_id = "GK..."                       # or AWS_ACCESS_KEY_ID
 # secret_access_key_file = "keys/garage.secret" # or AWS_SECRET_ACCESS_KEY
 # key_file = "keys/garage.key"
+
+# An archive region (`snapblk snapshot archive`): archived snapshots of a volume deduplicate
+# against each other; deleting one before its minimum retention needs --force.
+# [regions.archive]
+# kind = "s3"                                   # (or "fs")
+# tier = "archive"
+# storage_class = "GLACIER_IR"                  # S3 only: the class of its packs (OSS: "Archive")
+# min_age = "14d"                               # snapshots younger than this are not archived
+# min_retention = "90d"                         # default for --min-retention
+# ...endpoint, bucket, credentials and key_file as above
 "#;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -258,6 +268,10 @@ struct RawRegion {
     cipher: Option<String>,
     request_timeout: Option<String>,
     retries: Option<u32>,
+    tier: Option<String>,
+    storage_class: Option<String>,
+    min_age: Option<String>,
+    min_retention: Option<String>,
     #[serde(default)]
     faults: Faults,
 }
@@ -325,6 +339,34 @@ pub struct RegionConfig {
     pub request_timeout: Duration,
     pub retries: u32,
     pub faults: Faults,
+    /// `standard`, or `archive`: the region keeps archived snapshots (`snapshot archive`).
+    pub tier: Tier,
+    /// The S3 storage class of its packs (e.g. `GLACIER_IR`, `DEEP_ARCHIVE`, OSS `Archive`);
+    /// `None`: the bucket's default. Ignored by the fs kind.
+    pub storage_class: Option<String>,
+    /// Archive tier: a snapshot must be at least this old to be archived here.
+    pub min_age: Duration,
+    /// Archive tier: the minimum retention of an archived snapshot unless the archive
+    /// names its own (deleting it sooner needs `--force`).
+    pub min_retention: Duration,
+}
+
+/// A region's storage tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    #[default]
+    Standard,
+    Archive,
+}
+
+impl Tier {
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Standard => "standard",
+            Tier::Archive => "archive",
+        }
+    }
 }
 
 impl RegionConfig {
@@ -562,6 +604,10 @@ impl Config {
             cipher: None,
             request_timeout: None,
             retries: None,
+            tier: None,
+            storage_class: None,
+            min_age: None,
+            min_retention: None,
             faults: Faults::default(),
         });
         for (name, r) in raw_regions {
@@ -680,6 +726,24 @@ fn region(name: &str, r: RawRegion, dir: &Path) -> std::result::Result<RegionCon
     if request_timeout.is_zero() {
         return Err(ctx("request_timeout must be greater than zero".into()));
     }
+    let tier = match r.tier.as_deref().unwrap_or("standard") {
+        "standard" => Tier::Standard,
+        "archive" => Tier::Archive,
+        other => return Err(ctx(format!("tier '{other}': use \"standard\" or \"archive\""))),
+    };
+    if tier == Tier::Standard && (r.min_age.is_some() || r.min_retention.is_some()) {
+        return Err(ctx("min_age and min_retention apply to archive regions only: add tier = \"archive\"".into()));
+    }
+    if let Some(class) = &r.storage_class {
+        if class.is_empty() || !class.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(ctx(format!(
+                "storage_class '{class}': use the store's class name, e.g. \"GLACIER_IR\", \"DEEP_ARCHIVE\" or \"Archive\""
+            )));
+        }
+    }
+    let min_age = parse_duration(r.min_age.as_deref().unwrap_or("0s")).map_err(|e| ctx(format!("min_age: {e}")))?;
+    let min_retention =
+        parse_duration(r.min_retention.as_deref().unwrap_or("0s")).map_err(|e| ctx(format!("min_retention: {e}")))?;
     Ok(RegionConfig {
         name: name.to_string(),
         backend,
@@ -689,6 +753,10 @@ fn region(name: &str, r: RawRegion, dir: &Path) -> std::result::Result<RegionCon
         request_timeout,
         retries: r.retries.unwrap_or(8),
         faults: r.faults,
+        tier,
+        storage_class: r.storage_class,
+        min_age,
+        min_retention,
     })
 }
 

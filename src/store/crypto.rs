@@ -261,6 +261,12 @@ impl std::ops::Deref for Plaintext {
 }
 
 impl Plaintext {
+    /// Plaintext verified by other means (read locally and matched against its blob id).
+    pub fn from_vec(buf: Vec<u8>) -> Plaintext {
+        let range = 0..buf.len();
+        Plaintext { buf, range }
+    }
+
     /// As shared bytes, without copying.
     pub fn into_bytes(self) -> bytes::Bytes {
         bytes::Bytes::from(self.buf).slice(self.range)

@@ -320,6 +320,23 @@ pub struct Manifest {
     pub added_bytes: u64,
     /// Pages holding at least one data cluster, by index.
     pub pages: Vec<PageRefJson>,
+    /// A copy's origin (`snapshot copy`, `snapshot archive`): the snapshot it was copied from.
+    /// Absent in uploads (and in manifests written before copies existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<CopySource>,
+    /// An archived copy's minimum retention: deleting it before this time (seconds since the
+    /// epoch) is refused unless forced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retain_until: Option<u64>,
+}
+
+/// Where a copied snapshot came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopySource {
+    /// The source snapshot's id.
+    pub id: String,
+    /// Its repository (`REGION` or `ACCOUNT/REGION`) as the copying node named it.
+    pub region: String,
 }
 
 pub(crate) fn manifest_aad(snapshot_id: &str) -> Vec<u8> {
@@ -486,6 +503,8 @@ mod tests {
             allocated_clusters: 0,
             added_bytes: 0,
             pages: vec![],
+            source: None,
+            retain_until: None,
         };
         let sealed = m.seal(&k);
         assert_eq!(Manifest::open(&k, &sealed, "s-0000000000000001").unwrap(), m);

@@ -7,6 +7,8 @@
 //! only its changed set), each with parallel PUTs.
 
 pub mod config;
+pub mod copies;
+pub mod copy;
 pub mod crypto;
 pub mod error;
 pub mod format;
@@ -101,6 +103,8 @@ pub struct StoreService {
     held_elsewhere: Mutex<HashMap<String, Instant>>,
     /// When each region's blob index was last checked against the region's pack list.
     index_checked: Mutex<HashMap<String, u64>>,
+    /// Copies to other regions (`snapshot copy`, `snapshot archive`).
+    copies: copies::Copies,
 }
 
 type UploadFailedHook = Box<dyn Fn(&str, &str) + Send + Sync>;
@@ -125,6 +129,7 @@ impl StoreService {
             }
         }
         let node = shared::Node::load_or_create(dir)?;
+        let copies = copies::Copies::load(dir)?;
         let (state_file, mut state) = StateFile::open(dir)?;
         // Records of snapshots and volumes that no longer exist locally are dropped.
         let snaps: std::collections::HashSet<String> = engine.list_snapshots(None)?.into_iter().map(|s| s.id).collect();
@@ -161,6 +166,7 @@ impl StoreService {
             held: Mutex::new(HashMap::new()),
             held_elsewhere: Mutex::new(HashMap::new()),
             index_checked: Mutex::new(HashMap::new()),
+            copies,
         });
         svc.engine.set_cluster_source(svc.hydration.clone());
         // What the start dropped, and the log, folded into a new remote.json.
@@ -754,6 +760,13 @@ impl StoreService {
                 tracing::debug!(snapshot = %id, error = %e, "deleting a deleted snapshot's manifest failed; will retry");
             }
         }
+    }
+
+    /// Deletes the manifest of a snapshot stored only in `region` (a copy) unless another
+    /// node holds it (then `Ok(false)`).
+    pub async fn delete_stored_manifest(&self, region: &Region, id: &str) -> Result<bool> {
+        let _publishing = self.publish.lock().await;
+        self.delete_manifest_unless_held(region, id).await
     }
 
     /// Whether snapshots are uploaded when taken.

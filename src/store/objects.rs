@@ -167,6 +167,8 @@ pub struct Objects {
     retries: u32,
     faults: Faults,
     limiter: Option<Arc<RateLimiter>>,
+    /// The S3 storage class packs are written with (`storage_class`: an archive region's).
+    pack_class: Option<String>,
     pub metrics: Metrics,
 }
 
@@ -200,6 +202,9 @@ impl Objects {
                 (store, None)
             }
         };
+        // The fs kind has no classes; on S3 only packs get one, so manifests, keys, holds and
+        // leases stay readable at once (listing and accounting need no thaw).
+        let pack_class = cfg.storage_class.clone().filter(|_| matches!(cfg.backend, Backend::S3 { .. }));
         Ok(Objects {
             region: cfg.name.clone(),
             inner,
@@ -209,6 +214,7 @@ impl Objects {
             retries: cfg.retries,
             faults: cfg.faults.clone(),
             limiter,
+            pack_class,
             metrics: Metrics::default(),
         })
     }
@@ -288,7 +294,17 @@ impl Objects {
             let (path, payload) = (path.clone(), data.clone());
             async move {
                 self.inject(false).await?;
-                self.inner.put(&path, payload).await?;
+                match self.pack_class.as_ref().filter(|_| key.starts_with("packs/")) {
+                    Some(class) => {
+                        let mut attributes = object_store::Attributes::new();
+                        attributes.insert(object_store::Attribute::StorageClass, class.clone().into());
+                        let opts = object_store::PutOptions { attributes, ..Default::default() };
+                        self.inner.put_opts(&path, payload, opts).await?;
+                    }
+                    None => {
+                        self.inner.put(&path, payload).await?;
+                    }
+                }
                 Ok(())
             }
         })

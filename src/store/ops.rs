@@ -89,6 +89,14 @@ pub struct RegionSnapshot {
     pub size: u64,
     pub cluster_size: u32,
     pub added_bytes: u64,
+    /// A copy's source snapshot id and repository (`snapshot copy`, `snapshot archive`).
+    #[serde(default)]
+    pub source_id: Option<String>,
+    #[serde(default)]
+    pub source_region: Option<String>,
+    /// An archived snapshot's minimum retention (deleting it sooner needs --force).
+    #[serde(default)]
+    pub retain_until: Option<u64>,
 }
 
 /// Every data blob of a manifest, with the clusters it fills (equal clusters share a blob).
@@ -275,6 +283,9 @@ impl StoreService {
                     size: m.size,
                     cluster_size: m.cluster_size,
                     added_bytes: m.added_bytes,
+                    source_id: m.source.as_ref().map(|s| s.id.clone()),
+                    source_region: m.source.as_ref().map(|s| s.region.clone()),
+                    retain_until: m.retain_until,
                 }),
                 Err(StoreError::Missing(_)) => {}
                 Err(e) => tracing::warn!(snapshot = %id, error = %e, "unreadable manifest"),

@@ -194,6 +194,8 @@ pub async fn upload(
         // The caller sets the total over every attempt (it persists it per pack).
         added_bytes: added,
         pages: pages.into_iter().map(|(index, blob)| PageRefJson { index, blob }).collect(),
+        source: None,
+        retain_until: None,
     })
 }
 

@@ -3,6 +3,7 @@
 //! ([`status_of`]). Routes are grouped per resource, one file each.
 
 mod accounts;
+mod copies;
 mod groups;
 mod images;
 mod lifecycle;
@@ -252,6 +253,7 @@ fn routes() -> Routes {
     let r = policies::routes(r);
     let r = groups::routes(r);
     let r = images::routes(r);
+    let r = copies::routes(r);
     lifecycle::routes(r)
 }
 

@@ -19,7 +19,7 @@ pub(super) fn routes(r: Routes) -> Routes {
         .get("/v1/snapshots/{r}", "Show a snapshot (VOLUME@SNAPSHOT or id)", show)
         .delete(
             "/v1/snapshots/{r}",
-            "Delete a snapshot (to the recycle bin when it is on; ?force=true for a group snapshot's member)",
+            "Delete a snapshot (to the recycle bin when it is on; ?force=true for a group snapshot's member; ?region=R for one stored only in a region: a copy, an archived snapshot)",
             delete,
         )
         .post("/v1/snapshots/{r}/clone", "Create a volume from a snapshot", clone)
@@ -72,18 +72,24 @@ async fn show(State(s): Svc, caller: Caller, Path(r): Path<String>) -> ApiResult
 }
 
 #[derive(Debug, Deserialize)]
-struct ForceQuery {
+struct DeleteQuery {
     #[serde(default)]
     force: bool,
+    /// A snapshot stored only in this region (by id).
+    #[serde(default)]
+    region: Option<String>,
 }
 
 async fn delete(
     State(s): Svc,
     caller: Caller,
     Path(r): Path<String>,
-    Query(q): Query<ForceQuery>,
+    Query(q): Query<DeleteQuery>,
 ) -> ApiResult<StatusCode> {
-    s.delete_snapshot_forced(&caller, &r, q.force).await?;
+    match q.region {
+        Some(region) => s.delete_stored_snapshot(&caller, &r, &region, q.force).await?,
+        None => s.delete_snapshot_forced(&caller, &r, q.force).await?,
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 mod accounts;
+mod copies;
 mod groups;
 mod images;
 mod lifecycle;
@@ -94,6 +95,9 @@ pub enum Command {
     /// and import
     #[command(subcommand)]
     Image(images::ImageCommand),
+    /// Copies of snapshots to other regions and archives: list, show, cancel
+    #[command(subcommand)]
+    Copy(copies::CopyCommand),
     /// Automatic snapshot policies: schedules and retention
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -371,6 +375,7 @@ pub async fn run(c: Client, json: bool, command: Command) -> Result<(), ClientEr
         Command::Policy(p) => policies::run(&c, p).await?,
         Command::Group(g) => groups::run(&c, g).await?,
         Command::Image(i) => images::run(&c, json, i).await?,
+        Command::Copy(cmd) => copies::run(&c, cmd).await?,
         Command::RecycleBin(b) => lifecycle::bin(&c, b).await?,
         Command::Events { follow, limit } => lifecycle::events(&c, json, follow, limit).await?,
     };

@@ -9,7 +9,8 @@ use hyper::Method;
 use super::volumes::volume;
 use super::{delete, get, out, send, table, wait_job, Client, ClientError, Printed, Progress, POLL};
 use crate::service::{
-    CreateSnapshot, ExportRequest, HoldRequest, Rollback, ShareRequest, ShareView, SnapshotView, StatusView,
+    ArchiveRequest, CopyRequest, CreateSnapshot, ExportRequest, HoldRequest, Rollback, ShareRequest, ShareView,
+    SnapshotView, StatusView,
 };
 use crate::store::{ExportFormat, RegionSnapshot, UploadState, VerifyReport};
 use crate::units::{human, plural, utc};
@@ -43,9 +44,56 @@ pub enum SnapshotCommand {
     Delete {
         snapshot: String,
         /// Delete a member of a group snapshot on its own (the group snapshot is then degraded),
-        /// or one other nodes load from (its copy in the store stays until they let go)
+        /// or one other nodes load from (its copy in the store stays until they let go); with
+        /// --region, an archived snapshot before its minimum retention
         #[arg(long)]
         force: bool,
+        /// Delete a snapshot stored only in this region (a copy, an archived snapshot), by id
+        #[arg(long)]
+        region: Option<String>,
+    },
+    /// Copy a snapshot to another region: a new snapshot there (its own id), restorable by
+    /// any node of that region; only what the region does not hold yet is sent
+    Copy {
+        /// VOLUME@SNAPSHOT, or a snapshot id stored in a region
+        snapshot: String,
+        #[arg(long)]
+        to_region: String,
+        /// Where to read a snapshot that is not of this node
+        #[arg(long)]
+        from_region: Option<String>,
+        /// The copy's name (default: the snapshot's)
+        #[arg(long)]
+        name: Option<String>,
+        /// Bytes per second for this copy, e.g. 100M
+        #[arg(long)]
+        bandwidth_limit: Option<String>,
+        /// Wait until the copy ends, showing progress
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Archive a snapshot into an archive region (tier = "archive"): a copy that deduplicates
+    /// against the volume's other archived snapshots; the standard copy is then deleted
+    Archive {
+        snapshot: String,
+        #[arg(long)]
+        to_region: String,
+        #[arg(long)]
+        from_region: Option<String>,
+        /// Deleting the archived snapshot sooner needs --force (default: the region's
+        /// min_retention)
+        #[arg(long)]
+        min_retention: Option<String>,
+        /// Keep the standard copy
+        #[arg(long)]
+        keep_standard: bool,
+        /// Only print the bytes the archive would add and the standard bytes it would free
+        #[arg(long)]
+        estimate: bool,
+        #[arg(long)]
+        bandwidth_limit: Option<String>,
+        #[arg(long)]
+        wait: bool,
     },
     /// Roll a volume back to one of its snapshots
     Rollback {
@@ -156,10 +204,35 @@ pub(super) async fn run(c: &Client, json: bool, command: SnapshotCommand) -> Res
             Printed::new(&ss, text)
         }
         SnapshotCommand::Show { snapshot: s } => snapshot(get(c, &p(&["snapshots", &s])).await?),
-        SnapshotCommand::Delete { snapshot, force } => {
+        SnapshotCommand::Delete { snapshot, force, region } => {
+            let mut query = Vec::new();
+            if force {
+                query.push("force=true".to_string());
+            }
+            if let Some(r) = region {
+                query.push(format!("region={}", p(&[&r]).trim_start_matches("/v1/")));
+            }
             let path = p(&["snapshots", &snapshot]);
-            delete(c, &if force { format!("{path}?force=true") } else { path }).await?;
+            delete(c, &if query.is_empty() { path } else { format!("{path}?{}", query.join("&")) }).await?;
             Printed::message(format!("deleted snapshot {snapshot}"), serde_json::json!({ "deleted": snapshot }))
+        }
+        SnapshotCommand::Copy { snapshot, to_region, from_region, name, bandwidth_limit, wait } => {
+            let req = CopyRequest { to_region, from_region, name, bandwidth_limit };
+            super::copies::copy(c, json, &snapshot, req, wait).await?
+        }
+        SnapshotCommand::Archive {
+            snapshot,
+            to_region,
+            from_region,
+            min_retention,
+            keep_standard,
+            estimate,
+            bandwidth_limit,
+            wait,
+        } => {
+            let req =
+                ArchiveRequest { to_region, from_region, min_retention, keep_standard, estimate, bandwidth_limit };
+            super::copies::archive(c, json, &snapshot, req, wait).await?
         }
         SnapshotCommand::Rollback { snapshot, force } => {
             let body = Rollback { force };
@@ -342,7 +415,7 @@ fn snapshot_table(ss: &[SnapshotView]) -> String {
 
 fn region_snapshot_table(ss: &[RegionSnapshot]) -> String {
     table(
-        &["VOLUME", "NAME", "ID", "CREATED", "UPLOADED", "SIZE", "ADDED"],
+        &["VOLUME", "NAME", "ID", "CREATED", "UPLOADED", "SIZE", "ADDED", "COPY OF", "RETAIN UNTIL"],
         ss.iter()
             .map(|s| {
                 vec![
@@ -353,6 +426,11 @@ fn region_snapshot_table(ss: &[RegionSnapshot]) -> String {
                     utc(s.uploaded),
                     human(s.size),
                     human(s.added_bytes),
+                    match (&s.source_id, &s.source_region) {
+                        (Some(id), Some(region)) => format!("{id} in {region}"),
+                        _ => "-".into(),
+                    },
+                    s.retain_until.map_or_else(|| "-".into(), utc),
                 ]
             })
             .collect(),
