@@ -6,6 +6,7 @@
 //! a time in creation order (so each later snapshot finds its predecessor uploaded and sends
 //! only its changed set), each with parallel PUTs.
 
+pub mod accounting;
 pub mod config;
 pub mod crypto;
 pub mod error;
@@ -30,6 +31,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+pub use accounting::{Accounting, SnapshotBytes, VolumeBytes};
 pub use config::{Config, OnLimit, Quotas, RecycleBinConfig};
 pub use error::{Result, StoreError};
 pub use gc::GcReport;
@@ -101,6 +103,8 @@ pub struct StoreService {
     held_elsewhere: Mutex<HashMap<String, Instant>>,
     /// When each region's blob index was last checked against the region's pack list.
     index_checked: Mutex<HashMap<String, u64>>,
+    /// Storage accounting by repository (see [`accounting`]).
+    accounting: Mutex<HashMap<String, Arc<accounting::AccountingCache>>>,
 }
 
 type UploadFailedHook = Box<dyn Fn(&str, &str) + Send + Sync>;
@@ -161,6 +165,7 @@ impl StoreService {
             held: Mutex::new(HashMap::new()),
             held_elsewhere: Mutex::new(HashMap::new()),
             index_checked: Mutex::new(HashMap::new()),
+            accounting: Mutex::new(HashMap::new()),
         });
         svc.engine.set_cluster_source(svc.hydration.clone());
         // What the start dropped, and the log, folded into a new remote.json.
@@ -564,6 +569,7 @@ impl StoreService {
         // Bytes added over every attempt (an upload resumed after a crash counts its first part).
         manifest.added_bytes = self.state.lock().snapshots.get(id).map_or(0, |r| r.added_bytes);
         let manifest_bytes = region.put_manifest(manifest).await?;
+        self.accounting_changed(&region.name);
         self.add_bytes(id, manifest_bytes);
         let added = self.state.lock().snapshots.get(id).map_or(0, |r| r.added_bytes);
         let secs = started.elapsed().as_secs_f64();
