@@ -277,7 +277,9 @@ impl Service {
             let added = self.store.copy_estimate(&src.repo, &src.id, &dest).await?;
             let freed = match req.keep_standard {
                 true => 0,
-                false => 0, // ACCOUNTING-MERGE: exclusive bytes of the source
+                false => {
+                    self.store.accounting(&src.repo).await?.snapshots.get(&src.id).map_or(0, |b| b.exclusive_bytes)
+                }
             };
             let estimate = ArchiveEstimate {
                 snapshot: src.display.clone(),

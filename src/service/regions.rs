@@ -33,13 +33,15 @@ impl Service {
     /// for an administrator looking at another account's).
     pub async fn region(&self, caller: &Caller, name: &str) -> Result<RegionInfo> {
         caller.may(Access::Read)?;
-        Ok(self.store.region_info(&caller.repository(name)?).await?)
+        let mut info = self.store.region_info(&caller.repository(name)?).await?;
+        info.volumes.retain(|v| caller.sees(&v.volume));
+        Ok(info)
     }
 
     /// The snapshots stored in the caller's repository of a region, by any node.
     pub async fn region_snapshots(&self, caller: &Caller, name: &str) -> Result<Vec<RegionSnapshot>> {
         caller.may(Access::Read)?;
-        let mut all = self.store.region_snapshots(&caller.repository(name)?).await?;
+        let mut all = self.store.region_snapshots_accounted(&caller.repository(name)?).await?;
         all.retain(|s| caller.sees(&s.volume));
         Ok(all)
     }

@@ -11,7 +11,7 @@ use super::quotas::Taker;
 use super::{blocking, Access, Caller, Error, Hold, Result, Service, VolumeView};
 use crate::engine::{ErrorKind, SnapshotInfo};
 use crate::jobs::JobView;
-use crate::store::{ExportFormat, RemoteStatus, StoreError};
+use crate::store::{ExportFormat, RemoteStatus, SnapshotBytes, StoreError, UploadState};
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CreateSnapshot {
@@ -64,7 +64,16 @@ pub struct SnapshotView {
     /// The group snapshot it is a member of.
     #[serde(default)]
     pub group_snapshot: Option<MemberOf>,
+    /// What it takes in its upload repository (storage accounting): none when it is not
+    /// uploaded, or not counted (a list shows what was counted before; `snapshot show` and
+    /// `snapshot list --bytes` count).
+    #[serde(default)]
+    pub storage: Option<SnapshotBytes>,
 }
+
+/// How long `snapshot show` waits for its repository's storage accounting (then it shows the
+/// last one counted, and the count goes on in the background).
+const SHOW_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// A group snapshot, by id (`g-…`) and `GROUP@NAME`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -113,8 +122,15 @@ impl Service {
     }
 
     fn snapshot_view_with(&self, info: SnapshotInfo, marks: &Marks) -> SnapshotView {
+        let upload = self.store.status(&info.id);
+        let storage = upload
+            .as_ref()
+            .filter(|u| u.state == UploadState::Available)
+            .and_then(|u| self.store.cached_accounting(&u.region))
+            .and_then(|acc| acc.snapshots.get(&info.id).cloned());
         SnapshotView {
-            upload: self.store.status(&info.id),
+            upload,
+            storage,
             hold: marks.holds.get(&info.id).cloned(),
             policies: marks.taken_by.get(&info.id).cloned().unwrap_or_default(),
             volume_deleted: marks.deleted_volumes.contains(&info.volume_id),
@@ -202,6 +218,62 @@ impl Service {
     pub fn snapshot(&self, caller: &Caller, r: &str) -> Result<SnapshotView> {
         caller.may(Access::Read)?;
         Ok(self.snapshot_view(self.live_snapshot(caller, r)?))
+    }
+
+    /// [`Self::snapshot`] with what it takes in the store counted (`snapshot show`): the
+    /// accounting of its upload repository, computed unless cached and still current.
+    pub async fn show_snapshot(&self, caller: &Caller, r: &str) -> Result<SnapshotView> {
+        let mut view = self.snapshot(caller, r)?;
+        self.count_storage(std::slice::from_mut(&mut view), Some(SHOW_WAIT)).await;
+        Ok(view)
+    }
+
+    /// [`Self::list_snapshots`]; with `bytes`, what each uploaded snapshot takes in the store
+    /// is counted (each upload repository's accounting, computed unless cached and current).
+    pub async fn list_snapshots_counted(
+        &self,
+        caller: &Caller,
+        volume: Option<&str>,
+        bytes: bool,
+    ) -> Result<Vec<SnapshotView>> {
+        let mut views = self.list_snapshots(caller, volume)?;
+        if bytes {
+            self.count_storage(&mut views, None).await;
+        }
+        Ok(views)
+    }
+
+    /// Fills `storage` of the uploaded snapshots among `views`, one accounting per upload
+    /// repository. A repository that cannot be counted (its store down, a manifest
+    /// unreadable) leaves its snapshots' `storage` as it was, and is logged. With `wait`,
+    /// a count taking longer goes on in the background and the cached one answers.
+    async fn count_storage(&self, views: &mut [SnapshotView], wait: Option<std::time::Duration>) {
+        let mut repos: Vec<String> = views
+            .iter()
+            .filter_map(|v| v.upload.as_ref().filter(|u| u.state == UploadState::Available))
+            .map(|u| u.region.clone())
+            .collect();
+        repos.sort();
+        repos.dedup();
+        for repo in repos {
+            let counted = match wait {
+                Some(wait) => self.store.accounting_within(&repo, wait).await,
+                None => self.store.accounting(&repo).await.map(Some),
+            };
+            match counted {
+                Ok(None) => {}
+                Ok(Some(acc)) => {
+                    for v in views.iter_mut() {
+                        if v.upload.as_ref().is_some_and(|u| u.region == repo && u.state == UploadState::Available) {
+                            v.storage = acc.snapshots.get(&v.info.id).cloned();
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(region = %repo, error = %e, "cannot count what the snapshots take in the store")
+                }
+            }
+        }
     }
 
     /// Deletes a snapshot — every delete, by hand or by retention, comes here. A held one is

@@ -482,6 +482,7 @@ impl StoreService {
             return Ok(Attempted::Again);
         }
         let n = dst.put_manifest(manifest).await?;
+        self.accounting_changed(&dst.name);
         progress.sent.fetch_add(n, Ordering::Relaxed);
         Ok(Attempted::Published)
     }

@@ -128,6 +128,7 @@ impl StoreService {
             () = renewing => Err(StoreError::Busy(format!("GC of region '{region_name}' lost its lease; stopped"))),
         };
         let _ = stop.send(true);
+        self.accounting_changed(region_name);
         if let Err(e) = self.release_gc_lease(&region, &lease).await {
             tracing::warn!(region = region_name, error = %e, "cannot release the GC lease; it expires by itself");
         }

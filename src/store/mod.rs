@@ -6,6 +6,7 @@
 //! a time in creation order (so each later snapshot finds its predecessor uploaded and sends
 //! only its changed set), each with parallel PUTs.
 
+pub mod accounting;
 pub mod config;
 pub mod copies;
 pub mod copy;
@@ -32,6 +33,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+pub use accounting::{Accounting, SnapshotBytes, VolumeBytes};
 pub use config::{Config, OnLimit, Quotas, RecycleBinConfig};
 pub use error::{Result, StoreError};
 pub use gc::GcReport;
@@ -105,6 +107,8 @@ pub struct StoreService {
     index_checked: Mutex<HashMap<String, u64>>,
     /// Copies to other regions (`snapshot copy`, `snapshot archive`).
     copies: copies::Copies,
+    /// Storage accounting by repository (see [`accounting`]).
+    accounting: Mutex<HashMap<String, Arc<accounting::AccountingCache>>>,
 }
 
 type UploadFailedHook = Box<dyn Fn(&str, &str) + Send + Sync>;
@@ -167,6 +171,7 @@ impl StoreService {
             held_elsewhere: Mutex::new(HashMap::new()),
             index_checked: Mutex::new(HashMap::new()),
             copies,
+            accounting: Mutex::new(HashMap::new()),
         });
         svc.engine.set_cluster_source(svc.hydration.clone());
         // What the start dropped, and the log, folded into a new remote.json.
@@ -570,6 +575,7 @@ impl StoreService {
         // Bytes added over every attempt (an upload resumed after a crash counts its first part).
         manifest.added_bytes = self.state.lock().snapshots.get(id).map_or(0, |r| r.added_bytes);
         let manifest_bytes = region.put_manifest(manifest).await?;
+        self.accounting_changed(&region.name);
         self.add_bytes(id, manifest_bytes);
         let added = self.state.lock().snapshots.get(id).map_or(0, |r| r.added_bytes);
         let secs = started.elapsed().as_secs_f64();
@@ -766,7 +772,9 @@ impl StoreService {
     /// node holds it (then `Ok(false)`).
     pub async fn delete_stored_manifest(&self, region: &Region, id: &str) -> Result<bool> {
         let _publishing = self.publish.lock().await;
-        self.delete_manifest_unless_held(region, id).await
+        let deleted = self.delete_manifest_unless_held(region, id).await?;
+        self.accounting_changed(&region.name);
+        Ok(deleted)
     }
 
     /// Whether snapshots are uploaded when taken.

@@ -60,6 +60,17 @@ pub struct RegionInfo {
     pub snapshots: u64,
     pub packs: u64,
     pub stored_bytes: u64,
+    /// Sealed bytes of the blobs some snapshot references (each once; `stored_bytes` less
+    /// this is pack headers and indexes, and what GC will free or is keeping in packs it
+    /// does not rewrite).
+    #[serde(default)]
+    pub referenced_bytes: u64,
+    /// What each volume's snapshots take (storage accounting: see README, "Storage accounting").
+    #[serde(default)]
+    pub volumes: Vec<super::VolumeBytes>,
+    /// Why the accounting (`referenced_bytes`, `volumes`) could not be made, if it could not.
+    #[serde(default)]
+    pub accounting_error: Option<String>,
     pub indexed_blobs: u64,
     /// Requests and bytes since the daemon started.
     pub metrics: MetricsView,
@@ -97,6 +108,15 @@ pub struct RegionSnapshot {
     /// An archived snapshot's minimum retention (deleting it sooner needs --force).
     #[serde(default)]
     pub retain_until: Option<u64>,
+    /// Clusters holding data × cluster size.
+    #[serde(default)]
+    pub allocated_bytes: u64,
+    /// Sealed bytes of the distinct blobs it references, and of those no other snapshot in
+    /// the repository references (storage accounting; 0 when not computed).
+    #[serde(default)]
+    pub referenced_bytes: u64,
+    #[serde(default)]
+    pub exclusive_bytes: u64,
 }
 
 /// Every data blob of a manifest, with the clusters it fills (equal clusters share a blob).
@@ -248,6 +268,13 @@ impl StoreService {
         };
         let packs = region.objects.list("packs").await?;
         let snapshots = region.snapshot_ids().await?.len() as u64;
+        let (referenced_bytes, volumes, accounting_error) = match self.accounting(name).await {
+            Ok(a) => (a.referenced_bytes, a.volumes.clone(), None),
+            Err(e) => {
+                tracing::warn!(region = name, error = %e, "cannot count what the repository's snapshots take");
+                (0, Vec::new(), Some(e.to_string()))
+            }
+        };
         Ok(RegionInfo {
             name: name.into(),
             kind: kind.into(),
@@ -257,6 +284,9 @@ impl StoreService {
             snapshots,
             packs: packs.len() as u64,
             stored_bytes: packs.iter().map(|p| p.size).sum(),
+            referenced_bytes,
+            volumes,
+            accounting_error,
             indexed_blobs: region.index.blob_count() as u64,
             metrics: region.objects.metrics.view(),
             conditional_writes: region.conditional,
@@ -286,6 +316,9 @@ impl StoreService {
                     source_id: m.source.as_ref().map(|s| s.id.clone()),
                     source_region: m.source.as_ref().map(|s| s.region.clone()),
                     retain_until: m.retain_until,
+                    allocated_bytes: m.allocated_clusters * u64::from(m.cluster_size),
+                    referenced_bytes: 0,
+                    exclusive_bytes: 0,
                 }),
                 Err(StoreError::Missing(_)) => {}
                 Err(e) => tracing::warn!(snapshot = %id, error = %e, "unreadable manifest"),
@@ -297,6 +330,26 @@ impl StoreService {
 }
 
 impl StoreService {
+    /// [`Self::region_snapshots`] with each snapshot's referenced and exclusive bytes
+    /// (storage accounting).
+    pub async fn region_snapshots_accounted(&self, name: &str) -> Result<Vec<RegionSnapshot>> {
+        let mut all = self.region_snapshots(name).await?;
+        let acc = match self.accounting(name).await {
+            Ok(acc) => acc,
+            Err(e) => {
+                tracing::warn!(region = name, error = %e, "cannot count what the repository's snapshots take");
+                return Ok(all);
+            }
+        };
+        for s in &mut all {
+            if let Some(b) = acc.snapshots.get(&s.id) {
+                s.referenced_bytes = b.referenced_bytes;
+                s.exclusive_bytes = b.exclusive_bytes;
+            }
+        }
+        Ok(all)
+    }
+
     /// The id of snapshot `VOLUME@SNAPSHOT` as stored in `region` (or any configured region)
     /// by whichever node: what a node that does not have the volume resolves names with.
     pub async fn find_remote_by_name(&self, r: &str, region: Option<&str>) -> Result<String> {

@@ -393,6 +393,7 @@ impl StoreService {
         };
         region.objects.delete(&key).await?;
         region.forget_manifest(id);
+        self.accounting_changed(&region.name);
         if self.foreign_holds(&region.name, id).await?.is_empty() {
             return Ok(true);
         }

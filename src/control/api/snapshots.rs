@@ -15,8 +15,12 @@ use crate::service::{
 
 pub(super) fn routes(r: Routes) -> Routes {
     r.post("/v1/volumes/{r}/snapshots", "Take a snapshot of a volume", create)
-        .get("/v1/snapshots", "List snapshots (?volume=NAME for one volume's)", list)
-        .get("/v1/snapshots/{r}", "Show a snapshot (VOLUME@SNAPSHOT or id)", show)
+        .get(
+            "/v1/snapshots",
+            "List snapshots (?volume=NAME for one volume's; ?bytes=true counts what each takes in the store)",
+            list,
+        )
+        .get("/v1/snapshots/{r}", "Show a snapshot (VOLUME@SNAPSHOT or id), with what it takes in the store", show)
         .delete(
             "/v1/snapshots/{r}",
             "Delete a snapshot (to the recycle bin when it is on; ?force=true for a group snapshot's member; ?region=R for one stored only in a region: a copy, an archived snapshot)",
@@ -44,8 +48,11 @@ pub(super) fn routes(r: Routes) -> Routes {
 }
 
 #[derive(Debug, Deserialize)]
-struct VolumeQuery {
+struct ListQuery {
     volume: Option<String>,
+    /// Count what each uploaded snapshot takes in the store (else: only what was counted).
+    #[serde(default)]
+    bytes: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -63,12 +70,12 @@ async fn create(
     Ok((StatusCode::CREATED, Json(s.create_snapshot(&caller, &r, req).await?)))
 }
 
-async fn list(State(s): Svc, caller: Caller, Query(q): Query<VolumeQuery>) -> ApiResult<Json<Vec<SnapshotView>>> {
-    Ok(Json(s.list_snapshots(&caller, q.volume.as_deref())?))
+async fn list(State(s): Svc, caller: Caller, Query(q): Query<ListQuery>) -> ApiResult<Json<Vec<SnapshotView>>> {
+    Ok(Json(s.list_snapshots_counted(&caller, q.volume.as_deref(), q.bytes).await?))
 }
 
 async fn show(State(s): Svc, caller: Caller, Path(r): Path<String>) -> ApiResult<Json<SnapshotView>> {
-    Ok(Json(s.snapshot(&caller, &r)?))
+    Ok(Json(s.show_snapshot(&caller, &r).await?))
 }
 
 #[derive(Debug, Deserialize)]

@@ -92,8 +92,16 @@ fn region_lines(r: &RegionInfo) -> String {
         Some(l) => format!("GC running on node {} until {}", l.node, crate::units::utc(l.expires)),
         None => "free".into(),
     };
-    format!(
-        "name:       {}\nkind:       {}\nlocation:   {}\nformat:     {} ({})\nsnapshots:  {}\npacks:      {} ({} condemned: deleted by a GC after gc.delete_delay)\nstored:     {} ({} bytes)\ntraffic:    {} PUT ({}), {} GET ({}), {} retries, {} failures since start\nconditional writes: {conditional}\nGC lease:   {lease}\nthis node:  {}\n",
+    let referenced = match &r.accounting_error {
+        Some(e) => format!("not counted: {e}"),
+        None => format!(
+            "{} ({} bytes; the rest is pack indexes, and data GC frees or keeps in packs it does not rewrite)",
+            human(r.referenced_bytes),
+            r.referenced_bytes
+        ),
+    };
+    let mut text = format!(
+        "name:       {}\nkind:       {}\nlocation:   {}\nformat:     {} ({})\nsnapshots:  {}\npacks:      {} ({} condemned: deleted by a GC after gc.delete_delay)\nstored:     {} ({} bytes)\nreferenced: {referenced}\ntraffic:    {} PUT ({}), {} GET ({}), {} retries, {} failures since start\nconditional writes: {conditional}\nGC lease:   {lease}\nthis node:  {}\n",
         r.name,
         r.kind,
         r.location,
@@ -111,7 +119,28 @@ fn region_lines(r: &RegionInfo) -> String {
         r.metrics.retries,
         r.metrics.failures,
         r.node
-    )
+    );
+    if !r.volumes.is_empty() {
+        text.push_str(
+            "by volume (referenced: what its snapshots use; exclusive: what no other volume's snapshots use):\n",
+        );
+        let rows = r
+            .volumes
+            .iter()
+            .map(|v| {
+                vec![
+                    v.volume.clone(),
+                    v.volume_id.clone(),
+                    v.snapshots.to_string(),
+                    human(v.referenced_bytes),
+                    human(v.exclusive_bytes),
+                    human(v.added_bytes),
+                ]
+            })
+            .collect();
+        text.push_str(&super::table(&["VOLUME", "ID", "SNAPSHOTS", "REFERENCED", "EXCLUSIVE", "ADDED"], rows));
+    }
+    text
 }
 
 fn gc_line(r: &GcReport) -> String {

@@ -37,6 +37,11 @@ pub enum SnapshotCommand {
         volume: Option<String>,
         #[arg(long, conflicts_with = "volume")]
         region: Option<String>,
+        /// Count what each uploaded snapshot takes in the store (referenced and exclusive
+        /// bytes; reads manifests and map pages, never data). Without it, only counts made
+        /// before are shown
+        #[arg(long, conflicts_with = "region")]
+        bytes: bool,
     },
     /// Show a snapshot (VOLUME@SNAPSHOT or id)
     Show { snapshot: String },
@@ -189,15 +194,22 @@ pub(super) async fn run(c: &Client, json: bool, command: SnapshotCommand) -> Res
             let view = send(c, Method::POST, &p(&["volumes", &volume, "snapshots"]), Some(&body)).await?;
             snapshot(if wait { wait_upload(c, json, view).await? } else { view })
         }
-        SnapshotCommand::List { volume: _, region: Some(r) } => {
+        SnapshotCommand::List { volume: _, region: Some(r), bytes: _ } => {
             let ss: Vec<RegionSnapshot> = get(c, &p(&["regions", &r, "snapshots"])).await?;
             let text = region_snapshot_table(&ss);
             Printed::new(&ss, text)
         }
-        SnapshotCommand::List { volume, region: None } => {
-            let mut path = p(&["snapshots"]);
+        SnapshotCommand::List { volume, region: None, bytes } => {
+            let mut query = Vec::new();
             if let Some(v) = volume {
-                path = format!("{path}?volume={}", p(&[&v]).trim_start_matches("/v1/"));
+                query.push(format!("volume={}", p(&[&v]).trim_start_matches("/v1/")));
+            }
+            if bytes {
+                query.push("bytes=true".to_string());
+            }
+            let mut path = p(&["snapshots"]);
+            if !query.is_empty() {
+                path = format!("{path}?{}", query.join("&"));
             }
             let ss: Vec<SnapshotView> = get(c, &path).await?;
             let text = snapshot_table(&ss);
@@ -380,6 +392,14 @@ fn snapshot_lines(v: &SnapshotView) -> String {
         if s.durable { "yes" } else { "not yet (committing)" },
         upload_summary(v)
     );
+    if let Some(b) = &v.storage {
+        text.push_str(&format!(
+            "in store:    {} referenced, {} exclusive (what deleting it would free), {} added by its upload\n",
+            human(b.referenced_bytes),
+            human(b.exclusive_bytes),
+            human(b.added_bytes)
+        ));
+    }
     if let Some(h) = &v.hold {
         let why = if h.reason.is_empty() { String::new() } else { format!(": {}", h.reason) };
         text.push_str(&format!("held:        since {}{why}\n", utc(h.since)));
@@ -394,12 +414,18 @@ fn snapshot_lines(v: &SnapshotView) -> String {
 }
 
 fn snapshot_table(ss: &[SnapshotView]) -> String {
+    // The store columns only when something was counted (`--bytes`, or counted before).
+    let counted = ss.iter().any(|v| v.storage.is_some());
+    let mut head = vec!["VOLUME", "NAME", "ID", "CREATED", "SIZE", "CHANGED", "STORE"];
+    if counted {
+        head.extend(["REFERENCED", "EXCLUSIVE"]);
+    }
     table(
-        &["VOLUME", "NAME", "ID", "CREATED", "SIZE", "CHANGED", "STORE"],
+        &head,
         ss.iter()
             .map(|v| {
                 let s = &v.info;
-                vec![
+                let mut row = vec![
                     s.volume.clone(),
                     s.name.clone(),
                     s.id.clone(),
@@ -407,7 +433,15 @@ fn snapshot_table(ss: &[SnapshotView]) -> String {
                     human(s.size),
                     s.changed_clusters.to_string(),
                     upload_summary(v),
-                ]
+                ];
+                if counted {
+                    let bytes = |f: fn(&crate::store::SnapshotBytes) -> u64| {
+                        v.storage.as_ref().map_or("-".into(), |b| human(f(b)))
+                    };
+                    row.push(bytes(|b| b.referenced_bytes));
+                    row.push(bytes(|b| b.exclusive_bytes));
+                }
+                row
             })
             .collect(),
     )
@@ -415,7 +449,20 @@ fn snapshot_table(ss: &[SnapshotView]) -> String {
 
 fn region_snapshot_table(ss: &[RegionSnapshot]) -> String {
     table(
-        &["VOLUME", "NAME", "ID", "CREATED", "UPLOADED", "SIZE", "ADDED", "COPY OF", "RETAIN UNTIL"],
+        &[
+            "VOLUME",
+            "NAME",
+            "ID",
+            "CREATED",
+            "UPLOADED",
+            "SIZE",
+            "ALLOCATED",
+            "ADDED",
+            "COPY OF",
+            "RETAIN UNTIL",
+            "REFERENCED",
+            "EXCLUSIVE",
+        ],
         ss.iter()
             .map(|s| {
                 vec![
@@ -425,12 +472,15 @@ fn region_snapshot_table(ss: &[RegionSnapshot]) -> String {
                     utc(s.created),
                     utc(s.uploaded),
                     human(s.size),
+                    human(s.allocated_bytes),
                     human(s.added_bytes),
                     match (&s.source_id, &s.source_region) {
                         (Some(id), Some(region)) => format!("{id} in {region}"),
                         _ => "-".into(),
                     },
                     s.retain_until.map_or_else(|| "-".into(), utc),
+                    human(s.referenced_bytes),
+                    human(s.exclusive_bytes),
                 ]
             })
             .collect(),
