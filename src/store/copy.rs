@@ -383,9 +383,8 @@ impl StoreService {
         let mut pairs = stored_pairs(&dst, &tag).await?;
         let log = Arc::new(PairsLog::new(self.dir(), &task.id));
         // What an interrupted attempt learned and stored: part of this copy's map.
-        let mut new_pairs: Vec<(BlobId, BlobId, u32)> = log.read()?;
-        for (s, d, n) in &new_pairs {
-            pairs.insert(*s, (*d, *n));
+        for (s, d, n) in log.read()? {
+            pairs.insert(s, (d, n));
         }
         let mut w = Writer {
             dst: &dst,
@@ -442,7 +441,11 @@ impl StoreService {
         self.copy_batch(&src, &m, &mut w, &mut pairs, wanted, local.as_ref(), progress).await?;
         self.rebuild_pages(&mut w, &mut pairs, batch, &mut out_pages, cs, progress).await?;
         progress.check()?;
-        new_pairs.extend(w.finish().await?);
+        let unlogged = w.finish().await?;
+        // Every pair this copy's packs completed (logged as each was stored, by this attempt
+        // and any interrupted one), and those learned after the last pack.
+        let mut new_pairs = log.read()?;
+        new_pairs.extend(unlogged);
         // Every pair this copy learned (the resumed part included); those it used but knew
         // already are in earlier maps.
         let learned: Vec<_> = {

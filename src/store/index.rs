@@ -69,6 +69,11 @@ impl BlobIndex {
         self.inner.lock().packs.keys().copied().collect()
     }
 
+    /// Every blob id the index knows.
+    pub fn blob_ids(&self) -> Vec<BlobId> {
+        self.inner.lock().blobs.keys().copied().collect()
+    }
+
     pub fn blob_count(&self) -> usize {
         self.inner.lock().blobs.len()
     }
