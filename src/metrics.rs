@@ -545,6 +545,9 @@ mod tests {
 
     fn policy(schedule: Schedule) -> Policy {
         let spec = PolicySpec {
+            copy_to: None,
+            archive_after: None,
+            archive_to: None,
             name: "p".into(),
             schedule,
             tz: "UTC".into(),
@@ -759,6 +762,9 @@ mod tests {
         let manual = CreateSnapshot { name: "manual".into(), description: String::new(), durable: false };
         svc.create_snapshot(&me, "v", manual).await.unwrap();
         let hourly = CreatePolicy {
+            copy_to: None,
+            archive_after: None,
+            archive_to: None,
             name: "hourly".into(),
             schedule: Schedule::Every { every: 3600, start: "00:00".into() },
             tz: "UTC".into(),

@@ -380,3 +380,59 @@ fn archives_deduplicate_keep_their_minimum_retention_match_their_estimate_and_re
         assert!(err.contains("not an archive region"), "{err}");
     }
 }
+
+#[test]
+fn a_policy_copies_each_snapshot_and_archives_its_old_ones() {
+    if !tools() {
+        return;
+    }
+    let region = &regions()[0];
+    let (_tmp, _dir, d) = start(region, "", "");
+    fill(&d, "vol", 0, 4 * MIB, 31);
+    let (code, err) =
+        d.cli_err(&["policy", "create", "bad", "--every", "1s", "--keep-last", "5", "--copy-to", "arch"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("archive region"), "{err}");
+    d.cli_ok(&[
+        "policy",
+        "create",
+        "p",
+        "--every",
+        "1s",
+        "--keep-last",
+        "50",
+        "--copy-to",
+        "dr",
+        "--archive-after",
+        "4s",
+        "--archive-to",
+        "arch",
+    ]);
+    d.cli_ok(&["policy", "apply", "p", "vol"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (copied, archived) = loop {
+        let copies = d.cli_json(&["copy", "list"]);
+        let done = |kind: &str| {
+            copies.as_array().unwrap().iter().filter(|c| c["kind"] == kind && c["state"] == "done").count()
+        };
+        if done("copy") >= 3 && done("archive") >= 2 {
+            break (done("copy"), done("archive"));
+        }
+        assert!(Instant::now() < deadline, "the policy's copies did not happen: {copies}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    d.cli_ok(&["policy", "delete", "p"]);
+    eprintln!("{copied} copies and {archived} archives by the policy");
+    let in_dr = d.cli_json(&["snapshot", "list", "--region", "dr"]);
+    assert!(in_dr.as_array().unwrap().len() >= 3, "{in_dr}");
+    // Archived snapshots left this node (their standard copies were deleted).
+    let arch = d.cli_json(&["snapshot", "list", "--region", "arch"]);
+    let local = d.cli_json(&["snapshot", "list", "vol"]);
+    for a in arch.as_array().unwrap() {
+        assert!(
+            !local.as_array().unwrap().iter().any(|s| s["id"] == a["source_id"]),
+            "archived {} still here: {local}",
+            a["source_id"]
+        );
+    }
+}

@@ -37,6 +37,14 @@ pub struct PolicySpec {
     /// What happens to the snapshots it took of a volume when the volume is deleted.
     #[serde(default)]
     pub on_volume_delete: OnVolumeDelete,
+    /// Copy each snapshot it takes to this region once uploaded (`snapshot copy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_to: Option<String>,
+    /// Archive the snapshots it took once this old (seconds) into `archive_to`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive_after: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive_to: Option<String>,
 }
 
 fn utc() -> String {

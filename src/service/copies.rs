@@ -138,10 +138,22 @@ impl Service {
         })
     }
 
-    /// The destination repository for the caller, checked against the source.
+    /// The destination repository for the caller, checked against the source: always in the
+    /// snapshot's account (the daemon's own copies, for policies, go to the owner's).
     fn copy_destination(&self, caller: &Caller, to: &str, src: &Source) -> Result<String> {
-        let repo = caller.repository(to)?;
+        let owner = crate::engine::owner_of(&src.repo);
+        let repo = match caller {
+            Caller::Daemon(_) => crate::engine::owned_name(owner, crate::engine::bare_name(to)),
+            _ => caller.repository(to)?,
+        };
         self.store.check_region(&repo)?;
+        if crate::engine::owner_of(&repo) != owner {
+            return Err(Error::Invalid(format!(
+                "snapshot {} belongs to account '{owner}': copies stay in its account's repositories (--to-region {})",
+                src.display,
+                crate::engine::bare_name(to)
+            )));
+        }
         if repo == src.repo {
             return Err(Error::Invalid(format!(
                 "snapshot {} is stored in region '{to}' already: copy it to another region",
@@ -176,7 +188,7 @@ impl Service {
     }
 
     /// Starts copying a snapshot to another region (`snapshot copy`).
-    pub async fn copy_snapshot(self: &Arc<Self>, caller: &Caller, r: &str, req: CopyRequest) -> Result<CopyView> {
+    pub async fn copy_snapshot(&self, caller: &Caller, r: &str, req: CopyRequest) -> Result<CopyView> {
         caller.may(Access::Snapshot)?;
         let src = self.copy_source(caller, r, req.from_region.as_deref()).await?;
         let dest = self.copy_destination(caller, &req.to_region, &src)?;
@@ -190,7 +202,6 @@ impl Service {
         crate::engine::validate_name("snapshot", &name)?;
         self.copy_allowed(&src)?;
         let rec = self.copy_record(
-            caller,
             &src,
             dest,
             name,
@@ -202,7 +213,6 @@ impl Service {
 
     fn copy_record(
         &self,
-        caller: &Caller,
         src: &Source,
         dest: String,
         name: String,
@@ -212,7 +222,8 @@ impl Service {
         CopyRecord {
             id: String::new(),
             kind,
-            account: caller.account().to_string(),
+            // (The snapshot's account, whoever started it: an administrator, a policy.)
+            account: crate::engine::owner_of(&src.repo).to_string(),
             source_id: src.id.clone(),
             source_region: src.repo.clone(),
             source: src.display.clone(),
@@ -239,7 +250,7 @@ impl Service {
     /// standard copy is deleted (unless kept). With `estimate`, only says what it would add
     /// and free.
     pub async fn archive_snapshot(
-        self: &Arc<Self>,
+        &self,
         caller: &Caller,
         r: &str,
         req: ArchiveRequest,
@@ -292,10 +303,89 @@ impl Service {
         }
         self.copy_allowed(&src)?;
         let bandwidth = Self::bandwidth(req.bandwidth_limit.as_deref())?;
-        let mut rec = self.copy_record(caller, &src, dest, src.name.clone(), CopyKind::Archive, bandwidth);
+        let mut rec = self.copy_record(&src, dest, src.name.clone(), CopyKind::Archive, bandwidth);
         rec.retain_until = (!min_retention.is_zero()).then(|| now + min_retention.as_secs());
         rec.keep_standard = req.keep_standard;
         Ok(ArchiveAnswer { copy: Some(self.store.start_copy(rec)?), estimate: None })
+    }
+
+    /// A policy's regions: `copy_to` a standard region, `archive_to` an archive one, and
+    /// `archive_after` only with `archive_to`.
+    pub(super) fn check_policy_regions(&self, spec: &crate::policy::PolicySpec) -> Result<()> {
+        let tier = |r: &str| -> Result<Tier> {
+            self.store.check_region(r)?;
+            Ok(self.store.config.regions[crate::engine::bare_name(r)].tier)
+        };
+        if let Some(r) = &spec.copy_to {
+            if tier(r)? == Tier::Archive {
+                return Err(Error::Invalid(format!(
+                    "copy_to region '{r}' is an archive region: use --archive-after with --archive-to {r}"
+                )));
+            }
+        }
+        match (&spec.archive_to, spec.archive_after) {
+            (Some(r), Some(_)) if tier(r)? != Tier::Archive => Err(Error::Invalid(format!(
+                "archive_to region '{r}' is not an archive region (tier = \"archive\" in its [regions.{r}] table)"
+            ))),
+            (Some(_), None) | (None, Some(_)) => {
+                Err(Error::Invalid("archive_after and archive_to go together: give both or neither".into()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A policy tick's copies: the new snapshot to `copy_to`, and the policy's snapshots of
+    /// the volume older than `archive_after` into `archive_to` (each once). What could not
+    /// be started, for the tick's history.
+    pub(super) async fn policy_copies(&self, p: &crate::policy::Policy, volume_id: &str, new: &str) -> Vec<String> {
+        let policy = Caller::Daemon("policy");
+        let mut problems = Vec::new();
+        // Copies already made (or running) of a snapshot into a region.
+        let started = |id: &str, kind: CopyKind| {
+            self.store.copy_views().iter().any(|c| {
+                c.record.source_id == id
+                    && c.record.kind == kind
+                    && !matches!(c.record.state, CopyState::Failed | CopyState::Cancelled)
+            })
+        };
+        if let Some(to) = &p.copy_to {
+            if !started(new, CopyKind::Copy) {
+                let req =
+                    CopyRequest { to_region: to.clone(), from_region: None, name: None, bandwidth_limit: None };
+                if let Err(e) = self.copy_snapshot(&policy, new, req).await {
+                    problems.push(format!("copy to {to} not started: {e}"));
+                }
+            }
+        }
+        if let (Some(after), Some(to)) = (p.archive_after, &p.archive_to) {
+            let now = self.engine.clock().now();
+            let book: Vec<String> = self
+                .lifecycle
+                .lock()
+                .books
+                .get(&p.id)
+                .and_then(|b| b.get(volume_id))
+                .map(|b| b.snapshots.clone())
+                .unwrap_or_default();
+            for id in book {
+                let Ok(s) = self.engine.snapshot(&id) else { continue };
+                if s.created + after > now || started(&id, CopyKind::Archive) {
+                    continue;
+                }
+                let req = ArchiveRequest {
+                    to_region: to.clone(),
+                    from_region: None,
+                    min_retention: None,
+                    keep_standard: false,
+                    estimate: false,
+                    bandwidth_limit: None,
+                };
+                if let Err(e) = self.archive_snapshot(&policy, &id, req).await {
+                    problems.push(format!("archive of {}@{} not started: {e}", s.volume, s.name));
+                }
+            }
+        }
+        problems
     }
 
     /// The copies the caller's account started (an administrator: every one).

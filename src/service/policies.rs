@@ -153,6 +153,7 @@ impl Service {
             // Its snapshots are named auto-<policy>-<time>, and a name has at most 64 bytes.
             return Err(Error::Invalid(format!("a policy name has at most {MAX_POLICY_NAME} characters")));
         }
+        self.check_policy_regions(&req)?;
         let now = self.engine.clock().now();
         let policy = Policy {
             id: format!("p-{:016x}", rand::random::<u64>()),
@@ -512,6 +513,11 @@ impl Service {
         match self.prune(p, v).await {
             Ok(removed) => entry.removed = removed,
             Err(e) => entry.reason = Some(format!("nothing pruned: {e}")),
+        }
+        let problems = self.policy_copies(p, v, &snap.id).await;
+        if !problems.is_empty() {
+            let text = problems.join("; ");
+            entry.reason = Some(entry.reason.take().map_or(text.clone(), |r| format!("{r}; {text}")));
         }
         entry
     }

@@ -44,6 +44,9 @@ pub async fn volume(svc: &Service, name: &str) {
 /// A policy with the defaults but its schedule and retention.
 pub fn policy(name: &str, schedule: Schedule, retention: Retention) -> PolicySpec {
     PolicySpec {
+        copy_to: None,
+        archive_after: None,
+        archive_to: None,
         name: name.into(),
         schedule,
         tz: "UTC".into(),

@@ -47,6 +47,15 @@ pub enum PolicyCommand {
         /// Prune only once the new snapshot's upload has completed
         #[arg(long)]
         after_upload: bool,
+        /// Copy each snapshot to this region once uploaded (snapshot copy)
+        #[arg(long)]
+        copy_to: Option<String>,
+        /// Archive the policy's snapshots once this old (e.g. 30d) into --archive-to
+        #[arg(long, requires = "archive_to")]
+        archive_after: Option<String>,
+        /// The archive region (tier = "archive") for --archive-after
+        #[arg(long, requires = "archive_after")]
+        archive_to: Option<String>,
         /// When a volume is deleted, the snapshots this policy took of it: keep them, or
         /// delete them with it (into the recycle bin, when it is on)
         #[arg(long, value_enum, default_value = "keep")]
@@ -172,8 +181,13 @@ pub(super) async fn run(c: &Client, command: PolicyCommand) -> Result<Printed, C
             missed,
             skip_if_unchanged,
             after_upload,
+            copy_to,
+            archive_after,
+            archive_to,
             on_volume_delete,
         } => {
+            let archive_after =
+                archive_after.map(|a| parse_duration(&a).map(|d| d.as_secs())).transpose().map_err(ClientError::Usage)?;
             let schedule = match (every, cron) {
                 (Some(e), _) => {
                     let every = parse_duration(&e).map_err(ClientError::Usage)?.as_secs();
@@ -192,6 +206,9 @@ pub(super) async fn run(c: &Client, command: PolicyCommand) -> Result<Printed, C
                 skip_if_unchanged,
                 after_upload,
                 on_volume_delete,
+                copy_to,
+                archive_after,
+                archive_to,
             };
             policy(send(c, Method::POST, &p(&["policies"]), Some(&body)).await?)
         }
@@ -366,6 +383,12 @@ fn policy(v: PolicyView) -> Printed {
     }
     if p.after_upload {
         text.push_str("prunes after the upload\n");
+    }
+    if let Some(r) = &p.copy_to {
+        text.push_str(&format!("copies each snapshot to region {r}\n"));
+    }
+    if let (Some(after), Some(r)) = (p.archive_after, &p.archive_to) {
+        text.push_str(&format!("archives its snapshots into region {r} once {} old\n", crate::units::duration_text(after)));
     }
     for o in &v.on {
         text.push_str(&format!(
