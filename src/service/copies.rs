@@ -201,13 +201,7 @@ impl Service {
         let name = req.name.clone().unwrap_or_else(|| src.name.clone());
         crate::engine::validate_name("snapshot", &name)?;
         self.copy_allowed(&src)?;
-        let rec = self.copy_record(
-            &src,
-            dest,
-            name,
-            CopyKind::Copy,
-            Self::bandwidth(req.bandwidth_limit.as_deref())?,
-        );
+        let rec = self.copy_record(&src, dest, name, CopyKind::Copy, Self::bandwidth(req.bandwidth_limit.as_deref())?);
         Ok(self.store.start_copy(rec)?)
     }
 
@@ -249,12 +243,7 @@ impl Service {
     /// Archives a snapshot (`snapshot archive`): a copy into an archive region, then the
     /// standard copy is deleted (unless kept). With `estimate`, only says what it would add
     /// and free.
-    pub async fn archive_snapshot(
-        &self,
-        caller: &Caller,
-        r: &str,
-        req: ArchiveRequest,
-    ) -> Result<ArchiveAnswer> {
+    pub async fn archive_snapshot(&self, caller: &Caller, r: &str, req: ArchiveRequest) -> Result<ArchiveAnswer> {
         caller.may(Access::Snapshot)?;
         if !req.keep_standard {
             caller.may(Access::Delete)?;
@@ -350,8 +339,7 @@ impl Service {
         };
         if let Some(to) = &p.copy_to {
             if !started(new, CopyKind::Copy) {
-                let req =
-                    CopyRequest { to_region: to.clone(), from_region: None, name: None, bandwidth_limit: None };
+                let req = CopyRequest { to_region: to.clone(), from_region: None, name: None, bandwidth_limit: None };
                 if let Err(e) = self.copy_snapshot(&policy, new, req).await {
                     problems.push(format!("copy to {to} not started: {e}"));
                 }

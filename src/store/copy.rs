@@ -40,8 +40,8 @@ use super::StoreService;
 use crate::codec::{Put, Reader};
 use crate::engine::SnapshotHandle;
 
-/// Sealed bytes of source blobs read per batch (then sealed on every core at once).
-const BATCH_BYTES: u64 = 32 << 20;
+/// Sealed bytes of source blobs read per batch (sealed on every core while the next is read).
+const BATCH_BYTES: u64 = 8 << 20;
 /// Source pages read at once.
 const PAGE_READS: usize = 8;
 /// GETs in flight for the source's blobs.
@@ -403,6 +403,9 @@ impl StoreService {
         let mut batch: Vec<SourcePage> = Vec::new();
         let mut wanted: HashMap<BlobId, (BlobRef, u64)> = HashMap::new();
         let mut wanted_bytes = 0u64;
+        // A batch being read (in a task of its own) and the pages waiting for it.
+        type Reading = tokio::task::JoinHandle<Result<Vec<(BlobId, Plaintext)>>>;
+        let mut in_flight: Option<(Reading, Vec<SourcePage>)> = None;
         let refs: Vec<(u64, BlobRef)> =
             m.pages.iter().map(|p| p.blob.to_ref(&object).map(|r| (p.index, r))).collect::<Result<_>>()?;
         for chunk in refs.chunks(PAGE_READS) {
@@ -431,14 +434,22 @@ impl StoreService {
                 batch.push((index, r, page));
             }
             if wanted_bytes >= BATCH_BYTES {
+                // Read this batch while the previous one is sealed and placed.
                 let blobs = std::mem::take(&mut wanted);
-                self.copy_batch(&src, &m, &mut w, &mut pairs, blobs, local.as_ref(), progress).await?;
+                let reading = tokio::spawn(read_batch(src.clone(), m.clone(), blobs, local.clone(), progress.clone()));
+                if let Some((read, pages)) = in_flight.replace((reading, std::mem::take(&mut batch))) {
+                    self.place_batch(&mut w, &mut pairs, joined(read.await)?).await?;
+                    self.rebuild_pages(&mut w, &mut pairs, pages, &mut out_pages, cs, progress).await?;
+                }
                 wanted_bytes = 0;
-                self.rebuild_pages(&mut w, &mut pairs, std::mem::take(&mut batch), &mut out_pages, cs, progress)
-                    .await?;
             }
         }
-        self.copy_batch(&src, &m, &mut w, &mut pairs, wanted, local.as_ref(), progress).await?;
+        if let Some((read, pages)) = in_flight.take() {
+            self.place_batch(&mut w, &mut pairs, joined(read.await)?).await?;
+            self.rebuild_pages(&mut w, &mut pairs, pages, &mut out_pages, cs, progress).await?;
+        }
+        let last = read_batch(src.clone(), m.clone(), wanted, local.clone(), progress.clone()).await?;
+        self.place_batch(&mut w, &mut pairs, last).await?;
         self.rebuild_pages(&mut w, &mut pairs, batch, &mut out_pages, cs, progress).await?;
         progress.check()?;
         let unlogged = w.finish().await?;
@@ -490,58 +501,13 @@ impl StoreService {
         Ok(Attempted::Published)
     }
 
-    /// Reads `blobs` (source id → (reference, a cluster it fills)), then seals each under the
-    /// destination's keys on every core, and places the new ones into packs.
-    #[allow(clippy::too_many_arguments)]
-    async fn copy_batch(
-        &self,
-        src: &Arc<Region>,
-        m: &Manifest,
-        w: &mut Writer<'_>,
-        pairs: &mut Pairs,
-        blobs: HashMap<BlobId, (BlobRef, u64)>,
-        local: Option<&Arc<LocalData>>,
-        progress: &Arc<CopyProgress>,
-    ) -> Result<()> {
-        if blobs.is_empty() {
+    /// Seals what a batch read under the destination's keys on every core, and places the
+    /// new blobs into packs.
+    async fn place_batch(&self, w: &mut Writer<'_>, pairs: &mut Pairs, plain: Vec<(BlobId, Plaintext)>) -> Result<()> {
+        if plain.is_empty() {
             return Ok(());
         }
-        let mut plain: Vec<(BlobId, Plaintext)> = Vec::with_capacity(blobs.len());
-        let mut from_store: Vec<(BlobRef, ())> = Vec::new();
-        match local {
-            Some(local) => {
-                let (local, src2) = (local.clone(), src.clone());
-                let list: Vec<(BlobRef, u64)> = blobs.values().copied().collect();
-                let (found, missed) = tokio::task::spawn_blocking(move || read_local(&local, &src2.keys, list))
-                    .await
-                    .map_err(|e| StoreError::Unavailable(format!("copy task failed: {e}")))?;
-                plain.extend(found);
-                from_store.extend(missed.into_iter().map(|r| (r, ())));
-            }
-            None => from_store.extend(blobs.values().map(|(r, _)| (*r, ()))),
-        }
-        let mut failure = None;
-        src.fetch_blobs(from_store, READ_CONCURRENCY, |(), r, res| match res {
-            Ok(p) => {
-                progress.read.fetch_add(u64::from(r.len), Ordering::Relaxed);
-                plain.push((r.id, p));
-            }
-            Err(e) => {
-                failure.get_or_insert_with(|| match e {
-                    e @ (StoreError::Corrupt { .. } | StoreError::Missing(_)) => e,
-                    e => StoreError::Unavailable(format!(
-                        "reading {} of snapshot {}: {e}",
-                        pack_key(&r.pack),
-                        m.snapshot_id
-                    )),
-                });
-            }
-        })
-        .await;
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        progress.check()?;
+        w.progress.check()?;
         let keys_region = w.dst.clone();
         let sealed = tokio::task::spawn_blocking(move || seal_all(&keys_region, plain))
             .await
@@ -603,6 +569,55 @@ impl StoreService {
     }
 }
 
+/// Reads a batch of source blobs (source id → (reference, a cluster it fills)): from the
+/// snapshot's local data where this node has it, else from the source region; each verified.
+async fn read_batch(
+    src: Arc<Region>,
+    m: Arc<Manifest>,
+    blobs: HashMap<BlobId, (BlobRef, u64)>,
+    local: Option<Arc<LocalData>>,
+    progress: Arc<CopyProgress>,
+) -> Result<Vec<(BlobId, Plaintext)>> {
+    let mut plain: Vec<(BlobId, Plaintext)> = Vec::with_capacity(blobs.len());
+    let mut from_store: Vec<(BlobRef, ())> = Vec::new();
+    match local {
+        Some(local) if !blobs.is_empty() => {
+            let keys_region = src.clone();
+            let list: Vec<(BlobRef, u64)> = blobs.values().copied().collect();
+            let (found, missed) = tokio::task::spawn_blocking(move || read_local(&local, &keys_region.keys, list))
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("copy task failed: {e}")))?;
+            plain.extend(found);
+            from_store.extend(missed.into_iter().map(|r| (r, ())));
+        }
+        _ => from_store.extend(blobs.values().map(|(r, _)| (*r, ()))),
+    }
+    let mut failure = None;
+    src.fetch_blobs(from_store, READ_CONCURRENCY, |(), r, res| match res {
+        Ok(p) => {
+            progress.read.fetch_add(u64::from(r.len), Ordering::Relaxed);
+            plain.push((r.id, p));
+        }
+        Err(e) => {
+            failure.get_or_insert_with(|| match e {
+                e @ (StoreError::Corrupt { .. } | StoreError::Missing(_)) => e,
+                e => {
+                    StoreError::Unavailable(format!("reading {} of snapshot {}: {e}", pack_key(&r.pack), m.snapshot_id))
+                }
+            });
+        }
+    })
+    .await;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(plain),
+    }
+}
+
+fn joined<T>(r: std::result::Result<Result<T>, tokio::task::JoinError>) -> Result<T> {
+    r.map_err(|e| StoreError::Unavailable(format!("copy task failed: {e}")))?
+}
+
 /// Reads blobs from the snapshot's local data, each checked against its id (the keyed hash
 /// under the source's keys); those that cannot be read or do not match are left to the store.
 fn read_local(
@@ -625,23 +640,24 @@ fn read_local(
 
 /// Hashes and seals blobs under the destination's keys, on every core. Returns (source id,
 /// destination id, the sealed blob unless the destination's index has it).
-fn seal_all(dst: &Region, plain: Vec<(BlobId, Plaintext)>) -> Vec<(BlobId, BlobId, Option<Bytes>)> {
+fn seal_all(dst: &Region, mut plain: Vec<(BlobId, Plaintext)>) -> Vec<(BlobId, BlobId, Option<Bytes>)> {
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(plain.len().max(1));
     let chunk = plain.len().div_ceil(workers).max(1);
+    let mut parts = Vec::new();
+    while !plain.is_empty() {
+        let rest = plain.split_off(chunk.min(plain.len()));
+        parts.push(std::mem::replace(&mut plain, rest));
+    }
     std::thread::scope(|scope| {
-        let handles: Vec<_> = plain
-            .chunks(chunk)
+        let handles: Vec<_> = parts
+            .into_iter()
             .map(|part| {
                 scope.spawn(move || {
-                    part.iter()
+                    part.into_iter()
                         .map(|(s, p)| {
-                            let id = dst.keys.blob_id(p);
-                            let sealed = dst.index.get(&id).is_none().then(|| {
-                                let mut out = Vec::new();
-                                dst.keys.seal_blob(&id, p, &mut out);
-                                Bytes::from(out)
-                            });
-                            (*s, id, sealed)
+                            let id = dst.keys.blob_id(&p);
+                            let sealed = dst.index.get(&id).is_none().then(|| Bytes::from(p.seal_as(&dst.keys, &id)));
+                            (s, id, sealed)
                         })
                         .collect::<Vec<_>>()
                 })

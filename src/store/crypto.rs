@@ -267,6 +267,22 @@ impl Plaintext {
         Plaintext { buf, range }
     }
 
+    /// Seals this plaintext under `keys` as blob `id` (a copy to another repository). One its
+    /// source stored uncompressed (lz4 did not shrink it, and would not now) is sealed where
+    /// it lies: no copy, no second lz4 attempt.
+    pub fn seal_as(self, keys: &RepoKeys, id: &BlobId) -> Vec<u8> {
+        let len = self.range.len();
+        if self.range.start == BLOB_PLAIN_AT && self.buf.len() >= sealed_room(len) {
+            let mut buf = self.buf;
+            let n = keys.seal_raw_in_place(id, &mut buf, len);
+            buf.truncate(n);
+            return buf;
+        }
+        let mut out = Vec::new();
+        keys.seal_blob(id, &self, &mut out);
+        out
+    }
+
     /// As shared bytes, without copying.
     pub fn into_bytes(self) -> bytes::Bytes {
         bytes::Bytes::from(self.buf).slice(self.range)
@@ -400,6 +416,20 @@ impl RepoKeys {
                 1 + plain_len
             }
         };
+        self.seal_body(id, buf, body_len, nonce)
+    }
+
+    /// Seals a plaintext laid out as [`RepoKeys::seal_blob_in_place`] takes it, stored as is
+    /// (no lz4 attempt: for data known not to shrink). Returns the sealed length.
+    pub fn seal_raw_in_place(&self, id: &BlobId, buf: &mut [u8], plain_len: usize) -> usize {
+        assert!(buf.len() >= sealed_room(plain_len), "seal_raw_in_place: buffer too small");
+        buf[NONCE_LEN] = CODEC_RAW;
+        self.seal_body(id, buf, 1 + plain_len, random_nonce())
+    }
+
+    /// Encrypts `buf[NONCE_LEN..NONCE_LEN + body_len]` (codec and body) under `nonce`, which
+    /// goes first, and appends the tag.
+    fn seal_body(&self, id: &BlobId, buf: &mut [u8], body_len: usize, nonce: [u8; NONCE_LEN]) -> usize {
         buf[..NONCE_LEN].copy_from_slice(&nonce);
         let (head, rest) = buf.split_at_mut(NONCE_LEN + body_len);
         let tag = self.seal_in_place(&nonce, &id.0, &mut head[NONCE_LEN..]);
@@ -513,6 +543,25 @@ impl RepoKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_blob_resealed_under_another_key_opens_there_only() {
+        let mut random = vec![0u8; 65536];
+        rand::thread_rng().fill_bytes(&mut random);
+        let (from, to) = (RepoKeys::new(&[1; 32], Cipher::ALL[0]), RepoKeys::new(&[2; 32], Cipher::ALL[0]));
+        for plain in [vec![0x5a; 65536], random] {
+            let id = from.blob_id(&plain);
+            let mut sealed = Vec::new();
+            from.seal_blob(&id, &plain, &mut sealed);
+            let opened = from.open_blob(&id, &sealed, "o").unwrap();
+            let new_id = to.blob_id(&opened);
+            assert_ne!(new_id, id, "ids are keyed per repository");
+            let resealed = opened.seal_as(&to, &new_id);
+            assert_eq!(resealed.len(), sealed.len(), "a blob keeps its size under another key");
+            assert_eq!(&*to.open_blob(&new_id, &resealed, "o").unwrap(), &plain[..]);
+            assert!(from.open_blob(&id, &resealed, "o").is_err());
+        }
+    }
 
     #[test]
     fn blob_roundtrip_compressible_and_random() {

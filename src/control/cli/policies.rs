@@ -186,8 +186,10 @@ pub(super) async fn run(c: &Client, command: PolicyCommand) -> Result<Printed, C
             archive_to,
             on_volume_delete,
         } => {
-            let archive_after =
-                archive_after.map(|a| parse_duration(&a).map(|d| d.as_secs())).transpose().map_err(ClientError::Usage)?;
+            let archive_after = archive_after
+                .map(|a| parse_duration(&a).map(|d| d.as_secs()))
+                .transpose()
+                .map_err(ClientError::Usage)?;
             let schedule = match (every, cron) {
                 (Some(e), _) => {
                     let every = parse_duration(&e).map_err(ClientError::Usage)?.as_secs();
@@ -388,7 +390,10 @@ fn policy(v: PolicyView) -> Printed {
         text.push_str(&format!("copies each snapshot to region {r}\n"));
     }
     if let (Some(after), Some(r)) = (p.archive_after, &p.archive_to) {
-        text.push_str(&format!("archives its snapshots into region {r} once {} old\n", crate::units::duration_text(after)));
+        text.push_str(&format!(
+            "archives its snapshots into region {r} once {} old\n",
+            crate::units::duration_text(after)
+        ));
     }
     for o in &v.on {
         text.push_str(&format!(
