@@ -345,6 +345,9 @@ fn archives_deduplicate_keep_their_minimum_retention_match_their_estimate_and_re
         }
         // Incremental-forever: the first archive's data once, then only each one's changes.
         let stored = pack_bytes(&dir.join("store-arch"));
+        let info = region_show(&d, "arch");
+        assert_eq!((info["tier"].as_str(), info["stored_bytes"].as_u64()), (Some("archive"), Some(stored)), "{info}");
+        assert_eq!(region_show(&d, "dr")["tier"], "standard");
         assert!(stored <= 16 * MIB + 3 * 16 * CLUSTER + 2 * MIB, "4 archives of a 16 MiB disk store {stored} bytes");
         // The standard copies are gone.
         let local = d.cli_json(&["snapshot", "list", "vol"]);

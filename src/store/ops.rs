@@ -52,6 +52,11 @@ pub struct RegionInfo {
     pub kind: String,
     /// Path, or endpoint/bucket/prefix (never credentials).
     pub location: String,
+    /// `standard` or `archive` (the region's `tier`), and an S3 storage class of its packs.
+    #[serde(default)]
+    pub tier: crate::store::config::Tier,
+    #[serde(default)]
+    pub storage_class: Option<String>,
     /// The repository's store format version and the cipher it implies (fixed at creation).
     #[serde(default)]
     pub format: u32,
@@ -279,6 +284,8 @@ impl StoreService {
             name: name.into(),
             kind: kind.into(),
             location,
+            tier: cfg.tier,
+            storage_class: cfg.storage_class.clone(),
             format: region.keys.cipher().version(),
             cipher: region.keys.cipher().name().into(),
             snapshots,

@@ -100,8 +100,12 @@ fn region_lines(r: &RegionInfo) -> String {
             r.referenced_bytes
         ),
     };
+    let tier = match &r.storage_class {
+        Some(class) => format!("{} (packs in storage class {class})", r.tier.name()),
+        None => r.tier.name().to_string(),
+    };
     let mut text = format!(
-        "name:       {}\nkind:       {}\nlocation:   {}\nformat:     {} ({})\nsnapshots:  {}\npacks:      {} ({} condemned: deleted by a GC after gc.delete_delay)\nstored:     {} ({} bytes)\nreferenced: {referenced}\ntraffic:    {} PUT ({}), {} GET ({}), {} retries, {} failures since start\nconditional writes: {conditional}\nGC lease:   {lease}\nthis node:  {}\n",
+        "name:       {}\nkind:       {}\nlocation:   {}\ntier:       {tier}\nformat:     {} ({})\nsnapshots:  {}\npacks:      {} ({} condemned: deleted by a GC after gc.delete_delay)\nstored:     {} ({} bytes)\nreferenced: {referenced}\ntraffic:    {} PUT ({}), {} GET ({}), {} retries, {} failures since start\nconditional writes: {conditional}\nGC lease:   {lease}\nthis node:  {}\n",
         r.name,
         r.kind,
         r.location,
