@@ -381,6 +381,8 @@ impl StoreService {
         progress.done.store(0, Ordering::Relaxed);
         let tag = source_tag(&src, &dst).await?;
         let mut pairs = stored_pairs(&dst, &tag).await?;
+        // Source blobs the destination's maps pair already: this copy's map leaves them out.
+        let earlier: std::collections::HashSet<BlobId> = pairs.keys().copied().collect();
         let log = Arc::new(PairsLog::new(self.dir(), &task.id));
         // What an interrupted attempt learned and stored: part of this copy's map.
         for (s, d, n) in log.read()? {
@@ -461,8 +463,7 @@ impl StoreService {
         // already are in earlier maps.
         let learned: Vec<_> = {
             let mut seen = std::collections::HashSet::new();
-            let earlier = stored_pairs(&dst, &tag).await?;
-            new_pairs.into_iter().filter(|(s, _, _)| !earlier.contains_key(s) && seen.insert(*s)).collect()
+            new_pairs.into_iter().filter(|(s, _, _)| !earlier.contains(s) && seen.insert(*s)).collect()
         };
         if !learned.is_empty() {
             let key = copy_map_key(&tag, &task.dest_id);
