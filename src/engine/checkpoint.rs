@@ -147,14 +147,17 @@ fn put_bitmap(out: &mut Vec<u8>, b: &RoaringTreemap) {
     out.extend_from_slice(&bytes);
 }
 
-/// Checks the layout roaring's decoder leaves unchecked, in time proportional to the bytes
-/// (not to the values they hold): keys in increasing order at both levels, and no run
-/// containers. roaring's encoder never writes run containers, and its decoder accepts empty
-/// or overlapping runs and keys out of order — bitmaps that break its invariants (encoding
-/// one again panics). The containers' contents (arrays sorted, bitmap cardinalities) are
-/// checked by `deserialize_from` itself.
+/// Checks the layout of a serialized bitmap in time proportional to its bytes (not to the
+/// values they hold): keys in increasing order at both levels, every container's bytes
+/// present, nothing left over. Inner bitmaps come in roaring's two layouts: without run
+/// containers (cookie 12346, count, descriptions, offsets, containers) and with them (format
+/// version 8: cookie 12347 with the count in its high half, a bit per container marking runs,
+/// descriptions, offsets from 4 containers on, containers). The containers' contents (arrays
+/// sorted, bitmap cardinalities, runs non-empty, ordered and apart) are checked by roaring's
+/// `deserialize_from` itself.
 fn check_bitmap_layout(bytes: &[u8]) -> Result<(), &'static str> {
     const NO_RUN_CONTAINERS: u32 = 12346;
+    const RUN_CONTAINERS: u16 = 12347;
     let short = |_: Short| "bitmap truncated";
     let mut r = Reader::new(bytes);
     let le32 = |r: &mut Reader| r.array().map(u32::from_le_bytes).map_err(short);
@@ -167,25 +170,43 @@ fn check_bitmap_layout(bytes: &[u8]) -> Result<(), &'static str> {
             return Err("bitmap keys out of order");
         }
         last_high = Some(high);
-        if le32(&mut r)? != NO_RUN_CONTAINERS {
-            return Err("bitmap with run containers (never written by snapblk)");
-        }
-        let containers = le32(&mut r)? as usize;
-        if containers > 1 << 16 {
-            return Err("bitmap with too many containers");
-        }
+        let cookie = le32(&mut r)?;
+        let (containers, runs) = if cookie == NO_RUN_CONTAINERS {
+            let containers = le32(&mut r)? as usize;
+            if containers > 1 << 16 {
+                return Err("bitmap with too many containers");
+            }
+            (containers, None)
+        } else if cookie as u16 == RUN_CONTAINERS {
+            let containers = (cookie >> 16) as usize + 1;
+            (containers, Some(r.bytes(containers.div_ceil(8)).map_err(short)?))
+        } else {
+            return Err("bitmap with an unknown cookie");
+        };
         let descriptions = r.bytes(containers * 4).map_err(short)?;
-        r.bytes(containers * 4).map_err(short)?; // offsets: not needed to decode
+        if runs.is_none() || containers >= 4 {
+            r.bytes(containers * 4).map_err(short)?; // offsets: not needed to decode
+        }
         let mut last_key = None;
-        for d in descriptions.chunks_exact(4) {
+        for (i, d) in descriptions.chunks_exact(4).enumerate() {
             let key = le16(d);
             if last_key.is_some_and(|last| key <= last) {
                 return Err("bitmap containers out of order");
             }
             last_key = Some(key);
-            let cardinality = usize::from(le16(&d[2..])) + 1;
-            // An array container below 4,097 values, a 1024-word bitmap above.
-            r.bytes(if cardinality <= 4096 { cardinality * 2 } else { 8192 }).map_err(short)?;
+            let len = if runs.is_some_and(|runs| runs[i / 8] & (1 << (i % 8)) != 0) {
+                // A run container: its run count, then (start, length - 1) per run.
+                usize::from(le16(r.bytes(2).map_err(short)?)) * 4
+            } else {
+                // An array container below 4,097 values, a 1024-word bitmap above.
+                let cardinality = usize::from(le16(&d[2..])) + 1;
+                if cardinality <= 4096 {
+                    cardinality * 2
+                } else {
+                    8192
+                }
+            };
+            r.bytes(len).map_err(short)?;
         }
     }
     if r.remaining() != 0 {
@@ -500,14 +521,28 @@ mod tests {
         let bytes = serialize(&good);
         check_bitmap_layout(&bytes).unwrap();
         assert_eq!(RoaringTreemap::deserialize_from(&bytes[..]).unwrap(), good);
-        // A trailing byte, a truncation, and a run-container cookie are refused.
+        // A trailing byte, a truncation, and an unknown cookie are refused.
         let mut trailing = bytes.clone();
         trailing.push(0);
         assert!(check_bitmap_layout(&trailing).is_err());
         assert!(check_bitmap_layout(&bytes[..bytes.len() - 1]).is_err());
-        let mut runs = serialize(&RoaringTreemap::from_iter([1u64]));
-        runs[12..16].copy_from_slice(&12347u32.to_le_bytes());
-        assert_eq!(check_bitmap_layout(&runs), Err("bitmap with run containers (never written by snapblk)"));
+        let mut cookie = serialize(&RoaringTreemap::from_iter([1u64]));
+        cookie[12..16].copy_from_slice(&12345u32.to_le_bytes());
+        assert_eq!(check_bitmap_layout(&cookie), Err("bitmap with an unknown cookie"));
+        // Run containers (a range, as a discard of a whole volume leaves), with fewer and more
+        // than 4 containers per inner bitmap (offsets present from 4 on), mixed with arrays and
+        // bitmaps: accepted, equal after decode, a few bytes per 65,536 values.
+        for containers in [2u64, 3, 4, 9, 70_000] {
+            let mut ranges = RoaringTreemap::new();
+            ranges.insert_range(1..containers << 16);
+            ranges.insert(5 << 32);
+            ranges.insert_range((6 << 32) + 3..(6 << 32) + 90_000);
+            let bytes = serialize(&ranges);
+            assert!(bytes.len() < 64 + containers as usize * 16, "{} bytes", bytes.len());
+            check_bitmap_layout(&bytes).unwrap();
+            assert_eq!(RoaringTreemap::deserialize_from(&bytes[..]).unwrap(), ranges);
+            assert!(check_bitmap_layout(&bytes[..bytes.len() - 1]).is_err());
+        }
         // Two containers of one inner bitmap, swapped in the descriptions: out of order.
         let two = serialize(&RoaringTreemap::from_iter([1u64, 1 << 16]));
         let mut swapped = two.clone();

@@ -34,8 +34,9 @@ pub const CHECKPOINT_MAGIC: &[u8; 8] = b"SNAPBLKC";
 /// version 5 the `Base` frame and the previous checkpoint kept beside the current one;
 /// version 6 the `GroupSnapshot` and `Batch` records; version 7 the group snapshot's tag
 /// (id, group, consistency) in the `GroupSnapshot` record (a new record type; the untagged one
-/// is still read) and with each member snapshot in checkpoints.
-pub const FORMAT_VERSION: u32 = 7;
+/// is still read) and with each member snapshot in checkpoints; version 8 run containers in
+/// checkpoint bitmaps (a range of clusters costs bytes per run, not per 65,536 clusters).
+pub const FORMAT_VERSION: u32 = 8;
 pub(crate) const JOURNAL_HEADER_LEN: u64 = 8 + 4 + 8;
 /// A frame larger than this is corrupt (no record is anywhere near it).
 const MAX_FRAME: u32 = 1 << 20;
