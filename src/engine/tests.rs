@@ -1221,6 +1221,34 @@ fn a_snapshot_is_found_by_volume_at_its_id_only_on_its_own_volume() {
 }
 
 #[test]
+fn snapshot_names_are_found_refused_and_freed_through_the_name_index_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    engine.create_volume("a", 1 << 20, None).unwrap();
+    engine.create_volume("b", 1 << 20, None).unwrap();
+    let first = engine.create_snapshot("a", "s", "").unwrap();
+    engine.create_snapshot("b", "s", "").unwrap();
+    let e = engine.create_snapshot("a", "s", "").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+    let tag = GroupTag { id: 7, group: "g".into(), application: false };
+    let e = engine.create_group_snapshot(&["a".into(), "b".into()], "s", "", &tag).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+    // Deleted, the name is free again and names the new snapshot only.
+    engine.delete_snapshot("a@s", false).unwrap();
+    assert_eq!(engine.snapshot("a@s").unwrap_err().kind(), ErrorKind::NotFound);
+    let second = engine.create_snapshot("a", "s", "").unwrap();
+    assert_ne!(first.id, second.id);
+    engine.create_group_snapshot(&["a".into(), "b".into()], "g1", "", &tag).unwrap();
+    engine.shutdown();
+    // Rebuilt from the journal and checkpoint the same way.
+    let engine = Engine::open(dir.path()).unwrap();
+    assert_eq!(engine.snapshot("a@s").unwrap().id, second.id);
+    assert!(engine.snapshot("a@g1").is_ok() && engine.snapshot("b@g1").is_ok());
+    let e = engine.create_snapshot("b", "g1", "").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+}
+
+#[test]
 fn rollback_waits_briefly_for_a_writer_that_is_disconnecting() {
     let dir = tempfile::tempdir().unwrap();
     let engine = Engine::open(dir.path()).unwrap();

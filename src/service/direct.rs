@@ -651,7 +651,7 @@ impl Service {
         if let Ok(vol) = self.engine.volume(&staged.volume_id) {
             self.mark_volume_deleted(&vol)?;
         }
-        self.store.snapshot_created(&snap)?;
+        self.store.snapshots_created(std::slice::from_ref(&snap))?;
         self.event(super::events::Event::SnapshotTaken {
             volume: snap.volume.clone(),
             snapshot: snap.name.clone(),

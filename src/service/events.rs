@@ -252,27 +252,36 @@ impl EventLog {
     }
 
     pub fn append(&self, at: u64, event: Event) {
+        self.append_all(at, [event]);
+    }
+
+    /// Appends events in one write (a group snapshot's, one per member).
+    pub fn append_all(&self, at: u64, events: impl IntoIterator<Item = Event>) {
         let mut inner = self.inner.lock();
-        let seq = inner.recent.back().map_or(0, |r| r.seq) + 1;
-        let record = EventRecord { seq, at, event };
-        if let Ok(mut line) = serde_json::to_vec(&record) {
-            line.push(b'\n');
-            if inner.file.is_none() {
-                inner.file = crate::fsutil::open_append(&self.path)
-                    .map_err(|e| tracing::warn!(path = %self.path.display(), error = %e, "cannot open the event log"))
-                    .ok();
+        let mut seq = inner.recent.back().map_or(0, |r| r.seq);
+        let mut lines = Vec::new();
+        for event in events {
+            seq += 1;
+            let record = EventRecord { seq, at, event };
+            if serde_json::to_writer(&mut lines, &record).is_ok() {
+                lines.push(b'\n');
+                inner.lines += 1;
             }
-            if let Some(f) = &mut inner.file {
-                if let Err(e) = f.write_all(&line) {
-                    tracing::warn!(path = %self.path.display(), error = %e, "cannot write the event log");
-                }
+            if inner.recent.len() == KEPT {
+                inner.recent.pop_front();
             }
-            inner.lines += 1;
+            inner.recent.push_back(record);
         }
-        if inner.recent.len() == KEPT {
-            inner.recent.pop_front();
+        if inner.file.is_none() {
+            inner.file = crate::fsutil::open_append(&self.path)
+                .map_err(|e| tracing::warn!(path = %self.path.display(), error = %e, "cannot open the event log"))
+                .ok();
         }
-        inner.recent.push_back(record);
+        if let Some(f) = &mut inner.file {
+            if let Err(e) = f.write_all(&lines) {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot write the event log");
+            }
+        }
         self.rewrite_if_long(&mut inner);
         drop(inner);
         self.newest.send_replace(seq);
@@ -308,6 +317,11 @@ impl Service {
     /// Records an event (and logs nothing more: the operation logged it).
     pub(super) fn event(&self, event: Event) {
         self.events.append(self.engine.clock().now(), event);
+    }
+
+    /// Several events, written at once.
+    pub(super) fn events_all(&self, events: impl IntoIterator<Item = Event>) {
+        self.events.append_all(self.engine.clock().now(), events);
     }
 
     /// A failed upload, told by the store.

@@ -322,15 +322,13 @@ impl Service {
             // tags (`settle_groups`).
             self.lifecycle_file.save_unsynced(&mut st)?;
         }
-        for s in &snaps {
-            self.store.snapshot_created(s)?;
-            self.event(super::Event::SnapshotTaken {
-                volume: s.volume.clone(),
-                snapshot: s.name.clone(),
-                id: s.id.clone(),
-                by: format!("{caller} (group {group})"),
-            });
-        }
+        self.store.snapshots_created(&snaps)?;
+        self.events_all(snaps.iter().map(|s| super::Event::SnapshotTaken {
+            volume: s.volume.clone(),
+            snapshot: s.name.clone(),
+            id: s.id.clone(),
+            by: format!("{caller} (group {group})"),
+        }));
         tracing::info!(group, name = %req.name, id = %id, members = snaps.len(), by = %caller, "group snapshot taken");
         Ok(self.group_snapshot_view(&id, &record))
     }

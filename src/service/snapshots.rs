@@ -181,7 +181,7 @@ impl Service {
             other => other?,
         };
         // The snapshot exists (and is usable) now; its upload starts in the background.
-        self.store.snapshot_created(&snap)?;
+        self.store.snapshots_created(std::slice::from_ref(&snap))?;
         self.event(Event::SnapshotTaken {
             volume: snap.volume.clone(),
             snapshot: snap.name.clone(),

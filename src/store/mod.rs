@@ -361,35 +361,39 @@ impl StoreService {
     }
 
     /// Queues the upload of a snapshot just created, unless automatic upload is off.
-    pub fn snapshot_created(&self, snap: &SnapshotInfo) -> Result<()> {
+    /// New snapshots (a group snapshot's members together): their uploads start, when
+    /// automatic upload is on.
+    pub fn snapshots_created(&self, snaps: &[SnapshotInfo]) -> Result<()> {
         if self.config.upload_enabled {
-            self.start_upload(snap)?;
+            self.start_uploads(snaps)?;
         }
         Ok(())
     }
 
-    /// Queues an upload (its status is `uploading` from now on, persistently, so a restart
-    /// resumes it).
-    fn start_upload(&self, snap: &SnapshotInfo) -> Result<()> {
-        let region = self.repository_of(&snap.volume_id, &snap.volume);
+    /// Queues uploads (their status is `uploading` from now on, persistently, so a restart
+    /// resumes them), with one save for all.
+    fn start_uploads(&self, snaps: &[SnapshotInfo]) -> Result<()> {
+        let regions: Vec<String> = snaps.iter().map(|s| self.repository_of(&s.volume_id, &s.volume)).collect();
         let mut st = self.state.lock();
-        st.snapshots.insert(
-            snap.id.clone(),
-            SnapshotRecord {
-                region,
-                state: UploadState::Uploading,
-                reason: None,
-                uploaded_at: None,
-                added_bytes: 0,
-                base: None,
-            },
-        );
-        st.touch(RemoteKey::Snapshot(snap.id.clone()));
+        for (snap, region) in snaps.iter().zip(regions) {
+            st.snapshots.insert(
+                snap.id.clone(),
+                SnapshotRecord {
+                    region,
+                    state: UploadState::Uploading,
+                    reason: None,
+                    uploaded_at: None,
+                    added_bytes: 0,
+                    base: None,
+                },
+            );
+            st.touch(RemoteKey::Snapshot(snap.id.clone()));
+        }
         drop(st);
         // Not synced here (a snapshot create answers at once): the upload syncs it before it
         // starts, once the snapshot itself is durable; until then a kill keeps both.
         self.save_with(false)?;
-        self.enqueue(snap.id.clone());
+        snaps.iter().for_each(|snap| self.enqueue(snap.id.clone()));
         Ok(())
     }
 
@@ -400,7 +404,7 @@ impl StoreService {
             let mut st = self.state.lock();
             let Some(rec) = st.snapshots.get_mut(&snap.id) else {
                 drop(st);
-                return self.start_upload(snap);
+                return self.start_uploads(std::slice::from_ref(snap));
             };
             match rec.state {
                 UploadState::Available => return Ok(()),
