@@ -506,6 +506,15 @@ fn a_snapshot_archived_in_a_class_that_needs_a_thaw_loads_once_restore_archive_m
         assert!(info["stored_bytes"].as_u64().unwrap() > 8 * MIB, "{info}");
         assert!(info["accounting_error"].as_str().unwrap_or("").contains("restore-archive"), "{info}");
 
+        // An export (and a copy) fails with the same sentence.
+        let out = tmp.path().join("frozen.raw").display().to_string();
+        let (_, err) = d.cli_err(&["snapshot", "export", &id, "--region", "cold", "--output", &out]);
+        assert!(err.contains(&format!("snapshot {id} is archived in DEEP_ARCHIVE and not restored")), "{err}");
+        let v =
+            wait_copy(&d, &start_copy(&d, &["snapshot", "copy", &id, "--from-region", "cold", "--to-region", "dr"]));
+        assert_eq!(v["state"], "failed", "{v}");
+        assert!(v["error"].as_str().unwrap_or("").contains(&sentence), "{v}");
+
         // A standard region is refused with a sentence.
         let (code, err) = d.cli_err(&["snapshot", "restore-archive", &id, "--region", "dr"]);
         assert_eq!(code, 2, "{err}");

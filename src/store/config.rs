@@ -79,7 +79,8 @@ path = "store"
 # [regions.archive]
 # kind = "s3"                                   # (or "fs")
 # tier = "archive"
-# storage_class = "GLACIER_IR"                  # S3 only: the class of its packs (OSS: "Archive")
+# storage_class = "GLACIER_IR"                  # S3 only: the class of its packs (OSS: "Archive"); one that
+                                                # needs a thaw ("DEEP_ARCHIVE"): `snapblk snapshot restore-archive` first
 # min_age = "14d"                               # snapshots younger than this are not archived
 # min_retention = "90d"                         # default for --min-retention
 # ...endpoint, bucket, credentials and key_file as above

@@ -122,7 +122,7 @@ impl StoreService {
                     }
                 }
             }
-            thaw_packs(&region, &data_packs, days, tier, &mut report).await?;
+            thaw_packs(region, &data_packs, days, tier, &mut report).await?;
             report.complete = true;
         }
         report.ready = report.complete && report.frozen == 0 && report.in_progress == 0;
