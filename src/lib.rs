@@ -17,6 +17,7 @@ pub mod frontend;
 pub mod fsutil;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod http1;
 pub mod jobs;
 pub mod logging;
 pub mod metrics;

@@ -457,11 +457,19 @@ impl Collector for Scrape {
         counters(
             e,
             "snapblk_store_requests",
-            "Object-store operations done, by kind (put, get, delete, list); one counts once however many \
-             attempts it took (see snapblk_store_retries_total).",
+            "Object-store operations done, by kind (put, get, delete, list; head and restore: thaw states \
+             read and restores requested from archive classes); one counts once however many attempts it \
+             took (see snapblk_store_retries_total).",
             self.regions.iter().flat_map(|(r, m)| {
-                [("put", m.put_ops), ("get", m.get_ops), ("delete", m.delete_ops), ("list", m.list_ops)]
-                    .map(|(op, n)| ([("region", r.as_str()), ("op", op)], n))
+                [
+                    ("put", m.put_ops),
+                    ("get", m.get_ops),
+                    ("delete", m.delete_ops),
+                    ("list", m.list_ops),
+                    ("head", m.head_ops),
+                    ("restore", m.restore_ops),
+                ]
+                .map(|(op, n)| ([("region", r.as_str()), ("op", op)], n))
             }),
         )?;
         counters(

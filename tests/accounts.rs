@@ -113,6 +113,15 @@ fn every_role_on_every_route_on_its_own_and_another_accounts_resources() {
             other: [201, 404, 404, 404, 403],
         },
         Cell {
+            // The permission of a restore; `local` is not an archive region (400, before any
+            // snapshot is looked up: nothing about another account's is told).
+            method: "POST",
+            path: "/v1/snapshots/{v}@s1/restore-archive",
+            body: Some(r#"{"region": "local"}"#),
+            own: [400, 400, 400, 400, 403],
+            other: [400, 400, 400, 400, 403],
+        },
+        Cell {
             method: "POST",
             path: "/v1/snapshots/{v}@s1/hold",
             body: Some(r#"{"reason": "test"}"#),

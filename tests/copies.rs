@@ -438,3 +438,169 @@ fn a_policy_copies_each_snapshot_and_archives_its_old_ones() {
         );
     }
 }
+
+/// `[regions.cold]`: an archive region of the kind under test (the fs kind, or Garage under
+/// a prefix of its own) with `region_extra` lines.
+fn cold_region(region: &TestRegion, region_extra: &str) -> String {
+    let block = match region.name {
+        "local" => "[regions.cold]\nkind = \"fs\"\npath = \"store-cold\"\n".to_string(),
+        _ => format!(
+            "{}\nprefix = \"c-{:016x}/\"\n",
+            region.block.trim_end().replace("[regions.garage]", "[regions.cold]"),
+            rand_u64()
+        ),
+    };
+    format!("{block}tier = \"archive\"\n{region_extra}\n")
+}
+
+/// Archives `vol@s1` (8 MiB of data) into `cold`: its id there and the expected content.
+fn archive_one(d: &Daemon, tmp: &Path) -> (String, PathBuf) {
+    fill(d, "vol", 0, 8 * MIB, 41);
+    snapshot(d, "vol", "s1");
+    let expected = tmp.join("s1.raw");
+    nbd_to_file(d, "vol@s1", &expected);
+    wait_available(d, "vol@s1");
+    let v = copy_done(d, &["snapshot", "archive", "vol@s1", "--to-region", "cold"]);
+    (v["dest_id"].as_str().unwrap().to_string(), expected)
+}
+
+#[test]
+fn a_snapshot_archived_in_a_class_that_needs_a_thaw_loads_once_restore_archive_made_it_readable() {
+    if !tools() {
+        return;
+    }
+    for region in regions() {
+        // Packs of `cold` behave as S3 DEEP_ARCHIVE ones: unreadable until a restore was
+        // requested and 2 s passed (a fault layer around the real store).
+        let cold = cold_region(&region, "storage_class = \"DEEP_ARCHIVE\"\n[regions.cold.faults]\nthaw_seconds = 2");
+        let (tmp, _dir, d) = start(&region, "", &cold);
+        let (id, expected) = archive_one(&d, tmp.path());
+
+        // A volume from it is created at once; its reads fail saying what to do, and its
+        // background load keeps trying.
+        d.cli_ok(&["volume", "create", "back", "--from-snapshot", &id, "--region", "cold"]);
+        let read = common::run(
+            std::process::Command::new("qemu-io").args(["-f", "raw", "-c", "read 0 64k", &d.nbd_uri("back")]),
+            Duration::from_secs(60),
+        );
+        let said = format!("{}{}", common::text(&read.stdout), common::text(&read.stderr));
+        assert!(said.contains("Input/output error"), "a read of a frozen snapshot: {said}");
+        let sentence = format!("snapshot {id} is archived in DEEP_ARCHIVE and not restored: run `snapblk snapshot restore-archive {id} --region cold`");
+        assert!(d.log().contains(&sentence), "no restore-archive sentence in the log:\n{}", d.log());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let h = hydration(&d, "back");
+            if h["last_error"].as_str().is_some_and(|e| e.contains(&sentence)) {
+                assert_eq!(h["state"], "retrying", "{h}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "hydration does not say what to do: {h}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+
+        // Listing needs no thaw (manifests are standard); the region's accounting reads map
+        // pages, which are in packs: it says why it is missing.
+        let listed = d.cli_json(&["snapshot", "list", "--region", "cold"]);
+        assert!(listed.as_array().unwrap().iter().any(|s| s["id"] == id.as_str()), "{listed}");
+        let info = region_show(&d, "cold");
+        assert!(info["stored_bytes"].as_u64().unwrap() > 8 * MIB, "{info}");
+        assert!(info["accounting_error"].as_str().unwrap_or("").contains("restore-archive"), "{info}");
+
+        // An export (and a copy) fails with the same sentence.
+        let out = tmp.path().join("frozen.raw").display().to_string();
+        let (_, err) = d.cli_err(&["snapshot", "export", &id, "--region", "cold", "--output", &out]);
+        assert!(err.contains(&format!("snapshot {id} is archived in DEEP_ARCHIVE and not restored")), "{err}");
+        let v =
+            wait_copy(&d, &start_copy(&d, &["snapshot", "copy", &id, "--from-region", "cold", "--to-region", "dr"]));
+        assert_eq!(v["state"], "failed", "{v}");
+        assert!(v["error"].as_str().unwrap_or("").contains(&sentence), "{v}");
+
+        // A standard region is refused with a sentence.
+        let (code, err) = d.cli_err(&["snapshot", "restore-archive", &id, "--region", "dr"]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("not an archive region"), "{err}");
+
+        // The first request thaws the packs of its map pages (the data packs are known once
+        // those are readable); asking again while they thaw requests nothing more.
+        let started = Instant::now();
+        let r = d.cli_json(&["snapshot", "restore-archive", &id, "--region", "cold", "--days", "1"]);
+        eprintln!("{}: first restore-archive: {r}", region.name);
+        assert_eq!((r["ready"].as_bool(), r["complete"].as_bool()), (Some(false), Some(false)), "{r}");
+        assert!(u(&r, "in_progress") >= 1 && u(&r, "requested") == u(&r, "in_progress"), "{r}");
+        assert_eq!((u(&r, "frozen"), u(&r, "readable"), r["storage_class"].as_str()), (0, 0, Some("DEEP_ARCHIVE")));
+        let again = d.cli_json(&["snapshot", "restore-archive", &id, "--region", "cold", "--days", "1"]);
+        assert_eq!(u(&again, "requested"), 0, "{again}");
+        let text = d.cli_ok(&["snapshot", "restore-archive", &id, "--region", "cold"]);
+        assert!(text.contains("not ready") && text.contains("in progress"), "{text}");
+
+        // --wait goes on to the data packs and returns once all are readable.
+        let r = d.cli_json(&["snapshot", "restore-archive", &id, "--region", "cold", "--days", "1", "--wait"]);
+        let took = started.elapsed();
+        eprintln!("{}: restore-archive --wait: {r} ({took:?} after the first request)", region.name);
+        assert_eq!((r["ready"].as_bool(), r["complete"].as_bool()), (Some(true), Some(true)), "{r}");
+        assert_eq!(u(&r, "readable"), u(&r, "objects"), "{r}");
+        assert!(u(&r, "objects") >= 8, "8 MiB in 1 MiB packs: {r}");
+        assert!(u(&r, "requested") >= 1, "the data packs were requested by --wait: {r}");
+        let expiry = u(&r, "earliest_expiry");
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        assert!(expiry > now + 86_000 && expiry <= now + 86_400 + 60, "readable for a day: {expiry} (now {now})");
+
+        // The volume loads by itself now, and holds the archived data.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !hydration(&d, "back").is_null() {
+            assert!(Instant::now() < deadline, "still loading: {}", hydration(&d, "back"));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        eprintln!("{}: loaded {:?} after the first restore request", region.name, started.elapsed());
+        let restored = tmp.path().join("back.raw");
+        nbd_to_file(&d, "back", &restored);
+        compare(&expected, &restored);
+    }
+}
+
+#[test]
+fn restore_archive_on_a_store_without_a_thaw_says_its_objects_are_readable() {
+    if !tools() {
+        return;
+    }
+    for region in regions() {
+        // The fs kind, or Garage: a real S3 HEAD of each pack (no class header), no emulation.
+        let (tmp, _dir, d) = start(&region, "", &cold_region(&region, ""));
+        let (id, _) = archive_one(&d, tmp.path());
+        let r = d.cli_json(&["snapshot", "restore-archive", &id, "--region", "cold"]);
+        eprintln!("{}: {r}", region.name);
+        assert_eq!((r["ready"].as_bool(), r["complete"].as_bool()), (Some(true), Some(true)), "{r}");
+        assert_eq!((u(&r, "not_needed"), u(&r, "requested")), (u(&r, "objects"), 0), "{r}");
+        assert!(u(&r, "objects") >= 8, "{r}");
+        let text = d.cli_ok(&["snapshot", "restore-archive", &id, "--region", "cold"]);
+        assert!(text.contains("no object needs a thaw"), "{text}");
+        let (code, err) = d.cli_err(&["snapshot", "restore-archive", "s-0123456789abcdef", "--region", "cold"]);
+        assert_eq!(code, 4, "{err}");
+    }
+}
+
+/// What a real S3 server without archive classes answers to the thaw requests: Garage's HEAD
+/// has no `x-amz-storage-class` (readable, no thaw needed), and its answer to a restore
+/// request (RestoreObject) is an error saying the store has none.
+#[test]
+fn garage_answers_the_thaw_requests_as_a_store_without_archive_classes() {
+    let Some(garage) = regions().into_iter().find(|r| r.name == "garage") else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let text = format!("{}\nprefix = \"t-{:016x}/\"\nretries = 1\n", garage.block.trim_end(), rand_u64());
+    let config = snapblk::store::Config::parse(&text, tmp.path()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let objects = snapblk::store::objects::Objects::open(&config.regions["garage"], None).unwrap();
+        let key = "packs/00112233445566778899aabbccddeeff";
+        objects.put(key, bytes::Bytes::from_static(b"a pack")).await.unwrap();
+        let state = objects.thaw_state(key).await.unwrap();
+        assert_eq!(state, snapblk::store::s3::Thaw::NotNeeded);
+        let missing = objects.thaw_state("packs/ffffffffffffffffffffffffffffffff").await;
+        assert!(matches!(missing, Err(snapblk::store::StoreError::Missing(_))), "{missing:?}");
+        let restore = objects.restore(key, 1, snapblk::store::s3::ThawTier::Standard).await;
+        eprintln!("garage: HEAD: {state:?}; restore request: {restore:?}");
+        let err = restore.expect_err("Garage has no RestoreObject").to_string();
+        assert!(err.contains("the store has no restore request"), "{err}");
+        objects.delete(key).await.unwrap();
+    });
+}

@@ -1,12 +1,10 @@
 //! The CLI's side of the control API: HTTP/1 over the daemon's unix socket.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -150,28 +148,20 @@ impl Client {
         if token.is_empty() {
             return Err(usage(format!("the token file {} is empty", token_file.display())));
         }
-        let mut roots = rustls::RootCertStore::empty();
-        match ca {
+        let roots = match ca {
             Some(ca) => {
                 let certs = rustls_pki_types::CertificateDer::pem_file_iter(ca)
                     .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
                     .map_err(|e| usage(format!("cannot read CA certificates from {}: {e}", ca.display())))?;
+                let mut roots = rustls::RootCertStore::empty();
                 for c in certs {
                     roots.add(c).map_err(|e| usage(format!("a certificate in {} is not usable: {e}", ca.display())))?;
                 }
+                roots
             }
-            None => {
-                for c in rustls_native_certs::load_native_certs().certs {
-                    let _ = roots.add(c);
-                }
-            }
-        }
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ClientError::Transport(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
+            None => crate::http1::native_roots(),
+        };
+        let tls = crate::http1::tls_connector(roots).map_err(|e| ClientError::Transport(e.to_string()))?;
         Ok(Client { endpoint: Endpoint::Https { host, port, token, tls } })
     }
 
@@ -251,9 +241,5 @@ async fn send<S>(stream: S, req: Request<Full<Bytes>>) -> Result<hyper::Response
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let transport = |e: &dyn std::fmt::Display| ClientError::Transport(e.to_string());
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| transport(&e))?;
-    tokio::spawn(conn);
-    sender.send_request(req).await.map_err(|e| transport(&e))
+    crate::http1::send(stream, req).await.map_err(|e| ClientError::Transport(e.to_string()))
 }

@@ -1,6 +1,7 @@
 //! Cross-region copies and the archive tier: `snapshot copy`, `snapshot archive` (with
-//! `--estimate`), `copy list|show|cancel`, and deleting a snapshot stored only in a region
-//! (a copy, an archived snapshot). The copying runs in the store (`store::copies`).
+//! `--estimate`), `snapshot restore-archive` (thawing an archived snapshot), `copy
+//! list|show|cancel`, and deleting a snapshot stored only in a region (a copy, an archived
+//! snapshot). The copying runs in the store (`store::copies`), the thaw in `store::thaw`.
 
 use std::sync::Arc;
 
@@ -10,7 +11,8 @@ use super::events::Event;
 use super::{Access, Caller, Error, Result, Service};
 use crate::store::config::Tier;
 use crate::store::copies::{CopyKind, CopyRecord, CopyState, CopyView};
-use crate::store::UploadState;
+use crate::store::s3::ThawTier;
+use crate::store::{ThawReport, UploadState};
 use crate::units::{parse_duration, parse_size, utc};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,6 +60,22 @@ pub struct ArchiveEstimate {
     /// The snapshot's logical size.
     pub logical_bytes: u64,
 }
+
+/// `snapshot restore-archive`: thaw an archived snapshot whose class needs it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestoreArchiveRequest {
+    /// The archive region holding the snapshot.
+    pub region: String,
+    /// How long restored objects stay readable, in days (default 7).
+    #[serde(default)]
+    pub days: Option<u32>,
+    /// `Standard` (the default), `Bulk` or `Expedited`: how fast (and dear) the store thaws.
+    #[serde(default)]
+    pub tier: ThawTier,
+}
+
+/// Restored objects stay readable this many days unless the request says.
+const DEFAULT_THAW_DAYS: u32 = 7;
 
 /// The answer of `POST /v1/snapshots/{r}/archive`: the copy started, or the estimate.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -238,6 +256,29 @@ impl Service {
             bytes_read: 0,
             bytes_sent: 0,
         }
+    }
+
+    /// Thaws an archived snapshot (`snapshot restore-archive`): requests a restore of each
+    /// of its pack objects that is frozen, and reports the state of them all (idempotent: a
+    /// restore running or done is not requested again). Needs what creating a volume from
+    /// it needs.
+    pub async fn restore_archive(&self, caller: &Caller, r: &str, req: RestoreArchiveRequest) -> Result<ThawReport> {
+        caller.may(Access::Restore)?;
+        let repo = caller.repository(&req.region)?;
+        self.store.check_region(&repo)?;
+        let cfg = &self.store.config.regions[crate::engine::bare_name(&repo)];
+        if cfg.tier != Tier::Archive {
+            return Err(Error::Invalid(format!(
+                "region '{}' is not an archive region (tier = \"archive\"): its snapshots are readable as they are; create a volume from it with: snapblk volume create NAME --from-snapshot {r} --region {}",
+                req.region, req.region
+            )));
+        }
+        let days = req.days.unwrap_or(DEFAULT_THAW_DAYS);
+        if !(1..=36_500).contains(&days) {
+            return Err(Error::Invalid(format!("--days {days}: restored objects stay readable 1 to 36500 days")));
+        }
+        let src = self.copy_source(caller, r, Some(&req.region)).await?;
+        Ok(self.store.restore_archive(&src.repo, &src.id, days, req.tier).await?)
     }
 
     /// Archives a snapshot (`snapshot archive`): a copy into an archive region, then the

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 pub use accounts::{owner_of, AccountView, CreateAccount, CreateToken, NewToken, Role, TokenView, DEFAULT_ACCOUNT};
 pub use bin::{BinView, BinnedView, PurgeRequest};
-pub use copies::{ArchiveAnswer, ArchiveEstimate, ArchiveRequest, CopyRequest};
+pub use copies::{ArchiveAnswer, ArchiveEstimate, ArchiveRequest, CopyRequest, RestoreArchiveRequest};
 pub use direct::{
     is_staging_name, BlockPage, BlockSnapshot, ChangedBlock, ChangedPage, DirectStatus, StartDirect, StartedView,
     BLOCK_SIZE,

@@ -79,7 +79,8 @@ path = "store"
 # [regions.archive]
 # kind = "s3"                                   # (or "fs")
 # tier = "archive"
-# storage_class = "GLACIER_IR"                  # S3 only: the class of its packs (OSS: "Archive")
+# storage_class = "GLACIER_IR"                  # S3 only: the class of its packs (OSS: "Archive"); one that
+                                                # needs a thaw ("DEEP_ARCHIVE"): `snapblk snapshot restore-archive` first
 # min_age = "14d"                               # snapshots younger than this are not archived
 # min_retention = "90d"                         # default for --min-retention
 # ...endpoint, bucket, credentials and key_file as above
@@ -300,6 +301,11 @@ pub struct Faults {
     /// While this file exists, every request fails (a store outage a test can switch).
     #[serde(default)]
     pub outage_file: Option<PathBuf>,
+    /// Emulates an archive class that needs a thaw around the real store: a GET of a pack
+    /// fails as S3 answers one in DEEP_ARCHIVE until its restore was requested (`snapshot
+    /// restore-archive`) and this many seconds passed (see `objects::ThawEmulation`).
+    #[serde(default)]
+    pub thaw_seconds: Option<u64>,
 }
 
 impl Faults {
@@ -309,6 +315,7 @@ impl Faults {
             || self.truncate_rate > 0.0
             || self.get_latency_ms > 0
             || self.outage_file.is_some()
+            || self.thaw_seconds.is_some()
     }
 }
 

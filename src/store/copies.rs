@@ -248,7 +248,8 @@ impl StoreService {
                     tracing::warn!(copy = %id, error = %e, attempt, "copy attempt failed; retrying in {}s", wait.as_secs());
                     tokio::time::sleep(wait).await;
                 }
-                Err(e) => return Err(e),
+                // (A source archived in a class that needs a thaw: the sentence names it.)
+                Err(e) => return Err(e.reading(&rec.source_id)),
             }
             attempt += 1;
         }

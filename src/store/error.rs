@@ -24,6 +24,10 @@ pub enum StoreError {
     /// Another account's snapshot whose share with this one has ended.
     #[error("{0}")]
     ShareEnded(String),
+    /// An object in an archive class that needs a thaw (S3 Glacier Flexible Retrieval, Deep
+    /// Archive, ...) and is not restored; `snapshot` is the one being read, when known.
+    #[error("{}", frozen_message(object, region, class, snapshot.as_deref()))]
+    Frozen { object: String, region: String, class: String, snapshot: Option<String> },
     /// The store kept failing after retries.
     #[error("the object store failed: {0}")]
     Unavailable(String),
@@ -42,7 +46,8 @@ impl StoreError {
         match self {
             StoreError::NotFound(_) => ErrorKind::NotFound,
             StoreError::Invalid(_) | StoreError::Config(_) => ErrorKind::Invalid,
-            StoreError::Busy(_) => ErrorKind::Busy,
+            // Not readable now: a restore makes it so (409, exit 5).
+            StoreError::Busy(_) | StoreError::Frozen { .. } => ErrorKind::Busy,
             StoreError::ShareEnded(_) => ErrorKind::Forbidden,
             StoreError::Corrupt { .. } | StoreError::Missing(_) | StoreError::WrongKey(_) => ErrorKind::Corrupt,
             StoreError::Unavailable(_) => ErrorKind::Unavailable,
@@ -56,6 +61,17 @@ impl StoreError {
         move |source| StoreError::Io { context, source }
     }
 
+    /// This error with the snapshot being read named (a frozen object's message then says
+    /// which snapshot to restore).
+    pub fn reading(self, snapshot_id: &str) -> StoreError {
+        match self {
+            StoreError::Frozen { object, region, class, snapshot: None } => {
+                StoreError::Frozen { object, region, class, snapshot: Some(snapshot_id.to_string()) }
+            }
+            other => other,
+        }
+    }
+
     pub fn corrupt(object: impl Into<String>, reason: impl Into<String>) -> StoreError {
         StoreError::Corrupt { object: object.into(), reason: reason.into() }
     }
@@ -64,6 +80,17 @@ impl StoreError {
 impl crate::jobs::HasKind for StoreError {
     fn kind(&self) -> ErrorKind {
         StoreError::kind(self)
+    }
+}
+
+fn frozen_message(object: &str, region: &str, class: &str, snapshot: Option<&str>) -> String {
+    match snapshot {
+        Some(id) => format!(
+            "snapshot {id} is archived in {class} and not restored: run `snapblk snapshot restore-archive {id} --region {region}` (reads work once it reports every object readable)"
+        ),
+        None => format!(
+            "object {object} in region '{region}' is archived in {class} and not restored: run `snapblk snapshot restore-archive ID --region {region}` for the snapshot that reads it"
+        ),
     }
 }
 

@@ -10,6 +10,11 @@
 //! verified (AEAD tag, keyed hash) before it is installed; the engine journals each installed
 //! cluster, and background work commits at least every second, so a restart resumes where it
 //! was.
+//!
+//! A snapshot archived in a class that needs a thaw and not restored: reads fail at once with
+//! [`StoreError::Frozen`] (its sentence says to run `snapshot restore-archive`), and the
+//! background load stops its pass at the first frozen object and tries again after its
+//! backoff — it goes on by itself once the objects are readable.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -354,8 +359,9 @@ impl Hydration {
                         e @ (StoreError::Corrupt { .. }
                         | StoreError::Missing(_)
                         | StoreError::Config(_)
-                        | StoreError::ShareEnded(_)),
-                    ) => return Err(e),
+                        | StoreError::ShareEnded(_)
+                        | StoreError::Frozen { .. }),
+                    ) => return Err(e.reading(&engine::snapshot_id(source.snapshot))),
                     Err(e) => {
                         *last_error.lock() = Some(e.to_string());
                         tokio::time::sleep(backoff).await;
@@ -401,7 +407,7 @@ impl Hydration {
                     again = false;
                     self.forget(source);
                 }
-                r => return r.map_err(engine_error),
+                r => return r.map_err(|e| engine_error(e.reading(&engine::snapshot_id(source.snapshot)))),
             }
         }
     }
@@ -488,8 +494,12 @@ impl Hydration {
                     if matches!(e, StoreError::Missing(_)) {
                         self.forget(source);
                     }
-                    tracing::warn!(volume = %name, id = %engine::volume_id(volume), source = %source, error = %e, "background hydration failed; retrying");
-                    *progress.last_error.lock() = Some(e.to_string());
+                    let e = e.reading(&engine::snapshot_id(source.snapshot)).to_string();
+                    // A thaw takes hours: said once, not at every attempt.
+                    if progress.last_error.lock().as_ref() != Some(&e) {
+                        tracing::warn!(volume = %name, id = %engine::volume_id(volume), source = %source, error = %e, "background hydration failed; retrying");
+                    }
+                    *progress.last_error.lock() = Some(e);
                     true
                 }
             };
@@ -527,6 +537,8 @@ impl Hydration {
         let reap = |r: std::result::Result<Result<usize>, tokio::task::JoinError>, failed: &mut bool| match r {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(StoreError::Missing(m))) => Err(StoreError::Missing(m)),
+            // Not restored: the rest of the pass would fail alike.
+            Ok(Err(e @ StoreError::Frozen { .. })) => Err(e),
             Ok(Err(e)) => {
                 *progress.last_error.lock() = Some(e.to_string());
                 *failed = true;

@@ -19,9 +19,11 @@ pub mod index;
 pub mod objects;
 mod ops;
 pub mod region;
+pub mod s3;
 pub mod shared;
 pub mod shares;
 pub mod state;
+pub mod thaw;
 pub mod upload;
 
 use std::collections::HashMap;
@@ -40,6 +42,7 @@ pub use gc::GcReport;
 pub use hydrate::HydrationView;
 pub use ops::{ExportFormat, RegionInfo, RegionSnapshot, VerifyReport};
 pub use state::UploadState;
+pub use thaw::ThawReport;
 
 use crate::engine::{Anchor, Engine, SnapshotInfo};
 use hydrate::Hydration;

@@ -1,12 +1,16 @@
 //! One region's object store, wrapped in the layers every request goes through:
 //! fault injection (tests) → per-request timeout → retry with backoff → metrics, plus an
 //! optional bandwidth limit on PUTs. Everything above this module sees five operations
-//! (put, get, get_range, delete, list) that either succeed or fail after retries.
+//! (put, get, get_range, delete, list) that either succeed or fail after retries, and two for
+//! archive classes that need a thaw (`thaw_state`, `restore`: see [`super::s3`]).
+//!
+//! A GET of an object in such a class that is not restored fails at once (no retry) with
+//! [`StoreError::Frozen`]; `faults.thaw_seconds` emulates such a class around the real store.
 //!
 //! A truncated body is never returned: GETs check the length they received against the length
 //! asked for (or the object size the store reported) and retry on a mismatch.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +27,7 @@ use serde::Serialize;
 
 use super::config::{Backend, Faults, RegionConfig};
 use super::error::{Result, StoreError};
+use super::s3::{RestoreAnswer, S3Requests, Thaw, ThawTier};
 
 /// Counters of what really went over the wire (successful attempts only), per region.
 #[derive(Default)]
@@ -33,6 +38,9 @@ pub struct Metrics {
     pub get_bytes: AtomicU64,
     pub delete_ops: AtomicU64,
     pub list_ops: AtomicU64,
+    /// Thaw states read (HEAD) and restores requested.
+    pub head_ops: AtomicU64,
+    pub restore_ops: AtomicU64,
     /// Attempts that failed and were retried.
     pub retries: AtomicU64,
     /// Operations that failed after all retries.
@@ -47,6 +55,10 @@ pub struct MetricsView {
     pub get_bytes: u64,
     pub delete_ops: u64,
     pub list_ops: u64,
+    #[serde(default)]
+    pub head_ops: u64,
+    #[serde(default)]
+    pub restore_ops: u64,
     pub retries: u64,
     pub failures: u64,
 }
@@ -61,6 +73,8 @@ impl Metrics {
             get_bytes: l(&self.get_bytes),
             delete_ops: l(&self.delete_ops),
             list_ops: l(&self.list_ops),
+            head_ops: l(&self.head_ops),
+            restore_ops: l(&self.restore_ops),
             retries: l(&self.retries),
             failures: l(&self.failures),
         }
@@ -117,10 +131,25 @@ enum Attempt {
     NotFound,
     /// Not worth retrying (e.g. access denied, bad request).
     Fatal(String),
+    /// In an archive class and not restored (S3: 403 InvalidObjectState); its class, if the
+    /// store named it.
+    Frozen(String),
 }
 
 impl From<object_store::Error> for Attempt {
     fn from(e: object_store::Error) -> Attempt {
+        if let object_store::Error::PermissionDenied { .. } = &e {
+            // The store's answer is in the error's text (its body), at some depth.
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                text.push_str(&s.to_string());
+                source = s.source();
+            }
+            if let Some(class) = super::s3::frozen_read(&text) {
+                return Attempt::Frozen(class);
+            }
+        }
         match e {
             object_store::Error::NotFound { .. } => Attempt::NotFound,
             object_store::Error::PermissionDenied { .. }
@@ -156,9 +185,65 @@ fn with_root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     }
 }
 
+/// `faults.thaw_seconds`: pack objects behave as in an archive class that needs a thaw — a
+/// GET fails as S3's does (InvalidObjectState) until a restore was requested and this long
+/// passed; then they are readable for the restore's days. Kept in memory (a restart forgets
+/// the restores requested).
+struct ThawEmulation {
+    after: Duration,
+    /// Key → when its restore was requested, and for how many days.
+    requested: Mutex<HashMap<String, (SystemTime, u32)>>,
+}
+
+impl ThawEmulation {
+    fn applies(key: &str) -> bool {
+        key.starts_with("packs/")
+    }
+
+    fn state(&self, key: &str) -> Thaw {
+        let mut requested = self.requested.lock();
+        let Some(&(at, days)) = requested.get(key) else { return Thaw::Frozen };
+        let ready = at + self.after;
+        let expires = ready + Duration::from_secs(u64::from(days) * 86_400);
+        let now = SystemTime::now();
+        if now < ready {
+            Thaw::InProgress
+        } else if now < expires {
+            Thaw::Readable { expires: expires.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs()) }
+        } else {
+            requested.remove(key);
+            Thaw::Frozen
+        }
+    }
+
+    /// As S3: a frozen object starts its restore; a restored one gets its days again.
+    fn request(&self, key: &str, days: u32) -> Thaw {
+        match self.state(key) {
+            Thaw::Frozen => {
+                self.requested.lock().insert(key.to_string(), (SystemTime::now(), days));
+            }
+            Thaw::Readable { .. } => {
+                let mut requested = self.requested.lock();
+                if let Some(r) = requested.get_mut(key) {
+                    // Readable from now for `days` (the ready time stays behind us).
+                    r.0 = SystemTime::now() - self.after;
+                    r.1 = days;
+                }
+            }
+            Thaw::InProgress | Thaw::NotNeeded => {}
+        }
+        self.state(key)
+    }
+}
+
 pub struct Objects {
     region: String,
     inner: Arc<dyn ObjectStore>,
+    /// S3 regions: the requests the client above has no call for (restore, thaw state).
+    s3: Option<S3Requests>,
+    thaw: Option<ThawEmulation>,
+    /// The archive class named in messages about frozen objects the store did not name.
+    class: String,
     /// For the filesystem backend: its root, to fsync what was put.
     fs_root: Option<PathBuf>,
     /// Directories under `fs_root` whose own entries (up to the root) are known durable.
@@ -175,12 +260,12 @@ pub struct Objects {
 impl Objects {
     pub fn open(cfg: &RegionConfig, limiter: Option<Arc<RateLimiter>>) -> Result<Objects> {
         let config_err = |e: object_store::Error| StoreError::Config(format!("region '{}': {e}", cfg.name));
-        let (inner, fs_root): (Arc<dyn ObjectStore>, _) = match &cfg.backend {
+        let (inner, fs_root, s3): (Arc<dyn ObjectStore>, _, _) = match &cfg.backend {
             Backend::Fs { path } => {
                 crate::fsutil::create_dir_all_durable(path)
                     .map_err(StoreError::io(format!("creating {}", path.display())))?;
                 let fs = object_store::local::LocalFileSystem::new_with_prefix(path).map_err(config_err)?;
-                (Arc::new(fs), Some(path.clone()))
+                (Arc::new(fs), Some(path.clone()), None)
             }
             Backend::S3 { endpoint, bucket, prefix, region, access_key_id, secret_access_key } => {
                 let mut b = object_store::aws::AmazonS3Builder::new()
@@ -193,13 +278,16 @@ impl Objects {
                 if let Some(ep) = endpoint {
                     b = b.with_endpoint(ep).with_allow_http(ep.starts_with("http://"));
                 }
-                let s3 = b.build().map_err(config_err)?;
+                let client = b.build().map_err(config_err)?;
                 let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
-                    Arc::new(s3)
+                    Arc::new(client)
                 } else {
-                    Arc::new(object_store::prefix::PrefixStore::new(s3, prefix.trim_end_matches('/')))
+                    Arc::new(object_store::prefix::PrefixStore::new(client, prefix.trim_end_matches('/')))
                 };
-                (store, None)
+                let raw =
+                    S3Requests::new(endpoint.as_deref(), bucket, prefix, region, access_key_id, secret_access_key)
+                        .map_err(|e| StoreError::Config(format!("region '{}': {e}", cfg.name)))?;
+                (store, None, Some(raw))
             }
         };
         // The fs kind has no classes; on S3 only packs get one, so manifests, keys, holds and
@@ -208,6 +296,12 @@ impl Objects {
         Ok(Objects {
             region: cfg.name.clone(),
             inner,
+            s3,
+            thaw: cfg
+                .faults
+                .thaw_seconds
+                .map(|s| ThawEmulation { after: Duration::from_secs(s), requested: Mutex::default() }),
+            class: cfg.storage_class.clone().unwrap_or_else(|| "an archive class".into()),
             fs_root,
             synced_dirs: Mutex::default(),
             timeout: cfg.request_timeout,
@@ -260,6 +354,14 @@ impl Objects {
             let message = match outcome {
                 Ok(v) => return Ok(v),
                 Err(Attempt::NotFound) => return Err(StoreError::Missing(key.to_string())),
+                Err(Attempt::Frozen(class)) => {
+                    return Err(StoreError::Frozen {
+                        object: key.to_string(),
+                        region: crate::engine::bare_name(&self.region).to_string(),
+                        class: if class.is_empty() { self.class.clone() } else { class },
+                        snapshot: None,
+                    })
+                }
                 Err(Attempt::Fatal(m)) => {
                     self.metrics.failures.fetch_add(1, Ordering::Relaxed);
                     return Err(StoreError::Unavailable(format!("{what} {key} in region '{}': {m}", self.region)));
@@ -425,6 +527,7 @@ impl Objects {
                 let path = path.clone();
                 async move {
                     self.inject(true).await?;
+                    self.emulated_frozen(key)?;
                     let r = self.inner.get_opts(&path, GetOptions::default()).await?;
                     let (size, e_tag) = (r.meta.size, r.meta.e_tag.clone());
                     let body = r.bytes().await?;
@@ -456,6 +559,7 @@ impl Objects {
                 let (path, range) = (path.clone(), range.clone());
                 async move {
                     let truncate = self.inject(true).await?;
+                    self.emulated_frozen(key)?;
                     let options = GetOptions { range: range.clone().map(Into::into), ..Default::default() };
                     let r = self.inner.get_opts(&path, options).await?;
                     let want = range.map_or(r.meta.size, |r| r.end - r.start);
@@ -525,6 +629,97 @@ impl Objects {
         match out {
             Err(StoreError::Missing(_)) => Ok(Vec::new()),
             other => other,
+        }
+    }
+}
+
+impl Objects {
+    /// With thaw emulation: a GET of a pack not restored fails as S3's would.
+    fn emulated_frozen(&self, key: &str) -> std::result::Result<(), Attempt> {
+        match &self.thaw {
+            Some(t) if ThawEmulation::applies(key) && !t.state(key).readable() => Err(Attempt::Frozen(String::new())),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `key` is readable now, or how its thaw stands (S3: a HEAD; the fs kind has no
+    /// classes). A missing object is [`StoreError::Missing`].
+    pub async fn thaw_state(&self, key: &str) -> Result<Thaw> {
+        let path = ObjPath::from(key);
+        let state = self
+            .retry("HEAD", key, || {
+                let path = path.clone();
+                async move {
+                    self.inject(false).await?;
+                    match (&self.thaw, &self.s3) {
+                        (Some(t), _) if ThawEmulation::applies(key) => {
+                            self.inner.head(&path).await?;
+                            Ok(t.state(key))
+                        }
+                        (_, Some(s3)) => {
+                            let a = s3
+                                .send(hyper::Method::HEAD, key, "", Bytes::new())
+                                .await
+                                .map_err(Attempt::Transient)?;
+                            let header = |name: &str| a.headers.get(name).and_then(|v| v.to_str().ok());
+                            match a.status.as_u16() {
+                                200..=299 => Ok(super::s3::thaw_of_head(
+                                    header("x-amz-storage-class"),
+                                    header("x-amz-restore"),
+                                    header("x-amz-archive-status"),
+                                )),
+                                404 => Err(Attempt::NotFound),
+                                429 | 500..=599 => Err(Attempt::Transient(format!("HTTP {}", a.status))),
+                                _ => Err(Attempt::Fatal(format!("HTTP {}", a.status))),
+                            }
+                        }
+                        _ => {
+                            self.inner.head(&path).await?;
+                            Ok(Thaw::NotNeeded)
+                        }
+                    }
+                }
+            })
+            .await?;
+        self.metrics.head_ops.fetch_add(1, Ordering::Relaxed);
+        Ok(state)
+    }
+
+    /// Requests a restore of `key` (readable for `days` once done) and returns its state
+    /// after the request. Only for an object [`Objects::thaw_state`] found frozen: a store
+    /// without a restore (Garage: 501 NotImplemented) is an error saying so.
+    pub async fn restore(&self, key: &str, days: u32, tier: ThawTier) -> Result<Thaw> {
+        let body = Bytes::from(super::s3::restore_request_body(days, tier));
+        let answer = self
+            .retry("RESTORE", key, || {
+                let body = body.clone();
+                async move {
+                    self.inject(false).await?;
+                    match (&self.thaw, &self.s3) {
+                        (Some(t), _) if ThawEmulation::applies(key) => Ok(Some(t.request(key, days))),
+                        (_, Some(s3)) => {
+                            let a = s3.send(hyper::Method::POST, key, "?restore", body).await.map_err(Attempt::Transient)?;
+                            match super::s3::restore_answer(a.status.as_u16(), &String::from_utf8_lossy(&a.body)) {
+                                RestoreAnswer::Started | RestoreAnswer::InProgress => Ok(Some(Thaw::InProgress)),
+                                RestoreAnswer::NotNeeded => Ok(Some(Thaw::NotNeeded)),
+                                // Its expiry is in the next HEAD.
+                                RestoreAnswer::Restored => Ok(None),
+                                RestoreAnswer::NoThaw(m) => Err(Attempt::Fatal(format!(
+                                    "the store has no restore request ({m}): it keeps no object in a class that needs a thaw, so its objects are readable as they are"
+                                ))),
+                                RestoreAnswer::Transient(m) => Err(Attempt::Transient(m)),
+                                RestoreAnswer::Refused(m) => Err(Attempt::Fatal(m)),
+                            }
+                        }
+                        _ => Ok(Some(Thaw::NotNeeded)),
+                    }
+                }
+            })
+            .await?;
+        self.metrics.restore_ops.fetch_add(1, Ordering::Relaxed);
+        match answer {
+            Some(state) => Ok(state),
+            None => self.thaw_state(key).await,
         }
     }
 }

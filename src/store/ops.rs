@@ -140,7 +140,7 @@ async fn data_blobs(region: &Region, m: &Manifest, problems: &mut Vec<String>) -
                     blobs.entry(b).or_default().push(index * super::format::PAGE_CLUSTERS + slot as u64);
                 }
             }
-            Err(e) => problems.push(format!("map page {index}: {e}")),
+            Err(e) => problems.push(format!("map page {index}: {}", e.reading(&m.snapshot_id))),
         }
     }
     Ok(blobs)
@@ -205,7 +205,7 @@ impl StoreService {
                     Ok(plain) => report.bytes += plain.len() as u64,
                     Err(StoreError::Missing(k)) => *bad_objects.entry(format!("{k}: missing")).or_default() += 1,
                     Err(StoreError::Corrupt { object, reason }) => other.push(format!("{object}: {reason}")),
-                    Err(e) => other.push(format!("{}: {e}", pack_key(&b.pack))),
+                    Err(e) => other.push(format!("{}: {}", pack_key(&b.pack), e.reading(&id))),
                 }
             })
             .await;
@@ -236,7 +236,8 @@ impl StoreService {
         let _reading = region.gc_lock.read().await;
         let (region, m) = self.locate(r, Some(&region.name)).await?;
         let raw = TempFile::beside(output, "raw")?;
-        let blobs = export_raw(&region, &m, raw.file()?, raw.path(), job).await?;
+        let blobs =
+            export_raw(&region, &m, raw.file()?, raw.path(), job).await.map_err(|e| e.reading(&m.snapshot_id))?;
         let done = match format {
             ExportFormat::Raw => raw,
             ExportFormat::Qcow2 => {

@@ -209,13 +209,17 @@ impl Region {
                         .collect::<Vec<_>>(),
                     Err(e) => {
                         let msg = e.to_string();
-                        let missing = matches!(e, StoreError::Missing(_));
                         run.into_iter()
                             .map(|(r, t)| {
-                                let err = if missing {
-                                    StoreError::Missing(key.clone())
-                                } else {
-                                    StoreError::Unavailable(msg.clone())
+                                let err = match &e {
+                                    StoreError::Missing(_) => StoreError::Missing(key.clone()),
+                                    StoreError::Frozen { object, region, class, snapshot } => StoreError::Frozen {
+                                        object: object.clone(),
+                                        region: region.clone(),
+                                        class: class.clone(),
+                                        snapshot: snapshot.clone(),
+                                    },
+                                    _ => StoreError::Unavailable(msg.clone()),
                                 };
                                 (t, r, Err(err))
                             })

@@ -1,12 +1,13 @@
-//! `snapblk snapshot copy|archive` and `snapblk copy list|show|cancel`: copies to other
-//! regions and the archive tier.
+//! `snapblk snapshot copy|archive|restore-archive` and `snapblk copy list|show|cancel`:
+//! copies to other regions and the archive tier.
 
 use clap::Subcommand;
 use hyper::Method;
 
 use super::{get, send, table, Client, ClientError, Printed, Progress, POLL};
-use crate::service::{ArchiveAnswer, ArchiveRequest, CopyRequest};
+use crate::service::{ArchiveAnswer, ArchiveRequest, CopyRequest, RestoreArchiveRequest};
 use crate::store::copies::{CopyState, CopyView};
+use crate::store::ThawReport;
 use crate::units::{human, utc};
 
 #[derive(Subcommand, Debug)]
@@ -72,6 +73,91 @@ pub(super) async fn archive(
         (None, Some(v)) => Ok(copy_printed(if wait { wait_copy(c, json, v).await? } else { v })),
         (None, None) => Err(ClientError::Transport("the daemon answered neither an estimate nor a copy".into())),
     }
+}
+
+/// `snapshot restore-archive`: requests the thaw and shows its state; with `wait`, asks again
+/// (1 s, then less and less often, up to every minute) until every object is readable.
+pub(super) async fn restore_archive(
+    c: &Client,
+    json: bool,
+    snapshot: &str,
+    req: RestoreArchiveRequest,
+    wait: bool,
+) -> Result<Printed, ClientError> {
+    let path = Client::path(&["snapshots", snapshot, "restore-archive"]);
+    let mut report: ThawReport = send(c, Method::POST, &path, Some(&req)).await?;
+    let mut pause = std::time::Duration::from_secs(1);
+    let mut shown = None;
+    let mut requested = report.requested;
+    while wait && !report.ready {
+        let line = thaw_counts(&report);
+        if !json && shown.as_ref() != Some(&line) {
+            eprintln!("thawing {snapshot}: {line}");
+            shown = Some(line);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_secs(60));
+        report = send(c, Method::POST, &path, Some(&req)).await?;
+        requested += report.requested;
+    }
+    report.requested = requested;
+    let text = thaw_text(&report);
+    Ok(Printed::new(&report, text))
+}
+
+/// The objects of a thaw by state, in a line.
+fn thaw_counts(r: &ThawReport) -> String {
+    let mut line = format!(
+        "{} object(s){}: {} readable, {} in progress, {} frozen, {} need no thaw",
+        r.objects,
+        if r.complete { "" } else { " so far" },
+        r.readable,
+        r.in_progress,
+        r.frozen,
+        r.not_needed
+    );
+    if let Some(e) = r.earliest_expiry {
+        line.push_str(&format!(" (restored ones readable until {} at least)", utc(e)));
+    }
+    line
+}
+
+fn thaw_text(r: &ThawReport) -> String {
+    let class = r.storage_class.as_deref().map(|c| format!(", class {c}")).unwrap_or_default();
+    let mut text = format!(
+        "snapshot {} in region {}{class}
+  {}
+",
+        r.snapshot,
+        r.region,
+        thaw_counts(r)
+    );
+    if r.requested > 0 {
+        text.push_str(&format!(
+            "  restores requested: {}
+",
+            r.requested
+        ));
+    }
+    if r.ready && r.not_needed == r.objects {
+        text.push_str(
+            "  no object needs a thaw (their class, or this store, keeps them readable): restore it as from any region
+",
+        );
+    } else if r.ready {
+        text.push_str(
+            "  ready: every object is readable; volumes made from it read and load now
+",
+        );
+    } else {
+        if !r.complete {
+            text.push_str("  the packs holding its map pages come first; its data packs are requested once those are readable (run this again then, or use --wait)
+");
+        }
+        text.push_str("  not ready: reads of its data fail until every object is readable; volumes made from it load by themselves then
+");
+    }
+    text
 }
 
 /// Polls a copy until it ends, showing progress; a failed or cancelled copy is an error.

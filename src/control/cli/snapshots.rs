@@ -9,9 +9,10 @@ use hyper::Method;
 use super::volumes::volume;
 use super::{delete, get, out, send, table, wait_job, Client, ClientError, Printed, Progress, POLL};
 use crate::service::{
-    ArchiveRequest, CopyRequest, CreateSnapshot, ExportRequest, HoldRequest, Rollback, ShareRequest, ShareView,
-    SnapshotView, StatusView,
+    ArchiveRequest, CopyRequest, CreateSnapshot, ExportRequest, HoldRequest, RestoreArchiveRequest, Rollback,
+    ShareRequest, ShareView, SnapshotView, StatusView,
 };
+use crate::store::s3::ThawTier;
 use crate::store::{ExportFormat, RegionSnapshot, UploadState, VerifyReport};
 use crate::units::{human, plural, utc};
 
@@ -100,6 +101,26 @@ pub enum SnapshotCommand {
         #[arg(long)]
         wait: bool,
     },
+    /// Thaw an archived snapshot whose storage class needs it (S3 Glacier Flexible Retrieval,
+    /// Deep Archive; OSS Archive): request a restore of each frozen object it reads and show
+    /// the state of them all. Run it again (or --wait) to follow; volumes made from it load
+    /// by themselves once every object is readable
+    RestoreArchive {
+        /// Its id (s-...) in the archive region
+        snapshot: String,
+        /// The archive region
+        #[arg(long)]
+        region: String,
+        /// Restored objects stay readable this many days (default 7)
+        #[arg(long)]
+        days: Option<u32>,
+        /// How fast (and dear) the store thaws
+        #[arg(long, value_enum, ignore_case = true, default_value = "standard")]
+        tier: TierArg,
+        /// Wait until every object is readable, showing the state
+        #[arg(long)]
+        wait: bool,
+    },
     /// Roll a volume back to one of its snapshots
     Rollback {
         snapshot: String,
@@ -181,6 +202,13 @@ pub enum SnapshotCommand {
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum TierArg {
+    Standard,
+    Bulk,
+    Expedited,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum FormatArg {
     Raw,
     Qcow2,
@@ -245,6 +273,15 @@ pub(super) async fn run(c: &Client, json: bool, command: SnapshotCommand) -> Res
             let req =
                 ArchiveRequest { to_region, from_region, min_retention, keep_standard, estimate, bandwidth_limit };
             super::copies::archive(c, json, &snapshot, req, wait).await?
+        }
+        SnapshotCommand::RestoreArchive { snapshot, region, days, tier, wait } => {
+            let tier = match tier {
+                TierArg::Standard => ThawTier::Standard,
+                TierArg::Bulk => ThawTier::Bulk,
+                TierArg::Expedited => ThawTier::Expedited,
+            };
+            let req = RestoreArchiveRequest { region, days, tier };
+            super::copies::restore_archive(c, json, &snapshot, req, wait).await?
         }
         SnapshotCommand::Rollback { snapshot, force } => {
             let body = Rollback { force };
