@@ -866,6 +866,50 @@ mod tests {
         assert!(open_journal(&[create(1 << 20, 65536), last, dirty]).is_ok(), "the last cluster is inside");
     }
 
+    /// Fuzzing found (a hang, 18 s into the fourth long journal_recovery run): a group
+    /// snapshot record naming one volume twice made replay lock that volume's state twice,
+    /// waiting on itself for ever. Members named twice, and snapshot ids taken already, are
+    /// damaged metadata now.
+    #[test]
+    fn a_journal_group_snapshot_naming_a_volume_twice_is_corrupt_metadata_not_a_hang() {
+        journal_recovery(include_bytes!("../tests/fixtures/fuzz/journal_recovery-group-volume-twice"));
+        let group = |members: Vec<(u64, u64)>| journal::Record::GroupSnapshot {
+            members,
+            seq: 1,
+            name: "g".into(),
+            description: String::new(),
+            created: 1,
+            group: None,
+        };
+        let snap = |snapshot| journal::Record::SnapshotCreate {
+            volume: 1,
+            snapshot,
+            seq: 1,
+            name: "s".into(),
+            description: String::new(),
+            created: 1,
+        };
+        let second = journal::Record::VolumeCreate {
+            volume: 2,
+            name: "w".into(),
+            size: 1 << 20,
+            cluster_size: 65536,
+            created: 0,
+            origin: None,
+        };
+        let v = create(1 << 20, 65536);
+        for recs in [
+            vec![v.clone(), group(vec![(1, 9), (1, 10)])],
+            vec![v.clone(), second.clone(), group(vec![(1, 9), (2, 9)])],
+            vec![v.clone(), snap(9), group(vec![(1, 9)])],
+            vec![v.clone(), snap(9), snap(9)],
+            vec![v.clone(), snap(1)],
+        ] {
+            assert_damaged(open_journal(&recs), &format!("{recs:?}"));
+        }
+        assert!(open_journal(&[v, second, group(vec![(1, 9), (2, 10)])]).is_ok(), "a sound group opens");
+    }
+
     /// Fuzzing found (out of memory in the long journal_recovery run): a dirty range over the
     /// whole of a 64 TiB volume of 4 KiB clusters (2^34 clusters) took 2 GiB, 8 KiB per 65,536
     /// clusters, as would a discard of such a volume. Bitmaps keep ranges as runs now (format

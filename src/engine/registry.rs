@@ -732,6 +732,11 @@ impl Registry {
             }
             Record::SnapshotCreate { volume, snapshot, seq, name, description, created } => {
                 let end = seq_end(*seq, 1)?;
+                if self.snapshots.contains_key(snapshot) || volume == snapshot {
+                    return Err(EngineError::Corrupt(format!(
+                        "journal creates snapshot {snapshot:016x} twice; the metadata is damaged, restore the daemon directory from a backup"
+                    )));
+                }
                 let v = self.volumes.get(volume).ok_or_else(|| missing("volume", *volume))?;
                 let mut st = v.state.write();
                 // Writes looked up before this point may still be landing in slots the
@@ -754,6 +759,16 @@ impl Registry {
             }
             Record::GroupSnapshot { members, seq, name, description, created, group } => {
                 let end = seq_end(*seq, members.len())?;
+                // A volume named twice would be locked twice below (a hang, not an error), and
+                // a snapshot id taken twice would replace a snapshot: neither is ever written.
+                let mut seen = HashSet::new();
+                for (v, id) in members {
+                    if !seen.insert(*v) || !seen.insert(*id) || self.snapshots.contains_key(id) {
+                        return Err(EngineError::Corrupt(format!(
+                            "journal's group snapshot names volume {v:016x} or snapshot {id:016x} twice; the metadata is damaged, restore the daemon directory from a backup"
+                        )));
+                    }
+                }
                 let vols = members
                     .iter()
                     .map(|(v, _)| self.volumes.get(v).cloned().ok_or_else(|| missing("volume", *v)))
